@@ -1,0 +1,5 @@
+import sys
+
+from leukotree.cli import main
+
+sys.exit(main())

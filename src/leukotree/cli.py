@@ -1,0 +1,228 @@
+"""The ``leukotree`` command line: a thin layer over library calls."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from rich.console import Console
+
+from leukotree import __version__
+from leukotree.errors import LeukotreeError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", type=Path, help="folder DATA/<label>/**/<image> or CSV manifest")
+    p.add_argument("--taxonomy", "-t", required=True,
+                   help="built-in taxonomy name (leukemia7, cnmc, pbc, pbc-fine) or a YAML file")
+    p.add_argument("--patients", default="auto",
+                   help="where patient ids come from: auto (default), manifest, folder, cnmc, "
+                        "none, or re:<regex with (?P<patient>...)> on the file name")
+    p.add_argument("--labels", default="folder",
+                   help="where labels come from: folder (default; the manifest's column for "
+                        "CSV), pbc-prefix, or re:<regex with (?P<label>...)> on the file name")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--workers", type=int, default=2, help="image-reading threads (default 2)")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="refuse images larger than this many pixels (default 60,000,000)")
+
+
+def _load(args: argparse.Namespace):
+    from leukotree.data import discover
+    from leukotree.taxonomy import load_taxonomy
+
+    taxonomy = load_taxonomy(args.taxonomy)
+    return taxonomy, discover(args.data, taxonomy, patients=args.patients, labels=args.labels)
+
+
+def _max_pixels(args: argparse.Namespace) -> dict[str, int]:
+    return {"max_pixels": args.max_pixels} if args.max_pixels else {}
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from leukotree.check import check_dataset
+    from leukotree.render import print_check_report
+
+    taxonomy, samples = _load(args)
+    report = check_dataset(
+        samples,
+        min_size=args.min_size,
+        min_images_per_patient=args.min_images_per_patient,
+        near_duplicate_distance=args.near_duplicate_distance,
+        workers=args.workers,
+        progress=not args.no_progress,
+        **_max_pixels(args),
+    )
+    payload = json.dumps(report.to_dict(), indent=2)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(payload)
+    if args.json:
+        print(payload)
+    else:
+        print_check_report(report, taxonomy, Console())
+    if not report.usable:
+        return 1
+    return 1 if args.strict and report.warnings else 0
+
+
+def cmd_data_split(args: argparse.Namespace) -> int:
+    from leukotree.check import scan_images
+    from leukotree.render import print_split_plan
+    from leukotree.splits import FilterSettings, plan_split
+
+    _, samples = _load(args)
+    samples.raise_for_problems()
+    console = Console(stderr=args.json)
+    note = samples.grouping_note()
+    if note:
+        console.print(f"[bold yellow]{note}[/]")
+    filters = FilterSettings(
+        min_images_per_patient=args.min_images_per_patient,
+        drop_duplicates=args.drop_duplicates,
+        min_size=args.min_size,
+    )
+    infos = None
+    if filters.needs_images:
+        infos = scan_images([s.path for s in samples.samples], workers=args.workers,
+                            progress=not args.no_progress, **_max_pixels(args))
+    plan = plan_split(samples.samples, folds=args.folds, val_fraction=args.val,
+                      test_fraction=args.test, seed=args.seed, filters=filters, infos=infos)
+    dropped = plan.write(args.out)
+    if args.json:
+        print(json.dumps({"out": str(args.out), "dropped": str(dropped) if dropped else None,
+                          "parts": plan.table(), "notes": plan.notes,
+                          "filtered": plan.filtered.summary()}, indent=2))
+    else:
+        print_split_plan(plan, console)
+        console.print(f"wrote {args.out}" + (f" and {dropped}" if dropped else ""))
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from leukotree.synth import generate
+    from leukotree.taxonomy import load_taxonomy
+
+    n = generate(
+        args.out, load_taxonomy(args.taxonomy),
+        patients_per_class=args.patients_per_class, cells_per_patient=args.cells_per_patient,
+        size=args.size, seed=args.seed, inner_fraction=args.inner_fraction,
+        image_format=args.format, progress=not args.no_progress,
+    )
+    Console().print(f"wrote {n} images to {args.out}")
+    return 0
+
+
+def cmd_taxonomy(args: argparse.Namespace) -> int:
+    from leukotree.taxonomy import builtin_taxonomies, load_taxonomy
+
+    if args.name is None:
+        for name in builtin_taxonomies():
+            tax = load_taxonomy(name)
+            print(f"{name:12s} {len(tax.leaves)} leaves, depth {tax.max_depth}: "
+                  f"{tax.description}")
+        return 0
+    tax = load_taxonomy(args.name)
+    if args.yaml:
+        print(tax.to_yaml(), end="")
+    else:
+        print(tax.render())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from leukotree.demo import run_demo
+
+    run_demo(args.out, folds=args.folds, seed=args.seed, progress=not args.no_progress)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="leukotree",
+        description="Hierarchical leukemia classification from blood smear images.",
+    )
+    parser.add_argument("--version", action="version", version=f"leukotree {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="check and split data sets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+
+    check = data_sub.add_parser("check", help="report counts, unreadable files, duplicates...")
+    _add_data_args(check)
+    check.add_argument("--min-size", type=int, default=64,
+                       help="flag images whose shorter side is below this (default 64)")
+    check.add_argument("--min-images-per-patient", type=int, default=4,
+                       help="flag patients with fewer images (default 4, as the seed paper)")
+    check.add_argument("--near-duplicate-distance", type=int, default=4,
+                       help="pHash Hamming distance counted as near duplicate (default 4)")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.add_argument("--out", type=Path, help="also write the JSON report to this file")
+    check.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
+    check.set_defaults(func=cmd_data_check)
+
+    split = data_sub.add_parser("split", help="patient-grouped stratified folds")
+    _add_data_args(split)
+    split.add_argument("--folds", type=int, default=5,
+                       help="number of cross-validation folds (0: one train/val/test split)")
+    split.add_argument("--val", type=float, default=0.0, help="validation fraction (--folds 0)")
+    split.add_argument("--test", type=float, default=0.0,
+                       help="held-out test fraction (before folds, or with --folds 0)")
+    split.add_argument("--seed", type=int, default=0)
+    split.add_argument("--out", type=Path, required=True, help="CSV to write")
+    split.add_argument("--min-images-per-patient", type=int, default=0,
+                       help="drop patients with fewer images (the paper uses 4)")
+    split.add_argument("--drop-duplicates", choices=["none", "exact", "near"], default="none",
+                       help="drop exact (same bytes) or near (pHash) duplicates, keeping one")
+    split.add_argument("--min-size", type=int, default=0,
+                       help="drop images whose shorter side is below this many pixels")
+    split.add_argument("--json", action="store_true", help="print a JSON summary")
+    split.set_defaults(func=cmd_data_split)
+
+    synth = sub.add_parser("synth", help="write synthetic smear-like images")
+    synth.add_argument("out", type=Path)
+    synth.add_argument("--taxonomy", "-t", default="leukemia7")
+    synth.add_argument("--patients-per-class", type=int, default=6)
+    synth.add_argument("--cells-per-patient", type=int, default=20)
+    synth.add_argument("--size", type=int, default=96, help="image side in pixels")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--inner-fraction", type=float, default=0.0,
+                       help="fraction of cells labelled at their parent node")
+    synth.add_argument("--format", choices=["png", "jpg", "bmp"], default="png")
+    synth.add_argument("--no-progress", action="store_true")
+    synth.set_defaults(func=cmd_synth)
+
+    tax = sub.add_parser("taxonomy", help="list built-in taxonomies or show one")
+    tax.add_argument("name", nargs="?", help="built-in name or YAML file")
+    tax.add_argument("--yaml", action="store_true", help="print as YAML")
+    tax.set_defaults(func=cmd_taxonomy)
+
+    demo = sub.add_parser("demo", help="run the main job on the bundled PBC sample")
+    demo.add_argument("--out", type=Path, default=Path("demo-out"))
+    demo.add_argument("--folds", type=int, default=3)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-progress", action="store_true")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; user errors print one clear message and exit with code 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LeukotreeError as err:
+        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

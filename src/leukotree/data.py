@@ -1,0 +1,471 @@
+"""Finding labelled images: folder layouts, CSV manifests, patient and label rules.
+
+Two layouts are read:
+
+- a folder ``DATA/<label>/**/<image>``: the first folder level names a taxonomy node;
+- a CSV manifest with columns ``path,label`` and optional ``patient``, ``slide``;
+  relative paths resolve against the manifest's folder.
+
+Patient ids (the groups that cross-validation must never split) come from, in
+the order ``auto`` tries them: the manifest's ``patient`` column, the C-NMC file
+names (``UID_<subject>_<image>_<cell>_<all|hem>.bmp``), or a sub-folder level
+(``DATA/<label>/<patient>/<image>``). They may also be given explicitly with
+``folder``, ``cnmc``, ``manifest``, ``none`` or ``re:<regex>`` (a regex with a
+``(?P<patient>...)`` group, matched against the file name).
+
+Discovery never raises on the first bad row: it collects every :class:`Problem`
+so that ``leukotree data check`` can report them all; :meth:`SampleSet.raise_for_problems`
+turns fatal ones into one clear error for commands that need clean data.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from leukotree.errors import DataError, UnknownLabelError
+from leukotree.images import is_image_file
+from leukotree.taxonomy import Taxonomy
+
+#: C-NMC 2019 file names; the subject (``H`` marks healthy donors) is the patient.
+CNMC_PATTERN = re.compile(
+    r"^UID_(?P<patient>H?\d+)_(?P<image>\d+)_(?P<cell>\d+)_(?P<label>all|hem)\.bmp$",
+    re.IGNORECASE,
+)
+
+#: PBC file-name prefixes and the node of taxonomy ``pbc-fine`` each one names.
+PBC_PREFIXES = {
+    "SNE": "segmented_neutrophil",
+    "BNE": "band_neutrophil",
+    "NEUTROPHIL": "neutrophil",
+    "PMY": "promyelocyte",
+    "MY": "myelocyte",
+    "MMY": "metamyelocyte",
+    "IG": "ig",
+    "EO": "eosinophil",
+    "BA": "basophil",
+    "LY": "lymphocyte",
+    "MO": "monocyte",
+    "ERB": "erythroblast",
+    "PLATELET": "platelet",
+}
+
+MANIFEST_COLUMNS = ("path", "label")
+OPTIONAL_COLUMNS = ("patient", "slide")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One labelled image."""
+
+    path: Path
+    label: str
+    patient: str | None = None
+    slide: str | None = None
+    source: str = ""
+
+    @property
+    def group(self) -> str:
+        """The unit a split must keep together: the patient, else the slide, else the image."""
+        if self.patient is not None:
+            return f"patient:{self.patient}"
+        if self.slide is not None:
+            return f"slide:{self.slide}"
+        return f"image:{self.path}"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something wrong with the data, found during discovery or checking."""
+
+    kind: str
+    where: str
+    message: str
+    fatal: bool = True
+
+    def to_dict(self) -> dict[str, object]:
+        return {"kind": self.kind, "where": self.where, "message": self.message,
+                "fatal": self.fatal}
+
+
+@dataclass
+class SampleSet:
+    """The labelled images of one data source, with what was found wrong on the way."""
+
+    samples: list[Sample]
+    taxonomy: Taxonomy
+    source: Path
+    patient_source: str
+    problems: list[Problem] = field(default_factory=list)
+    ignored_files: list[Path] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def labels(self) -> list[str]:
+        return [s.label for s in self.samples]
+
+    @property
+    def groups(self) -> np.ndarray:
+        return np.array([s.group for s in self.samples])
+
+    @property
+    def has_patients(self) -> bool:
+        """True when at least one image has a patient or slide id."""
+        return any(s.patient is not None or s.slide is not None for s in self.samples)
+
+    @property
+    def fatal_problems(self) -> list[Problem]:
+        return [p for p in self.problems if p.fatal]
+
+    def grouping_note(self) -> str | None:
+        """A loud warning when images cannot be grouped by patient, else ``None``."""
+        if not self.has_patients:
+            return (
+                "WARNING: no patient or slide ids were found, so every image is its own "
+                "group. Cells of one patient may land on both sides of a split and "
+                "inflate every metric. Give ids with a manifest 'patient' column, "
+                "patient sub-folders (--patients folder) or a file-name regex "
+                "(--patients 're:(?P<patient>...)')."
+            )
+        missing = sum(1 for s in self.samples if s.patient is None and s.slide is None)
+        if missing:
+            return (
+                f"WARNING: {missing} of {len(self.samples)} images have no patient or slide "
+                "id; each of them is its own group."
+            )
+        return None
+
+    def raise_for_problems(self) -> None:
+        """Raise one :class:`DataError` listing the fatal problems (at most 10 shown)."""
+        fatal = self.fatal_problems
+        if not fatal:
+            if not self.samples:
+                raise DataError(f"No labelled images found in '{self.source}'.")
+            return
+        shown = "\n".join(f"  - {p.where}: {p.message}" for p in fatal[:10])
+        more = f"\n  ... and {len(fatal) - 10} more" if len(fatal) > 10 else ""
+        raise DataError(
+            f"{len(fatal)} problem(s) in '{self.source}' must be fixed first:\n{shown}{more}\n"
+            f"Run 'leukotree data check {self.source} --taxonomy {self.taxonomy.name}' "
+            "for the full report."
+        )
+
+    def subset(self, keep: list[int] | np.ndarray) -> SampleSet:
+        return SampleSet(
+            [self.samples[i] for i in keep], self.taxonomy, self.source,
+            self.patient_source, list(self.problems), list(self.ignored_files),
+        )
+
+
+PatientRule = Callable[[Path, Path], "str | None"]
+LabelRule = Callable[[Path, str], str]
+
+
+def _regex_rule(spec: str, group: str) -> re.Pattern[str]:
+    try:
+        pattern = re.compile(spec)
+    except re.error as err:
+        raise DataError(f"Invalid regular expression {spec!r}: {err}.") from None
+    if group not in pattern.groupindex and pattern.groups != 1:
+        raise DataError(
+            f"The regular expression {spec!r} must have a named group (?P<{group}>...) "
+            f"or exactly one group; it has {pattern.groups}."
+        )
+    return pattern
+
+
+def _match_group(pattern: re.Pattern[str], name: str, group: str) -> str | None:
+    m = pattern.search(name)
+    if not m:
+        return None
+    return m.group(group) if group in pattern.groupindex else m.group(1)
+
+
+def patient_rule(spec: str) -> PatientRule | None:
+    """Turn a ``--patients`` value into a function ``(image, label_dir) -> id``.
+
+    Returns ``None`` for ``none``, ``manifest`` and ``auto`` (handled by discovery).
+    """
+    if spec in {"none", "manifest", "auto"}:
+        return None
+    if spec == "cnmc":
+        return lambda path, _root: _match_group(CNMC_PATTERN, path.name, "patient")
+    if spec == "folder":
+
+        def by_folder(path: Path, label_dir: Path) -> str | None:
+            rel = path.relative_to(label_dir).parts
+            return rel[0] if len(rel) >= 2 else None
+
+        return by_folder
+    if spec.startswith("re:"):
+        pattern = _regex_rule(spec[3:], "patient")
+        return lambda path, _root: _match_group(pattern, path.name, "patient")
+    raise DataError(
+        f"Invalid --patients value {spec!r}: use auto, none, manifest, folder, cnmc or "
+        "re:<regex with (?P<patient>...)>."
+    )
+
+
+def label_rule(spec: str) -> LabelRule | None:
+    """Turn a ``--labels`` value into ``(image, folder_label) -> label`` (``None``: folder)."""
+    if spec == "folder":
+        return None
+    if spec == "pbc-prefix":
+
+        def by_prefix(path: Path, folder_label: str) -> str:
+            prefix = path.name.split("_", 1)[0].upper()
+            return PBC_PREFIXES.get(prefix, prefix)
+
+        return by_prefix
+    if spec.startswith("re:"):
+        pattern = _regex_rule(spec[3:], "label")
+
+        def by_regex(path: Path, folder_label: str) -> str:
+            found = _match_group(pattern, path.name, "label")
+            return found if found is not None else f"<no match of {spec[3:]!r}>"
+
+        return by_regex
+    raise DataError(
+        f"Invalid --labels value {spec!r}: use folder, pbc-prefix or re:<regex with "
+        "(?P<label>...)>."
+    )
+
+
+def discover(
+    data: str | Path,
+    taxonomy: Taxonomy,
+    *,
+    patients: str = "auto",
+    labels: str = "folder",
+) -> SampleSet:
+    """Find every labelled image of a folder layout or CSV manifest.
+
+    Unknown labels, missing files, files that are not images and images without a
+    label folder are recorded as :class:`Problem` s, never silently dropped.
+    """
+    data = Path(data)
+    if not data.exists():
+        raise DataError(f"Data path '{data}' does not exist.")
+    if data.is_file():
+        if data.suffix.lower() != ".csv":
+            raise DataError(
+                f"Data path '{data}' is a file but not a CSV manifest; give a folder laid out "
+                "as DATA/<label>/<image> or a .csv with columns path,label."
+            )
+        return _from_manifest(data, taxonomy, patients, labels)
+    return _from_folder(data, taxonomy, patients, labels)
+
+
+def _from_folder(root: Path, taxonomy: Taxonomy, patients: str, labels: str) -> SampleSet:
+    problems: list[Problem] = []
+    ignored: list[Path] = []
+    relabel = label_rule(labels)
+    entries: list[tuple[Path, Path, str | None]] = []  # image, label dir, resolved folder label
+    for top in sorted(root.iterdir()):
+        if top.name.startswith("."):
+            ignored.append(top)
+            continue
+        if top.is_file():
+            if is_image_file(top):
+                problems.append(Problem(
+                    "unlabelled_image", str(top),
+                    "image directly in the data folder, outside any label folder; move it "
+                    "into DATA/<label>/", fatal=False,
+                ))
+            else:
+                ignored.append(top)
+            continue
+        folder_label: str | None = top.name
+        if relabel is None:
+            try:
+                folder_label = taxonomy.resolve(top.name, where=f"folder name '{top}'")
+            except UnknownLabelError as err:
+                problems.append(Problem("unknown_label", str(top), str(err)))
+                folder_label = None
+        images = []
+        for path in sorted(top.rglob("*")):
+            if any(part.startswith(".") for part in path.relative_to(root).parts):
+                if path.is_file():
+                    ignored.append(path)
+                continue
+            if path.is_dir():
+                continue
+            if is_image_file(path):
+                images.append(path)
+            else:
+                ignored.append(path)
+        if not images:
+            problems.append(Problem(
+                "empty_label_folder", str(top), "label folder holds no images", fatal=False,
+            ))
+        entries.extend((img, top, folder_label) for img in images)
+
+    if patients == "auto":
+        patients = _auto_patients([e[0] for e in entries], [e[1] for e in entries])
+    rule = patient_rule(patients)
+    if patients == "manifest":
+        raise DataError(
+            f"--patients manifest needs a CSV manifest, but '{root}' is a folder; use "
+            "folder, cnmc, re:<regex> or none."
+        )
+    samples: list[Sample] = []
+    unknown_by_label: dict[str, list[Path]] = defaultdict(list)
+    for img, label_dir, folder_label in entries:
+        if folder_label is None:
+            continue  # reported once per folder above
+        label = folder_label
+        if relabel is not None:
+            raw = relabel(img, label_dir.name)
+            if raw not in taxonomy or raw == taxonomy.root:
+                unknown_by_label[raw].append(img)
+                continue
+            label = raw
+        patient = rule(img, label_dir) if rule else None
+        if rule is not None and patient is None:
+            problems.append(Problem(
+                "no_patient", str(img),
+                f"no patient id found by rule '{patients}'; the image is its own group",
+                fatal=False,
+            ))
+        samples.append(Sample(img, label, patient, None, source=str(img.relative_to(root))))
+    for raw, paths in unknown_by_label.items():
+        problems.append(Problem(
+            "unknown_label", str(paths[0]),
+            f"{len(paths)} image(s) get label '{raw}' from rule '{labels}', which is not a node "
+            f"of taxonomy '{taxonomy.name}'." + _hint(raw, taxonomy),
+        ))
+    if not entries and not problems:
+        problems.append(Problem(
+            "no_images", str(root),
+            "no images found; expected DATA/<label>/<image> with JPEG, PNG, BMP or TIFF files",
+        ))
+    return SampleSet(samples, taxonomy, root, patients, problems, ignored)
+
+
+def _hint(label: str, taxonomy: Taxonomy) -> str:
+    try:
+        taxonomy.resolve(label)
+    except UnknownLabelError as err:
+        text = str(err)
+        return text[text.index(" Did you mean"):] if " Did you mean" in text else ""
+    return ""
+
+
+def _auto_patients(images: list[Path], label_dirs: list[Path]) -> str:
+    if not images:
+        return "none"
+    if all(CNMC_PATTERN.match(p.name) for p in images):
+        return "cnmc"
+    if all(len(p.relative_to(d).parts) == 2 for p, d in zip(images, label_dirs, strict=True)):
+        return "folder"
+    return "none"
+
+
+def _from_manifest(manifest: Path, taxonomy: Taxonomy, patients: str, labels: str) -> SampleSet:
+    base = manifest.parent
+    problems: list[Problem] = []
+    try:
+        handle = manifest.open(newline="", encoding="utf-8-sig")
+    except OSError as err:
+        raise DataError(f"Cannot read manifest '{manifest}': {err.strerror}.") from None
+    with handle:
+        reader = csv.DictReader(handle)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        missing = [c for c in MANIFEST_COLUMNS if c not in header]
+        if missing:
+            raise DataError(
+                f"Manifest '{manifest}' lacks the column(s) {missing}; found columns {header}. "
+                "The first line must name at least 'path,label' (optional: patient, slide)."
+            )
+        reader.fieldnames = header
+        has_patient = "patient" in header
+        if patients == "auto":
+            patients = "manifest" if has_patient else "none"
+        if patients == "manifest" and not has_patient:
+            raise DataError(
+                f"--patients manifest, but manifest '{manifest}' has no 'patient' column "
+                f"(columns: {header})."
+            )
+        if patients == "folder":
+            raise DataError(
+                "--patients folder applies to folder layouts; with a manifest, add a "
+                "'patient' column or use re:<regex>."
+            )
+        rule = patient_rule(patients)
+        relabel = label_rule(labels)
+        samples: list[Sample] = []
+        first_line: dict[Path, int] = {}
+        for row in reader:
+            line = reader.line_num
+            where = f"{manifest.name} line {line}"
+            raw_path = (row.get("path") or "").strip()
+            raw_label = (row.get("label") or "").strip()
+            if not raw_path:
+                problems.append(Problem("empty_path", where, "the 'path' cell is empty"))
+                continue
+            path = Path(raw_path)
+            path = path if path.is_absolute() else base / path
+            if path in first_line:
+                problems.append(Problem(
+                    "duplicate_path", where,
+                    f"'{raw_path}' is listed again (first on line {first_line[path]}); list "
+                    "each image once",
+                ))
+                continue
+            first_line[path] = line
+            if relabel is not None:
+                raw_label = relabel(path, raw_label)
+            if not raw_label:
+                problems.append(Problem("empty_label", where, "the 'label' cell is empty"))
+                continue
+            try:
+                label = taxonomy.resolve(raw_label, where=where)
+            except UnknownLabelError as err:
+                problems.append(Problem("unknown_label", where, str(err)))
+                continue
+            if not path.is_file():
+                problems.append(Problem(
+                    "missing_file", where, f"image '{path}' does not exist",
+                ))
+                continue
+            patient: str | None = None
+            if patients == "manifest":
+                patient = (row.get("patient") or "").strip() or None
+            elif rule is not None:
+                patient = rule(path, base)
+            if patients != "none" and patient is None:
+                problems.append(Problem(
+                    "no_patient", where,
+                    f"no patient id (rule '{patients}'); the image is its own group",
+                    fatal=False,
+                ))
+            slide = (row.get("slide") or "").strip() or None
+            samples.append(Sample(path, label, patient, slide, source=where))
+    if not samples and not problems:
+        problems.append(Problem("no_images", str(manifest), "the manifest lists no images"))
+    return SampleSet(samples, taxonomy, manifest, patients, problems, [])
+
+
+def class_counts(samples: list[Sample]) -> Counter[str]:
+    return Counter(s.label for s in samples)
+
+
+def write_manifest(samples: list[Sample], path: Path, extra: dict[str, list[object]] | None = None,
+                   ) -> None:
+    """Write ``path,label,patient,slide`` (plus ``extra`` columns) as CSV."""
+    extra = extra or {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "patient", "slide", *extra])
+        for i, s in enumerate(samples):
+            writer.writerow([str(s.path), s.label, s.patient or "", s.slide or "",
+                             *(col[i] for col in extra.values())])

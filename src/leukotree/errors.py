@@ -1,0 +1,54 @@
+"""Exceptions that tell the user what was wrong, where, and how to fix it."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class LeukotreeError(ValueError):
+    """Base class of every error raised for bad user input.
+
+    The CLI prints the message of these errors without a traceback; anything else
+    is a bug and keeps its traceback.
+    """
+
+
+class TaxonomyError(LeukotreeError):
+    """A taxonomy definition breaks a rule (duplicate name, cycle, empty tree...)."""
+
+
+class UnknownLabelError(LeukotreeError):
+    """A label is not a node of the taxonomy."""
+
+
+class DataError(LeukotreeError):
+    """A data folder, manifest or image cannot be used as given."""
+
+
+class ImageReadError(DataError):
+    """One image file cannot be decoded; the message names the file."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"Cannot read image '{path}': {reason}")
+
+
+def did_you_mean(value: str, choices: Iterable[str], n: int = 3) -> str:
+    """Return ``" Did you mean 'x'?"`` for the closest choices, or ``""``.
+
+    A case-insensitive exact match is always proposed first.
+    """
+    choices = list(choices)
+    lowered = {c.lower(): c for c in choices}
+    hits: list[str] = []
+    if value.lower() in lowered:
+        hits.append(lowered[value.lower()])
+    for cand in difflib.get_close_matches(value.lower(), list(lowered), n=n, cutoff=0.6):
+        if lowered[cand] not in hits:
+            hits.append(lowered[cand])
+    if not hits:
+        return ""
+    quoted = " or ".join(f"'{h}'" for h in hits[:n])
+    return f" Did you mean {quoted}?"
