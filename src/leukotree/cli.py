@@ -104,6 +104,72 @@ def cmd_data_split(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Flags of ``leukotree train`` that map one-to-one onto TrainConfig fields.
+TRAIN_FLAGS: dict[str, tuple[type, str]] = {
+    "taxonomy": (str, "built-in taxonomy name or YAML file"),
+    "model": (str, "timm backbone (resnet18, resnet50, densenet121, inception_v3, googlenet, "
+                   "convnext_tiny, vit_small_patch16_224, vgg16, legacy_xception...)"),
+    "head": (str, "flat | multihead | per-node | hybrid"),
+    "weights": (str, "local file with backbone weights (timm/torchvision state dict)"),
+    "img_size": (int, "image side in pixels"),
+    "epochs": (int, "number of epochs"),
+    "batch_size": (int, "batch size (per process)"),
+    "lr": (float, "peak learning rate"),
+    "weight_decay": (float, "weight decay"),
+    "optimizer": (str, "adamw | adam | sgd"),
+    "schedule": (str, "cosine | onecycle | constant (all with warm-up)"),
+    "warmup_epochs": (float, "warm-up length in epochs"),
+    "loss": (str, "focal | ce | weighted-ce"),
+    "focal_gamma": (float, "focal loss gamma"),
+    "class_weights": (str, "none | balanced (per-class alpha / weights)"),
+    "label_smoothing": (float, "label smoothing"),
+    "drop_rate": (float, "dropout before the classifier"),
+    "color_jitter": (float, "relative strength of brightness/contrast/stain jitter"),
+    "balance": (str, "none | rotate (top up minority classes with rotated copies)"),
+    "monitor": (str, "accuracy | macro_f1 | loss: picks the best checkpoint"),
+    "patience": (int, "early stopping after this many epochs without improvement (0: off)"),
+    "fold": (int, "validate on this fold of --folds patient-grouped folds"),
+    "folds": (int, "number of folds for --fold"),
+    "val_fraction": (float, "grouped validation fraction when neither --fold nor --val"),
+    "seed": (int, "random seed"),
+    "patients": (str, "patient ids: auto, manifest, folder, cnmc, none, re:<regex>"),
+    "labels": (str, "labels: folder, pbc-prefix, re:<regex>"),
+    "threads": (int, "CPU threads (0: all cores)"),
+    "amp": (str, "auto | on | off: mixed precision (auto: on for CUDA)"),
+    "device": (str, "auto | cpu | cuda | cuda:N"),
+    "workers": (int, "image-decoding threads"),
+    "cache": (str, "disk | memory: where decoded pixels are kept"),
+}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from leukotree.config import load_config, resolve_config
+    from leukotree.train import train
+
+    overrides = {name: getattr(args, name) for name in TRAIN_FLAGS}
+    overrides["val_data"] = str(args.val) if args.val else None
+    if args.hybrid_backbones:
+        overrides["hybrid_backbones"] = args.hybrid_backbones.split(",")
+    if args.pretrained:
+        overrides["pretrained"] = True
+    if args.no_augment:
+        overrides["augment"] = False
+    if args.no_channels_last:
+        overrides["channels_last"] = False
+    if args.resume:
+        config = load_config(args.out / "config.yaml") if (args.out / "config.yaml").exists() \
+            else resolve_config(preset=args.preset, config_file=args.config, overrides=overrides)
+    else:
+        config = resolve_config(preset=args.preset, config_file=args.config, overrides=overrides)
+    summary = train(args.data, args.out, config, resume=args.resume,
+                    progress=not args.no_progress)
+    if summary["best"] is not None:  # only the main process of a DDP run knows it
+        Console(stderr=True).print(
+            f"best {summary['monitor']} {summary['best']:.4f} at epoch "
+            f"{summary['best_epoch']}; model in {args.out / 'best.pt'}")
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from leukotree.synth import generate
     from leukotree.taxonomy import load_taxonomy
@@ -183,6 +249,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="drop images whose shorter side is below this many pixels")
     split.add_argument("--json", action="store_true", help="print a JSON summary")
     split.set_defaults(func=cmd_data_split)
+
+    tr = sub.add_parser("train", help="train a classifier into a run folder")
+    tr.add_argument("data", type=Path, help="folder DATA/<label>/**/<image> or CSV manifest")
+    tr.add_argument("--out", type=Path, required=True, help="run folder")
+    tr.add_argument("--config", type=Path, help="YAML file of options (flags override it)")
+    tr.add_argument("--preset", help="named recipe: cpu-fast, paper, tiny-test")
+    tr.add_argument("--val", type=Path, help="separate validation data (folder or manifest)")
+    tr.add_argument("--hybrid-backbones", help="comma-separated backbones of the hybrid head")
+    tr.add_argument("--pretrained", action="store_true",
+                    help="ImageNet weights from the hub (needs network; else use --weights)")
+    tr.add_argument("--no-augment", action="store_true")
+    tr.add_argument("--no-channels-last", action="store_true")
+    tr.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    tr.add_argument("--no-progress", action="store_true")
+    for name, (kind, help_text) in TRAIN_FLAGS.items():
+        flags = ["--" + name.replace("_", "-")] + (["-t"] if name == "taxonomy" else [])
+        tr.add_argument(*flags, type=kind, default=None, help=help_text)
+    tr.set_defaults(func=cmd_train)
 
     synth = sub.add_parser("synth", help="write synthetic smear-like images")
     synth.add_argument("out", type=Path)
