@@ -168,5 +168,7 @@ def test_ddp_with_two_gloo_processes_gives_a_checkpoint(synth_data, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     model, payload = load_model(run)
     assert payload["format"] == "leukotree-model/1"
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 32, 32) * 255)["leaf_logp"].shape == (1, 7)
     env_json = (run / "environment.json").read_text()
     assert '"world_size": 2' in env_json

@@ -170,6 +170,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from leukotree.evaluate import EvalSettings, evaluate
+
+    settings = EvalSettings(
+        threshold=args.threshold, target_sensitivity=args.target_sensitivity,
+        positive=args.positive, aggregate=args.aggregate, min_cells=args.min_cells,
+        batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress)
+    metrics = evaluate(args.run, args.data, args.out, settings, patients=args.patients,
+                       labels=args.labels)
+    console = Console()
+    console.print((args.out / "metrics.md").read_text(), markup=False, highlight=False)
+    console.print(f"wrote {args.out / 'metrics.json'} ({metrics['n_images']} images)")
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from leukotree.synth import generate
     from leukotree.taxonomy import load_taxonomy
@@ -268,6 +283,26 @@ def build_parser() -> argparse.ArgumentParser:
         tr.add_argument(*flags, type=kind, default=None, help=help_text)
     tr.set_defaults(func=cmd_train)
 
+    ev = sub.add_parser("evaluate", help="metrics, tables and plots of a model on data")
+    ev.add_argument("run", type=Path, help="run folder (or its best.pt)")
+    ev.add_argument("data", type=Path, help="folder DATA/<label>/**/<image> or CSV manifest")
+    ev.add_argument("--out", type=Path, required=True, help="folder for metrics and plots")
+    ev.add_argument("--patients", default="auto")
+    ev.add_argument("--labels", default="folder")
+    ev.add_argument("--threshold", type=float, help="binary decision threshold on P(positive)")
+    ev.add_argument("--target-sensitivity", type=float,
+                    help="pick the binary threshold reaching this sensitivity on the run's "
+                         "validation split")
+    ev.add_argument("--positive", help="positive leaf of a two-leaf taxonomy (default: first)")
+    ev.add_argument("--aggregate", choices=["majority", "mean"], default="majority",
+                    help="patient-level aggregation (default: majority vote)")
+    ev.add_argument("--min-cells", type=int, default=1,
+                    help="patients with fewer cells are reported as insufficient")
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--workers", type=int, default=2)
+    ev.add_argument("--no-progress", action="store_true")
+    ev.set_defaults(func=cmd_evaluate)
+
     synth = sub.add_parser("synth", help="write synthetic smear-like images")
     synth.add_argument("out", type=Path)
     synth.add_argument("--taxonomy", "-t", default="leukemia7")
@@ -301,7 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except LeukotreeError as err:
-        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {err}",
+                                                   highlight=False)
         return 2
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")

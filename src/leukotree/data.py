@@ -441,13 +441,14 @@ def _from_manifest(manifest: Path, taxonomy: Taxonomy, patients: str, labels: st
                 patient = (row.get("patient") or "").strip() or None
             elif rule is not None:
                 patient = rule(path, base)
+            slide = (row.get("slide") or "").strip() or None
             if patients != "none" and patient is None:
+                unit = f"slide '{slide}'" if slide else "the image itself"
                 problems.append(Problem(
                     "no_patient", where,
-                    f"no patient id (rule '{patients}'); the image is its own group",
+                    f"no patient id (rule '{patients}'); it is grouped by {unit}",
                     fatal=False,
                 ))
-            slide = (row.get("slide") or "").strip() or None
             samples.append(Sample(path, label, patient, slide, source=where))
     if not samples and not problems:
         problems.append(Problem("no_images", str(manifest), "the manifest lists no images"))

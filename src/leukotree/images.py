@@ -96,10 +96,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in {"I;16", "I;16B", "I;16L", "I", "F"}:
+        # Fixed scaling by the format's range (never per image, which would change
+        # brightness between images): 16-bit and 32-bit integers by 65535, floats by 1.
         arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        scale = 255.0 / (hi - lo) if hi > lo else 0.0
-        img = Image.fromarray(((arr - lo) * scale).astype(np.uint8), mode="L")
+        full = 1.0 if img.mode == "F" else 65535.0
+        img = Image.fromarray((np.clip(arr / full, 0, 1) * 255 + 0.5).astype(np.uint8), mode="L")
     if img.mode in {"RGBA", "LA", "PA", "RGBa", "La"}:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -57,6 +57,11 @@ class ModelConfig:
         return cls(**known)
 
 
+def feature_width(backbone: nn.Module) -> int:
+    """Width of a backbone's pooled output (timm's pre-logits width where it has one)."""
+    return int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
+
+
 class Normalize(nn.Module):
     """``(x / 255 - mean) / std`` with the training set's channel statistics."""
 
@@ -118,7 +123,7 @@ class FlatClassifier(TreeClassifier):
         super().__init__(taxonomy, config)
         self.backbone = create_backbone(config.backbone, img_size=config.img_size,
                                         drop_rate=config.drop_rate)
-        self.classifier = nn.Linear(self.backbone.num_features, len(taxonomy.leaves))
+        self.classifier = nn.Linear(feature_width(self.backbone), len(taxonomy.leaves))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(self.normalize(x))
@@ -138,7 +143,7 @@ class MultiHeadClassifier(TreeClassifier):
         super().__init__(taxonomy, config)
         self.backbone = create_backbone(config.backbone, img_size=config.img_size,
                                         drop_rate=config.drop_rate)
-        width = self.backbone.num_features
+        width = feature_width(self.backbone)
         self.heads = nn.ModuleList(
             nn.Linear(width, len(taxonomy.children(n))) for n in taxonomy.inner_nodes)
 
@@ -170,7 +175,7 @@ class PerNodeClassifier(TreeClassifier):
         for node in taxonomy.inner_nodes:
             backbone = create_backbone(config.backbone, img_size=config.img_size,
                                        drop_rate=config.drop_rate)
-            head = nn.Linear(backbone.num_features, len(taxonomy.children(node)))
+            head = nn.Linear(feature_width(backbone), len(taxonomy.children(node)))
             self.node_models.append(nn.Sequential(backbone, head))
 
     def forward(self, x: torch.Tensor, head_targets: torch.Tensor | None = None,

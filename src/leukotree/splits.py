@@ -57,9 +57,16 @@ def assign_folds(
     folds = np.full(n, -1, dtype=np.int64)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for k, (_, test) in enumerate(splitter.split(np.zeros(n), labels_arr, groups_arr)):
-            folds[test] = k
+        try:
+            for k, (_, test) in enumerate(splitter.split(np.zeros(n), labels_arr, groups_arr)):
+                folds[test] = k
+        except ValueError as err:
+            raise LeukotreeError(
+                f"Cannot make {n_splits} stratified folds: {err} Use fewer --folds (each "
+                "class needs at least as many images as there are folds)."
+            ) from None
     notes.extend(str(w.message) for w in caught)
+    _fill_empty_folds(folds, groups_arr, n_splits, notes)
     groups_per_label: dict[str, set[str]] = defaultdict(set)
     for lab, grp in zip(labels_arr.tolist(), groups_arr.tolist(), strict=True):
         groups_per_label[lab].add(grp)
@@ -71,6 +78,26 @@ def assign_folds(
             )
     _verify_disjoint(folds, groups_arr)
     return folds, notes
+
+
+def _fill_empty_folds(folds: np.ndarray, groups: np.ndarray, n_splits: int,
+                      notes: list[str]) -> None:
+    """Move whole groups into folds the greedy splitter left empty (in place).
+
+    The donor is the fold with the most groups; its smallest group moves.
+    """
+    for empty in range(n_splits):
+        if (folds == empty).any():
+            continue
+        members = {k: sorted(set(groups[folds == k].tolist())) for k in range(n_splits)}
+        donor = max(members, key=lambda k: len(members[k]))
+        if len(members[donor]) < 2:
+            raise LeukotreeError(f"Cannot fill {n_splits} folds with whole patient groups; "
+                                 "use fewer --folds.")
+        smallest = min(members[donor], key=lambda g: (int((groups == g).sum()), g))
+        folds[groups == smallest] = empty
+        notes.append(f"fold {empty} was empty after stratification; group {smallest} moved "
+                     f"into it from fold {donor}")
 
 
 def _verify_disjoint(assignment: np.ndarray, groups: np.ndarray) -> None:
@@ -107,6 +134,12 @@ def train_val_test_split(
             continue
         share = frac if name == "test" else frac / (1 - test_fraction)
         k = max(2, round(1 / share))
+        n_groups = len(set(groups_arr[remaining].tolist()))
+        if k > n_groups:
+            raise LeukotreeError(
+                f"The '{name}_fraction' parameter ({frac}) is too small for {n_groups} patient "
+                f"groups: one group is already 1/{n_groups} of them. Use at least "
+                f"{1 / n_groups:.3f}, or 0 to skip the {name} part.")
         folds, _ = assign_folds(labels_arr[remaining], groups_arr[remaining], k, seed)
         chosen = remaining[folds == 0]
         out[chosen] = name

@@ -148,6 +148,10 @@ class Taxonomy:
                 )
             for key, value in items:
                 _check_name(key, f"{where}/{key}", name)
+                if key == root:
+                    raise TaxonomyError(
+                        f"Taxonomy '{name}': node name '{key}' at '{where}/{key}' is also the "
+                        "root's name. Node names must be unique; rename it or set 'root:'.")
                 children.setdefault(parent, []).append(key)
                 if value is not None:
                     walk(key, value, f"{where}/{key}", (*seen, id(sub)))
@@ -186,6 +190,14 @@ class Taxonomy:
                     + did_you_mean(parent, [root, *parents])
                 )
             children.setdefault(parent, []).append(child)
+        for start in parents:
+            trail = [start]
+            while trail[-1] != root:
+                nxt = parents[trail[-1]]
+                if nxt in trail:
+                    cycle = " -> ".join([*trail[trail.index(nxt):], nxt])
+                    raise TaxonomyError(f"Taxonomy '{name}' has a cycle: {cycle}.")
+                trail.append(nxt)
         return cls(children, root=root, name=name, description=description)
 
     @classmethod
@@ -285,7 +297,8 @@ class Taxonomy:
         return len(self.nodes)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Taxonomy) and self.to_dict() == other.to_dict()
+        # Sibling order matters: it sets the class order of every model.
+        return isinstance(other, Taxonomy) and self.to_yaml() == other.to_yaml()
 
     def __hash__(self) -> int:
         return hash(self.to_yaml())
@@ -389,7 +402,8 @@ class Taxonomy:
 
     def encode_leaves(self, labels: Iterable[str]) -> np.ndarray:
         """Leaf index per label, ``-1`` for labels that name an inner node."""
-        return np.array([self.leaf_index.get(lab, -1) for lab in labels], dtype=np.int64)
+        return np.array([self.leaf_index.get(self.resolve(lab), -1) for lab in labels],
+                        dtype=np.int64)
 
     def leaf_mask(self, labels: Iterable[str]) -> np.ndarray:
         """Boolean ``(n, n_leaves)``: the leaves compatible with each label.
@@ -397,9 +411,8 @@ class Taxonomy:
         A leaf label has one ``True``; an inner-node label has all leaves below it.
         """
         matrix = self.node_leaf_matrix()
-        return np.stack([matrix[self.node_index[lab]] for lab in labels]) if labels else (
-            np.zeros((0, len(self.leaves)), dtype=bool)
-        )
+        rows = [self.node_index[self.resolve(lab)] for lab in labels]
+        return matrix[rows] if rows else np.zeros((0, len(self.leaves)), dtype=bool)
 
     def encode_heads(self, labels: Iterable[str]) -> np.ndarray:
         """Per-head targets ``(n, n_inner)``: the child index taken at each inner node.

@@ -32,6 +32,7 @@ import torch
 from rich.console import Console
 from sklearn.metrics import f1_score
 
+from leukotree import plots
 from leukotree.cache import cached_pixels
 from leukotree.checkpoint import environment, save_model
 from leukotree.config import TrainConfig, save_config
@@ -238,6 +239,28 @@ def resolve_device(spec: str) -> torch.device:
     return torch.device(spec)
 
 
+def cpu_bf16_speedup(repeats: int = 3) -> float:
+    """fp32 time / bf16-autocast time of a small conv forward+backward on this CPU.
+
+    Some CPUs advertise bf16 instructions yet run bf16 autocast far slower than
+    fp32; a measurement is the only reliable answer.
+    """
+    conv = torch.nn.Conv2d(32, 32, 3, padding=1)
+    x = torch.randn(4, 32, 32, 32)
+
+    def timed(amp: bool) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16) if amp else nullcontext():
+                conv(x).float().sum().backward()
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    timed(False), timed(True)  # warm-up
+    return timed(False) / timed(True)
+
+
 def _seed_all(seed: int) -> None:
     import random
 
@@ -406,6 +429,13 @@ class Trainer:
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=cfg.head == "per-node")
         amp = cfg.amp == "on" or (cfg.amp == "auto" and self.device.type == "cuda")
+        if amp and self.device.type == "cpu":
+            speedup = cpu_bf16_speedup()
+            if speedup < 0.8:
+                raise LeukotreeError(
+                    f"--amp on asks for bf16 autocast, but on this CPU it runs {1 / speedup:.1f}x "
+                    "slower than fp32 (measured on a small convolution). Use --amp off (or "
+                    "auto, which keeps fp32 on CPUs).")
         amp_dtype = (torch.bfloat16 if self.device.type == "cpu" or
                      torch.cuda.is_bf16_supported() else torch.float16)
         scaler = torch.amp.GradScaler(enabled=amp and amp_dtype == torch.float16)
@@ -528,31 +558,9 @@ class Trainer:
             writer.writerows(history)
 
     def _plot(self, history: list[dict[str, float]]) -> None:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
+        if plots.learning_curves(history, self.out / "learning_curves.png") is None:
             self._log("matplotlib is not installed: learning_curves.png skipped "
                       "(pip install 'leukotree\\[plot]')")
-            return
-        if not history:
-            return
-        epochs = [h["epoch"] for h in history]
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-        ax1.plot(epochs, [h["train_loss"] for h in history], label="train loss")
-        ax1.plot(epochs, [h["val_loss"] for h in history], label="val loss (NLL)")
-        ax1.set_xlabel("epoch")
-        ax1.legend()
-        ax2.plot(epochs, [h["val_accuracy"] for h in history], label="val accuracy")
-        ax2.plot(epochs, [h["val_macro_f1"] for h in history], label="val macro F1")
-        ax2.set_xlabel("epoch")
-        ax2.set_ylim(0, 1)
-        ax2.legend()
-        fig.tight_layout()
-        fig.savefig(self.out / "learning_curves.png", dpi=100)
-        plt.close(fig)
 
 
 def train(data: str | Path, out: str | Path, config: TrainConfig, *, resume: bool = False,
