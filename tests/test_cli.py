@@ -188,7 +188,7 @@ def test_data_split_too_many_folds(capsys, synth_dir, tmp_path):
 
 
 def test_data_split_few_images_per_class_is_a_clear_error(capsys, tmp_path):
-    # Regression (was a bug, now fixed): see test_splits.py::test_assign_folds_with_few_images_per_class_...:
+    # Regression (fixed): see test_splits.py::test_assign_folds_with_few_images_per_class_...:
     # 6 patients with one image each (3 ALL, 3 CLL) and --folds 5 make
     # StratifiedGroupKFold raise a bare ValueError, which cli.main does not catch:
     # the user gets a traceback instead of "error: ..." and exit code 2.

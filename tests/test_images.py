@@ -93,7 +93,7 @@ def test_16_bit_grayscale_full_range_maps_to_8_bits(tmp_path):
 
 
 def test_16_bit_uniform_white_stays_white(tmp_path):
-    # Regression (was a bug, now fixed): images.py _to_rgb (lines 101-102) rescales 16-bit/float images by their
+    # Regression (fixed): images.py _to_rgb (lines 101-102) rescales 16-bit/float images by their
     # own min..max; when the image is uniform (hi == lo) the scale is 0 and every pixel
     # becomes 0. A uniformly white 16-bit PNG (all 65535) decodes as pure black
     # (0, 0, 0); a uniform 1000 does too. (More generally, the per-image min-max stretch

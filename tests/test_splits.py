@@ -91,7 +91,7 @@ def test_assign_folds_notes_classes_with_few_groups():
 
 
 def test_assign_folds_every_fold_gets_a_group_when_folds_equal_groups():
-    # Regression (was a bug, now fixed): splits.py assign_folds (lines 56-61) trusts StratifiedGroupKFold to
+    # Regression (fixed): splits.py assign_folds (lines 56-61) trusts StratifiedGroupKFold to
     # fill every fold, and _check_n_splits allows folds == number of groups ("a fold
     # needs at least one group"). With these 4 patients and 4 folds, whatever the
     # seed, fold 2 gets no image (patients g0 and g1 both land in fold 3), so a
@@ -104,7 +104,7 @@ def test_assign_folds_every_fold_gets_a_group_when_folds_equal_groups():
 
 
 def test_assign_folds_with_few_images_per_class_raises_a_leukotree_error():
-    # Regression (was a bug, now fixed): splits.py assign_folds: when every class has fewer images than
+    # Regression (fixed): splits.py assign_folds: when every class has fewer images than
     # n_splits (here 3 + 3 images, 6 patients, 5 folds; valid by _check_n_splits),
     # scikit-learn's StratifiedGroupKFold raises a bare ValueError("n_splits=5 cannot
     # be greater than the number of members in each class."). It is not a
@@ -197,7 +197,7 @@ def test_train_val_test_split_fraction_errors(val, test):
 
 
 def test_train_val_test_split_too_small_fraction_names_the_fraction():
-    # Regression (was a bug, now fixed): splits.py train_val_test_split (lines 109-110) turns test_fraction
+    # Regression (fixed): splits.py train_val_test_split (lines 109-110) turns test_fraction
     # 0.04 into k = 25 folds; with 20 patients assign_folds fails with "The 'folds'
     # parameter (25) exceeds the number of patient groups (20) ... Use --folds 20 or
     # fewer." The user gave no folds (e.g. `data split --folds 0 --test 0.04`); the

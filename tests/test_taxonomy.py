@@ -202,7 +202,7 @@ def test_leaf_mask(leukemia7):
 
 
 def test_leaf_mask_accepts_numpy_labels(leukemia7):
-    # Regression (was a bug, now fixed): taxonomy.py Taxonomy.leaf_mask (line 400) tests ``if labels`` on its
+    # Regression (fixed): taxonomy.py Taxonomy.leaf_mask (line 400) tests ``if labels`` on its
     # Iterable argument: a numpy array of 2+ labels raises "ValueError: The truth value
     # of an array with more than one element is ambiguous"; an empty generator raises
     # "need at least one array to stack". encode_heads/encode_leaves accept both.
@@ -269,7 +269,7 @@ def test_equality_depends_on_tree_and_name(leukemia7):
 
 
 def test_equality_respects_sibling_order():
-    # Regression (was a bug, now fixed): taxonomy.py Taxonomy.__eq__ (line 287-288) compares to_dict() results,
+    # Regression (fixed): taxonomy.py Taxonomy.__eq__ (line 287-288) compares to_dict() results,
     # and dict equality ignores key order, so two taxonomies that differ only in the
     # order of siblings compare equal although their ``leaves`` (the class order of
     # flat models), ``leaf_index`` and every encode_* output differ. __hash__ (line
@@ -346,7 +346,7 @@ def test_cycle_via_parents_with_other_valid_nodes_rejected():
 
 
 def test_cycle_via_parents_alone_names_the_nodes():
-    # Regression (was a bug, now fixed): taxonomy.py Taxonomy.__init__ (lines 74-78): for
+    # Regression (fixed): taxonomy.py Taxonomy.__init__ (lines 74-78): for
     # from_parents({"a": "b", "b": "a"}) the root has no children, so the error is
     # "Taxonomy 'custom' is empty: its root 'root' has no children. List at least two
     # classes under 'tree:'." It names neither 'a' nor 'b' nor the cycle, and points the
