@@ -20,8 +20,8 @@ from leukotree.images import DEFAULT_MAX_PIXELS, load_rgb_array
 from leukotree.progress import track
 
 
-def cache_key(paths: list[Path], size: int) -> str:
-    h = hashlib.sha1(f"v1:{size}".encode())
+def cache_key(paths: list[Path], size: int, crop: float = 1.0) -> str:
+    h = hashlib.sha1(f"v2:{size}:{crop}".encode())
     for p in paths:
         st = p.stat()
         h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -32,6 +32,7 @@ def decode_all(
     paths: list[Path],
     size: int,
     *,
+    crop: float = 1.0,
     workers: int = 2,
     progress: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -43,7 +44,7 @@ def decode_all(
 
     def work(i: int) -> None:
         try:
-            array[i] = load_rgb_array(paths[i], size, max_pixels=max_pixels)
+            array[i] = load_rgb_array(paths[i], size, crop=crop, max_pixels=max_pixels)
         except ImageReadError as err:
             errors.append(str(err))
 
@@ -65,6 +66,7 @@ def cached_pixels(
     size: int,
     cache_dir: Path | None,
     *,
+    crop: float = 1.0,
     workers: int = 2,
     progress: bool = True,
 ) -> np.ndarray:
@@ -73,16 +75,16 @@ def cached_pixels(
     With ``cache_dir=None`` the pixels are kept in memory only.
     """
     if cache_dir is None:
-        return decode_all(paths, size, workers=workers, progress=progress)
+        return decode_all(paths, size, crop=crop, workers=workers, progress=progress)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    target = cache_dir / f"pixels-{size}-{cache_key(paths, size)}.npy"
+    target = cache_dir / f"pixels-{size}-{cache_key(paths, size, crop)}.npy"
     if target.exists():
         return np.load(target, mmap_mode="r")
     tmp = target.with_suffix(f".tmp{os.getpid()}.npy")
     array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
                                       shape=(len(paths), size, size, 3))
     try:
-        decode_all(paths, size, workers=workers, progress=progress, out=array)
+        decode_all(paths, size, crop=crop, workers=workers, progress=progress, out=array)
         array.flush()
         del array
         os.replace(tmp, target)

@@ -125,6 +125,8 @@ TRAIN_FLAGS: dict[str, tuple[type, str]] = {
     "label_smoothing": (float, "label smoothing"),
     "drop_rate": (float, "dropout before the classifier"),
     "color_jitter": (float, "relative strength of brightness/contrast/stain jitter"),
+    "crop_fraction": (float, "keep this central fraction of each image before resizing"),
+    "train_pad": (float, "cache training images this much larger and train on random crops"),
     "balance": (str, "none | rotate (top up minority classes with rotated copies)"),
     "monitor": (str, "accuracy | macro_f1 | loss: picks the best checkpoint"),
     "patience": (int, "early stopping after this many epochs without improvement (0: off)"),

@@ -41,6 +41,8 @@ class TrainConfig:
     drop_rate: float = 0.0
     augment: bool = True
     color_jitter: float = 0.1
+    crop_fraction: float = 1.0  # keep this central fraction of every image before resizing
+    train_pad: float = 0.0  # cache images this much larger; train on random crops of img_size
     balance: str = "none"  # none | rotate
     monitor: str = "accuracy"  # accuracy | macro_f1 | loss
     patience: int = 0  # 0: no early stopping
@@ -84,6 +86,12 @@ class TrainConfig:
             if not isinstance(value, int) or value < 1:
                 raise LeukotreeError(f"The '{name}' parameter must be a positive integer; "
                                      f"got {value!r}.")
+        if not 0 < self.crop_fraction <= 1:
+            raise LeukotreeError(f"The 'crop_fraction' parameter must be in (0, 1]; got "
+                                 f"{self.crop_fraction!r}.")
+        if not 0 <= self.train_pad <= 0.5:
+            raise LeukotreeError(f"The 'train_pad' parameter must be in [0, 0.5]; got "
+                                 f"{self.train_pad!r}.")
         if self.lr <= 0:
             raise LeukotreeError(f"The 'lr' parameter must be positive; got {self.lr!r}.")
         if self.fold is not None and not 0 <= self.fold < self.folds:

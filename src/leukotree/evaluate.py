@@ -40,13 +40,27 @@ class EvalSettings:
 
 
 def _validation_samples(run: Path) -> list[tuple[Path, str]]:
-    split = run / "split.csv"
+    return [(Path(r["path"]), r["label"]) for r in _split_rows(run, "val")]
+
+
+def validation_manifest(run: Path, out: Path) -> Path:
+    """Write the validation images of a run (from its split.csv) as a manifest CSV."""
+    rows = _split_rows(run, "val")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "patient", "slide"])
+        writer.writerows([r["path"], r["label"], r["patient"], r["slide"]] for r in rows)
+    return out
+
+
+def _split_rows(run: Path, part: str) -> list[dict[str, str]]:
+    split = Path(run) / "split.csv"
     if not split.exists():
-        raise LeukotreeError(f"'{run}' has no split.csv: --target-sensitivity needs the run's "
-                             "validation images; pass --threshold instead.")
+        raise LeukotreeError(f"'{run}' has no split.csv; it is not a run folder written by "
+                             "'leukotree train'.")
     with split.open() as handle:
-        return [(Path(r["path"]), r["label"]) for r in csv.DictReader(handle)
-                if r["split"] == "val"]
+        return [r for r in csv.DictReader(handle) if r["split"] == part]
 
 
 def binary_block(taxonomy: Taxonomy, truth: list[str], probs: np.ndarray, threshold: float,

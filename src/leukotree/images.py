@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from leukotree.errors import ImageReadError
 
@@ -118,13 +118,26 @@ def image_size(path: str | Path) -> tuple[int, int]:
 
 
 def load_rgb_array(
-    path: str | Path, size: int | None = None, *, max_pixels: int = DEFAULT_MAX_PIXELS
+    path: str | Path,
+    size: int | None = None,
+    *,
+    crop: float = 1.0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> np.ndarray:
-    """Decode ``path`` to a ``(H, W, 3)`` uint8 array, resized to ``size`` x ``size``.
+    """Decode ``path`` to a ``(size, size, 3)`` uint8 array.
 
-    The resize keeps the aspect ratio and centre-crops (cells sit in the centre).
+    The central square of side ``crop * min(width, height)`` is kept (cells sit in
+    the centre of single-cell images) and resized bilinearly to ``size``.
     """
-    img = open_image(path, max_pixels=max_pixels, draft_size=size)
-    if size is not None and img.size != (size, size):
-        img = ImageOps.fit(img, (size, size), method=Image.Resampling.BILINEAR)
+    if not 0 < crop <= 1:
+        raise ValueError(f"crop must be in (0, 1], got {crop}")
+    draft = None if size is None else int(np.ceil(size / crop))
+    img = open_image(path, max_pixels=max_pixels, draft_size=draft)
+    if size is None:
+        return np.asarray(img, dtype=np.uint8)
+    side = crop * min(img.size)
+    left, top = (img.width - side) / 2, (img.height - side) / 2
+    if (side, left, top) != (img.width, 0, 0) or img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR,
+                         box=(left, top, left + side, top + side))
     return np.asarray(img, dtype=np.uint8)

@@ -28,13 +28,13 @@ class Predictions:
         return np.array([e is None for e in self.errors], dtype=bool)
 
 
-def _decode_chunks(paths: Sequence[Path], size: int, chunk: int, workers: int,
+def _decode_chunks(paths: Sequence[Path], size: int, chunk: int, workers: int, crop: float,
                    ) -> Iterator[tuple[np.ndarray, np.ndarray, list[str | None]]]:
     """Yield ``(indices, pixels, errors)`` chunk by chunk, decoding the next in the background."""
 
     def load(i: int) -> tuple[np.ndarray | None, str | None]:
         try:
-            return load_rgb_array(paths[i], size), None
+            return load_rgb_array(paths[i], size, crop=crop), None
         except ImageReadError as err:
             return None, str(err)
 
@@ -84,7 +84,8 @@ def predict_paths(
     errors: list[str | None] = [None] * len(paths)
     with make_progress(enabled=progress) as bar:
         task = bar.add_task("Predicting", total=len(paths), rate="")
-        for idx, pixels, errs in _decode_chunks(paths, img_size, batch_size, workers):
+        crop = float(model.config.crop_fraction)
+        for idx, pixels, errs in _decode_chunks(paths, img_size, batch_size, workers, crop):
             good = [j for j, e in enumerate(errs) if e is None]
             for j, e in enumerate(errs):
                 errors[idx[j]] = e

@@ -45,6 +45,7 @@ class ModelConfig:
     hybrid_pool: int = 4
     hybrid_channels: int = 256
     hybrid_hidden: int = 256
+    crop_fraction: float = 1.0  # central fraction of each image seen at inference
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 

@@ -8,6 +8,7 @@ fold, and class proportions are kept as close as the groups allow.
 from __future__ import annotations
 
 import csv
+import os
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -268,7 +269,8 @@ def write_split_csv(
         header += ["split"] if parts is not None else []
         writer.writerow(header)
         for i, s in enumerate(samples):
-            row: list[object] = [str(s.path), s.label, s.patient or "", s.slide or "", s.group]
+            row: list[object] = [os.path.abspath(s.path), s.label, s.patient or "", s.slide or "",
+                                 s.group]
             if folds is not None:
                 row.append(int(folds[i]))
             if parts is not None:

@@ -116,6 +116,18 @@ def rotation_balance(labels: Sequence[str], seed: int) -> tuple[np.ndarray, np.n
     return np.concatenate(index), np.concatenate(rotation)
 
 
+def random_crop(batch: torch.Tensor, size: int, gen: torch.Generator, random: bool = True,
+                ) -> torch.Tensor:
+    """A ``size`` x ``size`` crop of every image, at a random place (or the centre)."""
+    room = batch.shape[-1] - size
+    if not random:
+        o = room // 2
+        return batch[..., o:o + size, o:o + size].contiguous()
+    offsets = torch.randint(0, room + 1, (batch.shape[0], 2), generator=gen).tolist()
+    return torch.stack([img[:, y:y + size, x:x + size] for img, (y, x) in zip(batch, offsets,
+                                                                          strict=True)])
+
+
 def augment(batch: torch.Tensor, gen: torch.Generator, jitter: float,
             forced_rot: torch.Tensor | None = None) -> torch.Tensor:
     """Smear-friendly augmentation of a float batch in [0, 255] (``(B, 3, S, S)``).
@@ -330,11 +342,13 @@ class Trainer:
         cache_dir = self.out / "cache" if cfg.cache == "disk" else None
         if cache_dir is not None and not self.dist.is_main:
             barrier(self.dist)  # rank 0 decodes first; the others read its cache
-        train_px = cached_pixels([s.path for s in train_samples], cfg.img_size, cache_dir,
-                                 workers=cfg.workers, progress=self.progress and
-                                 self.dist.is_main)
+        show = self.progress and self.dist.is_main
+        # Training images are cached train_pad larger and randomly cropped to img_size;
+        # validation sees exactly what prediction will: the centre at img_size.
+        train_px = cached_pixels([s.path for s in train_samples], self.train_size, cache_dir,
+                                 crop=cfg.crop_fraction, workers=cfg.workers, progress=show)
         val_px = cached_pixels([s.path for s in val_samples], cfg.img_size, cache_dir,
-                               workers=cfg.workers, progress=self.progress and self.dist.is_main)
+                               crop=self.eval_crop, workers=cfg.workers, progress=show)
         if cache_dir is not None and self.dist.is_main:
             barrier(self.dist)
         if cfg.cache == "memory":
@@ -342,12 +356,20 @@ class Trainer:
         return (taxonomy, make_split(train_samples, train_px, taxonomy),
                 make_split(val_samples, val_px, taxonomy))
 
+    @property
+    def train_size(self) -> int:
+        return round(self.config.img_size * (1 + self.config.train_pad))
+
+    @property
+    def eval_crop(self) -> float:
+        return self.config.crop_fraction * self.config.img_size / self.train_size
+
     def _build(self, taxonomy: Taxonomy, train: Split) -> TreeClassifier:
         cfg = self.config
         mean, std = channel_stats(train.pixels)
         mcfg = ModelConfig(head=cfg.head, backbone=cfg.model, img_size=cfg.img_size,
                            drop_rate=cfg.drop_rate, hybrid_backbones=list(cfg.hybrid_backbones),
-                           mean=mean, std=std)
+                           crop_fraction=self.eval_crop, mean=mean, std=std)
         _seed_all(cfg.seed)
         model = build_model(taxonomy, mcfg)
         if cfg.weights or cfg.pretrained:
@@ -470,6 +492,8 @@ class Trainer:
                     sl = slice(step * cfg.batch_size, (step + 1) * cfg.batch_size)
                     idx = order[sl]
                     x = to_batch(train.pixels, idx, self.device, use_cl)
+                    if self.train_size > cfg.img_size:
+                        x = random_crop(x, cfg.img_size, gen, random=cfg.augment)
                     if cfg.augment:
                         forced = torch.from_numpy(rots[sl]) if cfg.balance == "rotate" else None
                         x = augment(x, gen, cfg.color_jitter, forced)
