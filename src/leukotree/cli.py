@@ -144,9 +144,8 @@ TRAIN_FLAGS: dict[str, tuple[type, str]] = {
 }
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from leukotree.config import load_config, resolve_config
-    from leukotree.train import train
+def _train_config(args: argparse.Namespace):
+    from leukotree.config import resolve_config
 
     overrides = {name: getattr(args, name) for name in TRAIN_FLAGS}
     overrides["val_data"] = str(args.val) if args.val else None
@@ -158,17 +157,35 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides["augment"] = False
     if args.no_channels_last:
         overrides["channels_last"] = False
-    if args.resume:
-        config = load_config(args.out / "config.yaml") if (args.out / "config.yaml").exists() \
-            else resolve_config(preset=args.preset, config_file=args.config, overrides=overrides)
-    else:
-        config = resolve_config(preset=args.preset, config_file=args.config, overrides=overrides)
+    return resolve_config(preset=args.preset, config_file=args.config, overrides=overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from leukotree.config import load_config
+    from leukotree.train import train
+
+    saved = args.out / "config.yaml"
+    config = load_config(saved) if args.resume and saved.exists() else _train_config(args)
     summary = train(args.data, args.out, config, resume=args.resume,
                     progress=not args.no_progress)
     if summary["best"] is not None:  # only the main process of a DDP run knows it
         Console(stderr=True).print(
             f"best {summary['monitor']} {summary['best']:.4f} at epoch "
             f"{summary['best_epoch']}; model in {args.out / 'best.pt'}")
+    return 0
+
+
+def cmd_cv(args: argparse.Namespace) -> int:
+    from leukotree.cv import cross_validate
+    from leukotree.evaluate import EvalSettings
+
+    if args.val:
+        raise LeukotreeError("--val does not apply to cv: every fold is validated in turn.")
+    settings = EvalSettings(aggregate=args.aggregate, min_cells=args.min_cells,
+                            progress=not args.no_progress)
+    cross_validate(args.data, args.out, _train_config(args), folds=args.folds_cv,
+                   settings=settings, progress=not args.no_progress)
+    Console().print((args.out / "summary.md").read_text(), markup=False, highlight=False)
     return 0
 
 
@@ -268,6 +285,25 @@ def build_parser() -> argparse.ArgumentParser:
     split.set_defaults(func=cmd_data_split)
 
     tr = sub.add_parser("train", help="train a classifier into a run folder")
+    _add_train_args(tr)
+    tr.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    tr.set_defaults(func=cmd_train)
+
+    cv = sub.add_parser("cv", help="patient-grouped cross-validation: train and evaluate "
+                                   "every fold (resumes a half-finished CV)")
+    _add_train_args(cv, skip={"fold", "folds"})
+    cv.add_argument("--folds", dest="folds_cv", type=int, default=5, help="number of folds")
+    cv.add_argument("--aggregate", choices=["majority", "mean"], default="majority")
+    cv.add_argument("--min-cells", type=int, default=1)
+    cv.set_defaults(func=cmd_cv, fold=None, folds=None)
+
+    _add_eval_parser(sub)
+    _add_other_parsers(sub)
+    return parser
+
+
+def _add_train_args(tr: argparse.ArgumentParser, skip: frozenset[str] | set[str] = frozenset(),
+                    ) -> None:
     tr.add_argument("data", type=Path, help="folder DATA/<label>/**/<image> or CSV manifest")
     tr.add_argument("--out", type=Path, required=True, help="run folder")
     tr.add_argument("--config", type=Path, help="YAML file of options (flags override it)")
@@ -278,13 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ImageNet weights from the hub (needs network; else use --weights)")
     tr.add_argument("--no-augment", action="store_true")
     tr.add_argument("--no-channels-last", action="store_true")
-    tr.add_argument("--resume", action="store_true", help="continue an interrupted run")
     tr.add_argument("--no-progress", action="store_true")
     for name, (kind, help_text) in TRAIN_FLAGS.items():
+        if name in skip:
+            continue
         flags = ["--" + name.replace("_", "-")] + (["-t"] if name == "taxonomy" else [])
         tr.add_argument(*flags, type=kind, default=None, help=help_text)
-    tr.set_defaults(func=cmd_train)
 
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("evaluate", help="metrics, tables and plots of a model on data")
     ev.add_argument("run", type=Path, help="run folder (or its best.pt)")
     ev.add_argument("data", type=Path, help="folder DATA/<label>/**/<image> or CSV manifest")
@@ -305,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
 
+
+def _add_other_parsers(sub: argparse._SubParsersAction) -> None:
     synth = sub.add_parser("synth", help="write synthetic smear-like images")
     synth.add_argument("out", type=Path)
     synth.add_argument("--taxonomy", "-t", default="leukemia7")
@@ -329,7 +369,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(func=cmd_demo)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
