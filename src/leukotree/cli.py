@@ -189,6 +189,14 @@ def cmd_cv(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from leukotree.compare import compare
+
+    compare(args.folders, args.out, n_boot=args.bootstrap)
+    Console().print((args.out / "comparison.md").read_text(), markup=False, highlight=False)
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from leukotree.evaluate import EvalSettings, evaluate
 
@@ -296,6 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--aggregate", choices=["majority", "mean"], default="majority")
     cv.add_argument("--min-cells", type=int, default=1)
     cv.set_defaults(func=cmd_cv, fold=None, folds=None)
+
+    cmp = sub.add_parser("compare", help="put CV results of several models side by side")
+    cmp.add_argument("folders", type=Path, nargs="+", help="folders written by 'leukotree cv'")
+    cmp.add_argument("--out", type=Path, required=True)
+    cmp.add_argument("--bootstrap", type=int, default=1000,
+                     help="patient-bootstrap resamples for confidence intervals")
+    cmp.set_defaults(func=cmd_compare)
 
     _add_eval_parser(sub)
     _add_other_parsers(sub)
