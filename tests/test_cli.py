@@ -226,7 +226,8 @@ def test_synth_bad_parameter(capsys, tmp_path):
 
 def test_demo_writes_its_artefacts(capsys, tmp_path):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--no-progress", "--folds", "3"]) == 0
+    assert main(["demo", "--out", str(out), "--no-progress", "--folds", "3", "--epochs", "1",
+                 "--img-size", "32"]) == 0
     check = json.loads((out / "check.json").read_text())
     summary = json.loads((out / "summary.json").read_text())
     assert check["usable"] is True
@@ -238,6 +239,12 @@ def test_demo_writes_its_artefacts(capsys, tmp_path):
     assert len(rows) == check["n_images"]
     assert {r["fold"] for r in rows} == {"0", "1", "2"}
     assert groups_in_two_folds(rows) == set()
+    cv = json.loads((out / "cv" / "summary.json").read_text())
+    assert [f["fold"] for f in cv["folds"]] == [0, 1, 2]
+    assert 0 <= cv["mean"]["accuracy"]["mean"] <= 1
+    for k in range(3):
+        assert (out / "cv" / f"fold_{k}" / "eval" / "metrics.json").exists()
+    assert "| mean ± std |" in (out / "cv" / "summary.md").read_text()
     assert "demo finished" in capsys.readouterr().out
 
 

@@ -246,7 +246,10 @@ def cmd_taxonomy(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from leukotree.demo import run_demo
 
-    run_demo(args.out, folds=args.folds, seed=args.seed, progress=not args.no_progress)
+    training = {k: v for k, v in (("epochs", args.epochs), ("img_size", args.img_size))
+                if v is not None}
+    run_demo(args.out, folds=args.folds, seed=args.seed, progress=not args.no_progress,
+             **training)
     return 0
 
 
@@ -382,6 +385,8 @@ def _add_other_parsers(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--out", type=Path, default=Path("demo-out"))
     demo.add_argument("--folds", type=int, default=3)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--epochs", type=int, help="epochs per fold (default 8)")
+    demo.add_argument("--img-size", type=int, help="image side in pixels (default 64)")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(func=cmd_demo)
 
