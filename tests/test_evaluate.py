@@ -37,8 +37,9 @@ def data7(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run7(tmp_path_factory, data7):
     run = tmp_path_factory.mktemp("eval-run7") / "run"
-    train(data7, run, resolve_config(preset="tiny-test", overrides={"epochs": 1}),
-          progress=False)
+    # One torch thread: with pytest -n 2 on a small machine, more threads contend (13 s vs 2 s).
+    cfg = resolve_config(preset="tiny-test", overrides={"epochs": 1, "threads": 1})
+    train(data7, run, cfg, progress=False)
     return run
 
 
@@ -52,7 +53,7 @@ def run2(tmp_path_factory, data2):
     run = tmp_path_factory.mktemp("eval-run2") / "run"
     # 6 patients: a validation part of 2 patients (0.15 would be below one patient).
     cfg = resolve_config(preset="tiny-test", overrides={
-        "epochs": 1, "taxonomy": "cnmc", "val_fraction": 0.34})
+        "epochs": 1, "threads": 1, "taxonomy": "cnmc", "val_fraction": 0.34})
     train(data2, run, cfg, progress=False)
     return run
 

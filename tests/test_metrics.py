@@ -470,7 +470,7 @@ def test_classification_metrics_only_inner_labels(leukemia7):
 
 
 def test_classification_metrics_auroc_with_two_present_leaves_of_seven(leukemia7):
-    # BUG(src): metrics._auroc returns None when exactly two leaves of a >2-leaf taxonomy
+    # Regression (fixed): metrics._auroc returns None when exactly two leaves of a >2-leaf taxonomy
     # are present: it passes an (N, 2) score matrix to roc_auc_score(multi_class="ovr"),
     # which sklearn treats as a binary problem and rejects ("y should be a 1d array"); the
     # ValueError is swallowed and auroc_macro becomes None.

@@ -264,10 +264,10 @@ def classification_metrics(taxonomy: Taxonomy, truth: Sequence[str], leaf_probs:
 def _auroc(y: np.ndarray, probs: np.ndarray, present: list[int]) -> float | None:
     if len(present) < 2:
         return None
-    if probs.shape[1] == 2:
-        return float(roc_auc_score(y == present[-1], probs[:, present[-1]]))
     sub = probs[:, present]
     sub = sub / np.clip(sub.sum(1, keepdims=True), 1e-12, None)
+    if len(present) == 2:  # binary AUROC among the two present leaves
+        return float(roc_auc_score(y == present[1], sub[:, 1]))
     try:
         return float(roc_auc_score(y, sub, multi_class="ovr", labels=present, average="macro"))
     except ValueError:
