@@ -189,6 +189,40 @@ def cmd_cv(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from leukotree.predict import patient_rows, prediction_rows, run_predict, write_rows
+
+    taxonomy, images, preds, thresholds = run_predict(
+        args.run, args.inputs, patients=args.patients, confidence=args.confidence,
+        target_error=args.target_error, batch_size=args.batch_size, workers=args.workers,
+        progress=not args.no_progress)
+    rows = prediction_rows(taxonomy, images, preds, thresholds, args.decode)
+    text = write_rows(rows, args.out, args.json)
+    console = Console(stderr=True)
+    if args.by_patient:
+        prow = patient_rows(taxonomy, images, preds, args.aggregate, args.min_cells)
+        pout = args.out.with_name(args.out.stem + "_patients.csv") if args.out else None
+        ptext = write_rows(prow, pout, args.json)
+        if args.json:
+            text = json.dumps({"images": json.loads(text or "[]"),
+                               "patients": json.loads(ptext or "[]")}, indent=2)
+        for r in prow:
+            console.print(f"patient {r['patient']}: {r['diagnosis']} ({r['n_cells']} cells)",
+                          highlight=False)
+    if text is not None:
+        print(text)
+    n_bad = sum(e is not None for e in preds.errors)
+    n_refer = sum(bool(r["refer"]) for r in rows if r["error"] == "")
+    console.print(
+        f"{len(rows)} image(s): {len(rows) - n_bad} predicted, {n_refer} referred "
+        f"(thresholds per level {', '.join(f'{t:.3f}' for t in thresholds)}), "
+        f"{n_bad} unreadable" + (f"; wrote {args.out}" if args.out else ""), highlight=False)
+    for r in rows:
+        if r["error"]:
+            console.print(f"[red]unreadable:[/] {r['error']}", highlight=False)
+    return 1 if n_bad == len(rows) else 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from leukotree.compare import compare
 
@@ -314,6 +348,30 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--bootstrap", type=int, default=1000,
                      help="patient-bootstrap resamples for confidence intervals")
     cmp.set_defaults(func=cmd_compare)
+
+    pr = sub.add_parser("predict", help="predict images, folders or manifests")
+    pr.add_argument("run", type=Path, help="run folder (or its best.pt)")
+    pr.add_argument("inputs", nargs="+", help="images, folders or CSV manifests")
+    pr.add_argument("--out", type=Path, help="CSV of per-image predictions")
+    pr.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    pr.add_argument("--patients", default="none",
+                    help="patient ids: none, folder (parent folder), cnmc, manifest, re:<regex>")
+    pr.add_argument("--by-patient", action="store_true",
+                    help="also one diagnosis per patient (<out>_patients.csv)")
+    pr.add_argument("--aggregate", choices=["majority", "mean"], default="majority")
+    pr.add_argument("--min-cells", type=int, default=1,
+                    help="patients with fewer cells are 'insufficient'")
+    pr.add_argument("--confidence", help="refer below this conditional probability: one "
+                                         "value or one per level (e.g. 0.9,0.8,0.7)")
+    pr.add_argument("--target-error", type=float,
+                    help="set the per-level thresholds on the run's validation split so that "
+                         "accepted decisions err at most this often")
+    pr.add_argument("--decode", choices=["argmax", "greedy"], default="argmax",
+                    help="leaf choice: most probable leaf, or greedy top-down")
+    pr.add_argument("--batch-size", type=int, default=64)
+    pr.add_argument("--workers", type=int, default=2)
+    pr.add_argument("--no-progress", action="store_true")
+    pr.set_defaults(func=cmd_predict)
 
     _add_eval_parser(sub)
     _add_other_parsers(sub)
