@@ -108,6 +108,8 @@ def test_evaluate_writes_metrics_tables_predictions_and_plots(run7, data7, tmp_p
     assert set(m["figures"].values()) == set(PLOTS)
     md = (out / "metrics.md").read_text()
     assert "| accuracy |" in md and "## Per node" in md and "## Patient level" in md
+    html = (out / "metrics.html").read_text()  # one self-contained page for a browser
+    assert "<table>" in html and html.count("data:image/png;base64,") == len(PLOTS)
 
     rows = _predictions(out)
     assert len(rows) == N7

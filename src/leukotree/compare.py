@@ -24,6 +24,7 @@ from sklearn.metrics import precision_recall_fscore_support
 
 from leukotree.cv import summary_markdown
 from leukotree.errors import LeukotreeError
+from leukotree.htmlreport import write_html
 from leukotree.metrics import per_node_accuracy
 from leukotree.taxonomy import Taxonomy
 
@@ -125,6 +126,7 @@ def compare(folders: list[str | Path], out: str | Path, *, n_boot: int = 1000,
     (out / "comparison.json").write_text(json.dumps(result, indent=2))
     md = [summary_markdown([r["summary"] for r in runs]), comparison_markdown(result, taxonomy)]
     (out / "comparison.md").write_text("\n".join(md))
+    write_html(out / "comparison.md", "leukotree comparison")
     return result
 
 

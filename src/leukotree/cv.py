@@ -20,6 +20,7 @@ from rich.console import Console
 from leukotree.config import TrainConfig, save_config
 from leukotree.errors import LeukotreeError
 from leukotree.evaluate import EvalSettings, evaluate, validation_manifest
+from leukotree.htmlreport import write_html
 from leukotree.train import train
 
 #: Scalar metrics gathered per fold: name -> path of keys in metrics.json.
@@ -118,8 +119,24 @@ def cross_validate(
         "config": base.to_dict(),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "summary.md").write_text(summary_markdown([summary]))
+    (out / "summary.md").write_text(summary_markdown([summary]) + _fold_figures(out, per_fold))
+    write_html(out / "summary.md", f"leukotree cross-validation in {out}")
     return summary
+
+
+def _fold_figures(out: Path, per_fold: list[dict[str, Any]]) -> str:
+    """Markdown links to each fold's report and its figures."""
+    lines = ["", "## Folds", ""]
+    for row in per_fold:
+        k = row["fold"]
+        lines.append(f"### Fold {k + 1}: [report](fold_{k}/eval/metrics.html)")
+        lines.append("")
+        for name in ("learning_curves.png", "eval/confusion_normalized.png", "eval/roc.png",
+                     "eval/reliability.png"):
+            if (out / f"fold_{k}" / name).exists():
+                lines.append(f"![fold {k + 1} {name}](fold_{k}/{name})")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _cell(value: float | None) -> str:

@@ -15,6 +15,7 @@ from leukotree import plots
 from leukotree.checkpoint import load_model
 from leukotree.data import Sample, discover
 from leukotree.errors import LeukotreeError
+from leukotree.htmlreport import write_html
 from leukotree.inference import predict_paths
 from leukotree.metrics import (
     aggregate_patients,
@@ -129,6 +130,7 @@ def evaluate(
     metrics["figures"] = write_figures(taxonomy, truth, probs, metrics, out)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
     (out / "metrics.md").write_text(metrics_markdown(metrics))
+    write_html(out / "metrics.md", f"leukotree evaluation of {run}")
     write_predictions(out / "predictions.csv", taxonomy, samples, probs)
     return metrics
 
