@@ -235,3 +235,15 @@ def test_missing_data_folder_exits_2(run7, tmp_path, capsys):
                  str(tmp_path / "eval"), "--no-progress"])
     assert code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_real_cnmc_fixture_cells_give_the_binary_and_patient_blocks(run2, tmp_path):
+    # The 8 real C-NMC cells (BMP, 450x450) shipped in tests/fixtures; patients from names.
+    fixtures = Path(__file__).parent / "fixtures" / "cnmc"
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(run2), str(fixtures), "--out", str(out), "--no-progress"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    b = m["binary"]
+    assert b["positive"] == "all" and b["tp"] + b["tn"] + b["fp"] + b["fn"] == 8
+    assert b["tp"] + b["fn"] == 5  # five ALL cells, three healthy (hem) cells
+    assert m["patient_level"]["n_patients"] == 4  # subjects 1, 67, 68, H6
