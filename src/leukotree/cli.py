@@ -223,6 +223,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if n_bad == len(rows) else 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from leukotree.export import export_onnx
+
+    path = export_onnx(args.run, args.onnx, opset=args.opset)
+    Console(stderr=True).print(f"wrote {path}")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from leukotree.compare import compare
 
@@ -350,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.set_defaults(func=cmd_compare)
 
     pr = sub.add_parser("predict", help="predict images, folders or manifests")
-    pr.add_argument("run", type=Path, help="run folder (or its best.pt)")
+    pr.add_argument("run", type=Path, help="run folder, its best.pt, or an exported .onnx")
     pr.add_argument("inputs", nargs="+", help="images, folders or CSV manifests")
     pr.add_argument("--out", type=Path, help="CSV of per-image predictions")
     pr.add_argument("--json", action="store_true", help="print the predictions as JSON")
@@ -372,6 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--workers", type=int, default=2)
     pr.add_argument("--no-progress", action="store_true")
     pr.set_defaults(func=cmd_predict)
+
+    ex = sub.add_parser("export", help="export a model (and its tree of probabilities) to ONNX")
+    ex.add_argument("run", type=Path, help="run folder (or its best.pt)")
+    ex.add_argument("--onnx", type=Path, required=True, help="ONNX file to write")
+    ex.add_argument("--opset", type=int, default=17)
+    ex.set_defaults(func=cmd_export)
 
     _add_eval_parser(sub)
     _add_other_parsers(sub)

@@ -255,6 +255,15 @@ class HybridCNN(TreeClassifier):
             nn.Linear(config.hybrid_hidden, 1 if self.binary else len(taxonomy.leaves)),
         )
 
+    def _pool(self, fmap: torch.Tensor) -> torch.Tensor:
+        """Average-pool to ``hybrid_pool`` squared; bilinear resize where sizes don't divide
+        (maps smaller than the target, or odd sizes), which ONNX also supports."""
+        p = self.config.hybrid_pool
+        h, w = fmap.shape[-2:]
+        if h % p == 0 and w % p == 0:
+            return self.pool(fmap)
+        return F.interpolate(fmap, size=(p, p), mode="bilinear", align_corners=False)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.normalize(x)
         maps = []
@@ -262,7 +271,7 @@ class HybridCNN(TreeClassifier):
             for fmap in extractor(x):
                 if fmap.ndim == 3:  # token sequences from ViT-like models
                     fmap = fmap.transpose(1, 2).unsqueeze(-1)
-                maps.append(self.pool(fmap))
+                maps.append(self._pool(fmap))
         return self.fuse(torch.cat(maps, dim=1))
 
     def forward_head(self, features: torch.Tensor) -> dict[str, torch.Tensor]:

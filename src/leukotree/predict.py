@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from leukotree.checkpoint import load_model
 from leukotree.data import CNMC_PATTERN, _match_group, _regex_rule
 from leukotree.errors import DataError, LeukotreeError
+from leukotree.export import load_any
 from leukotree.images import is_image_file
 from leukotree.inference import Predictions, predict_paths
 from leukotree.metrics import aggregate_patients, node_probabilities
@@ -232,7 +232,7 @@ def run_predict(
     progress: bool = True,
 ) -> tuple[Taxonomy, list[InputImage], Predictions, list[float]]:
     """Predict every input image; returns what the writers need."""
-    model, payload = load_model(run)
+    model, payload = load_any(run)
     taxonomy = model.taxonomy
     img_size = int(payload["model_config"]["img_size"])
     images = collect_inputs(inputs, patients)
@@ -241,6 +241,9 @@ def run_predict(
     if target_error is not None:
         from leukotree.evaluate import _split_rows
 
+        if str(run).endswith(".onnx"):
+            raise LeukotreeError("--target-error needs the run folder (its validation split); "
+                                 "with an ONNX file, give --confidence instead.")
         val = _split_rows(Path(run), "val")
         vp = predict_paths(model, [Path(r["path"]) for r in val], img_size, progress=False,
                            on_error="raise", batch_size=batch_size)

@@ -1,0 +1,70 @@
+"""ONNX export: ONNX Runtime agrees with PyTorch; predict accepts the ONNX file."""
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from leukotree.checkpoint import load_model, save_model
+from leukotree.cli import main
+from leukotree.errors import LeukotreeError
+from leukotree.export import OnnxClassifier, export_onnx
+from leukotree.models import ModelConfig, build_model
+from leukotree.synth import generate
+from leukotree.taxonomy import load_taxonomy
+
+TAX = load_taxonomy("leukemia7")
+
+
+@pytest.mark.parametrize("head", ["flat", "multihead", "per-node", "hybrid"])
+def test_onnx_runtime_matches_pytorch(head, tmp_path):
+    torch.manual_seed(0)
+    model = build_model(TAX, ModelConfig(head=head, backbone="test_resnet", img_size=32,
+                                         hybrid_backbones=["test_resnet", "test_efficientnet"],
+                                         mean=[0.7, 0.6, 0.65], std=[0.2, 0.25, 0.2]))
+    # move batch-norm statistics away from their initial values
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(8, 3, 32, 32) * 255)
+    save_model(tmp_path / "best.pt", model)
+    onnx_path = export_onnx(tmp_path / "best.pt", tmp_path / "m.onnx")
+    ort_model = OnnxClassifier(onnx_path)
+    assert ort_model.taxonomy == TAX and ort_model.config.img_size == 32
+    torch_model, _ = load_model(tmp_path / "best.pt")
+    x = torch.rand(5, 3, 32, 32) * 255
+    with torch.no_grad():
+        expected = torch_model(x)["leaf_logp"].exp().numpy()
+    got = ort_model(x)["leaf_logp"].exp().numpy()
+    assert np.abs(got - expected).max() < 1e-4
+    leaf, node = ort_model.session.run(None, {"images": x.numpy()})
+    assert node.shape == (5, len(TAX.nodes))
+    assert np.allclose(node, leaf @ TAX.node_leaf_matrix().T, atol=1e-5)
+
+
+def test_predict_accepts_the_onnx_file(tmp_path):
+    data = tmp_path / "data"
+    generate(data, TAX, patients_per_class=1, cells_per_patient=2, size=32, seed=5,
+             progress=False)
+    model = build_model(TAX, ModelConfig(head="multihead", backbone="test_resnet", img_size=32))
+    save_model(tmp_path / "best.pt", model)
+    assert main(["export", str(tmp_path / "best.pt"), "--onnx", str(tmp_path / "m.onnx")]) == 0
+    for run, name in ((tmp_path / "best.pt", "pt.csv"), (tmp_path / "m.onnx", "onnx.csv")):
+        assert main(["predict", str(run), str(data), "--out", str(tmp_path / name),
+                     "--no-progress"]) == 0
+    a = list(csv.DictReader((tmp_path / "pt.csv").open()))
+    b = list(csv.DictReader((tmp_path / "onnx.csv").open()))
+    assert len(a) == len(b) == 14
+    for x, y in zip(a, b, strict=True):
+        assert x["predicted_leaf"] == y["predicted_leaf"]
+        for k in x:
+            if k.startswith("p_"):
+                assert abs(float(x[k]) - float(y[k])) < 1e-4
+
+
+def test_a_foreign_onnx_file_is_refused(tmp_path):
+    path = tmp_path / "other.onnx"
+    torch.onnx.export(torch.nn.Linear(2, 2), (torch.rand(1, 2),), str(path), dynamo=False)
+    with pytest.raises(LeukotreeError, match="not an ONNX file exported by leukotree"):
+        OnnxClassifier(path)
