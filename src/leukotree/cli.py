@@ -223,6 +223,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if n_bad == len(rows) else 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from leukotree.explain import explain_images
+
+    nodes = args.node.split(",") if args.node else None
+    written = explain_images(args.run, args.images, args.out, nodes=nodes, method=args.method,
+                             target_layer=args.target_layer)
+    for w in written:
+        levels = ", ".join(f"{n} ({m['probability']:.2f})" for n, m in w["maps"].items())
+        Console().print(f"{w['image']}: predicted {w['predicted_leaf']}; maps for {levels}; "
+                        f"strip {args.out / w['strip']}", highlight=False)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from leukotree.export import export_onnx
 
@@ -380,6 +393,17 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--workers", type=int, default=2)
     pr.add_argument("--no-progress", action="store_true")
     pr.set_defaults(func=cmd_predict)
+
+    xp = sub.add_parser("explain", help="Grad-CAM heat maps for each level of the tree")
+    xp.add_argument("run", type=Path, help="run folder (or its best.pt)")
+    xp.add_argument("images", nargs="+", type=Path)
+    xp.add_argument("--out", type=Path, required=True, help="folder for the overlays")
+    xp.add_argument("--node", help="node(s) to explain, comma-separated (default: every level "
+                                   "of the predicted path)")
+    xp.add_argument("--method", default="gradcam",
+                    help="gradcam, gradcam++, xgradcam, layercam, eigencam or hirescam")
+    xp.add_argument("--target-layer", help="dotted module name (default: picked per backbone)")
+    xp.set_defaults(func=cmd_explain)
 
     ex = sub.add_parser("export", help="export a model (and its tree of probabilities) to ONNX")
     ex.add_argument("run", type=Path, help="run folder (or its best.pt)")
