@@ -245,6 +245,8 @@ def test_demo_writes_its_artefacts(capsys, tmp_path):
     for k in range(3):
         assert (out / "cv" / f"fold_{k}" / "eval" / "metrics.json").exists()
     assert "| mean ± std |" in (out / "cv" / "summary.md").read_text()
+    page = (out / "report.html").read_text()
+    assert "Patient demo-sample" in page and "12 cells analysed" in page
     assert "demo finished" in capsys.readouterr().out
 
 

@@ -236,6 +236,20 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from leukotree.report import patient_report
+
+    result = patient_report(args.run, args.inputs, args.out, patient=args.patient,
+                            method=args.aggregate, confidence=args.confidence,
+                            min_cells=args.min_cells, top_cells=args.top_cells,
+                            heatmaps=not args.no_heatmaps, progress=not args.no_progress)
+    Console(stderr=True).print(
+        f"patient {result['patient']}: {result['diagnosis'] or 'insufficient'}"
+        f"{' (referral advised)' if result['refer'] else ''}, {result['n_cells']} cells; "
+        f"wrote {args.out}", highlight=False)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from leukotree.export import export_onnx
 
@@ -404,6 +418,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="gradcam, gradcam++, xgradcam, layercam, eigencam or hirescam")
     xp.add_argument("--target-layer", help="dotted module name (default: picked per backbone)")
     xp.set_defaults(func=cmd_explain)
+
+    rp = sub.add_parser("report", help="one self-contained HTML report for one patient")
+    rp.add_argument("run", type=Path, help="run folder (or its best.pt)")
+    rp.add_argument("inputs", nargs="+", help="the patient's images, folder or manifest")
+    rp.add_argument("--out", type=Path, required=True, help="HTML file to write")
+    rp.add_argument("--patient", help="patient id shown in the report")
+    rp.add_argument("--aggregate", choices=["majority", "mean"], default="majority")
+    rp.add_argument("--confidence", default="0.6",
+                    help="referral threshold per level (one value or one per level)")
+    rp.add_argument("--min-cells", type=int, default=1)
+    rp.add_argument("--top-cells", type=int, default=8, help="cells shown with heat maps")
+    rp.add_argument("--no-heatmaps", action="store_true")
+    rp.add_argument("--no-progress", action="store_true")
+    rp.set_defaults(func=cmd_report)
 
     ex = sub.add_parser("export", help="export a model (and its tree of probabilities) to ONNX")
     ex.add_argument("run", type=Path, help="run folder (or its best.pt)")

@@ -14,6 +14,7 @@ from leukotree.config import resolve_config
 from leukotree.cv import cross_validate
 from leukotree.data import discover
 from leukotree.render import print_check_report, print_split_plan
+from leukotree.report import patient_report
 from leukotree.splits import plan_split
 from leukotree.taxonomy import load_taxonomy
 
@@ -25,6 +26,17 @@ DEMO_TRAINING = {"model": "resnet18", "head": "multihead", "img_size": 64, "epoc
 def bundled_data() -> AbstractContextManager[Path]:
     """Context manager giving the folder of the bundled PBC sample (``pbc`` taxonomy)."""
     return resources.as_file(resources.files("leukotree") / "demo_data" / "pbc")
+
+
+def _sample_cells(split_csv: Path, n: int) -> list[Path]:
+    """The first ``n`` validation images of the most frequent validation label."""
+    import csv
+    from collections import Counter
+
+    with split_csv.open() as handle:
+        rows = [r for r in csv.DictReader(handle) if r["split"] == "val"]
+    label = Counter(r["label"] for r in rows).most_common(1)[0][0]
+    return [Path(r["path"]) for r in rows if r["label"] == label][:n]
 
 
 def run_demo(out: Path, *, folds: int = 3, seed: int = 0, progress: bool = True,
@@ -59,10 +71,17 @@ def run_demo(out: Path, *, folds: int = 3, seed: int = 0, progress: bool = True,
         cv = cross_validate(data, out / "cv", config, folds=folds, progress=progress,
                             console=console)
         console.print((out / "cv" / "summary.md").read_text(), markup=False, highlight=False)
+
+        console.rule("4. a report for one sample (PBC has no patients: 12 cells of fold 0)")
+        sample = _sample_cells(out / "cv" / "fold_0" / "split.csv", 12)
+        report = patient_report(out / "cv" / "fold_0", sample, out / "report.html",
+                                patient="demo-sample", progress=False)
+        console.print(f"report: {out / 'report.html'} (diagnosis {report['diagnosis']}, "
+                      f"referral {'advised' if report['refer'] else 'not needed'})")
     summary = {"check": str(check_path), "folds": str(split_path), "cv": str(out / "cv"),
                "report": str(out / "cv" / "summary.md"), "images": report.n_images,
                "usable": report.usable, "accuracy": cv["mean"]["accuracy"],
-               "hF": cv["mean"]["hF"]}
+               "hF": cv["mean"]["hF"], "patient_report": str(out / "report.html")}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     console.print(f"[bold green]demo finished[/]: results in {out}")
     return summary

@@ -142,7 +142,7 @@ def explain_images(
     written = []
     for image in map(Path, images):
         pixels = load_rgb_array(image, size, crop=crop)
-        x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float()
+        x = torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float()
         with torch.no_grad():
             node_logp = scorer(x)[0].exp().numpy()
             leaf = tax.leaves[int(np.argmax([node_logp[tax.node_index[lf]]
