@@ -74,10 +74,10 @@ def run_demo(out: Path, *, folds: int = 3, seed: int = 0, progress: bool = True,
 
         console.rule("4. a report for one sample (PBC has no patients: 12 cells of fold 0)")
         sample = _sample_cells(out / "cv" / "fold_0" / "split.csv", 12)
-        report = patient_report(out / "cv" / "fold_0", sample, out / "report.html",
-                                patient="demo-sample", progress=False)
-        console.print(f"report: {out / 'report.html'} (diagnosis {report['diagnosis']}, "
-                      f"referral {'advised' if report['refer'] else 'not needed'})")
+        sample_report = patient_report(out / "cv" / "fold_0", sample, out / "report.html",
+                                       patient="demo-sample", progress=False)
+        console.print(f"report: {out / 'report.html'} (diagnosis {sample_report['diagnosis']}, "
+                      f"referral {'advised' if sample_report['refer'] else 'not needed'})")
     summary = {"check": str(check_path), "folds": str(split_path), "cv": str(out / "cv"),
                "report": str(out / "cv" / "summary.md"), "images": report.n_images,
                "usable": report.usable, "accuracy": cv["mean"]["accuracy"],
