@@ -1,0 +1,93 @@
+"""End-to-end prediction from JPEG files vs the model alone; prints JSON.
+
+    python benchmarks/bench_predict.py [--data ../shared/data/pbc-dev] [--n 512]
+
+In one run, for a randomly initialised model (speed does not depend on the
+weights) it measures:
+
+- ``model_only``: images/s of the model on uint8-range tensors already in memory;
+- ``end_to_end``: images/s of ``leukotree.inference.predict_paths`` from files on
+  disk (reduced JPEG decode in threads overlapped with the model, batching);
+- their ratio (target: at least 0.9), for eager PyTorch (contiguous and
+  channels_last) and ONNX Runtime.
+
+Without ``--data`` it writes ``--n`` synthetic 360x360 JPEG cells to a temporary
+folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from leukotree.checkpoint import save_model
+from leukotree.export import OnnxClassifier, export_onnx
+from leukotree.images import is_image_file
+from leukotree.inference import predict_paths
+from leukotree.models import ModelConfig, build_model
+from leukotree.synth import generate
+from leukotree.taxonomy import load_taxonomy
+
+
+def model_only(model, size: int, n: int, batch: int, channels_last: bool) -> float:
+    x = torch.rand(batch, 3, size, size) * 255
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        model(x)
+        start = time.perf_counter()
+        for _ in range(max(1, n // batch)):
+            model(x)
+    return max(1, n // batch) * batch / (time.perf_counter() - start)
+
+
+def end_to_end(model, paths: list[Path], size: int, batch: int) -> float:
+    predict_paths(model, paths[:batch], size, batch_size=batch, progress=False)
+    start = time.perf_counter()
+    predict_paths(model, paths, size, batch_size=batch, progress=False)
+    return len(paths) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", type=Path, help="folder of images (default: synthetic)")
+    parser.add_argument("--n", type=int, default=512)
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=64)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="leukotree-bench-"))
+    if args.data:
+        paths = sorted(p for p in args.data.rglob("*") if is_image_file(p))[:args.n]
+    else:
+        tax7 = load_taxonomy("leukemia7")
+        per = max(1, args.n // (7 * 8))
+        generate(tmp / "data", tax7, patients_per_class=8, cells_per_patient=per, size=360,
+                 image_format="jpg", progress=False)
+        paths = sorted((tmp / "data").rglob("*.jpg"))
+    tax = load_taxonomy("leukemia7")
+    model = build_model(tax, ModelConfig(head="multihead", backbone=args.model,
+                                         img_size=args.size)).eval()
+    results: dict[str, object] = {"images": len(paths), "model": args.model,
+                                  "img_size": args.size, "batch": args.batch,
+                                  "threads": torch.get_num_threads()}
+    for name, cl in (("eager", False), ("channels_last", True)):
+        m = model.to(memory_format=torch.channels_last) if cl else model
+        alone = model_only(m, args.size, len(paths), args.batch, cl)
+        e2e = end_to_end(m, paths, args.size, args.batch)
+        results[name] = {"model_only": alone, "end_to_end": e2e, "ratio": e2e / alone}
+    save_model(tmp / "best.pt", model.to(memory_format=torch.contiguous_format))
+    onnx_model = OnnxClassifier(export_onnx(tmp / "best.pt", tmp / "m.onnx"))
+    alone = model_only(onnx_model, args.size, len(paths), args.batch, False)
+    e2e = end_to_end(onnx_model, paths, args.size, args.batch)
+    results["onnxruntime"] = {"model_only": alone, "end_to_end": e2e, "ratio": e2e / alone}
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
