@@ -116,49 +116,51 @@ def register_head(name: str) -> Callable[[type[TreeClassifier]], type[TreeClassi
     return deco
 
 
-@register_head("flat")
-class FlatClassifier(TreeClassifier):
-    """One softmax over the leaves; inner nodes get the sums of their leaves."""
+class SharedBackboneClassifier(TreeClassifier):
+    """One timm backbone; subclasses add ``forward_head`` (timm's two-step interface)."""
 
     def __init__(self, taxonomy: Taxonomy, config: ModelConfig) -> None:
         super().__init__(taxonomy, config)
         self.backbone = create_backbone(config.backbone, img_size=config.img_size,
                                         drop_rate=config.drop_rate)
-        self.classifier = nn.Linear(feature_width(self.backbone), len(taxonomy.leaves))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(self.normalize(x))
 
     def forward_head(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"leaf_logp": F.log_softmax(self.classifier(features).float(), dim=1)}
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.forward_head(self.forward_features(x))
 
 
+@register_head("flat")
+class FlatClassifier(SharedBackboneClassifier):
+    """One softmax over the leaves; inner nodes get the sums of their leaves."""
+
+    def __init__(self, taxonomy: Taxonomy, config: ModelConfig) -> None:
+        super().__init__(taxonomy, config)
+        self.classifier = nn.Linear(feature_width(self.backbone), len(taxonomy.leaves))
+
+    def forward_head(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"leaf_logp": F.log_softmax(self.classifier(features).float(), dim=1)}
+
+
 @register_head("multihead")
-class MultiHeadClassifier(TreeClassifier):
+class MultiHeadClassifier(SharedBackboneClassifier):
     """The proposed model: one shared backbone, one linear head per inner node."""
 
     def __init__(self, taxonomy: Taxonomy, config: ModelConfig) -> None:
         super().__init__(taxonomy, config)
-        self.backbone = create_backbone(config.backbone, img_size=config.img_size,
-                                        drop_rate=config.drop_rate)
         width = feature_width(self.backbone)
         self.heads = nn.ModuleList(
             nn.Linear(width, len(taxonomy.children(n))) for n in taxonomy.inner_nodes)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(self.normalize(x))
 
     def forward_head(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = [head(features) for head in self.heads]
         out = {f"head:{n}": lg for n, lg in zip(self.taxonomy.inner_nodes, logits, strict=True)}
         out["leaf_logp"] = self.compose(logits)
         return out
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.forward_head(self.forward_features(x))
 
 
 @register_head("per-node")
