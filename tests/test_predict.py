@@ -132,3 +132,21 @@ def test_predict_by_patient_without_ids_is_a_clear_error(run, capsys):
                  "--no-progress"])
     assert code == 2
     assert "patient ids" in capsys.readouterr().err
+
+
+def test_dihedral_averaging_is_invariant_to_rotations_and_flips():
+    import torch
+
+    from leukotree.inference import dihedral_mean
+    from leukotree.models import ModelConfig, build_model
+
+    model = build_model(TAX, ModelConfig(head="multihead", backbone="test_resnet",
+                                         img_size=32)).eval()
+    x = torch.rand(2, 3, 32, 32) * 255
+    with torch.no_grad():
+        base = dihedral_mean(model, x)
+        turned = dihedral_mean(model, torch.rot90(x, 1, dims=(2, 3)).flip(3))
+        plain = model(x)["leaf_logp"].exp()
+    assert torch.allclose(base, turned, atol=1e-5)
+    assert torch.allclose(base.sum(1), torch.ones(2), atol=1e-5)
+    assert not torch.allclose(base, plain, atol=1e-4)  # averaging changes the answer

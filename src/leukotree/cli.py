@@ -195,7 +195,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     taxonomy, images, preds, thresholds = run_predict(
         args.run, args.inputs, patients=args.patients, confidence=args.confidence,
         target_error=args.target_error, batch_size=args.batch_size, workers=args.workers,
-        progress=not args.no_progress)
+        progress=not args.no_progress, tta=args.tta)
     rows = prediction_rows(taxonomy, images, preds, thresholds, args.decode)
     text = write_rows(rows, args.out, args.json)
     console = Console(stderr=True)
@@ -272,7 +272,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     settings = EvalSettings(
         threshold=args.threshold, target_sensitivity=args.target_sensitivity,
         positive=args.positive, aggregate=args.aggregate, min_cells=args.min_cells,
-        batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress)
+        batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress,
+        tta=args.tta)
     metrics = evaluate(args.run, args.data, args.out, settings, patients=args.patients,
                        labels=args.labels)
     console = Console()
@@ -401,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--target-error", type=float,
                     help="set the per-level thresholds on the run's validation split so that "
                          "accepted decisions err at most this often")
+    pr.add_argument("--tta", action="store_true",
+                    help="average over the 8 flips/rotations of each image (8x slower)")
     pr.add_argument("--decode", choices=["argmax", "greedy"], default="argmax",
                     help="leaf choice: most probable leaf, or greedy top-down")
     pr.add_argument("--batch-size", type=int, default=64)
@@ -480,6 +483,8 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
                     help="patient-level aggregation (default: majority vote)")
     ev.add_argument("--min-cells", type=int, default=1,
                     help="patients with fewer cells are reported as insufficient")
+    ev.add_argument("--tta", action="store_true",
+                    help="average over the 8 flips/rotations of each image (8x slower)")
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--workers", type=int, default=2)
     ev.add_argument("--no-progress", action="store_true")

@@ -38,6 +38,7 @@ class EvalSettings:
     batch_size: int = 64
     workers: int = 2
     progress: bool = True
+    tta: bool = False
 
 
 def _validation_samples(run: Path) -> list[tuple[Path, str]]:
@@ -94,7 +95,7 @@ def evaluate(
     samples = sample_set.samples
     preds = predict_paths(model, [s.path for s in samples], img_size,
                           batch_size=settings.batch_size, workers=settings.workers,
-                          progress=settings.progress, on_error="raise")
+                          progress=settings.progress, on_error="raise", tta=settings.tta)
     probs = preds.leaf_probs.astype(np.float64)
     truth = [s.label for s in samples]
     metrics = classification_metrics(taxonomy, truth, probs)
@@ -116,7 +117,8 @@ def evaluate(
         elif settings.target_sensitivity is not None:
             val = _validation_samples(run)
             vp = predict_paths(model, [p for p, _ in val], img_size, progress=False,
-                               on_error="raise", batch_size=settings.batch_size)
+                               on_error="raise", batch_size=settings.batch_size,
+                               tta=settings.tta)
             k = taxonomy.leaf_index[positive]
             threshold = threshold_for_sensitivity(
                 vp.leaf_probs[:, k], np.array([lab == positive for _, lab in val]),

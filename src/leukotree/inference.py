@@ -59,6 +59,17 @@ def _decode_chunks(paths: Sequence[Path], size: int, chunk: int, workers: int, c
             pending = future.result() if n + 1 < len(starts) else None
 
 
+def dihedral_mean(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Leaf probabilities averaged over the 8 symmetries of the square."""
+    total = None
+    for flip in (False, True):
+        base = x.flip(3) if flip else x
+        for k in range(4):
+            p = model(torch.rot90(base, k, dims=(2, 3)).contiguous())["leaf_logp"].float().exp()
+            total = p if total is None else total + p
+    return total / 8
+
+
 @torch.no_grad()
 def predict_paths(
     model: torch.nn.Module,
@@ -70,11 +81,14 @@ def predict_paths(
     progress: bool = True,
     on_error: str = "report",
     device: torch.device | None = None,
+    tta: bool = False,
 ) -> Predictions:
     """Leaf probabilities of every image; decoding overlaps with the model's work.
 
     ``on_error="raise"`` raises one :class:`DataError` listing every unreadable
-    image; ``"report"`` keeps going and records the error in its row.
+    image; ``"report"`` keeps going and records the error in its row. ``tta``
+    averages the leaf probabilities over the 8 flips and 90-degree rotations
+    (smears have no orientation), at 8 times the cost.
     """
     device = device or torch.device("cpu")
     paths = [Path(p) for p in paths]
@@ -91,7 +105,8 @@ def predict_paths(
                 errors[idx[j]] = e
             if good:
                 x = torch.from_numpy(pixels[good]).to(device).permute(0, 3, 1, 2).float()
-                out = model(x)["leaf_logp"].float().exp().cpu().numpy()
+                out = dihedral_mean(model, x) if tta else model(x)["leaf_logp"].float().exp()
+                out = out.cpu().numpy()
                 probs[idx[good]] = out
             bar.update(task, advance=len(idx))
     bad = [e for e in errors if e is not None]

@@ -230,6 +230,7 @@ def run_predict(
     batch_size: int = 64,
     workers: int = 2,
     progress: bool = True,
+    tta: bool = False,
 ) -> tuple[Taxonomy, list[InputImage], Predictions, list[float]]:
     """Predict every input image; returns what the writers need."""
     model, payload = load_any(run)
@@ -237,7 +238,7 @@ def run_predict(
     img_size = int(payload["model_config"]["img_size"])
     images = collect_inputs(inputs, patients)
     preds = predict_paths(model, [i.path for i in images], img_size, batch_size=batch_size,
-                          workers=workers, progress=progress, on_error="report")
+                          workers=workers, progress=progress, on_error="report", tta=tta)
     if target_error is not None:
         from leukotree.evaluate import _split_rows
 
@@ -246,7 +247,7 @@ def run_predict(
                                  "with an ONNX file, give --confidence instead.")
         val = _split_rows(Path(run), "val")
         vp = predict_paths(model, [Path(r["path"]) for r in val], img_size, progress=False,
-                           on_error="raise", batch_size=batch_size)
+                           on_error="raise", batch_size=batch_size, tta=tta)
         thresholds = calibrate_thresholds(taxonomy, [r["label"] for r in val], vp.leaf_probs,
                                           target_error)
     else:
