@@ -514,7 +514,7 @@ def _add_other_parsers(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--out", type=Path, default=Path("demo-out"))
     demo.add_argument("--folds", type=int, default=3)
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--epochs", type=int, help="epochs per fold (default 8)")
+    demo.add_argument("--epochs", type=int, help="epochs per fold (default 12)")
     demo.add_argument("--img-size", type=int, help="image side in pixels (default 64)")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(func=cmd_demo)
