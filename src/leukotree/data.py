@@ -169,7 +169,8 @@ PatientRule = Callable[[Path, Path], "str | None"]
 LabelRule = Callable[[Path, str], str]
 
 
-def _regex_rule(spec: str, group: str) -> re.Pattern[str]:
+def compile_rule(spec: str, group: str) -> re.Pattern[str]:
+    """Compile a user regex that must capture ``(?P<group>...)`` or exactly one group."""
     try:
         pattern = re.compile(spec)
     except re.error as err:
@@ -182,7 +183,8 @@ def _regex_rule(spec: str, group: str) -> re.Pattern[str]:
     return pattern
 
 
-def _match_group(pattern: re.Pattern[str], name: str, group: str) -> str | None:
+def match_group(pattern: re.Pattern[str], name: str, group: str) -> str | None:
+    """The named (or only) group of the first match in ``name``, or ``None``."""
     m = pattern.search(name)
     if not m:
         return None
@@ -197,7 +199,7 @@ def patient_rule(spec: str) -> PatientRule | None:
     if spec in {"none", "manifest", "auto"}:
         return None
     if spec == "cnmc":
-        return lambda path, _root: _match_group(CNMC_PATTERN, path.name, "patient")
+        return lambda path, _root: match_group(CNMC_PATTERN, path.name, "patient")
     if spec == "folder":
 
         def by_folder(path: Path, label_dir: Path) -> str | None:
@@ -206,8 +208,8 @@ def patient_rule(spec: str) -> PatientRule | None:
 
         return by_folder
     if spec.startswith("re:"):
-        pattern = _regex_rule(spec[3:], "patient")
-        return lambda path, _root: _match_group(pattern, path.name, "patient")
+        pattern = compile_rule(spec[3:], "patient")
+        return lambda path, _root: match_group(pattern, path.name, "patient")
     raise DataError(
         f"Invalid --patients value {spec!r}: use auto, none, manifest, folder, cnmc or "
         "re:<regex with (?P<patient>...)>."
@@ -226,10 +228,10 @@ def label_rule(spec: str) -> LabelRule | None:
 
         return by_prefix
     if spec.startswith("re:"):
-        pattern = _regex_rule(spec[3:], "label")
+        pattern = compile_rule(spec[3:], "label")
 
         def by_regex(path: Path, folder_label: str) -> str:
-            found = _match_group(pattern, path.name, "label")
+            found = match_group(pattern, path.name, "label")
             return found if found is not None else f"<no match of {spec[3:]!r}>"
 
         return by_regex

@@ -42,12 +42,12 @@ class EvalSettings:
 
 
 def _validation_samples(run: Path) -> list[tuple[Path, str]]:
-    return [(Path(r["path"]), r["label"]) for r in _split_rows(run, "val")]
+    return [(Path(r["path"]), r["label"]) for r in split_rows(run, "val")]
 
 
 def validation_manifest(run: Path, out: Path) -> Path:
     """Write the validation images of a run (from its split.csv) as a manifest CSV."""
-    rows = _split_rows(run, "val")
+    rows = split_rows(run, "val")
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -56,7 +56,8 @@ def validation_manifest(run: Path, out: Path) -> Path:
     return out
 
 
-def _split_rows(run: Path, part: str) -> list[dict[str, str]]:
+def split_rows(run: Path, part: str) -> list[dict[str, str]]:
+    """Rows of a run's split.csv whose split is ``part`` (``train`` or ``val``)."""
     split = Path(run) / "split.csv"
     if not split.exists():
         raise LeukotreeError(f"'{run}' has no split.csv; it is not a run folder written by "

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from leukotree.data import CNMC_PATTERN, _match_group, _regex_rule
+from leukotree.data import CNMC_PATTERN, compile_rule, match_group
 from leukotree.errors import DataError, LeukotreeError
 from leukotree.export import load_any
 from leukotree.images import is_image_file
@@ -42,7 +42,7 @@ def collect_inputs(inputs: Sequence[str | Path], patients: str = "none") -> list
     """
     rule = None
     if patients.startswith("re:"):
-        rule = _regex_rule(patients[3:], "patient")
+        rule = compile_rule(patients[3:], "patient")
     elif patients not in {"none", "folder", "cnmc", "manifest"}:
         raise LeukotreeError(f"Invalid --patients value {patients!r}: use none, folder, cnmc, "
                              "manifest or re:<regex>.")
@@ -52,9 +52,9 @@ def collect_inputs(inputs: Sequence[str | Path], patients: str = "none") -> list
         if patients == "folder":
             return path.parent.name
         if patients == "cnmc":
-            return _match_group(CNMC_PATTERN, path.name, "patient")
+            return match_group(CNMC_PATTERN, path.name, "patient")
         if rule is not None:
-            return _match_group(rule, path.name, "patient")
+            return match_group(rule, path.name, "patient")
         return None
 
     for item in map(Path, inputs):
@@ -240,12 +240,12 @@ def run_predict(
     preds = predict_paths(model, [i.path for i in images], img_size, batch_size=batch_size,
                           workers=workers, progress=progress, on_error="report", tta=tta)
     if target_error is not None:
-        from leukotree.evaluate import _split_rows
+        from leukotree.evaluate import split_rows
 
         if str(run).endswith(".onnx"):
             raise LeukotreeError("--target-error needs the run folder (its validation split); "
                                  "with an ONNX file, give --confidence instead.")
-        val = _split_rows(Path(run), "val")
+        val = split_rows(Path(run), "val")
         vp = predict_paths(model, [Path(r["path"]) for r in val], img_size, progress=False,
                            on_error="raise", batch_size=batch_size, tta=tta)
         thresholds = calibrate_thresholds(taxonomy, [r["label"] for r in val], vp.leaf_probs,
