@@ -247,3 +247,12 @@ def test_real_cnmc_fixture_cells_give_the_binary_and_patient_blocks(run2, tmp_pa
     assert b["positive"] == "all" and b["tp"] + b["tn"] + b["fp"] + b["fn"] == 8
     assert b["tp"] + b["fn"] == 5  # five ALL cells, three healthy (hem) cells
     assert m["patient_level"]["n_patients"] == 4  # subjects 1, 67, 68, H6
+
+
+def test_without_data_the_runs_validation_images_are_evaluated(run7, tmp_path):
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(run7), "--out", str(out), "--no-progress"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    with (run7 / "split.csv").open() as handle:
+        n_val = sum(r["split"] == "val" for r in csv.DictReader(handle))
+    assert m["n_images"] == n_val > 0

@@ -274,7 +274,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         positive=args.positive, aggregate=args.aggregate, min_cells=args.min_cells,
         batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress,
         tta=args.tta)
-    metrics = evaluate(args.run, args.data, args.out, settings, patients=args.patients,
+    data = args.data
+    if data is None:  # the run's own validation images
+        from leukotree.evaluate import validation_manifest
+
+        run_dir = args.run if args.run.is_dir() else args.run.parent
+        data = validation_manifest(run_dir, args.out / "validation.csv")
+    metrics = evaluate(args.run, data, args.out, settings, patients=args.patients,
                        labels=args.labels)
     console = Console()
     console.print((args.out / "metrics.md").read_text(), markup=False, highlight=False)
@@ -470,7 +476,9 @@ def _add_train_args(tr: argparse.ArgumentParser, skip: frozenset[str] | set[str]
 def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("evaluate", help="metrics, tables and plots of a model on data")
     ev.add_argument("run", type=Path, help="run folder (or its best.pt)")
-    ev.add_argument("data", type=Path, help="folder DATA/<label>/**/<image> or CSV manifest")
+    ev.add_argument("data", type=Path, nargs="?",
+                    help="folder DATA/<label>/**/<image> or CSV manifest (default: the run's "
+                         "validation images, from its split.csv)")
     ev.add_argument("--out", type=Path, required=True, help="folder for metrics and plots")
     ev.add_argument("--patients", default="auto")
     ev.add_argument("--labels", default="folder")
