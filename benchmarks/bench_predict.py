@@ -9,7 +9,10 @@ weights) it measures:
 - ``end_to_end``: images/s of ``leukotree.inference.predict_paths`` from files on
   disk (reduced JPEG decode in threads overlapped with the model, batching);
 - their ratio (target: at least 0.9), for eager PyTorch (contiguous and
-  channels_last) and ONNX Runtime.
+  channels_last), ``torch.compile`` (its one-off compile time reported apart) and
+  ONNX Runtime;
+- ``default``: the path ``leukotree predict`` takes by default, and the fastest
+  end-to-end path measured here.
 
 Without ``--data`` it writes ``--n`` synthetic 360x360 JPEG cells to a temporary
 folder.
@@ -26,7 +29,7 @@ from pathlib import Path
 import torch
 
 from leukotree.checkpoint import save_model
-from leukotree.export import OnnxClassifier, export_onnx
+from leukotree.export import OnnxClassifier, export_onnx, onnx_available
 from leukotree.images import is_image_file
 from leukotree.inference import predict_paths
 from leukotree.models import ModelConfig, build_model
@@ -60,6 +63,7 @@ def main() -> None:
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="leukotree-bench-"))
     if args.data:
@@ -81,11 +85,27 @@ def main() -> None:
         alone = model_only(m, args.size, len(paths), args.batch, cl)
         e2e = end_to_end(m, paths, args.size, args.batch)
         results[name] = {"model_only": alone, "end_to_end": e2e, "ratio": e2e / alone}
-    save_model(tmp / "best.pt", model.to(memory_format=torch.contiguous_format))
+    model = model.to(memory_format=torch.contiguous_format)
+    if not args.no_compile:
+        start = time.perf_counter()
+        compiled = torch.compile(model, dynamic=False)
+        with torch.no_grad():
+            compiled(torch.rand(args.batch, 3, args.size, args.size) * 255)
+        compile_s = time.perf_counter() - start
+        alone = model_only(compiled, args.size, len(paths), args.batch, False)
+        e2e = end_to_end(compiled, paths, args.size, args.batch)
+        results["torch_compile"] = {"model_only": alone, "end_to_end": e2e,
+                                    "ratio": e2e / alone, "compile_s": compile_s}
+    save_model(tmp / "best.pt", model)
     onnx_model = OnnxClassifier(export_onnx(tmp / "best.pt", tmp / "m.onnx"))
     alone = model_only(onnx_model, args.size, len(paths), args.batch, False)
     e2e = end_to_end(onnx_model, paths, args.size, args.batch)
     results["onnxruntime"] = {"model_only": alone, "end_to_end": e2e, "ratio": e2e / alone}
+    paths_measured = [k for k in ("eager", "channels_last", "torch_compile", "onnxruntime")
+                      if k in results]
+    results["fastest_end_to_end"] = max(paths_measured,
+                                        key=lambda k: results[k]["end_to_end"])
+    results["default"] = "onnxruntime" if onnx_available() else "eager"
     print(json.dumps(results, indent=2))
 
 

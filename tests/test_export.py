@@ -1,6 +1,7 @@
 """ONNX export: ONNX Runtime agrees with PyTorch; predict accepts the ONNX file."""
 
 import csv
+import os
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import torch
 from leukotree.checkpoint import load_model, save_model
 from leukotree.cli import main
 from leukotree.errors import LeukotreeError
-from leukotree.export import OnnxClassifier, export_onnx
+from leukotree.export import OnnxClassifier, export_onnx, load_any
 from leukotree.models import ModelConfig, build_model
 from leukotree.synth import generate
 from leukotree.taxonomy import load_taxonomy
@@ -52,6 +53,7 @@ def test_predict_accepts_the_onnx_file(tmp_path):
     assert main(["export", str(tmp_path / "best.pt"), "--onnx", str(tmp_path / "m.onnx")]) == 0
     for run, name in ((tmp_path / "best.pt", "pt.csv"), (tmp_path / "m.onnx", "onnx.csv")):
         assert main(["predict", str(run), str(data), "--out", str(tmp_path / name),
+                     "--engine", "torch" if name == "pt.csv" else "auto",
                      "--no-progress"]) == 0
     a = list(csv.DictReader((tmp_path / "pt.csv").open()))
     b = list(csv.DictReader((tmp_path / "onnx.csv").open()))
@@ -68,3 +70,36 @@ def test_a_foreign_onnx_file_is_refused(tmp_path):
     torch.onnx.export(torch.nn.Linear(2, 2), (torch.rand(1, 2),), str(path), dynamo=False)
     with pytest.raises(LeukotreeError, match="not an ONNX file exported by leukotree"):
         OnnxClassifier(path)
+
+
+def test_default_engine_is_onnx_runtime_exported_once_beside_the_checkpoint(tmp_path):
+    model = build_model(TAX, ModelConfig(head="multihead", backbone="test_resnet", img_size=32))
+    save_model(tmp_path / "best.pt", model)
+    ort_model, payload = load_any(tmp_path)
+    assert payload["engine"] == "onnxruntime" and isinstance(ort_model, OnnxClassifier)
+    exported = tmp_path / "best.onnx"
+    first = exported.stat().st_mtime_ns
+    load_any(tmp_path / "best.pt")
+    assert exported.stat().st_mtime_ns == first  # reused, not exported again
+    torch_model, payload = load_any(tmp_path, "torch")
+    assert payload["engine"] == "torch" and isinstance(torch_model, torch.nn.Module)
+    x = torch.rand(3, 3, 32, 32) * 255
+    with torch.no_grad():
+        expected = torch_model(x)["leaf_logp"].exp()
+    assert torch.allclose(ort_model(x)["leaf_logp"].exp(), expected, atol=1e-4)
+    # a newer checkpoint is exported again
+    torch.nn.init.zeros_(model.heads[0].weight)
+    save_model(tmp_path / "best.pt", model)
+    os.utime(tmp_path / "best.pt", ns=(first + 10**9, first + 10**9))
+    load_any(tmp_path)
+    assert exported.stat().st_mtime_ns > first
+
+
+def test_engine_errors_name_the_fix(tmp_path):
+    model = build_model(TAX, ModelConfig(head="flat", backbone="test_resnet", img_size=32))
+    save_model(tmp_path / "best.pt", model)
+    onnx_path = export_onnx(tmp_path / "best.pt", tmp_path / "m.onnx")
+    with pytest.raises(LeukotreeError, match="--engine torch"):
+        load_any(onnx_path, "torch")
+    with pytest.raises(LeukotreeError, match="'engine'"):
+        load_any(tmp_path, "tensorrt")

@@ -17,7 +17,7 @@ from leukotree.config import resolve_config
 from leukotree.errors import LeukotreeError
 from leukotree.synth import generate
 from leukotree.taxonomy import load_taxonomy
-from leukotree.train import augment, channel_stats, rotation_balance, train
+from leukotree.train import augment, channel_stats, rotation_balance, train, weight_average
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +155,34 @@ def test_channel_stats_hand_computed():
     px[1] = 255
     mean, std = channel_stats(px)
     assert mean == pytest.approx([0.5] * 3) and std == pytest.approx([0.5] * 3)
+
+
+def test_weight_average_hand_computed():
+    layer = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+    ema = weight_average(layer, 0.75)
+    ema.update_parameters(layer)  # the first update copies the weights
+    with torch.no_grad():
+        layer.weight.fill_(3.0)
+    ema.update_parameters(layer)  # 0.75 * 1 + 0.25 * 3
+    assert ema.module.weight.item() == pytest.approx(1.5)
+    assert weight_average(layer, 0.0) is None
+    with pytest.raises(LeukotreeError, match="'ema_decay'"):
+        resolve_config(overrides={"ema_decay": 1.0})
+
+
+def test_ema_run_saves_the_average_as_best_and_keeps_it_for_resume(synth_data, tmp_path):
+    run = tmp_path / "ema"
+    assert main(["train", str(synth_data), "--out", str(run), "--preset", "tiny-test",
+                 "--epochs", "1", "--ema-decay", "0.9", "--no-progress"]) == 0
+    last = torch.load(run / "last.pt", weights_only=True)
+    best = torch.load(run / "best.pt", weights_only=True)["state_dict"]
+    averaged = {k.removeprefix("module."): v for k, v in last["ema"].items()
+                if k.startswith("module.")}
+    assert set(averaged) == set(best)
+    assert all(torch.equal(best[k], averaged[k]) for k in best)
+    assert not all(torch.equal(best[k], last["model"][k]) for k in best)
 
 
 def test_ddp_with_two_gloo_processes_gives_a_checkpoint(synth_data, tmp_path):

@@ -124,6 +124,8 @@ TRAIN_FLAGS: dict[str, tuple[type, str]] = {
     "class_weights": (str, "none | balanced (per-class alpha / weights)"),
     "label_smoothing": (float, "label smoothing"),
     "drop_rate": (float, "dropout before the classifier"),
+    "ema_decay": (float, "validate and save a moving average of the weights with this "
+                         "per-step decay, e.g. 0.998 (0: off)"),
     "color_jitter": (float, "relative strength of brightness/contrast/stain jitter"),
     "crop_fraction": (float, "keep this central fraction of each image before resizing"),
     "train_pad": (float, "cache training images this much larger and train on random crops"),
@@ -195,7 +197,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     taxonomy, images, preds, thresholds = run_predict(
         args.run, args.inputs, patients=args.patients, confidence=args.confidence,
         target_error=args.target_error, batch_size=args.batch_size, workers=args.workers,
-        progress=not args.no_progress, tta=args.tta)
+        progress=not args.no_progress, tta=args.tta, engine=args.engine)
     rows = prediction_rows(taxonomy, images, preds, thresholds, args.decode)
     text = write_rows(rows, args.out, args.json)
     console = Console(stderr=True)
@@ -412,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="average over the 8 flips/rotations of each image (8x slower)")
     pr.add_argument("--decode", choices=["argmax", "greedy"], default="argmax",
                     help="leaf choice: most probable leaf, or greedy top-down")
+    pr.add_argument("--engine", choices=["auto", "torch", "onnx"], default="auto",
+                    help="auto: ONNX Runtime when the onnx extra is installed (faster on "
+                         "CPUs; the export is kept beside best.pt), else PyTorch")
     pr.add_argument("--batch-size", type=int, default=64)
     pr.add_argument("--workers", type=int, default=2)
     pr.add_argument("--no-progress", action="store_true")

@@ -39,6 +39,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     level_weights: list[float] | None = None
     drop_rate: float = 0.0
+    ema_decay: float = 0.0  # 0: off; else validate and save an exponential moving average
     augment: bool = True
     color_jitter: float = 0.1
     crop_fraction: float = 1.0  # keep this central fraction of every image before resizing
@@ -92,6 +93,9 @@ class TrainConfig:
         if not 0 <= self.train_pad <= 0.5:
             raise LeukotreeError(f"The 'train_pad' parameter must be in [0, 0.5]; got "
                                  f"{self.train_pad!r}.")
+        if not 0 <= self.ema_decay < 1:
+            raise LeukotreeError(f"The 'ema_decay' parameter must be in [0, 1) (0 turns the "
+                                 f"weight average off); got {self.ema_decay!r}.")
         if self.lr <= 0:
             raise LeukotreeError(f"The 'lr' parameter must be positive; got {self.lr!r}.")
         if self.fold is not None and not 0 <= self.fold < self.folds:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.console import Console
 
 from leukotree.data import CNMC_PATTERN, compile_rule, match_group
 from leukotree.errors import DataError, LeukotreeError
@@ -231,9 +232,19 @@ def run_predict(
     workers: int = 2,
     progress: bool = True,
     tta: bool = False,
+    engine: str = "auto",
+    console: Console | None = None,
 ) -> tuple[Taxonomy, list[InputImage], Predictions, list[float]]:
-    """Predict every input image; returns what the writers need."""
-    model, payload = load_any(run)
+    """Predict every input image; returns what the writers need.
+
+    ``engine``: see :func:`leukotree.export.load_any`.
+    """
+    model, payload = load_any(run, engine)
+    if progress or payload.get("engine_note"):
+        console = console or Console(stderr=True)
+        console.print(f"engine: {payload['engine']}"
+                      + (f" ({payload['engine_note']})" if payload.get("engine_note") else ""),
+                      highlight=False)
     taxonomy = model.taxonomy
     img_size = int(payload["model_config"]["img_size"])
     images = collect_inputs(inputs, patients)

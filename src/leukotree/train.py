@@ -273,6 +273,20 @@ def cpu_bf16_speedup(repeats: int = 3) -> float:
     return timed(False) / timed(True)
 
 
+def weight_average(model: torch.nn.Module, decay: float,
+                   ) -> torch.optim.swa_utils.AveragedModel | None:
+    """An exponential moving average of ``model``'s weights and buffers, or None.
+
+    After every optimiser step ``w_ema <- decay * w_ema + (1 - decay) * w``; batch-norm
+    statistics are averaged the same way, so the average needs no extra pass over data.
+    """
+    if decay <= 0:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def _seed_all(seed: int) -> None:
     import random
 
@@ -461,11 +475,14 @@ class Trainer:
         amp_dtype = (torch.bfloat16 if self.device.type == "cpu" or
                      torch.cuda.is_bf16_supported() else torch.float16)
         scaler = torch.amp.GradScaler(enabled=amp and amp_dtype == torch.float16)
+        ema = weight_average(model, cfg.ema_decay)
 
         start_epoch, best, best_epoch, bad_epochs, history = 0, None, -1, 0, []
         if self.resume:
             state = torch.load(self.out / "last.pt", map_location="cpu", weights_only=True)
             model.load_state_dict(state["model"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             start_epoch, best = int(state["epoch"]), state["best"]
@@ -510,6 +527,8 @@ class Trainer:
                     scaler.step(optimizer)
                     scaler.update()
                     scheduler.step()
+                    if ema is not None:
+                        ema.update_parameters(model)
                     losses.append(float(loss.detach()))
                     seen += len(idx)
                     rate = seen * self.dist.world_size / (time.perf_counter() - t0)
@@ -523,14 +542,15 @@ class Trainer:
             }
             stop = False
             if self.dist.is_main:
-                row.update(self._validate(model, val, criterion, use_cl, amp))
+                scored = model if ema is None else ema.module
+                row.update(self._validate(scored, val, criterion, use_cl, amp))
                 row["seconds"] = time.perf_counter() - t0
                 history.append(row)
                 value = row["val_loss" if cfg.monitor == "loss" else f"val_{cfg.monitor}"]
                 improved = best is None or sign * value > sign * best
                 if improved:
                     best, best_epoch, bad_epochs = value, epoch + 1, 0
-                    save_model(self.out / "best.pt", model, extra={
+                    save_model(self.out / "best.pt", scored, extra={
                         "epoch": epoch + 1, "metrics": row, "config": cfg.to_dict(),
                         "train_images": len(train), "val_images": len(val),
                         "data": str(self.data)})
@@ -546,7 +566,7 @@ class Trainer:
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best": best,
                     "best_epoch": best_epoch, "bad_epochs": bad_epochs, "history": history,
-                }, self.out / "last.tmp")
+                } | ({} if ema is None else {"ema": ema.state_dict()}), self.out / "last.tmp")
                 (self.out / "last.tmp").replace(self.out / "last.pt")
                 stop = bool(cfg.patience and bad_epochs >= cfg.patience)
                 if stop:
