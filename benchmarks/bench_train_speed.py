@@ -13,6 +13,9 @@ For each model and size it measures, in the same run:
   forward FLOPs from ``torch.utils.flop_counter``);
 - the multi-head vs flat overhead, and channels_last vs contiguous; all variants are
   timed interleaved (round-robin, median step time) so that their ratios are steady;
+- on a GPU (``--device cuda``, or auto when one is present) the same with bf16
+  autocast, against the GPU's bf16 matmul rate; ``--amp on`` runs the same code
+  path on a CPU;
 - with ``--data DIR``: a real ``leukotree train`` run (the ``cpu-fast`` recipe,
   ``--data-epochs`` epochs) on that folder, timing the first epoch (images decoded
   once into the pixel cache, then trained on) against the later ones (read from
@@ -26,6 +29,7 @@ import json
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -36,19 +40,28 @@ from leukotree.config import resolve_config
 from leukotree.losses import TreeLoss
 from leukotree.models import ModelConfig, build_model
 from leukotree.taxonomy import load_taxonomy
-from leukotree.train import augment, to_batch, train
+from leukotree.train import augment, resolve_device, to_batch, train
 
 
-def matmul_ceiling(n: int = 2048, repeats: int = 10, trials: int = 5) -> float:
-    """Best fp32 GFLOP/s of ``trials`` timings of ``repeats`` n x n matrix products."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_ceiling(device: torch.device, dtype: torch.dtype, n: int = 2048,
+                   repeats: int = 10, trials: int = 5) -> float:
+    """Best GFLOP/s of ``trials`` timings of ``repeats`` n x n matrix products."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
     best = 0.0
     for _ in range(trials):
+        sync(device)
         start = time.perf_counter()
         for _ in range(repeats):
             a @ b
+        sync(device)
         best = max(best, 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e9)
     return best
 
@@ -67,7 +80,7 @@ def train_flops(model: torch.nn.Module, x: torch.Tensor) -> float:
 
 
 def interleaved(steps: dict[str, Callable[[], None]], n_warm: int, rounds: int,
-                ) -> dict[str, float]:
+                device: torch.device) -> dict[str, float]:
     """Median seconds per step of each function, timed in round-robin order.
 
     Interleaving exposes every variant to the same machine state (clock, cache,
@@ -79,37 +92,45 @@ def interleaved(steps: dict[str, Callable[[], None]], n_warm: int, rounds: int,
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
+            sync(device)
             start = time.perf_counter()
             step()
+            sync(device)
             times[name].append(time.perf_counter() - start)
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
+def autocast(device: torch.device, amp: bool) -> AbstractContextManager:
+    return torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
+
+
 def engine_step(model_name: str, size: int, head: str, batch: int, channels_last: bool,
-                ) -> tuple[Callable[[], None], torch.nn.Module]:
+                device: torch.device, amp: bool) -> tuple[Callable[[], None], torch.nn.Module]:
     """One step of leukotree's engine: cached uint8 pixels -> augment -> tree loss -> AdamW."""
     tax = load_taxonomy("leukemia7")
     torch.manual_seed(0)
     model = build_model(tax, ModelConfig(head=head, backbone=model_name, img_size=size))
+    model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
     pixels = np.random.default_rng(0).integers(0, 255, (batch * 4, size, size, 3), np.uint8)
     labels = [tax.leaves[i % 7] for i in range(len(pixels))]
-    mask = torch.from_numpy(tax.leaf_mask(labels))
-    heads = torch.from_numpy(tax.encode_heads(labels))
-    crit = TreeLoss(tax, head)
+    mask = torch.from_numpy(tax.leaf_mask(labels)).to(device)
+    heads = torch.from_numpy(tax.encode_heads(labels)).to(device)
+    crit = TreeLoss(tax, head).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(0)  # CPU draws, as in the engine
     state = {"i": 0}
 
     def step() -> None:
         idx = np.arange(state["i"] % 4 * batch, state["i"] % 4 * batch + batch)
         state["i"] += 1
-        x = augment(to_batch(pixels, idx, torch.device("cpu"), channels_last), gen, 0.1)
+        x = augment(to_batch(pixels, idx, device, channels_last), gen, 0.1)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        loss, _ = crit(model(x), mask[idx], heads[idx])
+        with autocast(device, amp):
+            loss, _ = crit(model(x), mask[idx], heads[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -118,21 +139,22 @@ def engine_step(model_name: str, size: int, head: str, batch: int, channels_last
 
 
 def plain_step(model_name: str, size: int, batch: int, channels_last: bool,
-               ) -> Callable[[], None]:
+               device: torch.device, amp: bool) -> Callable[[], None]:
     """A minimal PyTorch loop: the same backbone and linear layer, random floats, CE."""
     tax = load_taxonomy("leukemia7")
     plain_model = build_model(tax, ModelConfig(head="flat", backbone=model_name, img_size=size))
-    net = torch.nn.Sequential(plain_model.backbone, plain_model.classifier)
+    net = torch.nn.Sequential(plain_model.backbone, plain_model.classifier).to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    xs = torch.randn(batch, 3, size, size)
+    xs = torch.randn(batch, 3, size, size, device=device)
     if channels_last:
         xs = xs.contiguous(memory_format=torch.channels_last)
-    ys = torch.randint(0, 7, (batch,))
+    ys = torch.randint(0, 7, (batch,), device=device)
 
     def step() -> None:
-        loss = torch.nn.functional.cross_entropy(net(xs), ys)
+        with autocast(device, amp):
+            loss = torch.nn.functional.cross_entropy(net(xs), ys)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -141,19 +163,21 @@ def plain_step(model_name: str, size: int, batch: int, channels_last: bool,
 
 
 def bench(model_name: str, size: int, batch: int, rounds: int, ceiling: float,
-          ) -> dict[str, object]:
+          device: torch.device, amp: bool) -> dict[str, object]:
     """Engine vs plain loop, multi-head vs flat, channels_last vs contiguous, interleaved."""
-    mh_cl, model = engine_step(model_name, size, "multihead", batch, True)
+    on = {"device": device, "amp": amp}
+    mh_cl, model = engine_step(model_name, size, "multihead", batch, True, **on)
     steps = {
         "engine_multihead_channels_last": mh_cl,
         "engine_multihead_contiguous": engine_step(model_name, size, "multihead", batch,
-                                                   False)[0],
-        "engine_flat_channels_last": engine_step(model_name, size, "flat", batch, True)[0],
-        "plain_channels_last": plain_step(model_name, size, batch, True),
-        "plain_contiguous": plain_step(model_name, size, batch, False),
+                                                   False, **on)[0],
+        "engine_flat_channels_last": engine_step(model_name, size, "flat", batch, True,
+                                                 **on)[0],
+        "plain_channels_last": plain_step(model_name, size, batch, True, **on),
+        "plain_contiguous": plain_step(model_name, size, batch, False, **on),
     }
-    seconds = interleaved(steps, 2, rounds)
-    flops = train_flops(model, torch.rand(batch, 3, size, size) * 255) / batch
+    seconds = interleaved(steps, 2, rounds, device)
+    flops = train_flops(model, torch.rand(batch, 3, size, size, device=device) * 255) / batch
     engine = seconds["engine_multihead_channels_last"]
     best_plain = min(seconds["plain_channels_last"], seconds["plain_contiguous"])
     return {
@@ -193,21 +217,33 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=8, help="timed steps per variant")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto (cuda when present) | cpu | cuda")
+    parser.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
+                        help="bf16 autocast; auto: on for CUDA (the ceiling is then bf16)")
+    parser.add_argument("--matmul-n", type=int, default=0,
+                        help="matrix side of the ceiling (default 2048 CPU, 8192 GPU)")
     parser.add_argument("--data", type=Path, help="folder for the first-vs-later epoch test")
     parser.add_argument("--taxonomy", default="pbc", help="taxonomy of --data")
     parser.add_argument("--data-epochs", type=int, default=3)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    ceiling = matmul_ceiling()
+    device = resolve_device(args.device)
+    amp = args.amp == "on" or (args.amp == "auto" and device.type == "cuda")
+    dtype = torch.bfloat16 if amp else torch.float32
+    n = args.matmul_n or (8192 if device.type == "cuda" else 2048)
+    ceiling = matmul_ceiling(device, dtype, n=n)
     results = []
     for name in args.models:
         for size in args.sizes:
-            row = bench(name, size, args.batch, args.rounds, ceiling)
+            row = bench(name, size, args.batch, args.rounds, ceiling, device, amp)
             results.append(row)
             print(json.dumps(row), flush=True)
-    report: dict[str, object] = {"threads": torch.get_num_threads(),
-                                 "matmul_gflop_per_s": ceiling, "results": results}
+    report: dict[str, object] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(), "amp_bf16": amp,
+        "matmul_dtype": str(dtype).removeprefix("torch."), "matmul_gflop_per_s": ceiling,
+        "results": results}
     if args.data:
         report["data_epochs"] = data_epochs(args.data, args.taxonomy, args.data_epochs)
     print(json.dumps(report, indent=2))

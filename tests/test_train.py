@@ -150,6 +150,15 @@ def test_augment_keeps_range_and_forced_rotation_rotates():
     assert torch.equal(turned, torch.rot90(plain, 2, dims=(2, 3)))
 
 
+def test_augment_keeps_the_batch_on_its_device():
+    # The random draws come from a CPU generator; a batch on another device (here
+    # "meta", standing in for a GPU) must not meet CPU tensors.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 8, 8, device="meta")
+    y = augment(x, gen, 0.1, forced_rot=torch.tensor([0, 1, 2, 3]))
+    assert y.device.type == "meta" and y.shape == x.shape
+
+
 def test_channel_stats_hand_computed():
     px = np.zeros((2, 1, 1, 3), np.uint8)
     px[1] = 255

@@ -136,21 +136,24 @@ def augment(batch: torch.Tensor, gen: torch.Generator, jitter: float,
     rotation from class balancing), and small brightness, contrast and per-channel
     stain gains of relative size ``jitter``.
     """
-    b = batch.shape[0]
-    flip = torch.rand(b, generator=gen) < 0.5
+    b, dev = batch.shape[0], batch.device
+    # Random draws come from the CPU generator ``gen`` whatever the device, so a seed
+    # gives the same augmentation on a CPU and a GPU; they then move to the batch.
+    flip = (torch.rand(b, generator=gen) < 0.5).to(dev)
     batch = torch.where(flip[:, None, None, None], batch.flip(3), batch)
     k = torch.randint(0, 4, (b,), generator=gen)
     if forced_rot is not None:
-        k = (k + forced_rot) % 4
+        k = (k + forced_rot.cpu()) % 4
     out = batch.clone()
     for r in range(1, 4):
         sel = torch.nonzero(k == r).flatten()
         if sel.numel():
+            sel = sel.to(dev)
             out[sel] = torch.rot90(batch[sel], r, dims=(2, 3))
     if jitter > 0:
-        gains = 1 + (torch.rand(b, 3, generator=gen) * 2 - 1) * jitter
-        bright = 1 + (torch.rand(b, 1, generator=gen) * 2 - 1) * jitter
-        contrast = 1 + (torch.rand(b, 1, generator=gen) * 2 - 1) * jitter
+        gains = (1 + (torch.rand(b, 3, generator=gen) * 2 - 1) * jitter).to(dev)
+        bright = (1 + (torch.rand(b, 1, generator=gen) * 2 - 1) * jitter).to(dev)
+        contrast = (1 + (torch.rand(b, 1, generator=gen) * 2 - 1) * jitter).to(dev)
         mean = out.mean(dim=(1, 2, 3), keepdim=True)
         out = (out - mean) * contrast[:, :, None, None] + mean
         out = out * (gains * bright)[:, :, None, None]
