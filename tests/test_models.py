@@ -121,3 +121,50 @@ def test_unreachable_hub_gives_a_clear_error(monkeypatch):
 
     with pytest.raises(LeukotreeError, match="--weights PATH"):
         create_backbone("resnet18", img_size=64, pretrained=True)
+
+
+def test_feature_extractor_loads_a_whole_network_state_dict(tmp_path):
+    import timm
+
+    from leukotree.backbones import create_feature_extractor
+
+    whole = timm.create_model("test_resnet", num_classes=1000)
+    path = tmp_path / "test_resnet.pth"
+    torch.save(whole.state_dict(), path)
+    extractor = create_feature_extractor("test_resnet", img_size=32, weights=path)
+    reference = whole.state_dict()
+    shared = [k for k in extractor.state_dict() if k in reference]
+    assert len(shared) == len(extractor.state_dict())  # timm keeps the names
+    assert all(torch.equal(extractor.state_dict()[k], reference[k]) for k in shared)
+    other = tmp_path / "other.pth"
+    torch.save({"x": torch.zeros(3)}, other)
+    with pytest.raises(LeukotreeError, match="same architecture"):
+        create_feature_extractor("test_resnet", img_size=32, weights=other)
+
+
+def test_hybrid_weight_files_parse_and_name_the_fix():
+    from leukotree.backbones import hybrid_weight_files
+
+    names = ["vgg16", "legacy_xception"]
+    assert hybrid_weight_files("vgg16=a.pth, legacy_xception=b.pth", names) == {
+        "vgg16": "a.pth", "legacy_xception": "b.pth"}
+    with pytest.raises(LeukotreeError, match="NAME=PATH"):
+        hybrid_weight_files("a.pth", names)
+    with pytest.raises(LeukotreeError, match="Did you mean 'vgg16'"):
+        hybrid_weight_files("vgg61=a.pth", names)
+
+
+def test_unreachable_hub_for_the_hybrid_head_gives_a_clear_error(monkeypatch):
+    import timm
+
+    def offline(*args, **kwargs):
+        if kwargs.get("pretrained") and "pretrained_cfg_overlay" not in kwargs:
+            raise OSError("We couldn't connect to 'https://huggingface.co'")
+        return real(*args, **kwargs)
+
+    real = timm.create_model
+    monkeypatch.setattr(timm, "create_model", offline)
+    from leukotree.backbones import create_feature_extractor
+
+    with pytest.raises(LeukotreeError, match="--weights PATH"):
+        create_feature_extractor("test_resnet", img_size=32, pretrained=True)

@@ -209,3 +209,21 @@ def test_ddp_with_two_gloo_processes_gives_a_checkpoint(synth_data, tmp_path):
         assert model(torch.rand(1, 3, 32, 32) * 255)["leaf_logp"].shape == (1, 7)
     env_json = (run / "environment.json").read_text()
     assert '"world_size": 2' in env_json
+
+
+def test_hybrid_head_takes_one_weights_file_per_backbone(synth_data, tmp_path):
+    import timm
+
+    whole = timm.create_model("test_resnet", num_classes=1000)
+    path = tmp_path / "test_resnet.pth"
+    torch.save(whole.state_dict(), path)
+    run = tmp_path / "hybrid"
+    assert main(["train", str(synth_data), "--out", str(run), "--preset", "tiny-test",
+                 "--head", "hybrid", "--epochs", "1", "--lr", "1e-12",
+                 "--weights", f"test_resnet={path}", "--no-progress"]) == 0
+    state = torch.load(run / "best.pt", weights_only=True)["state_dict"]
+    conv = whole.state_dict()["conv1.0.weight"]
+    assert torch.allclose(state["extractors.0.conv1.0.weight"], conv, atol=1e-6)
+    assert main(["train", str(synth_data), "--out", str(tmp_path / "bad"), "--preset",
+                 "tiny-test", "--head", "hybrid", "--weights", str(path),
+                 "--no-progress"]) == 2

@@ -9,6 +9,7 @@ with ``pretrained=True``, from the Hugging Face hub if it is reachable.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -114,27 +115,37 @@ def create_backbone(
             )
         model: nn.Module = TorchvisionGoogLeNet()
     else:
-        kwargs = _timm_kwargs(full, img_size)
-        try:
-            model = timm.create_model(full, pretrained=pretrained, num_classes=0,
-                                      drop_rate=drop_rate, **kwargs)
-        except (OSError, RuntimeError, ValueError) as err:
-            if not pretrained:
-                raise
-            raise LeukotreeError(
-                f"Could not fetch pretrained weights for '{full}' from the Hugging Face hub "
-                f"({type(err).__name__}: {err}). Without network access, download the "
-                "weights on a connected machine (for example with "
-                f"timm.create_model('{full}', pretrained=True) and torch.save of its "
-                "state_dict) and pass the file with --weights PATH."
-            ) from None
+        model = _from_timm(full, pretrained, num_classes=0, drop_rate=drop_rate,
+                           **_timm_kwargs(full, img_size))
     if weights is not None:
         load_weights(model, weights)
     return model
 
 
-def create_feature_extractor(name: str, *, img_size: int, n_stages: int = 3) -> nn.Module:
-    """A timm ``features_only`` model returning the last ``n_stages`` feature maps."""
+def _from_timm(full: str, pretrained: bool, **kwargs: Any) -> nn.Module:
+    """``timm.create_model``; a failed hub download becomes an error that gives the fix."""
+    try:
+        return timm.create_model(full, pretrained=pretrained, **kwargs)
+    except (OSError, RuntimeError, ValueError) as err:
+        if not pretrained:
+            raise
+        raise LeukotreeError(
+            f"Could not fetch pretrained weights for '{full}' from the Hugging Face hub "
+            f"({type(err).__name__}: {err}). Without network access, download the "
+            "weights on a connected machine (for example with "
+            f"timm.create_model('{full}', pretrained=True) and torch.save of its "
+            "state_dict) and pass the file with --weights PATH."
+        ) from None
+
+
+def create_feature_extractor(name: str, *, img_size: int, n_stages: int = 3,
+                             pretrained: bool = False, weights: str | Path | None = None,
+                             ) -> nn.Module:
+    """A timm ``features_only`` model returning the last ``n_stages`` feature maps.
+
+    ``weights``: a state dict of the whole network (as for :func:`create_backbone`);
+    it is checked against the full model, then timm maps it onto the feature model.
+    """
     full = resolve_name(name)
     check_input_size(full, img_size)
     if full.startswith("tv:"):
@@ -142,9 +153,14 @@ def create_feature_extractor(name: str, *, img_size: int, n_stages: int = 3) -> 
             f"Backbone '{name}' cannot serve the hybrid head (no multi-stage features); "
             "use a timm backbone such as vgg16, inception_v3 or legacy_xception."
         )
-    indices = tuple(range(-n_stages, 0))
-    return timm.create_model(full, pretrained=False, features_only=True, out_indices=indices,
-                             **_timm_kwargs(full, img_size))
+    kwargs: dict[str, Any] = {"features_only": True, "out_indices": tuple(range(-n_stages, 0)),
+                              **_timm_kwargs(full, img_size)}
+    if weights is not None:
+        whole = timm.create_model(full, pretrained=False, **_timm_kwargs(full, img_size))
+        load_weights(whole, weights)
+        kwargs["pretrained_cfg_overlay"] = {"state_dict": whole.state_dict()}
+        return timm.create_model(full, pretrained=True, **kwargs)
+    return _from_timm(full, pretrained, **kwargs)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -192,3 +208,25 @@ def load_weights(model: nn.Module, path: str | Path) -> tuple[list[str], list[st
     missing = sorted(set(own) - set(usable))
     skipped = sorted(set(state) - set(usable))
     return missing, skipped
+
+
+def hybrid_weight_files(spec: str, backbones: list[str]) -> dict[str, str]:
+    """``"vgg16=a.pth,legacy_xception=b.pth"`` -> ``{backbone: file}`` for the hybrid head.
+
+    Backbones without a file keep their random initialisation.
+    """
+    files: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise LeukotreeError(
+                f"--weights {spec!r}: the hybrid head has {len(backbones)} backbones "
+                f"({', '.join(backbones)}), so give one file per backbone as "
+                "NAME=PATH,NAME=PATH (e.g. vgg16=vgg16.pth).")
+        name = name.strip()
+        if name not in backbones:
+            raise LeukotreeError(
+                f"--weights names backbone '{name}', which is not one of the hybrid head's "
+                f"backbones ({', '.join(backbones)})." + did_you_mean(name, backbones))
+        files[name] = path.strip()
+    return files

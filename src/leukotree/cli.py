@@ -110,7 +110,8 @@ TRAIN_FLAGS: dict[str, tuple[type, str]] = {
     "model": (str, "timm backbone (resnet18, resnet50, densenet121, inception_v3, googlenet, "
                    "convnext_tiny, vit_small_patch16_224, vgg16, legacy_xception...)"),
     "head": (str, "flat | multihead | per-node | hybrid"),
-    "weights": (str, "local file with backbone weights (timm/torchvision state dict)"),
+    "weights": (str, "local file with backbone weights (timm/torchvision state dict); "
+                     "hybrid head: NAME=PATH,NAME=PATH, one file per backbone"),
     "img_size": (int, "image side in pixels"),
     "epochs": (int, "number of epochs"),
     "batch_size": (int, "batch size (per process)"),

@@ -394,11 +394,27 @@ class Trainer:
         return model
 
     def _load_backbone_weights(self, model: TreeClassifier) -> None:
-        from leukotree.backbones import create_backbone, load_weights
+        from leukotree.backbones import (
+            create_backbone,
+            create_feature_extractor,
+            hybrid_weight_files,
+            load_weights,
+        )
 
         cfg = self.config
         if cfg.head == "hybrid":
-            raise LeukotreeError("--weights/--pretrained are not wired for the hybrid head yet.")
+            names = list(cfg.hybrid_backbones)
+            files = hybrid_weight_files(cfg.weights, names) if cfg.weights else {}
+            for name, extractor in zip(names, model.extractors, strict=True):
+                if cfg.weights and name not in files:
+                    self._log(f"{name}: no weights file given, random initialisation")
+                    continue
+                ref = create_feature_extractor(name, img_size=cfg.img_size,
+                                               pretrained=cfg.pretrained and not cfg.weights,
+                                               weights=files.get(name))
+                extractor.load_state_dict(ref.state_dict())
+                self._log(f"{name}: loaded {files.get(name, 'hub weights')}")
+            return
         backbones = ([model.backbone] if hasattr(model, "backbone")
                      else [m[0] for m in model.node_models])
         for bb in backbones:
