@@ -8,7 +8,7 @@ from PIL import Image
 
 from conftest import truncate_file, write_image
 from leukotree.errors import DataError, ImageReadError
-from leukotree.images import image_size, is_image_file, load_rgb_array, open_image
+from leukotree.images import is_image_file, load_rgb_array, open_image
 
 
 @pytest.mark.parametrize(
@@ -207,15 +207,6 @@ def test_load_rgb_array_propagates_read_errors(tmp_path):
     path.write_bytes(b"\x89PNG garbage")
     with pytest.raises(ImageReadError, match=r"bad\.png"):
         load_rgb_array(path, 8)
-
-
-def test_image_size_reads_the_header(tmp_path):
-    path = write_image(tmp_path / "s.bmp", "bmp", size=(7, 5))
-    assert image_size(path) == (7, 5)
-    text = tmp_path / "t.png"
-    text.write_text("no")
-    with pytest.raises(ImageReadError, match=r"t\.png"):
-        image_size(text)
 
 
 def test_is_image_file(tmp_path):

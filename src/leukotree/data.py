@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import csv
 import re
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -455,20 +455,3 @@ def _from_manifest(manifest: Path, taxonomy: Taxonomy, patients: str, labels: st
     if not samples and not problems:
         problems.append(Problem("no_images", str(manifest), "the manifest lists no images"))
     return SampleSet(samples, taxonomy, manifest, patients, problems, [])
-
-
-def class_counts(samples: list[Sample]) -> Counter[str]:
-    return Counter(s.label for s in samples)
-
-
-def write_manifest(samples: list[Sample], path: Path, extra: dict[str, list[object]] | None = None,
-                   ) -> None:
-    """Write ``path,label,patient,slide`` (plus ``extra`` columns) as CSV."""
-    extra = extra or {}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "label", "patient", "slide", *extra])
-        for i, s in enumerate(samples):
-            writer.writerow([str(s.path), s.label, s.patient or "", s.slide or "",
-                             *(col[i] for col in extra.values())])

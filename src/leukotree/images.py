@@ -108,15 +108,6 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def image_size(path: str | Path) -> tuple[int, int]:
-    """``(width, height)`` from the header only, without decoding the pixels."""
-    try:
-        with Image.open(path) as img:
-            return img.size
-    except (UnidentifiedImageError, *_DECODE_ERRORS) as err:
-        raise ImageReadError(path, f"cannot read the header ({err})") from None
-
-
 def load_rgb_array(
     path: str | Path,
     size: int | None = None,
