@@ -24,6 +24,7 @@ from pathlib import Path
 from leukotree.compare import compare
 from leukotree.config import resolve_config
 from leukotree.cv import cross_validate
+from leukotree.errors import LeukotreeError
 from leukotree.evaluate import EvalSettings
 
 #: The documented budget: the cpu-fast recipe shortened to fit 5 folds x 3 heads into
@@ -89,4 +90,7 @@ def _history(folder: Path, fold: int) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except LeukotreeError as err:
+        raise SystemExit(f"error: {err}") from None

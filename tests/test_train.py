@@ -159,6 +159,22 @@ def test_augment_keeps_the_batch_on_its_device():
     assert y.device.type == "meta" and y.shape == x.shape
 
 
+@pytest.mark.parametrize("epochs,steps", [(1, 1), (1, 2), (3, 1), (24, 64)])
+def test_one_cycle_schedule_works_for_any_run_length(epochs, steps):
+    from leukotree.train import _make_scheduler
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([param], lr=1e-3)
+    cfg = resolve_config(overrides={"schedule": "onecycle", "lr": 1e-3, "epochs": epochs})
+    scheduler = _make_scheduler(opt, cfg, steps)
+    rates = []
+    for _ in range(epochs * steps):
+        opt.step()
+        scheduler.step()
+        rates.append(opt.param_groups[0]["lr"])
+    assert all(0 < r <= 1e-3 + 1e-12 for r in rates)
+
+
 def test_channel_stats_hand_computed():
     px = np.zeros((2, 1, 1, 3), np.uint8)
     px[1] = 255

@@ -239,9 +239,12 @@ def _make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
 def _make_scheduler(opt: torch.optim.Optimizer, config: TrainConfig, steps: int,
                     ) -> torch.optim.lr_scheduler.LRScheduler:
     if config.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=config.lr, total_steps=max(2, config.epochs * steps),
-            pct_start=min(0.5, max(0.05, config.warmup_epochs / max(1, config.epochs))))
+        # At least 4 steps and a warm-up of at least 2 of them: OneCycleLR divides by
+        # the length of each phase (zero for a 1-epoch run of 1 step otherwise).
+        total = max(4, config.epochs * steps)
+        pct = min(0.5, max(0.05, config.warmup_epochs / max(1, config.epochs), 2 / total))
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=total,
+                                                   pct_start=pct)
     return torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config, steps))
 
 

@@ -1,0 +1,64 @@
+"""The benchmark scripts run end to end on tiny settings and print the JSON they promise.
+
+These check the scripts' plumbing, never their timings.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from leukotree.synth import generate
+from leukotree.taxonomy import load_taxonomy
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run(script: str, *args: str) -> dict:
+    result = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout[result.stdout.index("{\n"):])
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench-data")
+    generate(root, load_taxonomy("leukemia7"), patients_per_class=2, cells_per_patient=3,
+             size=40, seed=3, progress=False)
+    return root
+
+
+def test_train_speed_bench_reports_every_ratio():
+    report = _run("bench_train_speed.py", "--models", "test_resnet", "--sizes", "32",
+                  "--batch", "4", "--rounds", "1", "--threads", "1", "--matmul-n", "256")
+    assert report["matmul_gflop_per_s"] > 0
+    (row,) = report["results"]
+    assert set(row["images_per_s"]) == {
+        "engine_multihead_channels_last", "engine_multihead_contiguous",
+        "engine_flat_channels_last", "plain_channels_last", "plain_contiguous"}
+    assert row["engine_vs_plain"] > 0 and row["fraction_of_ceiling"] > 0
+    assert row["train_gflop_per_image"] > 0
+
+
+def test_predict_bench_compares_the_paths_and_names_the_default(tiny_data):
+    report = _run("bench_predict.py", "--data", str(tiny_data), "--n", "16", "--model",
+                  "test_resnet", "--size", "32", "--batch", "8", "--no-compile")
+    assert report["images"] == 16
+    for path in ("eager", "channels_last", "onnxruntime"):
+        assert report[path]["end_to_end"] > 0 and report[path]["model_only"] > 0
+    assert report["default"] == "onnxruntime"
+    assert report["fastest_end_to_end"] in {"eager", "channels_last", "onnxruntime"}
+
+
+def test_cv_heads_bench_runs_every_head_on_the_same_folds(tiny_data, tmp_path):
+    report = _run("bench_cv_heads.py", str(tiny_data), "--taxonomy", "leukemia7", "--out",
+                  str(tmp_path / "cv"), "--heads", "flat", "multihead", "--folds", "2",
+                  "--epochs", "1", "--img-size", "32", "--model", "test_resnet",
+                  "--threads", "1")
+    assert set(report["heads"]) == {"flat", "multihead"}
+    assert all(len(h["fold_accuracy"]) == 2 for h in report["heads"].values())
+    assert report["paired_tests"][0]["reference"] == "flat/test_resnet"
+    assert (tmp_path / "cv" / "comparison" / "comparison.md").exists()
