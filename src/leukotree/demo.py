@@ -21,7 +21,7 @@ from leukotree.taxonomy import load_taxonomy
 #: A small, fast recipe for the bundled 320 images (about two minutes on 2 CPU cores).
 DEMO_TRAINING = {"model": "resnet18", "head": "multihead", "img_size": 64, "epochs": 12,
                  "batch_size": 32, "lr": 2e-3, "schedule": "onecycle", "crop_fraction": 0.65,
-                 "train_pad": 0.15}
+                 "train_pad": 0.15, "loss": "ce", "label_smoothing": 0.1}
 
 
 def bundled_data() -> AbstractContextManager[Path]:
