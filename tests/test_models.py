@@ -107,22 +107,6 @@ def test_weights_load_from_a_local_file(tmp_path):
         load_weights(b.backbone, tmp_path / "missing.pt")
 
 
-def test_unreachable_hub_gives_a_clear_error(monkeypatch):
-    import timm
-
-    def offline(*args, **kwargs):
-        if kwargs.get("pretrained"):
-            raise OSError("We couldn't connect to 'https://huggingface.co'")
-        return real(*args, **kwargs)
-
-    real = timm.create_model
-    monkeypatch.setattr(timm, "create_model", offline)
-    from leukotree.backbones import create_backbone
-
-    with pytest.raises(LeukotreeError, match="--weights PATH"):
-        create_backbone("resnet18", img_size=64, pretrained=True)
-
-
 def test_feature_extractor_loads_a_whole_network_state_dict(tmp_path):
     import timm
 
@@ -154,17 +138,20 @@ def test_hybrid_weight_files_parse_and_name_the_fix():
         hybrid_weight_files("vgg61=a.pth", names)
 
 
-def test_unreachable_hub_for_the_hybrid_head_gives_a_clear_error(monkeypatch):
+def test_unreachable_hub_gives_a_clear_error_for_every_kind_of_backbone(monkeypatch):
     import timm
 
+    from leukotree.backbones import create_backbone, create_feature_extractor
+
     def offline(*args, **kwargs):
+        # weights passed as a state dict (pretrained_cfg_overlay) need no network
         if kwargs.get("pretrained") and "pretrained_cfg_overlay" not in kwargs:
             raise OSError("We couldn't connect to 'https://huggingface.co'")
         return real(*args, **kwargs)
 
     real = timm.create_model
     monkeypatch.setattr(timm, "create_model", offline)
-    from leukotree.backbones import create_feature_extractor
-
+    with pytest.raises(LeukotreeError, match="--weights PATH"):
+        create_backbone("resnet18", img_size=64, pretrained=True)
     with pytest.raises(LeukotreeError, match="--weights PATH"):
         create_feature_extractor("test_resnet", img_size=32, pretrained=True)
