@@ -8,11 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from leukotree.synth import generate
-from leukotree.taxonomy import load_taxonomy
-
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -21,14 +16,6 @@ def _run(script: str, *args: str) -> dict:
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout[result.stdout.index("{\n"):])
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bench-data")
-    generate(root, load_taxonomy("leukemia7"), patients_per_class=2, cells_per_patient=3,
-             size=40, seed=3, progress=False)
-    return root
 
 
 def test_train_speed_bench_reports_every_ratio():
@@ -43,8 +30,8 @@ def test_train_speed_bench_reports_every_ratio():
     assert row["train_gflop_per_image"] > 0
 
 
-def test_predict_bench_compares_the_paths_and_names_the_default(tiny_data):
-    report = _run("bench_predict.py", "--data", str(tiny_data), "--n", "16", "--model",
+def test_predict_bench_compares_the_paths_and_names_the_default(synth_dir):
+    report = _run("bench_predict.py", "--data", str(synth_dir), "--n", "16", "--model",
                   "test_resnet", "--size", "32", "--batch", "8", "--no-compile")
     assert report["images"] == 16
     for path in ("eager", "channels_last", "onnxruntime"):
@@ -53,8 +40,8 @@ def test_predict_bench_compares_the_paths_and_names_the_default(tiny_data):
     assert report["fastest_end_to_end"] in {"eager", "channels_last", "onnxruntime"}
 
 
-def test_cv_heads_bench_runs_every_head_on_the_same_folds(tiny_data, tmp_path):
-    report = _run("bench_cv_heads.py", str(tiny_data), "--taxonomy", "leukemia7", "--out",
+def test_cv_heads_bench_runs_every_head_on_the_same_folds(synth_dir, tmp_path):
+    report = _run("bench_cv_heads.py", str(synth_dir), "--taxonomy", "leukemia7", "--out",
                   str(tmp_path / "cv"), "--heads", "flat", "multihead", "--folds", "2",
                   "--epochs", "1", "--img-size", "32", "--model", "test_resnet",
                   "--threads", "1")

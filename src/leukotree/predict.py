@@ -233,7 +233,6 @@ def run_predict(
     progress: bool = True,
     tta: bool = False,
     engine: str = "auto",
-    console: Console | None = None,
 ) -> tuple[Taxonomy, list[InputImage], Predictions, list[float]]:
     """Predict every input image; returns what the writers need.
 
@@ -241,10 +240,8 @@ def run_predict(
     """
     model, payload = load_any(run, engine)
     if progress or payload.get("engine_note"):
-        console = console or Console(stderr=True)
-        console.print(f"engine: {payload['engine']}"
-                      + (f" ({payload['engine_note']})" if payload.get("engine_note") else ""),
-                      highlight=False)
+        note = f" ({payload['engine_note']})" if payload.get("engine_note") else ""
+        Console(stderr=True).print(f"engine: {payload['engine']}{note}", highlight=False)
     taxonomy = model.taxonomy
     img_size = int(payload["model_config"]["img_size"])
     images = collect_inputs(inputs, patients)
