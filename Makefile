@@ -3,14 +3,16 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# -qq: pip's errors still print; its notes about this machine's package mirrors do not.
+PIP := $(BIN)/python -m pip -qq
 
 .PHONY: demo test lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q -e '.[dev,onnx,explain]'
+	$(PIP) install --upgrade pip
+	$(PIP) install torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -e '.[all,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)

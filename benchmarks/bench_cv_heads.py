@@ -21,11 +21,12 @@ import json
 import time
 from pathlib import Path
 
-from leukotree.compare import compare
-from leukotree.config import resolve_config
-from leukotree.cv import cross_validate
+from leukotree.engine.config import resolve_config
 from leukotree.errors import LeukotreeError
-from leukotree.evaluate import EvalSettings
+from leukotree.evaluation.compare import compare
+from leukotree.evaluation.cv import cross_validate
+from leukotree.evaluation.evaluate import EvalSettings
+from leukotree.rundir import CVDir
 
 #: The documented budget: the cpu-fast recipe shortened to fit 5 folds x 3 heads into
 #: about an hour on 2 CPU cores (per-node trains one backbone per inner node).
@@ -85,8 +86,7 @@ def main() -> None:
 
 
 def _history(folder: Path, fold: int) -> list[dict]:
-    summary = json.loads((folder / f"fold_{fold}" / "summary.json").read_text())
-    return summary["history"]
+    return CVDir(folder).fold(fold).read_summary()["history"]
 
 
 if __name__ == "__main__":

@@ -5,8 +5,11 @@
 For each model and size it measures, in the same run:
 
 - the fp32 matrix-multiply ceiling (GFLOP/s) at the current thread count;
-- training images/s of leukotree's engine step (augmentation from cached uint8
-  pixels, forward, masked multi-head loss, backward, AdamW) and of a plain
+- training images/s of leukotree's engine step — the trainer's own
+  :func:`~leukotree.engine.loop.make_batch` and :func:`~leukotree.engine.loop.train_step`
+  on the ``cpu-fast`` recipe (random crop from a padded uint8 cache, augmentation,
+  forward, masked multi-head loss, backward, AdamW, one-cycle schedule, grad scaler) —
+  and of a plain
   minimal PyTorch loop (random float input, cross-entropy) on the same backbone
   and batch (the faster of its channels_last and contiguous forms); their ratio,
   and the fraction of the ceiling the engine reaches (training FLOPs: 3 x the
@@ -36,11 +39,21 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from leukotree.config import resolve_config
-from leukotree.losses import TreeLoss
+from leukotree.engine.config import resolve_config
+from leukotree.engine.loop import (
+    BatchRecipe,
+    Precision,
+    TrainState,
+    make_batch,
+    make_optimizer,
+    make_scheduler,
+    resolve_device,
+    train_step,
+)
+from leukotree.engine.trainer import train
 from leukotree.models import ModelConfig, build_model
+from leukotree.models.losses import TreeLoss
 from leukotree.taxonomy import load_taxonomy
-from leukotree.train import augment, resolve_device, to_batch, train
 
 
 def sync(device: torch.device) -> None:
@@ -106,34 +119,37 @@ def autocast(device: torch.device, amp: bool) -> AbstractContextManager:
 
 def engine_step(model_name: str, size: int, head: str, batch: int, channels_last: bool,
                 device: torch.device, amp: bool) -> tuple[Callable[[], None], torch.nn.Module]:
-    """One step of leukotree's engine: cached uint8 pixels -> augment -> tree loss -> AdamW."""
+    """One step of leukotree's engine, with the trainer's own functions and the cpu-fast
+    recipe: padded uint8 cache -> make_batch (crop, augment) -> train_step."""
     tax = load_taxonomy("leukemia7")
+    cfg = resolve_config(preset="cpu-fast", overrides={
+        "model": model_name, "head": head, "img_size": size, "batch_size": batch,
+        "taxonomy": "leukemia7"})
     torch.manual_seed(0)
-    model = build_model(tax, ModelConfig(head=head, backbone=model_name, img_size=size))
-    model = model.to(device)
+    model = build_model(tax, cfg.model_config()).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
-    pixels = np.random.default_rng(0).integers(0, 255, (batch * 4, size, size, 3), np.uint8)
+    cached = round(size * (1 + cfg.train_pad))
+    pixels = np.random.default_rng(0).integers(0, 255, (batch * 4, cached, cached, 3), np.uint8)
     labels = [tax.leaves[i % 7] for i in range(len(pixels))]
     mask = torch.from_numpy(tax.leaf_mask(labels)).to(device)
     heads = torch.from_numpy(tax.encode_heads(labels)).to(device)
-    crit = TreeLoss(tax, head).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    crit = TreeLoss(tax, hierarchical=model.is_hierarchical, kind=cfg.loss,
+                    label_smoothing=cfg.label_smoothing).to(device)
+    precision = Precision(device, amp, torch.bfloat16)
+    optimizer = make_optimizer(model, cfg)
+    state = TrainState(model, optimizer, make_scheduler(optimizer, cfg, 10_000),
+                       torch.amp.GradScaler(enabled=precision.needs_scaler))
+    recipe = BatchRecipe(size, cfg.augment, cfg.color_jitter, channels_last)
     gen = torch.Generator().manual_seed(0)  # CPU draws, as in the engine
-    state = {"i": 0}
+    counter = {"i": 0}
 
     def step() -> None:
-        idx = np.arange(state["i"] % 4 * batch, state["i"] % 4 * batch + batch)
-        state["i"] += 1
-        x = augment(to_batch(pixels, idx, device, channels_last), gen, 0.1)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp):
-            loss, _ = crit(model(x), mask[idx], heads[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        idx = np.arange(counter["i"] % 4 * batch, counter["i"] % 4 * batch + batch)
+        counter["i"] += 1
+        x = make_batch(pixels, idx, gen, recipe, device)
+        train_step(model, state, crit, x, mask[idx], heads[idx], precision)
 
     return step, model
 
@@ -143,7 +159,8 @@ def plain_step(model_name: str, size: int, batch: int, channels_last: bool,
     """A minimal PyTorch loop: the same backbone and linear layer, random floats, CE."""
     tax = load_taxonomy("leukemia7")
     plain_model = build_model(tax, ModelConfig(head="flat", backbone=model_name, img_size=size))
-    net = torch.nn.Sequential(plain_model.backbone, plain_model.classifier).to(device)
+    backbone = plain_model.backbones()[0][1]
+    net = torch.nn.Sequential(backbone, plain_model.classifier).to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)

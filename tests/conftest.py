@@ -6,6 +6,12 @@ lives in ``tests/fixtures`` (see its README for the attribution).
 
 from __future__ import annotations
 
+import os
+
+# pytest -n 2 runs two workers on a 2-core machine: one thread each (and in the
+# processes they start), or the two compete and run many times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from leukotree.synth import generate
+from leukotree.data.synth import generate
 from leukotree.taxonomy import Taxonomy, load_taxonomy
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -22,6 +28,17 @@ FIXTURES = Path(__file__).parent / "fixtures"
 SYNTH_PATIENTS_PER_CLASS = 3
 SYNTH_CELLS_PER_PATIENT = 4
 SYNTH_SIZE = 32
+
+#: The leaves of ``leukemia7`` in taxonomy order (the columns of leaf probabilities).
+LEUKEMIA7_LEAVES = ("Normal", "Reactive", "ALL", "AML", "APML", "CLL", "CML")
+
+
+def leaf_row(**probs: float) -> list[float]:
+    """A leukemia7 leaf-probability row from keyword probabilities (others 0)."""
+    out = [probs.get(leaf, 0.0) for leaf in LEUKEMIA7_LEAVES]
+    assert abs(sum(out) - 1.0) < 1e-9, out
+    return out
+
 
 IMAGE_KINDS = (
     "jpeg", "png", "rgba", "palette", "palette_transparent", "gray", "gray16", "la", "bmp",

@@ -218,10 +218,12 @@ def test_synth_writes_images(capsys, tmp_path):
     assert "wrote 12 images" in capsys.readouterr().out
 
 
-def test_synth_bad_parameter(capsys, tmp_path):
-    code = main(["synth", str(tmp_path / "s"), "--size", "4", "--no-progress"])
-    assert code == 2
-    assert "'size'" in flat(capsys.readouterr().err)
+def test_synth_bad_parameter_is_refused_at_parse_time(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(["synth", str(tmp_path / "s"), "--size", "4", "--no-progress"])
+    assert exc.value.code == 2
+    assert "--size: must be in [16, 4096]; got 4" in flat(capsys.readouterr().err)
+    assert not (tmp_path / "s").exists()
 
 
 def test_demo_writes_its_artefacts(capsys, tmp_path):

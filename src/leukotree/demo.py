@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from contextlib import AbstractContextManager
 from importlib import resources
 from pathlib import Path
 
 from rich.console import Console
 
-from leukotree.check import check_dataset
-from leukotree.config import resolve_config
-from leukotree.cv import cross_validate
-from leukotree.data import discover
-from leukotree.render import print_check_report, print_split_plan
-from leukotree.report import patient_report
-from leukotree.splits import plan_split
+from leukotree.data.check import check_dataset
+from leukotree.data.discover import discover
+from leukotree.data.splits import plan_split
+from leukotree.engine.config import resolve_config
+from leukotree.evaluation.cv import cross_validate
+from leukotree.report.console import print_check_report, print_split_plan, say
+from leukotree.report.patient import patient_report
+from leukotree.rundir import DemoDir, RunDir, read_text, write_json
 from leukotree.taxonomy import load_taxonomy
 
 #: A small, fast recipe for the bundled 320 images (about two minutes on 2 CPU cores).
@@ -29,13 +29,11 @@ def bundled_data() -> AbstractContextManager[Path]:
     return resources.as_file(resources.files("leukotree") / "demo_data" / "pbc")
 
 
-def _sample_cells(split_csv: Path, n: int) -> list[Path]:
+def _sample_cells(run: RunDir, n: int) -> list[Path]:
     """The first ``n`` validation images of the most frequent validation label."""
-    import csv
     from collections import Counter
 
-    with split_csv.open() as handle:
-        rows = [r for r in csv.DictReader(handle) if r["split"] == "val"]
+    rows = run.read_split("val")
     label = Counter(r["label"] for r in rows).most_common(1)[0][0]
     return [Path(r["path"]) for r in rows if r["label"] == label][:n]
 
@@ -49,40 +47,39 @@ def run_demo(out: Path, *, folds: int = 3, seed: int = 0, progress: bool = True,
     Returns a summary with the paths written.
     """
     console = console or Console()
-    out.mkdir(parents=True, exist_ok=True)
+    demo = DemoDir(out)
+    demo.path.mkdir(parents=True, exist_ok=True)
     taxonomy = load_taxonomy("pbc")
     with bundled_data() as data:
         console.rule("1. data check")
         samples = discover(data, taxonomy)
         report = check_dataset(samples, progress=progress)
         print_check_report(report, taxonomy, console)
-        check_path = out / "check.json"
-        check_path.write_text(json.dumps(report.to_dict(), indent=2))
+        write_json(demo.check, report.to_dict())
         samples.raise_for_problems()
 
         console.rule("2. patient-grouped split")
         plan = plan_split(samples.samples, folds=folds, seed=seed)
         print_split_plan(plan, console)
-        split_path = out / "folds.csv"
-        plan.write(split_path)
+        plan.write(demo.folds)
 
         console.rule(f"3. {folds}-fold cross-validation of the multi-head hierarchical model")
         config = resolve_config(overrides={**DEMO_TRAINING, **training, "taxonomy": "pbc",
                                            "seed": seed})
-        cv = cross_validate(data, out / "cv", config, folds=folds, progress=progress,
+        cv = cross_validate(data, demo.cv.path, config, folds=folds, progress=progress,
                             console=console)
-        console.print((out / "cv" / "summary.md").read_text(), markup=False, highlight=False)
+        say(console, read_text(demo.cv.markdown, "CV summary"))
 
         console.rule("4. a report for one sample (PBC has no patients: 12 cells of fold 0)")
-        sample = _sample_cells(out / "cv" / "fold_0" / "split.csv", 12)
-        sample_report = patient_report(out / "cv" / "fold_0", sample, out / "report.html",
+        sample = _sample_cells(demo.cv.fold(0), 12)
+        sample_report = patient_report(demo.cv.fold(0).path, sample, demo.report,
                                        patient="demo-sample", progress=False)
-        console.print(f"report: {out / 'report.html'} (diagnosis {sample_report['diagnosis']}, "
-                      f"referral {'advised' if sample_report['refer'] else 'not needed'})")
-    summary = {"check": str(check_path), "folds": str(split_path), "cv": str(out / "cv"),
-               "report": str(out / "cv" / "summary.md"), "images": report.n_images,
+        say(console, f"report: {demo.report} (diagnosis {sample_report['diagnosis']}, "
+            f"referral {'advised' if sample_report['refer'] else 'not needed'})")
+    summary = {"check": str(demo.check), "folds": str(demo.folds), "cv": str(demo.cv.path),
+               "report": str(demo.cv.markdown), "images": report.n_images,
                "usable": report.usable, "accuracy": cv["mean"]["accuracy"],
-               "hF": cv["mean"]["hF"], "patient_report": str(out / "report.html")}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+               "hF": cv["mean"]["hF"], "patient_report": str(demo.report)}
+    write_json(demo.summary, summary)
     console.print(f"[bold green]demo finished[/]: results in {out}")
     return summary

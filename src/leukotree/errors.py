@@ -26,6 +26,10 @@ class DataError(LeukotreeError):
     """A data folder, manifest or image cannot be used as given."""
 
 
+class MissingDependencyError(LeukotreeError):
+    """An optional dependency is not installed; the message gives the install command."""
+
+
 class ImageReadError(DataError):
     """One image file cannot be decoded; the message names the file."""
 

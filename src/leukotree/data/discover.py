@@ -1,0 +1,573 @@
+"""Finding images: labelled data sets (:func:`discover`) and unlabelled inputs
+(:func:`collect_inputs`), with one set of patient rules for both.
+
+Two layouts are read:
+
+- a folder ``DATA/<label>/**/<image>``: the first folder level names a taxonomy node;
+- a CSV manifest with columns ``path,label`` and optional ``patient``, ``slide``;
+  relative paths resolve against the manifest's folder.
+
+Unlabelled inputs (``leukotree predict``, ``report``) are image files, folders (searched
+recursively) and manifests with a ``path`` column.
+
+Patient ids (the groups that cross-validation must never split) come from, in
+the order ``auto`` tries them: the manifest's ``patient`` column, the C-NMC file
+names (``UID_<subject>_<image>_<cell>_<all|hem>.bmp``), or a sub-folder level
+(``DATA/<label>/<patient>/<image>``). They may also be given explicitly with
+``folder``, ``cnmc``, ``manifest``, ``none`` or ``re:<regex>`` (a regex with a
+``(?P<patient>...)`` group, matched against the file name).
+
+``folder`` means one thing everywhere: the first folder level below the folder that
+was searched — the label folder of a data set (``DATA/<label>/<patient>/...``), or a
+folder given to ``predict`` (``NEW/<patient>/...``). Images lying directly in a given
+folder take that folder's name; those directly in a label folder have no patient id.
+For a single file or a manifest row, it is the file's parent folder.
+
+Discovery never raises on the first bad row: it collects every :class:`Problem`
+so that ``leukotree data check`` can report them all; :meth:`SampleSet.raise_for_problems`
+turns fatal ones into one clear error for commands that need clean data.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from leukotree.data.images import is_image_file
+from leukotree.errors import DataError, UnknownLabelError
+from leukotree.rundir import read_csv, read_text
+from leukotree.taxonomy import Taxonomy
+
+#: C-NMC 2019 file names; the subject (``H`` marks healthy donors) is the patient.
+CNMC_PATTERN = re.compile(
+    r"^UID_(?P<patient>H?\d+)_(?P<image>\d+)_(?P<cell>\d+)_(?P<label>all|hem)\.bmp$",
+    re.IGNORECASE,
+)
+
+#: PBC file-name prefixes and the node of taxonomy ``pbc-fine`` each one names.
+PBC_PREFIXES = {
+    "SNE": "segmented_neutrophil",
+    "BNE": "band_neutrophil",
+    "NEUTROPHIL": "neutrophil",
+    "PMY": "promyelocyte",
+    "MY": "myelocyte",
+    "MMY": "metamyelocyte",
+    "IG": "ig",
+    "EO": "eosinophil",
+    "BA": "basophil",
+    "LY": "lymphocyte",
+    "MO": "monocyte",
+    "ERB": "erythroblast",
+    "PLATELET": "platelet",
+}
+
+MANIFEST_COLUMNS = ("path", "label")
+OPTIONAL_COLUMNS = ("patient", "slide")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One labelled image."""
+
+    path: Path
+    label: str
+    patient: str | None = None
+    slide: str | None = None
+    source: str = ""
+
+    @property
+    def group(self) -> str:
+        """The unit a split must keep together: the patient, else the slide, else the image."""
+        if self.patient is not None:
+            return f"patient:{self.patient}"
+        if self.slide is not None:
+            return f"slide:{self.slide}"
+        return f"image:{self.path}"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something wrong with the data, found during discovery or checking."""
+
+    kind: str
+    where: str
+    message: str
+    fatal: bool = True
+
+    def to_dict(self) -> dict[str, object]:
+        return {"kind": self.kind, "where": self.where, "message": self.message,
+                "fatal": self.fatal}
+
+
+@dataclass
+class SampleSet:
+    """The labelled images of one data source, with what was found wrong on the way."""
+
+    samples: list[Sample]
+    taxonomy: Taxonomy
+    source: Path
+    patient_source: str
+    problems: list[Problem] = field(default_factory=list)
+    ignored_files: list[Path] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def labels(self) -> list[str]:
+        return [s.label for s in self.samples]
+
+    @property
+    def groups(self) -> np.ndarray:
+        return np.array([s.group for s in self.samples])
+
+    @property
+    def has_patients(self) -> bool:
+        """True when at least one image has a patient or slide id."""
+        return any(s.patient is not None or s.slide is not None for s in self.samples)
+
+    @property
+    def fatal_problems(self) -> list[Problem]:
+        return [p for p in self.problems if p.fatal]
+
+    def grouping_note(self) -> str | None:
+        """A loud warning when images cannot be grouped by patient, else ``None``."""
+        if not self.has_patients:
+            return (
+                "WARNING: no patient or slide ids were found, so every image is its own "
+                "group. Cells of one patient may land on both sides of a split and "
+                "inflate every metric. Give ids with a manifest 'patient' column, "
+                "patient sub-folders (--patients folder) or a file-name regex "
+                "(--patients 're:(?P<patient>...)')."
+            )
+        missing = sum(1 for s in self.samples if s.patient is None and s.slide is None)
+        if missing:
+            return (
+                f"WARNING: {missing} of {len(self.samples)} images have no patient or slide "
+                "id; each of them is its own group."
+            )
+        return None
+
+    def raise_for_problems(self) -> None:
+        """Raise one :class:`DataError` listing the fatal problems (at most 10 shown)."""
+        fatal = self.fatal_problems
+        if not fatal:
+            if not self.samples:
+                raise DataError(f"No labelled images found in '{self.source}'.")
+            return
+        shown = "\n".join(f"  - {p.where}: {p.message}" for p in fatal[:10])
+        more = f"\n  ... and {len(fatal) - 10} more" if len(fatal) > 10 else ""
+        raise DataError(
+            f"{len(fatal)} problem(s) in '{self.source}' must be fixed first:\n{shown}{more}\n"
+            f"Run 'leukotree data check {self.source} --taxonomy {self.taxonomy.name}' "
+            "for the full report."
+        )
+
+    def subset(self, keep: list[int] | np.ndarray) -> SampleSet:
+        return SampleSet(
+            [self.samples[i] for i in keep], self.taxonomy, self.source,
+            self.patient_source, list(self.problems), list(self.ignored_files),
+        )
+
+
+PatientRule = Callable[[Path, "Path | None"], "str | None"]
+LabelRule = Callable[[Path, str], str]
+
+
+def compile_rule(spec: str, group: str) -> re.Pattern[str]:
+    """Compile a user regex that must capture ``(?P<group>...)`` or exactly one group."""
+    try:
+        pattern = re.compile(spec)
+    except re.error as err:
+        raise DataError(f"Invalid regular expression {spec!r}: {err}.") from None
+    if group not in pattern.groupindex and pattern.groups != 1:
+        raise DataError(
+            f"The regular expression {spec!r} must have a named group (?P<{group}>...) "
+            f"or exactly one group; it has {pattern.groups}."
+        )
+    return pattern
+
+
+def match_group(pattern: re.Pattern[str], name: str, group: str) -> str | None:
+    """The named (or only) group of the first match in ``name``, or ``None``."""
+    m = pattern.search(name)
+    if not m:
+        return None
+    return m.group(group) if group in pattern.groupindex else m.group(1)
+
+
+def patient_rule(spec: str) -> PatientRule | None:
+    """Turn a ``--patients`` value into a function ``(image, searched_folder) -> id``.
+
+    ``searched_folder`` is the folder whose first level names patients (``None`` for a
+    single file or a manifest row: the file's parent folder is used). Returns ``None``
+    for ``none``, ``manifest`` and ``auto`` (handled by discovery).
+    """
+    if spec in {"none", "manifest", "auto"}:
+        return None
+    if spec == "cnmc":
+        return lambda path, _root: match_group(CNMC_PATTERN, path.name, "patient")
+    if spec == "folder":
+
+        def by_folder(path: Path, searched: Path | None) -> str | None:
+            if searched is None:
+                return path.parent.name
+            rel = path.relative_to(searched).parts
+            return rel[0] if len(rel) >= 2 else None
+
+        return by_folder
+    if spec.startswith("re:"):
+        pattern = compile_rule(spec[3:], "patient")
+        return lambda path, _root: match_group(pattern, path.name, "patient")
+    raise DataError(
+        f"Invalid --patients value {spec!r}: use auto, none, manifest, folder, cnmc or "
+        "re:<regex with (?P<patient>...)>."
+    )
+
+
+def label_rule(spec: str) -> LabelRule | None:
+    """Turn a ``--labels`` value into ``(image, folder_label) -> label`` (``None``: folder)."""
+    if spec == "folder":
+        return None
+    if spec == "pbc-prefix":
+
+        def by_prefix(path: Path, folder_label: str) -> str:
+            prefix = path.name.split("_", 1)[0].upper()
+            return PBC_PREFIXES.get(prefix, prefix)
+
+        return by_prefix
+    if spec.startswith("re:"):
+        pattern = compile_rule(spec[3:], "label")
+
+        def by_regex(path: Path, folder_label: str) -> str:
+            found = match_group(pattern, path.name, "label")
+            return found if found is not None else f"<no match of {spec[3:]!r}>"
+
+        return by_regex
+    raise DataError(
+        f"Invalid --labels value {spec!r}: use folder, pbc-prefix or re:<regex with "
+        "(?P<label>...)>."
+    )
+
+
+def discover(
+    data: str | Path,
+    taxonomy: Taxonomy,
+    *,
+    patients: str = "auto",
+    labels: str = "folder",
+) -> SampleSet:
+    """Find every labelled image of a folder layout or CSV manifest.
+
+    Unknown labels, missing files, files that are not images and images without a
+    label folder are recorded as :class:`Problem` s, never silently dropped.
+    """
+    data = Path(data)
+    if not data.exists():
+        raise DataError(f"Data path '{data}' does not exist.")
+    if data.is_file():
+        if data.suffix.lower() != ".csv":
+            raise DataError(
+                f"Data path '{data}' is a file but not a CSV manifest; give a folder laid out "
+                "as DATA/<label>/<image> or a .csv with columns path,label."
+            )
+        return _from_manifest(data, taxonomy, patients, labels)
+    return _from_folder(data, taxonomy, patients, labels)
+
+
+def find_images(folder: Path) -> tuple[list[Path], list[Path]]:
+    """Image files under ``folder`` (recursively, sorted), and the files passed over.
+
+    Hidden files and folders (a name starting with ``.``, below ``folder``) and files
+    that are not images by their suffix are returned as passed over, never dropped
+    without a trace.
+    """
+    images: list[Path] = []
+    passed: list[Path] = []
+    for path in sorted(folder.rglob("*")):
+        hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
+        if path.is_dir():
+            continue
+        if not hidden and is_image_file(path):
+            images.append(path)
+        else:
+            passed.append(path)
+    return images, passed
+
+
+def _from_folder(root: Path, taxonomy: Taxonomy, patients: str, labels: str) -> SampleSet:
+    problems: list[Problem] = []
+    ignored: list[Path] = []
+    relabel = label_rule(labels)
+    entries: list[tuple[Path, Path, str | None]] = []  # image, label dir, resolved folder label
+    for top in sorted(root.iterdir()):
+        if top.name.startswith("."):
+            ignored.append(top)
+            continue
+        if top.is_file():
+            if is_image_file(top):
+                problems.append(Problem(
+                    "unlabelled_image", str(top),
+                    "image directly in the data folder, outside any label folder; move it "
+                    "into DATA/<label>/", fatal=False,
+                ))
+            else:
+                ignored.append(top)
+            continue
+        folder_label: str | None = top.name
+        if relabel is None:
+            try:
+                folder_label = taxonomy.resolve(top.name, where=f"folder name '{top}'")
+            except UnknownLabelError as err:
+                problems.append(Problem("unknown_label", str(top), str(err)))
+                folder_label = None
+        images, skipped = find_images(top)
+        ignored.extend(skipped)
+        if not images:
+            problems.append(Problem(
+                "empty_label_folder", str(top), "label folder holds no images", fatal=False,
+            ))
+        entries.extend((img, top, folder_label) for img in images)
+
+    if patients == "auto":
+        patients = _auto_patients([e[0] for e in entries], [e[1] for e in entries])
+    rule = patient_rule(patients)
+    if patients == "manifest":
+        raise DataError(
+            f"--patients manifest needs a CSV manifest, but '{root}' is a folder; use "
+            "folder, cnmc, re:<regex> or none."
+        )
+    samples: list[Sample] = []
+    unknown_by_label: dict[str, list[Path]] = defaultdict(list)
+    for img, label_dir, folder_label in entries:
+        if folder_label is None:
+            continue  # reported once per folder above
+        label = folder_label
+        if relabel is not None:
+            raw = relabel(img, label_dir.name)
+            if raw not in taxonomy or raw == taxonomy.root:
+                unknown_by_label[raw].append(img)
+                continue
+            label = raw
+        patient = rule(img, label_dir) if rule else None
+        if rule is not None and patient is None:
+            problems.append(Problem(
+                "no_patient", str(img),
+                f"no patient id found by rule '{patients}'; the image is its own group",
+                fatal=False,
+            ))
+        samples.append(Sample(img, label, patient, None, source=str(img.relative_to(root))))
+    for raw, paths in unknown_by_label.items():
+        problems.append(Problem(
+            "unknown_label", str(paths[0]),
+            f"{len(paths)} image(s) get label '{raw}' from rule '{labels}', which is not a node "
+            f"of taxonomy '{taxonomy.name}'." + _hint(raw, taxonomy),
+        ))
+    if not entries and not problems:
+        problems.append(Problem(
+            "no_images", str(root),
+            "no images found; expected DATA/<label>/<image> with JPEG, PNG, BMP or TIFF files",
+        ))
+    return SampleSet(samples, taxonomy, root, patients, problems, ignored)
+
+
+def _hint(label: str, taxonomy: Taxonomy) -> str:
+    try:
+        taxonomy.resolve(label)
+    except UnknownLabelError as err:
+        text = str(err)
+        return text[text.index(" Did you mean"):] if " Did you mean" in text else ""
+    return ""
+
+
+def _auto_patients(images: list[Path], label_dirs: list[Path]) -> str:
+    if not images:
+        return "none"
+    if all(CNMC_PATTERN.match(p.name) for p in images):
+        return "cnmc"
+    if all(len(p.relative_to(d).parts) == 2 for p, d in zip(images, label_dirs, strict=True)):
+        return "folder"
+    return "none"
+
+
+def _manifest_reader(manifest: Path, patients: str) -> tuple[csv.DictReader, str]:
+    """A reader over the manifest's rows (header checked) and the patient rule to use."""
+    reader = csv.DictReader(io.StringIO(read_text(manifest, "Manifest"), newline=""))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    missing = [c for c in MANIFEST_COLUMNS if c not in header]
+    if missing:
+        raise DataError(
+            f"Manifest '{manifest}' lacks the column(s) {missing}; found columns {header}. "
+            "The first line must name at least 'path,label' (optional: patient, slide)."
+        )
+    reader.fieldnames = header
+    has_patient = "patient" in header
+    if patients == "auto":
+        patients = "manifest" if has_patient else "none"
+    if patients == "manifest" and not has_patient:
+        raise DataError(
+            f"--patients manifest, but manifest '{manifest}' has no 'patient' column "
+            f"(columns: {header})."
+        )
+    if patients == "folder":
+        raise DataError(
+            "--patients folder applies to folder layouts; with a manifest, add a "
+            "'patient' column or use re:<regex>."
+        )
+    return reader, patients
+
+
+def _from_manifest(manifest: Path, taxonomy: Taxonomy, patients: str, labels: str) -> SampleSet:
+    reader, patients = _manifest_reader(manifest, patients)
+    rule = patient_rule(patients)
+    relabel = label_rule(labels)
+    problems: list[Problem] = []
+    samples: list[Sample] = []
+    first_line: dict[Path, int] = {}
+    for row in reader:
+        where = f"{manifest.name} line {reader.line_num}"
+        raw_path = (row.get("path") or "").strip()
+        if not raw_path:
+            problems.append(Problem("empty_path", where, "the 'path' cell is empty"))
+            continue
+        path = Path(raw_path)
+        path = path if path.is_absolute() else manifest.parent / path
+        if path in first_line:
+            problems.append(Problem(
+                "duplicate_path", where,
+                f"'{raw_path}' is listed again (first on line {first_line[path]}); list "
+                "each image once",
+            ))
+            continue
+        first_line[path] = reader.line_num
+        raw_label = (row.get("label") or "").strip()
+        if relabel is not None:
+            raw_label = relabel(path, raw_label)
+        sample = _manifest_sample(row, path, raw_label, where, taxonomy, patients, rule,
+                                  problems)
+        if sample is not None:
+            samples.append(sample)
+    if not samples and not problems:
+        problems.append(Problem("no_images", str(manifest), "the manifest lists no images"))
+    return SampleSet(samples, taxonomy, manifest, patients, problems, [])
+
+
+def _manifest_sample(row: dict[str, str], path: Path, raw_label: str, where: str,
+                     taxonomy: Taxonomy, patients: str, rule: PatientRule | None,
+                     problems: list[Problem]) -> Sample | None:
+    """The sample of one manifest row, or ``None`` with the reason added to ``problems``."""
+    if not raw_label:
+        problems.append(Problem("empty_label", where, "the 'label' cell is empty"))
+        return None
+    try:
+        label = taxonomy.resolve(raw_label, where=where)
+    except UnknownLabelError as err:
+        problems.append(Problem("unknown_label", where, str(err)))
+        return None
+    if not path.is_file():
+        problems.append(Problem("missing_file", where, f"image '{path}' does not exist"))
+        return None
+    patient: str | None = None
+    if patients == "manifest":
+        patient = (row.get("patient") or "").strip() or None
+    elif rule is not None:
+        patient = rule(path, None)
+    slide = (row.get("slide") or "").strip() or None
+    if patients != "none" and patient is None:
+        unit = f"slide '{slide}'" if slide else "the image itself"
+        problems.append(Problem(
+            "no_patient", where,
+            f"no patient id (rule '{patients}'); it is grouped by {unit}", fatal=False,
+        ))
+    return Sample(path, label, patient, slide, source=where)
+
+
+@dataclass(frozen=True)
+class InputImage:
+    """One image to predict, with its patient id and label when the layout gives them."""
+
+    path: Path
+    patient: str | None = None
+    label: str | None = None
+
+
+_INPUT_PATIENTS = ("none", "folder", "cnmc", "manifest")
+
+
+def label_folders(folder: Path, taxonomy: Taxonomy | None) -> list[Path] | None:
+    """The label folders of ``folder`` when it is laid out as ``DATA/<label>/...`` (every
+    visible sub-folder names a node of ``taxonomy``), else ``None``."""
+    if taxonomy is None:
+        return None
+    subs = [d for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+    if subs and all(d.name in taxonomy and d.name != taxonomy.root for d in subs):
+        return subs
+    return None
+
+
+def collect_inputs(inputs: Sequence[str | Path], patients: str = "none",
+                   taxonomy: Taxonomy | None = None) -> list[InputImage]:
+    """Images from files, folders (recursively) and CSV manifests (column ``path``).
+
+    ``patients``: ``none``, ``folder`` (see the module docstring), ``cnmc``,
+    ``re:<regex>`` on the file name, or ``manifest`` (a manifest's ``patient``
+    column, also used for manifests under ``none``). Given the ``taxonomy``, a folder
+    laid out as ``DATA/<label>/...`` is read as a data set: each image gets its label,
+    and ``folder`` patients are the first level below the label folders, as in training.
+    """
+    if patients not in _INPUT_PATIENTS and not patients.startswith("re:"):
+        raise DataError(f"Invalid --patients value {patients!r}: use none, folder, cnmc, "
+                        "manifest or re:<regex>.")
+    rule = patient_rule(patients)
+    out: list[InputImage] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            out.extend(_inputs_from_folder(item, patients, rule, taxonomy))
+        elif item.suffix.lower() == ".csv":
+            out.extend(_inputs_from_manifest(item, patients, rule))
+        elif item.exists():
+            out.append(InputImage(item, rule(item, None) if rule else None))
+        else:
+            raise DataError(f"Input '{item}' does not exist.")
+    return out
+
+
+def _inputs_from_folder(folder: Path, patients: str, rule: PatientRule | None,
+                        taxonomy: Taxonomy | None) -> list[InputImage]:
+    labelled = label_folders(folder, taxonomy)
+    roots = labelled if labelled is not None else [folder]
+    out = []
+    for root in roots:
+        files, _ = find_images(root)
+        label = root.name if labelled is not None else None
+        for path in files:
+            if labelled is None and patients == "folder" and path.parent == root:
+                patient = root.name  # a folder of one patient's cells
+            else:
+                patient = rule(path, root) if rule else None
+            out.append(InputImage(path, patient, label))
+    if not out:
+        raise DataError(f"Folder '{folder}' holds no images (JPEG, PNG, BMP, TIFF).")
+    return out
+
+
+def _inputs_from_manifest(manifest: Path, patients: str, rule: PatientRule | None,
+                          ) -> list[InputImage]:
+    rows = read_csv(manifest, "Manifest", ("path",))
+    out = []
+    for row in rows:
+        p = Path(row["path"])
+        p = p if p.is_absolute() else manifest.parent / p
+        if patients in {"none", "manifest"}:
+            pid = (row.get("patient") or "").strip() or None
+        else:
+            pid = rule(p, None) if rule else None
+        out.append(InputImage(p, pid))
+    return out

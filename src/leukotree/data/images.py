@@ -1,0 +1,256 @@
+"""Safe image reading, the one decode path, and the one uint8-to-tensor conversion.
+
+- :func:`open_image` / :func:`load_rgb_array`: one file; every failure becomes an
+  :class:`ImageReadError` naming the file.
+- :func:`decode_many` / :func:`iter_decoded`: many files in threads, with an explicit
+  error policy: ``on_error="raise"`` ends in one :class:`DataError` listing every
+  unreadable image; ``"report"`` keeps going and returns the error of each row.
+- :func:`to_tensor`: uint8 ``(N, H, W, 3)`` pixels to the float ``(N, 3, H, W)`` batch
+  every model takes (values stay in 0-255; normalisation is inside the model).
+"""
+
+from __future__ import annotations
+
+import struct
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from leukotree.errors import DataError, ImageReadError
+from leukotree.progress import track
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+#: Error policies of :func:`decode_many`.
+ON_ERROR = ("raise", "report")
+
+#: File suffixes treated as images when a folder is scanned (case-insensitive).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
+#: Formats PIL may report for those files (MPO is a multi-picture JPEG).
+SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF"})
+#: Default decompression-bomb guard: images above this many pixels are refused.
+DEFAULT_MAX_PIXELS = 60_000_000
+
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError)
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def open_image(
+    path: str | Path,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft_size: int | None = None,
+) -> Image.Image:
+    """Decode ``path`` fully and return it as an 8-bit RGB image.
+
+    - RGBA, LA and palette images with transparency are composited on white;
+      16-bit and float images are rescaled to 8 bits; CMYK, grey and palette
+      images are converted to RGB.
+    - ``draft_size`` lets the JPEG decoder scale by 1/2, 1/4 or 1/8 while keeping
+      both sides at least ``draft_size`` pixels, which is several times faster
+      than a full decode followed by a resize.
+    - Empty, truncated, corrupt, unsupported and oversized (more than
+      ``max_pixels`` pixels, a decompression-bomb guard) files raise
+      :class:`ImageReadError`; nothing is replaced or skipped silently.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ImageReadError(path, "the file does not exist") from None
+    except OSError as err:
+        raise ImageReadError(path, f"cannot access the file ({err.strerror})") from None
+    if size == 0:
+        raise ImageReadError(path, "the file is empty (0 bytes)")
+    with warnings.catch_warnings():
+        # Our own pixel limit replaces PIL's global one (which we never modify).
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(path)
+        except Image.DecompressionBombError as err:
+            raise ImageReadError(path, f"refused as a decompression bomb ({err})") from None
+        except UnidentifiedImageError:
+            raise ImageReadError(
+                path, "not a recognised image file (expected JPEG, PNG, BMP or TIFF)"
+            ) from None
+        except _DECODE_ERRORS as err:
+            raise ImageReadError(path, f"the header cannot be parsed ({err})") from None
+    with img:
+        if img.format not in SUPPORTED_FORMATS:
+            raise ImageReadError(
+                path,
+                f"format {img.format} is not supported; convert it to PNG, JPEG, BMP or TIFF",
+            )
+        width, height = img.size
+        if width == 0 or height == 0:
+            raise ImageReadError(path, f"the image has zero size ({width}x{height})")
+        if width * height > max_pixels:
+            raise ImageReadError(
+                path,
+                f"{width}x{height} = {width * height:,} pixels exceeds the limit of "
+                f"{max_pixels:,} (decompression-bomb guard); if the image is genuine, "
+                "raise --max-pixels",
+            )
+        if draft_size and img.format in {"JPEG", "MPO"}:
+            img.draft("RGB", (draft_size, draft_size))
+        try:
+            img.load()
+        except _DECODE_ERRORS as err:
+            raise ImageReadError(path, f"the file is truncated or corrupt ({err})") from None
+        return _to_rgb(img)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img.copy()
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in {"I;16", "I;16B", "I;16L", "I", "F"}:
+        # Fixed scaling by the format's range (never per image, which would change
+        # brightness between images): 16-bit and 32-bit integers by 65535, floats by 1.
+        arr = np.asarray(img, dtype=np.float64)
+        full = 1.0 if img.mode == "F" else 65535.0
+        img = Image.fromarray((np.clip(arr / full, 0, 1) * 255 + 0.5).astype(np.uint8), mode="L")
+    if img.mode in {"RGBA", "LA", "PA", "RGBa", "La"}:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_rgb_array(
+    path: str | Path,
+    size: int | None = None,
+    *,
+    crop: float = 1.0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Decode ``path`` to a ``(size, size, 3)`` uint8 array.
+
+    The central square of side ``crop * min(width, height)`` is kept (cells sit in
+    the centre of single-cell images) and resized bilinearly to ``size``.
+    """
+    if not 0 < crop <= 1:
+        raise ValueError(f"crop must be in (0, 1], got {crop}")
+    draft = None if size is None else int(np.ceil(size / crop))
+    img = open_image(path, max_pixels=max_pixels, draft_size=draft)
+    if size is None:
+        return np.asarray(img, dtype=np.uint8)
+    side = crop * min(img.size)
+    left, top = (img.width - side) / 2, (img.height - side) / 2
+    if (side, left, top) != (img.width, 0, 0) or img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR,
+                         box=(left, top, left + side, top + side))
+    return np.asarray(img, dtype=np.uint8)
+
+
+def parallel_map(fn: Callable[[T], R], items: Sequence[T], *, workers: int = 2,
+                 progress: bool = False, description: str = "") -> Iterator[R]:
+    """``fn`` over ``items`` in threads (PIL releases the GIL while decoding), in order."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        yield from track(pool.map(fn, items), total=len(items), description=description,
+                         enabled=progress)
+
+
+@dataclass
+class Decoded:
+    """Pixels of several images; the rows of unreadable images are zero, with an error."""
+
+    pixels: np.ndarray  # (N, size, size, 3) uint8
+    errors: list[str | None]
+
+    @property
+    def ok(self) -> np.ndarray:
+        return np.array([e is None for e in self.errors], dtype=bool)
+
+
+def raise_for_errors(errors: Iterable[str | None], what: str = "image(s)") -> None:
+    """One :class:`DataError` listing every error (nothing is replaced silently)."""
+    bad = sorted(e for e in errors if e is not None)
+    if bad:
+        shown = "\n  - ".join(bad)
+        raise DataError(f"{len(bad)} {what} cannot be read; fix or remove them (nothing is "
+                        f"replaced silently):\n  - {shown}")
+
+
+def _check_policy(on_error: str) -> None:
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}; got {on_error!r}")
+
+
+def decode_many(
+    paths: Sequence[Path],
+    size: int,
+    *,
+    crop: float = 1.0,
+    workers: int = 2,
+    on_error: str = "raise",
+    progress: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    out: np.ndarray | None = None,
+) -> Decoded:
+    """Decode ``paths`` to ``(N, size, size, 3)`` uint8 (into ``out`` when given)."""
+    _check_policy(on_error)
+    pixels = out if out is not None else np.zeros((len(paths), size, size, 3), np.uint8)
+    errors: list[str | None] = [None] * len(paths)
+
+    def work(i: int) -> None:
+        try:
+            pixels[i] = load_rgb_array(paths[i], size, crop=crop, max_pixels=max_pixels)
+        except ImageReadError as err:
+            errors[i] = str(err)
+            pixels[i] = 0
+
+    for _ in parallel_map(work, range(len(paths)), workers=workers, progress=progress,
+                          description=f"Decoding images to {size}px"):
+        pass
+    if on_error == "raise":
+        raise_for_errors(errors)
+    return Decoded(pixels, errors)
+
+
+def iter_decoded(paths: Sequence[Path], size: int, *, chunk: int, crop: float = 1.0,
+                 workers: int = 2, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 ) -> Iterator[tuple[np.ndarray, Decoded]]:
+    """``(indices, decoded)`` chunk by chunk (errors reported per row), decoding the next
+    chunk in the background while the caller works on the current one."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be positive; got {chunk}")
+    starts = list(range(0, len(paths), chunk))
+    with ThreadPoolExecutor(max_workers=1) as ahead:
+
+        def decode(start: int) -> tuple[np.ndarray, Decoded]:
+            idx = np.arange(start, min(start + chunk, len(paths)))
+            return idx, decode_many([paths[i] for i in idx], size, crop=crop, workers=workers,
+                                    on_error="report", max_pixels=max_pixels)
+
+        pending = ahead.submit(decode, starts[0]) if starts else None
+        for n in range(len(starts)):
+            current = pending.result()
+            pending = ahead.submit(decode, starts[n + 1]) if n + 1 < len(starts) else None
+            yield current
+
+
+def to_tensor(pixels: np.ndarray, device: torch.device | str = "cpu", *,
+              channels_last: bool = False) -> torch.Tensor:
+    """uint8 ``(N, H, W, 3)`` (or one ``(H, W, 3)`` image) -> float ``(N, 3, H, W)``."""
+    array = np.ascontiguousarray(pixels)
+    if not array.flags.writeable:  # e.g. a slice of the memory-mapped cache
+        array = array.copy()
+    if array.ndim == 3:
+        array = array[None]
+    x = torch.from_numpy(array).to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    if channels_last:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x.contiguous()

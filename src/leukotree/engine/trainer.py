@@ -1,0 +1,335 @@
+"""The trainer: one model into one run folder, resumable, on one or several processes.
+
+:class:`Trainer` orchestrates; the work is done by :mod:`leukotree.engine.loop`
+(:func:`~leukotree.engine.loop.train_one_epoch`, :func:`~leukotree.engine.loop.validate`),
+the data package (discovery, grouped split, pixel cache) and the models package. The
+run folder's files are those of :class:`~leukotree.rundir.RunDir`.
+
+Resuming restarts the epoch that was interrupted; every epoch's shuffling and
+augmentation are seeded by ``(seed, epoch)``, so a resumed run gives the same
+result as an uninterrupted one. The global random state, the thread count and
+matplotlib are left as they were found.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.markup import escape
+
+from leukotree.data.cache import cached_pixels
+from leukotree.data.discover import Sample, SampleSet, discover
+from leukotree.data.splits import assign_folds, train_val_test_split, write_split_csv
+from leukotree.engine.augment import channel_stats, rotation_balance
+from leukotree.engine.config import TrainConfig, save_config
+from leukotree.engine.distributed import (
+    DistInfo,
+    barrier,
+    broadcast_flag,
+    init_distributed,
+    shutdown,
+)
+from leukotree.engine.loop import (
+    BatchRecipe,
+    EpochPlan,
+    Precision,
+    Split,
+    TrainState,
+    make_optimizer,
+    make_scheduler,
+    make_split,
+    resolve_device,
+    resolve_precision,
+    torch_threads,
+    train_one_epoch,
+    validate,
+    weight_average,
+)
+from leukotree.errors import LeukotreeError
+from leukotree.models import TreeClassifier, build_model
+from leukotree.models.checkpoint import (
+    environment,
+    read_training_state,
+    save_model,
+    save_training_state,
+)
+from leukotree.models.losses import TreeLoss, balanced_leaf_weights
+from leukotree.report import plots
+from leukotree.rundir import RunDir, write_json, write_text
+from leukotree.taxonomy import Taxonomy, load_taxonomy
+
+_VAL_KEYS = ("val_loss", "val_accuracy", "val_macro_f1")
+
+
+def choose_split(sample_set: SampleSet, config: TrainConfig) -> np.ndarray:
+    """``'train'``/``'val'`` per image: a CV fold, or a grouped validation fraction."""
+    labels, groups = sample_set.labels, sample_set.groups.tolist()
+    if config.fold is not None:
+        folds, _ = assign_folds(labels, groups, config.folds, config.seed)
+        return np.where(folds == config.fold, "val", "train")
+    if config.val_fraction <= 0:
+        raise LeukotreeError("Training needs validation data: give --val DATA, --fold k, or a "
+                             "--val-fraction above 0.")
+    return train_val_test_split(labels, groups, config.val_fraction, 0.0, config.seed)
+
+
+class Trainer:
+    """Trains one model into one run folder; :meth:`fit` runs or resumes it."""
+
+    def __init__(self, data: str | Path, out: str | Path, config: TrainConfig, *,
+                 resume: bool = False, progress: bool = True,
+                 console: Console | None = None) -> None:
+        self.data = Path(data)
+        self.run = RunDir(out)
+        self.config = config
+        self.resume = resume
+        self.progress = progress
+        self.console = console or Console(stderr=True)
+        self.device = resolve_device(config.device)
+        self.dist = DistInfo()
+
+    @property
+    def out(self) -> Path:
+        return self.run.path
+
+    @property
+    def train_size(self) -> int:
+        """Side of the cached training images (``train_pad`` larger than ``img_size``)."""
+        return round(self.config.img_size * (1 + self.config.train_pad))
+
+    @property
+    def eval_crop(self) -> float:
+        """Central fraction of each image that validation and prediction see."""
+        return self.config.crop_fraction * self.config.img_size / self.train_size
+
+    def _log(self, text: str, style: str | None = None) -> None:
+        if self.dist.is_main:
+            self.console.print(escape(text), style=style, highlight=False)
+
+    # ----------------------------------------------------------------- run
+    def fit(self) -> dict[str, Any]:
+        """Train (or resume) and return the best validation metrics."""
+        self.dist = init_distributed(self.device)
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        try:
+            with torch_threads(self.config.threads), torch.random.fork_rng(devices=cuda):
+                return self._fit()
+        finally:
+            shutdown(self.dist)
+
+    def _fit(self) -> dict[str, Any]:
+        cfg = self.config
+        self._open_run_dir()
+        taxonomy, train, val = self._prepare()
+        self._log(f"training on {len(train)} images, validating on {len(val)} "
+                  f"({cfg.head} head, {cfg.model_config().arch_name}, {cfg.img_size}px, "
+                  f"device {self.device}, {torch.get_num_threads()} threads)")
+        model = self._build(taxonomy, train)
+        channels_last = (cfg.channels_last and self.device.type == "cpu"
+                         and model.supports_channels_last)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        precision = resolve_precision(cfg.amp, self.device)
+        state, plan = self._training_state(model, train, precision)
+        criterion = self._criterion(model, taxonomy, train)
+        net: torch.nn.Module = model
+        if self.dist.enabled:
+            net = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=model.ddp_find_unused_parameters)
+        recipe = BatchRecipe(cfg.img_size, cfg.augment, cfg.color_jitter, channels_last)
+        for _ in range(state.epoch, cfg.epochs):
+            started = time.perf_counter()
+            row = train_one_epoch(net, state, criterion, train, plan, recipe, precision,
+                                  seed=cfg.seed, epochs=cfg.epochs,
+                                  force_rotations=cfg.balance == "rotate",
+                                  progress=self.progress and self.dist.is_main)
+            state.epoch += 1
+            stop = False
+            if self.dist.is_main:
+                stop = self._end_epoch(state, row, val, precision, channels_last, len(train),
+                                       started)
+            if broadcast_flag(self.dist, stop):
+                break
+        barrier(self.dist)
+        return self._finish(state)
+
+    # ----------------------------------------------------------------- setup
+    def _open_run_dir(self) -> None:
+        """Refuse to overwrite a run (unless resuming); write config and environment."""
+        run = self.run
+        if run.last.exists() and not self.resume:
+            raise LeukotreeError(
+                f"Run folder '{run.path}' already holds a run; pass --resume to continue it "
+                "or choose another --out.")
+        if self.resume and not run.last.exists():
+            raise LeukotreeError(f"Nothing to resume in '{run.path}' (no {RunDir.LAST}).")
+        run.path.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main and not self.resume:
+            save_config(self.config, run.config)
+            write_json(run.environment, environment() | {
+                "seed": self.config.seed, "device": str(self.device),
+                "world_size": self.dist.world_size, "threads": torch.get_num_threads()})
+
+    def _samples(self, taxonomy: Taxonomy) -> tuple[list[Sample], list[Sample]]:
+        """Training and validation images: a separate validation set, or a grouped split."""
+        cfg = self.config
+        sample_set = discover(self.data, taxonomy, patients=cfg.patients, labels=cfg.labels)
+        sample_set.raise_for_problems()
+        note = sample_set.grouping_note()
+        if note:
+            self._log(note, style="bold yellow")
+        if not cfg.val_data:
+            parts = choose_split(sample_set, cfg)
+            return ([s for s, p in zip(sample_set.samples, parts, strict=True) if p == "train"],
+                    [s for s, p in zip(sample_set.samples, parts, strict=True) if p == "val"])
+        val_set = discover(cfg.val_data, taxonomy, patients=cfg.patients, labels=cfg.labels)
+        val_set.raise_for_problems()
+        overlap = ({s.group for s in sample_set.samples if s.patient}
+                   & {s.group for s in val_set.samples if s.patient})
+        if overlap:
+            raise LeukotreeError(
+                f"{len(overlap)} patient(s) appear in both the training and the validation "
+                f"data (e.g. {sorted(overlap)[:3]}); that leaks. Separate them.")
+        return sample_set.samples, val_set.samples
+
+    def _prepare(self) -> tuple[Taxonomy, Split, Split]:
+        cfg = self.config
+        taxonomy = load_taxonomy(cfg.taxonomy)
+        train_samples, val_samples = self._samples(taxonomy)
+        if not train_samples or not val_samples:
+            raise LeukotreeError("The split left no training or no validation images.")
+        if self.dist.is_main:
+            write_text(self.run.taxonomy, taxonomy.to_yaml())
+            write_split_csv(self.run.split, train_samples + val_samples, None,
+                            np.array(["train"] * len(train_samples) + ["val"] * len(val_samples)))
+        cache_dir = self.run.cache if cfg.cache == "disk" else None
+        if cache_dir is not None and not self.dist.is_main:
+            barrier(self.dist)  # rank 0 decodes first; the others read its cache
+        show = self.progress and self.dist.is_main
+        # Training images are cached train_pad larger and randomly cropped to img_size;
+        # validation sees exactly what prediction will: the centre at img_size.
+        train_px = cached_pixels([s.path for s in train_samples], self.train_size, cache_dir,
+                                 crop=cfg.crop_fraction, workers=cfg.workers, progress=show)
+        val_px = cached_pixels([s.path for s in val_samples], cfg.img_size, cache_dir,
+                               crop=self.eval_crop, workers=cfg.workers, progress=show)
+        if cache_dir is not None and self.dist.is_main:
+            barrier(self.dist)
+        if cfg.cache == "memory":
+            train_px, val_px = np.asarray(train_px), np.asarray(val_px)
+        return (taxonomy, make_split(train_samples, train_px, taxonomy),
+                make_split(val_samples, val_px, taxonomy))
+
+    def _build(self, taxonomy: Taxonomy, train: Split) -> TreeClassifier:
+        """The model, normalised by the training pixels, seeded, with any given weights."""
+        cfg = self.config
+        mean, std = channel_stats(train.pixels)
+        mcfg = cfg.model_config(crop_fraction=self.eval_crop, mean=mean, std=std)
+        torch.manual_seed(cfg.seed)
+        model = build_model(taxonomy, mcfg)
+        if cfg.weights or cfg.pretrained:
+            for line in model.load_backbone_weights(cfg.weights, cfg.pretrained):
+                self._log(line)
+        return model.to(self.device)
+
+    def _criterion(self, model: TreeClassifier, taxonomy: Taxonomy, train: Split) -> TreeLoss:
+        cfg = self.config
+        leaf_w = None
+        if cfg.class_weights == "balanced" or cfg.loss == "weighted-ce":
+            leaf_w = balanced_leaf_weights(taxonomy, [s.label for s in train.samples]).tolist()
+        return TreeLoss(taxonomy, hierarchical=model.is_hierarchical, kind=cfg.loss,
+                        gamma=cfg.focal_gamma, leaf_weights=leaf_w,
+                        label_smoothing=cfg.label_smoothing,
+                        level_weights=cfg.level_weights).to(self.device)
+
+    def _training_state(self, model: TreeClassifier, train: Split, precision: Precision,
+                        ) -> tuple[TrainState, EpochPlan]:
+        """Optimiser, schedule, scaler and weight average; restored from ``last.pt`` on
+        resume."""
+        cfg = self.config
+        if cfg.balance == "rotate":
+            index, rotations = rotation_balance([s.label for s in train.samples], cfg.seed)
+        else:
+            index, rotations = np.arange(len(train)), np.zeros(len(train), np.int64)
+        plan = EpochPlan(index, rotations, cfg.batch_size, self.dist)
+        optimizer = make_optimizer(model, cfg)
+        state = TrainState(model, optimizer, make_scheduler(optimizer, cfg, plan.steps),
+                           torch.amp.GradScaler(enabled=precision.needs_scaler),
+                           weight_average(model, cfg.ema_decay))
+        if self.resume:
+            state.load_state_dict(read_training_state(self.run.last))
+            self._log(f"resuming after epoch {state.epoch} of {cfg.epochs}")
+        return state, plan
+
+    # ----------------------------------------------------------------- epochs
+    def _end_epoch(self, state: TrainState, row: dict[str, float], val: Split,
+                   precision: Precision, channels_last: bool, n_train: int,
+                   started: float) -> bool:
+        """Validate (every ``eval_every`` epochs and after the last), keep the best model,
+        write the history and ``last.pt``; returns True to stop early."""
+        cfg = self.config
+        due = state.epoch % cfg.eval_every == 0 or state.epoch == cfg.epochs
+        improved = False
+        if due:
+            row.update(validate(state.scored, val, cfg.batch_size * 2, precision, channels_last))
+            value = row["val_loss" if cfg.monitor == "loss" else f"val_{cfg.monitor}"]
+            sign = -1.0 if cfg.monitor == "loss" else 1.0
+            improved = state.best is None or sign * value > sign * state.best
+            if improved:
+                state.best, state.best_epoch, state.bad_epochs = value, state.epoch, 0
+            else:
+                state.bad_epochs += 1
+        else:
+            row.update(dict.fromkeys(_VAL_KEYS, math.nan))
+        row["seconds"] = time.perf_counter() - started
+        state.history.append(row)
+        if improved:
+            save_model(self.run.best, state.scored, extra={
+                "epoch": state.epoch, "metrics": row, "config": cfg.to_dict(),
+                "train_images": n_train, "val_images": len(val), "data": str(self.data)})
+        self._log(self._epoch_line(row, due, improved))
+        self._write_history(state.history)
+        save_training_state(self.run.last, state.state_dict())
+        stop = bool(cfg.patience and state.bad_epochs >= cfg.patience)
+        if stop:
+            self._log(f"early stop: no improvement for {cfg.patience} validations")
+        return stop
+
+    @staticmethod
+    def _epoch_line(row: dict[str, float], validated: bool, improved: bool) -> str:
+        text = (f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}, "
+                f"{row['train_images_per_s']:.0f} img/s")
+        if validated:
+            text += (f", val loss {row['val_loss']:.4f}, val acc {row['val_accuracy']:.4f}, "
+                     f"val macro-F1 {row['val_macro_f1']:.4f}" + (" [best]" if improved else ""))
+        return text
+
+    def _write_history(self, history: list[dict[str, float]]) -> None:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+        write_text(self.run.history, buffer.getvalue())
+
+    def _finish(self, state: TrainState) -> dict[str, Any]:
+        cfg = self.config
+        summary = {"best_epoch": state.best_epoch, "best": state.best, "monitor": cfg.monitor,
+                   "history": state.history, "run": str(self.out)}
+        if self.dist.is_main:
+            plots.learning_curves(state.history, self.run.curves)
+            write_json(self.run.summary, summary)
+        return summary
+
+
+def train(data: str | Path, out: str | Path, config: TrainConfig, *, resume: bool = False,
+          progress: bool = True) -> dict[str, Any]:
+    """Train a model on ``data`` into run folder ``out`` (see :class:`Trainer`)."""
+    return Trainer(data, out, config, resume=resume, progress=progress).fit()

@@ -1,0 +1,142 @@
+"""``leukotree cv``: train and evaluate every fold of patient-grouped cross-validation.
+
+``DIR/fold_<k>/`` holds each fold's run (``best.pt``, ``history.csv``...) and its
+evaluation on the held-out fold (``eval/metrics.json``, ``eval/predictions.csv``).
+A half-finished CV resumes: evaluated folds are kept, an interrupted fold resumes
+from its ``last.pt``. ``DIR/summary.json`` and ``DIR/summary.md`` gather the folds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+
+from leukotree.engine.config import TrainConfig, load_config, save_config
+from leukotree.engine.trainer import train
+from leukotree.errors import LeukotreeError
+from leukotree.evaluation.evaluate import EvalSettings, check_settings, evaluate
+from leukotree.report.html import write_document
+from leukotree.report.tables import Document, cv_document
+from leukotree.rundir import CVDir, EvalDir, RunDir, write_json
+
+#: Scalar metrics gathered per fold: name -> path of keys in metrics.json.
+SCALARS: dict[str, tuple[str, ...]] = {
+    "accuracy": ("accuracy",),
+    "macro_f1": ("macro_f1",),
+    "weighted_f1": ("weighted_f1",),
+    "auroc_macro": ("auroc_macro",),
+    "tree_accuracy": ("tree_accuracy",),
+    "hP": ("hierarchical", "hP"),
+    "hR": ("hierarchical", "hR"),
+    "hF": ("hierarchical", "hF"),
+    "ece": ("calibration", "leaves", "ece"),
+    "brier": ("calibration", "leaves", "brier"),
+    "patient_accuracy": ("patient_level", "accuracy"),
+    "binary_sensitivity": ("binary", "sensitivity"),
+    "binary_specificity": ("binary", "specificity"),
+}
+
+
+def _get(d: Any, path: tuple[str, ...]) -> float | None:
+    for key in path:
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return float(d) if isinstance(d, int | float) and d is not None else None
+
+
+def fold_scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """The scalar metrics of one fold, with per-node accuracies as ``node:<name>``."""
+    out = {name: v for name, path in SCALARS.items() if (v := _get(metrics, path)) is not None}
+    for node, row in metrics.get("per_node", {}).items():
+        if row.get("accuracy") is not None:
+            out[f"node:{node}"] = float(row["accuracy"])
+    return out
+
+
+def mean_std(values: list[float]) -> dict[str, float]:
+    arr = np.array([v for v in values if not math.isnan(v)], dtype=float)
+    if len(arr) == 0:
+        return {"mean": float("nan"), "std": float("nan")}
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
+
+
+def cross_validate(
+    data: str | Path,
+    out: str | Path,
+    config: TrainConfig,
+    *,
+    folds: int = 5,
+    settings: EvalSettings | None = None,
+    progress: bool = True,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) ``folds``-fold CV and write ``summary.json``, ``summary.md`` and
+    ``summary.html`` (a :class:`~leukotree.rundir.CVDir`)."""
+    if folds < 2:
+        raise LeukotreeError(f"The 'folds' parameter must be at least 2; got {folds}.")
+    settings = settings or EvalSettings(progress=progress)
+    check_settings(settings)
+    console = console or Console(stderr=True)
+    cv = CVDir(out)
+    base = _open_cv_dir(cv, replace(config, folds=folds, fold=None))
+    per_fold: list[dict[str, Any]] = []
+    for k in range(folds):
+        fold = cv.fold(k)
+        if fold.eval_dir.metrics.exists():
+            console.print(f"fold {k}: already evaluated, kept")
+        else:
+            console.rule(f"fold {k + 1} of {folds}")
+            train(data, fold.path, replace(base, fold=k), resume=fold.last.exists(),
+                  progress=progress)
+            # The manifest carries the split's labels and patient ids as they were resolved.
+            evaluate(fold.path, fold.write_val_manifest(), fold.eval_dir.path, settings,
+                     patients="auto", labels="folder")
+        metrics = fold.eval_dir.read_metrics()
+        per_fold.append({"fold": k, "n_images": metrics["n_images"], **fold_scalars(metrics)})
+    keys = sorted({key for row in per_fold for key in row} - {"fold", "n_images"})
+    summary = {
+        "model": config.model_config().description,
+        "head": config.head, "folds": per_fold,
+        "mean": {key: mean_std([row.get(key, float("nan")) for row in per_fold])
+                 for key in keys},
+        "config": base.to_dict(),
+    }
+    write_json(cv.summary, summary)
+    doc = cv_document([summary])
+    doc.extend(_fold_figures(per_fold))
+    write_document(doc, cv.markdown)
+    return summary
+
+
+def _open_cv_dir(cv: CVDir, base: TrainConfig) -> TrainConfig:
+    """Create the folder, or check that a half-finished CV in it used the same options."""
+    cv.path.mkdir(parents=True, exist_ok=True)
+    if cv.config.exists():
+        if load_config(cv.config).to_dict() != base.to_dict():
+            raise LeukotreeError(
+                f"'{cv.path}' holds a CV with other options (see {cv.config}); resume it with "
+                "the same options or choose another --out.")
+    else:
+        save_config(base, cv.config)
+    return base
+
+
+def _fold_figures(per_fold: list[dict[str, Any]]) -> Document:
+    """Each fold's report link and figures (paths relative to the CV folder)."""
+    doc = Document("folds")
+    doc.heading("Folds")
+    figures = (RunDir.CURVES, f"{RunDir.EVAL}/{EvalDir.CONFUSION_NORMALIZED}",
+               f"{RunDir.EVAL}/{EvalDir.ROC}", f"{RunDir.EVAL}/{EvalDir.RELIABILITY}")
+    for row in per_fold:
+        k = row["fold"]
+        name = CVDir.fold_name(k)
+        doc.heading(f"Fold {k + 1}", 3, link=f"{name}/{RunDir.EVAL}/{EvalDir.HTML}")
+        for fig in figures:
+            doc.figure(f"{name}/{fig}", f"fold {k + 1} {fig}")
+    return doc

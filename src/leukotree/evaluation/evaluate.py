@@ -1,0 +1,217 @@
+"""``leukotree evaluate``: metrics, tables, plots and predictions of a model on data."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from leukotree.data.discover import Sample, discover
+from leukotree.errors import LeukotreeError
+from leukotree.evaluation.metrics import (
+    binary_metrics,
+    classification_metrics,
+    reliability_bins,
+    threshold_for_sensitivity,
+)
+from leukotree.inference.decisions import AGGREGATES, aggregate_patients
+from leukotree.inference.predictor import Predictor, TorchPredictor, predict_paths
+from leukotree.models.checkpoint import load_model
+from leukotree.report import plots
+from leukotree.report.html import write_document
+from leukotree.report.tables import metrics_document
+from leukotree.rundir import EvalDir, RunDir, write_csv, write_json
+from leukotree.taxonomy import Taxonomy
+from leukotree.tree import decode_argmax
+
+
+@dataclass
+class EvalSettings:
+    """How ``evaluate`` decides and aggregates (the CLI's options)."""
+
+    threshold: float | None = None
+    target_sensitivity: float | None = None
+    positive: str | None = None
+    aggregate: str = "majority"
+    min_cells: int = 1
+    batch_size: int = 64
+    workers: int = 2
+    progress: bool = True
+    tta: bool = False
+
+
+def binary_block(taxonomy: Taxonomy, truth: list[str], probs: np.ndarray, threshold: float,
+                 positive: str) -> dict[str, Any]:
+    k = taxonomy.leaf_index[positive]
+    exact = taxonomy.encode_leaves(truth) >= 0
+    y = np.array([t == positive for t in truth])[exact]
+    out = binary_metrics(probs[exact, k], y, threshold)
+    out["positive"] = positive
+    return out
+
+
+def evaluate(
+    run: str | Path,
+    data: str | Path,
+    out: str | Path,
+    settings: EvalSettings | None = None,
+    *,
+    patients: str = "auto",
+    labels: str = "folder",
+) -> dict[str, Any]:
+    """Evaluate the model of ``run`` on ``data``; write metrics.json, metrics.md, metrics.html,
+    predictions.csv and the figures into ``out`` (an :class:`~leukotree.rundir.EvalDir`)."""
+    settings = settings or EvalSettings()
+    check_settings(settings)
+    run = Path(run)
+    model, _ = load_model(run)
+    predictor = TorchPredictor(model)
+    taxonomy: Taxonomy = model.taxonomy
+    sample_set = discover(data, taxonomy, patients=patients, labels=labels)
+    sample_set.raise_for_problems()
+    samples = sample_set.samples
+    preds = predict_paths(predictor, [s.path for s in samples],
+                          batch_size=settings.batch_size, workers=settings.workers,
+                          progress=settings.progress, on_error="raise", tta=settings.tta)
+    probs = preds.leaf_probs.astype(np.float64)
+    truth = [s.label for s in samples]
+    metrics = classification_metrics(taxonomy, truth, probs)
+    metrics["model"] = str(run)
+    metrics["data"] = str(data)
+    if metrics["leaves_absent"]:
+        metrics["note"] = (f"{len(metrics['leaves_absent'])} leaves have no image in these data "
+                           f"({', '.join(metrics['leaves_absent'])}); metrics cover the "
+                           "leaves present.")
+    if len(taxonomy.leaves) == 2:
+        metrics["binary"] = _binary_section(run, predictor, truth, probs, settings)
+    metrics["patient_level"] = patient_level(taxonomy, samples, probs, settings)
+    where = EvalDir(out)
+    where.path.mkdir(parents=True, exist_ok=True)
+    metrics["figures"] = write_figures(taxonomy, truth, probs, metrics, where.path)
+    write_json(where.metrics, metrics)
+    write_document(metrics_document(metrics), where.markdown)
+    write_predictions(where.predictions, taxonomy, samples, probs)
+    return metrics
+
+
+def check_settings(settings: EvalSettings) -> None:
+    """Refuse impossible settings before any image is read."""
+    if settings.aggregate not in AGGREGATES:
+        raise LeukotreeError(f"The 'aggregate' parameter must be one of {', '.join(AGGREGATES)};"
+                             f" got {settings.aggregate!r}.")
+    for name in ("batch_size", "workers", "min_cells"):
+        if getattr(settings, name) < 1:
+            raise LeukotreeError(f"The '{name}' parameter must be >= 1; got "
+                                 f"{getattr(settings, name)!r}.")
+    if settings.threshold is not None and not 0 <= settings.threshold <= 1:
+        raise LeukotreeError(f"The 'threshold' parameter must be in [0, 1]; got "
+                             f"{settings.threshold!r}.")
+    if settings.target_sensitivity is not None and not 0 < settings.target_sensitivity <= 1:
+        raise LeukotreeError(f"The 'target_sensitivity' parameter must be in (0, 1]; got "
+                             f"{settings.target_sensitivity!r}.")
+
+
+def _binary_section(run: Path, predictor: Predictor, truth: list[str], probs: np.ndarray,
+                    settings: EvalSettings) -> dict[str, Any]:
+    """The binary block at a given threshold, 0.5, or the threshold reaching a target
+    sensitivity on the run's own validation split."""
+    taxonomy = predictor.taxonomy
+    positive = settings.positive or taxonomy.leaves[0]
+    if positive not in taxonomy.leaf_index:
+        raise LeukotreeError(f"--positive '{positive}' is not a leaf of taxonomy "
+                             f"'{taxonomy.name}' ({', '.join(taxonomy.leaves)}).")
+    threshold, source = 0.5, "default"
+    if settings.threshold is not None:
+        threshold, source = settings.threshold, "given"
+    elif settings.target_sensitivity is not None:
+        val = RunDir.of(run).read_split("val")
+        vp = predict_paths(predictor, [Path(r["path"]) for r in val], progress=False,
+                           on_error="raise", batch_size=settings.batch_size, tta=settings.tta)
+        k = taxonomy.leaf_index[positive]
+        threshold = threshold_for_sensitivity(
+            vp.leaf_probs[:, k], np.array([r["label"] == positive for r in val]),
+            settings.target_sensitivity)
+        source = f"sensitivity >= {settings.target_sensitivity} on the run's validation split"
+    block = binary_block(taxonomy, truth, probs, threshold, positive)
+    block["threshold_source"] = source
+    return block
+
+
+def patient_level(taxonomy: Taxonomy, samples: list[Sample], probs: np.ndarray,
+                  settings: EvalSettings) -> dict[str, Any] | None:
+    """Metrics after aggregating each patient's cells, when every patient has one label."""
+    patients = [s.patient for s in samples]
+    if not any(patients):
+        return None
+    labels_of: dict[str, Counter[str]] = {}
+    for s in samples:
+        if s.patient:
+            labels_of.setdefault(s.patient, Counter())[s.label] = 1
+    patient_label: dict[str, str] = {}
+    mixed = []
+    for patient, counts in labels_of.items():
+        deepest = max(counts, key=taxonomy.depth)
+        # Cells labelled at an ancestor of the deepest label ("Acute" beside "ALL") agree.
+        if all(lab in taxonomy.path(deepest) for lab in counts):
+            patient_label[patient] = deepest
+        else:
+            mixed.append(patient)
+    if mixed:
+        return {"skipped": f"{len(mixed)} patient(s) have cells of several labels (e.g. "
+                           f"{mixed[0]}); patient-level diagnosis needs one label per patient"}
+    agg = aggregate_patients(patients, probs, method=settings.aggregate,
+                             min_cells=settings.min_cells)
+    decided = [p for p, a in agg.items() if a["decision"] is not None]
+    insufficient = sorted(set(agg) - set(decided))
+    out: dict[str, Any] = {"method": settings.aggregate, "min_cells": settings.min_cells,
+                           "n_patients": len(agg), "insufficient": insufficient}
+    if decided:
+        key = "vote_shares" if settings.aggregate == "majority" else "mean_probs"
+        p_probs = np.stack([agg[p][key] for p in decided])
+        if settings.aggregate == "majority":  # decision = argmax incl. tie-break
+            p_probs = p_probs + 1e-6 * np.stack([agg[p]["mean_probs"] for p in decided])
+            p_probs = p_probs / p_probs.sum(1, keepdims=True)
+        p_truth = [patient_label[p] for p in decided]
+        out.update(classification_metrics(taxonomy, p_truth, p_probs))
+        out["patients"] = {p: {"truth": t, "decision": taxonomy.leaves[agg[p]["decision"]],
+                               "n_cells": agg[p]["n_cells"]}
+                           for p, t in zip(decided, p_truth, strict=True)}
+    return out
+
+
+def write_figures(taxonomy: Taxonomy, truth: list[str], probs: np.ndarray,
+                  metrics: dict[str, Any], out: Path) -> dict[str, str]:
+    figures: dict[str, str] = {}
+    if "confusion_matrix" not in metrics:
+        return figures
+    matrix = np.array(metrics["confusion_matrix"]["matrix"])
+    leaves = list(taxonomy.leaves)
+    exact = taxonomy.encode_leaves(truth)
+    keep = exact >= 0
+    for name, path in (
+        ("confusion", plots.confusion(matrix, leaves, out / EvalDir.CONFUSION,
+                                      normalize=False)),
+        ("confusion_normalized", plots.confusion(matrix, leaves,
+                                                 out / EvalDir.CONFUSION_NORMALIZED,
+                                                 normalize=True)),
+        ("roc", plots.roc_curves(exact[keep], probs[keep], leaves, out / EvalDir.ROC)),
+        ("reliability", plots.reliability(reliability_bins(probs[keep], exact[keep]),
+                                          out / EvalDir.RELIABILITY)),
+    ):
+        if path is not None:
+            figures[name] = path.name
+    return figures
+
+
+def write_predictions(path: Path, taxonomy: Taxonomy, samples: list[Sample],
+                      probs: np.ndarray) -> None:
+    """``path,label,patient,predicted,p_<leaf>...`` for every image."""
+    pred = decode_argmax(taxonomy, probs)
+    rows = [{"path": str(s.path), "label": s.label, "patient": s.patient or "", "predicted": p,
+             **{f"p_{leaf}": f"{v:.6f}" for leaf, v in zip(taxonomy.leaves, row, strict=True)}}
+            for s, p, row in zip(samples, pred, probs, strict=True)]
+    write_csv(path, rows, ["path", "label", "patient", "predicted",
+                           *[f"p_{leaf}" for leaf in taxonomy.leaves]])

@@ -1,0 +1,137 @@
+"""``leukotree predict``: per-image tree probabilities with referral, per-patient diagnoses.
+
+The rules are those of :mod:`leukotree.inference.decisions`; this module runs a
+predictor over the inputs and lays the decisions out as rows (CSV or JSON).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from leukotree.data.discover import InputImage, collect_inputs
+from leukotree.errors import LeukotreeError
+from leukotree.inference.decisions import (
+    aggregate_patients,
+    calibrate_thresholds,
+    decide,
+    decide_patient,
+    parse_thresholds,
+    referral_message,
+)
+from leukotree.inference.predictor import Predictions, Predictor, load_predictor, predict_paths
+from leukotree.rundir import RunDir, write_csv
+from leukotree.taxonomy import Taxonomy
+from leukotree.tree import node_probabilities
+
+
+@dataclass
+class PredictResult:
+    """What ``predict`` found: the inputs, their predictions and the thresholds used."""
+
+    taxonomy: Taxonomy
+    images: list[InputImage]
+    predictions: Predictions
+    thresholds: list[float]
+    engine: str
+    engine_note: str | None = None
+
+
+def run_predict(
+    run: str | Path,
+    inputs: Sequence[str | Path],
+    *,
+    patients: str = "none",
+    confidence: str | None = None,
+    target_error: float | None = None,
+    batch_size: int = 64,
+    workers: int = 2,
+    progress: bool = True,
+    tta: bool = False,
+    engine: str = "auto",
+) -> PredictResult:
+    """Predict every input image (see :func:`~leukotree.inference.predictor.load_predictor`
+    for ``engine``); thresholds come from ``confidence`` or, with ``target_error``, from
+    the run's validation split."""
+    predictor, info = load_predictor(run, engine)
+    images = collect_inputs(inputs, patients, predictor.taxonomy)
+    preds = predict_paths(predictor, [i.path for i in images], batch_size=batch_size,
+                          workers=workers, progress=progress, on_error="report", tta=tta)
+    if target_error is not None:
+        thresholds = _thresholds_for_error(run, predictor, target_error, batch_size, tta)
+    else:
+        thresholds = parse_thresholds(confidence, predictor.taxonomy.max_depth)
+    return PredictResult(predictor.taxonomy, images, preds, thresholds, info["engine"],
+                         info.get("engine_note"))
+
+
+def _thresholds_for_error(run: str | Path, predictor: Predictor, target_error: float,
+                          batch_size: int, tta: bool) -> list[float]:
+    if str(run).endswith(".onnx"):
+        raise LeukotreeError("--target-error needs the run folder (its validation split); "
+                             "with an ONNX file, give --confidence instead.")
+    val = RunDir.of(run).read_split("val")
+    vp = predict_paths(predictor, [Path(r["path"]) for r in val], progress=False,
+                       on_error="raise", batch_size=batch_size, tta=tta)
+    return calibrate_thresholds(predictor.taxonomy, [r["label"] for r in val], vp.leaf_probs,
+                                target_error)
+
+
+def prediction_rows(result: PredictResult, decode: str = "argmax") -> list[dict[str, Any]]:
+    """One row per input image: node probabilities, decoded leaf, referral, error."""
+    taxonomy, preds = result.taxonomy, result.predictions
+    node_p = node_probabilities(taxonomy, np.nan_to_num(preds.leaf_probs))
+    rows = []
+    for i, img in enumerate(result.images):
+        row: dict[str, Any] = {"path": str(img.path), "patient": img.patient or ""}
+        if preds.errors[i] is not None:
+            row.update({"predicted_leaf": "", "decoded_path": "", "reported_node": "",
+                        "refer": "", "message": "", "error": preds.errors[i]})
+            row.update({f"p_{n}": "" for n in taxonomy.nodes})
+            rows.append(row)
+            continue
+        leaf, confident, refer, _ = decide(taxonomy, node_p[i], result.thresholds, decode)
+        row.update({"predicted_leaf": leaf, "decoded_path": taxonomy.path_string(leaf),
+                    "reported_node": confident, "refer": refer,
+                    "message": referral_message(taxonomy, leaf, confident, refer), "error": ""})
+        row.update({f"p_{n}": round(float(node_p[i, taxonomy.node_index[n]]), 6)
+                    for n in taxonomy.nodes})
+        rows.append(row)
+    return rows
+
+
+def patient_rows(result: PredictResult, method: str, min_cells: int) -> list[dict[str, Any]]:
+    """One row per patient: diagnosis, referral (the rule ``report`` uses), votes, means."""
+    taxonomy, preds = result.taxonomy, result.predictions
+    ok = preds.ok
+    patients = [img.patient if ok[i] else None for i, img in enumerate(result.images)]
+    if not any(patients):
+        raise LeukotreeError("--by-patient needs patient ids: use --patients folder, cnmc, "
+                             "re:<regex>, or a manifest with a 'patient' column.")
+    agg = aggregate_patients(patients, np.nan_to_num(preds.leaf_probs), method=method,
+                             min_cells=min_cells)
+    out = []
+    for patient, a in agg.items():
+        d = decide_patient(taxonomy, patient, a, result.thresholds, method, min_cells)
+        out.append({
+            "patient": patient, "n_cells": d.n_cells, "diagnosis": d.leaf or "insufficient",
+            "path": taxonomy.path_string(d.leaf) if d.leaf else "",
+            "referred": d.refer, "reported_node": d.reported_node, "reason": d.reason,
+            **{f"votes_{leaf}": round(float(v), 4) for leaf, v in zip(
+                taxonomy.leaves, d.vote_shares, strict=True)},
+            **{f"mean_p_{leaf}": round(float(v), 4) for leaf, v in zip(
+                taxonomy.leaves, d.mean_probs, strict=True)},
+        })
+    return out
+
+
+def write_rows(rows: list[dict[str, Any]], out: Path | None, as_json: bool) -> str | None:
+    """Write ``rows`` as CSV to ``out`` (when given); return them as JSON when asked."""
+    if out is not None:
+        write_csv(out, rows, list(rows[0]) if rows else ["path"])
+    return json.dumps(rows, indent=2, default=str) if as_json else None

@@ -1,0 +1,114 @@
+"""Self-describing model files, loaded without executing any code.
+
+A checkpoint is one torch file holding only tensors and plain Python values
+(read back with ``torch.load(weights_only=True)``): the weights, the taxonomy,
+the model configuration (including the training set's normalisation), the class
+order, the image size, library versions and training metrics.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from leukotree import __version__
+from leukotree.errors import LeukotreeError
+from leukotree.models.heads import ModelConfig, TreeClassifier, build_model
+from leukotree.rundir import RunDir
+from leukotree.taxonomy import Taxonomy
+
+FORMAT = "leukotree-model/1"
+
+
+def environment() -> dict[str, str]:
+    """Versions worth recording with every run."""
+    import numpy
+    import sklearn
+    import timm
+
+    return {
+        "leukotree": __version__, "torch": str(torch.__version__), "timm": timm.__version__,
+        "numpy": numpy.__version__, "scikit-learn": sklearn.__version__,
+        "python": platform.python_version(), "platform": platform.platform(),
+    }
+
+
+def unwrap(model: torch.nn.Module) -> TreeClassifier:
+    inner = getattr(model, "module", model)
+    inner = getattr(inner, "_orig_mod", inner)
+    return inner  # type: ignore[return-value]
+
+
+def save_model(path: Path, model: torch.nn.Module, *, extra: dict[str, Any] | None = None,
+               ) -> None:
+    """Write ``model`` with everything needed to use it later (atomic replace)."""
+    net = unwrap(model)
+    payload = {
+        "format": FORMAT,
+        "taxonomy": net.taxonomy.to_dict(),
+        "model_config": net.config.to_dict(),
+        "class_order": list(net.taxonomy.leaves),
+        "inner_nodes": list(net.taxonomy.inner_nodes),
+        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "environment": environment(),
+        "extra": extra or {},
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The payload of a model file (a run folder means its ``best.pt``), read safely."""
+    path = RunDir.checkpoint_of(path)
+    if not path.is_file():
+        raise LeukotreeError(f"Model file '{path}' does not exist; give a run folder or a .pt "
+                             "file written by 'leukotree train'.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise LeukotreeError(f"'{path}' is not a readable leukotree model ({err}).") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise LeukotreeError(f"'{path}' is not a leukotree model file (format {FORMAT}).")
+    return payload
+
+
+def load_model(path: str | Path) -> tuple[TreeClassifier, dict[str, Any]]:
+    """Rebuild the model of a checkpoint (in eval mode) and return it with its payload."""
+    payload = read_checkpoint(path)
+    taxonomy = Taxonomy.from_dict(payload["taxonomy"], source=str(path))
+    config = ModelConfig.from_dict(payload["model_config"], source=f"'{path}'")
+    model = build_model(taxonomy, config)
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise LeukotreeError(f"The weights in '{path}' do not fit the model it describes "
+                             f"({first}); the file is damaged or was edited.") from None
+    model.eval()
+    return model, payload
+
+
+def save_training_state(path: Path, state: dict[str, Any]) -> None:
+    """Write what ``--resume`` needs (weights, optimiser, schedule, history), atomically."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def read_training_state(path: Path) -> dict[str, Any]:
+    """The state written by :func:`save_training_state` (tensors and plain values only)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise LeukotreeError(f"Nothing to resume: '{path}' does not exist.") from None
+    except Exception as err:
+        raise LeukotreeError(f"Cannot resume from '{path}': the file is damaged ({err}). "
+                             "Start the run again in a new --out folder.") from None
+    if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
+        raise LeukotreeError(f"Cannot resume from '{path}': it is not a leukotree training "
+                             "state.")
+    return state

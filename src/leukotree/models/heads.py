@@ -1,0 +1,300 @@
+"""Tree classifiers behind one interface: flat, multi-head hierarchical and per-node.
+
+Every model takes uint8-range images ``(B, 3, H, W)`` (normalisation is part of
+the model, so exported models need no preprocessing beyond resizing) and
+returns a dict of tensors:
+
+- ``"leaf_logp"``: ``(B, n_leaves)`` log-probabilities of the leaves, always a
+  consistent distribution over the tree (inner nodes are sums of their leaves);
+- ``"head:<node>"``: conditional logits over the children of each inner node,
+  for the hierarchical heads (multihead, per-node).
+
+For the hierarchical heads, ``log P(leaf) = sum over the path of
+log P(child | parent)``, computed as one matrix product with the taxonomy's
+path matrix, so a child never gets more probability than its parent.
+
+The interface (:class:`TreeClassifier`) is all that code outside ``models/`` uses:
+``forward(x, head_targets=None)``, ``is_hierarchical`` (trained by masked per-node
+losses), ``backbones()``, ``feature_module(node)`` (for heat maps),
+``load_backbone_weights``, ``supports_channels_last``, ``ddp_find_unused_parameters``
+and :meth:`TreeClassifier.arch_name`. Heads are registered by name (:data:`HEADS`);
+:func:`build_model` builds any of them from a :class:`ModelConfig`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leukotree.errors import LeukotreeError, did_you_mean
+from leukotree.models.backbones import create_backbone, load_weights, resolve_name
+from leukotree.taxonomy import Taxonomy
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model's architecture."""
+
+    head: str = "multihead"
+    backbone: str = "resnet18"
+    img_size: int = 224
+    drop_rate: float = 0.0
+    hybrid_backbones: list[str] = field(
+        default_factory=lambda: ["vgg16", "inception_v3", "legacy_xception"])
+    hybrid_pool: int = 4
+    hybrid_channels: int = 256
+    hybrid_hidden: int = 256
+    crop_fraction: float = 1.0  # central fraction of each image seen at inference
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "a model file") -> ModelConfig:
+        """Rebuild from :meth:`to_dict`; unknown keys are refused (a newer leukotree's file)."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise LeukotreeError(
+                f"The model configuration in {source} has unknown key(s) {unknown}; it was "
+                "probably written by a newer leukotree. Upgrade leukotree to read it.")
+        return cls(**d)
+
+    @property
+    def arch_name(self) -> str:
+        """The backbone(s) of this configuration, e.g. ``resnet18`` or ``vgg16+inception_v3``."""
+        return head_class(self.head).arch_name(self)
+
+    @property
+    def description(self) -> str:
+        """``<head>/<backbones>``, e.g. ``multihead/resnet18``."""
+        return f"{self.head}/{self.arch_name}"
+
+
+def feature_width(backbone: nn.Module) -> int:
+    """Width of a backbone's pooled output (timm's pre-logits width where it has one)."""
+    return int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
+
+
+class Normalize(nn.Module):
+    """``(x / 255 - mean) / std`` with the training set's channel statistics."""
+
+    def __init__(self, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean) / self.std
+
+
+class TreeClassifier(nn.Module):
+    """The interface of every head: normalisation, the taxonomy's matrices, composition."""
+
+    head_type: ClassVar[str] = "base"
+    #: Trained by the masked per-node loss (one conditional head per inner node).
+    is_hierarchical: ClassVar[bool] = False
+    #: Runs faster in channels_last memory format on CPUs.
+    supports_channels_last: ClassVar[bool] = True
+    #: DistributedDataParallel must look for parameters a step did not use.
+    ddp_find_unused_parameters: ClassVar[bool] = False
+
+    def __init__(self, taxonomy: Taxonomy, config: ModelConfig) -> None:
+        super().__init__()
+        self.taxonomy = taxonomy
+        self.config = config
+        self.normalize = Normalize(config.mean, config.std)
+        # Position of each head's children in taxonomy.nodes, and path matrix.
+        order = [taxonomy.node_index[c] for n in taxonomy.inner_nodes
+                 for c in taxonomy.children(n)]
+        self.register_buffer("child_order", torch.tensor(order, dtype=torch.long),
+                             persistent=False)
+        path = torch.tensor(taxonomy.node_leaf_matrix(), dtype=torch.float32)
+        self.register_buffer("path_matrix", path, persistent=False)
+
+    @classmethod
+    def arch_name(cls, config: ModelConfig) -> str:
+        """The backbone(s) this head builds from ``config``."""
+        return config.backbone
+
+    def compose(self, head_logits: list[torch.Tensor]) -> torch.Tensor:
+        """Leaf log-probabilities from conditional logits of every inner node."""
+        cond = torch.cat([F.log_softmax(h.float(), dim=1) for h in head_logits], dim=1)
+        node_cond = torch.empty_like(cond)
+        node_cond[:, self.child_order] = cond
+        return node_cond @ self.path_matrix
+
+    def forward(self, x: torch.Tensor, head_targets: torch.Tensor | None = None,
+                ) -> dict[str, torch.Tensor]:
+        """Outputs for ``x``; ``head_targets`` (training only) lets a head skip work that
+        the loss will not use (see :class:`PerNodeClassifier`)."""
+        raise NotImplementedError
+
+    def backbones(self) -> list[tuple[str, nn.Module]]:
+        """``(backbone name, module)`` of every feature extractor, for loading weights."""
+        raise NotImplementedError
+
+    def feature_module(self, node: str) -> nn.Module:
+        """The part of the model whose features decide ``node`` (for heat maps)."""
+        return self.backbones()[-1][1]
+
+    def load_backbone_weights(self, weights: str | None, pretrained: bool) -> list[str]:
+        """Load a local weights file (or, with ``pretrained``, hub weights) into every
+        backbone; returns one line per backbone saying what was loaded."""
+        messages = []
+        for name, module in self.backbones():
+            if weights:
+                missing, _ = load_weights(module, weights)
+                messages.append(f"{name}: loaded {weights} ({len(missing)} backbone tensors "
+                                "not in file)")
+            elif pretrained:
+                ref = create_backbone(name, img_size=self.config.img_size, pretrained=True)
+                module.load_state_dict(ref.state_dict())
+                messages.append(f"{name}: loaded hub weights")
+        return messages
+
+
+HEADS: dict[str, type[TreeClassifier]] = {}
+
+
+def register_head(name: str) -> Callable[[type[TreeClassifier]], type[TreeClassifier]]:
+    def deco(cls: type[TreeClassifier]) -> type[TreeClassifier]:
+        cls.head_type = name
+        HEADS[name] = cls
+        return cls
+
+    return deco
+
+
+def head_class(name: str) -> type[TreeClassifier]:
+    """The registered head ``name``, or an error listing the heads."""
+    if name not in HEADS:
+        raise LeukotreeError(f"Unknown head '{name}': choose one of {', '.join(HEADS)}."
+                             + did_you_mean(name, HEADS))
+    return HEADS[name]
+
+
+class SharedBackboneClassifier(TreeClassifier):
+    """One timm backbone; subclasses add ``forward_head`` (timm's two-step interface)."""
+
+    def __init__(self, taxonomy: Taxonomy, config: ModelConfig) -> None:
+        super().__init__(taxonomy, config)
+        self.backbone = create_backbone(config.backbone, img_size=config.img_size,
+                                        drop_rate=config.drop_rate)
+
+    def backbones(self) -> list[tuple[str, nn.Module]]:
+        return [(self.config.backbone, self.backbone)]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.normalize(x))
+
+    def forward_head(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, head_targets: torch.Tensor | None = None,
+                ) -> dict[str, torch.Tensor]:
+        return self.forward_head(self.forward_features(x))
+
+
+@register_head("flat")
+class FlatClassifier(SharedBackboneClassifier):
+    """One softmax over the leaves; inner nodes get the sums of their leaves."""
+
+    def __init__(self, taxonomy: Taxonomy, config: ModelConfig) -> None:
+        super().__init__(taxonomy, config)
+        self.classifier = nn.Linear(feature_width(self.backbone), len(taxonomy.leaves))
+
+    def forward_head(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"leaf_logp": F.log_softmax(self.classifier(features).float(), dim=1)}
+
+
+@register_head("multihead")
+class MultiHeadClassifier(SharedBackboneClassifier):
+    """The proposed model: one shared backbone, one linear head per inner node."""
+
+    is_hierarchical = True
+
+    def __init__(self, taxonomy: Taxonomy, config: ModelConfig) -> None:
+        super().__init__(taxonomy, config)
+        width = feature_width(self.backbone)
+        self.heads = nn.ModuleList(
+            nn.Linear(width, len(taxonomy.children(n))) for n in taxonomy.inner_nodes)
+
+    def forward_head(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = [head(features) for head in self.heads]
+        out = {f"head:{n}": lg for n, lg in zip(self.taxonomy.inner_nodes, logits, strict=True)}
+        out["leaf_logp"] = self.compose(logits)
+        return out
+
+
+@register_head("per-node")
+class PerNodeClassifier(TreeClassifier):
+    """The base hierarchical model: a separate backbone and classifier per inner node.
+
+    Each node model is trained only on the images under its node (``forward`` with
+    ``head_targets``) and the models are merged at inference into one consistent
+    tree of probabilities.
+    """
+
+    is_hierarchical = True
+    ddp_find_unused_parameters = True
+
+    def __init__(self, taxonomy: Taxonomy, config: ModelConfig) -> None:
+        super().__init__(taxonomy, config)
+        self.node_models = nn.ModuleList()
+        for node in taxonomy.inner_nodes:
+            backbone = create_backbone(config.backbone, img_size=config.img_size,
+                                       drop_rate=config.drop_rate)
+            head = nn.Linear(feature_width(backbone), len(taxonomy.children(node)))
+            self.node_models.append(nn.Sequential(backbone, head))
+
+    def backbones(self) -> list[tuple[str, nn.Module]]:
+        return [(self.config.backbone, m[0]) for m in self.node_models]
+
+    def feature_module(self, node: str) -> nn.Module:
+        parent = self.taxonomy.parent(node) or self.taxonomy.root
+        return self.node_models[self.taxonomy.inner_nodes.index(parent)][0]
+
+    def forward(self, x: torch.Tensor, head_targets: torch.Tensor | None = None,
+                ) -> dict[str, torch.Tensor]:
+        """All node models on all images; with ``head_targets`` (training), each node
+        model only on the images whose label path passes its node.
+
+        In training, ``head:<node>`` holds the logits of those rows and ``rows:<node>``
+        their indices.
+        """
+        x = self.normalize(x)
+        if head_targets is None:
+            logits = [m(x) for m in self.node_models]
+            out = {f"head:{n}": lg
+                   for n, lg in zip(self.taxonomy.inner_nodes, logits, strict=True)}
+            out["leaf_logp"] = self.compose(logits)
+            return out
+        out = {}
+        for k, (node, model) in enumerate(zip(self.taxonomy.inner_nodes, self.node_models,
+                                               strict=True)):
+            rows = torch.nonzero(head_targets[:, k] >= 0).flatten()
+            out[f"rows:{node}"] = rows
+            if rows.numel() == 0:
+                # Keep every parameter in the graph (needed by DDP) at zero cost.
+                out[f"head:{node}"] = sum(p.sum() * 0 for p in model.parameters()).view(1, 1)
+            elif rows.numel() == 1 and self.training:
+                out[f"head:{node}"] = model(x[rows].repeat(2, 1, 1, 1))[:1]  # BN needs two
+            else:
+                out[f"head:{node}"] = model(x[rows])
+        return out
+
+
+def build_model(taxonomy: Taxonomy, config: ModelConfig) -> TreeClassifier:
+    """Build the classifier named by ``config.head`` (see :data:`HEADS`)."""
+    cls = head_class(config.head)
+    for name in cls.arch_name(config).split("+"):
+        resolve_name(name)
+    return cls(taxonomy, config)

@@ -1,0 +1,233 @@
+"""Every table leukotree reports, built once as a :class:`Document` and written as Markdown
+(:meth:`Document.to_markdown`) or HTML (:func:`leukotree.report.html.document_to_html`).
+
+Numbers go through one formatter, :func:`fmt`. Text from users (class names, patient
+ids, paths) is kept as data in the document and escaped by each writer, never pasted
+into markup.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from leukotree.taxonomy import Taxonomy
+
+
+def fmt(value: object, *, percent: bool = False) -> str:
+    """``-`` for missing or NaN; floats with 4 decimals, or as a percentage with 2."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    if percent:
+        return f"{100 * value:.2f}"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def fmt_mean_std(entry: dict[str, float] | None) -> str:
+    """``mean ± std`` of a ``{"mean", "std"}`` entry, in percent."""
+    if entry is None:
+        return "-"
+    return f"{fmt(entry['mean'], percent=True)} ± {fmt(entry['std'], percent=True)}"
+
+
+@dataclass
+class Heading:
+    text: str
+    level: int = 2
+    link: str | None = None  # a relative file the heading links to
+
+
+@dataclass
+class Paragraph:
+    text: str
+
+
+@dataclass
+class Note:
+    text: str
+
+
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+
+
+@dataclass
+class Figure:
+    src: str  # a file relative to the document's folder
+    caption: str
+
+
+Block = Heading | Paragraph | Note | Table | Figure
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+@dataclass
+class Document:
+    """A report as a list of blocks."""
+
+    title: str
+    blocks: list[Block] = field(default_factory=list)
+
+    def heading(self, text: str, level: int = 2, link: str | None = None) -> None:
+        self.blocks.append(Heading(text, level, link))
+
+    def paragraph(self, text: str) -> None:
+        self.blocks.append(Paragraph(text))
+
+    def note(self, text: str) -> None:
+        self.blocks.append(Note(text))
+
+    def table(self, header: list[str], rows: list[list[str]]) -> None:
+        self.blocks.append(Table(header, rows))
+
+    def figure(self, src: str, caption: str) -> None:
+        self.blocks.append(Figure(src, caption))
+
+    def extend(self, other: Document) -> None:
+        self.blocks.extend(other.blocks)
+
+    def to_markdown(self) -> str:
+        lines: list[str] = []
+        for b in self.blocks:
+            if isinstance(b, Heading):
+                text = f"{b.text}: [report]({b.link})" if b.link else b.text
+                lines += ["#" * b.level + " " + text, ""]
+            elif isinstance(b, Paragraph):
+                lines += [b.text, ""]
+            elif isinstance(b, Note):
+                lines += [f"> {b.text}", ""]
+            elif isinstance(b, Table):
+                lines.append("| " + " | ".join(map(_md_cell, b.header)) + " |")
+                lines.append("|" + "---|" * len(b.header))
+                lines += ["| " + " | ".join(map(_md_cell, row)) + " |" for row in b.rows]
+                lines.append("")
+            else:
+                lines += [f"![{b.caption}]({b.src})", ""]
+        return "\n".join(lines).rstrip("\n") + "\n"
+
+
+# ----------------------------------------------------------------- evaluate
+_SUMMARY_KEYS = ("n_images", "accuracy", "macro_f1", "weighted_f1", "auroc_macro",
+                 "tree_accuracy")
+_BINARY_KEYS = ("tp", "tn", "fp", "fn", "accuracy", "prevalence", "sensitivity",
+                "specificity", "ppv", "npv", "auc", "f1")
+
+
+def metrics_document(m: dict[str, Any]) -> Document:
+    """The tables of one ``metrics.json`` (``leukotree evaluate``)."""
+    doc = Document(f"Evaluation of {m.get('model', '')}")
+    doc.heading(doc.title, 1)
+    doc.paragraph(f"Data: {m.get('data', '')}")
+    if m.get("note"):
+        doc.note(m["note"])
+    rows = [[key, fmt(m.get(key))] for key in _SUMMARY_KEYS]
+    rows += [[key, fmt(value)] for key, value in m.get("hierarchical", {}).items()]
+    doc.table(["metric", "value"], rows)
+    doc.heading("Per node (choosing among the children)")
+    doc.table(["node", "children", "n", "accuracy"],
+              [[node, " / ".join(row["children"]), fmt(row["n"]), fmt(row["accuracy"])]
+               for node, row in m.get("per_node", {}).items()])
+    if "per_class" in m:
+        doc.heading("Per class")
+        doc.table(["class", "precision", "recall", "F1", "support"],
+                  [[name, fmt(r["precision"]), fmt(r["recall"]), fmt(r["f1"]),
+                    fmt(r["support"])] for name, r in m["per_class"].items()])
+    if "binary" in m:
+        b = m["binary"]
+        doc.heading(f"Binary (positive: {b['positive']}, threshold {b['threshold']:.4f}, "
+                    f"{b['threshold_source']})")
+        doc.table(["metric", "value"], [[key, fmt(b[key])] for key in _BINARY_KEYS])
+    pl = m.get("patient_level")
+    if pl:
+        doc.heading("Patient level")
+        if "skipped" in pl:
+            doc.paragraph(pl["skipped"])
+        else:
+            doc.paragraph(
+                f"{pl['n_patients']} patients, aggregation '{pl['method']}', "
+                f"{len(pl['insufficient'])} with fewer than {pl['min_cells']} cells "
+                f"(insufficient); accuracy {fmt(pl.get('accuracy'))}, macro F1 "
+                f"{fmt(pl.get('macro_f1'))}.")
+    for name, file in m.get("figures", {}).items():
+        doc.figure(file, name)
+    return doc
+
+
+# ----------------------------------------------------------------- cross-validation
+_TABLE2 = ("accuracy", "macro_f1", "auroc_macro")
+
+
+def cv_document(summaries: list[dict[str, Any]]) -> Document:
+    """Table 2 of the paper: accuracy, F1 and AUROC per fold and model, then mean ± std;
+    then the hierarchical and per-node metrics."""
+    doc = Document("Cross-validation (values in %)")
+    doc.heading(doc.title, 1)
+    header = ["Fold"] + [f"{s['model']} {name}" for s in summaries
+                         for name in ("ACC", "F1", "AUROC")]
+    rows = []
+    for k in range(max(len(s["folds"]) for s in summaries)):
+        cells = [str(k + 1)]
+        for s in summaries:
+            row = s["folds"][k] if k < len(s["folds"]) else {}
+            cells += [fmt(row.get(key), percent=True) for key in _TABLE2]
+        rows.append(cells)
+    rows.append(["mean ± std"] + [fmt_mean_std(s["mean"].get(key, {"mean": math.nan,
+                                                                    "std": math.nan}))
+                                  for s in summaries for key in _TABLE2])
+    doc.table(header, rows)
+    doc.paragraph("Hierarchical and per-node metrics (mean ± std over folds, %):")
+    keys = sorted({k for s in summaries for k in s["mean"]} - set(_TABLE2))
+    doc.table(["metric"] + [s["model"] for s in summaries],
+              [[key] + [fmt_mean_std(s["mean"].get(key)) for s in summaries] for key in keys])
+    return doc
+
+
+# ----------------------------------------------------------------- comparison
+def _with_ci(entry: dict[str, Any] | None) -> str:
+    if entry is None or entry["accuracy"] is None:
+        return "-"
+    lo, hi = entry["ci95"]
+    return (f"{fmt(entry['accuracy'], percent=True)} [{fmt(lo, percent=True)}, "
+            f"{fmt(hi, percent=True)}]")
+
+
+def comparison_document(result: dict[str, Any], taxonomy: Taxonomy) -> Document:
+    """Tables 3 and 4 of the paper and the paired tests (``leukotree compare``)."""
+    models = result["models"]
+    doc = Document("leukotree comparison")
+    doc.heading("Table 3: per-node and all-leaves accuracy (%, patient-bootstrap 95% CI)")
+    rows = []
+    for node in [*taxonomy.inner_nodes, "all_leaves"]:
+        label = ("All leaves" if node == "all_leaves"
+                 else f"{node}: {' vs '.join(taxonomy.children(node))}")
+        rows.append([label] + [_with_ci(result["table3"][m].get(node)) for m in models])
+    doc.table(["task", *models], rows)
+    doc.heading("Table 4: per-class precision / recall / F1 (%)")
+    rows = []
+    for leaf in taxonomy.leaves:
+        cells = []
+        for m in models:
+            e = result["table4"][m].get(leaf)
+            cells.append("-" if e is None else " / ".join(
+                fmt(e[k], percent=True) for k in ("precision", "recall", "f1")))
+        rows.append([leaf, *cells])
+    doc.table(["class", *models], rows)
+    if result["paired_tests"]:
+        doc.heading("Paired tests on fold accuracies (vs the first model)")
+        doc.table(["model", "folds", "mean difference", "paired t p", "Wilcoxon p"],
+                  [[t["model"], str(t["folds"]), fmt(t["mean_difference"], percent=True),
+                    fmt(t["t_test_p"]), fmt(t["wilcoxon_p"])]
+                   for t in result["paired_tests"]])
+        doc.paragraph("With 5 folds the Wilcoxon test cannot go below p = 0.0625; read it as a "
+                      "sign, not a verdict.")
+    for note in result["notes"]:
+        doc.note(f"note: {note}")
+    return doc

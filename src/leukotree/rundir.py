@@ -1,0 +1,262 @@
+"""The folders leukotree writes, in one place: every file name, and every reader.
+
+- :class:`RunDir`: one training run (``leukotree train``);
+- :class:`EvalDir`: one evaluation (``leukotree evaluate``, and ``fold_<k>/eval`` of a CV);
+- :class:`CVDir`: one cross-validation (``leukotree cv``), a run folder per fold;
+- :class:`DemoDir`: what ``leukotree demo`` writes.
+
+Reading goes through :func:`read_text`, :func:`read_json`, :func:`read_yaml` and
+:func:`read_csv`, which turn a missing, unreadable or malformed file into a
+:class:`~leukotree.errors.LeukotreeError` that names the file and says what wrote it.
+Writing text and JSON is atomic (a temporary file, then a rename).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from leukotree.errors import LeukotreeError
+
+
+def read_text(path: Path, what: str) -> str:
+    """The UTF-8 text of ``path`` (a byte-order mark is dropped); ``what`` says which file it
+    should be (for the error)."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise LeukotreeError(f"{what} '{path}' does not exist.") from None
+    except UnicodeDecodeError as err:
+        raise LeukotreeError(f"{what} '{path}' is not UTF-8 text ({err.reason} at byte "
+                             f"{err.start}); save it as UTF-8.") from None
+    except OSError as err:
+        raise LeukotreeError(f"Cannot read {what.lower()} '{path}': {err.strerror}.") from None
+
+
+def read_json(path: Path, what: str) -> Any:
+    """Parsed JSON of ``path`` (see :func:`read_text`)."""
+    try:
+        return json.loads(read_text(path, what))
+    except json.JSONDecodeError as err:
+        raise LeukotreeError(f"{what} '{path}' is not valid JSON (line {err.lineno}: "
+                             f"{err.msg}); it may be damaged: write it again.") from None
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """Parsed YAML of ``path`` (``yaml.safe_load``; see :func:`read_text`)."""
+    try:
+        return yaml.safe_load(read_text(path, what))
+    except yaml.YAMLError as err:
+        raise LeukotreeError(f"{what} '{path}' is not valid YAML: {err}") from None
+
+
+def read_csv(path: Path, what: str, required: Sequence[str] = ()) -> list[dict[str, str]]:
+    """Rows of a CSV file with a header line; ``required`` columns must be present."""
+    text = read_text(path, what)
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing = [c for c in required if c not in (reader.fieldnames or [])]
+    if missing:
+        raise LeukotreeError(f"{what} '{path}' lacks the column(s) {missing} (found "
+                             f"{reader.fieldnames}); it may be damaged: write it again.")
+    return list(reader)
+
+
+def _json_default(obj: object) -> object:
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write ``text`` as UTF-8, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON (NumPy values and paths converted), atomically."""
+    return write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, Any]], fieldnames: Sequence[str]) -> Path:
+    """Write dict rows under a header line, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with tmp.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(fieldnames))
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+    return path
+
+
+class _Folder:
+    """A folder leukotree writes, addressed by its path."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}('{self.path}')"
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+
+class RunDir(_Folder):
+    """A training run folder (``leukotree train --out RUN``).
+
+    ``config.yaml`` (resolved options), ``environment.json`` (versions, seed),
+    ``taxonomy.yaml``, ``split.csv`` (which image trained, which validated),
+    ``history.csv`` and ``learning_curves.png`` (per epoch), ``best.pt`` (the best
+    model, self-describing), ``last.pt`` (everything ``--resume`` needs),
+    ``best.onnx`` (the ONNX export ``predict`` keeps), ``summary.json`` and
+    ``cache/`` (decoded pixels).
+    """
+
+    CONFIG = "config.yaml"
+    ENVIRONMENT = "environment.json"
+    TAXONOMY = "taxonomy.yaml"
+    SPLIT = "split.csv"
+    HISTORY = "history.csv"
+    CURVES = "learning_curves.png"
+    BEST = "best.pt"
+    LAST = "last.pt"
+    ONNX = "best.onnx"
+    SUMMARY = "summary.json"
+    CACHE = "cache"
+    VAL_MANIFEST = "val.csv"
+    EVAL = "eval"
+
+    @classmethod
+    def of(cls, run: str | Path) -> RunDir:
+        """The run folder of ``run``: the folder itself, or the folder of its ``best.pt``."""
+        run = Path(run)
+        return cls(run.parent if run.is_file() else run)
+
+    @staticmethod
+    def checkpoint_of(run: str | Path) -> Path:
+        """The model file of ``run``: ``RUN/best.pt`` for a folder, else the file itself."""
+        run = Path(run)
+        return run / RunDir.BEST if run.is_dir() else run
+
+    config = property(lambda self: self.path / self.CONFIG)
+    environment = property(lambda self: self.path / self.ENVIRONMENT)
+    taxonomy = property(lambda self: self.path / self.TAXONOMY)
+    split = property(lambda self: self.path / self.SPLIT)
+    history = property(lambda self: self.path / self.HISTORY)
+    curves = property(lambda self: self.path / self.CURVES)
+    best = property(lambda self: self.path / self.BEST)
+    last = property(lambda self: self.path / self.LAST)
+    onnx = property(lambda self: self.path / self.ONNX)
+    summary = property(lambda self: self.path / self.SUMMARY)
+    cache = property(lambda self: self.path / self.CACHE)
+    val_manifest = property(lambda self: self.path / self.VAL_MANIFEST)
+    eval_dir = property(lambda self: EvalDir(self.path / self.EVAL))
+
+    def read_split(self, part: str | None = None) -> list[dict[str, str]]:
+        """Rows of ``split.csv`` (``path,label,patient,slide,group,split``), of one part."""
+        if not self.split.exists():
+            raise LeukotreeError(f"'{self.path}' has no {self.SPLIT}; it is not a run folder "
+                                 "written by 'leukotree train'.")
+        rows = read_csv(self.split, "Split file", ("path", "label", "split"))
+        return [r for r in rows if part is None or r["split"] == part]
+
+    def read_summary(self) -> dict[str, Any]:
+        return read_json(self.summary, "Run summary")
+
+    def write_val_manifest(self, out: Path | None = None) -> Path:
+        """The run's validation images as a manifest CSV (``path,label,patient,slide``)."""
+        rows = self.read_split("val")
+        return write_csv(out or self.val_manifest,
+                         [{k: r.get(k, "") for k in ("path", "label", "patient", "slide")}
+                          for r in rows], ("path", "label", "patient", "slide"))
+
+
+class EvalDir(_Folder):
+    """An evaluation folder: ``metrics.json`` / ``.md`` / ``.html``, ``predictions.csv``,
+    ``validation.csv`` and the figures."""
+
+    METRICS = "metrics.json"
+    MARKDOWN = "metrics.md"
+    HTML = "metrics.html"
+    PREDICTIONS = "predictions.csv"
+    VALIDATION = "validation.csv"
+    CONFUSION = "confusion.png"
+    CONFUSION_NORMALIZED = "confusion_normalized.png"
+    ROC = "roc.png"
+    RELIABILITY = "reliability.png"
+
+    metrics = property(lambda self: self.path / self.METRICS)
+    markdown = property(lambda self: self.path / self.MARKDOWN)
+    html = property(lambda self: self.path / self.HTML)
+    predictions = property(lambda self: self.path / self.PREDICTIONS)
+    validation = property(lambda self: self.path / self.VALIDATION)
+
+    def read_metrics(self) -> dict[str, Any]:
+        return read_json(self.metrics, "Metrics file")
+
+    def read_predictions(self) -> list[dict[str, str]]:
+        return read_csv(self.predictions, "Predictions file", ("path", "label", "patient"))
+
+
+class CVDir(_Folder):
+    """A cross-validation folder (``leukotree cv --out DIR``).
+
+    ``cv_config.yaml`` (the options every fold shares), ``fold_<k>/`` (a
+    :class:`RunDir` each, with ``eval/`` on its held-out fold), and the gathered
+    ``summary.json`` / ``summary.md`` / ``summary.html``.
+    """
+
+    CONFIG = "cv_config.yaml"
+    SUMMARY = "summary.json"
+    MARKDOWN = "summary.md"
+
+    config = property(lambda self: self.path / self.CONFIG)
+    summary = property(lambda self: self.path / self.SUMMARY)
+    markdown = property(lambda self: self.path / self.MARKDOWN)
+
+    @staticmethod
+    def fold_name(k: int) -> str:
+        return f"fold_{k}"
+
+    def fold(self, k: int) -> RunDir:
+        return RunDir(self.path / self.fold_name(k))
+
+    def read_summary(self) -> dict[str, Any]:
+        if not self.summary.exists():
+            raise LeukotreeError(f"'{self.path}' has no {self.SUMMARY}; is it a folder written "
+                                 "by 'leukotree cv'?")
+        return read_json(self.summary, "CV summary")
+
+
+class DemoDir(_Folder):
+    """What ``leukotree demo`` writes: ``check.json``, ``folds.csv``, ``cv/`` (a
+    :class:`CVDir`), ``report.html`` and ``summary.json``."""
+
+    CHECK = "check.json"
+    FOLDS = "folds.csv"
+    CV = "cv"
+    REPORT = "report.html"
+    SUMMARY = "summary.json"
+
+    check = property(lambda self: self.path / self.CHECK)
+    folds = property(lambda self: self.path / self.FOLDS)
+    cv = property(lambda self: CVDir(self.path / self.CV))
+    report = property(lambda self: self.path / self.REPORT)
+    summary = property(lambda self: self.path / self.SUMMARY)

@@ -1,0 +1,43 @@
+"""Augmentation, class balancing and normalisation statistics."""
+
+import numpy as np
+import pytest
+import torch
+
+from leukotree.engine.augment import augment, channel_stats, rotation_balance
+
+
+def test_rotation_balance_tops_up_minority_classes():
+    index, rotation = rotation_balance(["a"] * 6 + ["b"] * 2, seed=0)
+    labels = np.array(["a"] * 6 + ["b"] * 2)[index]
+    assert (labels == "a").sum() == 6 and (labels == "b").sum() == 6
+    for image in (6, 7):  # each "b" image: the original and two distinct rotated copies
+        assert sorted(rotation[index == image].tolist()) == [0, 1, 2]
+    assert (rotation[labels == "a"] == 0).all()
+
+
+def test_augment_keeps_range_and_forced_rotation_rotates():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    y = augment(x, gen, 0.2)
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 255
+    gen1, gen2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    plain = augment(x, gen1, 0.0)
+    turned = augment(x, gen2, 0.0, forced_rot=torch.tensor([2, 2]))
+    assert torch.equal(turned, torch.rot90(plain, 2, dims=(2, 3)))
+
+
+def test_augment_keeps_the_batch_on_its_device():
+    # The random draws come from a CPU generator; a batch on another device (here
+    # "meta", standing in for a GPU) must not meet CPU tensors.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 8, 8, device="meta")
+    y = augment(x, gen, 0.1, forced_rot=torch.tensor([0, 1, 2, 3]))
+    assert y.device.type == "meta" and y.shape == x.shape
+
+
+def test_channel_stats_hand_computed():
+    px = np.zeros((2, 1, 1, 3), np.uint8)
+    px[1] = 255
+    mean, std = channel_stats(px)
+    assert mean == pytest.approx([0.5] * 3) and std == pytest.approx([0.5] * 3)

@@ -1,0 +1,201 @@
+"""The training engine end to end on tiny synthetic data (CPU, tiny timm models)."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from leukotree.cli import main
+from leukotree.data.synth import generate
+from leukotree.engine.config import resolve_config
+from leukotree.engine.trainer import train
+from leukotree.errors import LeukotreeError
+from leukotree.models.checkpoint import load_model, read_checkpoint
+from leukotree.taxonomy import load_taxonomy
+
+
+@pytest.fixture(scope="module")
+def synth_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth-train")
+    generate(root, load_taxonomy("leukemia7"), patients_per_class=4, cells_per_patient=6,
+             size=32, seed=1, inner_fraction=0.1, progress=False)
+    return root
+
+
+def _history(run):
+    with open(run / "history.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize("head", ["flat", "multihead", "per-node", "hybrid"])
+def test_two_epochs_of_every_head_from_the_cli(synth_data, tmp_path, head):
+    run = tmp_path / head
+    code = main(["train", str(synth_data), "-t", "leukemia7", "--out", str(run),
+                 "--preset", "tiny-test", "--head", head, "--epochs", "2", "--no-progress"])
+    assert code == 0
+    for name in ("config.yaml", "environment.json", "taxonomy.yaml", "split.csv",
+                 "history.csv", "best.pt", "last.pt", "summary.json"):
+        assert (run / name).exists(), name
+    assert len(_history(run)) == 2
+    model, payload = load_model(run)
+    assert payload["class_order"] == list(load_taxonomy("leukemia7").leaves)
+    assert payload["model_config"]["head"] == head
+    with torch.no_grad():
+        probs = model(torch.rand(2, 3, 32, 32) * 255)["leaf_logp"].exp()
+    assert torch.allclose(probs.sum(1), torch.ones(2), atol=1e-5)
+
+
+def test_split_keeps_patients_apart_and_is_saved(synth_data, tmp_path):
+    run = tmp_path / "run"
+    train(synth_data, run, resolve_config(preset="tiny-test", overrides={"epochs": 1}),
+          progress=False)
+    with open(run / "split.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    sides: dict[str, set[str]] = {}
+    for row in rows:
+        sides.setdefault(row["group"], set()).add(row["split"])
+    assert all(len(s) == 1 for s in sides.values())
+    assert {r["split"] for r in rows} == {"train", "val"}
+
+
+def test_same_seed_gives_the_same_metrics(synth_data, tmp_path):
+    cfg = resolve_config(preset="tiny-test", overrides={"epochs": 2, "threads": 1})
+    a = train(synth_data, tmp_path / "a", cfg, progress=False)
+    b = train(synth_data, tmp_path / "b", cfg, progress=False)
+    keys = ("train_loss", "val_loss", "val_accuracy")
+    assert [[h[k] for k in keys] for h in a["history"]] == \
+        [[h[k] for k in keys] for h in b["history"]]
+
+
+def test_kill_9_mid_run_then_resume_finishes_with_the_same_result(synth_data, tmp_path):
+    run = tmp_path / "killed"
+    args = [sys.executable, "-m", "leukotree", "train", str(synth_data), "-t", "leukemia7",
+            "--out", str(run), "--preset", "tiny-test", "--epochs", "6", "--threads", "1",
+            "--no-progress"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(_history(run)) if (run / "history.csv").exists() else 0
+    assert done < 6, "the run finished before it could be killed"
+    assert (run / "last.pt").exists()
+    assert main(["train", str(synth_data), "--out", str(run), "--resume", "--no-progress"]) == 0
+    resumed = _history(run)
+    assert [int(r["epoch"]) for r in resumed] == list(range(1, 7))
+    ref = train(synth_data, tmp_path / "ref", resolve_config(
+        preset="tiny-test", overrides={"epochs": 6, "threads": 1}), progress=False)
+    assert float(resumed[-1]["val_loss"]) == pytest.approx(ref["history"][-1]["val_loss"],
+                                                          rel=1e-5)
+
+
+def test_existing_run_is_not_overwritten(synth_data, tmp_path):
+    cfg = resolve_config(preset="tiny-test", overrides={"epochs": 1})
+    train(synth_data, tmp_path / "r", cfg, progress=False)
+    with pytest.raises(LeukotreeError, match="--resume"):
+        train(synth_data, tmp_path / "r", cfg, progress=False)
+
+
+def test_checkpoint_is_self_describing_and_loads_without_code(synth_data, tmp_path):
+    train(synth_data, tmp_path / "r", resolve_config(preset="tiny-test", overrides={
+        "epochs": 1}), progress=False)
+    payload = torch.load(tmp_path / "r" / "best.pt", weights_only=True)
+    assert payload["format"] == "leukotree-model/1"
+    assert set(payload) >= {"taxonomy", "model_config", "class_order", "state_dict",
+                            "environment"}
+    assert len(payload["model_config"]["mean"]) == 3
+    bogus = tmp_path / "bogus.pt"
+    torch.save({"hello": 1}, bogus)
+    with pytest.raises(LeukotreeError, match="not a leukotree model"):
+        read_checkpoint(bogus)
+
+
+def test_config_file_sets_defaults_and_rejects_unknown_keys(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("epochs: 3\nhead: flat\n")
+    cfg = resolve_config(config_file=good, overrides={"epochs": 5})
+    assert (cfg.epochs, cfg.head) == (5, "flat")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epoch: 3\n")
+    with pytest.raises(LeukotreeError, match="Did you mean 'epochs'"):
+        resolve_config(config_file=bad)
+    with pytest.raises(LeukotreeError, match="'loss'"):
+        resolve_config(overrides={"loss": "hinge"})
+
+
+def test_ema_run_saves_the_average_as_best_and_keeps_it_for_resume(synth_data, tmp_path):
+    run = tmp_path / "ema"
+    assert main(["train", str(synth_data), "--out", str(run), "--preset", "tiny-test",
+                 "--epochs", "1", "--ema-decay", "0.9", "--no-progress"]) == 0
+    last = torch.load(run / "last.pt", weights_only=True)
+    best = torch.load(run / "best.pt", weights_only=True)["state_dict"]
+    averaged = {k.removeprefix("module."): v for k, v in last["ema"].items()
+                if k.startswith("module.")}
+    assert set(averaged) == set(best)
+    assert all(torch.equal(best[k], averaged[k]) for k in best)
+    assert not all(torch.equal(best[k], last["model"][k]) for k in best)
+
+
+def test_ddp_with_two_gloo_processes_gives_a_checkpoint(synth_data, tmp_path):
+    run = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "leukotree", "train", str(synth_data), "-t", "leukemia7", "--out", str(run),
+         "--preset", "tiny-test", "--threads", "1", "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model, payload = load_model(run)
+    assert payload["format"] == "leukotree-model/1"
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 32, 32) * 255)["leaf_logp"].shape == (1, 7)
+    env_json = (run / "environment.json").read_text()
+    assert '"world_size": 2' in env_json
+
+
+def test_hybrid_head_takes_one_weights_file_per_backbone(synth_data, tmp_path):
+    import timm
+
+    whole = timm.create_model("test_resnet", num_classes=1000)
+    path = tmp_path / "test_resnet.pth"
+    torch.save(whole.state_dict(), path)
+    run = tmp_path / "hybrid"
+    assert main(["train", str(synth_data), "--out", str(run), "--preset", "tiny-test",
+                 "--head", "hybrid", "--epochs", "1", "--lr", "1e-12",
+                 "--weights", f"test_resnet={path}", "--no-progress"]) == 0
+    state = torch.load(run / "best.pt", weights_only=True)["state_dict"]
+    conv = whole.state_dict()["conv1.0.weight"]
+    assert torch.allclose(state["extractors.0.conv1.0.weight"], conv, atol=1e-6)
+    assert main(["train", str(synth_data), "--out", str(tmp_path / "bad"), "--preset",
+                 "tiny-test", "--head", "hybrid", "--weights", str(path),
+                 "--no-progress"]) == 2
+
+
+def test_training_leaves_threads_and_random_state_as_it_found_them(synth_data, tmp_path):
+    import matplotlib
+
+    threads, rng, backend = torch.get_num_threads(), torch.random.get_rng_state(), \
+        matplotlib.get_backend()
+    cfg = resolve_config(preset="tiny-test", overrides={"epochs": 1, "threads": 1,
+                                                        "seed": 3})
+    train(synth_data, tmp_path / "run", cfg, progress=False)
+    assert torch.get_num_threads() == threads
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    assert matplotlib.get_backend() == backend
+    assert (tmp_path / "run" / "learning_curves.png").stat().st_size > 0
+
+
+def test_eval_every_validates_on_its_epochs_and_after_the_last(synth_data, tmp_path):
+    cfg = resolve_config(preset="tiny-test", overrides={"epochs": 3, "eval_every": 2,
+                                                        "threads": 1})
+    summary = train(synth_data, tmp_path / "run", cfg, progress=False)
+    validated = [h["val_loss"] == h["val_loss"] for h in summary["history"]]  # not NaN
+    assert validated == [False, True, True]
+    assert summary["best_epoch"] in {2, 3}
+    assert _history(tmp_path / "run")[0]["val_loss"] == "nan"

@@ -1,0 +1,96 @@
+"""Cross-validation and comparison tables on tiny synthetic data."""
+
+import json
+
+import numpy as np
+import pytest
+
+from leukotree.cli import main
+from leukotree.data.synth import generate
+from leukotree.evaluation.compare import bootstrap_ci
+from leukotree.evaluation.cv import mean_std
+from leukotree.taxonomy import load_taxonomy
+
+TINY = ["--preset", "tiny-test", "--epochs", "1", "--threads", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cv-data")
+    generate(root, load_taxonomy("leukemia7"), patients_per_class=3, cells_per_patient=3,
+             size=32, seed=4, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cv_runs(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cv")
+    for head in ("flat", "multihead", "per-node"):
+        assert main(["cv", str(data), "-t", "leukemia7", "--folds", "3", "--head", head,
+                     "--out", str(out / head), *TINY]) == 0
+    return out
+
+
+def test_cv_writes_every_fold_and_the_table(cv_runs):
+    summary = json.loads((cv_runs / "multihead" / "summary.json").read_text())
+    assert [f["fold"] for f in summary["folds"]] == [0, 1, 2]
+    accs = [f["accuracy"] for f in summary["folds"]]
+    assert summary["mean"]["accuracy"]["mean"] == pytest.approx(np.mean(accs))
+    assert summary["mean"]["accuracy"]["std"] == pytest.approx(np.std(accs, ddof=1))
+    for key in ("hF", "node:root", "node:Acute", "patient_accuracy"):
+        assert key in summary["mean"]
+    md = (cv_runs / "multihead" / "summary.md").read_text()
+    assert "| Fold |" in md and "| 3 |" in md and "| mean ± std |" in md
+    assert (cv_runs / "multihead" / "summary.html").exists()
+    # each image is validated exactly once across the folds, patients never split
+    seen: dict[str, int] = {}
+    for k in range(3):
+        split = (cv_runs / "multihead" / f"fold_{k}" / "split.csv").read_text().splitlines()
+        for line in split[1:]:
+            path, *_, part = line.split(",")
+            if part == "val":
+                seen[path] = seen.get(path, 0) + 1
+    assert set(seen.values()) == {1} and len(seen) == 7 * 3 * 3
+
+
+def test_cv_resumes_without_retraining_finished_folds(cv_runs, data):
+    best = cv_runs / "flat" / "fold_1" / "best.pt"
+    before = best.stat().st_mtime_ns
+    assert main(["cv", str(data), "-t", "leukemia7", "--folds", "3", "--head", "flat",
+                 "--out", str(cv_runs / "flat"), *TINY]) == 0
+    assert best.stat().st_mtime_ns == before
+
+
+def test_cv_refuses_other_options_in_the_same_folder(cv_runs, data, capsys):
+    code = main(["cv", str(data), "-t", "leukemia7", "--folds", "3", "--head", "flat",
+                 "--lr", "0.5", "--out", str(cv_runs / "flat"), *TINY])
+    assert code == 2
+    assert "other options" in capsys.readouterr().err
+
+
+def test_compare_writes_tables_3_and_4_with_paired_tests(cv_runs, tmp_path):
+    out = tmp_path / "cmp"
+    assert main(["compare", str(cv_runs / "flat"), str(cv_runs / "multihead"),
+                 str(cv_runs / "per-node"), "--out", str(out), "--bootstrap", "200"]) == 0
+    result = json.loads((out / "comparison.json").read_text())
+    assert result["models"] == ["flat/test_resnet", "multihead/test_resnet",
+                                "per-node/test_resnet"]
+    for model in result["models"]:
+        t3 = result["table3"][model]
+        assert set(t3) == {"all_leaves", "root", "Leukemia", "Acute", "Chronic"}
+        lo, hi = t3["all_leaves"]["ci95"]
+        assert lo <= t3["all_leaves"]["accuracy"] <= hi
+        assert set(result["table4"][model]) <= set(load_taxonomy("leukemia7").leaves)
+    assert [t["model"] for t in result["paired_tests"]] == result["models"][1:]
+    assert result["notes"] == []  # same data and seed: the same folds
+    md = (out / "comparison.md").read_text()
+    assert "Table 3" in md and "Table 4" in md and "Paired tests" in md
+
+
+def test_bootstrap_ci_and_mean_std_by_hand():
+    assert bootstrap_ci(np.ones(10, bool), np.arange(10)) == (1.0, 1.0)
+    lo, hi = bootstrap_ci(np.array([1, 0] * 50, bool), np.arange(100) // 2, n_boot=500)
+    # every patient has one right and one wrong cell: every resample gives exactly 0.5
+    assert lo == hi == 0.5
+    assert mean_std([0.5, 0.7]) == pytest.approx({"mean": 0.6, "std": np.std([0.5, 0.7],
+                                                                               ddof=1)})

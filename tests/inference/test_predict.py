@@ -1,0 +1,76 @@
+"""Prediction: referral logic by hand, inputs, bad images, per-patient diagnoses."""
+
+import csv
+
+import numpy as np
+import pytest
+
+from leukotree.cli import main
+from leukotree.data.synth import generate
+from leukotree.engine.config import resolve_config
+from leukotree.engine.trainer import train
+from leukotree.taxonomy import load_taxonomy
+
+TAX = load_taxonomy("leukemia7")  # leaves: Normal Reactive ALL AML APML CLL CML
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pred")
+    data = root / "data"
+    generate(data, TAX, patients_per_class=3, cells_per_patient=4, size=32, seed=2,
+             progress=False)
+    train(data, root / "run", resolve_config(preset="tiny-test", overrides={
+        "epochs": 1, "threads": 1, "val_fraction": 0.3}), progress=False)
+    return root
+
+
+def test_predict_cli_reports_a_bad_image_and_predicts_the_rest(run, tmp_path, capsys):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "preds.csv"
+    code = main(["predict", str(run / "run"), str(run / "data" / "ALL"), str(bad),
+                 "--patients", "folder", "--by-patient", "--out", str(out), "--no-progress",
+                 "--confidence", "0.6"])
+    assert code == 0
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 3 * 4 + 1
+    broken = [r for r in rows if r["path"].endswith("broken.png")]
+    assert len(broken) == 1 and "broken.png" in broken[0]["error"]
+    for r in rows:
+        if r["error"]:
+            continue
+        p = {k[2:]: float(v) for k, v in r.items() if k.startswith("p_")}
+        # children sum to their parent; a child never exceeds its parent
+        assert p["Normal"] + p["Reactive"] + p["Leukemia"] == pytest.approx(1, abs=1e-4)
+        assert p["ALL"] + p["AML"] + p["APML"] == pytest.approx(p["Acute"], abs=1e-4)
+        assert p["Acute"] <= p["Leukemia"] + 1e-6
+        assert r["decoded_path"].endswith(r["predicted_leaf"])
+        assert (r["refer"] == "True") == (r["reported_node"] != r["predicted_leaf"])
+    patients = list(csv.DictReader((tmp_path / "preds_patients.csv").open()))
+    # the unreadable image belongs to no patient; the three ALL patients remain
+    assert {p["patient"] for p in patients} == {"ALL-p000", "ALL-p001", "ALL-p002"}
+    assert all(int(p["n_cells"]) == 4 for p in patients)
+    assert "1 unreadable" in capsys.readouterr().err
+
+
+def test_predict_by_patient_without_ids_is_a_clear_error(run, capsys):
+    code = main(["predict", str(run / "run"), str(run / "data" / "CLL"), "--by-patient",
+                 "--no-progress"])
+    assert code == 2
+    assert "patient ids" in capsys.readouterr().err
+
+
+def test_dihedral_averaging_is_invariant_to_rotations_and_flips():
+    from leukotree.inference.predictor import TorchPredictor, dihedral_mean
+    from leukotree.models.heads import ModelConfig, build_model
+
+    predictor = TorchPredictor(build_model(TAX, ModelConfig(
+        head="multihead", backbone="test_resnet", img_size=32)))
+    x = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    base = dihedral_mean(predictor, x)
+    turned = dihedral_mean(predictor, np.rot90(x, 1, axes=(1, 2))[:, :, ::-1])
+    plain = predictor.predict(x)
+    assert np.allclose(base, turned, atol=1e-5)
+    assert np.allclose(base.sum(1), 1, atol=1e-5)
+    assert not np.allclose(base, plain, atol=1e-4)  # averaging changes the answer

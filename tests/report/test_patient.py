@@ -1,0 +1,62 @@
+"""The one-patient HTML report."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from leukotree.cli import main
+from leukotree.errors import LeukotreeError
+from leukotree.models.checkpoint import save_model
+from leukotree.models.heads import ModelConfig, build_model
+from leukotree.report.patient import patient_report
+from leukotree.taxonomy import load_taxonomy
+
+TAX = load_taxonomy("leukemia7")
+
+
+@pytest.fixture
+def setup(tmp_path):
+    model = build_model(TAX, ModelConfig(head="multihead", backbone="test_resnet", img_size=32))
+    save_model(tmp_path / "best.pt", model, extra={"data": "synthetic", "train_images": 10,
+                                                   "val_images": 5, "epoch": 3,
+                                                   "metrics": {"val_accuracy": 0.5}})
+    cells = tmp_path / "patient"
+    cells.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
+            cells / f"c{i}.png")
+    (cells / "c9.png").write_bytes(b"not a png")
+    return tmp_path
+
+
+def test_report_is_one_self_contained_page(setup):
+    out = setup / "report.html"
+    result = patient_report(setup / "best.pt", [setup / "patient"], out, patient="P-17",
+                            confidence="0.0", top_cells=3)
+    page = out.read_text()
+    assert result["n_cells"] == 5 and result["unreadable"] == 1
+    assert result["diagnosis"] in TAX.leaves and result["refer"] is False
+    assert "Patient P-17" in page and "5 cells analysed (1 unreadable)" in page
+    assert page.count("<div class='cell'>") == 3
+    assert page.count("data:image/png;base64,") == 6  # each cell and its heat map
+    assert "src='http" not in page and 'src="http' not in page  # opens offline
+    assert "Model card" in page and "val_accuracy" in page and "Leukemia" in page
+
+
+def test_unconfident_levels_are_referred_and_too_few_cells_insufficient(setup):
+    result = patient_report(setup / "best.pt", [setup / "patient"], setup / "r.html",
+                            confidence="0.99", heatmaps=False)
+    assert result["refer"] is True
+    assert "referral advised" in (setup / "r.html").read_text()
+    result = patient_report(setup / "best.pt", [setup / "patient"], setup / "r2.html",
+                            min_cells=50, heatmaps=False)
+    assert result["diagnosis"] is None and "Insufficient" in (setup / "r2.html").read_text()
+
+
+def test_report_cli_and_errors(setup, capsys):
+    assert main(["report", str(setup / "best.pt"), str(setup / "patient"), "--out",
+                 str(setup / "cli.html"), "--no-heatmaps", "--no-progress"]) == 0
+    assert (setup / "cli.html").exists()
+    with pytest.raises(LeukotreeError, match="None of the given images"):
+        patient_report(setup / "best.pt", [setup / "patient" / "c9.png"], setup / "x.html")
