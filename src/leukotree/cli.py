@@ -13,9 +13,15 @@ from rich.console import Console
 
 from leukotree import __version__
 from leukotree.errors import LeukotreeError
-from leukotree.report.console import print_error, say, stderr_console
+from leukotree.report.console import print_error, say, stderr_console, stdout_console
 
 Handler = Callable[[argparse.Namespace], int]
+
+#: Exit codes (see the README's "Bad input" section).
+EXIT_OK = 0
+EXIT_NOTHING_DONE = 1  # data check: not usable; predict: no input could be read
+EXIT_USER_ERROR = 2  # bad option, file or data: nothing (or nothing more) was written
+EXIT_SOME_INPUTS_FAILED = 3  # finished; the inputs that failed are named, results written
 
 
 def _load(args: argparse.Namespace):
@@ -51,7 +57,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     if args.json:
         print(payload)
     else:
-        print_check_report(report, taxonomy, Console())
+        print_check_report(report, taxonomy, stdout_console())
     if not report.usable:
         return 1
     return 1 if args.strict and report.warnings else 0
@@ -64,7 +70,7 @@ def cmd_data_split(args: argparse.Namespace) -> int:
 
     _, samples = _load(args)
     samples.raise_for_problems()
-    console = Console(stderr=args.json)
+    console = stderr_console() if args.json else stdout_console()
     note = samples.grouping_note()
     if note:
         say(console, note, "bold yellow")
@@ -98,13 +104,18 @@ def _train_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from leukotree.engine.config import load_config
+    from leukotree.engine.config import config_overrides, load_config, resume_config
     from leukotree.engine.trainer import train
     from leukotree.rundir import RunDir
 
     run = RunDir(args.out)
-    config = load_config(run.config) if args.resume and run.config.exists() \
-        else _train_config(args)
+    if args.resume and run.config.exists():
+        wanted = _train_config(args) if args.preset or args.config else config_overrides(args)
+        config, changes = resume_config(load_config(run.config), wanted)
+        for line in changes:
+            say(stderr_console(), f"resuming with a changed option: {line}")
+    else:
+        config = _train_config(args)
     summary = train(args.data, args.out, config, resume=args.resume,
                     progress=not args.no_progress)
     if summary["best"] is not None:  # only the main process of a DDP run knows it
@@ -124,7 +135,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
                             progress=not args.no_progress)
     cross_validate(args.data, args.out, _train_config(args), folds=args.folds_cv,
                    settings=settings, progress=not args.no_progress)
-    say(Console(), read_text(CVDir(args.out).markdown, "CV summary"))
+    say(stdout_console(), read_text(CVDir(args.out).markdown, "CV summary"))
     return 0
 
 
@@ -165,7 +176,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
         f"{len(errors)} unreadable" + (f"; wrote {args.out}" if args.out else ""))
     for error in errors:
         say(console, f"unreadable: {error}", "red")
-    return 1 if len(errors) == len(rows) else 0
+    _name_not_used(console, result.not_used)
+    if errors and len(errors) == len(rows):
+        return EXIT_NOTHING_DONE
+    return EXIT_SOME_INPUTS_FAILED if errors else EXIT_OK
+
+
+def _name_not_used(console: Console, files: list[Path]) -> None:
+    """Name every file of a given folder that was not used (hidden, or not an image)."""
+    from leukotree.errors import display_path
+
+    if files:
+        say(console, f"{len(files)} file(s) in the given folders are not used (hidden, or not "
+            "JPEG, PNG, BMP or TIFF):", "yellow")
+        for path in files:
+            say(console, f"  - {display_path(path)}")
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -176,7 +201,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
                              target_layer=args.target_layer)
     for w in written:
         levels = ", ".join(f"{n} ({m['probability']:.2f})" for n, m in w["maps"].items())
-        say(Console(), f"{w['image']}: predicted {w['predicted_leaf']}; maps for {levels}; "
+        say(stdout_console(), f"{w['image']}: predicted {w['predicted_leaf']}; maps for {levels}; "
             f"strip {args.out / w['strip']}")
     return 0
 
@@ -188,11 +213,14 @@ def cmd_report(args: argparse.Namespace) -> int:
                             method=args.aggregate, confidence=args.confidence,
                             min_cells=args.min_cells, top_cells=args.top_cells,
                             heatmaps=not args.no_heatmaps, progress=not args.no_progress)
-    say(stderr_console(),
-        f"patient {result['patient']}: {result['diagnosis'] or 'insufficient'}"
+    console = stderr_console()
+    say(console, f"patient {result['patient']}: {result['diagnosis'] or 'insufficient'}"
         f"{' (referral advised)' if result['refer'] else ''}, {result['n_cells']} cells; "
         f"wrote {args.out}")
-    return 0
+    for error in result["unreadable"]:
+        say(console, f"unreadable: {error}", "red")
+    _name_not_used(console, [Path(p) for p in result["not_used"]])
+    return EXIT_SOME_INPUTS_FAILED if result["unreadable"] else EXIT_OK
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -208,7 +236,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from leukotree.rundir import read_text
 
     compare(args.folders, args.out, n_boot=args.bootstrap)
-    say(Console(), read_text(args.out / COMPARISON_MD, "Comparison"))
+    say(stdout_console(), read_text(args.out / COMPARISON_MD, "Comparison"))
     return 0
 
 
@@ -228,7 +256,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         data = RunDir.of(args.run).write_val_manifest(where.validation)
     metrics = evaluate(args.run, data, args.out, settings, patients=args.patients,
                        labels=args.labels)
-    console = Console()
+    console = stdout_console()
     say(console, read_text(where.markdown, "Metrics report"))
     say(console, f"wrote {where.metrics} ({metrics['n_images']} images)")
     return 0
@@ -244,7 +272,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         size=args.size, seed=args.seed, inner_fraction=args.inner_fraction,
         image_format=args.format, progress=not args.no_progress,
     )
-    say(Console(), f"wrote {n} images to {args.out}")
+    say(stdout_console(), f"wrote {n} images to {args.out}")
     return 0
 
 
@@ -276,9 +304,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def number(kind: type, low: float | None = None, high: float | None = None, *,
-           low_open: bool = False) -> Callable[[str], float | int]:
-    """An argparse ``type``: ``kind`` (int or float) within ``[low, high]`` (``(low, ...``
-    with ``low_open``), finite; the message states the rule and the value."""
+           low_open: bool = False, high_open: bool = False) -> Callable[[str], float | int]:
+    """An argparse ``type``: ``kind`` (int or float) within ``[low, high]`` (an open end
+    with ``low_open``/``high_open``), finite; the message states the rule and the value."""
     def parse(text: str) -> float | int:
         try:
             value = kind(text)
@@ -286,12 +314,13 @@ def number(kind: type, low: float | None = None, high: float | None = None, *,
             raise argparse.ArgumentTypeError(f"must be {kind.__name__}; got {text!r}") from None
         bad = (not math.isfinite(value)
                or (low is not None and (value < low or (low_open and value == low)))
-               or (high is not None and value > high))
+               or (high is not None and (value > high or (high_open and value == high))))
         if bad:
             lo = "-inf" if low is None else f"{low:g}"
             hi = "inf" if high is None else f"{high:g}"
             raise argparse.ArgumentTypeError(
-                f"must be in {'(' if low_open else '['}{lo}, {hi}]; got {text}")
+                f"must be in {'(' if low_open else '['}{lo}, {hi}{')' if high_open else ']'}; "
+                f"got {text}")
         return value
 
     parse.__name__ = kind.__name__
@@ -301,6 +330,7 @@ def number(kind: type, low: float | None = None, high: float | None = None, *,
 POSITIVE = number(int, 1)
 COUNT = number(int, 0)
 PROBABILITY = number(float, 0, 1)
+HALF = number(float, 0, 0.5, high_open=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -357,9 +387,9 @@ def _add_data_parsers(sub: argparse._SubParsersAction) -> None:
     _add_data_args(split)
     split.add_argument("--folds", type=COUNT, default=5,
                        help="number of cross-validation folds (0: one train/val/test split)")
-    split.add_argument("--val", type=PROBABILITY, default=0.0,
+    split.add_argument("--val", type=HALF, default=0.0,
                        help="validation fraction (--folds 0)")
-    split.add_argument("--test", type=PROBABILITY, default=0.0,
+    split.add_argument("--test", type=HALF, default=0.0,
                        help="held-out test fraction (before folds, or with --folds 0)")
     split.add_argument("--seed", type=COUNT, default=0)
     split.add_argument("--out", type=Path, required=True, help="CSV to write")
@@ -541,7 +571,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except LeukotreeError as err:
         print_error(stderr_console(), str(err))
-        return 2
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         say(stderr_console(), "interrupted")
         return 130

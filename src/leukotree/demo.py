@@ -13,7 +13,7 @@ from leukotree.data.discover import discover
 from leukotree.data.splits import plan_split
 from leukotree.engine.config import resolve_config
 from leukotree.evaluation.cv import cross_validate
-from leukotree.report.console import print_check_report, print_split_plan, say
+from leukotree.report.console import print_check_report, print_split_plan, say, stdout_console
 from leukotree.report.patient import patient_report
 from leukotree.rundir import DemoDir, RunDir, read_text, write_json
 from leukotree.taxonomy import load_taxonomy
@@ -46,7 +46,7 @@ def run_demo(out: Path, *, folds: int = 3, seed: int = 0, progress: bool = True,
     ``training`` overrides options of :data:`DEMO_TRAINING` (e.g. ``epochs=1``).
     Returns a summary with the paths written.
     """
-    console = console or Console()
+    console = console or stdout_console()
     demo = DemoDir(out)
     demo.path.mkdir(parents=True, exist_ok=True)
     taxonomy = load_taxonomy("pbc")

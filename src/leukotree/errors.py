@@ -34,9 +34,15 @@ class ImageReadError(DataError):
     """One image file cannot be decoded; the message names the file."""
 
     def __init__(self, path: object, reason: str) -> None:
-        self.path = str(path)
+        self.path = display_path(path)
         self.reason = reason
-        super().__init__(f"Cannot read image '{path}': {reason}")
+        super().__init__(f"Cannot read image '{self.path}': {reason}")
+
+
+def display_path(path: object) -> str:
+    """``path`` as printable text: bytes of a file name that are not UTF-8 are shown as
+    ``\\xNN`` escapes instead of breaking the output."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def did_you_mean(value: str, choices: Iterable[str], n: int = 3) -> str:

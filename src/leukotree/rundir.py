@@ -14,10 +14,12 @@ Writing text and JSON is atomic (a temporary file, then a rename).
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +52,63 @@ def read_json(path: Path, what: str) -> Any:
                              f"{err.msg}); it may be damaged: write it again.") from None
 
 
-def read_yaml(path: Path, what: str) -> Any:
-    """Parsed YAML of ``path`` (``yaml.safe_load``; see :func:`read_text`)."""
+#: Deepest nesting of mappings and lists accepted in a YAML file.
+MAX_YAML_DEPTH = 64
+
+
+class StrictYamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses what a hand-written leukotree file never needs and
+    a hostile one abuses: aliases (``*ref``, the "billion laughs"), a key repeated in one
+    mapping (YAML would keep the last silently), and nesting deeper than
+    :data:`MAX_YAML_DEPTH`."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.constructor.ConstructorError(
+                None, None, f"YAML aliases (*{event.anchor}) are not accepted; write the "
+                "content out", event.start_mark)
+        self._depth += 1
+        if self._depth > MAX_YAML_DEPTH:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"nesting deeper than {MAX_YAML_DEPTH} levels",
+                self.peek_event().start_mark)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[object, yaml.Node] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, list):
+                key = tuple(key)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"the key {key!r} appears twice (first on line "
+                    f"{seen[key].start_mark.line + 1}); "
+                    "each key may appear once", key_node.start_mark)
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML ``text`` parsed by :class:`StrictYamlLoader`; errors name ``source``."""
     try:
-        return yaml.safe_load(read_text(path, what))
+        return yaml.load(text, Loader=StrictYamlLoader)  # a SafeLoader subclass
     except yaml.YAMLError as err:
-        raise LeukotreeError(f"{what} '{path}' is not valid YAML: {err}") from None
+        raise LeukotreeError(f"{source} is not valid YAML: {err}") from None
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """Parsed YAML of ``path`` (strict: see :class:`StrictYamlLoader`)."""
+    return parse_yaml(read_text(path, what), f"{what} '{path}'")
 
 
 def read_csv(path: Path, what: str, required: Sequence[str] = ()) -> list[dict[str, str]]:
@@ -142,6 +195,9 @@ class RunDir(_Folder):
     CACHE = "cache"
     VAL_MANIFEST = "val.csv"
     EVAL = "eval"
+    LOCK = ".lock"
+    SKIPPED = "skipped.csv"
+    NOT_USED = "not_used.csv"
 
     @classmethod
     def of(cls, run: str | Path) -> RunDir:
@@ -167,7 +223,43 @@ class RunDir(_Folder):
     summary = property(lambda self: self.path / self.SUMMARY)
     cache = property(lambda self: self.path / self.CACHE)
     val_manifest = property(lambda self: self.path / self.VAL_MANIFEST)
+    skipped = property(lambda self: self.path / self.SKIPPED)
+    not_used = property(lambda self: self.path / self.NOT_USED)
     eval_dir = property(lambda self: EvalDir(self.path / self.EVAL))
+
+    @property
+    def is_run(self) -> bool:
+        """True when the folder was started by ``leukotree train`` (it has config.yaml)."""
+        return self.config.exists()
+
+    def foreign_files(self) -> list[Path]:
+        """Files in the folder when it is not a leukotree run (nothing when it is one)."""
+        if not self.path.is_dir() or self.is_run:
+            return []
+        return sorted(p for p in self.path.iterdir() if p.name != self.LOCK)
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold an exclusive lock on the run folder (``.lock``) while a process writes it;
+        a second process is refused with an error that says who holds it."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = (self.path / self.LOCK).open("a+", encoding="utf-8")
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise LeukotreeError(
+                    f"Run folder '{self.path}' is being written by {holder}; wait for it to "
+                    "finish or choose another --out.") from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"leukotree process {os.getpid()}\n")
+            handle.flush()
+            yield
+        finally:
+            handle.close()
 
     def read_split(self, part: str | None = None) -> list[dict[str, str]]:
         """Rows of ``split.csv`` (``path,label,patient,slide,group,split``), of one part."""

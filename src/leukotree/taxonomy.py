@@ -41,9 +41,12 @@ from typing import Any
 import numpy as np
 import yaml
 
-from leukotree.errors import TaxonomyError, UnknownLabelError, did_you_mean
+from leukotree.errors import LeukotreeError, TaxonomyError, UnknownLabelError, did_you_mean
+from leukotree.rundir import parse_yaml, read_yaml
 
 _DOC_KEYS = {"name", "root", "tree", "parents", "description"}
+#: Deepest tree accepted (levels below the root).
+MAX_DEPTH = 32
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,10 @@ class Taxonomy:
         order: list[str] = []
 
         def visit(node: str, parent: str | None, depth: int, trail: tuple[str, ...]) -> None:
+            if depth > MAX_DEPTH:
+                raise TaxonomyError(
+                    f"Taxonomy '{name}' is deeper than {MAX_DEPTH} levels (at "
+                    f"'{'/'.join(trail[:3])}/.../{node}'); no cell taxonomy needs that many.")
             if node in trail:
                 cycle = " -> ".join((*trail[trail.index(node):], node))
                 raise TaxonomyError(f"Taxonomy '{name}' has a cycle: {cycle}.")
@@ -121,6 +128,10 @@ class Taxonomy:
         children: dict[str, list[str]] = {}
 
         def walk(parent: str, sub: Any, where: str, seen: tuple[int, ...]) -> None:
+            if len(seen) > MAX_DEPTH:
+                raise TaxonomyError(
+                    f"Taxonomy '{name}' is deeper than {MAX_DEPTH} levels (at "
+                    f"'{where[:60]}...'); no cell taxonomy needs that many.")
             if id(sub) in seen:
                 raise TaxonomyError(
                     f"Taxonomy '{name}' has a cycle at '{where}': a YAML alias refers to one "
@@ -233,17 +244,13 @@ class Taxonomy:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Taxonomy:
-        """Read a taxonomy YAML file."""
+        """Read a taxonomy YAML file (strictly: no aliases, no repeated keys)."""
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as err:
-            raise TaxonomyError(f"Cannot read taxonomy file '{path}': {err.strerror}.") from err
-        try:
-            doc = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise TaxonomyError(f"Taxonomy file '{path}' is not valid YAML: {err}") from err
-        return cls.from_dict(doc, source=str(path))
+            return cls.from_dict(read_yaml(path, "Taxonomy file"), source=str(path))
+        except LeukotreeError as err:
+            text = str(err)
+            raise TaxonomyError(text if str(path) in text else f"{text} (in '{path}')") from None
 
     def to_dict(self) -> dict[str, Any]:
         """The YAML document that rebuilds this taxonomy (``Taxonomy.from_dict``)."""
@@ -478,7 +485,7 @@ def load_taxonomy(spec: str | Path | Taxonomy) -> Taxonomy:
     names = builtin_taxonomies()
     if text in names:
         res = resources.files("leukotree") / "taxonomies" / f"{text}.yaml"
-        doc = yaml.safe_load(res.read_text(encoding="utf-8"))
+        doc = parse_yaml(res.read_text(encoding="utf-8"), f"built-in taxonomy '{text}'")
         return Taxonomy.from_dict(doc, source=f"built-in taxonomy '{text}'")
     path = Path(text)
     if path.suffix.lower() in {".yaml", ".yml"} or path.exists():

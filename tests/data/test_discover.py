@@ -460,8 +460,9 @@ def test_collect_inputs_from_files_folders_and_manifests(tmp_path):
     (tmp_path / "P1" / "notes.txt").write_text("ignored: not an image")
     (tmp_path / "m.csv").write_text("path,patient\nP1/a.png,77\n")
     got = collect_inputs([tmp_path / "P1", tmp_path / "m.csv"], patients="folder")
-    assert [(i.path.name, i.patient) for i in got] == [("a.png", "P1"), ("a.png", "P1")]
+    assert [(i.path.name, i.patient) for i in got.images] == [("a.png", "P1"), ("a.png", "P1")]
+    assert [p.name for p in got.not_used] == ["notes.txt"]  # named, not silently dropped
     got = collect_inputs([tmp_path / "m.csv"])
-    assert got[0].patient == "77"
+    assert got.images[0].patient == "77"
     with pytest.raises(DataError, match="does not exist"):
         collect_inputs([tmp_path / "missing.png"])

@@ -35,7 +35,7 @@ def test_report_is_one_self_contained_page(setup):
     result = patient_report(setup / "best.pt", [setup / "patient"], out, patient="P-17",
                             confidence="0.0", top_cells=3)
     page = out.read_text()
-    assert result["n_cells"] == 5 and result["unreadable"] == 1
+    assert result["n_cells"] == 5 and len(result["unreadable"]) == 1
     assert result["diagnosis"] in TAX.leaves and result["refer"] is False
     assert "Patient P-17" in page and "5 cells analysed (1 unreadable)" in page
     assert page.count("<div class='cell'>") == 3
@@ -55,8 +55,11 @@ def test_unconfident_levels_are_referred_and_too_few_cells_insufficient(setup):
 
 
 def test_report_cli_and_errors(setup, capsys):
+    # the report is written; exit code 3 says that an input (c9.png, named) was unreadable
     assert main(["report", str(setup / "best.pt"), str(setup / "patient"), "--out",
-                 str(setup / "cli.html"), "--no-heatmaps", "--no-progress"]) == 0
+                 str(setup / "cli.html"), "--no-heatmaps", "--no-progress"]) == 3
     assert (setup / "cli.html").exists()
+    assert "c9.png" in capsys.readouterr().err
+    assert "c9.png" in (setup / "cli.html").read_text()
     with pytest.raises(LeukotreeError, match="None of the given images"):
         patient_report(setup / "best.pt", [setup / "patient" / "c9.png"], setup / "x.html")

@@ -6,8 +6,15 @@ validates; never a patient on two sides) -> ``cache`` (uint8 pixels, decoded onc
 the engine.
 """
 
-from leukotree.data.discover import InputImage, Sample, SampleSet, collect_inputs, discover
+from leukotree.data.discover import (
+    InputImage,
+    InputSet,
+    Sample,
+    SampleSet,
+    collect_inputs,
+    discover,
+)
 from leukotree.data.images import decode_many, load_rgb_array, open_image, to_tensor
 
-__all__ = ["InputImage", "Sample", "SampleSet", "collect_inputs", "decode_many", "discover",
-           "load_rgb_array", "open_image", "to_tensor"]
+__all__ = ["InputImage", "InputSet", "Sample", "SampleSet", "collect_inputs", "decode_many",
+           "discover", "load_rgb_array", "open_image", "to_tensor"]

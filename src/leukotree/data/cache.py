@@ -20,8 +20,12 @@ from leukotree.data.images import decode_many
 def cache_key(paths: list[Path], size: int, crop: float = 1.0) -> str:
     h = hashlib.sha1(f"v2:{size}:{crop}".encode())
     for p in paths:
-        st = p.stat()
-        h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        try:
+            st = p.stat()
+            stamp = f"{st.st_size}|{st.st_mtime_ns}"
+        except OSError:  # a missing file or broken link: decoding names it
+            stamp = "missing"
+        h.update(f"{p.resolve()}|{stamp}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:16]
 
 

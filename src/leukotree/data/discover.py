@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -41,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from leukotree.data.images import is_image_file
-from leukotree.errors import DataError, UnknownLabelError
+from leukotree.errors import DataError, UnknownLabelError, display_path
 from leukotree.rundir import read_csv, read_text
 from leukotree.taxonomy import Taxonomy
 
@@ -156,19 +157,27 @@ class SampleSet:
         return None
 
     def raise_for_problems(self) -> None:
-        """Raise one :class:`DataError` listing the fatal problems (at most 10 shown)."""
+        """Raise one :class:`DataError` listing every fatal problem."""
         fatal = self.fatal_problems
         if not fatal:
             if not self.samples:
                 raise DataError(f"No labelled images found in '{self.source}'.")
             return
-        shown = "\n".join(f"  - {p.where}: {p.message}" for p in fatal[:10])
-        more = f"\n  ... and {len(fatal) - 10} more" if len(fatal) > 10 else ""
+        shown = "\n".join(f"  - {p.where}: {p.message}" for p in fatal)
         raise DataError(
-            f"{len(fatal)} problem(s) in '{self.source}' must be fixed first:\n{shown}{more}\n"
+            f"{len(fatal)} problem(s) in '{self.source}' must be fixed first:\n{shown}\n"
             f"Run 'leukotree data check {self.source} --taxonomy {self.taxonomy.name}' "
             "for the full report."
         )
+
+    def not_used(self) -> list[tuple[str, str]]:
+        """``(file, reason)`` for every file of the source that training will not use:
+        files passed over (hidden, not images) and the non-fatal problems naming a file."""
+        out = [(display_path(p), "hidden file or folder" if is_image_file(p) else
+                f"not an image ({p.suffix or 'no suffix'}; JPEG, PNG, BMP or TIFF are read)")
+               for p in self.ignored_files]
+        return out + [(p.where, p.message) for p in self.problems
+                      if not p.fatal and p.kind != "no_patient"]
 
     def subset(self, keep: list[int] | np.ndarray) -> SampleSet:
         return SampleSet(
@@ -282,24 +291,58 @@ def discover(
     return _from_folder(data, taxonomy, patients, labels)
 
 
-def find_images(folder: Path) -> tuple[list[Path], list[Path]]:
-    """Image files under ``folder`` (recursively, sorted), and the files passed over.
+@dataclass
+class Found:
+    """What a folder holds: the images, the files passed over (hidden or not images), and
+    the folders that could not be listed (with the reason)."""
+
+    images: list[Path] = field(default_factory=list)
+    passed: list[Path] = field(default_factory=list)
+    unlisted: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def find_images(folder: Path) -> Found:
+    """Image files under ``folder`` (recursively, sorted; symbolic links to folders are
+    followed once each), and everything else it met, so nothing is dropped unnamed.
 
     Hidden files and folders (a name starting with ``.``, below ``folder``) and files
-    that are not images by their suffix are returned as passed over, never dropped
-    without a trace.
+    that are not images by their suffix are *passed over*; a folder that cannot be
+    listed (no permission) is *unlisted*.
     """
-    images: list[Path] = []
-    passed: list[Path] = []
-    for path in sorted(folder.rglob("*")):
-        hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
-        if path.is_dir():
+    found = Found()
+    seen: set[str] = set()
+
+    def unlisted(err: OSError) -> None:
+        found.unlisted.append((Path(err.filename or folder), err.strerror or str(err)))
+
+    for here, dirs, files in os.walk(folder, onerror=unlisted, followlinks=True):
+        real = os.path.realpath(here)
+        if real in seen:  # a link back into the tree: already walked
+            dirs[:] = []
             continue
-        if not hidden and is_image_file(path):
-            images.append(path)
-        else:
-            passed.append(path)
-    return images, passed
+        seen.add(real)
+        base = Path(here)
+        hidden_here = any(part.startswith(".") for part in base.relative_to(folder).parts)
+        dirs.sort()
+        for name in sorted(files):
+            path = base / name
+            if not hidden_here and not name.startswith(".") and is_image_file(path):
+                found.images.append(path)
+            else:
+                found.passed.append(path)
+    found.images.sort()
+    found.passed.sort()
+    return found
+
+
+def utf8_problem(path: Path) -> Problem | None:
+    """A fatal problem for a file name that is not valid UTF-8, else ``None``."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return Problem("bad_file_name", display_path(path),
+                       "the file name is not valid UTF-8; rename the file")
+    return None
 
 
 def _from_folder(root: Path, taxonomy: Taxonomy, patients: str, labels: str) -> SampleSet:
@@ -328,8 +371,13 @@ def _from_folder(root: Path, taxonomy: Taxonomy, patients: str, labels: str) -> 
             except UnknownLabelError as err:
                 problems.append(Problem("unknown_label", str(top), str(err)))
                 folder_label = None
-        images, skipped = find_images(top)
-        ignored.extend(skipped)
+        found = find_images(top)
+        ignored.extend(found.passed)
+        problems.extend(Problem("unlisted_folder", display_path(d), f"cannot list the folder "
+                                f"({reason}); its images would be missed")
+                        for d, reason in found.unlisted)
+        problems.extend(p for p in map(utf8_problem, found.images) if p is not None)
+        images = [i for i in found.images if utf8_problem(i) is None]
         if not images:
             problems.append(Problem(
                 "empty_label_folder", str(top), "label folder holds no images", fatal=False,
@@ -512,8 +560,17 @@ def label_folders(folder: Path, taxonomy: Taxonomy | None) -> list[Path] | None:
     return None
 
 
+@dataclass
+class InputSet:
+    """The images to predict, and the files met on the way that are not used (hidden files
+    and files that are not images), so that every input is either used or named."""
+
+    images: list[InputImage] = field(default_factory=list)
+    not_used: list[Path] = field(default_factory=list)
+
+
 def collect_inputs(inputs: Sequence[str | Path], patients: str = "none",
-                   taxonomy: Taxonomy | None = None) -> list[InputImage]:
+                   taxonomy: Taxonomy | None = None) -> InputSet:
     """Images from files, folders (recursively) and CSV manifests (column ``path``).
 
     ``patients``: ``none``, ``folder`` (see the module docstring), ``cnmc``,
@@ -521,40 +578,49 @@ def collect_inputs(inputs: Sequence[str | Path], patients: str = "none",
     column, also used for manifests under ``none``). Given the ``taxonomy``, a folder
     laid out as ``DATA/<label>/...`` is read as a data set: each image gets its label,
     and ``folder`` patients are the first level below the label folders, as in training.
+    Files given one by one are always used (an unreadable one gets its error).
     """
     if patients not in _INPUT_PATIENTS and not patients.startswith("re:"):
         raise DataError(f"Invalid --patients value {patients!r}: use none, folder, cnmc, "
                         "manifest or re:<regex>.")
     rule = patient_rule(patients)
-    out: list[InputImage] = []
+    out = InputSet()
     for item in map(Path, inputs):
         if item.is_dir():
-            out.extend(_inputs_from_folder(item, patients, rule, taxonomy))
+            out.images.extend(_inputs_from_folder(item, patients, rule, taxonomy,
+                                                  out.not_used))
         elif item.suffix.lower() == ".csv":
-            out.extend(_inputs_from_manifest(item, patients, rule))
-        elif item.exists():
-            out.append(InputImage(item, rule(item, None) if rule else None))
+            out.images.extend(_inputs_from_manifest(item, patients, rule))
+        elif item.exists() or item.is_symlink():
+            out.images.append(InputImage(item, rule(item, None) if rule else None))
         else:
-            raise DataError(f"Input '{item}' does not exist.")
+            raise DataError(f"Input '{display_path(item)}' does not exist.")
     return out
 
 
 def _inputs_from_folder(folder: Path, patients: str, rule: PatientRule | None,
-                        taxonomy: Taxonomy | None) -> list[InputImage]:
+                        taxonomy: Taxonomy | None, not_used: list[Path]) -> list[InputImage]:
     labelled = label_folders(folder, taxonomy)
     roots = labelled if labelled is not None else [folder]
     out = []
     for root in roots:
-        files, _ = find_images(root)
+        found = find_images(root)
+        if found.unlisted:
+            d, reason = found.unlisted[0]
+            raise DataError(f"Cannot list folder '{display_path(d)}' ({reason}); its images "
+                            "would be missed. Fix its permissions or leave it out.")
+        not_used.extend(found.passed)
         label = root.name if labelled is not None else None
-        for path in files:
+        for path in found.images:
             if labelled is None and patients == "folder" and path.parent == root:
                 patient = root.name  # a folder of one patient's cells
             else:
                 patient = rule(path, root) if rule else None
             out.append(InputImage(path, patient, label))
     if not out:
-        raise DataError(f"Folder '{folder}' holds no images (JPEG, PNG, BMP, TIFF).")
+        raise DataError(f"Folder '{display_path(folder)}' holds no images (JPEG, PNG, BMP, "
+                        "TIFF)" + (f"; it holds {len(not_used)} other file(s)" if not_used
+                                  else "") + ".")
     return out
 
 

@@ -181,7 +181,8 @@ def raise_for_errors(errors: Iterable[str | None], what: str = "image(s)") -> No
     if bad:
         shown = "\n  - ".join(bad)
         raise DataError(f"{len(bad)} {what} cannot be read; fix or remove them (nothing is "
-                        f"replaced silently):\n  - {shown}")
+                        f"replaced silently), or train with --skip-unreadable to leave them "
+                        f"out:\n  - {shown}")
 
 
 def _check_policy(on_error: str) -> None:

@@ -137,10 +137,13 @@ def train_val_test_split(
         k = max(2, round(1 / share))
         n_groups = len(set(groups_arr[remaining].tolist()))
         if k > n_groups:
+            fix = (f"Use at least {1 / n_groups:.3f}" if 1 / n_groups < 0.5 else
+                   f"There are too few groups for a separate {name} part: add patients, or "
+                   "give separate validation data (--val DATA)")
             raise LeukotreeError(
                 f"The '{name}_fraction' parameter ({frac}) is too small for {n_groups} patient "
-                f"groups: one group is already 1/{n_groups} of them. Use at least "
-                f"{1 / n_groups:.3f}, or 0 to skip the {name} part.")
+                f"groups: one group is already 1/{n_groups} of them. {fix}, or 0 to skip the "
+                f"{name} part.")
         folds, _ = assign_folds(labels_arr[remaining], groups_arr[remaining], k, seed)
         chosen = remaining[folds == 0]
         out[chosen] = name

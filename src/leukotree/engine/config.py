@@ -98,7 +98,7 @@ class TrainConfig:
                               low=0, high=1000)
     folds: int = option(5, "number of folds for --fold", low=2, high=1000)
     val_fraction: float = option(0.15, "grouped validation fraction when neither --fold nor "
-                                 "--val", low=0, high=1, high_open=True)
+                                 "--val", low=0, high=0.5, high_open=True)
     val_data: str | None = option(None, "separate validation data (folder or manifest)",
                                   flag="--val")
     seed: int = option(0, "random seed", low=0, high=2**31 - 1)
@@ -115,6 +115,8 @@ class TrainConfig:
     cache: str = option("disk", "where decoded pixels are kept", choices=("disk", "memory"))
     eval_every: int = option(1, "validate every this many epochs (and after the last)",
                              low=1, high=100_000)
+    skip_unreadable: bool = option(False, "leave out images that cannot be read (listed on "
+                                   "screen and in RUN/skipped.csv) instead of stopping")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -278,6 +280,31 @@ def resolve_config(
     config = TrainConfig(**values)
     config.validate()
     return config
+
+
+#: Options a resumed run may change: they do not alter what the run computes.
+RESUMABLE = frozenset({"threads", "workers", "device", "cache", "patience", "eval_every"})
+
+
+def resume_config(saved: TrainConfig, wanted: TrainConfig | dict[str, Any],
+                  ) -> tuple[TrainConfig, list[str]]:
+    """The configuration to resume with: ``saved``, with the changes in ``wanted`` (a full
+    configuration or the options given on the command line) that :data:`RESUMABLE`
+    allows. Other changes are refused, all named at once. Returns the configuration and
+    one line per applied change."""
+    wanted = wanted.to_dict() if isinstance(wanted, TrainConfig) else dict(wanted)
+    old = saved.to_dict()
+    changed = {k: v for k, v in wanted.items() if v is not None and v != old[k]}
+    refused = sorted(set(changed) - RESUMABLE)
+    if refused:
+        listed = "; ".join(f"{k}: {old[k]!r} in the run, {changed[k]!r} now" for k in refused)
+        raise LeukotreeError(
+            f"A resumed run keeps its options, but these differ ({listed}). Resume without "
+            "them, or start a new run with another --out to change them. Only "
+            f"{', '.join(sorted(RESUMABLE))} may change on resume.")
+    config = TrainConfig(**(old | changed))
+    config.validate()
+    return config, [f"{k}: {old[k]!r} -> {changed[k]!r}" for k in sorted(changed)]
 
 
 def save_config(config: TrainConfig, path: Path) -> None:

@@ -16,17 +16,19 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from rich.console import Console
-from rich.markup import escape
 
 from leukotree.data.cache import cached_pixels
 from leukotree.data.discover import Sample, SampleSet, discover
+from leukotree.data.images import decode_many
 from leukotree.data.splits import assign_folds, train_val_test_split, write_split_csv
 from leukotree.engine.augment import channel_stats, rotation_balance
 from leukotree.engine.config import TrainConfig, save_config
@@ -53,7 +55,7 @@ from leukotree.engine.loop import (
     validate,
     weight_average,
 )
-from leukotree.errors import LeukotreeError
+from leukotree.errors import LeukotreeError, display_path
 from leukotree.models import TreeClassifier, build_model
 from leukotree.models.checkpoint import (
     environment,
@@ -63,7 +65,8 @@ from leukotree.models.checkpoint import (
 )
 from leukotree.models.losses import TreeLoss, balanced_leaf_weights
 from leukotree.report import plots
-from leukotree.rundir import RunDir, write_json, write_text
+from leukotree.report.console import say, stderr_console
+from leukotree.rundir import RunDir, write_csv, write_json, write_text
 from leukotree.taxonomy import Taxonomy, load_taxonomy
 
 _VAL_KEYS = ("val_loss", "val_accuracy", "val_macro_f1")
@@ -92,9 +95,10 @@ class Trainer:
         self.config = config
         self.resume = resume
         self.progress = progress
-        self.console = console or Console(stderr=True)
+        self.console = console or stderr_console()
         self.device = resolve_device(config.device)
         self.dist = DistInfo()
+        self._listed: dict[Path, list[dict[str, str]]] = {}
 
     @property
     def out(self) -> Path:
@@ -112,7 +116,7 @@ class Trainer:
 
     def _log(self, text: str, style: str | None = None) -> None:
         if self.dist.is_main:
-            self.console.print(escape(text), style=style, highlight=False)
+            say(self.console, text, style)
 
     # ----------------------------------------------------------------- run
     def fit(self) -> dict[str, Any]:
@@ -120,7 +124,12 @@ class Trainer:
         self.dist = init_distributed(self.device)
         cuda = [self.device.index or 0] if self.device.type == "cuda" else []
         try:
-            with torch_threads(self.config.threads), torch.random.fork_rng(devices=cuda):
+            with ExitStack() as stack:
+                if self.dist.is_main:
+                    self._check_out_folder()
+                    stack.enter_context(self.run.locked())
+                stack.enter_context(torch_threads(self.config.threads))
+                stack.enter_context(torch.random.fork_rng(devices=cuda))
                 return self._fit()
         finally:
             shutdown(self.dist)
@@ -163,6 +172,23 @@ class Trainer:
         return self._finish(state)
 
     # ----------------------------------------------------------------- setup
+    def _check_out_folder(self) -> None:
+        """Refuse a run folder inside the data, or one that holds other files."""
+        out = self.run.path.resolve()
+        for data in (self.data, Path(self.config.val_data) if self.config.val_data else None):
+            if data is not None and data.is_dir() and out.is_relative_to(data.resolve()):
+                raise LeukotreeError(
+                    f"--out '{self.run.path}' lies inside the data folder '{data}': its files "
+                    "would be read as images and labels next time. Choose a folder outside "
+                    "the data.")
+        foreign = self.run.foreign_files()
+        if foreign:
+            shown = ", ".join(f"'{f.name}'" for f in foreign[:5])
+            raise LeukotreeError(
+                f"--out '{self.run.path}' already holds {len(foreign)} file(s) that are not a "
+                f"leukotree run ({shown}{', ...' if len(foreign) > 5 else ''}); nothing was "
+                "written. Choose a new or empty folder.")
+
     def _open_run_dir(self) -> None:
         """Refuse to overwrite a run (unless resuming); write config and environment."""
         run = self.run
@@ -182,8 +208,7 @@ class Trainer:
     def _samples(self, taxonomy: Taxonomy) -> tuple[list[Sample], list[Sample]]:
         """Training and validation images: a separate validation set, or a grouped split."""
         cfg = self.config
-        sample_set = discover(self.data, taxonomy, patients=cfg.patients, labels=cfg.labels)
-        sample_set.raise_for_problems()
+        sample_set = self._discover(self.data, taxonomy)
         note = sample_set.grouping_note()
         if note:
             self._log(note, style="bold yellow")
@@ -191,8 +216,7 @@ class Trainer:
             parts = choose_split(sample_set, cfg)
             return ([s for s, p in zip(sample_set.samples, parts, strict=True) if p == "train"],
                     [s for s, p in zip(sample_set.samples, parts, strict=True) if p == "val"])
-        val_set = discover(cfg.val_data, taxonomy, patients=cfg.patients, labels=cfg.labels)
-        val_set.raise_for_problems()
+        val_set = self._discover(Path(cfg.val_data), taxonomy)
         overlap = ({s.group for s in sample_set.samples if s.patient}
                    & {s.group for s in val_set.samples if s.patient})
         if overlap:
@@ -201,16 +225,50 @@ class Trainer:
                 f"data (e.g. {sorted(overlap)[:3]}); that leaks. Separate them.")
         return sample_set.samples, val_set.samples
 
+    def _discover(self, data: Path, taxonomy: Taxonomy) -> SampleSet:
+        """The usable images of ``data``; files not used are named (on screen and in
+        ``not_used.csv``), and with ``skip_unreadable`` unreadable images are left out and
+        named (``skipped.csv``) instead of stopping the run."""
+        cfg = self.config
+        sample_set = discover(data, taxonomy, patients=cfg.patients, labels=cfg.labels)
+        sample_set.raise_for_problems()
+        self._name_files(sample_set.not_used(), self.run.not_used,
+                         f"{data}: file(s) not used for training")
+        if cfg.skip_unreadable:
+            errors = decode_many([s.path for s in sample_set.samples], 16, workers=cfg.workers,
+                                 on_error="report", progress=False).errors
+            bad = [i for i, e in enumerate(errors) if e is not None]
+            if bad:
+                self._name_files([(display_path(sample_set.samples[i].path), str(errors[i]))
+                                  for i in bad], self.run.skipped,
+                                 f"{data}: unreadable image(s) left out (--skip-unreadable)")
+                keep = sorted(set(range(len(sample_set))) - set(bad))
+                sample_set = sample_set.subset(keep)
+        return sample_set
+
+    def _name_files(self, rows: list[tuple[str, str]], csv_path: Path, title: str) -> None:
+        """Print every ``(file, reason)`` and add them to ``csv_path`` in the run folder."""
+        if not rows or not self.dist.is_main:
+            return
+        self._log(f"{len(rows)} {title}:", style="yellow")
+        for file, reason in rows:
+            self._log(f"  - {file}: {reason}")
+        listed = self._listed.setdefault(csv_path, [])
+        listed.extend({"file": f, "reason": r} for f, r in rows)
+        write_csv(csv_path, listed, ["file", "reason"])
+
     def _prepare(self) -> tuple[Taxonomy, Split, Split]:
         cfg = self.config
         taxonomy = load_taxonomy(cfg.taxonomy)
         train_samples, val_samples = self._samples(taxonomy)
         if not train_samples or not val_samples:
             raise LeukotreeError("The split left no training or no validation images.")
-        if self.dist.is_main:
+        parts = np.array(["train"] * len(train_samples) + ["val"] * len(val_samples))
+        if self.resume:
+            self._check_same_split(train_samples + val_samples, parts)
+        elif self.dist.is_main:
             write_text(self.run.taxonomy, taxonomy.to_yaml())
-            write_split_csv(self.run.split, train_samples + val_samples, None,
-                            np.array(["train"] * len(train_samples) + ["val"] * len(val_samples)))
+            write_split_csv(self.run.split, train_samples + val_samples, None, parts)
         cache_dir = self.run.cache if cfg.cache == "disk" else None
         if cache_dir is not None and not self.dist.is_main:
             barrier(self.dist)  # rank 0 decodes first; the others read its cache
@@ -227,6 +285,18 @@ class Trainer:
             train_px, val_px = np.asarray(train_px), np.asarray(val_px)
         return (taxonomy, make_split(train_samples, train_px, taxonomy),
                 make_split(val_samples, val_px, taxonomy))
+
+    def _check_same_split(self, samples: list[Sample], parts: np.ndarray) -> None:
+        """On resume, the data must give the split the run started with."""
+        saved = {(r["path"], r["label"], r["split"]) for r in self.run.read_split()}
+        now = {(os.path.abspath(s.path), s.label, str(p))
+               for s, p in zip(samples, parts, strict=True)}
+        if saved != now:
+            raise LeukotreeError(
+                f"The data changed since the run started: {len(now - saved)} image(s) or "
+                f"labels are new and {len(saved - now)} are gone or moved between training "
+                f"and validation (compared with {self.run.split}). Resuming would mix two "
+                "data sets; start a new run with another --out.")
 
     def _build(self, taxonomy: Taxonomy, train: Split) -> TreeClassifier:
         """The model, normalised by the training pixels, seeded, with any given weights."""

@@ -20,6 +20,7 @@ from leukotree.engine.config import TrainConfig, load_config, save_config
 from leukotree.engine.trainer import train
 from leukotree.errors import LeukotreeError
 from leukotree.evaluation.evaluate import EvalSettings, check_settings, evaluate
+from leukotree.report.console import stderr_console
 from leukotree.report.html import write_document
 from leukotree.report.tables import Document, cv_document
 from leukotree.rundir import CVDir, EvalDir, RunDir, write_json
@@ -82,7 +83,7 @@ def cross_validate(
         raise LeukotreeError(f"The 'folds' parameter must be at least 2; got {folds}.")
     settings = settings or EvalSettings(progress=progress)
     check_settings(settings)
-    console = console or Console(stderr=True)
+    console = console or stderr_console()
     cv = CVDir(out)
     base = _open_cv_dir(cv, replace(config, folds=folds, fold=None))
     per_fold: list[dict[str, Any]] = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tempfile
 import warnings
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from leukotree.errors import LeukotreeError
 from leukotree.inference.predictor import ONNX_FORMAT
 from leukotree.models.checkpoint import load_model, read_checkpoint
 from leukotree.optional import require
@@ -40,8 +42,10 @@ class TreeProbabilities(nn.Module):
         return leaf, self.to_nodes(leaf)
 
 
-def export_onnx(run: str | Path, out: str | Path, *, opset: int = 17) -> Path:
-    """Export the model of ``run`` to ``out`` (one ONNX file with its metadata)."""
+def export_onnx(run: str | Path, out: str | Path, *, opset: int = 17,
+                source_sha256: str | None = None) -> Path:
+    """Export the model of ``run`` to ``out`` (one ONNX file with its metadata;
+    ``source_sha256``, the checkpoint's digest, lets a cache verify the export)."""
     onnx = require("onnx", extra="onnx", purpose="ONNX export")
     model, payload = load_model(run)
     size = int(payload["model_config"]["img_size"])
@@ -64,6 +68,8 @@ def export_onnx(run: str | Path, out: str | Path, *, opset: int = 17) -> Path:
     meta = {"leukotree_format": ONNX_FORMAT,
             "taxonomy": json.dumps(payload["taxonomy"]),
             "model_config": json.dumps(payload["model_config"])}
+    if source_sha256:
+        meta["source_sha256"] = source_sha256
     for key, value in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
@@ -71,23 +77,62 @@ def export_onnx(run: str | Path, out: str | Path, *, opset: int = 17) -> Path:
     return out
 
 
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def private_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/leukotree/onnx`` (or ``~/.cache/...``), created readable by this
+    user only; refused when it belongs to someone else or others may write to it."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    folder = base / "leukotree" / "onnx"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = folder.stat()
+    if info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise LeukotreeError(
+            f"The ONNX cache folder '{folder}' belongs to another user or others may write "
+            "to it; fix its owner and permissions (chmod 700) or predict with --engine torch.")
+    return folder
+
+
+def _export_source(path: Path) -> str | None:
+    """The checkpoint digest recorded in an exported file (``None`` if unreadable)."""
+    onnx = require("onnx", extra="onnx", purpose="ONNX export")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # a damaged or foreign file is exported again
+        return None
+    return {p.key: p.value for p in proto.metadata_props}.get("source_sha256")
+
+
 def cached_onnx(checkpoint: str | Path) -> Path:
     """The ONNX export of a checkpoint, made once and kept beside it.
 
-    ``RUN/best.pt`` -> ``RUN/best.onnx``, exported again whenever the checkpoint
-    is newer than the export. Where the run folder is read-only the export goes
-    to the system's temporary folder instead.
+    ``RUN/best.pt`` -> ``RUN/best.onnx``; where the run folder is read-only, in this
+    user's private cache folder (:func:`private_cache_dir`). The export records the
+    SHA-256 of the checkpoint it came from and is used only while that matches, so a
+    changed checkpoint (or a file planted in its place) is exported again.
     """
     checkpoint = RunDir.checkpoint_of(checkpoint)
     if not checkpoint.is_file():
         read_checkpoint(checkpoint)  # raises the error that says what to give
+    digest = file_sha256(checkpoint)
     target = checkpoint.with_suffix(".onnx")
     if not os.access(checkpoint.parent, os.W_OK):
-        digest = hashlib.sha256(str(checkpoint.resolve()).encode()).hexdigest()[:16]
-        target = Path(tempfile.gettempdir()) / f"leukotree-{digest}.onnx"
-    if target.exists() and target.stat().st_mtime >= checkpoint.stat().st_mtime:
+        target = private_cache_dir() / f"{digest[:32]}.onnx"
+    if target.is_file() and not target.is_symlink() and _export_source(target) == digest:
         return target
-    tmp = target.with_suffix(".onnx.tmp")
-    export_onnx(checkpoint, tmp)
-    tmp.replace(target)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=".export-", suffix=".onnx")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        export_onnx(checkpoint, tmp, source_sha256=digest)
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
     return target

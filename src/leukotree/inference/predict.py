@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from leukotree.data.discover import InputImage, collect_inputs
-from leukotree.errors import LeukotreeError
+from leukotree.errors import LeukotreeError, display_path
 from leukotree.inference.decisions import (
     aggregate_patients,
     calibrate_thresholds,
@@ -40,6 +40,7 @@ class PredictResult:
     thresholds: list[float]
     engine: str
     engine_note: str | None = None
+    not_used: list[Path] = field(default_factory=list)  # hidden files, files not images
 
 
 def run_predict(
@@ -59,7 +60,8 @@ def run_predict(
     for ``engine``); thresholds come from ``confidence`` or, with ``target_error``, from
     the run's validation split."""
     predictor, info = load_predictor(run, engine)
-    images = collect_inputs(inputs, patients, predictor.taxonomy)
+    found = collect_inputs(inputs, patients, predictor.taxonomy)
+    images = found.images
     preds = predict_paths(predictor, [i.path for i in images], batch_size=batch_size,
                           workers=workers, progress=progress, on_error="report", tta=tta)
     if target_error is not None:
@@ -67,7 +69,7 @@ def run_predict(
     else:
         thresholds = parse_thresholds(confidence, predictor.taxonomy.max_depth)
     return PredictResult(predictor.taxonomy, images, preds, thresholds, info["engine"],
-                         info.get("engine_note"))
+                         info.get("engine_note"), found.not_used)
 
 
 def _thresholds_for_error(run: str | Path, predictor: Predictor, target_error: float,
@@ -88,7 +90,7 @@ def prediction_rows(result: PredictResult, decode: str = "argmax") -> list[dict[
     node_p = node_probabilities(taxonomy, np.nan_to_num(preds.leaf_probs))
     rows = []
     for i, img in enumerate(result.images):
-        row: dict[str, Any] = {"path": str(img.path), "patient": img.patient or ""}
+        row: dict[str, Any] = {"path": display_path(img.path), "patient": img.patient or ""}
         if preds.errors[i] is not None:
             row.update({"predicted_leaf": "", "decoded_path": "", "reported_node": "",
                         "refer": "", "message": "", "error": preds.errors[i]})

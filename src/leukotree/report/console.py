@@ -20,14 +20,21 @@ def stderr_console() -> Console:
     return Console(stderr=True, soft_wrap=True)
 
 
+def stdout_console() -> Console:
+    """The console for results; long lines are not wrapped (paths stay whole)."""
+    return Console(soft_wrap=True)
+
+
 def say(console: Console, text: str, style: str | None = None) -> None:
-    """Print ``text`` exactly as written (no markup, no highlighting), in ``style``."""
-    console.print(Text(text, style=style or ""), highlight=False)
+    """Print ``text`` exactly as written (no markup, no highlighting, no wrapping inside
+    words), in ``style``."""
+    console.print(Text(text, style=style or ""), highlight=False, soft_wrap=True)
 
 
 def print_error(console: Console, message: str) -> None:
     """``error: <message>`` with the message printed literally."""
-    console.print(Text.assemble(("error: ", "bold red"), message), highlight=False)
+    console.print(Text.assemble(("error: ", "bold red"), message), highlight=False,
+                  soft_wrap=True)
 
 _MAX_ROWS = 15
 

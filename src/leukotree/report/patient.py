@@ -18,7 +18,7 @@ import numpy as np
 
 from leukotree.data.discover import collect_inputs
 from leukotree.data.images import load_rgb_array
-from leukotree.errors import LeukotreeError
+from leukotree.errors import LeukotreeError, display_path
 from leukotree.inference.decisions import (
     PatientDecision,
     aggregate_patients,
@@ -49,9 +49,9 @@ def patient_report(
     """Write the HTML report for the cells in ``inputs``; returns the decision."""
     model, payload = load_model(run)
     tax = model.taxonomy
-    images = collect_inputs(inputs)
-    preds = predict_paths(TorchPredictor(model), [i.path for i in images], progress=progress,
-                          on_error="report")
+    found = collect_inputs(inputs, taxonomy=tax)
+    preds = predict_paths(TorchPredictor(model), [i.path for i in found.images],
+                          progress=progress, on_error="report")
     ok = np.flatnonzero(preds.ok)
     if len(ok) == 0:
         raise LeukotreeError("None of the given images can be read; nothing to report.")
@@ -61,6 +61,7 @@ def patient_report(
     decision = decide_patient(tax, name, agg, parse_thresholds(confidence, tax.max_depth),
                               method, min_cells)
     bad = [e for e in preds.errors if e is not None]
+    not_used = [display_path(p) for p in found.not_used]
     body = "\n".join([
         f"<h1>Patient {esc(name)}</h1>",
         f"<p class='sub'>{len(ok)} cells analysed ({len(bad)} unreadable); aggregation: "
@@ -68,7 +69,7 @@ def patient_report(
         f"<div class='diag{' refer' if decision.refer else ''}'>"
         f"{esc(_headline(tax, decision, len(ok), min_cells))}</div>",
         _levels_html(tax, decision),
-        _unreadable_html(bad),
+        _unreadable_html(bad, not_used),
         "<h2>Most telling cells</h2>",
         _cell_grid(model, preds, ok, probs, decision.leaf, top_cells, heatmaps),
         "<h2>Model card</h2>", model_card_html(model, payload),
@@ -77,8 +78,8 @@ def patient_report(
     write_text(out, page(f"leukotree report: {name}", body))
     return {"patient": name, "diagnosis": decision.leaf, "refer": decision.refer,
             "reason": decision.reason, "n_cells": len(ok),
-            "reported_node": decision.reported_node, "unreadable": len(bad),
-            "report": str(out)}
+            "reported_node": decision.reported_node, "unreadable": bad,
+            "not_used": not_used, "report": str(out)}
 
 
 def _headline(tax: Taxonomy, d: PatientDecision, n_ok: int, min_cells: int) -> str:
@@ -103,11 +104,16 @@ def _levels_html(tax: Taxonomy, d: PatientDecision) -> str:
             f"<h2>Votes and mean probabilities per class</h2>{votes}")
 
 
-def _unreadable_html(errors: list[str]) -> str:
-    if not errors:
-        return ""
-    items = "".join(f"<li>{esc(e)}</li>" for e in errors)
-    return f"<h2>Unreadable files ({len(errors)}), not used</h2><ul>{items}</ul>"
+def _unreadable_html(errors: list[str], not_used: list[str]) -> str:
+    out = ""
+    if errors:
+        items = "".join(f"<li>{esc(e)}</li>" for e in errors)
+        out += f"<h2>Unreadable files ({len(errors)}), not used</h2><ul>{items}</ul>"
+    if not_used:
+        items = "".join(f"<li>{esc(p)}</li>" for p in not_used)
+        out += (f"<h2>Other files ({len(not_used)}): hidden or not images, not used</h2>"
+                f"<ul>{items}</ul>")
+    return out
 
 
 def model_card_html(model: TreeClassifier, payload: dict[str, Any]) -> str:

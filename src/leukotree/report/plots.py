@@ -7,6 +7,7 @@ when there is nothing to draw.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +20,9 @@ def _figure(width: float, height: float) -> Figure:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    fig.tight_layout()
+    with warnings.catch_warnings():  # long class names may not fit; the figure is kept
+        warnings.simplefilter("ignore", UserWarning)
+        fig.tight_layout()
     fig.savefig(path, dpi=100)
     return path
 
