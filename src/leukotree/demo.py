@@ -7,6 +7,7 @@ from importlib import resources
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from leukotree.data.check import check_dataset
 from leukotree.data.discover import discover
@@ -81,5 +82,5 @@ def run_demo(out: Path, *, folds: int = 3, seed: int = 0, progress: bool = True,
                "usable": report.usable, "accuracy": cv["mean"]["accuracy"],
                "hF": cv["mean"]["hF"], "patient_report": str(demo.report)}
     write_json(demo.summary, summary)
-    console.print(f"[bold green]demo finished[/]: results in {out}")
+    console.print(f"[bold green]demo finished[/]: results in {escape(str(out))}")
     return summary

@@ -26,6 +26,14 @@ class DataError(LeukotreeError):
     """A data folder, manifest or image cannot be used as given."""
 
 
+class UnreadableImagesError(DataError):
+    """Several images cannot be decoded; ``errors`` holds one message per image."""
+
+    def __init__(self, message: str, errors: list[str]) -> None:
+        super().__init__(message)
+        self.errors = errors
+
+
 class MissingDependencyError(LeukotreeError):
     """An optional dependency is not installed; the message gives the install command."""
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from leukotree.errors import DataError, ImageReadError
+from leukotree.errors import ImageReadError, UnreadableImagesError
 from leukotree.progress import track
 
 T = TypeVar("T")
@@ -180,9 +180,9 @@ def raise_for_errors(errors: Iterable[str | None], what: str = "image(s)") -> No
     bad = sorted(e for e in errors if e is not None)
     if bad:
         shown = "\n  - ".join(bad)
-        raise DataError(f"{len(bad)} {what} cannot be read; fix or remove them (nothing is "
-                        f"replaced silently), or train with --skip-unreadable to leave them "
-                        f"out:\n  - {shown}")
+        raise UnreadableImagesError(
+            f"{len(bad)} {what} cannot be read; fix or remove them (nothing is replaced "
+            f"silently), or train with --skip-unreadable to leave them out:\n  - {shown}", bad)
 
 
 def _check_policy(on_error: str) -> None:

@@ -28,7 +28,7 @@ from rich.console import Console
 
 from leukotree.data.cache import cached_pixels
 from leukotree.data.discover import Sample, SampleSet, discover
-from leukotree.data.images import decode_many
+from leukotree.data.images import decode_many, raise_for_errors
 from leukotree.data.splits import assign_folds, train_val_test_split, write_split_csv
 from leukotree.engine.augment import channel_stats, rotation_balance
 from leukotree.engine.config import TrainConfig, save_config
@@ -55,7 +55,7 @@ from leukotree.engine.loop import (
     validate,
     weight_average,
 )
-from leukotree.errors import LeukotreeError, display_path
+from leukotree.errors import LeukotreeError, UnreadableImagesError, display_path
 from leukotree.models import TreeClassifier, build_model
 from leukotree.models.checkpoint import (
     environment,
@@ -239,8 +239,10 @@ class Trainer:
                                  on_error="report", progress=False).errors
             bad = [i for i, e in enumerate(errors) if e is not None]
             if bad:
-                self._name_files([(display_path(sample_set.samples[i].path), str(errors[i]))
-                                  for i in bad], self.run.skipped,
+                names = [display_path(sample_set.samples[i].path) for i in bad]
+                self._name_files([(name, str(errors[i]).removeprefix(
+                    f"Cannot read image '{name}': ")) for name, i in zip(names, bad, strict=True)],
+                                 self.run.skipped,
                                  f"{data}: unreadable image(s) left out (--skip-unreadable)")
                 keep = sorted(set(range(len(sample_set))) - set(bad))
                 sample_set = sample_set.subset(keep)
@@ -274,11 +276,19 @@ class Trainer:
             barrier(self.dist)  # rank 0 decodes first; the others read its cache
         show = self.progress and self.dist.is_main
         # Training images are cached train_pad larger and randomly cropped to img_size;
-        # validation sees exactly what prediction will: the centre at img_size.
-        train_px = cached_pixels([s.path for s in train_samples], self.train_size, cache_dir,
-                                 crop=cfg.crop_fraction, workers=cfg.workers, progress=show)
-        val_px = cached_pixels([s.path for s in val_samples], cfg.img_size, cache_dir,
-                               crop=self.eval_crop, workers=cfg.workers, progress=show)
+        # validation sees exactly what prediction will: the centre at img_size. Unreadable
+        # images of both sides are named together.
+        errors: list[str] = []
+        pixels = []
+        for samples, size, crop in ((train_samples, self.train_size, cfg.crop_fraction),
+                                    (val_samples, cfg.img_size, self.eval_crop)):
+            try:
+                pixels.append(cached_pixels([s.path for s in samples], size, cache_dir,
+                                            crop=crop, workers=cfg.workers, progress=show))
+            except UnreadableImagesError as err:
+                errors += err.errors
+        raise_for_errors(errors)
+        train_px, val_px = pixels
         if cache_dir is not None and self.dist.is_main:
             barrier(self.dist)
         if cfg.cache == "memory":
