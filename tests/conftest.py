@@ -13,6 +13,7 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from collections.abc import Callable
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,22 @@ def leaf_row(**probs: float) -> list[float]:
     out = [probs.get(leaf, 0.0) for leaf in LEUKEMIA7_LEAVES]
     assert abs(sum(out) - 1.0) < 1e-9, out
     return out
+
+
+class _Tags(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+
+def html_tags(page: str) -> list[tuple[str, dict[str, str | None]]]:
+    """Every start tag of an HTML page with its attributes (parsed, not pattern-matched)."""
+    parser = _Tags()
+    parser.feed(page)
+    return parser.tags
 
 
 IMAGE_KINDS = (

@@ -8,12 +8,12 @@ from __future__ import annotations
 import csv
 import os
 import time
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import html_tags
 from leukotree.cli import main
 from leukotree.data.discover import find_images
 from leukotree.data.synth import generate
@@ -57,20 +57,10 @@ def run(tmp_path_factory, data) -> Path:
 
 
 # ----------------------------------------------------------------- script injection
-class _Tags(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.tags: list[tuple[str, dict[str, str | None]]] = []
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append((tag, dict(attrs)))
-
-
 def assert_no_live_markup(page: Path) -> None:
-    parser = _Tags()
-    parser.feed(page.read_text(encoding="utf-8"))
-    assert "script" not in {t for t, _ in parser.tags}, page
-    for tag, attrs in parser.tags:
+    tags = html_tags(page.read_text(encoding="utf-8"))
+    assert "script" not in {t for t, _ in tags}, page
+    for tag, attrs in tags:
         assert not any(k.startswith("on") for k in attrs), (page, tag, attrs)
         if tag == "img":  # only our embedded figures and cells
             assert (attrs.get("src") or "").startswith("data:image/png;base64,"), page

@@ -1,10 +1,10 @@
 """Report tables: one number formatter, Markdown and escaped HTML from one document."""
 
 import math
-from html.parser import HTMLParser
 
 import pytest
 
+from conftest import html_tags
 from leukotree.report.html import document_to_html, write_document
 from leukotree.report.tables import Document, cv_document, fmt, metrics_document
 
@@ -19,15 +19,6 @@ def test_fmt(value, percent, text):
     assert fmt(value, percent=percent) == text
 
 
-class _Elements(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.tags: list[tuple[str, dict[str, str | None]]] = []
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append((tag, dict(attrs)))
-
-
 def test_user_text_never_becomes_markup(tmp_path):
     metrics = {
         "model": f"runs/{EVIL}", "data": "<script>alert(2)</script>", "n_images": 3,
@@ -39,11 +30,9 @@ def test_user_text_never_becomes_markup(tmp_path):
     doc = metrics_document(metrics)
     html_path = write_document(doc, tmp_path / "metrics.md")
     page = html_path.read_text()
-    parser = _Elements()
-    parser.feed(page)
-    tags = {t for t, _ in parser.tags}
-    assert "script" not in tags and "img" not in tags
-    assert not any(k.startswith("on") for _, attrs in parser.tags for k in attrs)
+    tags = html_tags(page)
+    assert "script" not in {t for t, _ in tags} and "img" not in {t for t, _ in tags}
+    assert not any(k.startswith("on") for _, attrs in tags for k in attrs)
     assert "&lt;img src=x onerror=alert(1)&gt;" in page
     assert EVIL in (tmp_path / "metrics.md").read_text()  # Markdown keeps the text as it is
 
