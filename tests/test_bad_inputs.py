@@ -322,3 +322,64 @@ def test_onnx_exports_are_verified_and_kept_private(run, data, tmp_path, capsys,
     assert path.parent == tmp_path / "cache" / "leukotree" / "onnx"
     assert path.parent.stat().st_mode & 0o077 == 0
     assert export._export_source(path) == export.file_sha256(run / "best.pt")
+
+
+# ----------------------------------------------------------------- found in review
+def test_file_system_refusals_are_messages_not_tracebacks(data, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    code, err = run_cli(capsys, "train", data, "--out", tmp_path / "afile", "--preset",
+                        "tiny-test")
+    assert code == 2 and "is a file" in err
+    code, err = run_cli(capsys, "data", "check", data, "-t", "leukemia7", "--out", tmp_path,
+                        "--no-progress")
+    assert code == 2 and "cannot write or read" in err and str(tmp_path) in err
+
+
+def test_yaml_keys_that_are_lists_are_refused(tmp_path, capsys):
+    (tmp_path / "t.yaml").write_text("tree:\n  [1, 2]: x\n")
+    code, err = run_cli(capsys, "taxonomy", tmp_path / "t.yaml")
+    assert code == 2 and "keys must be plain names" in err
+
+
+def test_manifest_inputs_strip_headers_and_name_empty_rows(run, data, tmp_path, capsys):
+    from leukotree.data.discover import collect_inputs
+    from leukotree.errors import DataError
+
+    cell = next((data / "ALL").rglob("*.png"))
+    (tmp_path / "m.csv").write_text(f" path , patient \n {cell} , P7 \n")
+    assert [i.patient for i in collect_inputs([tmp_path / "m.csv"]).images] == ["P7"]
+    (tmp_path / "short.csv").write_text("patient,path\nP1\n")
+    with pytest.raises(DataError, match=r"short\.csv line 2: the 'path' cell is empty"):
+        collect_inputs([tmp_path / "short.csv"])
+
+
+def test_images_beside_label_folders_are_predicted_too(data, tmp_path):
+    import shutil
+
+    from leukotree.data.discover import collect_inputs
+
+    new = tmp_path / "new"
+    shutil.copytree(data / "ALL", new / "ALL")
+    shutil.copy(next((data / "AML").rglob("*.png")), new / "loose.png")
+    (new / ".cache").mkdir()
+    (new / ".cache" / "x.png").write_bytes(b"x")
+    found = collect_inputs([new], "folder", TAX)
+    loose = [i for i in found.images if i.path.name == "loose.png"]
+    assert len(loose) == 1 and loose[0].label is None
+    assert {i.label for i in found.images} == {"ALL", None}
+    assert [p.name for p in found.not_used] == ["x.png"]
+
+
+def test_explain_resolves_node_lists_and_keeps_same_named_images_apart(run, data, tmp_path,
+                                                                     capsys):
+    import shutil
+
+    a, b = tmp_path / "p1" / "c.png", tmp_path / "p2" / "c.png"
+    for target, source in ((a, "ALL"), (b, "CML")):
+        target.parent.mkdir()
+        shutil.copy(next((data / source).rglob("*.png")), target)
+    code, _ = run_cli(capsys, "explain", run, a, b, "--out", tmp_path / "maps", "--node",
+                      "Leukemia, Acute")
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "maps").glob("*_levels.png")) == [
+        "000_c_levels.png", "001_c_levels.png"]

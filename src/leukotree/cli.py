@@ -111,7 +111,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = RunDir(args.out)
     if args.resume and run.config.exists():
         wanted = _train_config(args) if args.preset or args.config else config_overrides(args)
-        config, changes = resume_config(load_config(run.config), wanted)
+        config, changes = resume_config(load_config(run.config, check_device=False), wanted)
         for line in changes:
             say(stderr_console(), f"resuming with a changed option: {line}")
     else:
@@ -150,7 +150,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     result = run_predict(
         args.run, args.inputs, patients=args.patients, confidence=args.confidence,
         target_error=args.target_error, batch_size=args.batch_size, workers=args.workers,
-        progress=not args.no_progress, tta=args.tta, engine=args.engine)
+        progress=not args.no_progress, tta=args.tta, engine=args.engine,
+        **_max_pixels(args))
     console = stderr_console()
     if not args.no_progress or result.engine_note:
         note = f" ({result.engine_note})" if result.engine_note else ""
@@ -212,7 +213,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     result = patient_report(args.run, args.inputs, args.out, patient=args.patient,
                             method=args.aggregate, confidence=args.confidence,
                             min_cells=args.min_cells, top_cells=args.top_cells,
-                            heatmaps=not args.no_heatmaps, progress=not args.no_progress)
+                            heatmaps=not args.no_heatmaps, progress=not args.no_progress,
+                            **_max_pixels(args))
     console = stderr_console()
     say(console, f"patient {result['patient']}: {result['diagnosis'] or 'insufficient'}"
         f"{' (referral advised)' if result['refer'] else ''}, {result['n_cells']} cells; "
@@ -248,7 +250,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         threshold=args.threshold, target_sensitivity=args.target_sensitivity,
         positive=args.positive, aggregate=args.aggregate, min_cells=args.min_cells,
         batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress,
-        tta=args.tta)
+        tta=args.tta, **_max_pixels(args))
     check_settings(settings)
     where = EvalDir(args.out)
     data = args.data
@@ -362,8 +364,13 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--workers", type=POSITIVE, default=2,
                    help="image-reading threads (default 2)")
+    _add_max_pixels(p)
+
+
+def _add_max_pixels(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pixels", type=POSITIVE, default=None,
-                   help="refuse images larger than this many pixels (default 60,000,000)")
+                   help="refuse images larger than this many pixels (default 60,000,000; a "
+                        "decompression-bomb guard)")
 
 
 def _add_data_parsers(sub: argparse._SubParsersAction) -> None:
@@ -468,6 +475,7 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
                          "CPUs; the export is kept beside best.pt), else PyTorch")
     pr.add_argument("--batch-size", type=POSITIVE, default=64)
     pr.add_argument("--workers", type=POSITIVE, default=2)
+    _add_max_pixels(pr)
     pr.add_argument("--no-progress", action="store_true")
     pr.set_defaults(func=cmd_predict)
 
@@ -496,6 +504,7 @@ def _add_explain_report_export_parsers(sub: argparse._SubParsersAction) -> None:
     rp.add_argument("--top-cells", type=number(int, 0, 1000), default=8,
                     help="cells shown with heat maps")
     rp.add_argument("--no-heatmaps", action="store_true")
+    _add_max_pixels(rp)
     rp.add_argument("--no-progress", action="store_true")
     rp.set_defaults(func=cmd_report)
 
@@ -529,6 +538,7 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
                     help="average over the 8 flips/rotations of each image (8x slower)")
     ev.add_argument("--batch-size", type=POSITIVE, default=64)
     ev.add_argument("--workers", type=POSITIVE, default=2)
+    _add_max_pixels(ev)
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
 
@@ -571,6 +581,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except LeukotreeError as err:
         print_error(stderr_console(), str(err))
+        return EXIT_USER_ERROR
+    except OSError as err:  # a file system refusal: full disk, permissions, a file in the way
+        where = f" '{err.filename}'" if err.filename else ""
+        print_error(stderr_console(), f"cannot write or read{where}: {err.strerror or err}. "
+                    "Check the path, its permissions and the free disk space.")
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         say(stderr_console(), "interrupted")

@@ -86,8 +86,13 @@ class StrictYamlLoader(yaml.SafeLoader):
         seen: dict[object, yaml.Node] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
-            if isinstance(key, list):
-                key = tuple(key)
+            try:
+                hash(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    "found a key that is a list or mapping; keys must be plain names",
+                    key_node.start_mark) from None
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     "while reading a mapping", node.start_mark,

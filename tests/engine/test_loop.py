@@ -59,3 +59,25 @@ def test_a_non_finite_loss_stops_the_step_before_any_weight_changes():
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if "running" not in k
                and "num_batches" not in k)
+
+
+def test_ranks_draw_different_augmentations_and_rank_0_draws_the_single_process_ones():
+    from leukotree.engine.loop import epoch_generator
+
+    single = torch.rand(4, generator=epoch_generator(3, 2))
+    assert torch.equal(torch.rand(4, generator=epoch_generator(3, 2, rank=0)), single)
+    assert not torch.equal(torch.rand(4, generator=epoch_generator(3, 2, rank=1)), single)
+
+
+def test_resuming_with_another_number_of_processes_is_refused():
+    from leukotree.engine.loop import TrainState, make_optimizer
+
+    model = torch.nn.Linear(2, 2)
+    cfg = resolve_config(preset="tiny-test")
+    opt = make_optimizer(model, cfg)
+    saved = TrainState(model, opt, make_scheduler(opt, cfg, 4),
+                       torch.amp.GradScaler(enabled=False), world_size=2).state_dict()
+    fresh = TrainState(model, opt, make_scheduler(opt, cfg, 4),
+                       torch.amp.GradScaler(enabled=False), world_size=1)
+    with pytest.raises(LeukotreeError, match=r"trained by 2 process.*nproc_per_node 2"):
+        fresh.load_state_dict(saved)

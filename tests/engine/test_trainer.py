@@ -199,3 +199,35 @@ def test_eval_every_validates_on_its_epochs_and_after_the_last(synth_data, tmp_p
     assert validated == [False, True, True]
     assert summary["best_epoch"] in {2, 3}
     assert _history(tmp_path / "run")[0]["val_loss"] == "nan"
+
+
+def test_a_finished_run_resumed_trains_nothing_more(synth_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    base = ["train", str(synth_data), "-t", "leukemia7", "--out", str(run), "--preset",
+            "tiny-test", "--epochs", "1", "--threads", "1", "--no-progress"]
+    assert main(base) == 0
+    before = (run / "history.csv").read_text()
+    assert main([*base[:6], "--resume", "--no-progress"]) == 0
+    assert "nothing left to train" in capsys.readouterr().err
+    assert (run / "history.csv").read_text() == before
+
+
+def test_a_run_saved_on_a_gpu_machine_resumes_here_with_device_cpu(synth_data, tmp_path):
+    run = tmp_path / "run"
+    base = ["train", str(synth_data), "-t", "leukemia7", "--out", str(run), "--preset",
+            "tiny-test", "--epochs", "1", "--threads", "1", "--no-progress"]
+    assert main(base) == 0
+    cfg = run / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("device: auto", "device: cuda"))
+    assert main(["train", str(synth_data), "--out", str(run), "--resume", "--device", "cpu",
+                 "--no-progress"]) == 0
+
+
+def test_fold_and_separate_validation_data_exclude_each_other(synth_data, tmp_path):
+    with pytest.raises(LeukotreeError, match="'fold' and 'val_data'"):
+        resolve_config(overrides={"fold": 0, "val_data": str(synth_data)})
+    from leukotree.evaluation.cv import cross_validate
+
+    cfg = resolve_config(preset="tiny-test", overrides={"val_data": str(synth_data)})
+    with pytest.raises(LeukotreeError, match="remove 'val_data'"):
+        cross_validate(synth_data, tmp_path / "cv", cfg, folds=2)

@@ -159,3 +159,14 @@ def test_patient_referral_by_level_and_by_vote_share():
     few = decide_patient(TAX, "p", aggregate_patients(["p"] * 4, cells, min_cells=5)["p"],
                          [0.5] * 3, "majority", 5)
     assert few.leaf is None and few.refer and "4 cell(s), at least 5" in few.reason
+
+
+def test_a_majority_diagnosis_is_referred_along_its_own_path():
+    # Three cells weakly ALL, two strongly AML: the vote says ALL, the mean says AML.
+    weak_all = [0.02, 0.02, 0.40, 0.36, 0.16, 0.02, 0.02]
+    strong_aml = [0.01, 0.01, 0.02, 0.93, 0.01, 0.01, 0.01]
+    agg = aggregate_patients(["p"] * 5, np.array([weak_all] * 3 + [strong_aml] * 2))["p"]
+    d = decide_patient(TAX, "p", agg, [0.5, 0.5, 0.5], "majority", 1)
+    assert d.leaf == "ALL"
+    assert d.reported_node in TAX.path("ALL")  # never a node off the diagnosed path
+    assert d.refer  # P(ALL | Acute) = 0.252 / 0.936 is below 0.5

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from leukotree.data.images import decode_many
+from leukotree.data.images import DEFAULT_MAX_PIXELS, decode_many
 
 
 def cache_key(paths: list[Path], size: int, crop: float = 1.0) -> str:
@@ -37,6 +37,7 @@ def cached_pixels(
     crop: float = 1.0,
     workers: int = 2,
     progress: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> np.ndarray:
     """Pixels of ``paths`` at ``size``, from ``cache_dir`` when already decoded.
 
@@ -44,7 +45,8 @@ def cached_pixels(
     in one :class:`~leukotree.errors.DataError` that lists them all.
     """
     if cache_dir is None:
-        return decode_many(paths, size, crop=crop, workers=workers, progress=progress).pixels
+        return decode_many(paths, size, crop=crop, workers=workers, progress=progress,
+                           max_pixels=max_pixels).pixels
     cache_dir.mkdir(parents=True, exist_ok=True)
     target = cache_dir / f"pixels-{size}-{cache_key(paths, size, crop)}.npy"
     if target.exists():
@@ -53,7 +55,8 @@ def cached_pixels(
     array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
                                       shape=(len(paths), size, size, 3))
     try:
-        decode_many(paths, size, crop=crop, workers=workers, progress=progress, out=array)
+        decode_many(paths, size, crop=crop, workers=workers, progress=progress, out=array,
+                    max_pixels=max_pixels)
         array.flush()
         del array
         os.replace(tmp, target)

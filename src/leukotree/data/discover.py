@@ -43,7 +43,7 @@ import numpy as np
 
 from leukotree.data.images import is_image_file
 from leukotree.errors import DataError, UnknownLabelError, display_path
-from leukotree.rundir import read_csv, read_text
+from leukotree.rundir import read_text
 from leukotree.taxonomy import Taxonomy
 
 #: C-NMC 2019 file names; the subject (``H`` marks healthy donors) is the patient.
@@ -445,15 +445,18 @@ def _auto_patients(images: list[Path], label_dirs: list[Path]) -> str:
     return "none"
 
 
-def _manifest_reader(manifest: Path, patients: str) -> tuple[csv.DictReader, str]:
-    """A reader over the manifest's rows (header checked) and the patient rule to use."""
+def _manifest_reader(manifest: Path, patients: str,
+                     required: Sequence[str] = MANIFEST_COLUMNS) -> tuple[csv.DictReader, str]:
+    """A reader over the manifest's rows (header stripped and checked) and the patient rule
+    to use."""
     reader = csv.DictReader(io.StringIO(read_text(manifest, "Manifest"), newline=""))
     header = [h.strip() for h in (reader.fieldnames or [])]
-    missing = [c for c in MANIFEST_COLUMNS if c not in header]
+    missing = [c for c in required if c not in header]
     if missing:
         raise DataError(
             f"Manifest '{manifest}' lacks the column(s) {missing}; found columns {header}. "
-            "The first line must name at least 'path,label' (optional: patient, slide)."
+            f"The first line must name at least '{','.join(required)}' (optional: patient, "
+            "slide)."
         )
     reader.fieldnames = header
     has_patient = "patient" in header
@@ -600,23 +603,23 @@ def collect_inputs(inputs: Sequence[str | Path], patients: str = "none",
 
 def _inputs_from_folder(folder: Path, patients: str, rule: PatientRule | None,
                         taxonomy: Taxonomy | None, not_used: list[Path]) -> list[InputImage]:
-    labelled = label_folders(folder, taxonomy)
-    roots = labelled if labelled is not None else [folder]
+    found = find_images(folder)
+    if found.unlisted:
+        d, reason = found.unlisted[0]
+        raise DataError(f"Cannot list folder '{display_path(d)}' ({reason}); its images "
+                        "would be missed. Fix its permissions or leave it out.")
+    not_used.extend(found.passed)
+    labelled = {d.name: d for d in label_folders(folder, taxonomy) or []}
     out = []
-    for root in roots:
-        found = find_images(root)
-        if found.unlisted:
-            d, reason = found.unlisted[0]
-            raise DataError(f"Cannot list folder '{display_path(d)}' ({reason}); its images "
-                            "would be missed. Fix its permissions or leave it out.")
-        not_used.extend(found.passed)
-        label = root.name if labelled is not None else None
-        for path in found.images:
-            if labelled is None and patients == "folder" and path.parent == root:
-                patient = root.name  # a folder of one patient's cells
-            else:
-                patient = rule(path, root) if rule else None
-            out.append(InputImage(path, patient, label))
+    for path in found.images:
+        top = path.relative_to(folder).parts[0]
+        label_dir = labelled.get(top) if len(path.relative_to(folder).parts) > 1 else None
+        root = label_dir or folder
+        if patients == "folder" and path.parent == root and label_dir is None:
+            patient = root.name  # a folder of one patient's cells
+        else:
+            patient = rule(path, root) if rule else None
+        out.append(InputImage(path, patient, top if label_dir is not None else None))
     if not out:
         raise DataError(f"Folder '{display_path(folder)}' holds no images (JPEG, PNG, BMP, "
                         "TIFF)" + (f"; it holds {len(not_used)} other file(s)" if not_used
@@ -626,10 +629,14 @@ def _inputs_from_folder(folder: Path, patients: str, rule: PatientRule | None,
 
 def _inputs_from_manifest(manifest: Path, patients: str, rule: PatientRule | None,
                           ) -> list[InputImage]:
-    rows = read_csv(manifest, "Manifest", ("path",))
+    reader, _ = _manifest_reader(manifest, "none", required=("path",))
     out = []
-    for row in rows:
-        p = Path(row["path"])
+    for row in reader:
+        raw = (row.get("path") or "").strip()
+        if not raw:
+            raise DataError(f"{manifest.name} line {reader.line_num}: the 'path' cell is "
+                            "empty; give every row an image path.")
+        p = Path(raw)
         p = p if p.is_absolute() else manifest.parent / p
         if patients in {"none", "manifest"}:
             pid = (row.get("patient") or "").strip() or None

@@ -115,24 +115,31 @@ class TrainConfig:
     cache: str = option("disk", "where decoded pixels are kept", choices=("disk", "memory"))
     eval_every: int = option(1, "validate every this many epochs (and after the last)",
                              low=1, high=100_000)
+    max_pixels: int = option(60_000_000, "refuse images larger than this many pixels (a "
+                             "decompression-bomb guard)", low=1, high=10**10)
     skip_unreadable: bool = option(False, "leave out images that cannot be read (listed on "
                                    "screen and in RUN/skipped.csv) instead of stopping")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def validate(self) -> None:
+    def validate(self, check_device: bool = True) -> None:
         """Check every value against its field's rule, then the names that must exist
-        (head, backbones, patient and label rules, device) — all before any image is read."""
+        (head, backbones, patient and label rules, and the device unless
+        ``check_device`` is false) — all before any image is read."""
         for f in fields(self):
             setattr(self, f.name, check_value(f.name, getattr(self, f.name)))
         if self.fold is not None and self.fold >= self.folds:
             raise LeukotreeError(
                 f"The 'fold' parameter must be in 0..{self.folds - 1} for {self.folds} folds; "
                 f"got {self.fold}.")
-        self._validate_names()
+        if self.fold is not None and self.val_data:
+            raise LeukotreeError(
+                "The 'fold' and 'val_data' parameters exclude each other: validate on a fold "
+                "of the data, or on separate data (--val), not both.")
+        self._validate_names(check_device)
 
-    def _validate_names(self) -> None:
+    def _validate_names(self, check_device: bool) -> None:
         from leukotree.data.discover import label_rule, patient_rule
         from leukotree.models import head_class
         from leukotree.models.backbones import check_input_size
@@ -142,9 +149,10 @@ class TrainConfig:
             check_input_size(name, self.img_size)
         patient_rule(self.patients)
         label_rule(self.labels)
-        from leukotree.engine.loop import resolve_device
+        if check_device:
+            from leukotree.engine.loop import resolve_device
 
-        resolve_device(self.device)
+            resolve_device(self.device)
 
     def model_config(self, **extra: Any) -> Any:
         """The :class:`~leukotree.models.ModelConfig` of this training configuration."""
@@ -313,14 +321,15 @@ def save_config(config: TrainConfig, path: Path) -> None:
     write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
-def load_config(path: Path) -> TrainConfig:
-    """A configuration saved by :func:`save_config`, checked like any other."""
+def load_config(path: Path, *, check_device: bool = True) -> TrainConfig:
+    """A configuration saved by :func:`save_config`, checked like any other (its device
+    only with ``check_device``: a run saved on a GPU machine may resume elsewhere)."""
     data = read_yaml(path, "Saved configuration")
     if not isinstance(data, dict):
         raise LeukotreeError(f"Saved configuration '{path}' must hold a mapping of options.")
     check_keys(data, str(path))
     config = TrainConfig(**data)
-    config.validate()
+    config.validate(check_device=check_device)
     return config
 
 

@@ -19,6 +19,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    device: torch.device = torch.device("cpu")  # where collective tensors live
 
     @property
     def enabled(self) -> bool:
@@ -34,11 +35,19 @@ def init_distributed(device: torch.device) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL collectives run on this rank's own GPU
+    info = DistInfo(int(os.environ["RANK"]), world, local, device)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
     return info
+
+
+def running_under_torchrun() -> bool:
+    """True when torchrun started several processes (``WORLD_SIZE`` above 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def barrier(info: DistInfo) -> None:
@@ -50,7 +59,7 @@ def broadcast_flag(info: DistInfo, flag: bool) -> bool:
     """Rank 0's decision, shared with every rank."""
     if not info.enabled:
         return flag
-    t = torch.tensor([int(flag)])
+    t = torch.tensor([int(flag)], device=info.device)
     dist.broadcast(t, src=0)
     return bool(t.item())
 

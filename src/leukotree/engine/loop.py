@@ -44,6 +44,8 @@ def resolve_device(spec: str) -> torch.device:
     except (RuntimeError, ValueError):
         raise LeukotreeError(f"The 'device' parameter must be auto, cpu, cuda or cuda:N; got "
                              f"{spec!r}.") from None
+    if device.type == "cuda" and device.index is None:  # under torchrun: this rank's GPU
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         n = torch.cuda.device_count()
         if (device.index is not None and device.index >= n) or n == 0:
@@ -196,6 +198,8 @@ class TrainState:
     best_epoch: int = -1
     bad_epochs: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    stopped: bool = False  # early stopping ended the run before its last epoch
+    world_size: int = 1  # processes that trained it (its steps per epoch depend on it)
 
     @property
     def scored(self) -> torch.nn.Module:
@@ -204,9 +208,10 @@ class TrainState:
 
     def state_dict(self) -> dict[str, Any]:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch,
-                 "best": self.best, "best_epoch": self.best_epoch,
-                 "bad_epochs": self.bad_epochs, "history": self.history}
+                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                 "epoch": self.epoch, "best": self.best, "best_epoch": self.best_epoch,
+                 "bad_epochs": self.bad_epochs, "history": self.history,
+                 "stopped": self.stopped, "world_size": self.world_size}
         return state | ({} if self.ema is None else {"ema": self.ema.state_dict()})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -215,9 +220,18 @@ class TrainState:
             self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.best = int(state["epoch"]), state["best"]
         self.best_epoch, self.bad_epochs = int(state["best_epoch"]), int(state["bad_epochs"])
         self.history = list(state["history"])
+        self.stopped = bool(state.get("stopped", False))
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.world_size:
+            raise LeukotreeError(
+                f"This run was trained by {saved_world} process(es) and is resumed by "
+                f"{self.world_size}; its schedule counts steps per process, so resume it with "
+                f"the same number of processes (torchrun --nproc_per_node {saved_world}).")
 
 
 # ----------------------------------------------------------------- data of one side
@@ -315,9 +329,10 @@ class EpochPlan:
         return order[rank::world][:self.per_rank], rots[rank::world][:self.per_rank]
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """The CPU generator of one epoch; the global torch seed (dropout) follows it."""
-    epoch_seed = seed * 100_003 + epoch
+def epoch_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
+    """The CPU generator of one epoch on one rank; the global torch seed (dropout) follows
+    it. Ranks draw different augmentations (rank 0 draws what a single process would)."""
+    epoch_seed = seed * 100_003 + epoch + rank * 7_919_000_003
     torch.manual_seed(epoch_seed)
     return torch.Generator().manual_seed(epoch_seed)
 
@@ -329,8 +344,12 @@ def train_one_epoch(net: torch.nn.Module, state: TrainState, criterion: TreeLoss
     """One pass over ``plan``; returns the epoch's row of the history (no validation)."""
     device = precision.device
     t0 = time.perf_counter()
+    # The shuffle (which image goes to which rank) is drawn alike on every rank; the
+    # augmentation and dropout draws then differ between ranks.
     gen = epoch_generator(seed, state.epoch)
     order, rots = plan.order(gen)
+    if plan.dist.rank:
+        gen = epoch_generator(seed, state.epoch, plan.dist.rank)
     net.train()
     losses: list[float] = []
     seen = 0
@@ -357,13 +376,13 @@ def train_one_epoch(net: torch.nn.Module, state: TrainState, criterion: TreeLoss
 @torch.no_grad()
 def predict_pixels(model: torch.nn.Module, pixels: np.ndarray, batch_size: int,
                    device: torch.device, channels_last: bool = False,
-                   amp: bool = False) -> np.ndarray:
-    """Leaf probabilities ``(N, n_leaves)`` for uint8 pixels, in batches."""
+                   precision: Precision | None = None) -> np.ndarray:
+    """Leaf probabilities ``(N, n_leaves)`` for uint8 pixels, in batches (under
+    ``precision``'s autocast when given)."""
     model.eval()
     out = []
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
     for start in range(0, len(pixels), batch_size):
-        with ctx:
+        with precision.autocast() if precision is not None else nullcontext():
             x = to_tensor(pixels[start:start + batch_size], device, channels_last=channels_last)
             logp = model(x)["leaf_logp"]
         out.append(logp.float().exp().cpu().numpy())
@@ -395,7 +414,7 @@ def validate(model: torch.nn.Module, val: Split, batch_size: int, precision: Pre
     accuracy and leaf macro F1."""
     device = precision.device
     probs = predict_pixels(model, val.pixels, batch_size, device, channels_last,
-                           amp=precision.enabled and device.type == "cuda")
+                           precision if device.type == "cuda" else None)
     logp = torch.from_numpy(np.log(np.clip(probs, 1e-12, 1.0)))
     mask = torch.from_numpy(val.leaf_mask)
     flat_loss = -torch.logsumexp(logp.masked_fill(~mask, float("-inf")), dim=1).mean()

@@ -155,7 +155,7 @@ class Trainer:
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=model.ddp_find_unused_parameters)
         recipe = BatchRecipe(cfg.img_size, cfg.augment, cfg.color_jitter, channels_last)
-        for _ in range(state.epoch, cfg.epochs):
+        for _ in range(state.epoch, cfg.epochs if not state.stopped else state.epoch):
             started = time.perf_counter()
             row = train_one_epoch(net, state, criterion, train, plan, recipe, precision,
                                   seed=cfg.seed, epochs=cfg.epochs,
@@ -174,6 +174,8 @@ class Trainer:
     # ----------------------------------------------------------------- setup
     def _check_out_folder(self) -> None:
         """Refuse a run folder inside the data, or one that holds other files."""
+        if self.run.path.exists() and not self.run.path.is_dir():
+            raise LeukotreeError(f"--out '{self.run.path}' is a file; give a folder for the run.")
         out = self.run.path.resolve()
         for data in (self.data, Path(self.config.val_data) if self.config.val_data else None):
             if data is not None and data.is_dir() and out.is_relative_to(data.resolve()):
@@ -236,7 +238,8 @@ class Trainer:
                          f"{data}: file(s) not used for training")
         if cfg.skip_unreadable:
             errors = decode_many([s.path for s in sample_set.samples], 16, workers=cfg.workers,
-                                 on_error="report", progress=False).errors
+                                 on_error="report", progress=False,
+                                 max_pixels=cfg.max_pixels).errors
             bad = [i for i, e in enumerate(errors) if e is not None]
             if bad:
                 names = [display_path(sample_set.samples[i].path) for i in bad]
@@ -284,7 +287,8 @@ class Trainer:
                                     (val_samples, cfg.img_size, self.eval_crop)):
             try:
                 pixels.append(cached_pixels([s.path for s in samples], size, cache_dir,
-                                            crop=crop, workers=cfg.workers, progress=show))
+                                            crop=crop, workers=cfg.workers, progress=show,
+                                            max_pixels=cfg.max_pixels))
             except UnreadableImagesError as err:
                 errors += err.errors
         raise_for_errors(errors)
@@ -343,10 +347,16 @@ class Trainer:
         optimizer = make_optimizer(model, cfg)
         state = TrainState(model, optimizer, make_scheduler(optimizer, cfg, plan.steps),
                            torch.amp.GradScaler(enabled=precision.needs_scaler),
-                           weight_average(model, cfg.ema_decay))
+                           weight_average(model, cfg.ema_decay),
+                           world_size=self.dist.world_size)
         if self.resume:
             state.load_state_dict(read_training_state(self.run.last))
-            self._log(f"resuming after epoch {state.epoch} of {cfg.epochs}")
+            if state.stopped or state.epoch >= cfg.epochs:
+                self._log(f"the run already ended after epoch {state.epoch} "
+                          f"({'early stop' if state.stopped else 'all epochs done'}); "
+                          "nothing left to train")
+            else:
+                self._log(f"resuming after epoch {state.epoch} of {cfg.epochs}")
         return state, plan
 
     # ----------------------------------------------------------------- epochs
@@ -362,7 +372,10 @@ class Trainer:
             row.update(validate(state.scored, val, cfg.batch_size * 2, precision, channels_last))
             value = row["val_loss" if cfg.monitor == "loss" else f"val_{cfg.monitor}"]
             sign = -1.0 if cfg.monitor == "loss" else 1.0
-            improved = state.best is None or sign * value > sign * state.best
+            # NaN (e.g. macro F1 without leaf-labelled validation images) never improves,
+            # but the first validation always gives a best model.
+            improved = (state.best is None or (math.isnan(state.best) and not math.isnan(value))
+                        or sign * value > sign * state.best)
             if improved:
                 state.best, state.best_epoch, state.bad_epochs = value, state.epoch, 0
             else:
@@ -377,10 +390,11 @@ class Trainer:
                 "train_images": n_train, "val_images": len(val), "data": str(self.data)})
         self._log(self._epoch_line(row, due, improved))
         self._write_history(state.history)
-        save_training_state(self.run.last, state.state_dict())
         stop = bool(cfg.patience and state.bad_epochs >= cfg.patience)
         if stop:
+            state.stopped = True
             self._log(f"early stop: no improvement for {cfg.patience} validations")
+        save_training_state(self.run.last, state.state_dict())
         return stop
 
     @staticmethod

@@ -71,6 +71,11 @@ def compare(folders: list[str | Path], out: str | Path, *, n_boot: int = 1000,
     if len(folders) < 1:
         raise LeukotreeError("Give at least one CV folder to compare.")
     runs = [load_cv(Path(f)) for f in folders]
+    names = [r["name"] for r in runs]
+    for r in runs:  # two runs of one head and backbone (focal vs ce, say) keep apart
+        if names.count(r["name"]) > 1:
+            r["name"] = f"{r['name']} ({r['folder']})"
+            r["summary"] = r["summary"] | {"model": r["name"]}
     taxonomy = runs[0]["taxonomy"]
     for r in runs[1:]:
         if r["taxonomy"] != taxonomy:

@@ -17,6 +17,7 @@ import numpy as np
 from rich.console import Console
 
 from leukotree.engine.config import TrainConfig, load_config, save_config
+from leukotree.engine.distributed import running_under_torchrun
 from leukotree.engine.trainer import train
 from leukotree.errors import LeukotreeError
 from leukotree.evaluation.evaluate import EvalSettings, check_settings, evaluate
@@ -81,6 +82,13 @@ def cross_validate(
     ``summary.html`` (a :class:`~leukotree.rundir.CVDir`)."""
     if folds < 2:
         raise LeukotreeError(f"The 'folds' parameter must be at least 2; got {folds}.")
+    if config.val_data:
+        raise LeukotreeError("Cross-validation validates on each fold in turn; remove "
+                             "'val_data' (--val) from the options.")
+    if running_under_torchrun():
+        raise LeukotreeError("leukotree cv runs in one process (each fold trains on all the "
+                             "process's devices); use torchrun with 'leukotree train --fold k' "
+                             "for distributed training of one fold.")
     settings = settings or EvalSettings(progress=progress)
     check_settings(settings)
     console = console or stderr_console()
@@ -119,7 +127,7 @@ def _open_cv_dir(cv: CVDir, base: TrainConfig) -> TrainConfig:
     """Create the folder, or check that a half-finished CV in it used the same options."""
     cv.path.mkdir(parents=True, exist_ok=True)
     if cv.config.exists():
-        if load_config(cv.config).to_dict() != base.to_dict():
+        if load_config(cv.config, check_device=False).to_dict() != base.to_dict():
             raise LeukotreeError(
                 f"'{cv.path}' holds a CV with other options (see {cv.config}); resume it with "
                 "the same options or choose another --out.")

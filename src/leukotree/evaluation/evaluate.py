@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from leukotree.data.discover import Sample, discover
+from leukotree.data.images import DEFAULT_MAX_PIXELS
 from leukotree.errors import LeukotreeError
 from leukotree.evaluation.metrics import (
     binary_metrics,
@@ -41,6 +42,7 @@ class EvalSettings:
     workers: int = 2
     progress: bool = True
     tta: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
 
 def binary_block(taxonomy: Taxonomy, truth: list[str], probs: np.ndarray, threshold: float,
@@ -75,7 +77,8 @@ def evaluate(
     samples = sample_set.samples
     preds = predict_paths(predictor, [s.path for s in samples],
                           batch_size=settings.batch_size, workers=settings.workers,
-                          progress=settings.progress, on_error="raise", tta=settings.tta)
+                          progress=settings.progress, on_error="raise", tta=settings.tta,
+                          max_pixels=settings.max_pixels)
     probs = preds.leaf_probs.astype(np.float64)
     truth = [s.label for s in samples]
     metrics = classification_metrics(taxonomy, truth, probs)

@@ -10,8 +10,8 @@ node is reported ("Leukemia > Acute, subtype uncertain") instead of a guess.
 A patient's diagnosis aggregates its cells (:func:`aggregate_patients`) and is
 referred by the same rule applied to the patient's mean probabilities, plus, for a
 majority vote, when the winning leaf's vote share is below the last level's
-threshold (:func:`decide_patient`). ``predict --by-patient``, ``report`` and the
-evaluation all use these functions.
+threshold (:func:`decide_patient`); the path walked is that of the diagnosed leaf.
+``predict --by-patient``, ``report`` and the evaluation all use these functions.
 """
 
 from __future__ import annotations
@@ -65,6 +65,14 @@ def decide(taxonomy: Taxonomy, node_p: np.ndarray, thresholds: Sequence[float],
         leaf = greedy_leaf(taxonomy, node_p)
     else:
         raise LeukotreeError(f"The 'decode' parameter must be argmax or greedy; got {decode!r}.")
+    confident, conds = confident_node(taxonomy, node_p, leaf, thresholds)
+    return leaf, confident, confident != leaf, conds
+
+
+def confident_node(taxonomy: Taxonomy, node_p: np.ndarray, leaf: str,
+                   thresholds: Sequence[float]) -> tuple[str, list[float]]:
+    """Walk ``leaf``'s path from the root while ``P(child | parent)`` reaches the level's
+    threshold; returns the deepest confident node and the conditional probabilities."""
     confident, p_parent, stopped = taxonomy.root, 1.0, False
     conds: list[float] = []
     for level, node in enumerate(taxonomy.path(leaf)):
@@ -76,7 +84,7 @@ def decide(taxonomy: Taxonomy, node_p: np.ndarray, thresholds: Sequence[float],
         else:
             stopped = True
         p_parent = p
-    return leaf, confident, confident != leaf, conds
+    return confident, conds
 
 
 def referral_message(taxonomy: Taxonomy, leaf: str, confident: str, refer: bool) -> str:
@@ -185,9 +193,9 @@ def decide_patient(taxonomy: Taxonomy, patient: str, aggregate: dict[str, Any],
             **common)
     leaf = taxonomy.leaves[aggregate["decision"]]
     share = float(aggregate["vote_shares"][aggregate["decision"]])
-    _, confident, refer, _ = decide(taxonomy, node_p, thresholds)
+    confident, _ = confident_node(taxonomy, node_p, leaf, thresholds)
     weak_vote = method == "majority" and share < thresholds[-1]
-    refer = refer or weak_vote
+    refer = confident != leaf or weak_vote
     if not refer:
         reason = ""
     elif weak_vote and confident == leaf:

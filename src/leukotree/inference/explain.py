@@ -174,14 +174,17 @@ def explain_images(
     """
     model, _ = load_model(run)
     tax = model.taxonomy
-    for node in nodes or ():
-        tax.resolve(node, where="--node")
+    nodes = [tax.resolve(node, where="--node") for node in nodes or ()]
     size, crop = model.config.img_size, model.config.crop_fraction
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    images = [Path(i) for i in images]
+    stems = [i.stem for i in images]
     written = []
     with HeatMapper(model, method, target_layer) as mapper:
-        for image in map(Path, images):
+        for k, image in enumerate(images):
+            # Two images with one name (p1/c.png, p2/c.png) get numbered files.
+            stem = image.stem if stems.count(image.stem) == 1 else f"{k:03d}_{image.stem}"
             pixels = load_rgb_array(image, size, crop=crop)
             node_p = mapper.node_probabilities(pixels)
             leaf = tax.leaves[int(np.argmax([node_p[tax.node_index[lf]] for lf in tax.leaves]))]
@@ -189,11 +192,11 @@ def explain_images(
             maps = {}
             for node in (list(nodes) if nodes else list(tax.path(leaf))):
                 overlay = mapper.overlay(pixels, node)
-                path = out / f"{image.stem}_{node}.png"
+                path = out / f"{stem}_{node}.png"
                 Image.fromarray(overlay).save(path)
                 panels.append(overlay)
                 maps[node] = {"file": path.name, "probability": float(node_p[tax.node_index[node]])}
-            strip = out / f"{image.stem}_levels.png"
+            strip = out / f"{stem}_levels.png"
             Image.fromarray(np.concatenate(panels, axis=1)).save(strip)
             written.append({"image": str(image), "predicted_leaf": leaf, "maps": maps,
                             "strip": strip.name})

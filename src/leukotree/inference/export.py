@@ -132,6 +132,9 @@ def cached_onnx(checkpoint: str | Path) -> Path:
     tmp = Path(tmp_name)
     try:
         export_onnx(checkpoint, tmp, source_sha256=digest)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)  # mkstemp made it private; the export is not secret
         tmp.replace(target)
     finally:
         tmp.unlink(missing_ok=True)

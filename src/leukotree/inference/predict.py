@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from leukotree.data.discover import InputImage, collect_inputs
+from leukotree.data.images import DEFAULT_MAX_PIXELS
 from leukotree.errors import LeukotreeError, display_path
 from leukotree.inference.decisions import (
     aggregate_patients,
@@ -55,6 +56,7 @@ def run_predict(
     progress: bool = True,
     tta: bool = False,
     engine: str = "auto",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> PredictResult:
     """Predict every input image (see :func:`~leukotree.inference.predictor.load_predictor`
     for ``engine``); thresholds come from ``confidence`` or, with ``target_error``, from
@@ -63,7 +65,8 @@ def run_predict(
     found = collect_inputs(inputs, patients, predictor.taxonomy)
     images = found.images
     preds = predict_paths(predictor, [i.path for i in images], batch_size=batch_size,
-                          workers=workers, progress=progress, on_error="report", tta=tta)
+                          workers=workers, progress=progress, on_error="report", tta=tta,
+                          max_pixels=max_pixels)
     if target_error is not None:
         thresholds = _thresholds_for_error(run, predictor, target_error, batch_size, tta)
     else:

@@ -17,7 +17,13 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from leukotree.data.images import ON_ERROR, iter_decoded, raise_for_errors, to_tensor
+from leukotree.data.images import (
+    DEFAULT_MAX_PIXELS,
+    ON_ERROR,
+    iter_decoded,
+    raise_for_errors,
+    to_tensor,
+)
 from leukotree.errors import LeukotreeError
 from leukotree.models import ModelConfig, TreeClassifier
 from leukotree.optional import available, require
@@ -126,6 +132,7 @@ def predict_paths(
     progress: bool = True,
     on_error: str = "report",
     tta: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Predictions:
     """Leaf probabilities of every image; decoding overlaps with the model's work.
 
@@ -145,7 +152,8 @@ def predict_paths(
     with make_progress(enabled=progress) as bar:
         task = bar.add_task("Predicting", total=len(paths), rate="")
         for idx, decoded in iter_decoded(paths, cfg.img_size, chunk=batch_size,
-                                         crop=float(cfg.crop_fraction), workers=workers):
+                                         crop=float(cfg.crop_fraction), workers=workers,
+                                         max_pixels=max_pixels):
             good = np.flatnonzero(decoded.ok)
             for j, err in enumerate(decoded.errors):
                 errors[idx[j]] = err

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from leukotree.data.discover import collect_inputs
-from leukotree.data.images import load_rgb_array
+from leukotree.data.images import DEFAULT_MAX_PIXELS, load_rgb_array
 from leukotree.errors import LeukotreeError, display_path
 from leukotree.inference.decisions import (
     PatientDecision,
@@ -45,13 +45,14 @@ def patient_report(
     top_cells: int = 8,
     heatmaps: bool = True,
     progress: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict[str, Any]:
     """Write the HTML report for the cells in ``inputs``; returns the decision."""
     model, payload = load_model(run)
     tax = model.taxonomy
     found = collect_inputs(inputs, taxonomy=tax)
     preds = predict_paths(TorchPredictor(model), [i.path for i in found.images],
-                          progress=progress, on_error="report")
+                          progress=progress, on_error="report", max_pixels=max_pixels)
     ok = np.flatnonzero(preds.ok)
     if len(ok) == 0:
         raise LeukotreeError("None of the given images can be read; nothing to report.")
