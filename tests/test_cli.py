@@ -41,7 +41,7 @@ def test_taxonomy_lists_builtins(capsys):
     out = capsys.readouterr().out
     lines = out.splitlines()
     names = [line.split()[0] for line in lines]
-    assert names == ["cnmc", "leukemia7", "pbc", "pbc-fine"]
+    assert names == ["aml-apl", "cnmc", "jhh-cells", "leukemia7", "pbc", "pbc-fine"]
     assert "7 leaves, depth 3" in out
 
 

@@ -527,3 +527,31 @@ def test_load_taxonomy_invalid_yaml(tmp_path):
     path.write_text("tree: [a, b\n")
     with pytest.raises(TaxonomyError, match="not valid YAML"):
         load_taxonomy(path)
+
+
+def test_aliases_are_other_spellings_of_nodes(tmp_path):
+    tax = load_taxonomy("leukemia7")
+    assert tax.resolve("APL") == "APML" and "APL" in tax
+    assert tax.encode_leaves(["APL", "APML"]).tolist() == [4, 4]
+    assert load_taxonomy("aml-apl").resolve("APML") == "APL"
+    again = Taxonomy.from_dict(tax.to_dict())
+    assert again.aliases == {"APL": "APML"} and again == tax
+    for aliases, match in (({"ALL": "AML"}, "also a node's name"),
+                           ({"X": "Nowhere"}, "not a node"), ({"X": "root"}, "not a node")):
+        doc = {"tree": {"A": None, "B": None, "ALL": None, "AML": None}, "aliases": aliases}
+        with pytest.raises(TaxonomyError, match=match):
+            Taxonomy.from_dict(doc)
+    with pytest.raises(UnknownLabelError, match="Did you mean 'APL'"):
+        tax.resolve("APl ")
+
+
+def test_cell_types_of_the_deepapl_data_resolve():
+    cells = load_taxonomy("jhh-cells")
+    names = ["blast-no-lineage-spec", "lymphocyte", "smudge-cells", "segmented-neutrophils",
+             "monocyte", "promyelocyte", "erythroblast", "lymphocyte-variant",
+             "band-neutrophils", "myelocyte", "eosinophils", "promonocyte", "metamyelocyte",
+             "basophil", "giant-thrombocyte", "plasma-cells", "thrombocyte-aggregation",
+             "unknown"]
+    resolved = [cells.resolve(n) for n in names]
+    assert all(cells.is_leaf(r) for r in resolved)
+    assert cells.resolve("lymphocyte") == "lymphocyte"  # the mature cell, a leaf

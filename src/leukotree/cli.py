@@ -134,7 +134,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
     settings = EvalSettings(aggregate=args.aggregate, min_cells=args.min_cells,
                             progress=not args.no_progress)
     cross_validate(args.data, args.out, _train_config(args), folds=args.folds_cv,
-                   settings=settings, progress=not args.no_progress)
+                   repeats=args.repeats, settings=settings, progress=not args.no_progress)
     say(stdout_console(), read_text(CVDir(args.out).markdown, "CV summary"))
     return 0
 
@@ -435,6 +435,8 @@ def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
     _add_train_args(cv, skip={"fold", "folds"})
     cv.add_argument("--folds", dest="folds_cv", type=number(int, 2), default=5,
                     help="number of folds")
+    cv.add_argument("--repeats", type=number(int, 1, 100), default=1,
+                    help="repeat the CV with other patient folds (seed + repeat), e.g. 3")
     cv.add_argument("--aggregate", choices=["majority", "mean"], default="majority")
     cv.add_argument("--min-cells", type=POSITIVE, default=1)
     cv.set_defaults(func=cmd_cv, fold=None, folds=None)

@@ -329,11 +329,12 @@ class CVDir(_Folder):
     markdown = property(lambda self: self.path / self.MARKDOWN)
 
     @staticmethod
-    def fold_name(k: int) -> str:
-        return f"fold_{k}"
+    def fold_name(k: int, repeat: int = 0) -> str:
+        """``fold_<k>``, and ``fold_<k>_r<repeat>`` for the repeats after the first."""
+        return f"fold_{k}" if repeat == 0 else f"fold_{k}_r{repeat}"
 
-    def fold(self, k: int) -> RunDir:
-        return RunDir(self.path / self.fold_name(k))
+    def fold(self, k: int, repeat: int = 0) -> RunDir:
+        return RunDir(self.path / self.fold_name(k, repeat))
 
     def read_summary(self) -> dict[str, Any]:
         if not self.summary.exists():

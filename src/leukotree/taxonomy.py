@@ -27,6 +27,9 @@ Rules, each enforced with an error that names the node:
 
 Leaves may sit at different depths. Labels may name any node but the root: a cell
 labelled ``Acute`` is known to be acute leukemia of unknown subtype.
+
+``aliases:`` maps other spellings to nodes (``APL: APML``): a label, a label folder or a
+manifest cell may use either; models, tables and files always use the node's name.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import yaml
 from leukotree.errors import LeukotreeError, TaxonomyError, UnknownLabelError, did_you_mean
 from leukotree.rundir import parse_yaml, read_yaml
 
-_DOC_KEYS = {"name", "root", "tree", "parents", "description"}
+_DOC_KEYS = {"name", "root", "tree", "parents", "description", "aliases"}
 #: Deepest tree accepted (levels below the root).
 MAX_DEPTH = 32
 
@@ -70,6 +73,7 @@ class Taxonomy:
         root: str = "root",
         name: str = "custom",
         description: str = "",
+        aliases: Mapping[str, str] | None = None,
     ) -> None:
         self.name = name
         self.root = root
@@ -117,11 +121,27 @@ class Taxonomy:
             )
         self._nodes = nodes
         self._order = tuple(order)
+        self.aliases = self._check_aliases(dict(aliases or {}))
+
+    def _check_aliases(self, aliases: dict[str, str]) -> dict[str, str]:
+        """``{other spelling: node}``; an alias is no node's name and names a node."""
+        for alias, node in aliases.items():
+            _check_name(alias, f"aliases/{alias}", self.name)
+            if alias in self._nodes:
+                raise TaxonomyError(
+                    f"Taxonomy '{self.name}': alias '{alias}' is also a node's name; an alias "
+                    "is another spelling of a node, not a node.")
+            if not isinstance(node, str) or node not in self._nodes or node == self.root:
+                raise TaxonomyError(
+                    f"Taxonomy '{self.name}': alias '{alias}' points to {node!r}, which is not "
+                    "a node." + did_you_mean(str(node), self.nodes))
+        return aliases
 
     # ------------------------------------------------------------------ builders
     @classmethod
     def from_tree(
-        cls, tree: Any, root: str = "root", name: str = "custom", description: str = ""
+        cls, tree: Any, root: str = "root", name: str = "custom", description: str = "",
+        aliases: Mapping[str, str] | None = None,
     ) -> Taxonomy:
         """Build from a nested mapping (``None`` marks a leaf, a list is a set of leaves)."""
         _check_name(root, "root", name)
@@ -172,7 +192,7 @@ class Taxonomy:
                 f"Taxonomy '{name}' is empty: 'tree:' lists no classes. List at least two."
             )
         walk(root, tree, root, ())
-        return cls(children, root=root, name=name, description=description)
+        return cls(children, root=root, name=name, description=description, aliases=aliases)
 
     @classmethod
     def from_parents(
@@ -181,6 +201,7 @@ class Taxonomy:
         root: str = "root",
         name: str = "custom",
         description: str = "",
+        aliases: Mapping[str, str] | None = None,
     ) -> Taxonomy:
         """Build from a ``{child: parent}`` mapping; the root's children map to ``root``."""
         if not parents:
@@ -209,7 +230,7 @@ class Taxonomy:
                     cycle = " -> ".join([*trail[trail.index(nxt):], nxt])
                     raise TaxonomyError(f"Taxonomy '{name}' has a cycle: {cycle}.")
                 trail.append(nxt)
-        return cls(children, root=root, name=name, description=description)
+        return cls(children, root=root, name=name, description=description, aliases=aliases)
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any], source: str = "<dict>") -> Taxonomy:
@@ -228,19 +249,26 @@ class Taxonomy:
         name = str(doc.get("name") or Path(source).stem)
         root = doc.get("root", "root")
         description = str(doc.get("description") or "")
+        aliases = doc.get("aliases") or {}
+        if not isinstance(aliases, Mapping):
+            raise TaxonomyError(
+                f"Taxonomy file {source}: 'aliases:' must map each other spelling to a node "
+                "(e.g. 'APL: APML').")
         if ("tree" in doc) == ("parents" in doc):
             raise TaxonomyError(
                 f"Taxonomy file {source}: give exactly one of 'tree:' (nested mapping) or "
                 "'parents:' (child: parent mapping)."
             )
         if "tree" in doc:
-            return cls.from_tree(doc["tree"], root=root, name=name, description=description)
+            return cls.from_tree(doc["tree"], root=root, name=name, description=description,
+                                 aliases=aliases)
         parents = doc["parents"]
         if not isinstance(parents, Mapping):
             raise TaxonomyError(
                 f"Taxonomy file {source}: 'parents:' must map each node to its parent."
             )
-        return cls.from_parents(parents, root=root, name=name, description=description)
+        return cls.from_parents(parents, root=root, name=name, description=description,
+                                aliases=aliases)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Taxonomy:
@@ -263,6 +291,8 @@ class Taxonomy:
         if self.description:
             doc["description"] = self.description
         doc["tree"] = sub(self.root)
+        if self.aliases:
+            doc["aliases"] = dict(self.aliases)
         return doc
 
     def to_yaml(self) -> str:
@@ -298,17 +328,24 @@ class Taxonomy:
         return {n: i for i, n in enumerate(self.nodes)}
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name in self._nodes
+        """True for a node's name or one of its aliases."""
+        return isinstance(name, str) and (name in self._nodes or name in self.aliases)
 
     def __len__(self) -> int:
         return len(self.nodes)
 
+    def _structure(self) -> str:
+        doc = self.to_dict()
+        doc.pop("aliases", None)
+        return yaml.safe_dump(doc, sort_keys=False)
+
     def __eq__(self, other: object) -> bool:
-        # Sibling order matters: it sets the class order of every model.
-        return isinstance(other, Taxonomy) and self.to_yaml() == other.to_yaml()
+        # Sibling order matters: it sets the class order of every model. Aliases do not:
+        # they are other spellings of the same nodes.
+        return isinstance(other, Taxonomy) and self._structure() == other._structure()
 
     def __hash__(self) -> int:
-        return hash(self.to_yaml())
+        return hash(self._structure())
 
     def __repr__(self) -> str:
         return (
@@ -383,6 +420,7 @@ class Taxonomy:
         ``where`` names the source (``"manifest.csv line 17"``) for the message.
         """
         text = "" if label is None else str(label).strip()
+        text = self.aliases.get(text, text)
         loc = f" in {where}" if where else ""
         if text == self.root:
             raise UnknownLabelError(
@@ -392,7 +430,7 @@ class Taxonomy:
         if text not in self._nodes:
             raise UnknownLabelError(
                 f"Unknown label '{text}'{loc}: not a node of taxonomy '{self.name}'."
-                + did_you_mean(text, self.nodes)
+                + did_you_mean(text, [*self.nodes, *self.aliases])
             )
         return text
 

@@ -41,7 +41,8 @@ def test_onnx_runtime_matches_pytorch(head, tmp_path):
     got = ort_model.predict(pixels)
     assert np.abs(got - expected).max() < 1e-4
     x = pixels.transpose(0, 3, 1, 2).astype(np.float32)
-    leaf, node = ort_model.session.run(None, {"images": x})
+    leaf, node, features = ort_model.session.run(None, {"images": x})
+    assert features.shape[0] == 5
     assert node.shape == (5, len(TAX.nodes))
     assert np.allclose(node, leaf @ TAX.node_leaf_matrix().T, atol=1e-5)
 

@@ -36,7 +36,7 @@ import os
 import re
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +82,7 @@ class Sample:
     patient: str | None = None
     slide: str | None = None
     source: str = ""
+    cell_label: str | None = None  # a node of a second, per-cell taxonomy (cell type)
 
     @property
     def group(self) -> str:
@@ -241,9 +242,20 @@ def patient_rule(spec: str) -> PatientRule | None:
     )
 
 
+def label_column(spec: str) -> str | None:
+    """The manifest column named by ``--labels column:<name>``, else ``None``."""
+    if spec.startswith("column:"):
+        name = spec[len("column:"):].strip()
+        if not name:
+            raise DataError("--labels column: needs a column name, e.g. column:cell_type.")
+        return name
+    return None
+
+
 def label_rule(spec: str) -> LabelRule | None:
-    """Turn a ``--labels`` value into ``(image, folder_label) -> label`` (``None``: folder)."""
-    if spec == "folder":
+    """Turn a ``--labels`` value into ``(image, folder_label) -> label`` (``None``: the
+    folder name, the manifest's ``label`` column, or the column of ``column:<name>``)."""
+    if spec == "folder" or label_column(spec) is not None:
         return None
     if spec == "pbc-prefix":
 
@@ -261,8 +273,8 @@ def label_rule(spec: str) -> LabelRule | None:
 
         return by_regex
     raise DataError(
-        f"Invalid --labels value {spec!r}: use folder, pbc-prefix or re:<regex with "
-        "(?P<label>...)>."
+        f"Invalid --labels value {spec!r}: use folder, pbc-prefix, column:<manifest column> "
+        "or re:<regex with (?P<label>...)>."
     )
 
 
@@ -272,23 +284,72 @@ def discover(
     *,
     patients: str = "auto",
     labels: str = "folder",
+    cell_labels: str | None = None,
+    cell_taxonomy: Taxonomy | None = None,
 ) -> SampleSet:
     """Find every labelled image of a folder layout or CSV manifest.
 
     Unknown labels, missing files, files that are not images and images without a
-    label folder are recorded as :class:`Problem` s, never silently dropped.
+    label folder are recorded as :class:`Problem` s, never silently dropped. With
+    ``cell_labels`` (``column:<name>`` of a manifest, or ``re:<regex>`` on the file
+    name) each image also gets a cell label, a node of ``cell_taxonomy``; an empty cell
+    leaves the image without one.
     """
     data = Path(data)
     if not data.exists():
-        raise DataError(f"Data path '{data}' does not exist.")
+        raise DataError(f"Data path '{display_path(data)}' does not exist.")
     if data.is_file():
         if data.suffix.lower() != ".csv":
             raise DataError(
                 f"Data path '{data}' is a file but not a CSV manifest; give a folder laid out "
                 "as DATA/<label>/<image> or a .csv with columns path,label."
             )
-        return _from_manifest(data, taxonomy, patients, labels)
-    return _from_folder(data, taxonomy, patients, labels)
+        found = _from_manifest(data, taxonomy, patients, labels)
+    else:
+        found = _from_folder(data, taxonomy, patients, labels)
+    if cell_labels is None:
+        return found
+    if cell_taxonomy is None:
+        raise DataError("Cell labels need a cell taxonomy (--cell-taxonomy).")
+    return _with_cell_labels(found, data, cell_labels, cell_taxonomy)
+
+
+def _with_cell_labels(found: SampleSet, data: Path, spec: str, cells: Taxonomy) -> SampleSet:
+    """``found`` with each sample's cell label read by rule ``spec`` and resolved."""
+    column = label_column(spec)
+    if column is not None:
+        if not data.is_file():
+            raise DataError(f"--cell-labels {spec} reads a manifest column, but '{data}' is a "
+                            "folder; give a CSV manifest or use re:<regex> on file names.")
+        reader, _ = _manifest_reader(data, "none", required=("path", column))
+        by_path = {}
+        for row in reader:
+            raw = (row.get("path") or "").strip()
+            if raw:
+                path = Path(raw) if Path(raw).is_absolute() else data.parent / raw
+                by_path[path] = (row.get(column) or "").strip()
+
+        def raw_label(sample: Sample) -> str:
+            return by_path.get(sample.path, "")
+    elif spec.startswith("re:"):
+        pattern = compile_rule(spec[3:], "label")
+
+        def raw_label(sample: Sample) -> str:
+            return match_group(pattern, sample.path.name, "label") or ""
+    else:
+        raise DataError(f"Invalid --cell-labels value {spec!r}: use column:<manifest column> "
+                        "or re:<regex with (?P<label>...)> on the file name.")
+    samples = []
+    for sample in found.samples:
+        raw = raw_label(sample)
+        try:
+            cell = cells.resolve(raw, where=f"cell label of {sample.source}") if raw else None
+        except UnknownLabelError as err:
+            found.problems.append(Problem("unknown_cell_label", sample.source, str(err)))
+            continue
+        samples.append(replace(sample, cell_label=cell))
+    found.samples = samples
+    return found
 
 
 @dataclass
@@ -346,44 +407,13 @@ def utf8_problem(path: Path) -> Problem | None:
 
 
 def _from_folder(root: Path, taxonomy: Taxonomy, patients: str, labels: str) -> SampleSet:
+    if label_column(labels) is not None:
+        raise DataError(f"--labels {labels} reads a manifest column, but '{root}' is a folder; "
+                        "give a CSV manifest with that column.")
     problems: list[Problem] = []
     ignored: list[Path] = []
     relabel = label_rule(labels)
-    entries: list[tuple[Path, Path, str | None]] = []  # image, label dir, resolved folder label
-    for top in sorted(root.iterdir()):
-        if top.name.startswith("."):
-            ignored.append(top)
-            continue
-        if top.is_file():
-            if is_image_file(top):
-                problems.append(Problem(
-                    "unlabelled_image", str(top),
-                    "image directly in the data folder, outside any label folder; move it "
-                    "into DATA/<label>/", fatal=False,
-                ))
-            else:
-                ignored.append(top)
-            continue
-        folder_label: str | None = top.name
-        if relabel is None:
-            try:
-                folder_label = taxonomy.resolve(top.name, where=f"folder name '{top}'")
-            except UnknownLabelError as err:
-                problems.append(Problem("unknown_label", str(top), str(err)))
-                folder_label = None
-        found = find_images(top)
-        ignored.extend(found.passed)
-        problems.extend(Problem("unlisted_folder", display_path(d), f"cannot list the folder "
-                                f"({reason}); its images would be missed")
-                        for d, reason in found.unlisted)
-        problems.extend(p for p in map(utf8_problem, found.images) if p is not None)
-        images = [i for i in found.images if utf8_problem(i) is None]
-        if not images:
-            problems.append(Problem(
-                "empty_label_folder", str(top), "label folder holds no images", fatal=False,
-            ))
-        entries.extend((img, top, folder_label) for img in images)
-
+    entries = _label_folder_entries(root, taxonomy, relabel is None, problems, ignored)
     if patients == "auto":
         patients = _auto_patients([e[0] for e in entries], [e[1] for e in entries])
     rule = patient_rule(patients)
@@ -396,14 +426,14 @@ def _from_folder(root: Path, taxonomy: Taxonomy, patients: str, labels: str) -> 
     unknown_by_label: dict[str, list[Path]] = defaultdict(list)
     for img, label_dir, folder_label in entries:
         if folder_label is None:
-            continue  # reported once per folder above
+            continue  # reported once per folder
         label = folder_label
         if relabel is not None:
             raw = relabel(img, label_dir.name)
             if raw not in taxonomy or raw == taxonomy.root:
                 unknown_by_label[raw].append(img)
                 continue
-            label = raw
+            label = taxonomy.resolve(raw)
         patient = rule(img, label_dir) if rule else None
         if rule is not None and patient is None:
             problems.append(Problem(
@@ -424,6 +454,48 @@ def _from_folder(root: Path, taxonomy: Taxonomy, patients: str, labels: str) -> 
             "no images found; expected DATA/<label>/<image> with JPEG, PNG, BMP or TIFF files",
         ))
     return SampleSet(samples, taxonomy, root, patients, problems, ignored)
+
+
+def _label_folder_entries(root: Path, taxonomy: Taxonomy, folder_labels: bool,
+                          problems: list[Problem], ignored: list[Path],
+                          ) -> list[tuple[Path, Path, str | None]]:
+    """``(image, label folder, its label)`` for every image below a label folder; the label
+    is ``None`` for a folder that names no node (reported once in ``problems``)."""
+    entries: list[tuple[Path, Path, str | None]] = []
+    for top in sorted(root.iterdir()):
+        if top.name.startswith("."):
+            ignored.append(top)
+            continue
+        if top.is_file():
+            if is_image_file(top):
+                problems.append(Problem(
+                    "unlabelled_image", str(top),
+                    "image directly in the data folder, outside any label folder; move it "
+                    "into DATA/<label>/", fatal=False,
+                ))
+            else:
+                ignored.append(top)
+            continue
+        folder_label: str | None = top.name
+        if folder_labels:
+            try:
+                folder_label = taxonomy.resolve(top.name, where=f"folder name '{top}'")
+            except UnknownLabelError as err:
+                problems.append(Problem("unknown_label", str(top), str(err)))
+                folder_label = None
+        found = find_images(top)
+        ignored.extend(found.passed)
+        problems.extend(Problem("unlisted_folder", display_path(d), f"cannot list the folder "
+                                f"({reason}); its images would be missed")
+                        for d, reason in found.unlisted)
+        problems.extend(p for p in map(utf8_problem, found.images) if p is not None)
+        images = [i for i in found.images if utf8_problem(i) is None]
+        if not images:
+            problems.append(Problem(
+                "empty_label_folder", str(top), "label folder holds no images", fatal=False,
+            ))
+        entries.extend((img, top, folder_label) for img in images)
+    return entries
 
 
 def _hint(label: str, taxonomy: Taxonomy) -> str:
@@ -476,7 +548,9 @@ def _manifest_reader(manifest: Path, patients: str,
 
 
 def _from_manifest(manifest: Path, taxonomy: Taxonomy, patients: str, labels: str) -> SampleSet:
-    reader, patients = _manifest_reader(manifest, patients)
+    column = label_column(labels) or "label"
+    required = ("path", column) if column != "label" else MANIFEST_COLUMNS
+    reader, patients = _manifest_reader(manifest, patients, required=required)
     rule = patient_rule(patients)
     relabel = label_rule(labels)
     problems: list[Problem] = []
@@ -498,7 +572,7 @@ def _from_manifest(manifest: Path, taxonomy: Taxonomy, patients: str, labels: st
             ))
             continue
         first_line[path] = reader.line_num
-        raw_label = (row.get("label") or "").strip()
+        raw_label = (row.get(column) or "").strip()
         if relabel is not None:
             raw_label = relabel(path, raw_label)
         sample = _manifest_sample(row, path, raw_label, where, taxonomy, patients, rule,
@@ -515,7 +589,7 @@ def _manifest_sample(row: dict[str, str], path: Path, raw_label: str, where: str
                      problems: list[Problem]) -> Sample | None:
     """The sample of one manifest row, or ``None`` with the reason added to ``problems``."""
     if not raw_label:
-        problems.append(Problem("empty_label", where, "the 'label' cell is empty"))
+        problems.append(Problem("empty_label", where, "the label cell is empty"))
         return None
     try:
         label = taxonomy.resolve(raw_label, where=where)

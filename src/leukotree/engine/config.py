@@ -90,8 +90,9 @@ class TrainConfig:
                               "random crops", low=0, high=0.5)
     balance: str = option("none", "top up minority classes with rotated copies (rotate)",
                           choices=("none", "rotate"))
-    monitor: str = option("accuracy", "validation metric that picks the best checkpoint",
-                          choices=("accuracy", "macro_f1", "loss"))
+    monitor: str = option("accuracy", "validation metric that picks the best checkpoint "
+                          "(last: keep the last epoch, no selection on the validation data)",
+                          choices=("accuracy", "macro_f1", "loss", "last"))
     patience: int = option(0, "early stopping after this many validations without "
                            "improvement (0: off)", low=0, high=100_000)
     fold: int | None = option(None, "validate on this fold of --folds patient-grouped folds",
@@ -115,6 +116,24 @@ class TrainConfig:
     cache: str = option("disk", "where decoded pixels are kept", choices=("disk", "memory"))
     eval_every: int = option(1, "validate every this many epochs (and after the last)",
                              low=1, high=100_000)
+    cell_taxonomy: str | None = option(None, "a second, per-cell taxonomy (e.g. jhh-cells: the "
+                                       "cell types a technologist signed) for a cell-type "
+                                       "head; its cells give each patient's differential")
+    cell_labels: str | None = option(None, "where each cell's type comes from: "
+                                     "column:<manifest column> or re:<regex> on the file name")
+    cell_weight: float = option(1.0, "weight of the cell-type loss beside the diagnosis loss",
+                                low=0, high=100)
+    patient_model: str = option("none", "patient-level model fitted on the training patients "
+                                "after the cell model (none: only per-cell training)",
+                                choices=("none", "vote", "mean", "fraction", "differential",
+                                         "mil"))
+    patient_fraction_of: str = option("promyelocyte", "the cell type whose fraction the "
+                                      "'fraction' patient model reads")
+    patient_threshold: str = option("youden", "decision threshold of a two-leaf patient model, "
+                                    "chosen on out-of-fold training patients: youden, "
+                                    "sensitivity:<x> or a number")
+    positive: str | None = option(None, "positive leaf of a two-leaf taxonomy (default: the "
+                                  "first leaf)")
     max_pixels: int = option(60_000_000, "refuse images larger than this many pixels (a "
                              "decompression-bomb guard)", low=1, high=10**10)
     skip_unreadable: bool = option(False, "leave out images that cannot be read (listed on "
@@ -133,6 +152,17 @@ class TrainConfig:
             raise LeukotreeError(
                 f"The 'fold' parameter must be in 0..{self.folds - 1} for {self.folds} folds; "
                 f"got {self.fold}.")
+        if (self.cell_taxonomy is None) != (self.cell_labels is None):
+            raise LeukotreeError(
+                "The 'cell_taxonomy' and 'cell_labels' parameters go together: a cell-type "
+                "head needs both the tree of cell types and where each cell's type comes from.")
+        if self.patient_model in {"fraction", "differential"} and self.cell_taxonomy is None:
+            raise LeukotreeError(
+                f"The '{self.patient_model}' patient model reads cell types: give "
+                "--cell-taxonomy and --cell-labels.")
+        from leukotree.patients.fit import check_threshold_rule
+
+        check_threshold_rule(self.patient_threshold)
         if self.fold is not None and self.val_data:
             raise LeukotreeError(
                 "The 'fold' and 'val_data' parameters exclude each other: validate on a fold "
@@ -143,10 +173,21 @@ class TrainConfig:
         from leukotree.data.discover import label_rule, patient_rule
         from leukotree.models import head_class
         from leukotree.models.backbones import check_input_size
+        from leukotree.taxonomy import load_taxonomy
 
         head = head_class(self.head)
         for name in head.arch_name(self.model_config()).split("+"):
             check_input_size(name, self.img_size)
+        taxonomy = load_taxonomy(self.taxonomy)
+        if self.positive is not None:
+            self.positive = taxonomy.resolve(self.positive, where="--positive")
+        if self.cell_taxonomy is not None:
+            if not head.supports_cell_head:
+                raise LeukotreeError(f"The {self.head} head cannot carry a cell-type head; use "
+                                     "flat, multihead or hybrid with --cell-taxonomy.")
+            cells = load_taxonomy(self.cell_taxonomy)
+            if self.patient_model == "fraction":
+                cells.resolve(self.patient_fraction_of, where="--patient-fraction-of")
         patient_rule(self.patients)
         label_rule(self.labels)
         if check_device:

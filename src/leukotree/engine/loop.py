@@ -243,14 +243,23 @@ class Split:
     pixels: np.ndarray  # (N, S, S, 3) uint8, possibly memory-mapped
     leaf_mask: np.ndarray  # (N, n_leaves) bool
     head_targets: np.ndarray  # (N, n_inner) int64, -1 = ignore
+    cell_mask: np.ndarray | None = None  # (N, n_cell_types) bool; all False: no cell type
 
     def __len__(self) -> int:
         return len(self.samples)
 
 
-def make_split(samples: list[Sample], pixels: np.ndarray, taxonomy: Taxonomy) -> Split:
+def make_split(samples: list[Sample], pixels: np.ndarray, taxonomy: Taxonomy,
+               cell_taxonomy: Taxonomy | None = None) -> Split:
     labels = [s.label for s in samples]
-    return Split(samples, pixels, taxonomy.leaf_mask(labels), taxonomy.encode_heads(labels))
+    cell_mask = None
+    if cell_taxonomy is not None:
+        cell_mask = np.zeros((len(samples), len(cell_taxonomy.leaves)), dtype=bool)
+        known = [i for i, s in enumerate(samples) if s.cell_label is not None]
+        if known:
+            cell_mask[known] = cell_taxonomy.leaf_mask([samples[i].cell_label for i in known])
+    return Split(samples, pixels, taxonomy.leaf_mask(labels), taxonomy.encode_heads(labels),
+                 cell_mask)
 
 
 # ----------------------------------------------------------------- the step
@@ -281,13 +290,14 @@ def make_batch(pixels: np.ndarray, idx: np.ndarray, gen: torch.Generator, recipe
 
 def train_step(net: torch.nn.Module, state: TrainState, criterion: TreeLoss, x: torch.Tensor,
                leaf_mask: torch.Tensor, head_targets: torch.Tensor, precision: Precision,
-               ) -> torch.Tensor:
-    """Forward, tree loss, backward, optimiser and schedule step, weight average.
+               cell_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Forward, tree loss (plus the cell-type loss with ``cell_mask``), backward, optimiser
+    and schedule step, weight average.
 
     ``net`` is the model or its DDP wrapper; returns the detached loss.
     """
     with precision.autocast():
-        loss, _ = criterion(net(x, head_targets), leaf_mask, head_targets)
+        loss, _ = criterion(net(x, head_targets), leaf_mask, head_targets, cell_mask)
     if not torch.isfinite(loss):
         raise LeukotreeError(
             f"The training loss became {float(loss.detach())} at epoch {state.epoch + 1}; the "
@@ -362,7 +372,10 @@ def train_one_epoch(net: torch.nn.Module, state: TrainState, criterion: TreeLoss
                            rots[sl] if force_rotations else None)
             mask = torch.from_numpy(train.leaf_mask[idx]).to(device)
             heads = torch.from_numpy(train.head_targets[idx]).to(device)
-            losses.append(float(train_step(net, state, criterion, x, mask, heads, precision)))
+            cells = (None if train.cell_mask is None
+                     else torch.from_numpy(train.cell_mask[idx]).to(device))
+            losses.append(float(train_step(net, state, criterion, x, mask, heads, precision,
+                                           cells)))
             seen += len(idx)
             rate = seen * plan.dist.world_size / (time.perf_counter() - t0)
             bar.update(task, advance=1, rate=f"loss {np.mean(losses):.4f} {rate:.0f} img/s")
@@ -374,19 +387,39 @@ def train_one_epoch(net: torch.nn.Module, state: TrainState, criterion: TreeLoss
 
 # ----------------------------------------------------------------- validation
 @torch.no_grad()
+def predict_outputs(model: torch.nn.Module, pixels: np.ndarray, batch_size: int,
+                    device: torch.device, channels_last: bool = False,
+                    precision: Precision | None = None, size: int | None = None,
+                    ) -> dict[str, np.ndarray]:
+    """``leaf_probs``, ``features`` and (with a cell-type head) ``cell_probs`` of uint8
+    pixels, in batches; ``size`` takes the central crop of that side first (the view
+    prediction has of a padded training cache)."""
+    model.eval()
+    out: dict[str, list[np.ndarray]] = {}
+    for start in range(0, len(pixels), batch_size):
+        with precision.autocast() if precision is not None else nullcontext():
+            x = to_tensor(pixels[start:start + batch_size], device, channels_last=channels_last)
+            if size is not None and x.shape[-1] > size:
+                x = random_crop(x, size, torch.Generator(), random=False)
+            result = model(x)
+        out.setdefault("leaf_probs", []).append(result["leaf_logp"].float().exp().cpu().numpy())
+        if "features" in result:
+            out.setdefault("features", []).append(result["features"].float().cpu().numpy())
+        if "cell_logp" in result:
+            out.setdefault("cell_probs", []).append(
+                result["cell_logp"].float().exp().cpu().numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
 def predict_pixels(model: torch.nn.Module, pixels: np.ndarray, batch_size: int,
                    device: torch.device, channels_last: bool = False,
                    precision: Precision | None = None) -> np.ndarray:
     """Leaf probabilities ``(N, n_leaves)`` for uint8 pixels, in batches (under
     ``precision``'s autocast when given)."""
-    model.eval()
-    out = []
-    for start in range(0, len(pixels), batch_size):
-        with precision.autocast() if precision is not None else nullcontext():
-            x = to_tensor(pixels[start:start + batch_size], device, channels_last=channels_last)
-            logp = model(x)["leaf_logp"]
-        out.append(logp.float().exp().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 0))
+    if len(pixels) == 0:
+        return np.zeros((0, 0))
+    return predict_outputs(model, pixels, batch_size, device, channels_last,
+                           precision)["leaf_probs"]
 
 
 def tree_accuracy(probs: np.ndarray, leaf_mask: np.ndarray) -> float:

@@ -48,6 +48,7 @@ from leukotree.engine.loop import (
     make_optimizer,
     make_scheduler,
     make_split,
+    predict_outputs,
     resolve_device,
     resolve_precision,
     torch_threads,
@@ -59,11 +60,14 @@ from leukotree.errors import LeukotreeError, UnreadableImagesError, display_path
 from leukotree.models import TreeClassifier, build_model
 from leukotree.models.checkpoint import (
     environment,
+    load_model,
     read_training_state,
     save_model,
     save_training_state,
 )
 from leukotree.models.losses import TreeLoss, balanced_leaf_weights
+from leukotree.patients import fit_patient_model, make_bags, patient_labels, patient_metrics
+from leukotree.patients.models import patient_params
 from leukotree.report import plots
 from leukotree.report.console import say, stderr_console
 from leukotree.rundir import RunDir, write_csv, write_json, write_text
@@ -98,6 +102,8 @@ class Trainer:
         self.console = console or stderr_console()
         self.device = resolve_device(config.device)
         self.dist = DistInfo()
+        self.cell_taxonomy = (load_taxonomy(config.cell_taxonomy) if config.cell_taxonomy
+                              else None)
         self._listed: dict[Path, list[dict[str, str]]] = {}
 
     @property
@@ -169,7 +175,7 @@ class Trainer:
             if broadcast_flag(self.dist, stop):
                 break
         barrier(self.dist)
-        return self._finish(state)
+        return self._finish(state, train, val, precision)
 
     # ----------------------------------------------------------------- setup
     def _check_out_folder(self) -> None:
@@ -232,7 +238,8 @@ class Trainer:
         ``not_used.csv``), and with ``skip_unreadable`` unreadable images are left out and
         named (``skipped.csv``) instead of stopping the run."""
         cfg = self.config
-        sample_set = discover(data, taxonomy, patients=cfg.patients, labels=cfg.labels)
+        sample_set = discover(data, taxonomy, patients=cfg.patients, labels=cfg.labels,
+                              cell_labels=cfg.cell_labels, cell_taxonomy=self.cell_taxonomy)
         sample_set.raise_for_problems()
         self._name_files(sample_set.not_used(), self.run.not_used,
                          f"{data}: file(s) not used for training")
@@ -297,8 +304,8 @@ class Trainer:
             barrier(self.dist)
         if cfg.cache == "memory":
             train_px, val_px = np.asarray(train_px), np.asarray(val_px)
-        return (taxonomy, make_split(train_samples, train_px, taxonomy),
-                make_split(val_samples, val_px, taxonomy))
+        return (taxonomy, make_split(train_samples, train_px, taxonomy, self.cell_taxonomy),
+                make_split(val_samples, val_px, taxonomy, self.cell_taxonomy))
 
     def _check_same_split(self, samples: list[Sample], parts: np.ndarray) -> None:
         """On resume, the data must give the split the run started with."""
@@ -316,7 +323,9 @@ class Trainer:
         """The model, normalised by the training pixels, seeded, with any given weights."""
         cfg = self.config
         mean, std = channel_stats(train.pixels)
-        mcfg = cfg.model_config(crop_fraction=self.eval_crop, mean=mean, std=std)
+        cells = self.cell_taxonomy.to_dict() if self.cell_taxonomy is not None else None
+        mcfg = cfg.model_config(crop_fraction=self.eval_crop, mean=mean, std=std,
+                                cell_taxonomy=cells)
         torch.manual_seed(cfg.seed)
         model = build_model(taxonomy, mcfg)
         if cfg.weights or cfg.pretrained:
@@ -331,7 +340,7 @@ class Trainer:
             leaf_w = balanced_leaf_weights(taxonomy, [s.label for s in train.samples]).tolist()
         return TreeLoss(taxonomy, hierarchical=model.is_hierarchical, kind=cfg.loss,
                         gamma=cfg.focal_gamma, leaf_weights=leaf_w,
-                        label_smoothing=cfg.label_smoothing,
+                        label_smoothing=cfg.label_smoothing, cell_weight=cfg.cell_weight,
                         level_weights=cfg.level_weights).to(self.device)
 
     def _training_state(self, model: TreeClassifier, train: Split, precision: Precision,
@@ -370,12 +379,16 @@ class Trainer:
         improved = False
         if due:
             row.update(validate(state.scored, val, cfg.batch_size * 2, precision, channels_last))
-            value = row["val_loss" if cfg.monitor == "loss" else f"val_{cfg.monitor}"]
-            sign = -1.0 if cfg.monitor == "loss" else 1.0
-            # NaN (e.g. macro F1 without leaf-labelled validation images) never improves,
-            # but the first validation always gives a best model.
-            improved = (state.best is None or (math.isnan(state.best) and not math.isnan(value))
-                        or sign * value > sign * state.best)
+            if cfg.monitor == "last":  # no selection on the validation data
+                value, improved = float(state.epoch), True
+            else:
+                value = row["val_loss" if cfg.monitor == "loss" else f"val_{cfg.monitor}"]
+                sign = -1.0 if cfg.monitor == "loss" else 1.0
+                # NaN (e.g. macro F1 without leaf-labelled validation images) never
+                # improves, but the first validation always gives a best model.
+                improved = (state.best is None
+                            or (math.isnan(state.best) and not math.isnan(value))
+                            or sign * value > sign * state.best)
             if improved:
                 state.best, state.best_epoch, state.bad_epochs = value, state.epoch, 0
             else:
@@ -413,14 +426,57 @@ class Trainer:
         writer.writerows(history)
         write_text(self.run.history, buffer.getvalue())
 
-    def _finish(self, state: TrainState) -> dict[str, Any]:
+    def _finish(self, state: TrainState, train: Split, val: Split, precision: Precision,
+                ) -> dict[str, Any]:
         cfg = self.config
         summary = {"best_epoch": state.best_epoch, "best": state.best, "monitor": cfg.monitor,
                    "history": state.history, "run": str(self.out)}
         if self.dist.is_main:
             plots.learning_curves(state.history, self.run.curves)
+            if cfg.patient_model != "none":
+                summary["patient_level"] = self._fit_patient_model(train, val, precision)
             write_json(self.run.summary, summary)
         return summary
+
+    def _fit_patient_model(self, train: Split, val: Split, precision: Precision,
+                           ) -> dict[str, Any]:
+        """Fit the patient-level model on the training patients (cells seen by the best
+        model), store it in ``best.pt`` and score the validation patients."""
+        cfg = self.config
+        model, payload = load_model(self.run.best)
+        model = model.to(self.device)
+        bags = {}
+        for name, part, size in (("train", train, None), ("val", val, None)):
+            if any(s.patient is None for s in part.samples):
+                raise LeukotreeError(
+                    "A patient-level model needs a patient id for every image: give a "
+                    "manifest 'patient' column or patient sub-folders (--patients).")
+            outputs = predict_outputs(model, part.pixels, cfg.batch_size * 2, self.device,
+                                      size=cfg.img_size if size is None else size)
+            patients = [s.patient for s in part.samples]
+            features = outputs.get("features", np.zeros((len(patients), 0), np.float32))
+            bags[name] = make_bags(patients, outputs["leaf_probs"], features,
+                                   outputs.get("cell_probs"), [s.path.name for s in part.samples],
+                                   patient_labels(model.taxonomy, patients,
+                                                  [s.label for s in part.samples]))
+        fitted = fit_patient_model(cfg.patient_model, model.taxonomy, model.cell_taxonomy,
+                                   bags["train"], rule=cfg.patient_threshold,
+                                   positive=cfg.positive, seed=cfg.seed,
+                                   **patient_params(cfg))
+        save_model(self.run.best, model, extra=payload.get("extra"),
+                   patient_model=fitted.to_dict())
+        probs = fitted.predict_proba(bags["val"])
+        metrics = patient_metrics(model.taxonomy, [b.label for b in bags["val"]], probs,
+                                  fitted.diagnose(probs), positive=fitted.positive,
+                                  threshold=fitted.threshold)
+        metrics |= {"model": cfg.patient_model, "threshold": fitted.threshold,
+                    "threshold_rule": fitted.rule, "train_patients": len(bags["train"])}
+        auroc = f", AUROC {metrics['auroc']:.3f}" if "auroc" in metrics else ""
+        self._log(f"patient model '{cfg.patient_model}': {metrics['n_patients']} validation "
+                  f"patients, accuracy {metrics['accuracy']:.3f}{auroc}"
+                  + (f", threshold {fitted.threshold:.3f}" if fitted.threshold is not None
+                     else ""))
+        return metrics
 
 
 def train(data: str | Path, out: str | Path, config: TrainConfig, *, resume: bool = False,

@@ -15,12 +15,14 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
+from sklearn.metrics import roc_auc_score
 
 from leukotree.engine.config import TrainConfig, load_config, save_config
 from leukotree.engine.distributed import running_under_torchrun
 from leukotree.engine.trainer import train
 from leukotree.errors import LeukotreeError
 from leukotree.evaluation.evaluate import EvalSettings, check_settings, evaluate
+from leukotree.patients.fit import bootstrap_auroc
 from leukotree.report.console import stderr_console
 from leukotree.report.html import write_document
 from leukotree.report.tables import Document, cv_document
@@ -39,6 +41,9 @@ SCALARS: dict[str, tuple[str, ...]] = {
     "ece": ("calibration", "leaves", "ece"),
     "brier": ("calibration", "leaves", "brier"),
     "patient_accuracy": ("patient_level", "accuracy"),
+    "patient_auroc": ("patient_level", "patient_auroc"),
+    "patient_sensitivity": ("patient_level", "patient_binary", "sensitivity"),
+    "patient_specificity": ("patient_level", "patient_binary", "specificity"),
     "binary_sensitivity": ("binary", "sensitivity"),
     "binary_specificity": ("binary", "specificity"),
 }
@@ -74,14 +79,22 @@ def cross_validate(
     config: TrainConfig,
     *,
     folds: int = 5,
+    repeats: int = 1,
     settings: EvalSettings | None = None,
     progress: bool = True,
     console: Console | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) ``folds``-fold CV and write ``summary.json``, ``summary.md`` and
-    ``summary.html`` (a :class:`~leukotree.rundir.CVDir`)."""
-    if folds < 2:
-        raise LeukotreeError(f"The 'folds' parameter must be at least 2; got {folds}.")
+    """Run (or resume) ``repeats`` x ``folds``-fold patient-grouped CV and write
+    ``summary.json``, ``summary.md`` and ``summary.html`` (a :class:`~leukotree.rundir.CVDir`).
+
+    Repeat ``r`` draws its folds (and initialisations) with seed ``seed + r``. With patient
+    ids, the out-of-fold patient diagnoses of each repeat are pooled into patient-level
+    metrics (AUROC with a patient-bootstrap 95% CI; sensitivity and specificity at each
+    fold's own threshold, chosen on its training patients only).
+    """
+    if folds < 2 or repeats < 1:
+        raise LeukotreeError(f"Cross-validation needs at least 2 folds and 1 repeat; got "
+                             f"{folds} folds and {repeats} repeats.")
     if config.val_data:
         raise LeukotreeError("Cross-validation validates on each fold in turn; remove "
                              "'val_data' (--val) from the options.")
@@ -95,32 +108,75 @@ def cross_validate(
     cv = CVDir(out)
     base = _open_cv_dir(cv, replace(config, folds=folds, fold=None))
     per_fold: list[dict[str, Any]] = []
-    for k in range(folds):
-        fold = cv.fold(k)
-        if fold.eval_dir.metrics.exists():
-            console.print(f"fold {k}: already evaluated, kept")
-        else:
-            console.rule(f"fold {k + 1} of {folds}")
-            train(data, fold.path, replace(base, fold=k), resume=fold.last.exists(),
-                  progress=progress)
-            # The manifest carries the split's labels and patient ids as they were resolved.
-            evaluate(fold.path, fold.write_val_manifest(), fold.eval_dir.path, settings,
-                     patients="auto", labels="folder")
-        metrics = fold.eval_dir.read_metrics()
-        per_fold.append({"fold": k, "n_images": metrics["n_images"], **fold_scalars(metrics)})
-    keys = sorted({key for row in per_fold for key in row} - {"fold", "n_images"})
+    pooled: list[dict[str, Any]] = []
+    for r in range(repeats):
+        patients: dict[str, Any] = {}
+        for k in range(folds):
+            metrics = _run_fold(data, cv, base, k, r, folds, repeats, settings, progress,
+                                console)
+            per_fold.append({"fold": k, "repeat": r, "n_images": metrics["n_images"],
+                             **fold_scalars(metrics)})
+            patients |= (metrics.get("patient_level") or {}).get("patients", {})
+        if patients:
+            pooled.append(pooled_patient_metrics(patients, metrics))
+    keys = sorted({key for row in per_fold for key in row} - {"fold", "repeat", "n_images"})
     summary = {
-        "model": config.model_config().description,
-        "head": config.head, "folds": per_fold,
+        "model": config.model_config().description, "head": config.head,
+        "patient_model": config.patient_model, "repeats": repeats, "folds": per_fold,
         "mean": {key: mean_std([row.get(key, float("nan")) for row in per_fold])
                  for key in keys},
-        "config": base.to_dict(),
+        "patient_level": pooled, "config": base.to_dict(),
     }
     write_json(cv.summary, summary)
     doc = cv_document([summary])
     doc.extend(_fold_figures(per_fold))
     write_document(doc, cv.markdown)
     return summary
+
+
+def _run_fold(data: str | Path, cv: CVDir, base: TrainConfig, k: int, r: int, folds: int,
+              repeats: int, settings: EvalSettings, progress: bool, console: Console,
+              ) -> dict[str, Any]:
+    """Train and evaluate fold ``k`` of repeat ``r`` (kept when already evaluated)."""
+    fold = cv.fold(k, r)
+    if fold.eval_dir.metrics.exists():
+        console.print(f"fold {k + 1} (repeat {r + 1}): already evaluated, kept")
+    else:
+        console.rule(f"fold {k + 1} of {folds}" + (f", repeat {r + 1} of {repeats}"
+                                                   if repeats > 1 else ""))
+        train(data, fold.path, replace(base, fold=k, seed=base.seed + r),
+              resume=fold.last.exists(), progress=progress)
+        # The manifest carries the split's labels and patient ids as they were resolved.
+        evaluate(fold.path, fold.write_val_manifest(), fold.eval_dir.path, settings,
+                 patients="auto", labels="folder")
+    return fold.eval_dir.read_metrics()
+
+
+def pooled_patient_metrics(patients: dict[str, Any], last: dict[str, Any]) -> dict[str, Any]:
+    """Patient-level metrics of one repeat's out-of-fold patients, pooled over its folds:
+    accuracy of the diagnoses, and for two leaves the AUROC of ``P(positive)`` with a
+    patient-bootstrap 95% CI and sensitivity/specificity of the diagnoses made."""
+    names = sorted(patients)
+    truth = [patients[p]["truth"] for p in names]
+    decisions = [patients[p]["decision"] for p in names]
+    out: dict[str, Any] = {"n_patients": len(names),
+                           "accuracy": float(np.mean([t == d for t, d in zip(
+                               truth, decisions, strict=True)]))}
+    positive = (last.get("patient_level") or {}).get("patient_positive")
+    if positive is not None:
+        y = np.array([t == positive for t in truth])
+        p = np.array([patients[n][f"p_{positive}"] for n in names])
+        said = np.array([d == positive for d in decisions])
+        out["positive"] = positive
+        if 0 < y.sum() < len(y):
+            out["auroc"] = float(roc_auc_score(y, p))
+            out["auroc_ci95"] = bootstrap_auroc(y, p)
+        tp, fn = int((said & y).sum()), int((~said & y).sum())
+        tn, fp = int((~said & ~y).sum()), int((said & ~y).sum())
+        out |= {"tp": tp, "fn": fn, "tn": tn, "fp": fp,
+                "sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
+                "specificity": tn / (tn + fp) if tn + fp else float("nan")}
+    return out
 
 
 def _open_cv_dir(cv: CVDir, base: TrainConfig) -> TrainConfig:
@@ -143,9 +199,10 @@ def _fold_figures(per_fold: list[dict[str, Any]]) -> Document:
     figures = (RunDir.CURVES, f"{RunDir.EVAL}/{EvalDir.CONFUSION_NORMALIZED}",
                f"{RunDir.EVAL}/{EvalDir.ROC}", f"{RunDir.EVAL}/{EvalDir.RELIABILITY}")
     for row in per_fold:
-        k = row["fold"]
-        name = CVDir.fold_name(k)
-        doc.heading(f"Fold {k + 1}", 3, link=f"{name}/{RunDir.EVAL}/{EvalDir.HTML}")
+        k, r = row["fold"], row.get("repeat", 0)
+        name = CVDir.fold_name(k, r)
+        title = f"Fold {k + 1}" + (f", repeat {r + 1}" if r else "")
+        doc.heading(title, 3, link=f"{name}/{RunDir.EVAL}/{EvalDir.HTML}")
         for fig in figures:
             doc.figure(f"{name}/{fig}", f"fold {k + 1} {fig}")
     return doc

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,10 @@ from leukotree.evaluation.metrics import (
     threshold_for_sensitivity,
 )
 from leukotree.inference.decisions import AGGREGATES, aggregate_patients
-from leukotree.inference.predictor import Predictor, TorchPredictor, predict_paths
+from leukotree.inference.predictor import Predictions, Predictor, TorchPredictor, predict_paths
 from leukotree.models.checkpoint import load_model
+from leukotree.patients.bags import make_bags, patient_labels
+from leukotree.patients.fit import FittedPatientModel, patient_metrics
 from leukotree.report import plots
 from leukotree.report.html import write_document
 from leukotree.report.tables import metrics_document
@@ -69,8 +70,8 @@ def evaluate(
     settings = settings or EvalSettings()
     check_settings(settings)
     run = Path(run)
-    model, _ = load_model(run)
-    predictor = TorchPredictor(model)
+    model, payload = load_model(run)
+    predictor = TorchPredictor(model, patient_model=payload.get("patient_model"))
     taxonomy: Taxonomy = model.taxonomy
     sample_set = discover(data, taxonomy, patients=patients, labels=labels)
     sample_set.raise_for_problems()
@@ -90,7 +91,8 @@ def evaluate(
                            "leaves present.")
     if len(taxonomy.leaves) == 2:
         metrics["binary"] = _binary_section(run, predictor, truth, probs, settings)
-    metrics["patient_level"] = patient_level(taxonomy, samples, probs, settings)
+    metrics["patient_level"] = patient_level(taxonomy, samples, probs, settings, preds,
+                                             predictor.patient_model)
     where = EvalDir(out)
     where.path.mkdir(parents=True, exist_ok=True)
     metrics["figures"] = write_figures(taxonomy, truth, probs, metrics, where.path)
@@ -144,44 +146,56 @@ def _binary_section(run: Path, predictor: Predictor, truth: list[str], probs: np
 
 
 def patient_level(taxonomy: Taxonomy, samples: list[Sample], probs: np.ndarray,
-                  settings: EvalSettings) -> dict[str, Any] | None:
-    """Metrics after aggregating each patient's cells, when every patient has one label."""
+                  settings: EvalSettings, preds: Predictions | None = None,
+                  fitted: FittedPatientModel | None = None) -> dict[str, Any] | None:
+    """Patient-level metrics when every patient has one label: from the run's patient
+    model when it has one (with its own threshold), else from aggregating the cells; for
+    two leaves also the AUROC with a patient-bootstrap 95% CI."""
     patients = [s.patient for s in samples]
     if not any(patients):
         return None
-    labels_of: dict[str, Counter[str]] = {}
-    for s in samples:
-        if s.patient:
-            labels_of.setdefault(s.patient, Counter())[s.label] = 1
-    patient_label: dict[str, str] = {}
-    mixed = []
-    for patient, counts in labels_of.items():
-        deepest = max(counts, key=taxonomy.depth)
-        # Cells labelled at an ancestor of the deepest label ("Acute" beside "ALL") agree.
-        if all(lab in taxonomy.path(deepest) for lab in counts):
-            patient_label[patient] = deepest
-        else:
-            mixed.append(patient)
-    if mixed:
-        return {"skipped": f"{len(mixed)} patient(s) have cells of several labels (e.g. "
-                           f"{mixed[0]}); patient-level diagnosis needs one label per patient"}
+    try:
+        truth = patient_labels(taxonomy, patients, [s.label for s in samples])
+    except LeukotreeError as err:
+        return {"skipped": str(err)}
     agg = aggregate_patients(patients, probs, method=settings.aggregate,
                              min_cells=settings.min_cells)
     decided = [p for p, a in agg.items() if a["decision"] is not None]
-    insufficient = sorted(set(agg) - set(decided))
     out: dict[str, Any] = {"method": settings.aggregate, "min_cells": settings.min_cells,
-                           "n_patients": len(agg), "insufficient": insufficient}
-    if decided:
+                           "n_patients": len(agg),
+                           "insufficient": sorted(set(agg) - set(decided))}
+    if not decided:
+        return out
+    if fitted is not None and preds is not None:
+        features = (preds.features if preds.features is not None
+                    else np.zeros((len(patients), 0), np.float32))
+        bags = [b for b in make_bags(patients, probs, features, preds.cell_probs)
+                if b.patient in decided]
+        p_probs = fitted.predict_proba(bags)
+        diagnoses = fitted.diagnose(p_probs)
+        out |= {"method": f"patient model '{fitted.model.name}'", "threshold": fitted.threshold,
+                "threshold_rule": fitted.rule}
+        positive = fitted.positive
+    else:
         key = "vote_shares" if settings.aggregate == "majority" else "mean_probs"
         p_probs = np.stack([agg[p][key] for p in decided])
         if settings.aggregate == "majority":  # decision = argmax incl. tie-break
             p_probs = p_probs + 1e-6 * np.stack([agg[p]["mean_probs"] for p in decided])
             p_probs = p_probs / p_probs.sum(1, keepdims=True)
-        p_truth = [patient_label[p] for p in decided]
-        out.update(classification_metrics(taxonomy, p_truth, p_probs))
-        out["patients"] = {p: {"truth": t, "decision": taxonomy.leaves[agg[p]["decision"]],
-                               "n_cells": agg[p]["n_cells"]}
-                           for p, t in zip(decided, p_truth, strict=True)}
+        diagnoses = [taxonomy.leaves[agg[p]["decision"]] for p in decided]
+        positive = (settings.positive or taxonomy.leaves[0]) if len(taxonomy.leaves) == 2 \
+            else None
+    p_truth = [truth[p] for p in decided]
+    out.update(classification_metrics(taxonomy, p_truth, p_probs))
+    out.update({f"patient_{k}": v for k, v in patient_metrics(
+        taxonomy, p_truth, p_probs, diagnoses, positive=positive,
+        threshold=fitted.threshold if fitted is not None else None).items()})
+    out["accuracy"] = out["patient_accuracy"]  # of the diagnoses made (thresholded)
+    out["patients"] = {p: {"truth": t, "decision": d, "n_cells": agg[p]["n_cells"],
+                           **{f"p_{leaf}": float(v) for leaf, v in zip(
+                               taxonomy.leaves, row, strict=True)}}
+                       for p, t, d, row in zip(decided, p_truth, diagnoses, p_probs,
+                                               strict=True)}
     return out
 
 

@@ -175,7 +175,8 @@ class PatientDecision:
     reason: str
     vote_shares: np.ndarray
     mean_probs: np.ndarray
-    node_probs: np.ndarray  # mean probability of every node (taxonomy.nodes order)
+    node_probs: np.ndarray  # patient-level probability of every node (taxonomy.nodes order)
+    probs: np.ndarray | None = None  # the leaf probabilities the diagnosis is made from
 
 
 def decide_patient(taxonomy: Taxonomy, patient: str, aggregate: dict[str, Any],
@@ -185,7 +186,8 @@ def decide_patient(taxonomy: Taxonomy, patient: str, aggregate: dict[str, Any],
     node_p = node_probabilities(taxonomy, np.asarray(aggregate["mean_probs"])[None])[0]
     common = {"patient": patient, "n_cells": aggregate["n_cells"],
               "vote_shares": aggregate["vote_shares"], "mean_probs": aggregate["mean_probs"],
-              "node_probs": node_p}
+              "node_probs": node_p,
+              "probs": aggregate["vote_shares" if method == "majority" else "mean_probs"]}
     if aggregate["decision"] is None:
         return PatientDecision(
             leaf=None, reported_node=taxonomy.root, refer=True,
@@ -204,4 +206,25 @@ def decide_patient(taxonomy: Taxonomy, patient: str, aggregate: dict[str, Any],
         known = " > ".join(taxonomy.path(confident)) if confident != taxonomy.root else "no level"
         reason = f"confident down to {known} only"
     return PatientDecision(leaf=leaf, reported_node=confident, refer=refer, reason=reason,
+                           **common)
+
+
+def decide_patient_probs(taxonomy: Taxonomy, patient: str, probs: np.ndarray, diagnosis: str,
+                         n_cells: int, thresholds: Sequence[float], min_cells: int,
+                         vote_shares: np.ndarray, mean_probs: np.ndarray) -> PatientDecision:
+    """The referral rule for a patient-level model's probabilities ``probs`` and its
+    ``diagnosis`` (which a decision threshold may have chosen): walk the diagnosis's path
+    while each level is confident."""
+    node_p = node_probabilities(taxonomy, np.asarray(probs)[None])[0]
+    common = {"patient": patient, "n_cells": n_cells, "vote_shares": vote_shares,
+              "mean_probs": mean_probs, "node_probs": node_p, "probs": np.asarray(probs)}
+    if n_cells < min_cells:
+        return PatientDecision(
+            leaf=None, reported_node=taxonomy.root, refer=True,
+            reason=f"insufficient: {n_cells} cell(s), at least {min_cells} needed", **common)
+    confident, _ = confident_node(taxonomy, node_p, diagnosis, thresholds)
+    refer = confident != diagnosis
+    known = " > ".join(taxonomy.path(confident)) if confident != taxonomy.root else "no level"
+    return PatientDecision(leaf=diagnosis, reported_node=confident, refer=refer,
+                           reason=f"confident down to {known} only" if refer else "",
                            **common)

@@ -2,10 +2,11 @@
 
 The exported graph takes ``images``: float32 ``(B, 3, S, S)`` in the 0-255 range
 (the training set's normalisation is inside) and returns ``leaf_probs``
-``(B, n_leaves)`` and ``node_probs`` ``(B, n_nodes)`` (``P(node) = sum of its
-leaves``, so the tree is consistent). The taxonomy, image size and centre crop
-travel in the file's metadata, so ``leukotree predict`` accepts the ``.onnx`` file
-as RUN.
+``(B, n_leaves)``, ``node_probs`` ``(B, n_nodes)`` (``P(node) = sum of its
+leaves``, so the tree is consistent), ``features`` ``(B, D)`` and, with a cell-type
+head, ``cell_probs``. The taxonomy, image size, centre crop and any fitted
+patient-level model travel in the file's metadata, so ``leukotree predict`` accepts the
+``.onnx`` file as RUN.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import stat
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -30,16 +32,20 @@ from leukotree.tree import LeafToNode
 
 
 class TreeProbabilities(nn.Module):
-    """Wraps a tree classifier to output leaf and node probabilities."""
+    """Wraps a tree classifier to output leaf and node probabilities, the pooled
+    features and, with a cell-type head, the cell-type probabilities."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, keys: Sequence[str]) -> None:
         super().__init__()
         self.model = model
+        self.keys = list(keys)  # the optional outputs the model gives
         self.to_nodes = LeafToNode(model.taxonomy)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        leaf = self.model(images)["leaf_logp"].exp()
-        return leaf, self.to_nodes(leaf)
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(images)
+        leaf = out["leaf_logp"].exp()
+        extra = {"features": lambda: out["features"], "cell_probs": lambda: out["cell_logp"].exp()}
+        return (leaf, self.to_nodes(leaf), *(extra[k]() for k in self.keys))
 
 
 def export_onnx(run: str | Path, out: str | Path, *, opset: int = 17,
@@ -49,19 +55,22 @@ def export_onnx(run: str | Path, out: str | Path, *, opset: int = 17,
     onnx = require("onnx", extra="onnx", purpose="ONNX export")
     model, payload = load_model(run)
     size = int(payload["model_config"]["img_size"])
-    wrapper = TreeProbabilities(model).eval()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     dummy = torch.rand(2, 3, size, size) * 255
+    with torch.no_grad():
+        given = model.eval()(dummy)
+    keys = [k for k, src in (("features", "features"), ("cell_probs", "cell_logp"))
+            if src in given]
+    names = ["leaf_probs", "node_probs", *keys]
+    wrapper = TreeProbabilities(model, keys).eval()
     with warnings.catch_warnings():
         # The TorchScript exporter's deprecation notice, and tracer notes on shapes that
         # are fixed by the model's image size.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            wrapper, (dummy,), str(out), input_names=["images"],
-            output_names=["leaf_probs", "node_probs"],
-            dynamic_axes={"images": {0: "batch"}, "leaf_probs": {0: "batch"},
-                          "node_probs": {0: "batch"}},
+            wrapper, (dummy,), str(out), input_names=["images"], output_names=names,
+            dynamic_axes={"images": {0: "batch"}} | {n: {0: "batch"} for n in names},
             opset_version=opset, dynamo=False,
         )
     proto = onnx.load(str(out))
@@ -70,6 +79,8 @@ def export_onnx(run: str | Path, out: str | Path, *, opset: int = 17,
             "model_config": json.dumps(payload["model_config"])}
     if source_sha256:
         meta["source_sha256"] = source_sha256
+    if payload.get("patient_model") is not None:
+        meta["patient_model"] = json.dumps(payload["patient_model"])
     for key, value in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
@@ -101,13 +112,15 @@ def private_cache_dir() -> Path:
 
 
 def _export_source(path: Path) -> str | None:
-    """The checkpoint digest recorded in an exported file (``None`` if unreadable)."""
+    """The checkpoint digest recorded in an export of the current format (``None`` for an
+    unreadable, foreign or older export, which is made again)."""
     onnx = require("onnx", extra="onnx", purpose="ONNX export")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception:  # a damaged or foreign file is exported again
         return None
-    return {p.key: p.value for p in proto.metadata_props}.get("source_sha256")
+    meta = {p.key: p.value for p in proto.metadata_props}
+    return meta.get("source_sha256") if meta.get("leukotree_format") == ONNX_FORMAT else None
 
 
 def cached_onnx(checkpoint: str | Path) -> Path:

@@ -18,14 +18,18 @@ from leukotree.data.discover import InputImage, collect_inputs
 from leukotree.data.images import DEFAULT_MAX_PIXELS
 from leukotree.errors import LeukotreeError, display_path
 from leukotree.inference.decisions import (
+    PatientDecision,
     aggregate_patients,
     calibrate_thresholds,
     decide,
     decide_patient,
+    decide_patient_probs,
     parse_thresholds,
     referral_message,
 )
 from leukotree.inference.predictor import Predictions, Predictor, load_predictor, predict_paths
+from leukotree.patients.bags import make_bags
+from leukotree.patients.fit import FittedPatientModel
 from leukotree.rundir import RunDir, write_csv
 from leukotree.taxonomy import Taxonomy
 from leukotree.tree import node_probabilities
@@ -42,6 +46,8 @@ class PredictResult:
     engine: str
     engine_note: str | None = None
     not_used: list[Path] = field(default_factory=list)  # hidden files, files not images
+    patient_model: FittedPatientModel | None = None
+    cell_taxonomy: Taxonomy | None = None
 
 
 def run_predict(
@@ -72,7 +78,8 @@ def run_predict(
     else:
         thresholds = parse_thresholds(confidence, predictor.taxonomy.max_depth)
     return PredictResult(predictor.taxonomy, images, preds, thresholds, info["engine"],
-                         info.get("engine_note"), found.not_used)
+                         info.get("engine_note"), found.not_used, predictor.patient_model,
+                         predictor.cell_taxonomy)
 
 
 def _thresholds_for_error(run: str | Path, predictor: Predictor, target_error: float,
@@ -110,28 +117,74 @@ def prediction_rows(result: PredictResult, decode: str = "argmax") -> list[dict[
     return rows
 
 
-def patient_rows(result: PredictResult, method: str, min_cells: int) -> list[dict[str, Any]]:
-    """One row per patient: diagnosis, referral (the rule ``report`` uses), votes, means."""
+def patient_decisions(result: PredictResult, method: str, min_cells: int,
+                      ) -> list[PatientDecision]:
+    """One decision per patient: from the run's patient-level model when it has one, else
+    by aggregating the cells (``majority`` vote or ``mean``); referral as ``report``."""
     taxonomy, preds = result.taxonomy, result.predictions
     ok = preds.ok
     patients = [img.patient if ok[i] else None for i, img in enumerate(result.images)]
     if not any(patients):
         raise LeukotreeError("--by-patient needs patient ids: use --patients folder, cnmc, "
                              "re:<regex>, or a manifest with a 'patient' column.")
-    agg = aggregate_patients(patients, np.nan_to_num(preds.leaf_probs), method=method,
-                             min_cells=min_cells)
+    leaf_probs = np.nan_to_num(preds.leaf_probs)
+    agg = aggregate_patients(patients, leaf_probs, method=method, min_cells=min_cells)
+    fitted = result.patient_model
+    if fitted is None:
+        return [decide_patient(taxonomy, p, a, result.thresholds, method, min_cells)
+                for p, a in agg.items()]
+    features = (np.zeros((len(patients), 0), np.float32) if preds.features is None
+                else np.nan_to_num(preds.features))
+    bags = make_bags(patients, leaf_probs, features,
+                     None if preds.cell_probs is None else np.nan_to_num(preds.cell_probs))
+    probs = fitted.predict_proba(bags)
+    return [decide_patient_probs(taxonomy, bag.patient, row, diagnosis, len(bag),
+                                 result.thresholds, min_cells, agg[bag.patient]["vote_shares"],
+                                 agg[bag.patient]["mean_probs"])
+            for bag, row, diagnosis in zip(bags, probs, fitted.diagnose(probs), strict=True)]
+
+
+def patient_rows(result: PredictResult, method: str, min_cells: int) -> list[dict[str, Any]]:
+    """One row per patient: diagnosis, referral, ``p_<leaf>`` (the patient-level
+    probability the diagnosis is made from), the differential count when the model has
+    a cell-type head, and the votes and mean cell probabilities."""
+    taxonomy = result.taxonomy
+    counts = _differentials(result)
+    fitted = result.patient_model
     out = []
-    for patient, a in agg.items():
-        d = decide_patient(taxonomy, patient, a, result.thresholds, method, min_cells)
+    for d in patient_decisions(result, method, min_cells):
         out.append({
-            "patient": patient, "n_cells": d.n_cells, "diagnosis": d.leaf or "insufficient",
+            "patient": d.patient, "n_cells": d.n_cells, "diagnosis": d.leaf or "insufficient",
             "path": taxonomy.path_string(d.leaf) if d.leaf else "",
             "referred": d.refer, "reported_node": d.reported_node, "reason": d.reason,
+            "model": fitted.model.name if fitted else method,
+            "threshold": "" if fitted is None or fitted.threshold is None
+            else round(fitted.threshold, 4),
+            **{f"p_{leaf}": round(float(v), 4) for leaf, v in zip(
+                taxonomy.leaves, d.probs, strict=True)},
+            **counts.get(d.patient, {}),
             **{f"votes_{leaf}": round(float(v), 4) for leaf, v in zip(
                 taxonomy.leaves, d.vote_shares, strict=True)},
             **{f"mean_p_{leaf}": round(float(v), 4) for leaf, v in zip(
                 taxonomy.leaves, d.mean_probs, strict=True)},
         })
+    return out
+
+
+def _differentials(result: PredictResult) -> dict[str, dict[str, float]]:
+    """Per patient, the share of cells of each predicted cell type (``cells_<type>``)."""
+    cells, preds = result.cell_taxonomy, result.predictions
+    if cells is None or preds.cell_probs is None:
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    ok = preds.ok
+    for patient in sorted({i.patient for i in result.images if i.patient is not None}):
+        rows = [k for k, img in enumerate(result.images) if img.patient == patient and ok[k]]
+        if not rows:
+            continue
+        types = np.bincount(preds.cell_probs[rows].argmax(1), minlength=len(cells.leaves))
+        out[patient] = {f"cells_{leaf}": round(float(n) / len(rows), 4)
+                        for leaf, n in zip(cells.leaves, types, strict=True)}
     return out
 
 

@@ -3,7 +3,10 @@ ensembles), and batched prediction from image files that never holds all images 
 memory.
 
 A :class:`Predictor` maps uint8 pixels ``(N, S, S, 3)`` (already decoded, resized and
-centre-cropped as its ``model_config`` says) to leaf probabilities ``(N, n_leaves)``.
+centre-cropped as its ``model_config`` says) to leaf probabilities ``(N, n_leaves)``
+(:meth:`Predictor.predict`), or to all the model's per-cell outputs
+(:meth:`Predictor.outputs`: also ``features`` and, with a cell-type head,
+``cell_probs``), and may carry a fitted patient-level model (``patient_model``).
 """
 
 from __future__ import annotations
@@ -27,12 +30,15 @@ from leukotree.data.images import (
 from leukotree.errors import LeukotreeError
 from leukotree.models import ModelConfig, TreeClassifier
 from leukotree.optional import available, require
+from leukotree.patients.fit import FittedPatientModel
 from leukotree.progress import make_progress
 from leukotree.taxonomy import Taxonomy
 
 #: Inference engines of ``leukotree predict``; see :func:`load_predictor`.
 ENGINES = ("auto", "torch", "onnx")
-ONNX_FORMAT = "leukotree-onnx/1"
+ONNX_FORMAT = "leukotree-onnx/2"
+#: Per-cell outputs every predictor gives (``cell_probs`` only with a cell-type head).
+OUTPUTS = ("leaf_probs", "features", "cell_probs")
 
 
 class Predictor(Protocol):
@@ -41,10 +47,21 @@ class Predictor(Protocol):
     taxonomy: Taxonomy
     model_config: ModelConfig
     engine: str
+    cell_taxonomy: Taxonomy | None
+    patient_model: FittedPatientModel | None
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         """Leaf probabilities ``(N, n_leaves)`` of uint8 pixels ``(N, S, S, 3)``."""
         ...
+
+    def outputs(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """``leaf_probs``, ``features`` and (with a cell-type head) ``cell_probs``."""
+        ...
+
+
+def _patient_model(doc: dict[str, Any] | None, taxonomy: Taxonomy,
+                   cell_taxonomy: Taxonomy | None) -> FittedPatientModel | None:
+    return None if doc is None else FittedPatientModel.from_dict(doc, taxonomy, cell_taxonomy)
 
 
 class TorchPredictor:
@@ -54,7 +71,8 @@ class TorchPredictor:
     engine = "torch"
 
     def __init__(self, model: TreeClassifier, device: torch.device | str = "cpu", *,
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, patient_model: dict[str, Any] | None = None,
+                 ) -> None:
         self.device = torch.device(device)
         self.channels_last = channels_last
         model = model.eval().to(self.device)
@@ -63,11 +81,23 @@ class TorchPredictor:
         self.model = model
         self.taxonomy = model.taxonomy
         self.model_config = model.config
+        self.cell_taxonomy = model.cell_taxonomy
+        self.patient_model = _patient_model(patient_model, self.taxonomy, self.cell_taxonomy)
 
     @torch.no_grad()
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         x = to_tensor(pixels, self.device, channels_last=self.channels_last)
         return self.model(x)["leaf_logp"].float().exp().cpu().numpy()
+
+    @torch.no_grad()
+    def outputs(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        out = self.model(to_tensor(pixels, self.device, channels_last=self.channels_last))
+        result = {"leaf_probs": out["leaf_logp"].float().exp().cpu().numpy()}
+        if "features" in out:  # every built-in head gives them; a head of one's own may not
+            result["features"] = out["features"].float().cpu().numpy()
+        if "cell_logp" in out:
+            result["cell_probs"] = out["cell_logp"].float().exp().cpu().numpy()
+        return result
 
 
 class OnnxPredictor:
@@ -93,30 +123,48 @@ class OnnxPredictor:
         self.taxonomy = Taxonomy.from_dict(json.loads(meta["taxonomy"]), source=str(path))
         self.model_config = ModelConfig.from_dict(json.loads(meta["model_config"]),
                                                   source=f"'{path}'")
+        cells = self.model_config.cell_taxonomy
+        self.cell_taxonomy = Taxonomy.from_dict(cells, source=str(path)) if cells else None
+        self.patient_model = _patient_model(
+            json.loads(meta["patient_model"]) if meta.get("patient_model") else None,
+            self.taxonomy, self.cell_taxonomy)
+        self._names = [o.name for o in self.session.get_outputs()]
+
+    def outputs(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        x = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2), dtype=np.float32)
+        values = dict(zip(self._names, self.session.run(None, {"images": x}), strict=True))
+        return {k: values[k] for k in OUTPUTS if k in values}
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2), dtype=np.float32)
-        leaf, _ = self.session.run(None, {"images": x})
-        return leaf
+        return self.outputs(pixels)["leaf_probs"]
+
+
+def dihedral_outputs(predictor: Predictor, pixels: np.ndarray) -> dict[str, np.ndarray]:
+    """Every output averaged over the 8 symmetries of the square (flips, rotations)."""
+    total: dict[str, np.ndarray] = {}
+    for flip in (False, True):
+        base = pixels[:, :, ::-1] if flip else pixels
+        for k in range(4):
+            view = predictor.outputs(np.ascontiguousarray(np.rot90(base, k, axes=(1, 2))))
+            for key, value in view.items():
+                total[key] = total.get(key, 0) + value.astype(np.float64)
+    return {k: (v / 8).astype(np.float32) for k, v in total.items()}
 
 
 def dihedral_mean(predictor: Predictor, pixels: np.ndarray) -> np.ndarray:
     """Leaf probabilities averaged over the 8 symmetries of the square (flips, rotations)."""
-    total = np.zeros((len(pixels), len(predictor.taxonomy.leaves)), np.float64)
-    for flip in (False, True):
-        base = pixels[:, :, ::-1] if flip else pixels
-        for k in range(4):
-            total += predictor.predict(np.ascontiguousarray(np.rot90(base, k, axes=(1, 2))))
-    return (total / 8).astype(np.float32)
+    return dihedral_outputs(predictor, pixels)["leaf_probs"]
 
 
 @dataclass
 class Predictions:
-    """Leaf probabilities per image; rows of unreadable images are NaN with an error."""
+    """Per-image outputs; rows of unreadable images are NaN and carry their error."""
 
     paths: list[Path]
     leaf_probs: np.ndarray
     errors: list[str | None]
+    features: np.ndarray | None = None
+    cell_probs: np.ndarray | None = None
 
     @property
     def ok(self) -> np.ndarray:
@@ -147,7 +195,7 @@ def predict_paths(
         raise LeukotreeError(f"The 'batch_size' parameter must be >= 1; got {batch_size}.")
     paths = [Path(p) for p in paths]
     cfg = predictor.model_config
-    probs = np.full((len(paths), len(predictor.taxonomy.leaves)), np.nan, np.float32)
+    arrays: dict[str, np.ndarray] = {}
     errors: list[str | None] = [None] * len(paths)
     with make_progress(enabled=progress) as bar:
         task = bar.add_task("Predicting", total=len(paths), rate="")
@@ -159,12 +207,17 @@ def predict_paths(
                 errors[idx[j]] = err
             if len(good):
                 pixels = decoded.pixels[good]
-                out = dihedral_mean(predictor, pixels) if tta else predictor.predict(pixels)
-                probs[idx[good]] = out
+                out = dihedral_outputs(predictor, pixels) if tta else predictor.outputs(pixels)
+                for key, value in out.items():
+                    if key not in arrays:
+                        arrays[key] = np.full((len(paths), value.shape[1]), np.nan, np.float32)
+                    arrays[key][idx[good]] = value
             bar.update(task, advance=len(idx))
     if on_error == "raise":
         raise_for_errors(errors)
-    return Predictions(paths, probs, errors)
+    leaf = arrays.get("leaf_probs",
+                      np.full((len(paths), len(predictor.taxonomy.leaves)), np.nan, np.float32))
+    return Predictions(paths, leaf, errors, arrays.get("features"), arrays.get("cell_probs"))
 
 
 def load_predictor(run: str | Path, engine: str = "auto") -> tuple[Predictor, dict[str, Any]]:
@@ -199,4 +252,5 @@ def load_predictor(run: str | Path, engine: str = "auto") -> tuple[Predictor, di
             note = (f"ONNX export failed ({type(err).__name__}: {err}); predicting with "
                     "PyTorch instead")
     model, payload = load_model(run)
-    return TorchPredictor(model), {"engine": "torch", "engine_note": note, "payload": payload}
+    return (TorchPredictor(model, patient_model=payload.get("patient_model")),
+            {"engine": "torch", "engine_note": note, "payload": payload})

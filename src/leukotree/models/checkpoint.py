@@ -43,8 +43,9 @@ def unwrap(model: torch.nn.Module) -> TreeClassifier:
 
 
 def save_model(path: Path, model: torch.nn.Module, *, extra: dict[str, Any] | None = None,
-               ) -> None:
-    """Write ``model`` with everything needed to use it later (atomic replace)."""
+               patient_model: dict[str, Any] | None = None) -> None:
+    """Write ``model`` with everything needed to use it later (atomic replace), and the
+    patient-level model fitted on its outputs when there is one."""
     net = unwrap(model)
     payload = {
         "format": FORMAT,
@@ -56,6 +57,8 @@ def save_model(path: Path, model: torch.nn.Module, *, extra: dict[str, Any] | No
         "environment": environment(),
         "extra": extra or {},
     }
+    if patient_model is not None:
+        payload["patient_model"] = patient_model
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)

@@ -7,7 +7,12 @@ returns a dict of tensors:
 - ``"leaf_logp"``: ``(B, n_leaves)`` log-probabilities of the leaves, always a
   consistent distribution over the tree (inner nodes are sums of their leaves);
 - ``"head:<node>"``: conditional logits over the children of each inner node,
-  for the hierarchical heads (multihead, per-node).
+  for the hierarchical heads (multihead, per-node);
+- ``"features"``: ``(B, D)`` the pooled features the classifier reads (outside training
+  for every head), which patient-level models pool over a patient's cells;
+- ``"cell_logp"``: ``(B, n_cell_types)`` log-probabilities of a second, per-cell
+  taxonomy (the cell type a technologist signed) when the model has a cell-type head
+  (``ModelConfig.cell_taxonomy``); the cells of a patient give its differential count.
 
 For the hierarchical heads, ``log P(leaf) = sum over the path of
 log P(child | parent)``, computed as one matrix product with the taxonomy's
@@ -52,6 +57,7 @@ class ModelConfig:
     crop_fraction: float = 1.0  # central fraction of each image seen at inference
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    cell_taxonomy: dict[str, Any] | None = None  # a cell-type head over this tree
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,12 +111,22 @@ class TreeClassifier(nn.Module):
     supports_channels_last: ClassVar[bool] = True
     #: DistributedDataParallel must look for parameters a step did not use.
     ddp_find_unused_parameters: ClassVar[bool] = False
+    #: Can carry a cell-type head on its features (``ModelConfig.cell_taxonomy``).
+    supports_cell_head: ClassVar[bool] = True
 
     def __init__(self, taxonomy: Taxonomy, config: ModelConfig) -> None:
         super().__init__()
         self.taxonomy = taxonomy
         self.config = config
         self.normalize = Normalize(config.mean, config.std)
+        self.cell_taxonomy = (Taxonomy.from_dict(config.cell_taxonomy, source="the model's "
+                                                 "cell taxonomy")
+                              if config.cell_taxonomy else None)
+        if self.cell_taxonomy is not None and not self.supports_cell_head:
+            raise LeukotreeError(
+                f"The {self.head_type} head cannot carry a cell-type head; use flat, "
+                "multihead or hybrid with a cell taxonomy.")
+        self.cell_head: nn.Module | None = None
         # Position of each head's children in taxonomy.nodes, and path matrix.
         order = [taxonomy.node_index[c] for n in taxonomy.inner_nodes
                  for c in taxonomy.children(n)]
@@ -123,6 +139,19 @@ class TreeClassifier(nn.Module):
     def arch_name(cls, config: ModelConfig) -> str:
         """The backbone(s) this head builds from ``config``."""
         return config.backbone
+
+    def _init_cell_head(self, width: int) -> None:
+        """Subclasses call this last in ``__init__`` with their feature width."""
+        if self.cell_taxonomy is not None:
+            self.cell_head = nn.Linear(width, len(self.cell_taxonomy.leaves))
+
+    def _finish(self, out: dict[str, torch.Tensor], features: torch.Tensor,
+                ) -> dict[str, torch.Tensor]:
+        """Add the pooled ``features`` and, with a cell-type head, ``cell_logp``."""
+        out["features"] = features
+        if self.cell_head is not None:
+            out["cell_logp"] = F.log_softmax(self.cell_head(features).float(), dim=1)
+        return out
 
     def compose(self, head_logits: list[torch.Tensor]) -> torch.Tensor:
         """Leaf log-probabilities from conditional logits of every inner node."""
@@ -200,7 +229,8 @@ class SharedBackboneClassifier(TreeClassifier):
 
     def forward(self, x: torch.Tensor, head_targets: torch.Tensor | None = None,
                 ) -> dict[str, torch.Tensor]:
-        return self.forward_head(self.forward_features(x))
+        features = self.forward_features(x)
+        return self._finish(self.forward_head(features), features)
 
 
 @register_head("flat")
@@ -210,6 +240,7 @@ class FlatClassifier(SharedBackboneClassifier):
     def __init__(self, taxonomy: Taxonomy, config: ModelConfig) -> None:
         super().__init__(taxonomy, config)
         self.classifier = nn.Linear(feature_width(self.backbone), len(taxonomy.leaves))
+        self._init_cell_head(feature_width(self.backbone))
 
     def forward_head(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"leaf_logp": F.log_softmax(self.classifier(features).float(), dim=1)}
@@ -226,6 +257,7 @@ class MultiHeadClassifier(SharedBackboneClassifier):
         width = feature_width(self.backbone)
         self.heads = nn.ModuleList(
             nn.Linear(width, len(taxonomy.children(n))) for n in taxonomy.inner_nodes)
+        self._init_cell_head(width)
 
     def forward_head(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = [head(features) for head in self.heads]
@@ -245,6 +277,7 @@ class PerNodeClassifier(TreeClassifier):
 
     is_hierarchical = True
     ddp_find_unused_parameters = True
+    supports_cell_head = False
 
     def __init__(self, taxonomy: Taxonomy, config: ModelConfig) -> None:
         super().__init__(taxonomy, config)
@@ -272,11 +305,12 @@ class PerNodeClassifier(TreeClassifier):
         """
         x = self.normalize(x)
         if head_targets is None:
-            logits = [m(x) for m in self.node_models]
+            features = [m[0](x) for m in self.node_models]
+            logits = [m[1](f) for m, f in zip(self.node_models, features, strict=True)]
             out = {f"head:{n}": lg
                    for n, lg in zip(self.taxonomy.inner_nodes, logits, strict=True)}
             out["leaf_logp"] = self.compose(logits)
-            return out
+            return self._finish(out, torch.cat(features, dim=1))
         out = {}
         for k, (node, model) in enumerate(zip(self.taxonomy.inner_nodes, self.node_models,
                                                strict=True)):

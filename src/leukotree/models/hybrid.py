@@ -58,6 +58,7 @@ class HybridCNN(TreeClassifier):
             nn.Dropout(config.drop_rate),
             nn.Linear(config.hybrid_hidden, 1 if self.binary else len(taxonomy.leaves)),
         )
+        self._init_cell_head(config.hybrid_hidden)
 
     def _pool(self, fmap: torch.Tensor) -> torch.Tensor:
         """Average-pool to ``hybrid_pool`` squared; bilinear resize where sizes don't divide
@@ -79,12 +80,13 @@ class HybridCNN(TreeClassifier):
         return self.fuse(torch.cat(maps, dim=1))
 
     def forward_head(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = self.classifier(features).float()
+        hidden = self.classifier[:-1](features)
+        logits = self.classifier[-1](hidden).float()
         if self.binary:
             logp = torch.cat([F.logsigmoid(logits), F.logsigmoid(-logits)], dim=1)
         else:
             logp = F.log_softmax(logits, dim=1)
-        return {"leaf_logp": logp}
+        return self._finish({"leaf_logp": logp}, hidden)
 
     def forward(self, x: torch.Tensor, head_targets: torch.Tensor | None = None,
                 ) -> dict[str, torch.Tensor]:

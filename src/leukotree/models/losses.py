@@ -16,6 +16,9 @@ Per-sample focal loss (Lin et al. 2017) on the probability ``p_t`` of the true c
   over those images is ``L_k``. The total is ``sum_k w_depth(k) * L_k``. A head's
   parameters receive gradient from ``L_k`` alone ("loss control"); the shared
   backbone gets the weighted sum.
+- A cell-type head (a second, per-cell taxonomy) adds ``cell_weight * L_cell``, the
+  cross-entropy ``-log P(cell label)`` (a label at an inner node: the sum of its
+  leaves) averaged over the cells that have a cell type; cells without one add nothing.
 """
 
 from __future__ import annotations
@@ -70,8 +73,10 @@ class TreeLoss(nn.Module):
         leaf_weights: Sequence[float] | None = None,
         label_smoothing: float = 0.0,
         level_weights: Sequence[float] | None = None,
+        cell_weight: float = 1.0,
     ) -> None:
         super().__init__()
+        self.cell_weight = cell_weight
         if kind not in LOSSES:
             raise LeukotreeError(f"The 'loss' parameter must be one of {LOSSES}; got {kind!r}.")
         if not 0 <= label_smoothing < 1:
@@ -108,10 +113,27 @@ class TreeLoss(nn.Module):
         outputs: dict[str, torch.Tensor],
         leaf_mask: torch.Tensor,
         head_targets: torch.Tensor,
+        cell_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         if self.hierarchical:
-            return self._masked_heads(outputs, head_targets)
-        return self._flat(outputs["leaf_logp"], leaf_mask)
+            total, parts = self._masked_heads(outputs, head_targets)
+        else:
+            total, parts = self._flat(outputs["leaf_logp"], leaf_mask)
+        if cell_mask is not None and "cell_logp" in outputs:
+            cell = self._cell_types(outputs["cell_logp"], cell_mask)
+            parts["cell_types"] = float(cell.detach())
+            total = total + self.cell_weight * cell
+        return total, parts
+
+    @staticmethod
+    def _cell_types(cell_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean ``-log P(cell label)`` over the rows that have a cell label."""
+        known = mask.any(1)
+        if not known.any():
+            return cell_logp.sum() * 0  # keeps the head in the graph
+        logp_t = torch.logsumexp(cell_logp[known].masked_fill(~mask[known], float("-inf")),
+                                 dim=1)
+        return -logp_t.mean()
 
     def _flat(self, leaf_logp: torch.Tensor, mask: torch.Tensor,
               ) -> tuple[torch.Tensor, dict[str, float]]:

@@ -152,13 +152,32 @@ def metrics_document(m: dict[str, Any]) -> Document:
             doc.paragraph(pl["skipped"])
         else:
             doc.paragraph(
-                f"{pl['n_patients']} patients, aggregation '{pl['method']}', "
+                f"{pl['n_patients']} patients, {pl['method']}, "
                 f"{len(pl['insufficient'])} with fewer than {pl['min_cells']} cells "
                 f"(insufficient); accuracy {fmt(pl.get('accuracy'))}, macro F1 "
                 f"{fmt(pl.get('macro_f1'))}.")
+            _patient_binary(doc, pl)
     for name, file in m.get("figures", {}).items():
         doc.figure(file, name)
     return doc
+
+
+def _patient_binary(doc: Document, pl: dict[str, Any]) -> None:
+    """AUROC (95% CI) and the confusion of the patient diagnoses, for two leaves."""
+    b = pl.get("patient_binary")
+    if not b:
+        return
+    ci = pl.get("patient_auroc_ci95") or (math.nan, math.nan)
+    threshold = pl.get("threshold")
+    doc.paragraph(f"Positive: {pl.get('patient_positive')}; threshold "
+                  f"{fmt(threshold if threshold is not None else b['threshold'])}"
+                  + (f" ({pl['threshold_rule']}, chosen on the training patients)"
+                     if pl.get("threshold_rule") else "") + ".")
+    doc.table(["AUROC", "95% CI", "sensitivity", "specificity", "PPV", "NPV", "TP", "FN",
+               "TN", "FP"],
+              [[fmt(pl.get("patient_auroc")), f"{fmt(ci[0])}-{fmt(ci[1])}",
+                fmt(b["sensitivity"]), fmt(b["specificity"]), fmt(b["ppv"]), fmt(b["npv"]),
+                fmt(b["tp"]), fmt(b["fn"]), fmt(b["tn"]), fmt(b["fp"])]])
 
 
 # ----------------------------------------------------------------- cross-validation
@@ -187,7 +206,26 @@ def cv_document(summaries: list[dict[str, Any]]) -> Document:
     keys = sorted({k for s in summaries for k in s["mean"]} - set(_TABLE2))
     doc.table(["metric"] + [s["model"] for s in summaries],
               [[key] + [fmt_mean_std(s["mean"].get(key)) for s in summaries] for key in keys])
+    if any(s.get("patient_level") for s in summaries):
+        _patient_cv_table(doc, summaries)
     return doc
+
+
+def _patient_cv_table(doc: Document, summaries: list[dict[str, Any]]) -> None:
+    """Out-of-fold patients pooled per repeat: AUROC (patient-bootstrap 95% CI),
+    accuracy, sensitivity and specificity at each fold's own threshold."""
+    doc.heading("Patient level (out-of-fold patients, pooled per repeat)")
+    rows = []
+    for s in summaries:
+        for r, p in enumerate(s.get("patient_level") or []):
+            ci = p.get("auroc_ci95") or (math.nan, math.nan)
+            rows.append([s["model"] + (f" / {s['patient_model']}" if s.get("patient_model")
+                                       and s["patient_model"] != "none" else ""),
+                         str(r + 1), str(p["n_patients"]), fmt(p.get("auroc")),
+                         f"{fmt(ci[0])}-{fmt(ci[1])}", fmt(p.get("accuracy")),
+                         fmt(p.get("sensitivity")), fmt(p.get("specificity"))])
+    doc.table(["model", "repeat", "patients", "AUROC", "95% CI", "accuracy", "sensitivity",
+               "specificity"], rows)
 
 
 # ----------------------------------------------------------------- comparison

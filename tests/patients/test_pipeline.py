@@ -1,0 +1,75 @@
+"""The patient-level pipeline from the command line: a cell-type head trained on a second
+label column, a patient model fitted after training, patient rows from predict (PyTorch
+and ONNX), patient metrics from evaluate and pooled out-of-fold patients from cv."""
+
+import csv
+import json
+import random
+
+import pytest
+
+from leukotree.cli import main
+from leukotree.data.synth import generate
+from leukotree.taxonomy import load_taxonomy
+
+TYPES = ["blast-no-lineage-spec", "promyelocyte", "lymphocyte", "smudge-cells"]
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    root = tmp_path_factory.mktemp("apl-like")
+    generate(root / "data", load_taxonomy("aml-apl"), patients_per_class=6,
+             cells_per_patient=6, size=32, seed=0, progress=False)
+    rng = random.Random(0)
+    rows = []
+    for path in sorted((root / "data").rglob("*.png")):
+        label = path.parent.parent.name
+        pool = TYPES[:2] if label == "APL" and rng.random() < 0.6 else TYPES
+        rows.append({"path": str(path), "label": label, "patient": path.parent.name,
+                     "cell_type": rng.choice(pool)})
+    with (root / "m.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root / "m.csv"
+
+
+COMMON = ["-t", "aml-apl", "--cell-taxonomy", "jhh-cells", "--cell-labels", "column:cell_type",
+          "--preset", "tiny-test", "--epochs", "1", "--monitor", "last", "--threads", "1",
+          "--no-progress"]
+
+
+def test_train_fits_a_patient_model_that_predict_and_evaluate_use(manifest, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", str(manifest), "--out", str(run), "--patient-model", "differential",
+                 "--val-fraction", "0.34", *COMMON]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["patient_level"]["model"] == "differential"
+    assert 0 <= summary["patient_level"]["threshold"] <= 1
+    rows = {}
+    for engine in ("torch", "onnx"):
+        out = tmp_path / f"{engine}.csv"
+        assert main(["predict", str(run), str(manifest), "--by-patient", "--out", str(out),
+                     "--engine", engine, "--no-progress"]) == 0
+        rows[engine] = list(csv.DictReader((tmp_path / f"{engine}_patients.csv").open()))
+    assert len(rows["torch"]) == 12
+    for a, b in zip(rows["torch"], rows["onnx"], strict=True):
+        assert a["diagnosis"] == b["diagnosis"] and a["referred"] == b["referred"]
+        assert abs(float(a["p_APL"]) - float(b["p_APL"])) < 1e-3
+        assert float(a["p_APL"]) + float(a["p_AML"]) == pytest.approx(1, abs=1e-3)
+        shares = [float(v) for k, v in a.items() if k.startswith("cells_")]
+        assert sum(shares) == pytest.approx(1, abs=1e-3)  # the differential count
+    assert main(["evaluate", str(run), "--out", str(tmp_path / "eval"), "--no-progress"]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    pl = metrics["patient_level"]
+    assert pl["method"] == "patient model 'differential'" and "patient_auroc" in pl
+
+
+def test_cv_pools_out_of_fold_patients(manifest, tmp_path):
+    out = tmp_path / "cv"
+    assert main(["cv", str(manifest), "--out", str(out), "--folds", "2", "--repeats", "2",
+                 "--patient-model", "fraction", *COMMON]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [p["n_patients"] for p in summary["patient_level"]] == [12, 12]
+    assert (out / "fold_1_r1" / "best.pt").exists()
+    assert "Patient level (out-of-fold patients" in (out / "summary.md").read_text()
