@@ -466,3 +466,26 @@ def test_collect_inputs_from_files_folders_and_manifests(tmp_path):
     assert got.images[0].patient == "77"
     with pytest.raises(DataError, match="does not exist"):
         collect_inputs([tmp_path / "missing.png"])
+
+
+def test_labels_and_cell_labels_from_manifest_columns_and_aliases(tmp_path, make_image):
+    from leukotree.taxonomy import load_taxonomy
+
+    for name in ("a.png", "b.png", "c.png"):
+        make_image(tmp_path / name)
+    (tmp_path / "m.csv").write_text(
+        "path,label,patient,cell_type\n"
+        "a.png,APL,p1,promyelocyte\nb.png,APML,p1,smudge-cells\nc.png,AML,p2,\n")
+    found = discover(tmp_path / "m.csv", load_taxonomy("aml-apl"), cell_labels="column:cell_type",
+                     cell_taxonomy=load_taxonomy("jhh-cells"))
+    assert [(s.label, s.cell_label) for s in found.samples] == [
+        ("APL", "promyelocyte"), ("APL", "smudge-cell"), ("AML", None)]
+    by_type = discover(tmp_path / "m.csv", load_taxonomy("jhh-cells"),
+                       labels="column:cell_type")
+    assert [p.kind for p in by_type.problems] == ["empty_label"]
+    (tmp_path / "bad.csv").write_text("path,label,cell_type\na.png,AML,myeloblastt\n")
+    bad = discover(tmp_path / "bad.csv", load_taxonomy("aml-apl"), cell_labels="column:cell_type",
+                   cell_taxonomy=load_taxonomy("jhh-cells"))
+    assert [p.kind for p in bad.problems] == ["unknown_cell_label"] and not bad.samples
+    with pytest.raises(DataError, match="reads a manifest column"):
+        discover(tmp_path, load_taxonomy("aml-apl"), labels="column:cell_type")

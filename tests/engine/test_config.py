@@ -94,3 +94,20 @@ def test_model_config_refuses_unknown_keys():
     data = ModelConfig().to_dict() | {"stain_matrix": [1, 2]}
     with pytest.raises(LeukotreeError, match=r"unknown key\(s\) \['stain_matrix'\].*newer"):
         ModelConfig.from_dict(data, source="'x.pt'")
+
+
+@pytest.mark.parametrize("preset,backbone", [("paper-convnext", "convnext_tiny"),
+                                             ("paper-vit", "vit_small_patch16_224")])
+def test_the_papers_gpu_recipes_start_on_a_cpu(preset, backbone):
+    import torch
+
+    from leukotree.models import build_model
+    from leukotree.taxonomy import load_taxonomy
+
+    cfg = resolve_config(preset=preset, overrides={"img_size": 64})  # 224 px on a GPU
+    assert (cfg.model, cfg.epochs, cfg.loss, cfg.optimizer, cfg.folds) == (
+        backbone, 80, "focal", "adamw", 5)
+    model = build_model(load_taxonomy("leukemia7"), cfg.model_config())
+    loss = model(torch.rand(2, 3, 64, 64) * 255)["leaf_logp"].logsumexp(1).sum()
+    loss.backward()  # a training step runs
+    assert all(p.grad is not None for p in model.heads.parameters())

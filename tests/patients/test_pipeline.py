@@ -59,6 +59,11 @@ def test_train_fits_a_patient_model_that_predict_and_evaluate_use(manifest, tmp_
         assert float(a["p_APL"]) + float(a["p_AML"]) == pytest.approx(1, abs=1e-3)
         shares = [float(v) for k, v in a.items() if k.startswith("cells_")]
         assert sum(shares) == pytest.approx(1, abs=1e-3)  # the differential count
+    patient = manifest.parent / "data" / "APL" / "APL-p000"
+    assert main(["report", str(run), str(patient), "--out", str(tmp_path / "r.html"),
+                 "--no-heatmaps", "--no-progress"]) == 0
+    page = (tmp_path / "r.html").read_text()
+    assert "Differential count" in page and "patient model &#x27;differential&#x27;" in page
     assert main(["evaluate", str(run), "--out", str(tmp_path / "eval"), "--no-progress"]) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     pl = metrics["patient_level"]
@@ -73,3 +78,22 @@ def test_cv_pools_out_of_fold_patients(manifest, tmp_path):
     assert [p["n_patients"] for p in summary["patient_level"]] == [12, 12]
     assert (out / "fold_1_r1" / "best.pt").exists()
     assert "Patient level (out-of-fold patients" in (out / "summary.md").read_text()
+
+
+def test_a_cv_folder_predicts_as_one_ensemble(manifest, tmp_path):
+    out = tmp_path / "cv"
+    assert main(["cv", str(manifest), "--out", str(out), "--folds", "2",
+                 "--patient-model", "differential", *COMMON]) == 0
+    thresholds = [json.loads((out / f"fold_{k}" / "summary.json").read_text())
+                  ["patient_level"]["threshold"] for k in (0, 1)]
+    assert main(["predict", str(out), str(manifest), "--by-patient", "--out",
+                 str(tmp_path / "p.csv"), "--engine", "torch", "--no-progress"]) == 0
+    rows = list(csv.DictReader((tmp_path / "p_patients.csv").open()))
+    assert len(rows) == 12 and rows[0]["model"] == "ensemble of 2 x differential"
+    assert float(rows[0]["threshold"]) == pytest.approx(sum(thresholds) / 2, abs=1e-4)
+    for row in rows:
+        said = "APL" if float(row["p_APL"]) >= float(row["threshold"]) else "AML"
+        assert row["diagnosis"] == said
+    assert main(["report", str(out), str(manifest.parent / "data" / "AML" / "AML-p001"),
+                 "--out", str(tmp_path / "r.html"), "--no-heatmaps", "--no-progress"]) == 0
+    assert "ensemble of 2 x differential" in (tmp_path / "r.html").read_text()

@@ -290,6 +290,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": "resnet50", "head": "multihead", "img_size": 224, "epochs": 50,
         "batch_size": 32, "lr": 1e-4, "optimizer": "adamw", "loss": "focal", "folds": 5,
     },
+    # Sharshar et al. 2025's own recipes (ConvNeXt-Tiny and ViT-Small, AdamW, focal loss,
+    # 80 epochs, 224 px, 5 patient-grouped folds): GPU recipes; they start on a CPU.
+    "paper-convnext": {
+        "model": "convnext_tiny", "head": "multihead", "img_size": 224, "epochs": 80,
+        "batch_size": 32, "lr": 1e-4, "weight_decay": 0.05, "optimizer": "adamw",
+        "schedule": "cosine", "warmup_epochs": 2.0, "loss": "focal", "focal_gamma": 2.0,
+        "folds": 5, "drop_rate": 0.1,
+    },
+    "paper-vit": {
+        "model": "vit_small_patch16_224", "head": "multihead", "img_size": 224, "epochs": 80,
+        "batch_size": 32, "lr": 5e-5, "weight_decay": 0.05, "optimizer": "adamw",
+        "schedule": "cosine", "warmup_epochs": 5.0, "loss": "focal", "focal_gamma": 2.0,
+        "folds": 5, "drop_rate": 0.1,
+    },
 }
 
 

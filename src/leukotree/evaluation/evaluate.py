@@ -169,7 +169,8 @@ def patient_level(taxonomy: Taxonomy, samples: list[Sample], probs: np.ndarray,
     if fitted is not None and preds is not None:
         features = (preds.features if preds.features is not None
                     else np.zeros((len(patients), 0), np.float32))
-        bags = [b for b in make_bags(patients, probs, features, preds.cell_probs)
+        bags = [b for b in make_bags(patients, probs, features, preds.cell_probs,
+                                     extras=preds.member_arrays())
                 if b.patient in decided]
         p_probs = fitted.predict_proba(bags)
         diagnoses = fitted.diagnose(p_probs)

@@ -136,7 +136,8 @@ def patient_decisions(result: PredictResult, method: str, min_cells: int,
     features = (np.zeros((len(patients), 0), np.float32) if preds.features is None
                 else np.nan_to_num(preds.features))
     bags = make_bags(patients, leaf_probs, features,
-                     None if preds.cell_probs is None else np.nan_to_num(preds.cell_probs))
+                     None if preds.cell_probs is None else np.nan_to_num(preds.cell_probs),
+                     extras=preds.member_arrays())
     probs = fitted.predict_proba(bags)
     return [decide_patient_probs(taxonomy, bag.patient, row, diagnosis, len(bag),
                                  result.thresholds, min_cells, agg[bag.patient]["vote_shares"],

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,6 +32,7 @@ from leukotree.models import ModelConfig, TreeClassifier
 from leukotree.optional import available, require
 from leukotree.patients.fit import FittedPatientModel
 from leukotree.progress import make_progress
+from leukotree.rundir import CVDir
 from leukotree.taxonomy import Taxonomy
 
 #: Inference engines of ``leukotree predict``; see :func:`load_predictor`.
@@ -165,6 +166,12 @@ class Predictions:
     errors: list[str | None]
     features: np.ndarray | None = None
     cell_probs: np.ndarray | None = None
+    extras: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. an ensemble's members
+
+    def member_arrays(self) -> dict[str, np.ndarray]:
+        """An ensemble's per-member outputs, keyed as a bag's ``extras`` expect."""
+        return {k.removeprefix("member_"): np.nan_to_num(v) for k, v in self.extras.items()
+                if k.startswith("member_")}
 
     @property
     def ok(self) -> np.ndarray:
@@ -215,13 +222,15 @@ def predict_paths(
             bar.update(task, advance=len(idx))
     if on_error == "raise":
         raise_for_errors(errors)
-    leaf = arrays.get("leaf_probs",
+    leaf = arrays.pop("leaf_probs",
                       np.full((len(paths), len(predictor.taxonomy.leaves)), np.nan, np.float32))
-    return Predictions(paths, leaf, errors, arrays.get("features"), arrays.get("cell_probs"))
+    return Predictions(paths, leaf, errors, arrays.pop("features", None),
+                       arrays.pop("cell_probs", None), arrays)
 
 
 def load_predictor(run: str | Path, engine: str = "auto") -> tuple[Predictor, dict[str, Any]]:
-    """A predictor for ``run`` (a run folder, its ``.pt`` or an exported ``.onnx``) and a
+    """A predictor for ``run`` (a run folder, its ``.pt``, an exported ``.onnx``, or a
+    ``leukotree cv`` folder, whose fold models are averaged: :mod:`.ensemble`) and a
     description: ``engine``, ``engine_note`` (why the engine differs from the one asked
     for) and, for checkpoints, the checkpoint's payload.
 
@@ -237,6 +246,14 @@ def load_predictor(run: str | Path, engine: str = "auto") -> tuple[Predictor, di
     if engine not in ENGINES:
         raise LeukotreeError(f"The 'engine' parameter must be one of {', '.join(ENGINES)}; "
                              f"got {engine!r}.")
+    cv = CVDir(run)
+    if cv.config.exists():
+        from leukotree.inference.ensemble import EnsemblePredictor
+
+        loaded = [load_predictor(cv.fold(f["fold"], f.get("repeat", 0)).path, engine)
+                  for f in cv.read_summary()["folds"]]
+        ensemble = EnsemblePredictor([m for m, _ in loaded], str(run))
+        return ensemble, {"engine": ensemble.engine, "payload": loaded[0][1].get("payload")}
     if str(run).endswith(".onnx"):
         if engine == "torch":
             raise LeukotreeError(f"'{run}' is an ONNX file: it runs with --engine onnx or "

@@ -28,6 +28,7 @@ class Bag:
     cell_probs: np.ndarray | None = None  # (n_cells, n_cell_types)
     cells: list[str] = field(default_factory=list)  # file names, for reports
     label: str | None = None  # the patient's diagnosis (a leaf), when known
+    extras: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. an ensemble's members
 
     def __len__(self) -> int:
         return len(self.leaf_probs)
@@ -35,7 +36,8 @@ class Bag:
 
 def make_bags(patients: Sequence[str | None], leaf_probs: np.ndarray, features: np.ndarray,
               cell_probs: np.ndarray | None = None, names: Sequence[str] | None = None,
-              labels: dict[str, str] | None = None) -> list[Bag]:
+              labels: dict[str, str] | None = None,
+              extras: dict[str, np.ndarray] | None = None) -> list[Bag]:
     """One bag per patient id (sorted); cells without a patient id are left out."""
     rows: dict[str, list[int]] = defaultdict(list)
     for i, patient in enumerate(patients):
@@ -44,7 +46,8 @@ def make_bags(patients: Sequence[str | None], leaf_probs: np.ndarray, features: 
     return [Bag(patient, leaf_probs[idx], features[idx],
                 None if cell_probs is None else cell_probs[idx],
                 [names[i] for i in idx] if names is not None else [],
-                (labels or {}).get(patient))
+                (labels or {}).get(patient),
+                {k: v[idx] for k, v in (extras or {}).items()})
             for patient, idx in sorted(rows.items())]
 
 

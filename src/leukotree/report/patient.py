@@ -23,11 +23,13 @@ from leukotree.inference.decisions import (
     PatientDecision,
     aggregate_patients,
     decide_patient,
+    decide_patient_probs,
     parse_thresholds,
 )
-from leukotree.inference.predictor import Predictions, TorchPredictor, predict_paths
+from leukotree.inference.predictor import Predictions, Predictor, load_predictor, predict_paths
 from leukotree.models import TreeClassifier
-from leukotree.models.checkpoint import load_model
+from leukotree.patients.bags import make_bags
+from leukotree.patients.fit import FittedPatientModel
 from leukotree.report.html import esc, page, png_data_uri, table_html
 from leukotree.rundir import write_text
 from leukotree.taxonomy import Taxonomy
@@ -47,32 +49,40 @@ def patient_report(
     progress: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict[str, Any]:
-    """Write the HTML report for the cells in ``inputs``; returns the decision."""
-    model, payload = load_model(run)
+    """Write the HTML report for the cells in ``inputs``; returns the decision.
+
+    With a patient-level model in the run, the diagnosis is that model's (with its
+    threshold) and the cells shown are those that drove it most (attention, or the
+    evidence for the diagnosis); otherwise the cells are aggregated by ``method``.
+    """
+    predictor, info = load_predictor(run, engine="torch")
+    model = getattr(predictor, "members", [predictor])[0].model  # heat maps, model card
+    payload = info.get("payload") or {}
     tax = model.taxonomy
     found = collect_inputs(inputs, taxonomy=tax)
-    preds = predict_paths(TorchPredictor(model), [i.path for i in found.images],
-                          progress=progress, on_error="report", max_pixels=max_pixels)
+    preds = predict_paths(predictor, [i.path for i in found.images], progress=progress,
+                          on_error="report", max_pixels=max_pixels)
     ok = np.flatnonzero(preds.ok)
     if len(ok) == 0:
         raise LeukotreeError("None of the given images can be read; nothing to report.")
-    probs = preds.leaf_probs[ok].astype(np.float64)
     name = patient or "patient"
-    agg = aggregate_patients([name] * len(ok), probs, method=method, min_cells=min_cells)[name]
-    decision = decide_patient(tax, name, agg, parse_thresholds(confidence, tax.max_depth),
-                              method, min_cells)
+    decision, weights = _decide(predictor, preds, ok, name, method, min_cells,
+                                parse_thresholds(confidence, tax.max_depth))
     bad = [e for e in preds.errors if e is not None]
     not_used = [display_path(p) for p in found.not_used]
+    how = (f"patient model '{predictor.patient_model.model.name}'"
+           if predictor.patient_model else f"aggregation: {method}")
     body = "\n".join([
         f"<h1>Patient {esc(name)}</h1>",
-        f"<p class='sub'>{len(ok)} cells analysed ({len(bad)} unreadable); aggregation: "
-        f"{esc(method)}; model: {esc(run)}. For research use; not a diagnostic device.</p>",
+        f"<p class='sub'>{len(ok)} cells analysed ({len(bad)} unreadable); {esc(how)}; "
+        f"model: {esc(run)}. For research use; not a diagnostic device.</p>",
         f"<div class='diag{' refer' if decision.refer else ''}'>"
         f"{esc(_headline(tax, decision, len(ok), min_cells))}</div>",
-        _levels_html(tax, decision),
+        _levels_html(tax, decision, predictor.patient_model),
+        _differential_html(model.cell_taxonomy, preds.cell_probs, ok),
         _unreadable_html(bad, not_used),
-        "<h2>Most telling cells</h2>",
-        _cell_grid(model, preds, ok, probs, decision.leaf, top_cells, heatmaps),
+        "<h2>The cells that drove the decision</h2>",
+        _cell_grid(model, preds, ok, weights, decision.leaf, top_cells, heatmaps),
         "<h2>Model card</h2>", model_card_html(model, payload),
     ])
     out = Path(out)
@@ -81,6 +91,42 @@ def patient_report(
             "reason": decision.reason, "n_cells": len(ok),
             "reported_node": decision.reported_node, "unreadable": bad,
             "not_used": not_used, "report": str(out)}
+
+
+def _decide(predictor: Predictor, preds: Predictions, ok: np.ndarray, name: str,
+            method: str, min_cells: int, thresholds: list[float],
+            ) -> tuple[PatientDecision, np.ndarray]:
+    """The patient's decision and each readable cell's weight in it."""
+    tax = predictor.taxonomy
+    probs = preds.leaf_probs[ok].astype(np.float64)
+    agg = aggregate_patients([name] * len(ok), probs, method=method, min_cells=min_cells)[name]
+    fitted = predictor.patient_model
+    if fitted is None:
+        decision = decide_patient(tax, name, agg, thresholds, method, min_cells)
+        k = tax.leaf_index[decision.leaf] if decision.leaf else int(agg["mean_probs"].argmax())
+        return decision, probs[:, k]
+    features = preds.features[ok] if preds.features is not None else np.zeros((len(ok), 0))
+    cells = preds.cell_probs[ok] if preds.cell_probs is not None else None
+    extras = {k: v[ok] for k, v in preds.member_arrays().items()}
+    bag = make_bags([name] * len(ok), probs, features, cells, extras=extras)[0]
+    row = fitted.predict_proba([bag])[0]
+    decision = decide_patient_probs(tax, name, row, fitted.diagnose(row[None])[0], len(ok),
+                                    thresholds, min_cells, agg["vote_shares"],
+                                    agg["mean_probs"])
+    return decision, fitted.model.cell_weights(bag)
+
+
+def _differential_html(cells: Taxonomy | None, cell_probs: np.ndarray | None,
+                       ok: np.ndarray) -> str:
+    """Predicted cell types of the readable cells: count, share and mean probability."""
+    if cells is None or cell_probs is None:
+        return ""
+    probs = cell_probs[ok]
+    counts = np.bincount(probs.argmax(1), minlength=len(cells.leaves))
+    rows = [[leaf, str(int(n)), f"{100 * n / len(ok):.1f}%", f"{probs[:, i].mean():.3f}"]
+            for i, (leaf, n) in enumerate(zip(cells.leaves, counts, strict=True)) if n]
+    return ("<h2>Differential count (predicted cell types)</h2>"
+            + table_html(["cell type", "cells", "share", "mean P"], rows))
 
 
 def _headline(tax: Taxonomy, d: PatientDecision, n_ok: int, min_cells: int) -> str:
@@ -92,7 +138,11 @@ def _headline(tax: Taxonomy, d: PatientDecision, n_ok: int, min_cells: int) -> s
     return f"{known}, finer class uncertain (referral advised: {d.reason}); best guess {d.leaf}"
 
 
-def _levels_html(tax: Taxonomy, d: PatientDecision) -> str:
+def _levels_html(tax: Taxonomy, d: PatientDecision,
+                 fitted: FittedPatientModel | None = None) -> str:
+    basis = (f"patient model '{fitted.model.name}'" + (
+        f", threshold P({fitted.positive}) >= {fitted.threshold:.3f}"
+        if fitted.threshold is not None else "")) if fitted else "mean over cells"
     rows = "".join(
         f"<tr><td>{esc(n)}</td><td>{d.node_probs[tax.node_index[n]]:.3f}</td>"
         f"<td><span class='bar' style='width:{int(200 * d.node_probs[tax.node_index[n]])}px'>"
@@ -100,7 +150,7 @@ def _levels_html(tax: Taxonomy, d: PatientDecision) -> str:
     votes = table_html(["class", "vote share", "mean P"],
                        [[lf, f"{d.vote_shares[i]:.2f}", f"{d.mean_probs[i]:.3f}"]
                         for i, lf in enumerate(tax.leaves)])
-    return ("<h2>Probability of each level (mean over cells)</h2>"
+    return (f"<h2>Probability of each level ({esc(basis)})</h2>"
             f"<table><tr><th>node</th><th>P</th><th></th></tr>{rows}</table>"
             f"<h2>Votes and mean probabilities per class</h2>{votes}")
 
@@ -133,12 +183,14 @@ def model_card_html(model: TreeClassifier, payload: dict[str, Any]) -> str:
     return f"<pre>{esc(model.taxonomy.render())}</pre>" + table_html(["item", "value"], rows)
 
 
-def _cell_grid(model: TreeClassifier, preds: Predictions, ok: np.ndarray, probs: np.ndarray,
-               leaf: str | None, top: int, heatmaps: bool) -> str:
+def _cell_grid(model: TreeClassifier, preds: Predictions, ok: np.ndarray,
+               weights: np.ndarray, leaf: str | None, top: int, heatmaps: bool) -> str:
+    """The ``top`` readable cells by their weight in the decision, with heat maps."""
     if leaf is None:
         return "<p>No diagnosis, no cells shown.</p>"
     k = model.taxonomy.leaf_index[leaf]
-    order = np.argsort(-probs[:, k])[:top]
+    probs = preds.leaf_probs[ok]
+    order = np.argsort(-weights, kind="stable")[:top]
     size, crop = model.config.img_size, model.config.crop_fraction
     cells = [load_rgb_array(preds.paths[ok[i]], size, crop=crop) for i in order]
     maps, note = _heatmaps(model, cells, leaf) if heatmaps else ({}, "")
@@ -148,7 +200,7 @@ def _cell_grid(model: TreeClassifier, preds: Predictions, ok: np.ndarray, probs:
         if rank in maps:
             pair += f"<img src='{png_data_uri(maps[rank])}' alt='heat map'>"
         items.append(f"<div class='cell'>{pair}<br>{esc(preds.paths[ok[i]].name)}"
-                     f"<br>P({esc(leaf)}) = {probs[i, k]:.2f}</div>")
+                     f"<br>P({esc(leaf)}) = {probs[i, k]:.2f}, weight {weights[i]:.3f}</div>")
     note_html = f"<p class='sub'>Heat maps not drawn: {esc(note)}</p>" if note else ""
     return note_html + "<div class='cells'>" + "".join(items) + "</div>"
 
