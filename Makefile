@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # -qq: pip's errors still print; its notes about this machine's package mirrors do not.
 PIP := $(BIN)/python -m pip -qq
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean chromium
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/leukotree demo --out demo-out
 
-test: $(STAMP)
+# The browser test drives Debian's chromium (nothing is downloaded at test time).
+chromium:
+	@command -v chromium >/dev/null || (apt-get install -y -qq chromium >/dev/null 2>&1 \
+	  || (apt-get update -qq >/dev/null && apt-get install -y -qq chromium >/dev/null)) \
+	  || (echo "The browser test needs Debian's chromium: apt-get install chromium" && false)
+
+test: $(STAMP) chromium
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q -n 2
 

@@ -149,3 +149,17 @@ def synth_dir(tmp_path_factory: pytest.TempPathFactory, leukemia7: Taxonomy) -> 
 def make_image() -> Callable[..., Path]:
     """``make_image(path, kind="png", size=(w, h), seed=0) -> path``."""
     return write_image
+
+
+@pytest.fixture(scope="session")
+def served_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny multi-head run on synthetic leukemia7 cells (``run/``) and its ``data/``."""
+    from leukotree.engine.config import resolve_config
+    from leukotree.engine.trainer import train
+
+    root = tmp_path_factory.mktemp("served")
+    generate(root / "data", load_taxonomy("leukemia7"), patients_per_class=3,
+             cells_per_patient=4, size=40, seed=3, progress=False)
+    train(root / "data", root / "run", resolve_config(preset="tiny-test", overrides={
+        "epochs": 1, "threads": 1, "val_fraction": 0.34, "img_size": 32}), progress=False)
+    return root

@@ -264,6 +264,38 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import ipaddress
+    import os
+
+    from leukotree.optional import require
+
+    for module in ("fastapi", "multipart", "jinja2"):
+        require(module, extra="serve", purpose="leukotree serve")
+    from leukotree.serve.app import ServeSettings, create_app, default_store
+    from leukotree.serve.store import Store
+    from leukotree.serve.uploads import Limits
+    from leukotree.serve.worker import Models
+
+    uvicorn = require("uvicorn", extra="serve", purpose="leukotree serve")
+    token = args.token or os.environ.get("LEUKOTREE_TOKEN") or None
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if not loopback and token is None:
+        raise LeukotreeError(f"--host {args.host} opens the app to the network: give --token "
+                             "(or LEUKOTREE_TOKEN) so that every request must carry it.")
+    store = Store(args.store or default_store())
+    limits = Limits(args.max_files, args.max_bytes, args.max_pixels or 25_000_000)
+    app = create_app(Models(args.runs, args.engine), store,
+                     ServeSettings(token, limits, args.confidence, args.aggregate))
+    say(stderr_console(), f"serving {len(args.runs)} model(s) on http://{args.host}:{args.port} "
+        f"(store {store.root}){'' if token is None else '; a token is required'}")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return EXIT_OK
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from leukotree.data.synth import generate
     from leukotree.taxonomy import load_taxonomy
@@ -347,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict_parser(sub)
     _add_explain_report_export_parsers(sub)
     _add_eval_parser(sub)
+    _add_serve_parser(sub)
     _add_other_parsers(sub)
     return parser
 
@@ -455,9 +488,11 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("inputs", nargs="+", help="images, folders or CSV manifests")
     pr.add_argument("--out", type=Path, help="CSV of per-image predictions")
     pr.add_argument("--json", action="store_true", help="print the predictions as JSON")
-    pr.add_argument("--patients", default="none",
-                    help="patient ids: none, folder (the first folder level below a given "
-                         "folder; a file's parent folder), cnmc, manifest, re:<regex>")
+    pr.add_argument("--patients", default="auto",
+                    help="patient ids: auto (default: a manifest's patient column; in a "
+                         "folder C-NMC names, else the folder rule), none, folder (the first "
+                         "folder level below a given folder or its label folders; a file's "
+                         "parent folder), cnmc, manifest, re:<regex>")
     pr.add_argument("--by-patient", action="store_true",
                     help="also one diagnosis per patient (<out>_patients.csv)")
     pr.add_argument("--aggregate", choices=["majority", "mean"], default="majority")
@@ -543,6 +578,28 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     _add_max_pixels(ev)
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
+
+
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    sv = sub.add_parser("serve", help="the lab's web app: upload a patient's cells, review, "
+                                      "sign out (needs the serve extra)")
+    sv.add_argument("runs", nargs="+", help="run folders, .pt or .onnx files, or cv folders")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    sv.add_argument("--port", type=number(int, 1, 65535), default=8000)
+    sv.add_argument("--store", type=Path,
+                    help="folder of the database and images (default: "
+                         "$XDG_DATA_HOME/leukotree/serve)")
+    sv.add_argument("--token", help="require this token (Bearer header or login); required "
+                                    "off 127.0.0.1; also read from LEUKOTREE_TOKEN")
+    sv.add_argument("--engine", choices=["auto", "torch", "onnx"], default="auto")
+    sv.add_argument("--confidence", default="0.6",
+                    help="referral threshold per level (one value or one per level)")
+    sv.add_argument("--aggregate", choices=["majority", "mean"], default="majority",
+                    help="patient diagnosis for runs without a patient model")
+    sv.add_argument("--max-files", type=POSITIVE, default=2000, help="files per case")
+    sv.add_argument("--max-bytes", type=POSITIVE, default=500 * 2**20, help="bytes per case")
+    _add_max_pixels(sv)
+    sv.set_defaults(func=cmd_serve)
 
 
 def _add_other_parsers(sub: argparse._SubParsersAction) -> None:

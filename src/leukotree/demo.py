@@ -83,4 +83,6 @@ def run_demo(out: Path, *, folds: int = 3, seed: int = 0, progress: bool = True,
                "hF": cv["mean"]["hF"], "patient_report": str(demo.report)}
     write_json(demo.summary, summary)
     console.print(f"[bold green]demo finished[/]: results in {escape(str(out))}")
+    say(console, "serve the fold-0 model in the lab's web app (http://127.0.0.1:8000): "
+        f"leukotree serve {demo.cv.fold(0).path}")
     return summary

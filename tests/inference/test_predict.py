@@ -56,9 +56,18 @@ def test_predict_cli_reports_a_bad_image_and_predicts_the_rest(run, tmp_path, ca
 
 def test_predict_by_patient_without_ids_is_a_clear_error(run, capsys):
     code = main(["predict", str(run / "run"), str(run / "data" / "CLL"), "--by-patient",
-                 "--no-progress"])
+                 "--patients", "none", "--no-progress"])
     assert code == 2
     assert "patient ids" in capsys.readouterr().err
+
+
+def test_predict_finds_patients_of_a_labelled_folder_by_itself(run, tmp_path):
+    # the contract of issue 12: DATA/<label>/<patient>/<cell>, no --patients given
+    assert main(["predict", str(run / "run"), str(run / "data"), "--by-patient", "--out",
+                 str(tmp_path / "p.csv"), "--no-progress"]) == 0
+    rows = list(csv.DictReader((tmp_path / "p_patients.csv").open()))
+    assert len(rows) == 7 * 3 and {"patient", "n_cells", "diagnosis", "referred"} <= set(rows[0])
+    assert all(f"p_{leaf}" in rows[0] for leaf in TAX.leaves)
 
 
 def test_dihedral_averaging_is_invariant_to_rotations_and_flips():

@@ -623,7 +623,7 @@ class InputImage:
     label: str | None = None
 
 
-_INPUT_PATIENTS = ("none", "folder", "cnmc", "manifest")
+_INPUT_PATIENTS = ("auto", "none", "folder", "cnmc", "manifest")
 
 
 def label_folders(folder: Path, taxonomy: Taxonomy | None) -> list[Path] | None:
@@ -650,16 +650,17 @@ def collect_inputs(inputs: Sequence[str | Path], patients: str = "none",
                    taxonomy: Taxonomy | None = None) -> InputSet:
     """Images from files, folders (recursively) and CSV manifests (column ``path``).
 
-    ``patients``: ``none``, ``folder`` (see the module docstring), ``cnmc``,
-    ``re:<regex>`` on the file name, or ``manifest`` (a manifest's ``patient``
-    column, also used for manifests under ``none``). Given the ``taxonomy``, a folder
+    ``patients``: ``auto`` (a manifest's ``patient`` column; in a folder, C-NMC file names
+    or else ``folder``; none for single files), ``none``, ``folder`` (see the module
+    docstring), ``cnmc``, ``re:<regex>`` on the file name, or ``manifest`` (a manifest's
+    ``patient`` column, also used for manifests under ``none``). Given the ``taxonomy``, a folder
     laid out as ``DATA/<label>/...`` is read as a data set: each image gets its label,
     and ``folder`` patients are the first level below the label folders, as in training.
     Files given one by one are always used (an unreadable one gets its error).
     """
     if patients not in _INPUT_PATIENTS and not patients.startswith("re:"):
-        raise DataError(f"Invalid --patients value {patients!r}: use none, folder, cnmc, "
-                        "manifest or re:<regex>.")
+        raise DataError(f"Invalid --patients value {patients!r}: use auto, none, folder, "
+                        "cnmc, manifest or re:<regex>.")
     rule = patient_rule(patients)
     out = InputSet()
     for item in map(Path, inputs):
@@ -684,6 +685,10 @@ def _inputs_from_folder(folder: Path, patients: str, rule: PatientRule | None,
                         "would be missed. Fix its permissions or leave it out.")
     not_used.extend(found.passed)
     labelled = {d.name: d for d in label_folders(folder, taxonomy) or []}
+    if patients == "auto":  # C-NMC file names, else the folder rule
+        patients = "cnmc" if found.images and all(
+            CNMC_PATTERN.match(p.name) for p in found.images) else "folder"
+        rule = patient_rule(patients)
     out = []
     for path in found.images:
         top = path.relative_to(folder).parts[0]
@@ -712,7 +717,7 @@ def _inputs_from_manifest(manifest: Path, patients: str, rule: PatientRule | Non
                             "empty; give every row an image path.")
         p = Path(raw)
         p = p if p.is_absolute() else manifest.parent / p
-        if patients in {"none", "manifest"}:
+        if patients in {"auto", "none", "manifest"}:
             pid = (row.get("patient") or "").strip() or None
         else:
             pid = rule(p, None) if rule else None

@@ -203,8 +203,7 @@ def decide_patient(taxonomy: Taxonomy, patient: str, aggregate: dict[str, Any],
     elif weak_vote and confident == leaf:
         reason = f"{share:.0%} of the cells vote {leaf}, below {thresholds[-1]:.0%}"
     else:
-        known = " > ".join(taxonomy.path(confident)) if confident != taxonomy.root else "no level"
-        reason = f"confident down to {known} only"
+        reason = _uncertain_reason(taxonomy, confident)
     return PatientDecision(leaf=leaf, reported_node=confident, refer=refer, reason=reason,
                            **common)
 
@@ -224,7 +223,12 @@ def decide_patient_probs(taxonomy: Taxonomy, patient: str, probs: np.ndarray, di
             reason=f"insufficient: {n_cells} cell(s), at least {min_cells} needed", **common)
     confident, _ = confident_node(taxonomy, node_p, diagnosis, thresholds)
     refer = confident != diagnosis
-    known = " > ".join(taxonomy.path(confident)) if confident != taxonomy.root else "no level"
     return PatientDecision(leaf=diagnosis, reported_node=confident, refer=refer,
-                           reason=f"confident down to {known} only" if refer else "",
+                           reason=_uncertain_reason(taxonomy, confident) if refer else "",
                            **common)
+
+
+def _uncertain_reason(taxonomy: Taxonomy, confident: str) -> str:
+    if confident == taxonomy.root:
+        return "not confident at any level of the tree"
+    return f"confident down to {' > '.join(taxonomy.path(confident))} only"

@@ -150,7 +150,7 @@ def patient_rows(result: PredictResult, method: str, min_cells: int) -> list[dic
     probability the diagnosis is made from), the differential count when the model has
     a cell-type head, and the votes and mean cell probabilities."""
     taxonomy = result.taxonomy
-    counts = _differentials(result)
+    counts = differentials(result)
     fitted = result.patient_model
     out = []
     for d in patient_decisions(result, method, min_cells):
@@ -172,7 +172,7 @@ def patient_rows(result: PredictResult, method: str, min_cells: int) -> list[dic
     return out
 
 
-def _differentials(result: PredictResult) -> dict[str, dict[str, float]]:
+def differentials(result: PredictResult) -> dict[str, dict[str, float]]:
     """Per patient, the share of cells of each predicted cell type (``cells_<type>``)."""
     cells, preds = result.cell_taxonomy, result.predictions
     if cells is None or preds.cell_probs is None:

@@ -12,7 +12,7 @@ centre-cropped as its ``model_config`` says) to leaf probabilities ``(N, n_leave
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -188,8 +188,11 @@ def predict_paths(
     on_error: str = "report",
     tta: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    on_chunk: Callable[[int], None] | None = None,
 ) -> Predictions:
     """Leaf probabilities of every image; decoding overlaps with the model's work.
+
+    ``on_chunk(n)`` is called after each chunk with the number of images done so far.
 
     ``on_error="raise"`` raises one :class:`~leukotree.errors.DataError` listing every
     unreadable image; ``"report"`` keeps going and records the error in its row.
@@ -220,6 +223,8 @@ def predict_paths(
                         arrays[key] = np.full((len(paths), value.shape[1]), np.nan, np.float32)
                     arrays[key][idx[good]] = value
             bar.update(task, advance=len(idx))
+            if on_chunk is not None:
+                on_chunk(int(idx[-1]) + 1)
     if on_error == "raise":
         raise_for_errors(errors)
     leaf = arrays.pop("leaf_probs",

@@ -1,0 +1,168 @@
+"""The pages of ``leukotree serve`` (Jinja2, autoescaped), cell images, heat maps and the
+offline report of a case."""
+
+from __future__ import annotations
+
+import io
+from importlib import resources
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import FastAPI, Form, Request
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+from leukotree.data.images import load_rgb_array
+from leukotree.errors import LeukotreeError
+from leukotree.report.html import CSS
+from leukotree.serve.store import Store
+from leukotree.serve.worker import Models
+
+
+def _templates() -> Jinja2Templates:
+    folder = str(resources.files("leukotree.serve") / "templates")
+    env = Environment(loader=FileSystemLoader(folder),
+                      autoescape=select_autoescape(["html"], default=True))
+    return Jinja2Templates(env=env)
+
+
+def torch_model(models: Models, name: str) -> Any:
+    """The PyTorch model behind a served model (the first fold of an ensemble)."""
+    predictor = models.get(name)[1]
+    first = getattr(predictor, "members", [predictor])[0]
+    if not hasattr(first, "model"):
+        raise LeukotreeError("Heat maps and reports need a PyTorch model: serve the run "
+                             "folder (or its .pt) rather than an exported .onnx file.")
+    return first.model
+
+
+def add_pages(app: FastAPI) -> None:
+    """The HTML routes; they read the same store the JSON API writes."""
+    from leukotree.serve.app import COOKIE, authorised, case_json, session_value
+
+    templates = _templates()
+    store: Store = app.state.store
+    models: Models = app.state.models
+
+    def render(request: Request, name: str, status: int = 200, **context: Any) -> Any:
+        return templates.TemplateResponse(request, name, {"css": CSS, **context},
+                                          status_code=status)
+
+    @app.get("/login", response_class=HTMLResponse)
+    def login_page(request: Request) -> Any:
+        return render(request, "login.html", error=None)
+
+    @app.post("/login", response_class=HTMLResponse)
+    def login(request: Request, token: Annotated[str, Form()] = "") -> Any:
+        expected = app.state.settings.token
+        if expected is None or not authorised(expected, f"Bearer {token}", None):
+            return render(request, "login.html", status=401, error="Wrong token.")
+        response = RedirectResponse("/", status_code=303)
+        response.set_cookie(COOKIE, session_value(expected), httponly=True, samesite="strict")
+        return response
+
+    @app.get("/", response_class=HTMLResponse)
+    def cases_page(request: Request) -> Any:
+        return render(request, "cases.html", cases=store.cases())
+
+    @app.get("/cases/new", response_class=HTMLResponse)
+    def new_case_page(request: Request) -> Any:
+        return render(request, "new.html", models=list(models.predictors))
+
+    @app.get("/cases/{case_id}", response_class=HTMLResponse)
+    def case_page(request: Request, case_id: str) -> Any:
+        try:
+            case = case_json(store, case_id)
+        except LeukotreeError as err:
+            return render(request, "message.html", status=404, message=str(err))
+        predictor = models.get(case["model"])[1]
+        tax = predictor.taxonomy
+        return render(request, "case.html", case=case, taxonomy=tax,
+                      dict_paths={leaf: list(tax.path(leaf)) for leaf in tax.leaves},
+                      cell_types=list(predictor.cell_taxonomy.leaves)
+                      if predictor.cell_taxonomy else [], reviews=store.reviews(case_id))
+
+    @app.get("/models", response_class=HTMLResponse)
+    def models_page(request: Request) -> Any:
+        from leukotree.report.patient import model_card_html
+
+        cards = []
+        for name, predictor in models.predictors.items():
+            payload = models.info[name].get("payload") or {}
+            try:
+                card = model_card_html(torch_model(models, name), payload)
+            except LeukotreeError:
+                card = ""
+            cards.append({"name": name, "source": models.sources[name],
+                          "engine": predictor.engine, "card": card,
+                          "patient_model": predictor.patient_model})
+        return render(request, "models.html", cards=cards)
+
+    _add_files(app)
+
+
+def _add_files(app: FastAPI) -> None:
+    """Cell images, heat maps and the offline report of a case."""
+    store: Store = app.state.store
+    models: Models = app.state.models
+
+    @app.get("/cases/{case_id}/cells/{index}/image")
+    def cell_image(case_id: str, index: int) -> Any:
+        try:
+            path = store.image_path(case_id, index)
+        except LeukotreeError as err:
+            return Response(str(err), status_code=404)
+        if path is None:
+            return Response("this file was not stored (see its error)", status_code=404)
+        return FileResponse(path)
+
+    @app.get("/cases/{case_id}/cells/{index}/heatmap/{node}")
+    def heatmap(case_id: str, index: int, node: str) -> Any:
+        try:
+            return Response(_heatmap_png(store, models, case_id, index, node),
+                            media_type="image/png")
+        except LeukotreeError as err:
+            return Response(str(err), status_code=404)
+
+    @app.get("/cases/{case_id}/report")
+    def report(case_id: str) -> Any:
+        try:
+            return FileResponse(_case_report(store, models, case_id), media_type="text/html",
+                                filename=f"leukotree-case-{case_id}.html")
+        except LeukotreeError as err:
+            return Response(str(err), status_code=400)
+
+
+def _heatmap_png(store: Store, models: Models, case_id: str, index: int, node: str) -> bytes:
+    from PIL import Image
+
+    from leukotree.inference.explain import HeatMapper
+
+    case = store.case(case_id)
+    path = store.image_path(case_id, index)
+    if path is None:
+        raise LeukotreeError("This file was not stored (see its error).")
+    model = torch_model(models, case["model"])
+    node = model.taxonomy.resolve(node, where="node")
+    pixels = load_rgb_array(path, model.config.img_size, crop=model.config.crop_fraction)
+    with HeatMapper(model) as mapper:
+        overlay = mapper.overlay(pixels, node)
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(overlay)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _case_report(store: Store, models: Models, case_id: str) -> Any:
+    """The offline HTML report of a case (``leukotree report`` on its stored cells)."""
+    from leukotree.report.patient import patient_report
+
+    case = store.case(case_id)
+    torch_model(models, case["model"])  # refuses ONNX-only models with the reason
+    paths = [store.images / case_id / c["stored"] for c in case["cells"] if c["stored"]]
+    if not paths:
+        raise LeukotreeError("The case holds no stored cell.")
+    out = store.reports / f"{case_id}.html"
+    patient_report(models.sources[case["model"]], paths, out, patient=case["patient"],
+                   heatmaps=False)
+    return out

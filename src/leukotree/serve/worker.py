@@ -1,0 +1,149 @@
+"""The models ``leukotree serve`` holds, and the classification of a case off the request
+thread (one case at a time, in order; the app stays responsive meanwhile).
+
+A case's result uses the same library calls as ``predict --by-patient``: every cell's
+tree probabilities and referral, and the patient's diagnosis from the run's
+patient-level model or by aggregating its cells, with the referral reason and the
+differential count of predicted cell types.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from leukotree.data.discover import InputImage
+from leukotree.errors import LeukotreeError
+from leukotree.inference.decisions import parse_thresholds
+from leukotree.inference.predict import (
+    PredictResult,
+    differentials,
+    patient_decisions,
+    prediction_rows,
+)
+from leukotree.inference.predictor import Predictor, load_predictor, predict_paths
+from leukotree.serve.store import Store
+
+
+class Models:
+    """The served models by name (a run folder, its ``.pt``, an ``.onnx`` or a cv folder)."""
+
+    def __init__(self, runs: Sequence[str | Path], engine: str = "auto") -> None:
+        if not runs:
+            raise LeukotreeError("leukotree serve needs at least one RUN (a run folder, "
+                                 "model file or cv folder).")
+        self.predictors: dict[str, Predictor] = {}
+        self.sources: dict[str, str] = {}
+        self.info: dict[str, dict[str, Any]] = {}
+        for run in runs:
+            name = Path(run).stem if Path(run).is_file() else Path(run).name
+            while name in self.predictors:
+                name += "+"
+            predictor, info = load_predictor(run, engine)
+            self.predictors[name], self.sources[name], self.info[name] = predictor, str(run), info
+
+    @property
+    def default(self) -> str:
+        return next(iter(self.predictors))
+
+    def get(self, name: str | None) -> tuple[str, Predictor]:
+        name = name or self.default
+        if name not in self.predictors:
+            raise LeukotreeError(f"No model '{name}' is served; choose one of "
+                                 f"{', '.join(self.predictors)}.")
+        return name, self.predictors[name]
+
+
+class Worker:
+    """Classifies queued cases one after another in a background thread."""
+
+    def __init__(self, store: Store, models: Models, *, confidence: str | None = "0.6",
+                 aggregate: str = "majority", batch_size: int = 64, workers: int = 2) -> None:
+        self.store, self.models = store, models
+        self.confidence, self.aggregate = confidence, aggregate
+        self.batch_size, self.workers = batch_size, workers
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="leukotree-case")
+        self._lock = threading.Lock()
+        self.futures: dict[str, Future] = {}
+
+    def submit(self, case_id: str) -> None:
+        with self._lock:
+            self.futures[case_id] = self._pool.submit(self._run, case_id)
+
+    def resume_pending(self) -> None:
+        """Queue again what a restart interrupted."""
+        for case_id in self.store.pending():
+            self.store.set_status(case_id, "queued")
+            self.submit(case_id)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=False)
+
+    def _run(self, case_id: str) -> None:
+        try:
+            self.store.set_status(case_id, "running")
+            self.classify(case_id)
+        except Exception as err:  # the case fails with its reason; the server goes on
+            message = str(err) if isinstance(err, LeukotreeError) else \
+                f"{type(err).__name__}: {err}"
+            self.store.set_status(case_id, "failed", message)
+
+    def classify(self, case_id: str) -> None:
+        """Predict every readable cell of the case and store cells and diagnosis."""
+        case = self.store.case(case_id)
+        _, predictor = self.models.get(case["model"])
+        cells = [c for c in case["cells"] if c["stored"] is not None]
+        paths = [self.store.images / case_id / c["stored"] for c in cells]
+        preds = predict_paths(predictor, paths, batch_size=self.batch_size,
+                              workers=self.workers, progress=False, on_error="report",
+                              on_chunk=lambda n: self.store.set_progress(case_id, n))
+        thresholds = parse_thresholds(self.confidence, predictor.taxonomy.max_depth)
+        result = PredictResult(predictor.taxonomy, [InputImage(p, case["patient"])
+                                                    for p in paths],
+                               preds, thresholds, predictor.engine,
+                               patient_model=predictor.patient_model,
+                               cell_taxonomy=predictor.cell_taxonomy)
+        rows = prediction_rows(result)
+        cell_results = [{"idx": c["idx"], "error": r["error"] or None,
+                         "result": None if r["error"] else _cell_result(result, r, k)}
+                        for k, (c, r) in enumerate(zip(cells, rows, strict=True))]
+        self.store.save_results(case_id, cell_results, _diagnosis(result, case["patient"],
+                                                                  self.aggregate))
+
+
+def _cell_result(result: PredictResult, row: dict[str, Any], k: int) -> dict[str, Any]:
+    out = {"label": row["predicted_leaf"], "referred": bool(row["refer"]),
+           "reported_node": row["reported_node"], "message": row["message"],
+           "probabilities": {n: row[f"p_{n}"] for n in result.taxonomy.nodes}}
+    cells = result.cell_taxonomy
+    if cells is not None and result.predictions.cell_probs is not None:
+        probs = result.predictions.cell_probs[k]
+        out["cell_type"] = cells.leaves[int(np.argmax(probs))]
+        out["cell_type_probabilities"] = {leaf: round(float(p), 4)
+                                          for leaf, p in zip(cells.leaves, probs, strict=True)}
+    return out
+
+
+def _diagnosis(result: PredictResult, patient: str, aggregate: str) -> dict[str, Any]:
+    """The case's diagnosis, its referral, the differential and each cell's weight."""
+    ok = result.predictions.ok
+    if not ok.any():
+        return {"label": None, "referred": True, "reason": "no readable cell",
+                "probabilities": {}, "n_cells": 0}
+    decision = patient_decisions(result, aggregate, 1)[0]
+    tax = result.taxonomy
+    fitted = result.patient_model
+    return {
+        "label": decision.leaf, "referred": decision.refer, "reason": decision.reason,
+        "reported_node": decision.reported_node, "n_cells": decision.n_cells,
+        "probabilities": {n: round(float(decision.node_probs[tax.node_index[n]]), 4)
+                          for n in tax.nodes},
+        "model": fitted.model.name if fitted else aggregate,
+        "threshold": None if fitted is None else fitted.threshold,
+        "differential": differentials(result).get(patient, {}),
+    }

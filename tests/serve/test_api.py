@@ -1,0 +1,140 @@
+"""The JSON API of ``leukotree serve`` (FastAPI's TestClient): cases, results with one
+entry per uploaded file, reviews, corrections, sign-out, limits, tokens, restarts and
+escaping."""
+
+import csv
+import io
+import time
+import zipfile
+
+from fastapi.testclient import TestClient
+
+from conftest import html_tags
+from leukotree.serve.app import ServeSettings, create_app
+from leukotree.serve.store import Store
+from leukotree.serve.uploads import Limits
+from leukotree.serve.worker import Models
+
+
+def client(served_run, store_dir, **settings):
+    models = Models([served_run / "run"], engine="torch")
+    return TestClient(create_app(models, Store(store_dir), ServeSettings(**settings)))
+
+
+def cells(served_run, n=6):
+    return [("files", (p.name, p.read_bytes(), "image/png"))
+            for p in sorted((served_run / "data").rglob("*.png"))[:n]]
+
+
+def wait_done(api, case_id, headers=None):
+    for _ in range(200):
+        body = api.get(f"/api/cases/{case_id}", headers=headers).json()
+        if body["status"] in {"done", "failed"}:
+            return body
+        time.sleep(0.05)
+    raise AssertionError("the case never finished")
+
+
+def test_a_case_from_upload_to_corrections(served_run, tmp_path):
+    with client(served_run, tmp_path / "store") as api:
+        assert api.get("/api/health").json()["status"] == "ok"
+        files = [*cells(served_run), ("files", ("broken.png", b"\x89PNG nope", "image/png")),
+                 ("files", ("notes.txt", b"hello", "text/plain"))]
+        made = api.post("/api/cases", files=files, data={"patient": "P-17"})
+        assert made.status_code == 201 and made.json()["n_cells"] == 8
+        case = wait_done(api, made.json()["id"])
+        assert case["status"] == "done" and len(case["cells"]) == 8
+        errors = {c["name"]: c["error"] for c in case["cells"] if c["error"]}
+        assert set(errors) == {"broken.png", "notes.txt"}  # named, never dropped
+        leaves = api.get("/api/models").json()[0]["leaves"]
+        good = [c for c in case["cells"] if not c["error"]]
+        assert all(c["label"] in leaves for c in good)
+        assert abs(sum(good[0]["probabilities"][leaf] for leaf in leaves) - 1) < 1e-3
+        assert case["diagnosis"]["label"] in leaves and "referred" in case["diagnosis"]
+        url = f"/api/cases/{case['id']}/cells/{good[0]['index']}/review"
+        assert api.post(url, json={"label": "AML", "reviewer": "dr x"}).status_code == 200
+        bad = api.post(url, json={"label": "AMl", "reviewer": "dr x"})
+        assert bad.status_code == 422 and "Did you mean 'AML'" in bad.json()["error"]
+        assert api.post(url, json={"label": "AML", "reviewer": " "}).status_code == 422
+        assert api.post("/api/cases/nope/cells/0/review",
+                        json={"label": "AML", "reviewer": "x"}).status_code == 404
+        rows = list(csv.DictReader(io.StringIO(api.get("/api/corrections.csv").text)))
+        assert [(r["label"], r["patient"]) for r in rows] == [("AML", "P-17")]
+        signed = api.post(f"/api/cases/{case['id']}/signout",
+                          json={"label": "ALL", "reviewer": "dr x"})
+        assert signed.status_code == 200
+        assert api.get(f"/api/cases/{case['id']}").json()["signed_by"] == "dr x"
+        assert api.get(f"/cases/{case['id']}/report").status_code == 200
+        png = api.get(f"/cases/{case['id']}/cells/{good[0]['index']}/heatmap/Leukemia")
+        assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+
+
+def test_limits_are_clear_4xx_errors(served_run, tmp_path):
+    from PIL import Image
+
+    with client(served_run, tmp_path / "s", limits=Limits(max_files=3, max_pixels=10_000)) as api:
+        too_many = api.post("/api/cases", files=cells(served_run, 4), data={"patient": "p"})
+        assert too_many.status_code == 413 and "more than 3 files" in too_many.json()["error"]
+        big = io.BytesIO()
+        Image.new("RGB", (200, 200)).save(big, format="PNG")
+        huge = api.post("/api/cases", files=[("files", ("big.png", big.getvalue(), "image/png"))],
+                        data={"patient": "p"})
+        assert huge.status_code == 413 and "big.png" in huge.json()["error"]
+        bad_id = api.post("/api/cases", files=cells(served_run, 1), data={"patient": "a\nb"})
+        assert bad_id.status_code == 422
+        assert api.get("/api/cases").json() == []  # nothing was stored
+
+
+def test_zip_archives_become_cells(served_run, tmp_path):
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:
+        for _, (name, data, _) in cells(served_run, 3):
+            z.writestr(f"p1/{name}", data)
+        z.writestr("__MACOSX/._x.png", b"meta")
+    with client(served_run, tmp_path / "s") as api:
+        made = api.post("/api/cases", files=[("files", ("cells.zip", archive.getvalue(),
+                                                        "application/zip"))])
+        case = wait_done(api, made.json()["id"])
+        assert len(case["cells"]) == 4 and sum(bool(c["error"]) for c in case["cells"]) == 1
+
+
+def test_a_token_guards_pages_and_api(served_run, tmp_path):
+    with client(served_run, tmp_path / "s", token="s3cret") as api:
+        assert api.get("/api/health").status_code == 401
+        assert api.get("/").status_code == 401
+        ok = api.get("/api/health", headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        assert api.post("/login", data={"token": "wrong"}).status_code == 401
+        logged = api.post("/login", data={"token": "s3cret"}, follow_redirects=False)
+        assert logged.status_code == 303 and "s3cret" not in logged.headers["set-cookie"]
+        assert api.get("/").status_code == 200  # the session cookie now travels
+
+
+def test_cases_survive_a_restart_and_interrupted_ones_run_again(served_run, tmp_path):
+    store = Store(tmp_path / "s")
+    from leukotree.serve.uploads import check_file
+
+    uploads = [check_file(name, data, Limits()) for _, (name, data, _) in cells(served_run, 2)]
+    case_id = store.create_case("P-9", "run", uploads)
+    store.set_status(case_id, "running")  # the server stopped while classifying it
+    with client(served_run, tmp_path / "s") as api:
+        case = wait_done(api, case_id)
+    assert case["status"] == "done" and len(case["cells"]) == 2
+
+
+def test_user_text_is_escaped_in_every_page(served_run, tmp_path):
+    evil = "<script>alert(1)</script>"
+    with client(served_run, tmp_path / "s") as api:
+        data = cells(served_run, 1)[0][1][1]
+        made = api.post("/api/cases", files=[("files", (f"{evil}.png", data, "image/png"))],
+                        data={"patient": evil})
+        case_id = made.json()["id"]
+        wait_done(api, case_id)
+        for page in ("/", f"/cases/{case_id}"):
+            text = api.get(page).text
+            scripts = [a for t, a in html_tags(text) if t == "script"]
+            assert all(a.get("src") == "/static/app.js" or a.get("type") == "application/json"
+                       for a in scripts)
+            assert "alert(1)</script>" not in text.replace("\\u003c", "<").split(
+                'type="application/json"')[0]
+            assert "&lt;script&gt;" in text

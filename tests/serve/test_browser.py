@@ -1,0 +1,78 @@
+"""A real browser (Debian's chromium, driven by Playwright) on a running server: upload ten
+cells, wait for the diagnosis, open a heat map, reclassify a cell with the keyboard,
+download the corrections, sign out, and keep a screenshot that is not blank."""
+
+import csv
+import io
+import shutil
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import uvicorn
+from PIL import Image
+from playwright.sync_api import sync_playwright
+
+from leukotree.serve.app import ServeSettings, create_app
+from leukotree.serve.store import Store
+from leukotree.serve.worker import Models
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture
+def server(served_run, tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = create_app(Models([served_run / "run"], engine="torch"), Store(tmp_path / "store"),
+                     ServeSettings())
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_upload_review_and_sign_out_in_a_browser(server, served_run, tmp_path):
+    files = [str(p) for p in sorted((served_run / "data").rglob("*.png"))[:10]]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1200, "height": 1400})
+        page.goto(f"{server}/cases/new")
+        page.fill("#patient", "patient-42")
+        page.set_input_files("#files", files)
+        page.click("#submit")
+        page.wait_for_url("**/cases/*", timeout=60_000)
+        page.wait_for_selector("#diagnosis", timeout=60_000)
+        assert page.locator(".cellcard").count() == 10
+        page.fill("#reviewer", "dr who")
+        page.locator(".cellcard").first.click()
+        heat = page.locator("#heatmaps img").first
+        heat.wait_for(timeout=30_000)
+        page.wait_for_function("document.querySelector('#heatmaps img').naturalWidth > 0",
+                               timeout=30_000)
+        page.evaluate("document.activeElement.blur()")  # keys go to the review, not a field
+        page.keyboard.press("4")  # the 4th leaf of leukemia7: AML
+        page.wait_for_function("document.querySelector('#review-msg').textContent === 'saved'")
+        corrections = page.request.get(f"{server}/api/corrections.csv").text()
+        rows = list(csv.DictReader(io.StringIO(corrections)))
+        assert [(r["label"], r["patient"]) for r in rows] == [("AML", "patient-42")]
+        page.select_option("#final-label", "AML")
+        page.click("#signout")
+        page.wait_for_function(
+            "document.querySelector('#signout-msg').textContent.startsWith('Signed out')")
+        shot = tmp_path / "case.png"
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert pixels.shape[0] > 500 and pixels.std() > 10  # a page, not a blank sheet
