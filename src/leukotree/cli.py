@@ -177,6 +177,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         f"{len(errors)} unreadable" + (f"; wrote {args.out}" if args.out else ""))
     for error in errors:
         say(console, f"unreadable: {error}", "red")
+    if result.predictions.ood_score is not None:
+        n_odd = int(result.predictions.unclassifiable.sum())
+        say(console, f"{n_odd} cell(s) unclassifiable (unlike the training cells; "
+            "left out of patient diagnoses)", "yellow" if n_odd else None)
+    alarm = result.domain_shift()
+    if alarm:
+        say(console, alarm, "bold red")
     _name_not_used(console, result.not_used)
     if errors and len(errors) == len(rows):
         return EXIT_NOTHING_DONE

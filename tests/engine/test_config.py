@@ -69,6 +69,15 @@ def test_check_value_accepts_what_the_rules_allow():
     assert check_value("level_weights", "1, 0.5") == [1.0, 0.5]
 
 
+def test_a_number_in_a_config_file_is_read_as_text_where_text_is_expected(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("patient_threshold: 0.5\n")
+    assert resolve_config(config_file=cfg).patient_threshold == "0.5"
+    cfg.write_text("patient_threshold: true\n")
+    with pytest.raises(LeukotreeError, match="must be str; got True"):
+        resolve_config(config_file=cfg)
+
+
 @pytest.mark.parametrize("flag,value,match", [
     ("--head", "multi-head", "Unknown head 'multi-head'"),
     ("--model", "resnet19", "Unknown backbone 'resnet19'"),

@@ -231,3 +231,30 @@ def test_fold_and_separate_validation_data_exclude_each_other(synth_data, tmp_pa
     cfg = resolve_config(preset="tiny-test", overrides={"val_data": str(synth_data)})
     with pytest.raises(LeukotreeError, match="remove 'val_data'"):
         cross_validate(synth_data, tmp_path / "cv", cfg, folds=2)
+
+
+def test_calibration_and_ood_threshold_are_fitted_on_validation_and_stored(synth_data,
+                                                                           tmp_path):
+    run = tmp_path / "run"
+    summary = train(synth_data, run, resolve_config(preset="tiny-test", overrides={
+        "epochs": 1, "val_fraction": 0.3}), progress=False)
+    payload = read_checkpoint(run)
+    temps = payload["calibration"]["temperatures"]
+    assert set(temps) == set(load_taxonomy("leukemia7").inner_nodes)
+    assert all(0.05 <= t <= 20 for t in temps.values())
+    # the fit minimises the validation NLL, so it is never worse than no temperature
+    assert payload["calibration"]["nll_after"] <= payload["calibration"]["nll_before"] + 1e-4
+    ood = payload["ood"]
+    assert ood["quantile"] == 0.95 and ood["threshold"] > 0 and ood["val_flagged"] <= 0.1
+    assert summary["ood"]["threshold"] == ood["threshold"]
+    model, _ = load_model(run)
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, 32, 32) * 255)["ood_score"].shape == (2,)
+
+
+def test_a_cross_validation_fold_is_not_calibrated_on_its_test_fold(synth_data, tmp_path):
+    run = tmp_path / "fold"
+    train(synth_data, run, resolve_config(preset="tiny-test", overrides={
+        "epochs": 1, "fold": 0, "folds": 3}), progress=False)
+    payload = read_checkpoint(run)
+    assert "calibration" not in payload and "ood" not in payload

@@ -89,8 +89,13 @@ def test_evaluate_writes_metrics_tables_predictions_and_plots(run7, data7, tmp_p
     # every image passes the root; 5 leukemia leaves x 15, 3 acute x 15, 2 chronic x 15
     assert [m["per_node"][n]["n"] for n in ("root", "Leukemia", "Acute", "Chronic")] == \
         [105, 75, 45, 30]
-    assert set(m["calibration"]) == {"leaves", "per_node"}
-    assert set(m["calibration"]["leaves"]) == {"ece", "brier"}
+    # the run is calibrated: the report gives the figures before and after
+    assert set(m["calibration"]) == {"leaves", "per_node", "temperatures", "uncalibrated"}
+    assert set(m["calibration"]["leaves"]) == set(m["calibration"]["uncalibrated"]) == \
+        {"ece", "brier"}
+    assert set(m["calibration"]["temperatures"]) == {"root", "Leukemia", "Acute", "Chronic"}
+    ood = m["ood"]
+    assert 0 <= ood["flagged"] <= N7 and ood["rate"] == pytest.approx(ood["flagged"] / N7)
     for value in (m["accuracy"], m["macro_f1"], m["weighted_f1"], m["auroc_macro"]):
         assert 0 <= value <= 1
     assert "binary" not in m  # seven leaves
@@ -100,7 +105,8 @@ def test_evaluate_writes_metrics_tables_predictions_and_plots(run7, data7, tmp_p
     assert pl["method"] == "majority" and pl["min_cells"] == 1
     assert 0 <= pl["accuracy"] <= 1
     assert len(pl["patients"]) == 21
-    assert all(p["n_cells"] == CELLS_PER_PATIENT for p in pl["patients"].values())
+    # unclassifiable cells are left out of the patient diagnoses, as in predict
+    assert sum(p["n_cells"] for p in pl["patients"].values()) == N7 - ood["flagged"]
 
     for name in ("metrics.md", "predictions.csv", *PLOTS):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name

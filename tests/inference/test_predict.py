@@ -48,10 +48,37 @@ def test_predict_cli_reports_a_bad_image_and_predicts_the_rest(run, tmp_path, ca
         assert r["decoded_path"].endswith(r["predicted_leaf"])
         assert (r["refer"] == "True") == (r["reported_node"] != r["predicted_leaf"])
     patients = list(csv.DictReader((tmp_path / "preds_patients.csv").open()))
-    # the unreadable image belongs to no patient; the three ALL patients remain
-    assert {p["patient"] for p in patients} == {"ALL-p000", "ALL-p001", "ALL-p002"}
-    assert all(int(p["n_cells"]) == 4 for p in patients)
+    # the unreadable image's patient (its folder) is listed, with no cell to decide on
+    by_id = {p["patient"]: p for p in patients}
+    assert set(by_id) == {"ALL-p000", "ALL-p001", "ALL-p002", tmp_path.name}
+    assert by_id.pop(tmp_path.name)["diagnosis"] == "insufficient"
+    # unclassifiable cells (unlike the training cells) are named and left out
+    assert all(int(p["n_cells"]) + int(p["n_unclassifiable"]) == 4 for p in by_id.values())
     assert "1 unreadable" in capsys.readouterr().err
+
+
+def test_unclassifiable_cells_are_referred_left_out_and_raise_the_alarm(run, tmp_path, capsys):
+    import shutil
+
+    from leukotree.models.checkpoint import read_checkpoint, update_checkpoint
+
+    strict = tmp_path / "strict"
+    shutil.copytree(run / "run", strict)
+    ood = read_checkpoint(strict)["ood"]
+    ood["threshold"] = 1e-12  # every cell is far from the training cells
+    update_checkpoint(strict, ood=ood)
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(strict), str(run / "data" / "AML"), "--by-patient",
+                 "--out", str(out), "--no-progress", "--engine", "torch"]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert rows and all(r["unclassifiable"] == "True" and r["refer"] == "True"
+                        and r["reported_node"] == "unclassifiable" for r in rows)
+    assert all(float(r["ood_score"]) > 1 for r in rows)
+    patients = list(csv.DictReader((tmp_path / "p_patients.csv").open()))
+    assert {p["diagnosis"] for p in patients} == {"insufficient"}
+    assert all(p["n_cells"] == "0" and p["n_unclassifiable"] == "4" for p in patients)
+    err = capsys.readouterr().err
+    assert "12 cell(s) unclassifiable" in err and "domain shift" in err
 
 
 def test_predict_by_patient_without_ids_is_a_clear_error(run, capsys):

@@ -138,6 +138,12 @@ class TrainConfig:
                              "decompression-bomb guard)", low=1, high=10**10)
     skip_unreadable: bool = option(False, "leave out images that cannot be read (listed on "
                                    "screen and in RUN/skipped.csv) instead of stopping")
+    calibrate: bool = option(True, "fit a temperature per tree node on the validation split "
+                             "after training (cross-validation folds are left uncalibrated: "
+                             "their validation fold is the test fold)", flag="--no-calibrate")
+    ood_quantile: float = option(0.95, "flag cells farther from the training cells than this "
+                                 "quantile of the validation cells as unclassifiable (0: no "
+                                 "out-of-distribution score)", low=0, high=1, high_open=True)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -264,6 +270,8 @@ def _convert(name: str, kind: str, value: Any) -> Any:
             items = value.split(",") if isinstance(value, str) else list(value)
             conv = float if "float" in kind else str
             return [conv(v.strip() if isinstance(v, str) else v) for v in items]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # YAML reads `patient_threshold: 0.5` or a leaf named 1 as numbers
         if not isinstance(value, str):
             raise TypeError
         return value

@@ -57,13 +57,23 @@ from leukotree.engine.loop import (
     weight_average,
 )
 from leukotree.errors import LeukotreeError, UnreadableImagesError, display_path
+from leukotree.evaluation.metrics import expected_calibration_error
 from leukotree.models import TreeClassifier, build_model
+from leukotree.models.calibration import (
+    FeatureDistance,
+    apply_temperatures,
+    fit_feature_distance,
+    fit_temperatures,
+    ood_section,
+    tree_nll,
+)
 from leukotree.models.checkpoint import (
     environment,
     load_model,
     read_training_state,
     save_model,
     save_training_state,
+    update_checkpoint,
 )
 from leukotree.models.losses import TreeLoss, balanced_leaf_weights
 from leukotree.patients import fit_patient_model, make_bags, patient_labels, patient_metrics
@@ -433,17 +443,72 @@ class Trainer:
                    "history": state.history, "run": str(self.out)}
         if self.dist.is_main:
             plots.learning_curves(state.history, self.run.curves)
+            summary |= self._fit_calibration(train, val)
             if cfg.patient_model != "none":
                 summary["patient_level"] = self._fit_patient_model(train, val, precision)
             write_json(self.run.summary, summary)
         return summary
+
+    def _fit_calibration(self, train: Split, val: Split) -> dict[str, Any]:
+        """Fit the per-node temperatures (on the validation split) and the feature
+        distance to the training cells (threshold: ``ood_quantile`` of the validation
+        cells) and store both in ``best.pt`` (:mod:`leukotree.models.calibration`)."""
+        cfg = self.config
+        wanted = cfg.calibrate or cfg.ood_quantile > 0
+        if not wanted or len(val) == 0:
+            return {}
+        if cfg.fold is not None:
+            self._log("no calibration or out-of-distribution threshold for a cross-validation "
+                      "fold: its validation fold is the test fold (train without --fold to "
+                      "fit them)", "dim")
+            return {}
+        model, _ = load_model(self.run.best)
+        model = model.to(self.device)
+        batch = cfg.batch_size * 2
+        val_out = predict_outputs(model, val.pixels, batch, self.device, size=cfg.img_size)
+        truth = [s.label for s in val.samples]
+        sections: dict[str, Any] = {}
+        result: dict[str, Any] = {}
+        if cfg.calibrate:
+            temps = fit_temperatures(model.taxonomy, truth, val_out["leaf_probs"])
+            after = apply_temperatures(model.taxonomy, val_out["leaf_probs"], temps)
+            leaf = [i for i, t in enumerate(truth) if t in model.taxonomy.leaf_index]
+            y = np.array([model.taxonomy.leaf_index[truth[i]] for i in leaf])
+            ece = (expected_calibration_error(val_out["leaf_probs"][leaf], y),
+                   expected_calibration_error(after[leaf], y))
+            sections["calibration"] = {
+                "temperatures": temps, "ece_before": ece[0], "ece_after": ece[1],
+                "nll_before": tree_nll(model.taxonomy, truth, val_out["leaf_probs"]),
+                "nll_after": tree_nll(model.taxonomy, truth, after), "fitted_on": len(val)}
+            result["calibration"] = sections["calibration"]
+            self._log("calibration: temperature " + ", ".join(
+                f"{n} {t:.2f}" for n, t in temps.items()) + f"; validation leaf ECE "
+                f"{ece[0]:.3f} -> {ece[1]:.3f} (fitted on these cells)")
+        if cfg.ood_quantile > 0 and "features" in val_out:
+            train_out = predict_outputs(model, train.pixels, batch, self.device,
+                                        size=cfg.img_size)
+            means, precision, classes = fit_feature_distance(
+                train_out["features"], [s.label for s in train.samples])
+            with torch.no_grad():
+                dist = FeatureDistance(means, precision)(
+                    torch.from_numpy(val_out["features"])).numpy()
+            threshold = float(np.quantile(dist, cfg.ood_quantile))
+            flagged = float((dist > threshold).mean())
+            sections["ood"] = ood_section(means, precision, classes, threshold,
+                                          cfg.ood_quantile, flagged)
+            result["ood"] = {"threshold": threshold, "quantile": cfg.ood_quantile,
+                             "val_flagged": flagged}
+            self._log(f"out-of-distribution score: threshold {threshold:.1f} (flags "
+                      f"{flagged:.1%} of the validation cells)")
+        update_checkpoint(self.run.best, **sections)
+        return result
 
     def _fit_patient_model(self, train: Split, val: Split, precision: Precision,
                            ) -> dict[str, Any]:
         """Fit the patient-level model on the training patients (cells seen by the best
         model), store it in ``best.pt`` and score the validation patients."""
         cfg = self.config
-        model, payload = load_model(self.run.best)
+        model, _ = load_model(self.run.best)
         model = model.to(self.device)
         bags = {}
         for name, part, size in (("train", train, None), ("val", val, None)):
@@ -463,8 +528,7 @@ class Trainer:
                                    bags["train"], rule=cfg.patient_threshold,
                                    positive=cfg.positive, seed=cfg.seed,
                                    **patient_params(cfg))
-        save_model(self.run.best, model, extra=payload.get("extra"),
-                   patient_model=fitted.to_dict())
+        update_checkpoint(self.run.best, patient_model=fitted.to_dict())
         probs = fitted.predict_proba(bags["val"])
         metrics = patient_metrics(model.taxonomy, [b.label for b in bags["val"]], probs,
                                   fitted.diagnose(probs), positive=fitted.positive,

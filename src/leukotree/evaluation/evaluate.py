@@ -17,8 +17,9 @@ from leukotree.evaluation.metrics import (
     reliability_bins,
     threshold_for_sensitivity,
 )
-from leukotree.inference.decisions import AGGREGATES, aggregate_patients
+from leukotree.inference.decisions import AGGREGATES, aggregate_patients, domain_shift
 from leukotree.inference.predictor import Predictions, Predictor, TorchPredictor, predict_paths
+from leukotree.models.calibration import apply_temperatures
 from leukotree.models.checkpoint import load_model
 from leukotree.patients.bags import make_bags, patient_labels
 from leukotree.patients.fit import FittedPatientModel, patient_metrics
@@ -71,7 +72,9 @@ def evaluate(
     check_settings(settings)
     run = Path(run)
     model, payload = load_model(run)
-    predictor = TorchPredictor(model, patient_model=payload.get("patient_model"))
+    ood_section = payload.get("ood") or {}
+    predictor = TorchPredictor(model, patient_model=payload.get("patient_model"),
+                               expected_ood=float(ood_section.get("val_flagged", 0.05)))
     taxonomy: Taxonomy = model.taxonomy
     sample_set = discover(data, taxonomy, patients=patients, labels=labels)
     sample_set.raise_for_problems()
@@ -89,13 +92,24 @@ def evaluate(
         metrics["note"] = (f"{len(metrics['leaves_absent'])} leaves have no image in these data "
                            f"({', '.join(metrics['leaves_absent'])}); metrics cover the "
                            "leaves present.")
+    uncalibrated = None
+    if model.temperature is not None:
+        temps = model.temperature.temperatures
+        uncalibrated = apply_temperatures(taxonomy, probs, {n: 1 / t for n, t in temps.items()})
+        before = classification_metrics(taxonomy, truth, uncalibrated).get("calibration", {})
+        metrics.setdefault("calibration", {})["temperatures"] = temps
+        metrics["calibration"]["uncalibrated"] = before.get("leaves")
+    if preds.ood_score is not None:
+        metrics["ood"] = ood_metrics(taxonomy, truth, probs, preds.unclassifiable,
+                                     predictor.expected_ood)
     if len(taxonomy.leaves) == 2:
         metrics["binary"] = _binary_section(run, predictor, truth, probs, settings)
     metrics["patient_level"] = patient_level(taxonomy, samples, probs, settings, preds,
                                              predictor.patient_model)
     where = EvalDir(out)
     where.path.mkdir(parents=True, exist_ok=True)
-    metrics["figures"] = write_figures(taxonomy, truth, probs, metrics, where.path)
+    metrics["figures"] = write_figures(taxonomy, truth, probs, metrics, where.path,
+                                       uncalibrated)
     write_json(where.metrics, metrics)
     write_document(metrics_document(metrics), where.markdown)
     write_predictions(where.predictions, taxonomy, samples, probs)
@@ -149,8 +163,9 @@ def patient_level(taxonomy: Taxonomy, samples: list[Sample], probs: np.ndarray,
                   settings: EvalSettings, preds: Predictions | None = None,
                   fitted: FittedPatientModel | None = None) -> dict[str, Any] | None:
     """Patient-level metrics when every patient has one label: from the run's patient
-    model when it has one (with its own threshold), else from aggregating the cells; for
-    two leaves also the AUROC with a patient-bootstrap 95% CI."""
+    model when it has one (with its own threshold), else from aggregating the cells
+    (unclassifiable cells left out, as in ``predict``); for two leaves also the AUROC
+    with a patient-bootstrap 95% CI."""
     patients = [s.patient for s in samples]
     if not any(patients):
         return None
@@ -158,12 +173,15 @@ def patient_level(taxonomy: Taxonomy, samples: list[Sample], probs: np.ndarray,
         truth = patient_labels(taxonomy, patients, [s.label for s in samples])
     except LeukotreeError as err:
         return {"skipped": str(err)}
+    if preds is not None and preds.ood_score is not None:  # as predict: flagged cells out
+        patients = [None if odd else p for p, odd in zip(patients, preds.unclassifiable,
+                                                          strict=True)]
     agg = aggregate_patients(patients, probs, method=settings.aggregate,
                              min_cells=settings.min_cells)
     decided = [p for p, a in agg.items() if a["decision"] is not None]
     out: dict[str, Any] = {"method": settings.aggregate, "min_cells": settings.min_cells,
-                           "n_patients": len(agg),
-                           "insufficient": sorted(set(agg) - set(decided))}
+                           "n_patients": len(truth),  # with those left without a cell
+                           "insufficient": sorted(set(truth) - set(decided))}
     if not decided:
         return out
     if fitted is not None and preds is not None:
@@ -200,8 +218,22 @@ def patient_level(taxonomy: Taxonomy, samples: list[Sample], probs: np.ndarray,
     return out
 
 
+def ood_metrics(taxonomy: Taxonomy, truth: list[str], probs: np.ndarray,
+                flagged: np.ndarray, expected: float) -> dict[str, Any]:
+    """How many cells the model calls unclassifiable, the tree accuracy of the cells it
+    keeps and of those it flags, and the domain-shift alarm (if raised)."""
+    mask = taxonomy.leaf_mask(truth)
+    hit = mask[np.arange(len(truth)), probs.argmax(1)]
+    return {"flagged": int(flagged.sum()), "rate": float(flagged.mean()) if len(truth) else 0.0,
+            "expected_rate": expected,
+            "accuracy_kept": float(hit[~flagged].mean()) if (~flagged).any() else None,
+            "accuracy_flagged": float(hit[flagged].mean()) if flagged.any() else None,
+            "domain_shift": domain_shift(flagged, expected)}
+
+
 def write_figures(taxonomy: Taxonomy, truth: list[str], probs: np.ndarray,
-                  metrics: dict[str, Any], out: Path) -> dict[str, str]:
+                  metrics: dict[str, Any], out: Path,
+                  uncalibrated: np.ndarray | None = None) -> dict[str, str]:
     figures: dict[str, str] = {}
     if "confusion_matrix" not in metrics:
         return figures
@@ -216,8 +248,10 @@ def write_figures(taxonomy: Taxonomy, truth: list[str], probs: np.ndarray,
                                                  out / EvalDir.CONFUSION_NORMALIZED,
                                                  normalize=True)),
         ("roc", plots.roc_curves(exact[keep], probs[keep], leaves, out / EvalDir.ROC)),
-        ("reliability", plots.reliability(reliability_bins(probs[keep], exact[keep]),
-                                          out / EvalDir.RELIABILITY)),
+        ("reliability", plots.reliability(
+            reliability_bins(probs[keep], exact[keep]), out / EvalDir.RELIABILITY,
+            before=None if uncalibrated is None
+            else reliability_bins(uncalibrated[keep], exact[keep]))),
     ):
         if path is not None:
             figures[name] = path.name

@@ -12,6 +12,11 @@ referred by the same rule applied to the patient's mean probabilities, plus, for
 majority vote, when the winning leaf's vote share is below the last level's
 threshold (:func:`decide_patient`); the path walked is that of the diagnosed leaf.
 ``predict --by-patient``, ``report`` and the evaluation all use these functions.
+
+Cells whose out-of-distribution score exceeds the model's threshold are
+*unclassifiable* (:mod:`leukotree.models.calibration`): reported as such and left out
+of every patient's aggregation; when a whole input holds many more of them than the
+model flags on its own validation cells, :func:`domain_shift` raises the alarm.
 """
 
 from __future__ import annotations
@@ -232,3 +237,24 @@ def _uncertain_reason(taxonomy: Taxonomy, confident: str) -> str:
     if confident == taxonomy.root:
         return "not confident at any level of the tree"
     return f"confident down to {' > '.join(taxonomy.path(confident))} only"
+
+
+def domain_shift(unclassifiable: np.ndarray, expected: float, alpha: float = 1e-3,
+                 ) -> str | None:
+    """The alarm when the input as a whole is unlike the training cells, else None.
+
+    Raised when the share of unclassifiable cells is more than twice ``expected`` (the
+    share flagged on the model's validation cells) and a one-sided binomial test of
+    ``k`` flagged among ``n`` cells against ``expected`` gives ``p < alpha``.
+    """
+    from scipy.stats import binomtest
+
+    n, k = len(unclassifiable), int(np.sum(unclassifiable))
+    if n == 0 or k / n <= 2 * expected:
+        return None
+    if binomtest(k, n, max(expected, 1e-6), alternative="greater").pvalue >= alpha:
+        return None
+    return (f"domain shift: {k} of {n} cells ({k / n:.0%}) are unlike the cells this model "
+            f"was trained on (it flags {expected:.0%} of its own validation cells); its "
+            "accuracy is not guaranteed on these images. Check the stain, magnification and "
+            "crop, or train (or fine-tune) on labelled cells of this lab.")

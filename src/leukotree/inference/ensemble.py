@@ -92,6 +92,7 @@ class EnsemblePredictor:
         self.model_config: ModelConfig = first.model_config
         self.cell_taxonomy = first.cell_taxonomy
         self.engine = f"ensemble of {len(members)} ({first.engine})"
+        self.expected_ood = float(np.mean([m.expected_ood for m in members]))
         self.widths: list[dict[str, int]] = []
         fitted = [m.patient_model for m in members]
         self.patient_model = (EnsemblePatientModel(fitted, self.widths)  # type: ignore[arg-type]
@@ -103,8 +104,9 @@ class EnsemblePredictor:
             self.widths.extend({k: o[k].shape[1] for k in MEMBER_KEYS if k in o}
                                for o in each)
         out = {"leaf_probs": np.mean([o["leaf_probs"] for o in each], axis=0)}
-        if all("cell_probs" in o for o in each):
-            out["cell_probs"] = np.mean([o["cell_probs"] for o in each], axis=0)
+        for key in ("cell_probs", "ood_score"):
+            if all(key in o for o in each):
+                out[key] = np.mean([o[key] for o in each], axis=0)
         for key in MEMBER_KEYS:
             if all(key in o for o in each):
                 out[f"member_{key}"] = np.concatenate([o[key] for o in each], axis=1)

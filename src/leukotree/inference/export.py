@@ -3,10 +3,12 @@
 The exported graph takes ``images``: float32 ``(B, 3, S, S)`` in the 0-255 range
 (the training set's normalisation is inside) and returns ``leaf_probs``
 ``(B, n_leaves)``, ``node_probs`` ``(B, n_nodes)`` (``P(node) = sum of its
-leaves``, so the tree is consistent), ``features`` ``(B, D)`` and, with a cell-type
-head, ``cell_probs``. The taxonomy, image size, centre crop and any fitted
-patient-level model travel in the file's metadata, so ``leukotree predict`` accepts the
-``.onnx`` file as RUN.
+leaves``, so the tree is consistent), ``features`` ``(B, D)``, with a cell-type
+head ``cell_probs`` and, when fitted, ``ood_score`` ``(B, 1)``. Fitted temperatures
+and the out-of-distribution score are part of the graph
+(:mod:`leukotree.models.calibration`). The taxonomy, image size, centre crop, any
+fitted patient-level model and the calibration figures travel in the file's metadata,
+so ``leukotree predict`` accepts the ``.onnx`` file as RUN.
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ class TreeProbabilities(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.model(images)
         leaf = out["leaf_logp"].exp()
-        extra = {"features": lambda: out["features"], "cell_probs": lambda: out["cell_logp"].exp()}
+        extra = {"features": lambda: out["features"],
+                 "cell_probs": lambda: out["cell_logp"].exp(),
+                 "ood_score": lambda: out["ood_score"][:, None]}
         return (leaf, self.to_nodes(leaf), *(extra[k]() for k in self.keys))
 
 
@@ -60,8 +64,8 @@ def export_onnx(run: str | Path, out: str | Path, *, opset: int = 17,
     dummy = torch.rand(2, 3, size, size) * 255
     with torch.no_grad():
         given = model.eval()(dummy)
-    keys = [k for k, src in (("features", "features"), ("cell_probs", "cell_logp"))
-            if src in given]
+    keys = [k for k, src in (("features", "features"), ("cell_probs", "cell_logp"),
+                             ("ood_score", "ood_score")) if src in given]
     names = ["leaf_probs", "node_probs", *keys]
     wrapper = TreeProbabilities(model, keys).eval()
     with warnings.catch_warnings():
@@ -81,6 +85,11 @@ def export_onnx(run: str | Path, out: str | Path, *, opset: int = 17,
         meta["source_sha256"] = source_sha256
     if payload.get("patient_model") is not None:
         meta["patient_model"] = json.dumps(payload["patient_model"])
+    if payload.get("calibration") is not None:
+        meta["calibration"] = json.dumps(payload["calibration"])
+    if payload.get("ood") is not None:
+        meta["ood"] = json.dumps({k: payload["ood"][k] for k in ("threshold", "quantile",
+                                                                 "val_flagged", "classes")})
     for key, value in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value

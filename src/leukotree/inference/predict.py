@@ -24,6 +24,7 @@ from leukotree.inference.decisions import (
     decide,
     decide_patient,
     decide_patient_probs,
+    domain_shift,
     parse_thresholds,
     referral_message,
 )
@@ -48,6 +49,15 @@ class PredictResult:
     not_used: list[Path] = field(default_factory=list)  # hidden files, files not images
     patient_model: FittedPatientModel | None = None
     cell_taxonomy: Taxonomy | None = None
+    #: Share of the model's validation cells it flags as unclassifiable.
+    expected_ood: float = 0.05
+
+    def domain_shift(self) -> str | None:
+        """The domain-shift alarm for these inputs (:func:`~.decisions.domain_shift`)."""
+        if self.predictions.ood_score is None:
+            return None
+        ok = self.predictions.ok
+        return domain_shift(self.predictions.unclassifiable[ok], self.expected_ood)
 
 
 def run_predict(
@@ -79,7 +89,7 @@ def run_predict(
         thresholds = parse_thresholds(confidence, predictor.taxonomy.max_depth)
     return PredictResult(predictor.taxonomy, images, preds, thresholds, info["engine"],
                          info.get("engine_note"), found.not_used, predictor.patient_model,
-                         predictor.cell_taxonomy)
+                         predictor.cell_taxonomy, predictor.expected_ood)
 
 
 def _thresholds_for_error(run: str | Path, predictor: Predictor, target_error: float,
@@ -95,9 +105,12 @@ def _thresholds_for_error(run: str | Path, predictor: Predictor, target_error: f
 
 
 def prediction_rows(result: PredictResult, decode: str = "argmax") -> list[dict[str, Any]]:
-    """One row per input image: node probabilities, decoded leaf, referral, error."""
+    """One row per input image: node probabilities, decoded leaf, referral, error and,
+    when the model scores it, ``ood_score`` and ``unclassifiable`` (such a cell is
+    referred with ``reported_node`` ``unclassifiable``)."""
     taxonomy, preds = result.taxonomy, result.predictions
     node_p = node_probabilities(taxonomy, np.nan_to_num(preds.leaf_probs))
+    flagged = preds.unclassifiable
     rows = []
     for i, img in enumerate(result.images):
         row: dict[str, Any] = {"path": display_path(img.path), "patient": img.patient or ""}
@@ -105,14 +118,24 @@ def prediction_rows(result: PredictResult, decode: str = "argmax") -> list[dict[
             row.update({"predicted_leaf": "", "decoded_path": "", "reported_node": "",
                         "refer": "", "message": "", "error": preds.errors[i]})
             row.update({f"p_{n}": "" for n in taxonomy.nodes})
+            if preds.ood_score is not None:
+                row.update({"ood_score": "", "unclassifiable": ""})
             rows.append(row)
             continue
         leaf, confident, refer, _ = decide(taxonomy, node_p[i], result.thresholds, decode)
+        message = referral_message(taxonomy, leaf, confident, refer)
+        if flagged[i]:
+            confident, refer = "unclassifiable", True
+            message = ("unclassifiable: unlike the training cells (out-of-distribution "
+                       f"score {preds.ood_score[i]:.2f} > 1)")
         row.update({"predicted_leaf": leaf, "decoded_path": taxonomy.path_string(leaf),
-                    "reported_node": confident, "refer": refer,
-                    "message": referral_message(taxonomy, leaf, confident, refer), "error": ""})
+                    "reported_node": confident, "refer": refer, "message": message,
+                    "error": ""})
         row.update({f"p_{n}": round(float(node_p[i, taxonomy.node_index[n]]), 6)
                     for n in taxonomy.nodes})
+        if preds.ood_score is not None:
+            row.update({"ood_score": round(float(preds.ood_score[i]), 4),
+                        "unclassifiable": bool(flagged[i])})
         rows.append(row)
     return rows
 
@@ -120,29 +143,41 @@ def prediction_rows(result: PredictResult, decode: str = "argmax") -> list[dict[
 def patient_decisions(result: PredictResult, method: str, min_cells: int,
                       ) -> list[PatientDecision]:
     """One decision per patient: from the run's patient-level model when it has one, else
-    by aggregating the cells (``majority`` vote or ``mean``); referral as ``report``."""
+    by aggregating the cells (``majority`` vote or ``mean``); referral as ``report``.
+    Unreadable and unclassifiable cells are left out."""
     taxonomy, preds = result.taxonomy, result.predictions
-    ok = preds.ok
+    ok = preds.ok & ~preds.unclassifiable
     patients = [img.patient if ok[i] else None for i, img in enumerate(result.images)]
-    if not any(patients):
+    if not any(img.patient for img in result.images):
         raise LeukotreeError("--by-patient needs patient ids: use --patients folder, cnmc, "
                              "re:<regex>, or a manifest with a 'patient' column.")
     leaf_probs = np.nan_to_num(preds.leaf_probs)
     agg = aggregate_patients(patients, leaf_probs, method=method, min_cells=min_cells)
     fitted = result.patient_model
     if fitted is None:
-        return [decide_patient(taxonomy, p, a, result.thresholds, method, min_cells)
-                for p, a in agg.items()]
-    features = (np.zeros((len(patients), 0), np.float32) if preds.features is None
-                else np.nan_to_num(preds.features))
-    bags = make_bags(patients, leaf_probs, features,
-                     None if preds.cell_probs is None else np.nan_to_num(preds.cell_probs),
-                     extras=preds.member_arrays())
-    probs = fitted.predict_proba(bags)
-    return [decide_patient_probs(taxonomy, bag.patient, row, diagnosis, len(bag),
-                                 result.thresholds, min_cells, agg[bag.patient]["vote_shares"],
-                                 agg[bag.patient]["mean_probs"])
-            for bag, row, diagnosis in zip(bags, probs, fitted.diagnose(probs), strict=True)]
+        decisions = [decide_patient(taxonomy, p, a, result.thresholds, method, min_cells)
+                     for p, a in agg.items()]
+    elif agg:
+        features = (np.zeros((len(patients), 0), np.float32) if preds.features is None
+                    else np.nan_to_num(preds.features))
+        bags = make_bags(patients, leaf_probs, features,
+                         None if preds.cell_probs is None else np.nan_to_num(preds.cell_probs),
+                         extras=preds.member_arrays())
+        probs = fitted.predict_proba(bags)
+        decisions = [decide_patient_probs(taxonomy, bag.patient, row, diagnosis, len(bag),
+                                          result.thresholds, min_cells,
+                                          agg[bag.patient]["vote_shares"],
+                                          agg[bag.patient]["mean_probs"])
+                     for bag, row, diagnosis in zip(bags, probs, fitted.diagnose(probs),
+                                                    strict=True)]
+    else:
+        decisions = []
+    empty = np.zeros(len(taxonomy.leaves))
+    for patient in sorted({img.patient for img in result.images if img.patient} - set(agg)):
+        decisions.append(PatientDecision(  # every cell unreadable or unclassifiable
+            patient, 0, None, taxonomy.root, True, "insufficient: no readable, classifiable "
+            "cell", empty, empty, node_probabilities(taxonomy, empty[None])[0], empty))
+    return decisions
 
 
 def patient_rows(result: PredictResult, method: str, min_cells: int) -> list[dict[str, Any]]:
@@ -152,10 +187,17 @@ def patient_rows(result: PredictResult, method: str, min_cells: int) -> list[dic
     taxonomy = result.taxonomy
     counts = differentials(result)
     fitted = result.patient_model
+    preds = result.predictions
+    flagged = preds.unclassifiable & preds.ok
     out = []
     for d in patient_decisions(result, method, min_cells):
+        extra = {}
+        if preds.ood_score is not None:
+            extra["n_unclassifiable"] = int(sum(
+                flagged[k] for k, img in enumerate(result.images) if img.patient == d.patient))
         out.append({
-            "patient": d.patient, "n_cells": d.n_cells, "diagnosis": d.leaf or "insufficient",
+            "patient": d.patient, "n_cells": d.n_cells, **extra,
+            "diagnosis": d.leaf or "insufficient",
             "path": taxonomy.path_string(d.leaf) if d.leaf else "",
             "referred": d.refer, "reported_node": d.reported_node, "reason": d.reason,
             "model": fitted.model.name if fitted else method,
@@ -173,12 +215,13 @@ def patient_rows(result: PredictResult, method: str, min_cells: int) -> list[dic
 
 
 def differentials(result: PredictResult) -> dict[str, dict[str, float]]:
-    """Per patient, the share of cells of each predicted cell type (``cells_<type>``)."""
+    """Per patient, the share of cells of each predicted cell type (``cells_<type>``)
+    among its readable, classifiable cells."""
     cells, preds = result.cell_taxonomy, result.predictions
     if cells is None or preds.cell_probs is None:
         return {}
     out: dict[str, dict[str, float]] = {}
-    ok = preds.ok
+    ok = preds.ok & ~preds.unclassifiable
     for patient in sorted({i.patient for i in result.images if i.patient is not None}):
         rows = [k for k, img in enumerate(result.images) if img.patient == patient and ok[k]]
         if not rows:

@@ -5,8 +5,9 @@ memory.
 A :class:`Predictor` maps uint8 pixels ``(N, S, S, 3)`` (already decoded, resized and
 centre-cropped as its ``model_config`` says) to leaf probabilities ``(N, n_leaves)``
 (:meth:`Predictor.predict`), or to all the model's per-cell outputs
-(:meth:`Predictor.outputs`: also ``features`` and, with a cell-type head,
-``cell_probs``), and may carry a fitted patient-level model (``patient_model``).
+(:meth:`Predictor.outputs`: also ``features``, with a cell-type head
+``cell_probs`` and, when fitted, ``ood_score`` ``(N, 1)``), and may carry a fitted
+patient-level model (``patient_model``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from leukotree.taxonomy import Taxonomy
 ENGINES = ("auto", "torch", "onnx")
 ONNX_FORMAT = "leukotree-onnx/2"
 #: Per-cell outputs every predictor gives (``cell_probs`` only with a cell-type head).
-OUTPUTS = ("leaf_probs", "features", "cell_probs")
+OUTPUTS = ("leaf_probs", "features", "cell_probs", "ood_score")
 
 
 class Predictor(Protocol):
@@ -50,6 +51,8 @@ class Predictor(Protocol):
     engine: str
     cell_taxonomy: Taxonomy | None
     patient_model: FittedPatientModel | None
+    #: Share of its own validation cells the model flags as unclassifiable.
+    expected_ood: float
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         """Leaf probabilities ``(N, n_leaves)`` of uint8 pixels ``(N, S, S, 3)``."""
@@ -73,7 +76,7 @@ class TorchPredictor:
 
     def __init__(self, model: TreeClassifier, device: torch.device | str = "cpu", *,
                  channels_last: bool = False, patient_model: dict[str, Any] | None = None,
-                 ) -> None:
+                 expected_ood: float = 0.05) -> None:
         self.device = torch.device(device)
         self.channels_last = channels_last
         model = model.eval().to(self.device)
@@ -84,6 +87,7 @@ class TorchPredictor:
         self.model_config = model.config
         self.cell_taxonomy = model.cell_taxonomy
         self.patient_model = _patient_model(patient_model, self.taxonomy, self.cell_taxonomy)
+        self.expected_ood = expected_ood
 
     @torch.no_grad()
     def predict(self, pixels: np.ndarray) -> np.ndarray:
@@ -98,6 +102,8 @@ class TorchPredictor:
             result["features"] = out["features"].float().cpu().numpy()
         if "cell_logp" in out:
             result["cell_probs"] = out["cell_logp"].float().exp().cpu().numpy()
+        if "ood_score" in out:
+            result["ood_score"] = out["ood_score"].float().cpu().numpy()[:, None]
         return result
 
 
@@ -130,6 +136,8 @@ class OnnxPredictor:
             json.loads(meta["patient_model"]) if meta.get("patient_model") else None,
             self.taxonomy, self.cell_taxonomy)
         self._names = [o.name for o in self.session.get_outputs()]
+        ood = json.loads(meta["ood"]) if meta.get("ood") else {}
+        self.expected_ood = float(ood.get("val_flagged", 0.05))
 
     def outputs(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         x = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2), dtype=np.float32)
@@ -167,6 +175,16 @@ class Predictions:
     features: np.ndarray | None = None
     cell_probs: np.ndarray | None = None
     extras: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. an ensemble's members
+    #: Distance to the training cells over the model's threshold (> 1: unclassifiable);
+    #: None when the model has no out-of-distribution score.
+    ood_score: np.ndarray | None = None
+
+    @property
+    def unclassifiable(self) -> np.ndarray:
+        """Readable cells unlike the training cells (``ood_score > 1``)."""
+        if self.ood_score is None:
+            return np.zeros(len(self.paths), dtype=bool)
+        return np.nan_to_num(self.ood_score, nan=0.0) > 1.0
 
     def member_arrays(self) -> dict[str, np.ndarray]:
         """An ensemble's per-member outputs, keyed as a bag's ``extras`` expect."""
@@ -229,8 +247,10 @@ def predict_paths(
         raise_for_errors(errors)
     leaf = arrays.pop("leaf_probs",
                       np.full((len(paths), len(predictor.taxonomy.leaves)), np.nan, np.float32))
+    ood = arrays.pop("ood_score", None)
     return Predictions(paths, leaf, errors, arrays.pop("features", None),
-                       arrays.pop("cell_probs", None), arrays)
+                       arrays.pop("cell_probs", None), arrays,
+                       None if ood is None else ood[:, 0])
 
 
 def load_predictor(run: str | Path, engine: str = "auto") -> tuple[Predictor, dict[str, Any]]:
@@ -274,5 +294,7 @@ def load_predictor(run: str | Path, engine: str = "auto") -> tuple[Predictor, di
             note = (f"ONNX export failed ({type(err).__name__}: {err}); predicting with "
                     "PyTorch instead")
     model, payload = load_model(run)
-    return (TorchPredictor(model, patient_model=payload.get("patient_model")),
+    ood = payload.get("ood") or {}
+    return (TorchPredictor(model, patient_model=payload.get("patient_model"),
+                           expected_ood=float(ood.get("val_flagged", 0.05))),
             {"engine": "torch", "engine_note": note, "payload": payload})

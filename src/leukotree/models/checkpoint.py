@@ -91,8 +91,27 @@ def load_model(path: str | Path) -> tuple[TreeClassifier, dict[str, Any]]:
         first = str(err).strip().splitlines()[0]
         raise LeukotreeError(f"The weights in '{path}' do not fit the model it describes "
                              f"({first}); the file is damaged or was edited.") from None
+    model.set_calibration(payload.get("calibration", {}).get("temperatures"))
+    ood = payload.get("ood")
+    if ood is not None:
+        model.set_ood(ood["means"].numpy(), ood["precision"].numpy(), ood["threshold"])
     model.eval()
     return model, payload
+
+
+def update_checkpoint(path: str | Path, **sections: Any) -> None:
+    """Set (or, with None, remove) top-level sections of a model file's payload, such
+    as ``patient_model``, ``calibration`` or ``ood``, keeping everything else (atomic)."""
+    path = RunDir.checkpoint_of(path)
+    payload = read_checkpoint(path)
+    for key, value in sections.items():
+        if value is None:
+            payload.pop(key, None)
+        else:
+            payload[key] = value
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
 
 
 def save_training_state(path: Path, state: dict[str, Any]) -> None:

@@ -28,7 +28,7 @@ and :meth:`TreeClassifier.arch_name`. Heads are registered by name (:data:`HEADS
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -38,6 +38,7 @@ from torch import nn
 
 from leukotree.errors import LeukotreeError, did_you_mean
 from leukotree.models.backbones import create_backbone, load_weights, resolve_name
+from leukotree.models.calibration import FeatureDistance, TreeTemperature
 from leukotree.taxonomy import Taxonomy
 
 
@@ -127,6 +128,9 @@ class TreeClassifier(nn.Module):
                 f"The {self.head_type} head cannot carry a cell-type head; use flat, "
                 "multihead or hybrid with a cell taxonomy.")
         self.cell_head: nn.Module | None = None
+        # Fitted after training (models.calibration): applied in _finish when set.
+        self.temperature: TreeTemperature | None = None
+        self.ood: FeatureDistance | None = None
         # Position of each head's children in taxonomy.nodes, and path matrix.
         order = [taxonomy.node_index[c] for n in taxonomy.inner_nodes
                  for c in taxonomy.children(n)]
@@ -145,10 +149,29 @@ class TreeClassifier(nn.Module):
         if self.cell_taxonomy is not None:
             self.cell_head = nn.Linear(width, len(self.cell_taxonomy.leaves))
 
+    def set_calibration(self, temperatures: Mapping[str, float] | None) -> None:
+        """Temper every inner node's choice by ``temperatures`` (None: no calibration)."""
+        self.temperature = (None if not temperatures
+                            else TreeTemperature(self.taxonomy, temperatures).to(
+                                self.path_matrix.device))
+
+    def set_ood(self, means: Any | None, precision: Any | None = None,
+                threshold: float = 1.0) -> None:
+        """Score each cell's distance to the training cells over ``threshold``
+        (``ood_score``, above 1: unclassifiable); ``means`` None: off."""
+        self.ood = (None if means is None
+                    else FeatureDistance(means, precision, threshold).to(
+                        self.path_matrix.device))
+
     def _finish(self, out: dict[str, torch.Tensor], features: torch.Tensor,
                 ) -> dict[str, torch.Tensor]:
-        """Add the pooled ``features`` and, with a cell-type head, ``cell_logp``."""
+        """Add the pooled ``features``, with a cell-type head ``cell_logp``; apply the
+        fitted temperatures to ``leaf_logp`` and, when fitted, add ``ood_score``."""
         out["features"] = features
+        if self.temperature is not None:
+            out["leaf_logp"] = self.temperature(out["leaf_logp"])
+        if self.ood is not None:
+            out["ood_score"] = self.ood(features)
         if self.cell_head is not None:
             out["cell_logp"] = F.log_softmax(self.cell_head(features).float(), dim=1)
         return out

@@ -90,7 +90,10 @@ def roc_curves(truth_index: np.ndarray, probs: np.ndarray, labels: Sequence[str]
     return _save(fig, path)
 
 
-def reliability(bins: dict[str, list[float]], path: Path) -> Path | None:
+def reliability(bins: dict[str, list[float]], path: Path,
+                before: dict[str, list[float]] | None = None) -> Path | None:
+    """Accuracy per confidence bin; with ``before`` (the uncalibrated model's bins) both
+    curves, before and after temperature scaling."""
     conf = np.array(bins["confidence"], dtype=float)
     acc = np.array(bins["accuracy"], dtype=float)
     ok = ~np.isnan(conf)
@@ -99,7 +102,13 @@ def reliability(bins: dict[str, list[float]], path: Path) -> Path | None:
     edges = np.linspace(0, 1, len(conf) + 1)
     centers = (edges[:-1] + edges[1:]) / 2
     ax.bar(centers[ok], acc[ok], width=1 / len(conf), edgecolor="k", alpha=0.7,
-           label="accuracy")
+           label="accuracy" if before is None else "accuracy (calibrated)")
+    if before is not None:
+        b_conf = np.array(before["confidence"], dtype=float)
+        b_acc = np.array(before["accuracy"], dtype=float)
+        b_ok = ~np.isnan(b_conf)
+        ax.plot(b_conf[b_ok], b_acc[b_ok], "o-", color="tab:red",
+                label="before temperature scaling")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect calibration")
     ax.set_xlabel("confidence (top-label probability)")
     ax.set_ylabel("accuracy")

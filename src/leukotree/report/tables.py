@@ -145,6 +145,23 @@ def metrics_document(m: dict[str, Any]) -> Document:
         doc.heading(f"Binary (positive: {b['positive']}, threshold {b['threshold']:.4f}, "
                     f"{b['threshold_source']})")
         doc.table(["metric", "value"], [[key, fmt(b[key])] for key in _BINARY_KEYS])
+    cal = m.get("calibration", {})
+    if cal.get("uncalibrated") and cal.get("leaves"):
+        doc.heading("Calibration (temperature per tree node, fitted on the validation split)")
+        doc.table(["", "leaf ECE", "Brier"],
+                  [["before", fmt(cal["uncalibrated"]["ece"]), fmt(cal["uncalibrated"]["brier"])],
+                   ["after", fmt(cal["leaves"]["ece"]), fmt(cal["leaves"]["brier"])]])
+        doc.paragraph("Temperatures: " + ", ".join(
+            f"{node} {fmt(t)}" for node, t in cal["temperatures"].items()) + ".")
+    ood = m.get("ood")
+    if ood:
+        doc.heading("Unclassifiable cells (unlike the training cells)")
+        doc.table(["flagged", "rate", "expected rate", "accuracy of kept cells",
+                   "accuracy of flagged cells"],
+                  [[fmt(ood["flagged"]), fmt(ood["rate"]), fmt(ood["expected_rate"]),
+                    fmt(ood["accuracy_kept"]), fmt(ood["accuracy_flagged"])]])
+        if ood.get("domain_shift"):
+            doc.note(ood["domain_shift"])
     pl = m.get("patient_level")
     if pl:
         doc.heading("Patient level")

@@ -120,6 +120,9 @@ def _cell_result(result: PredictResult, row: dict[str, Any], k: int) -> dict[str
     out = {"label": row["predicted_leaf"], "referred": bool(row["refer"]),
            "reported_node": row["reported_node"], "message": row["message"],
            "probabilities": {n: row[f"p_{n}"] for n in result.taxonomy.nodes}}
+    if "unclassifiable" in row:
+        out["unclassifiable"] = bool(row["unclassifiable"])
+        out["ood_score"] = row["ood_score"]
     cells = result.cell_taxonomy
     if cells is not None and result.predictions.cell_probs is not None:
         probs = result.predictions.cell_probs[k]
@@ -146,4 +149,6 @@ def _diagnosis(result: PredictResult, patient: str, aggregate: str) -> dict[str,
         "model": fitted.model.name if fitted else aggregate,
         "threshold": None if fitted is None else fitted.threshold,
         "differential": differentials(result).get(patient, {}),
+        "n_unclassifiable": int((result.predictions.unclassifiable & ok).sum()),
+        "domain_shift": result.domain_shift(),
     }

@@ -102,7 +102,8 @@ function setupCase() {
       img.src = "/cases/" + kase.id + "/cells/" + c.index + "/image";
       img.alt = c.name;
       const text = document.createElement("div");
-      text.textContent = (c.reviewed_label ? "✔ " + c.reviewed_label : c.label) + " " +
+      const shown = c.unclassifiable ? "unclassifiable (" + c.label + ")" : c.label;
+      text.textContent = (c.reviewed_label ? "✔ " + c.reviewed_label : shown) + " " +
         confidence(c).toFixed(2) + (c.cell_type ? " · " + c.cell_type : "");
       if (c.referred) { text.className = "referred"; }
       card.append(img, text);
