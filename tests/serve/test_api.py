@@ -138,3 +138,27 @@ def test_user_text_is_escaped_in_every_page(served_run, tmp_path):
             assert "alert(1)</script>" not in text.replace("\\u003c", "<").split(
                 'type="application/json"')[0]
             assert "&lt;script&gt;" in text
+
+
+def test_heat_maps_come_from_the_checkpoint_when_onnx_runtime_predicts(served_run, tmp_path):
+    import threading
+
+    models = Models([served_run / "run"], engine="onnx")
+    assert models.predictors["run"].engine == "onnxruntime"
+    with TestClient(create_app(models, Store(tmp_path / "store"), ServeSettings())) as api:
+        case = wait_done(api, api.post("/api/cases", files=cells(served_run, 2)).json()["id"])
+        assert case["status"] == "done"
+        got = {}
+
+        def fetch(node):  # the levels of one cell, requested at once as the page does
+            got[node] = api.get(f"/cases/{case['id']}/cells/0/heatmap/{node}")
+
+        threads = [threading.Thread(target=fetch, args=(n,)) for n in ("Leukemia", "Acute")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for node, response in got.items():
+            assert response.status_code == 200, (node, response.text)
+            assert response.content[:8] == b"\x89PNG\r\n\x1a\n"
+        assert api.get("/models").status_code == 200

@@ -27,16 +27,6 @@ def _templates() -> Jinja2Templates:
     return Jinja2Templates(env=env)
 
 
-def torch_model(models: Models, name: str) -> Any:
-    """The PyTorch model behind a served model (the first fold of an ensemble)."""
-    predictor = models.get(name)[1]
-    first = getattr(predictor, "members", [predictor])[0]
-    if not hasattr(first, "model"):
-        raise LeukotreeError("Heat maps and reports need a PyTorch model: serve the run "
-                             "folder (or its .pt) rather than an exported .onnx file.")
-    return first.model
-
-
 def add_pages(app: FastAPI) -> None:
     """The HTML routes; they read the same store the JSON API writes."""
     from leukotree.serve.app import COOKIE, authorised, case_json, session_value
@@ -91,7 +81,7 @@ def add_pages(app: FastAPI) -> None:
         for name, predictor in models.predictors.items():
             payload = models.info[name].get("payload") or {}
             try:
-                card = model_card_html(torch_model(models, name), payload)
+                card = model_card_html(models.torch_model(name), payload)
             except LeukotreeError:
                 card = ""
             cards.append({"name": name, "source": models.sources[name],
@@ -143,10 +133,10 @@ def _heatmap_png(store: Store, models: Models, case_id: str, index: int, node: s
     path = store.image_path(case_id, index)
     if path is None:
         raise LeukotreeError("This file was not stored (see its error).")
-    model = torch_model(models, case["model"])
+    model = models.torch_model(case["model"])
     node = model.taxonomy.resolve(node, where="node")
     pixels = load_rgb_array(path, model.config.img_size, crop=model.config.crop_fraction)
-    with HeatMapper(model) as mapper:
+    with models.explain_lock, HeatMapper(model) as mapper:
         overlay = mapper.overlay(pixels, node)
     buffer = io.BytesIO()
     Image.fromarray(np.asarray(overlay)).save(buffer, format="PNG")
@@ -158,7 +148,7 @@ def _case_report(store: Store, models: Models, case_id: str) -> Any:
     from leukotree.report.patient import patient_report
 
     case = store.case(case_id)
-    torch_model(models, case["model"])  # refuses ONNX-only models with the reason
+    models.torch_model(case["model"])  # refuses ONNX-only models with the reason
     paths = [store.images / case_id / c["stored"] for c in case["cells"] if c["stored"]]
     if not paths:
         raise LeukotreeError("The case holds no stored cell.")

@@ -47,6 +47,37 @@ class Models:
             predictor, info = load_predictor(run, engine)
             self.predictors[name], self.sources[name], self.info[name] = predictor, str(run), info
 
+        self._torch: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        #: Grad-CAM hooks a model's layers: one heat map at a time.
+        self.explain_lock = threading.Lock()
+
+    def torch_model(self, name: str | None) -> Any:
+        """The PyTorch model behind a served model (an ensemble's first fold), for heat
+        maps and reports: the predictor's own, or loaded once from the served checkpoint
+        when prediction runs on ONNX Runtime. A bare ``.onnx`` file has none."""
+        from leukotree.models.checkpoint import load_model
+        from leukotree.rundir import CVDir
+
+        name, predictor = self.get(name)
+        with self._lock:
+            if name not in self._torch:
+                first = getattr(predictor, "members", [predictor])[0]
+                model = getattr(first, "model", None)
+                source = self.sources[name]
+                if model is None:
+                    if source.endswith(".onnx"):
+                        raise LeukotreeError(
+                            "Heat maps and reports need a PyTorch model: serve the run "
+                            "folder (or its .pt) rather than an exported .onnx file.")
+                    cv = CVDir(source)
+                    if cv.config.exists():
+                        fold = cv.read_summary()["folds"][0]
+                        source = str(cv.fold(fold["fold"], fold.get("repeat", 0)).path)
+                    model = load_model(source)[0]
+                self._torch[name] = model.eval()
+            return self._torch[name]
+
     @property
     def default(self) -> str:
         return next(iter(self.predictors))
