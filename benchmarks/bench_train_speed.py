@@ -141,7 +141,8 @@ def engine_step(model_name: str, size: int, head: str, batch: int, channels_last
     optimizer = make_optimizer(model, cfg)
     state = TrainState(model, optimizer, make_scheduler(optimizer, cfg, 10_000),
                        torch.amp.GradScaler(enabled=precision.needs_scaler))
-    recipe = BatchRecipe(size, cfg.augment, cfg.color_jitter, channels_last)
+    recipe = BatchRecipe(size, cfg.augment, cfg.color_jitter, channels_last, cfg.scale_jitter,
+                         cfg.stain_jitter)
     gen = torch.Generator().manual_seed(0)  # CPU draws, as in the engine
     counter = {"i": 0}
 

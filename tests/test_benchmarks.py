@@ -49,3 +49,42 @@ def test_cv_heads_bench_runs_every_head_on_the_same_folds(synth_dir, tmp_path):
     assert all(len(h["fold_accuracy"]) == 2 for h in report["heads"].values())
     assert report["paired_tests"][0]["reference"] == "flat/test_resnet"
     assert (tmp_path / "cv" / "comparison" / "comparison.md").exists()
+
+
+def test_serve_bench_loses_no_cell_under_concurrent_cases():
+    report = _run("bench_serve.py", "--cells", "5", "--cases", "2", "--concurrent", "3",
+                  "--backbone", "test_resnet", "--size", "32")
+    assert report["sequential"]["n"] == 2 and report["sequential"]["cases_per_minute"] > 0
+    assert report["health_while_busy"]["n"] >= 1
+    conc = report["concurrent"]
+    assert conc["finished"] == 3 and conc["failed_cases"] == 0 and conc["lost_cells"] == 0
+
+
+def test_cross_lab_bench_runs_on_stand_in_labs(tmp_path):
+    import csv
+
+    from leukotree.data.synth import generate
+    from leukotree.taxonomy import load_taxonomy
+
+    generate(tmp_path / "pbc", load_taxonomy("pbc"), patients_per_class=1,
+             cells_per_patient=10, size=32, seed=1, progress=False)
+    generate(tmp_path / "jhh" / "cells", load_taxonomy("pbc"), patients_per_class=1,
+             cells_per_patient=2, size=40, seed=2, progress=False)
+    types = {"neutrophil": "segmented-neutrophils", "ig": "promyelocyte",
+             "platelet": "giant-thrombocyte", "eosinophil": "eosinophils"}
+    rows = [{"path": str(p.relative_to(tmp_path / "jhh")), "label": "AML", "patient": "P1",
+             "cell_type": types.get(p.parts[-3], p.parts[-3])}
+            for p in sorted((tmp_path / "jhh" / "cells").rglob("*.png"))]
+    rows[0]["cell_type"] = "smudge-cells"  # a type the model never saw
+    with (tmp_path / "jhh" / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    report = _run("bench_cross_lab.py", "--out", str(tmp_path / "out"), "--pbc",
+                  str(tmp_path / "pbc"), "--jhh", str(tmp_path / "jhh"), "--preset",
+                  "tiny-test", "--set", "epochs=1", "--set", "val_fraction=0.3")
+    assert report["in_lab_pbc_test"]["n"] == 8 * 2  # 20% of 10 per class held out
+    assert report["cross_lab_jhh"]["n"] == len(rows) - 1
+    assert report["cross_lab_jhh_adapted"]["n"] == len(rows) - 1
+    assert report["unseen_types"]["smudge-cells"]["n"] == 1
+    assert (tmp_path / "out" / "cross_lab.md").read_text().count("|") > 20

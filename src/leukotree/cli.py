@@ -240,6 +240,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from leukotree.engine.adapt import adapt
+
+    report = adapt(args.run, args.inputs, args.out, batch_size=args.batch_size,
+                   workers=args.workers, progress=not args.no_progress, **_max_pixels(args))
+    console = stderr_console()
+    say(console, f"adapted {report['batch_norm_layers']} batch-norm layers to "
+        f"{report['n_cells']} cells; wrote {args.out}")
+    for error in report["unreadable"]:
+        say(console, f"unreadable: {error}", "red")
+    return EXIT_SOME_INPUTS_FAILED if report["unreadable"] else EXIT_OK
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from leukotree.evaluation.compare import COMPARISON_MD, compare
     from leukotree.rundir import read_text
@@ -551,6 +564,18 @@ def _add_explain_report_export_parsers(sub: argparse._SubParsersAction) -> None:
     _add_max_pixels(rp)
     rp.add_argument("--no-progress", action="store_true")
     rp.set_defaults(func=cmd_report)
+
+    ad = sub.add_parser("adapt", help="adapt a model to another lab's cells, without labels "
+                                      "(batch-norm statistics re-estimated on them)")
+    ad.add_argument("run", type=Path, help="run folder (or its best.pt)")
+    ad.add_argument("inputs", nargs="+", help="the new lab's images, folders or manifests "
+                                              "(labels are not read)")
+    ad.add_argument("--out", type=Path, required=True, help="new folder for the adapted run")
+    ad.add_argument("--batch-size", type=POSITIVE, default=64)
+    ad.add_argument("--workers", type=POSITIVE, default=2)
+    _add_max_pixels(ad)
+    ad.add_argument("--no-progress", action="store_true")
+    ad.set_defaults(func=cmd_adapt)
 
     ex = sub.add_parser("export", help="export a model (and its tree of probabilities) to ONNX")
     ex.add_argument("run", type=Path, help="run folder (or its best.pt)")

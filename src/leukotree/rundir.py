@@ -184,7 +184,7 @@ class RunDir(_Folder):
     ``history.csv`` and ``learning_curves.png`` (per epoch), ``best.pt`` (the best
     model, self-describing), ``last.pt`` (everything ``--resume`` needs),
     ``best.onnx`` (the ONNX export ``predict`` keeps), ``summary.json`` and
-    ``cache/`` (decoded pixels).
+    ``cache/`` (decoded pixels); an adapted run (``leukotree adapt``) has ``adapt.json``.
     """
 
     CONFIG = "config.yaml"
@@ -203,6 +203,7 @@ class RunDir(_Folder):
     LOCK = ".lock"
     SKIPPED = "skipped.csv"
     NOT_USED = "not_used.csv"
+    ADAPT = "adapt.json"
 
     @classmethod
     def of(cls, run: str | Path) -> RunDir:

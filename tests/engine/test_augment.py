@@ -41,3 +41,36 @@ def test_channel_stats_hand_computed():
     px[1] = 255
     mean, std = channel_stats(px)
     assert mean == pytest.approx([0.5] * 3) and std == pytest.approx([0.5] * 3)
+
+
+def test_zoom_without_scale_on_an_image_of_the_output_size_is_the_identity():
+    from leukotree.engine.augment import random_zoom_crop
+
+    x = torch.rand(3, 3, 16, 16) * 255
+    out = random_zoom_crop(x, 16, torch.Generator().manual_seed(0), scale=0.0)
+    assert torch.allclose(out, x, atol=1e-3)
+
+
+def test_zoom_changes_the_apparent_size_of_a_cell():
+    from leukotree.engine.augment import random_zoom_crop
+
+    x = torch.zeros(64, 3, 40, 40)
+    x[:, :, 15:25, 15:25] = 255  # a 10-pixel "cell" in the centre of a padded cache
+    out = random_zoom_crop(x, 32, torch.Generator().manual_seed(1), scale=0.5)
+    assert out.shape == (64, 3, 32, 32)
+    area = (out[:, 0] > 127).float().sum(dim=(1, 2))
+    # at 32/40 of the cache the cell covers ~64 px; zoomed by 1/1.5..1.5: ~28..144
+    assert area.min() < 50 and area.max() > 90
+    again = random_zoom_crop(x, 32, torch.Generator().manual_seed(1), scale=0.5)
+    assert torch.equal(out, again)  # the generator decides everything
+
+
+def test_stain_jitter_round_trips_at_zero_strength_and_moves_colour_otherwise():
+    from leukotree.engine.augment import stain_jitter
+
+    x = torch.rand(4, 3, 8, 8) * 200 + 20
+    same = stain_jitter(x, torch.Generator().manual_seed(0), 0.0)
+    assert torch.allclose(same, x, atol=0.05)
+    moved = stain_jitter(x, torch.Generator().manual_seed(0), 0.3)
+    assert moved.shape == x.shape and moved.min() >= 0 and moved.max() <= 255
+    assert (moved - x).abs().mean() > 1.0

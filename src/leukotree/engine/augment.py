@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 def channel_stats(pixels: np.ndarray, chunk: int = 512) -> tuple[list[float], list[float]]:
@@ -101,3 +102,53 @@ def augment(batch: torch.Tensor, gen: torch.Generator, jitter: float,
         out = out * (gains * bright)[:, :, None, None]
         out = out.clamp(0, 255)
     return out
+
+
+def random_zoom_crop(batch: torch.Tensor, size: int, gen: torch.Generator, scale: float,
+                     ) -> torch.Tensor:
+    """A ``size`` x ``size`` view of every image at a random magnification and place.
+
+    Each image is zoomed by ``z`` drawn log-uniformly in ``[1 / (1 + scale), 1 + scale]``
+    (cells of other labs come at other magnifications): the window of side ``size / z``
+    pixels of the (padded) cached image, at a random position, is resampled bilinearly
+    to ``size``; where a zoomed-out window leaves the image, its border is reflected.
+    """
+    b, dev = batch.shape[0], batch.device
+    side = batch.shape[-1]
+    log_z = (torch.rand(b, generator=gen) * 2 - 1) * float(np.log1p(scale))
+    frac = size / torch.exp(log_z) / side  # window side as a fraction of the image
+    room = (1 - frac).clamp(min=0)
+    shift = (torch.rand(b, 2, generator=gen) * 2 - 1) * room[:, None]
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = frac
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta.to(dev, batch.dtype), [b, 3, size, size], align_corners=False)
+    return F.grid_sample(batch, grid, mode="bilinear", padding_mode="reflection",
+                         align_corners=False)
+
+
+def _hed_matrices() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-image's stain vectors: optical density ``od = hed @ rgb_from_hed``."""
+    from skimage.color import hed_from_rgb, rgb_from_hed
+
+    return (torch.tensor(hed_from_rgb, dtype=torch.float32),
+            torch.tensor(rgb_from_hed, dtype=torch.float32))
+
+
+def stain_jitter(batch: torch.Tensor, gen: torch.Generator, strength: float) -> torch.Tensor:
+    """Random stain variation in haematoxylin-eosin-DAB space (Tellez et al. 2019).
+
+    Pixels ``x`` in [0, 255] go to optical density ``od = -log((x + 1) / 256)``, then to
+    stain concentrations ``c = od @ hed_from_rgb``; each image's channel ``k`` becomes
+    ``c_k * a_k + b_k`` with ``a_k`` in ``[1 - s, 1 + s]`` and ``b_k`` in
+    ``[-s / 5, s / 5]`` (``s = strength``), and the result goes back to RGB.
+    """
+    b, dev = batch.shape[0], batch.device
+    to_hed, to_rgb = (m.to(dev) for m in _hed_matrices())
+    a = (1 + (torch.rand(b, 1, 3, generator=gen) * 2 - 1) * strength).to(dev)
+    shift = ((torch.rand(b, 1, 3, generator=gen) * 2 - 1) * strength / 5).to(dev)
+    flat = batch.float().flatten(2).transpose(1, 2)  # (B, pixels, 3)
+    od = -torch.log((flat + 1) / 256)
+    hed = (od @ to_hed) * a + shift
+    rgb = 256 * torch.exp(-(hed @ to_rgb)) - 1
+    return rgb.transpose(1, 2).reshape(batch.shape).clamp(0, 255).to(batch.dtype)

@@ -84,6 +84,11 @@ class TrainConfig:
                            flag="--no-augment")
     color_jitter: float = option(0.1, "relative strength of brightness/contrast/stain jitter",
                                  low=0, high=1)
+    scale_jitter: float = option(0.0, "random magnification in [1/(1+x), 1+x] for training "
+                                 "(other labs image cells at other scales; 0: off)",
+                                 low=0, high=3)
+    stain_jitter: float = option(0.0, "random stain variation in haematoxylin-eosin space "
+                                 "(relative strength; 0: off)", low=0, high=1)
     crop_fraction: float = option(1.0, "keep this central fraction of each image before "
                                   "resizing", low=0, low_open=True, high=1)
     train_pad: float = option(0.0, "cache training images this much larger and train on "

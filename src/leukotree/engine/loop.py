@@ -22,7 +22,7 @@ from sklearn.metrics import f1_score
 
 from leukotree.data.discover import Sample
 from leukotree.data.images import to_tensor
-from leukotree.engine.augment import augment, random_crop
+from leukotree.engine.augment import augment, random_crop, random_zoom_crop, stain_jitter
 from leukotree.engine.config import TrainConfig
 from leukotree.engine.distributed import DistInfo
 from leukotree.errors import LeukotreeError
@@ -271,18 +271,25 @@ class BatchRecipe:
     augment: bool = True
     jitter: float = 0.1
     channels_last: bool = False
+    scale_jitter: float = 0.0
+    stain_jitter: float = 0.0
 
 
 def make_batch(pixels: np.ndarray, idx: np.ndarray, gen: torch.Generator, recipe: BatchRecipe,
                device: torch.device, rotations: np.ndarray | None = None) -> torch.Tensor:
     """Rows ``idx`` of ``pixels`` as a float batch: random crop to ``img_size`` (when the
-    cache is padded), then flips, rotations (plus forced ``rotations``) and stain jitter."""
+    cache is padded; at a random magnification with ``scale_jitter``), then flips,
+    rotations (plus forced ``rotations``), colour jitter and HED stain jitter."""
     x = to_tensor(pixels[idx], device, channels_last=recipe.channels_last)
-    if pixels.shape[1] > recipe.img_size:
+    if recipe.augment and recipe.scale_jitter > 0:
+        x = random_zoom_crop(x, recipe.img_size, gen, recipe.scale_jitter)
+    elif pixels.shape[1] > recipe.img_size:
         x = random_crop(x, recipe.img_size, gen, random=recipe.augment)
     if recipe.augment:
         forced = None if rotations is None else torch.from_numpy(rotations)
         x = augment(x, gen, recipe.jitter, forced)
+        if recipe.stain_jitter > 0:
+            x = stain_jitter(x, gen, recipe.stain_jitter)
         if recipe.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
     return x

@@ -170,7 +170,8 @@ class Trainer:
             net = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=model.ddp_find_unused_parameters)
-        recipe = BatchRecipe(cfg.img_size, cfg.augment, cfg.color_jitter, channels_last)
+        recipe = BatchRecipe(cfg.img_size, cfg.augment, cfg.color_jitter, channels_last,
+                             cfg.scale_jitter, cfg.stain_jitter)
         for _ in range(state.epoch, cfg.epochs if not state.stopped else state.epoch):
             started = time.perf_counter()
             row = train_one_epoch(net, state, criterion, train, plan, recipe, precision,

@@ -1,0 +1,194 @@
+"""Another lab's cells: a model trained on PBC (Barcelona) tested on Johns Hopkins cells of
+the same types; prints JSON and writes OUT/cross_lab.md.
+
+    python benchmarks/bench_cross_lab.py --out bench-out/cross-lab \
+        [--pbc ../shared/data/pbc-dev] [--jhh ../shared/data/apl-aml-discovery] \
+        [--preset cpu-fast] [--set key=value ...] [--test-fraction 0.2] [--run RUN]
+
+1. Splits the PBC images into a held-out in-lab test part (``--test-fraction``,
+   stratified by class, seed 0) and a development part; trains ``--preset`` (plus any
+   ``--set`` overrides, e.g. ``--set calibrate=false``) on the development part, whose
+   own validation split fits the calibration and the out-of-distribution threshold.
+   ``--run`` reuses a run trained this way instead.
+2. Builds manifests (absolute paths, nothing copied) of the Johns Hopkins cells whose
+   technologist-signed ``cell_type`` has a PBC class (segmented/band neutrophils ->
+   neutrophil; myelocyte, metamyelocyte, promyelocyte -> ig; giant thrombocyte ->
+   platelet; lymphocyte, monocyte, eosinophils, basophil, erythroblast by name) and of
+   the cells of types the model never saw (blasts, smudge cells, variant lymphocytes...).
+3. Adapts the model to all Johns Hopkins cells without their labels (``leukotree
+   adapt``: batch-norm statistics re-estimated; ``--no-adapt`` skips it).
+4. Evaluates in-lab (held-out PBC) and cross-lab (Johns Hopkins, mapped; before and
+   after adaptation): accuracy,
+   macro F1, leaf ECE before/after temperature scaling, the share of cells flagged
+   unclassifiable and the accuracy of the cells kept; and, per unseen type, the share of
+   cells flagged (the out-of-distribution catch rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from leukotree.data.images import is_image_file
+from leukotree.engine.adapt import adapt
+from leukotree.engine.config import resolve_config
+from leukotree.engine.trainer import train
+from leukotree.evaluation.evaluate import EvalSettings, evaluate
+from leukotree.inference.predictor import load_predictor, predict_paths
+
+#: Johns Hopkins ``cell_type`` -> PBC class (../shared/data/README.md).
+JHH_TO_PBC = {
+    "segmented-neutrophils": "neutrophil", "band-neutrophils": "neutrophil",
+    "myelocyte": "ig", "metamyelocyte": "ig", "promyelocyte": "ig",
+    "giant-thrombocyte": "platelet", "lymphocyte": "lymphocyte", "monocyte": "monocyte",
+    "eosinophils": "eosinophil", "basophil": "basophil", "erythroblast": "erythroblast",
+}
+
+
+def write_manifest(path: Path, rows: list[dict[str, str]]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["path", "label", "patient"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def pbc_split(pbc: Path, fraction: float, out: Path) -> tuple[Path, Path]:
+    """Development and held-out test manifests of the PBC folder (stratified, seed 0)."""
+    rng = np.random.default_rng(0)
+    dev, test = [], []
+    for folder in sorted(p for p in pbc.iterdir() if p.is_dir()):
+        files = sorted(p for p in folder.rglob("*") if is_image_file(p))
+        order = rng.permutation(len(files))
+        n_test = round(fraction * len(files))
+        for rank, k in enumerate(order):
+            row = {"path": str(files[k].resolve()), "label": folder.name,
+                   "patient": files[k].stem}  # PBC images are anonymous: one per "patient"
+            (test if rank < n_test else dev).append(row)
+    return (write_manifest(out / "pbc-dev.csv", dev), write_manifest(out / "pbc-test.csv", test))
+
+
+def jhh_manifests(jhh: Path, out: Path) -> tuple[Path, dict[str, list[Path]]]:
+    """The mapped Johns Hopkins cells (manifest) and the unseen types' files by type."""
+    mapped, unseen = [], defaultdict(list)
+    with (jhh / "manifest.csv").open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            path = (jhh / row["path"]).resolve()
+            label = JHH_TO_PBC.get(row["cell_type"])
+            if label is None:
+                unseen[row["cell_type"]].append(path)
+            else:
+                mapped.append({"path": str(path), "label": label, "patient": row["patient"]})
+    return write_manifest(out / "jhh-mapped.csv", mapped), dict(unseen)
+
+
+def summary(metrics: dict) -> dict:
+    cal = metrics.get("calibration", {})
+    ood = metrics.get("ood") or {}
+    return {"n": int(sum(r["support"] for r in metrics["per_class"].values())),
+            "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+            "ece": cal.get("leaves", {}).get("ece"),
+            "ece_uncalibrated": (cal.get("uncalibrated") or {}).get("ece"),
+            "flagged_rate": ood.get("rate"), "accuracy_kept": ood.get("accuracy_kept"),
+            "domain_shift_alarm": bool(ood.get("domain_shift")),
+            "recall": {k: v["recall"] for k, v in metrics["per_class"].items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--pbc", type=Path, default=Path("../shared/data/pbc-dev"))
+    parser.add_argument("--jhh", type=Path, default=Path("../shared/data/apl-aml-discovery"))
+    parser.add_argument("--preset", default="cpu-fast")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a training option over the preset (YAML value)")
+    parser.add_argument("--test-fraction", type=float, default=0.2)
+    parser.add_argument("--run", type=Path, help="a run already trained on OUT/pbc-dev.csv")
+    parser.add_argument("--no-adapt", action="store_true", help="skip leukotree adapt")
+    args = parser.parse_args()
+    import yaml
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    dev, test = pbc_split(args.pbc, args.test_fraction, args.out)
+    mapped, unseen = jhh_manifests(args.jhh, args.out)
+    overrides = {"taxonomy": "pbc", "patients": "none"}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = yaml.safe_load(value)
+    result: dict[str, object] = {"preset": args.preset, "overrides": overrides}
+    run = args.run
+    if run is None:
+        run = args.out / "run"
+        start = time.perf_counter()
+        train(dev, run, resolve_config(preset=args.preset, overrides=overrides))
+        result["train_minutes"] = (time.perf_counter() - start) / 60
+    result["run"] = str(run)
+    settings = EvalSettings(progress=False)
+    in_lab = evaluate(run, test, args.out / "eval-pbc-test", settings, patients="none")
+    cross = evaluate(run, mapped, args.out / "eval-jhh", settings, patients="none")
+    result["in_lab_pbc_test"] = summary(in_lab)
+    result["cross_lab_jhh"] = summary(cross)
+    if not args.no_adapt:
+        adapted = args.out / "adapted"
+        if not (adapted / "adapt.json").exists():
+            shutil.rmtree(adapted, ignore_errors=True)
+            adapt(run, [args.jhh / "manifest.csv"], adapted, progress=False)
+        result["cross_lab_jhh_adapted"] = summary(
+            evaluate(adapted, mapped, args.out / "eval-jhh-adapted", settings, patients="none"))
+    predictor, _ = load_predictor(run, "torch")
+    catch: dict[str, dict[str, float]] = {}
+    for cell_type, files in sorted(unseen.items(), key=lambda kv: -len(kv[1])):
+        preds = predict_paths(predictor, files, progress=False)
+        if preds.ood_score is None:
+            break
+        ok = preds.ok
+        catch[cell_type] = {"n": int(ok.sum()),
+                            "flagged_rate": float(preds.unclassifiable[ok].mean())}
+        votes = Counter(predictor.taxonomy.leaves[i] for i in preds.leaf_probs[ok].argmax(1))
+        catch[cell_type]["predicted_as"] = dict(votes.most_common(3))
+    if catch:
+        total = sum(c["n"] for c in catch.values())
+        result["unseen_types"] = catch
+        result["unseen_flagged_rate"] = sum(c["n"] * c["flagged_rate"]
+                                            for c in catch.values()) / total
+    (args.out / "cross_lab.json").write_text(json.dumps(result, indent=2))
+    (args.out / "cross_lab.md").write_text(markdown(result))
+    print(json.dumps(result, indent=2))
+
+
+def markdown(r: dict) -> str:
+    def pct(v: object) -> str:
+        return "n/a" if v is None else f"{100 * float(v):.1f}%"
+
+    lines = ["| test set | cells | accuracy | macro F1 | leaf ECE (before -> after) | "
+             "flagged unclassifiable | accuracy of kept cells |", "|---|---|---|---|---|---|---|"]
+    for name, key in (("PBC, held out (same lab)", "in_lab_pbc_test"),
+                      ("Johns Hopkins, same 8 types", "cross_lab_jhh"),
+                      ("Johns Hopkins, after `adapt` (no labels)", "cross_lab_jhh_adapted")):
+        if key not in r:
+            continue
+        s = r[key]
+        ece = (f"{s['ece_uncalibrated']:.3f} -> {s['ece']:.3f}"
+               if s["ece_uncalibrated"] is not None else f"{s['ece']:.3f}")
+        lines.append(f"| {name} | {s['n']} | {pct(s['accuracy'])} | {pct(s['macro_f1'])} | "
+                     f"{ece} | {pct(s['flagged_rate'])} | {pct(s['accuracy_kept'])} |")
+    if "unseen_types" in r:
+        lines += ["", "| cell type never seen in training | cells | flagged unclassifiable |",
+                  "|---|---|---|"]
+        lines += [f"| {t} | {c['n']} | {pct(c['flagged_rate'])} |"
+                  for t, c in r["unseen_types"].items()]
+        lines.append(f"| all unseen types | {sum(c['n'] for c in r['unseen_types'].values())}"
+                     f" | {pct(r['unseen_flagged_rate'])} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

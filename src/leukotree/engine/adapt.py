@@ -1,0 +1,121 @@
+"""``leukotree adapt``: fit a trained model to another lab's cells without their labels.
+
+Batch normalisation layers keep the mean and variance of their inputs over the training
+cells; another lab's stain, scanner and magnification shift those statistics, and the
+layers then normalise wrongly. Adaptive batch normalisation (AdaBN, Li et al. 2016)
+re-estimates them on the new lab's cells: every batch-norm layer's running mean and
+variance become the plain averages over all of the new cells (``momentum=None``), with
+every weight unchanged. The adapted model is written as a new run folder (the source
+run's configuration, taxonomy and split, and ``adapt.json`` saying what was done). Its
+patient model is kept; its temperatures and out-of-distribution statistics are not: they
+were fitted on the source lab's cells, and on the adapted features they are wrong (on
+the Johns Hopkins cells they flagged every cell and doubled the calibration error;
+``benchmarks/bench_cross_lab.py``). Fitting them again needs labelled cells of the new
+lab.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from leukotree.data.discover import collect_inputs
+from leukotree.data.images import DEFAULT_MAX_PIXELS, iter_decoded, to_tensor
+from leukotree.errors import LeukotreeError, display_path
+from leukotree.models.checkpoint import load_model, read_checkpoint, save_model, update_checkpoint
+from leukotree.progress import make_progress
+from leukotree.rundir import RunDir, write_json
+
+#: Files of the source run that describe the adapted one as well.
+_COPIED = (RunDir.CONFIG, RunDir.TAXONOMY, RunDir.ENVIRONMENT, RunDir.SPLIT)
+
+
+def batch_norm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def adapt_batch_norm(model: nn.Module, batches: Any) -> int:
+    """Replace every batch-norm layer's running statistics by those of ``batches``
+    (uint8 pixel arrays ``(N, S, S, 3)``); returns the number of images seen."""
+    layers = batch_norm_layers(model)
+    if not layers:
+        raise LeukotreeError("This model has no batch-normalisation layer to adapt (e.g. a "
+                             "ViT or ConvNeXt uses layer norm); fine-tune it instead.")
+    model.eval()
+    saved = [(m, m.momentum) for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over every batch
+        m.train()
+    seen = 0
+    try:
+        for pixels in batches:
+            if len(pixels):
+                model(to_tensor(pixels))
+                seen += len(pixels)
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+        model.eval()
+    return seen
+
+
+def adapt(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
+          batch_size: int = 64, workers: int = 2, progress: bool = True,
+          max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
+    """Adapt the model of ``run`` to the cells of ``inputs`` (folders, files, manifests;
+    labels are not read) and write the adapted run to ``out``."""
+    source = RunDir.of(run)
+    target = RunDir(out)
+    if target.path.exists() and (not target.path.is_dir() or any(target.path.iterdir())):
+        raise LeukotreeError(f"--out '{target.path}' exists and is not an empty folder; "
+                             "choose a new folder for the adapted run.")
+    if batch_size < 2:
+        raise LeukotreeError(f"The 'batch_size' parameter must be >= 2 for batch statistics; "
+                             f"got {batch_size}.")
+    model, payload = load_model(RunDir.checkpoint_of(run))
+    found = collect_inputs(inputs, "none")
+    paths = [i.path for i in found.images]
+    if len(paths) < 2:
+        raise LeukotreeError(f"adapt needs the new lab's cells: found {len(paths)} image(s) in "
+                             f"{', '.join(map(str, inputs))}.")
+    cfg = model.config
+    unreadable: list[str] = []
+
+    def batches() -> Any:
+        with make_progress(enabled=progress) as bar:
+            task = bar.add_task("Re-estimating batch statistics", total=len(paths), rate="")
+            for _, decoded in iter_decoded(paths, cfg.img_size, chunk=batch_size,
+                                           crop=float(cfg.crop_fraction), workers=workers,
+                                           max_pixels=max_pixels):
+                unreadable.extend(e for e in decoded.errors if e is not None)
+                bar.update(task, advance=len(decoded.errors))
+                yield decoded.pixels[decoded.ok]
+
+    seen = adapt_batch_norm(model, batches())
+    if seen < 2:
+        raise LeukotreeError("None of the given images could be read; nothing was adapted:\n"
+                             + "\n".join(unreadable[:10]))
+    target.path.mkdir(parents=True, exist_ok=True)
+    for name in _COPIED:
+        if (source.path / name).exists():
+            shutil.copy2(source.path / name, target.path / name)
+    dropped = [k for k in ("calibration", "ood") if k in payload]
+    report = {"source": str(display_path(RunDir.checkpoint_of(run))),
+              "method": "batch-norm statistics re-estimated on the new cells (AdaBN)",
+              "not_carried_over": dropped,
+              "inputs": [str(i) for i in inputs], "n_cells": seen,
+              "batch_norm_layers": len(batch_norm_layers(model)),
+              "unreadable": unreadable}
+    save_model(target.best, model, extra={**payload.get("extra", {}), "adapted": report})
+    if "patient_model" in payload:
+        update_checkpoint(target.best, patient_model=payload["patient_model"])
+    read_checkpoint(target.best)  # the written file is a valid model
+    write_json(target.path / RunDir.ADAPT, report)
+    return report

@@ -1,0 +1,88 @@
+"""``leukotree adapt``: batch-norm statistics re-estimated on another lab's cells."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from leukotree.cli import main
+from leukotree.data.synth import generate
+from leukotree.engine.adapt import adapt_batch_norm
+from leukotree.engine.config import resolve_config
+from leukotree.engine.trainer import train
+from leukotree.errors import LeukotreeError
+from leukotree.models.checkpoint import load_model, read_checkpoint
+from leukotree.taxonomy import load_taxonomy
+
+
+def test_running_statistics_become_those_of_the_new_cells():
+    bn = nn.BatchNorm2d(3)
+    bn.running_mean.fill_(7.0)
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(100, 200, (4, 8, 8, 3), dtype=np.uint8) for _ in range(3)]
+    seen = adapt_batch_norm(bn, iter(batches))
+    every = np.concatenate(batches).astype(np.float64)
+    assert seen == 12 and not bn.training and bn.momentum == 0.1
+    np.testing.assert_allclose(bn.running_mean.numpy(), every.mean(axis=(0, 1, 2)), rtol=1e-4)
+    # the cumulative average of per-batch unbiased variances, as PyTorch defines it
+    per_batch = [b.astype(np.float64).reshape(-1, 3).var(0, ddof=1) for b in batches]
+    np.testing.assert_allclose(bn.running_var.numpy(), np.mean(per_batch, 0), rtol=1e-4)
+
+
+def test_a_model_without_batch_norm_is_refused():
+    with pytest.raises(LeukotreeError, match="no batch-normalisation layer"):
+        adapt_batch_norm(nn.Linear(3, 3), iter([]))
+
+
+@pytest.fixture(scope="module")
+def run_and_new_lab(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapt")
+    tax = load_taxonomy("leukemia7")
+    generate(root / "data", tax, patients_per_class=2, cells_per_patient=4, size=32, seed=5,
+             progress=False)
+    train(root / "data", root / "run", resolve_config(preset="tiny-test", overrides={
+        "epochs": 1, "val_fraction": 0.3}), progress=False)
+    generate(root / "other", tax, patients_per_class=1, cells_per_patient=4, size=48, seed=9,
+             progress=False)
+    return root
+
+
+def test_adapt_writes_a_run_with_the_same_weights_and_new_statistics(run_and_new_lab, tmp_path,
+                                                                     capsys):
+    root = run_and_new_lab
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    out = tmp_path / "adapted"
+    code = main(["adapt", str(root / "run"), str(root / "other"), str(bad), "--out", str(out),
+                 "--batch-size", "8", "--no-progress"])
+    assert code == 3  # adapted, with one unreadable input named
+    assert "broken.png" in capsys.readouterr().err
+    report = json.loads((out / "adapt.json").read_text())
+    assert report["n_cells"] == 7 * 4 and len(report["unreadable"]) == 1
+    for name in ("config.yaml", "taxonomy.yaml", "split.csv", "best.pt"):
+        assert (out / name).exists(), name
+    before, payload = load_model(root / "run")
+    after, new_payload = load_model(out)
+    old_state, new_state = before.state_dict(), after.state_dict()
+    stats = [k for k in old_state if k.endswith(("running_mean", "running_var"))]
+    assert stats and any(not torch.equal(old_state[k], new_state[k]) for k in stats)
+    weights = [k for k in old_state if k not in stats and not k.endswith("num_batches_tracked")]
+    assert all(torch.equal(old_state[k], new_state[k]) for k in weights)
+    # the source lab's temperatures and distances do not fit the adapted features
+    assert "calibration" in payload and "ood" in payload
+    assert "calibration" not in new_payload and "ood" not in new_payload
+    assert report["not_carried_over"] == ["calibration", "ood"]
+    assert read_checkpoint(out)["extra"]["adapted"]["n_cells"] == 28
+    # the adapted run predicts like any run
+    assert main(["predict", str(out), str(root / "other"), "--no-progress"]) == 0
+
+
+def test_adapt_refuses_an_existing_folder(run_and_new_lab, tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    code = main(["adapt", str(run_and_new_lab / "run"), str(run_and_new_lab / "other"),
+                 "--out", str(tmp_path / "taken"), "--no-progress"])
+    assert code == 2 and "not an empty folder" in capsys.readouterr().err
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
