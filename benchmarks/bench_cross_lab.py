@@ -16,7 +16,9 @@ the same types; prints JSON and writes OUT/cross_lab.md.
    platelet; lymphocyte, monocyte, eosinophils, basophil, erythroblast by name) and of
    the cells of types the model never saw (blasts, smudge cells, variant lymphocytes...).
 3. Adapts the model to all Johns Hopkins cells without their labels (``leukotree
-   adapt``: batch-norm statistics re-estimated; ``--no-adapt`` skips it).
+   adapt``: batch-norm statistics re-estimated; ``--no-adapt`` skips it), then fine-tunes
+   the adapted model (``train --init``) on at most ``--labelled-per-class`` labelled
+   cells per class drawn from half of the patients, and tests both on the other half.
 4. Evaluates in-lab (held-out PBC) and cross-lab (Johns Hopkins, mapped; before and
    after adaptation): accuracy,
    macro F1, leaf ECE before/after temperature scaling, the share of cells flagged
@@ -42,6 +44,7 @@ from leukotree.engine.config import resolve_config
 from leukotree.engine.trainer import train
 from leukotree.evaluation.evaluate import EvalSettings, evaluate
 from leukotree.inference.predictor import load_predictor, predict_paths
+from leukotree.rundir import RunDir
 
 #: Johns Hopkins ``cell_type`` -> PBC class (../shared/data/README.md).
 JHH_TO_PBC = {
@@ -89,6 +92,39 @@ def jhh_manifests(jhh: Path, out: Path) -> tuple[Path, dict[str, list[Path]]]:
     return write_manifest(out / "jhh-mapped.csv", mapped), dict(unseen)
 
 
+def few_labels(run: Path, adapted: Path, mapped: Path, args: argparse.Namespace,
+               settings: EvalSettings) -> dict:
+    """Fine-tune the adapted model on at most ``--labelled-per-class`` cells per class of
+    half of the Johns Hopkins patients; test it (and, for comparison, the adapted model)
+    on the other half's cells."""
+    with mapped.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    patients = sorted({r["patient"] for r in rows})
+    pool = set(np.random.default_rng(0).permutation(patients)[:len(patients) // 2])
+    rng = np.random.default_rng(1)
+    labelled = []
+    for label in sorted({r["label"] for r in rows}):
+        cells = [r for r in rows if r["label"] == label and r["patient"] in pool]
+        labelled += [cells[k] for k in rng.permutation(len(cells))[:args.labelled_per_class]]
+    held = [r for r in rows if r["patient"] not in pool]
+    few = write_manifest(args.out / "jhh-labelled.csv", labelled)
+    test = write_manifest(args.out / "jhh-heldout-patients.csv", held)
+    tuned = args.out / "fine-tuned"
+    if not (tuned / "best.pt").exists():
+        shutil.rmtree(tuned, ignore_errors=True)
+        cfg = resolve_config(config_file=RunDir(run).config, overrides={
+            "init": str(adapted), "epochs": 15, "lr": 5e-4, "warmup_epochs": 1.0,
+            "val_fraction": 0.2, "patients": "none", "balance": "none"})
+        train(few, tuned, cfg, progress=False)
+    return {"labelled_cells": len(labelled), "heldout_patients": len(patients) - len(pool),
+            "cross_lab_jhh_heldout_adapted": summary(evaluate(
+                adapted, test, args.out / "eval-jhh-heldout-adapted", settings,
+                patients="none")),
+            "cross_lab_jhh_heldout_fine_tuned": summary(evaluate(
+                tuned, test, args.out / "eval-jhh-heldout-fine-tuned", settings,
+                patients="none"))}
+
+
 def summary(metrics: dict) -> dict:
     cal = metrics.get("calibration", {})
     ood = metrics.get("ood") or {}
@@ -113,6 +149,9 @@ def main() -> None:
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--run", type=Path, help="a run already trained on OUT/pbc-dev.csv")
     parser.add_argument("--no-adapt", action="store_true", help="skip leukotree adapt")
+    parser.add_argument("--labelled-per-class", type=int, default=20,
+                        help="fine-tune the adapted model on this many labelled cells per "
+                             "class of half the Johns Hopkins patients (0: skip)")
     args = parser.parse_args()
     import yaml
 
@@ -143,6 +182,8 @@ def main() -> None:
             adapt(run, [args.jhh / "manifest.csv"], adapted, progress=False)
         result["cross_lab_jhh_adapted"] = summary(
             evaluate(adapted, mapped, args.out / "eval-jhh-adapted", settings, patients="none"))
+        if args.labelled_per_class > 0:
+            result |= few_labels(run, adapted, mapped, args, settings)
     predictor, _ = load_predictor(run, "torch")
     catch: dict[str, dict[str, float]] = {}
     for cell_type, files in sorted(unseen.items(), key=lambda kv: -len(kv[1])):
@@ -172,7 +213,11 @@ def markdown(r: dict) -> str:
              "flagged unclassifiable | accuracy of kept cells |", "|---|---|---|---|---|---|---|"]
     for name, key in (("PBC, held out (same lab)", "in_lab_pbc_test"),
                       ("Johns Hopkins, same 8 types", "cross_lab_jhh"),
-                      ("Johns Hopkins, after `adapt` (no labels)", "cross_lab_jhh_adapted")):
+                      ("Johns Hopkins, after `adapt` (no labels)", "cross_lab_jhh_adapted"),
+                      ("Johns Hopkins, other half of the patients, after `adapt`",
+                       "cross_lab_jhh_heldout_adapted"),
+                      (f"same, then fine-tuned on {r.get('labelled_cells')} labelled cells",
+                       "cross_lab_jhh_heldout_fine_tuned")):
         if key not in r:
             continue
         s = r[key]

@@ -68,13 +68,13 @@ def test_cross_lab_bench_runs_on_stand_in_labs(tmp_path):
 
     generate(tmp_path / "pbc", load_taxonomy("pbc"), patients_per_class=1,
              cells_per_patient=10, size=32, seed=1, progress=False)
-    generate(tmp_path / "jhh" / "cells", load_taxonomy("pbc"), patients_per_class=1,
-             cells_per_patient=2, size=40, seed=2, progress=False)
+    generate(tmp_path / "jhh" / "cells", load_taxonomy("pbc"), patients_per_class=2,
+             cells_per_patient=6, size=40, seed=2, progress=False)
     types = {"neutrophil": "segmented-neutrophils", "ig": "promyelocyte",
              "platelet": "giant-thrombocyte", "eosinophil": "eosinophils"}
-    rows = [{"path": str(p.relative_to(tmp_path / "jhh")), "label": "AML", "patient": "P1",
-             "cell_type": types.get(p.parts[-3], p.parts[-3])}
-            for p in sorted((tmp_path / "jhh" / "cells").rglob("*.png"))]
+    rows = [{"path": str(p.relative_to(tmp_path / "jhh")), "label": "AML",
+             "patient": f"P{k % 4}", "cell_type": types.get(p.parts[-3], p.parts[-3])}
+            for k, p in enumerate(sorted((tmp_path / "jhh" / "cells").rglob("*.png")))]
     rows[0]["cell_type"] = "smudge-cells"  # a type the model never saw
     with (tmp_path / "jhh" / "manifest.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, list(rows[0]))
@@ -82,9 +82,13 @@ def test_cross_lab_bench_runs_on_stand_in_labs(tmp_path):
         writer.writerows(rows)
     report = _run("bench_cross_lab.py", "--out", str(tmp_path / "out"), "--pbc",
                   str(tmp_path / "pbc"), "--jhh", str(tmp_path / "jhh"), "--preset",
-                  "tiny-test", "--set", "epochs=1", "--set", "val_fraction=0.3")
+                  "tiny-test", "--set", "epochs=1", "--set", "val_fraction=0.3",
+                  "--labelled-per-class", "5")
     assert report["in_lab_pbc_test"]["n"] == 8 * 2  # 20% of 10 per class held out
     assert report["cross_lab_jhh"]["n"] == len(rows) - 1
     assert report["cross_lab_jhh_adapted"]["n"] == len(rows) - 1
     assert report["unseen_types"]["smudge-cells"]["n"] == 1
+    assert 0 < report["labelled_cells"] <= 5 * 8 and report["heldout_patients"] == 2
+    tuned = report["cross_lab_jhh_heldout_fine_tuned"]
+    assert tuned["n"] == report["cross_lab_jhh_heldout_adapted"]["n"] > 0
     assert (tmp_path / "out" / "cross_lab.md").read_text().count("|") > 20

@@ -258,3 +258,26 @@ def test_a_cross_validation_fold_is_not_calibrated_on_its_test_fold(synth_data, 
         "epochs": 1, "fold": 0, "folds": 3}), progress=False)
     payload = read_checkpoint(run)
     assert "calibration" not in payload and "ood" not in payload
+
+
+def test_init_fine_tunes_from_a_trained_model_and_refuses_one_that_does_not_fit(synth_data,
+                                                                               tmp_path):
+    first = tmp_path / "first"
+    train(synth_data, first, resolve_config(preset="tiny-test", overrides={"epochs": 1}),
+          progress=False)
+    source, _ = load_model(first)
+    tuned = tmp_path / "tuned"
+    train(synth_data, tuned, resolve_config(preset="tiny-test", overrides={
+        "epochs": 1, "init": str(first), "lr": 1e-9, "seed": 5}), progress=False)
+    model, _ = load_model(tuned)
+    # with a vanishing learning rate the fine-tuned weights are the source's
+    for (name, a), b in zip(source.state_dict().items(), model.state_dict().values(),
+                            strict=True):
+        if "running" not in name and "num_batches" not in name:
+            assert torch.allclose(a, b, atol=1e-6), name
+    assert model.config.mean == source.config.mean  # the source's normalisation
+    with pytest.raises(LeukotreeError, match="img_size is 32, this training's 40"):
+        train(synth_data, tmp_path / "bad", resolve_config(preset="tiny-test", overrides={
+            "epochs": 1, "init": str(first), "img_size": 40}), progress=False)
+    with pytest.raises(LeukotreeError, match="is not a trained model"):
+        resolve_config(preset="tiny-test", overrides={"init": str(tmp_path / "nowhere")})

@@ -58,6 +58,9 @@ class TrainConfig:
     weights: str | None = option(None, "local file with backbone weights (timm/torchvision "
                                  "state dict); hybrid head: NAME=PATH,NAME=PATH, one file per "
                                  "backbone")
+    init: str | None = option(None, "fine-tune: start from the weights (and normalisation) "
+                              "of a trained leukotree model, a run folder or its best.pt, of "
+                              "the same taxonomy, head, backbone and image size")
     img_size: int = option(224, "image side in pixels", low=16, high=4096)
     epochs: int = option(30, "number of epochs", low=1, high=100_000)
     batch_size: int = option(32, "batch size (per process)", low=1, high=65_536)
@@ -190,6 +193,12 @@ class TrainConfig:
         for name in head.arch_name(self.model_config()).split("+"):
             check_input_size(name, self.img_size)
         taxonomy = load_taxonomy(self.taxonomy)
+        if self.init is not None:
+            from leukotree.rundir import RunDir
+
+            if not RunDir.checkpoint_of(self.init).is_file():
+                raise LeukotreeError(f"--init '{self.init}' is not a trained model: give a run "
+                                     "folder (with best.pt) or a .pt file from leukotree train.")
         if self.positive is not None:
             self.positive = taxonomy.resolve(self.positive, where="--positive")
         if self.cell_taxonomy is not None:

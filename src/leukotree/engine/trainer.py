@@ -334,15 +334,43 @@ class Trainer:
         """The model, normalised by the training pixels, seeded, with any given weights."""
         cfg = self.config
         mean, std = channel_stats(train.pixels)
+        source = None
+        if cfg.init:
+            source = self._init_model(taxonomy)
+            mean, std = source.config.mean, source.config.std  # the weights expect these
         cells = self.cell_taxonomy.to_dict() if self.cell_taxonomy is not None else None
         mcfg = cfg.model_config(crop_fraction=self.eval_crop, mean=mean, std=std,
                                 cell_taxonomy=cells)
         torch.manual_seed(cfg.seed)
         model = build_model(taxonomy, mcfg)
-        if cfg.weights or cfg.pretrained:
+        if source is not None:
+            model.load_state_dict(source.state_dict())
+            self._log(f"fine-tuning from {cfg.init}")
+        elif cfg.weights or cfg.pretrained:
             for line in model.load_backbone_weights(cfg.weights, cfg.pretrained):
                 self._log(line)
         return model.to(self.device)
+
+    def _init_model(self, taxonomy: Taxonomy) -> TreeClassifier:
+        """The model ``--init`` names, after checking that it fits this training."""
+        cfg = self.config
+        source, _ = load_model(cfg.init)
+        want = {"taxonomy": taxonomy.leaves, "head": cfg.head, "backbone": cfg.model,
+                "img_size": cfg.img_size,
+                "cell taxonomy": None if self.cell_taxonomy is None else self.cell_taxonomy.leaves}
+        have = {"taxonomy": source.taxonomy.leaves, "head": source.config.head,
+                "backbone": source.config.backbone, "img_size": source.config.img_size,
+                "cell taxonomy": None if source.cell_taxonomy is None
+                else source.cell_taxonomy.leaves}
+        if source.taxonomy != taxonomy:
+            have["taxonomy"] = f"{source.taxonomy.name} {have['taxonomy']}"
+        differ = [k for k in want if want[k] != have[k]]
+        if differ:
+            raise LeukotreeError(
+                f"--init '{cfg.init}' cannot start this training: its "
+                + "; ".join(f"{k} is {have[k]!r}, this training's {want[k]!r}" for k in differ)
+                + ". Give the same options as that run (its config.yaml), or no --init.")
+        return source
 
     def _criterion(self, model: TreeClassifier, taxonomy: Taxonomy, train: Split) -> TreeLoss:
         cfg = self.config
