@@ -281,3 +281,16 @@ def test_init_fine_tunes_from_a_trained_model_and_refuses_one_that_does_not_fit(
             "epochs": 1, "init": str(first), "img_size": 40}), progress=False)
     with pytest.raises(LeukotreeError, match="is not a trained model"):
         resolve_config(preset="tiny-test", overrides={"init": str(tmp_path / "nowhere")})
+
+
+def test_a_cell_centred_run_keeps_its_crop_for_prediction(synth_data, tmp_path):
+    run = tmp_path / "cell"
+    train(synth_data, run, resolve_config(preset="tiny-test", overrides={
+        "epochs": 1, "crop_mode": "cell", "crop_fraction": 0.8}), progress=False)
+    model, payload = load_model(run)
+    assert payload["model_config"]["crop_mode"] == model.config.crop_mode == "cell"
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(run), str(synth_data / "ALL"), "--out", str(out),
+                 "--no-progress"]) == 0
+    n = sum(1 for p in (synth_data / "ALL").rglob("*") if p.is_file())
+    assert len(out.read_text().splitlines()) == 1 + n

@@ -17,8 +17,10 @@ import numpy as np
 from leukotree.data.images import DEFAULT_MAX_PIXELS, decode_many
 
 
-def cache_key(paths: list[Path], size: int, crop: float = 1.0) -> str:
-    h = hashlib.sha1(f"v2:{size}:{crop}".encode())
+def cache_key(paths: list[Path], size: int, crop: float = 1.0, crop_mode: str = "centre",
+              ) -> str:
+    tag = f"v2:{size}:{crop}" + ("" if crop_mode == "centre" else f":{crop_mode}")
+    h = hashlib.sha1(tag.encode())
     for p in paths:
         try:
             st = p.stat()
@@ -35,6 +37,7 @@ def cached_pixels(
     cache_dir: Path | None,
     *,
     crop: float = 1.0,
+    crop_mode: str = "centre",
     workers: int = 2,
     progress: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -45,18 +48,18 @@ def cached_pixels(
     in one :class:`~leukotree.errors.DataError` that lists them all.
     """
     if cache_dir is None:
-        return decode_many(paths, size, crop=crop, workers=workers, progress=progress,
-                           max_pixels=max_pixels).pixels
+        return decode_many(paths, size, crop=crop, crop_mode=crop_mode, workers=workers,
+                           progress=progress, max_pixels=max_pixels).pixels
     cache_dir.mkdir(parents=True, exist_ok=True)
-    target = cache_dir / f"pixels-{size}-{cache_key(paths, size, crop)}.npy"
+    target = cache_dir / f"pixels-{size}-{cache_key(paths, size, crop, crop_mode)}.npy"
     if target.exists():
         return np.load(target, mmap_mode="r")
     tmp = target.with_suffix(f".tmp{os.getpid()}.npy")
     array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
                                       shape=(len(paths), size, size, 3))
     try:
-        decode_many(paths, size, crop=crop, workers=workers, progress=progress, out=array,
-                    max_pixels=max_pixels)
+        decode_many(paths, size, crop=crop, crop_mode=crop_mode, workers=workers,
+                    progress=progress, out=array, max_pixels=max_pixels)
         array.flush()
         del array
         os.replace(tmp, target)

@@ -129,30 +129,57 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+#: How the square that ``crop`` applies to is placed: ``centre`` (the image's central
+#: square) or ``cell`` (a square sized and centred by the cell's nucleus: data.cells).
+CROP_MODES = ("centre", "cell")
+
+
 def load_rgb_array(
     path: str | Path,
     size: int | None = None,
     *,
     crop: float = 1.0,
+    crop_mode: str = "centre",
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> np.ndarray:
     """Decode ``path`` to a ``(size, size, 3)`` uint8 array.
 
-    The central square of side ``crop * min(width, height)`` is kept (cells sit in
-    the centre of single-cell images) and resized bilinearly to ``size``.
+    ``centre``: the central square of side ``crop * min(width, height)`` is kept (cells
+    sit in the centre of single-cell images); ``cell``: the central ``crop`` of the
+    cell's frame (:func:`~leukotree.data.cells.cell_frame`), the part beyond the image
+    filled with the colour of its border. Either is resized bilinearly to ``size``.
     """
     if not 0 < crop <= 1:
         raise ValueError(f"crop must be in (0, 1], got {crop}")
-    draft = None if size is None else int(np.ceil(size / crop))
+    if crop_mode not in CROP_MODES:
+        raise ValueError(f"crop_mode must be one of {CROP_MODES}, got {crop_mode!r}")
+    draft = None if size is None or crop_mode == "cell" else int(np.ceil(size / crop))
     img = open_image(path, max_pixels=max_pixels, draft_size=draft)
     if size is None:
         return np.asarray(img, dtype=np.uint8)
+    if crop_mode == "cell":
+        return np.asarray(_cell_crop(img, size, crop), dtype=np.uint8)
     side = crop * min(img.size)
     left, top = (img.width - side) / 2, (img.height - side) / 2
     if (side, left, top) != (img.width, 0, 0) or img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR,
                          box=(left, top, left + side, top + side))
     return np.asarray(img, dtype=np.uint8)
+
+
+def _cell_crop(img: Image.Image, size: int, crop: float) -> Image.Image:
+    from leukotree.data.cells import cell_frame
+
+    left, top, right, bottom = cell_frame(img).box(crop)
+    pad = int(np.ceil(max(0.0, -left, -top, right - img.width, bottom - img.height)))
+    if pad:
+        border = np.concatenate([np.asarray(img)[[0, -1]].reshape(-1, 3),
+                                 np.asarray(img)[:, [0, -1]].reshape(-1, 3)])
+        fill = tuple(int(v) for v in np.median(border, axis=0))
+        canvas = Image.new("RGB", (img.width + 2 * pad, img.height + 2 * pad), fill)
+        canvas.paste(img, (pad, pad))
+        img, left, top, right, bottom = canvas, left + pad, top + pad, right + pad, bottom + pad
+    return img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, right, bottom))
 
 
 def parallel_map(fn: Callable[[T], R], items: Sequence[T], *, workers: int = 2,
@@ -195,6 +222,7 @@ def decode_many(
     size: int,
     *,
     crop: float = 1.0,
+    crop_mode: str = "centre",
     workers: int = 2,
     on_error: str = "raise",
     progress: bool = False,
@@ -208,7 +236,8 @@ def decode_many(
 
     def work(i: int) -> None:
         try:
-            pixels[i] = load_rgb_array(paths[i], size, crop=crop, max_pixels=max_pixels)
+            pixels[i] = load_rgb_array(paths[i], size, crop=crop, crop_mode=crop_mode,
+                                       max_pixels=max_pixels)
         except ImageReadError as err:
             errors[i] = str(err)
             pixels[i] = 0
@@ -222,7 +251,8 @@ def decode_many(
 
 
 def iter_decoded(paths: Sequence[Path], size: int, *, chunk: int, crop: float = 1.0,
-                 workers: int = 2, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 crop_mode: str = "centre", workers: int = 2,
+                 max_pixels: int = DEFAULT_MAX_PIXELS,
                  ) -> Iterator[tuple[np.ndarray, Decoded]]:
     """``(indices, decoded)`` chunk by chunk (errors reported per row), decoding the next
     chunk in the background while the caller works on the current one."""
@@ -233,8 +263,9 @@ def iter_decoded(paths: Sequence[Path], size: int, *, chunk: int, crop: float = 
 
         def decode(start: int) -> tuple[np.ndarray, Decoded]:
             idx = np.arange(start, min(start + chunk, len(paths)))
-            return idx, decode_many([paths[i] for i in idx], size, crop=crop, workers=workers,
-                                    on_error="report", max_pixels=max_pixels)
+            return idx, decode_many([paths[i] for i in idx], size, crop=crop,
+                                    crop_mode=crop_mode, workers=workers, on_error="report",
+                                    max_pixels=max_pixels)
 
         pending = ahead.submit(decode, starts[0]) if starts else None
         for n in range(len(starts)):

@@ -92,7 +92,8 @@ def adapt(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
         with make_progress(enabled=progress) as bar:
             task = bar.add_task("Re-estimating batch statistics", total=len(paths), rate="")
             for _, decoded in iter_decoded(paths, cfg.img_size, chunk=batch_size,
-                                           crop=float(cfg.crop_fraction), workers=workers,
+                                           crop=float(cfg.crop_fraction),
+                                           crop_mode=cfg.crop_mode, workers=workers,
                                            max_pixels=max_pixels):
                 unreadable.extend(e for e in decoded.errors if e is not None)
                 bar.update(task, advance=len(decoded.errors))

@@ -94,6 +94,10 @@ class TrainConfig:
                                  "(relative strength; 0: off)", low=0, high=1)
     crop_fraction: float = option(1.0, "keep this central fraction of each image before "
                                   "resizing", low=0, low_open=True, high=1)
+    crop_mode: str = option("centre", "what the crop fraction applies to: the image's "
+                            "central square, or a square sized and centred by the cell's "
+                            "nucleus (cell: independent of the camera's framing)",
+                            choices=("centre", "cell"))
     train_pad: float = option(0.0, "cache training images this much larger and train on "
                               "random crops", low=0, high=0.5)
     balance: str = option("none", "top up minority classes with rotated copies (rotate)",
@@ -220,6 +224,7 @@ class TrainConfig:
         from leukotree.models import ModelConfig
 
         return ModelConfig(head=self.head, backbone=self.model, img_size=self.img_size,
+                           crop_mode=self.crop_mode,
                            drop_rate=self.drop_rate, hybrid_backbones=list(self.hybrid_backbones),
                            **extra)
 

@@ -305,7 +305,8 @@ class Trainer:
                                     (val_samples, cfg.img_size, self.eval_crop)):
             try:
                 pixels.append(cached_pixels([s.path for s in samples], size, cache_dir,
-                                            crop=crop, workers=cfg.workers, progress=show,
+                                            crop=crop, crop_mode=cfg.crop_mode,
+                                            workers=cfg.workers, progress=show,
                                             max_pixels=cfg.max_pixels))
             except UnreadableImagesError as err:
                 errors += err.errors

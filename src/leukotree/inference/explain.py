@@ -185,7 +185,7 @@ def explain_images(
         for k, image in enumerate(images):
             # Two images with one name (p1/c.png, p2/c.png) get numbered files.
             stem = image.stem if stems.count(image.stem) == 1 else f"{k:03d}_{image.stem}"
-            pixels = load_rgb_array(image, size, crop=crop)
+            pixels = load_rgb_array(image, size, crop=crop, crop_mode=model.config.crop_mode)
             node_p = mapper.node_probabilities(pixels)
             leaf = tax.leaves[int(np.argmax([node_p[tax.node_index[lf]] for lf in tax.leaves]))]
             panels = [pixels]

@@ -228,7 +228,8 @@ def predict_paths(
     with make_progress(enabled=progress) as bar:
         task = bar.add_task("Predicting", total=len(paths), rate="")
         for idx, decoded in iter_decoded(paths, cfg.img_size, chunk=batch_size,
-                                         crop=float(cfg.crop_fraction), workers=workers,
+                                         crop=float(cfg.crop_fraction),
+                                         crop_mode=cfg.crop_mode, workers=workers,
                                          max_pixels=max_pixels):
             good = np.flatnonzero(decoded.ok)
             for j, err in enumerate(decoded.errors):

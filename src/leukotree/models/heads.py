@@ -56,6 +56,7 @@ class ModelConfig:
     hybrid_channels: int = 256
     hybrid_hidden: int = 256
     crop_fraction: float = 1.0  # central fraction of each image seen at inference
+    crop_mode: str = "centre"  # of the image's central square, or of the cell's frame
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     cell_taxonomy: dict[str, Any] | None = None  # a cell-type head over this tree
