@@ -37,7 +37,7 @@ def test_report_is_one_self_contained_page(setup):
     page = out.read_text()
     assert result["n_cells"] == 5 and len(result["unreadable"]) == 1
     assert result["diagnosis"] in TAX.leaves and result["refer"] is False
-    assert "Patient P-17" in page and "5 cells analysed (1 unreadable)" in page
+    assert "Patient P-17" in page and "5 cells analysed (1 unreadable, 0 unclassifiable" in page
     assert page.count("<div class='cell'>") == 3
     assert page.count("data:image/png;base64,") == 6  # each cell and its heat map
     assert "src='http" not in page and 'src="http' not in page  # opens offline
@@ -63,3 +63,24 @@ def test_report_cli_and_errors(setup, capsys):
     assert "c9.png" in (setup / "cli.html").read_text()
     with pytest.raises(LeukotreeError, match="None of the given images"):
         patient_report(setup / "best.pt", [setup / "patient" / "c9.png"], setup / "x.html")
+
+
+def test_unclassifiable_cells_are_left_out_and_an_unlike_patient_raises_the_alarm(setup):
+    import torch
+
+    from leukotree.models.checkpoint import update_checkpoint
+
+    model = build_model(TAX, ModelConfig(head="multihead", backbone="test_resnet",
+                                         img_size=32)).eval()
+    with torch.no_grad():
+        width = model(torch.zeros(1, 3, 32, 32))["features"].shape[1]
+    ood = {"means": torch.zeros(1, width), "precision": torch.eye(width), "quantile": 0.95,
+           "val_flagged": 0.05, "classes": ["ALL"]}
+    update_checkpoint(setup / "best.pt", ood={**ood, "threshold": 1e-12})
+    with pytest.raises(LeukotreeError, match="All 5 readable cells are unclassifiable"):
+        patient_report(setup / "best.pt", [setup / "patient"], setup / "x.html",
+                       heatmaps=False)
+    update_checkpoint(setup / "best.pt", ood={**ood, "threshold": 1e12})
+    result = patient_report(setup / "best.pt", [setup / "patient"], setup / "y.html",
+                            heatmaps=False)
+    assert result["n_unclassifiable"] == 0 and result["domain_shift"] is None

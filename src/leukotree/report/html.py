@@ -31,6 +31,7 @@ figcaption { color: #666; font-size: 0.85em; }
 blockquote { color: #754; border-left: 4px solid #dca; margin: 1em 0; padding-left: 1em; }
 .diag { font-size: 1.6em; padding: 0.6em 1em; border-radius: 8px; background: #eef6ee; }
 .refer { background: #fff3e0; border: 2px solid #f0a040; }
+.err { color: #a00; font-weight: bold; }
 .bar { display: inline-block; height: 0.8em; background: #4a7; vertical-align: middle; }
 .cells { display: flex; flex-wrap: wrap; gap: 12px; }
 .cell { text-align: center; font-size: 0.85em; }

@@ -24,6 +24,7 @@ from leukotree.inference.decisions import (
     aggregate_patients,
     decide_patient,
     decide_patient_probs,
+    domain_shift,
     parse_thresholds,
 )
 from leukotree.inference.predictor import Predictions, Predictor, load_predictor, predict_paths
@@ -62,9 +63,16 @@ def patient_report(
     found = collect_inputs(inputs, taxonomy=tax)
     preds = predict_paths(predictor, [i.path for i in found.images], progress=progress,
                           on_error="report", max_pixels=max_pixels)
-    ok = np.flatnonzero(preds.ok)
-    if len(ok) == 0:
+    if not preds.ok.any():
         raise LeukotreeError("None of the given images can be read; nothing to report.")
+    odd = preds.unclassifiable & preds.ok
+    alarm = domain_shift(odd[preds.ok], predictor.expected_ood) \
+        if preds.ood_score is not None else None
+    ok = np.flatnonzero(preds.ok & ~odd)  # as predict: unclassifiable cells are left out
+    if len(ok) == 0:
+        raise LeukotreeError(
+            f"All {int(odd.sum())} readable cells are unclassifiable (unlike the cells the "
+            "model was trained on); no diagnosis is given." + (f" {alarm}" if alarm else ""))
     name = patient or "patient"
     decision, weights = _decide(predictor, preds, ok, name, method, min_cells,
                                 parse_thresholds(confidence, tax.max_depth))
@@ -74,8 +82,10 @@ def patient_report(
            if predictor.patient_model else f"aggregation: {method}")
     body = "\n".join([
         f"<h1>Patient {esc(name)}</h1>",
-        f"<p class='sub'>{len(ok)} cells analysed ({len(bad)} unreadable); {esc(how)}; "
+        f"<p class='sub'>{len(ok)} cells analysed ({len(bad)} unreadable, {int(odd.sum())} "
+        f"unclassifiable and left out); {esc(how)}; "
         f"model: {esc(run)}. For research use; not a diagnostic device.</p>",
+        f"<p class='err' id='domain-shift'>{esc(alarm)}</p>" if alarm else "",
         f"<div class='diag{' refer' if decision.refer else ''}'>"
         f"{esc(_headline(tax, decision, len(ok), min_cells))}</div>",
         _levels_html(tax, decision, predictor.patient_model),
@@ -89,6 +99,7 @@ def patient_report(
     write_text(out, page(f"leukotree report: {name}", body))
     return {"patient": name, "diagnosis": decision.leaf, "refer": decision.refer,
             "reason": decision.reason, "n_cells": len(ok),
+            "n_unclassifiable": int(odd.sum()), "domain_shift": alarm,
             "reported_node": decision.reported_node, "unreadable": bad,
             "not_used": not_used, "report": str(out)}
 
