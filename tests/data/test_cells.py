@@ -54,3 +54,12 @@ def test_the_crop_mode_is_checked_and_keys_the_cache(tmp_path):
     paths = [tmp_path / "a.png"]
     assert cache_key(paths, 32, 0.65) != cache_key(paths, 32, 0.65, "cell")
     assert cache_key(paths, 32, 0.65) == cache_key(paths, 32, 0.65, "centre")
+
+
+def test_a_blank_noisy_image_has_no_nucleus_and_decodes_to_its_size(tmp_path):
+    rng = np.random.default_rng(0)
+    noise = rng.normal(230, 2, (600, 600, 3)).clip(0, 255).astype(np.uint8)
+    Image.fromarray(noise).save(tmp_path / "blank.png")
+    assert find_cell(Image.open(tmp_path / "blank.png")) is None
+    out = load_rgb_array(tmp_path / "blank.png", 48, crop=0.65, crop_mode="cell")
+    assert out.shape == (48, 48, 3)

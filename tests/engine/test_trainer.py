@@ -294,3 +294,14 @@ def test_a_cell_centred_run_keeps_its_crop_for_prediction(synth_data, tmp_path):
                  "--no-progress"]) == 0
     n = sum(1 for p in (synth_data / "ALL").rglob("*") if p.is_file())
     assert len(out.read_text().splitlines()) == 1 + n
+
+
+def test_resuming_a_finished_run_keeps_its_calibration(synth_data, tmp_path):
+    run = tmp_path / "run"
+    cfg = resolve_config(preset="tiny-test", overrides={"epochs": 1, "val_fraction": 0.3})
+    train(synth_data, run, cfg, progress=False)
+    before = read_checkpoint(run)
+    train(synth_data, run, cfg, resume=True, progress=False)
+    after = read_checkpoint(run)
+    assert after["calibration"]["temperatures"] == before["calibration"]["temperatures"]
+    assert after["ood"]["threshold"] == pytest.approx(before["ood"]["threshold"])

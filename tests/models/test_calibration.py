@@ -99,3 +99,24 @@ def test_tree_nll_reads_inner_labels_as_the_sum_of_their_leaves(small_tree):
     probs = np.array([[0.5, 0.3, 0.2], [0.5, 0.3, 0.2]])
     # -(log P(A) + log P(B)) / 2 = -(log .5 + log .5) / 2
     assert tree_nll(small_tree, ["A", "B"], probs) == pytest.approx(np.log(2))
+
+
+def test_a_node_without_errors_or_with_few_images_keeps_temperature_one(leukemia7):
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.ones(len(leukemia7.leaves)), size=200)
+    truth = decode_greedy(leukemia7, probs)  # every choice at every node right
+    assert set(fit_temperatures(leukemia7, truth, probs).values()) == {1.0}
+    few = fit_temperatures(leukemia7, ["ALL", "CLL"] * 5, probs[:10])
+    assert set(few.values()) == {1.0}
+
+
+def test_damaged_calibration_sections_are_named_not_a_traceback(tmp_path, leukemia7):
+    from leukotree.errors import LeukotreeError
+
+    model = build_model(leukemia7, ModelConfig(head="multihead", backbone="test_resnet",
+                                               img_size=32))
+    save_model(tmp_path / "best.pt", model)
+    update_checkpoint(tmp_path / "best.pt", ood={"means": torch.zeros(2, 3),
+                                                 "precision": torch.eye(3), "threshold": 1.0})
+    with pytest.raises(LeukotreeError, match="damaged or was edited"):
+        load_model(tmp_path / "best.pt")

@@ -25,8 +25,10 @@ from PIL import Image
 WORK_SIDE = 128
 #: Frame side over the nucleus's equivalent diameter (PBC: ~95 px nuclei in 360 px images).
 FRAME_PER_NUCLEUS = 3.8
-#: Smallest nucleus, as a fraction of the working copy's area.
+#: Smallest and largest nucleus, as fractions of the working copy's area (outside:
+#: no nucleus found, e.g. a blank or out-of-focus image thresholded as one blob).
 MIN_AREA = 0.002
+MAX_AREA = 0.25
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ def find_cell(img: Image.Image) -> tuple[float, float, float] | None:
     dist = np.linalg.norm((centres - size / 2) / size, axis=1)  # 0 at the centre
     score = areas * np.exp(-(dist / 0.25) ** 2)
     best = int(np.argmax(score))
-    if areas[best] < MIN_AREA * mask.size:
+    if not MIN_AREA * mask.size <= areas[best] <= MAX_AREA * mask.size:
         return None
     cy, cx = centres[best]
     diameter = float(np.sqrt(4 * areas[best] / np.pi))

@@ -171,15 +171,20 @@ def _cell_crop(img: Image.Image, size: int, crop: float) -> Image.Image:
     from leukotree.data.cells import cell_frame
 
     left, top, right, bottom = cell_frame(img).box(crop)
-    pad = int(np.ceil(max(0.0, -left, -top, right - img.width, bottom - img.height)))
-    if pad:
-        border = np.concatenate([np.asarray(img)[[0, -1]].reshape(-1, 3),
-                                 np.asarray(img)[:, [0, -1]].reshape(-1, 3)])
-        fill = tuple(int(v) for v in np.median(border, axis=0))
-        canvas = Image.new("RGB", (img.width + 2 * pad, img.height + 2 * pad), fill)
-        canvas.paste(img, (pad, pad))
-        img, left, top, right, bottom = canvas, left + pad, top + pad, right + pad, bottom + pad
-    return img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, right, bottom))
+    inside = (max(left, 0.0), max(top, 0.0), min(right, img.width), min(bottom, img.height))
+    if inside == (left, top, right, bottom):
+        return img.resize((size, size), Image.Resampling.BILINEAR, box=inside)
+    # Only the part inside the image is resampled; the rest is the border's colour.
+    border = np.concatenate([np.asarray(img)[[0, -1]].reshape(-1, 3),
+                             np.asarray(img)[:, [0, -1]].reshape(-1, 3)])
+    out = Image.new("RGB", (size, size), tuple(int(v) for v in np.median(border, axis=0)))
+    scale = size / (right - left)
+    x0, y0 = round((inside[0] - left) * scale), round((inside[1] - top) * scale)
+    x1, y1 = round((inside[2] - left) * scale), round((inside[3] - top) * scale)
+    if x1 > x0 and y1 > y0:
+        out.paste(img.resize((x1 - x0, y1 - y0), Image.Resampling.BILINEAR, box=inside),
+                  (x0, y0))
+    return out
 
 
 def parallel_map(fn: Callable[[T], R], items: Sequence[T], *, workers: int = 2,

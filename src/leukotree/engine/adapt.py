@@ -101,8 +101,9 @@ def adapt(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
 
     seen = adapt_batch_norm(model, batches())
     if seen < 2:
-        raise LeukotreeError("None of the given images could be read; nothing was adapted:\n"
-                             + "\n".join(unreadable[:10]))
+        raise LeukotreeError(f"Only {seen} of the given images could be read (batch "
+                             "statistics need at least 2); nothing was adapted."
+                             + "".join(f"\n  {e}" for e in unreadable[:10]))
     target.path.mkdir(parents=True, exist_ok=True)
     for name in _COPIED:
         if (source.path / name).exists():

@@ -345,7 +345,13 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         model = build_model(taxonomy, mcfg)
         if source is not None:
-            model.load_state_dict(source.state_dict())
+            try:
+                model.load_state_dict(source.state_dict())
+            except RuntimeError as err:
+                raise LeukotreeError(
+                    f"--init '{cfg.init}' does not fit this model ("
+                    f"{str(err).strip().splitlines()[0]}); give the same options as that run "
+                    "(its config.yaml), or no --init.") from None
             self._log(f"fine-tuning from {cfg.init}")
         elif cfg.weights or cfg.pretrained:
             for line in model.load_backbone_weights(cfg.weights, cfg.pretrained):
@@ -356,11 +362,11 @@ class Trainer:
         """The model ``--init`` names, after checking that it fits this training."""
         cfg = self.config
         source, _ = load_model(cfg.init)
-        want = {"taxonomy": taxonomy.leaves, "head": cfg.head, "backbone": cfg.model,
-                "img_size": cfg.img_size,
+        want = {"taxonomy": taxonomy.leaves, "head": cfg.head,
+                "backbone": cfg.model_config().arch_name, "img_size": cfg.img_size,
                 "cell taxonomy": None if self.cell_taxonomy is None else self.cell_taxonomy.leaves}
         have = {"taxonomy": source.taxonomy.leaves, "head": source.config.head,
-                "backbone": source.config.backbone, "img_size": source.config.img_size,
+                "backbone": source.config.arch_name, "img_size": source.config.img_size,
                 "cell taxonomy": None if source.cell_taxonomy is None
                 else source.cell_taxonomy.leaves}
         if source.taxonomy != taxonomy:
@@ -493,6 +499,8 @@ class Trainer:
                       "fit them)", "dim")
             return {}
         model, _ = load_model(self.run.best)
+        model.set_calibration(None)  # a resumed, finished run is fitted afresh, not twice
+        model.set_ood(None)
         model = model.to(self.device)
         batch = cfg.batch_size * 2
         val_out = predict_outputs(model, val.pixels, batch, self.device, size=cfg.img_size)

@@ -250,9 +250,10 @@ def domain_shift(unclassifiable: np.ndarray, expected: float, alpha: float = 1e-
     from scipy.stats import binomtest
 
     n, k = len(unclassifiable), int(np.sum(unclassifiable))
+    expected = max(expected, 0.01)  # a tiny validation split may have flagged none
     if n == 0 or k / n <= 2 * expected:
         return None
-    if binomtest(k, n, max(expected, 1e-6), alternative="greater").pvalue >= alpha:
+    if binomtest(k, n, expected, alternative="greater").pvalue >= alpha:
         return None
     return (f"domain shift: {k} of {n} cells ({k / n:.0%}) are unlike the cells this model "
             f"was trained on (it flags {expected:.0%} of its own validation cells); its "

@@ -43,6 +43,9 @@ from leukotree.tree import node_choices
 
 #: Temperatures are searched in [1/20, 20].
 T_RANGE = (0.05, 20.0)
+#: A node keeps T = 1 below this many validation images, or when it made no error there
+#: (the likelihood then keeps rising as T falls, and T would hit its bound).
+MIN_IMAGES = 20
 _NEG = -1e9  # log(0) that stays finite in exported graphs
 
 
@@ -75,7 +78,11 @@ class TreeTemperature(nn.Module):
         self.temperatures = {n: float(temperatures.get(n, 1.0)) for n in taxonomy.inner_nodes}
 
     def forward(self, leaf_logp: torch.Tensor) -> torch.Tensor:
-        node_logp = torch.logsumexp(leaf_logp.float()[:, None, :] + self.log_member, dim=2)
+        with torch.autocast(leaf_logp.device.type, enabled=False):  # fp32, as fitted
+            return self._temper(leaf_logp.float())
+
+    def _temper(self, leaf_logp: torch.Tensor) -> torch.Tensor:
+        node_logp = torch.logsumexp(leaf_logp[:, None, :] + self.log_member, dim=2)
         cond = node_logp[:, self.below] - node_logp[:, self.parent]
         scaled = cond * self.inv_t
         norm = torch.logsumexp(scaled[:, None, :] + self.log_siblings, dim=2)
@@ -94,11 +101,13 @@ def fit_temperatures(taxonomy: Taxonomy, truth: Sequence[str], leaf_probs: np.nd
                      ) -> dict[str, float]:
     """``T_n`` for every inner node: argmin over ``T`` in :data:`T_RANGE` of
     ``-sum_i log softmax(log P(c | n) / T)[true child of i]`` on the images below ``n``
-    (1.0 for a node without images)."""
+    (1.0 for a node with fewer than :data:`MIN_IMAGES` images or without an error)."""
     from scipy.optimize import minimize_scalar
 
     temps = {n: 1.0 for n in taxonomy.inner_nodes}
     for choice in node_choices(taxonomy, truth, leaf_probs):
+        if len(choice.rows) < MIN_IMAGES or choice.hit.all():
+            continue
         logc = np.log(np.clip(choice.cond, 1e-12, None))
 
         def nll(log_t: float, logc: np.ndarray = logc, target: np.ndarray = choice.target,
@@ -139,9 +148,10 @@ class FeatureDistance(nn.Module):
                              persistent=False)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        diff = features.float()[:, None, :] - self.means[None]  # (B, K, D)
-        dist = ((diff @ self.precision) * diff).sum(-1)
-        return dist.min(dim=1).values / self.threshold
+        with torch.autocast(features.device.type, enabled=False):  # fp32, as fitted
+            diff = features.float()[:, None, :] - self.means[None]  # (B, K, D)
+            dist = ((diff @ self.precision) * diff).sum(-1)
+            return dist.min(dim=1).values / self.threshold
 
 
 def fit_feature_distance(features: np.ndarray, labels: Sequence[str],

@@ -91,10 +91,17 @@ def load_model(path: str | Path) -> tuple[TreeClassifier, dict[str, Any]]:
         first = str(err).strip().splitlines()[0]
         raise LeukotreeError(f"The weights in '{path}' do not fit the model it describes "
                              f"({first}); the file is damaged or was edited.") from None
-    model.set_calibration(payload.get("calibration", {}).get("temperatures"))
-    ood = payload.get("ood")
-    if ood is not None:
-        model.set_ood(ood["means"].numpy(), ood["precision"].numpy(), ood["threshold"])
+    try:
+        model.set_calibration(payload.get("calibration", {}).get("temperatures"))
+        ood = payload.get("ood")
+        if ood is not None:
+            model.set_ood(ood["means"].numpy(), ood["precision"].numpy(), ood["threshold"])
+            with torch.no_grad():  # the statistics must fit the model's features
+                model.eval()(torch.zeros(2, 3, config.img_size, config.img_size))
+    except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as err:
+        raise LeukotreeError(f"The calibration or out-of-distribution section of '{path}' "
+                             f"does not fit its model ({type(err).__name__}: {err}); the file "
+                             "is damaged or was edited.") from None
     model.eval()
     return model, payload
 

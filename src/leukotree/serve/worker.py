@@ -54,28 +54,25 @@ class Models:
 
     def torch_model(self, name: str | None) -> Any:
         """The PyTorch model behind a served model (an ensemble's first fold), for heat
-        maps and reports: the predictor's own, or loaded once from the served checkpoint
-        when prediction runs on ONNX Runtime. A bare ``.onnx`` file has none."""
+        maps and reports: loaded once from the served checkpoint, a copy apart from the
+        one the worker predicts with (Grad-CAM hooks its layers). A bare ``.onnx`` file
+        has none."""
         from leukotree.models.checkpoint import load_model
         from leukotree.rundir import CVDir
 
-        name, predictor = self.get(name)
+        name = self.get(name)[0]
         with self._lock:
             if name not in self._torch:
-                first = getattr(predictor, "members", [predictor])[0]
-                model = getattr(first, "model", None)
                 source = self.sources[name]
-                if model is None:
-                    if source.endswith(".onnx"):
-                        raise LeukotreeError(
-                            "Heat maps and reports need a PyTorch model: serve the run "
-                            "folder (or its .pt) rather than an exported .onnx file.")
-                    cv = CVDir(source)
-                    if cv.config.exists():
-                        fold = cv.read_summary()["folds"][0]
-                        source = str(cv.fold(fold["fold"], fold.get("repeat", 0)).path)
-                    model = load_model(source)[0]
-                self._torch[name] = model.eval()
+                if source.endswith(".onnx"):
+                    raise LeukotreeError(
+                        "Heat maps and reports need a PyTorch model: serve the run "
+                        "folder (or its .pt) rather than an exported .onnx file.")
+                cv = CVDir(source)
+                if cv.config.exists():
+                    fold = cv.read_summary()["folds"][0]
+                    source = str(cv.fold(fold["fold"], fold.get("repeat", 0)).path)
+                self._torch[name] = load_model(source)[0].eval()
             return self._torch[name]
 
     @property
@@ -138,7 +135,8 @@ class Worker:
                                                     for p in paths],
                                preds, thresholds, predictor.engine,
                                patient_model=predictor.patient_model,
-                               cell_taxonomy=predictor.cell_taxonomy)
+                               cell_taxonomy=predictor.cell_taxonomy,
+                               expected_ood=predictor.expected_ood)
         rows = prediction_rows(result)
         cell_results = [{"idx": c["idx"], "error": r["error"] or None,
                          "result": None if r["error"] else _cell_result(result, r, k)}
