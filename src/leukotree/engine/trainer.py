@@ -556,7 +556,10 @@ class Trainer:
                     "manifest 'patient' column or patient sub-folders (--patients).")
             outputs = predict_outputs(model, part.pixels, cfg.batch_size * 2, self.device,
                                       size=cfg.img_size if size is None else size)
-            patients = [s.patient for s in part.samples]
+            odd = outputs.get("ood_score", np.zeros(len(part.samples))) > 1
+            # as predict: unclassifiable cells are left out of the patient's bag
+            patients = [None if o else s.patient for s, o in zip(part.samples, odd,
+                                                                 strict=True)]
             features = outputs.get("features", np.zeros((len(patients), 0), np.float32))
             bags[name] = make_bags(patients, outputs["leaf_probs"], features,
                                    outputs.get("cell_probs"), [s.path.name for s in part.samples],
