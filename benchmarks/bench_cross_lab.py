@@ -19,8 +19,10 @@ the same types; prints JSON and writes OUT/cross_lab.md.
    adapt``: batch-norm statistics re-estimated; ``--no-adapt`` skips it), then fine-tunes
    the adapted model (``train --init``) on at most ``--labelled-per-class`` labelled
    cells per class drawn from half of the patients, and tests both on the other half.
-4. Evaluates in-lab (held-out PBC) and cross-lab (Johns Hopkins, mapped; before and
-   after adaptation): accuracy,
+4. Evaluates in-lab (held-out PBC; also re-cropped tightly, as labs that export a
+   120 px box around the cell do, with the model's centre crop and with
+   ``--crop-mode auto``) and cross-lab (Johns Hopkins, mapped; before and after
+   adaptation): accuracy,
    macro F1, leaf ECE before/after temperature scaling, the share of cells flagged
    unclassifiable and the accuracy of the cells kept; and, per unseen type, the share of
    cells flagged (the out-of-distribution catch rate).
@@ -125,6 +127,30 @@ def few_labels(run: Path, adapted: Path, mapped: Path, args: argparse.Namespace,
                 patients="none"))}
 
 
+def tight_crops(test: Path, out: Path, side: int = 120, per_nucleus: float = 1.8) -> Path:
+    """The held-out PBC cells re-cropped as some labs export them: a ``side`` px square of
+    ``per_nucleus`` nucleus diameters around the nucleus (the cell fills the frame)."""
+    from PIL import Image
+
+    from leukotree.data.cells import find_cell
+
+    rows = []
+    with test.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            img = Image.open(row["path"]).convert("RGB")
+            found = find_cell(img)
+            cx, cy, d = found if found else (img.width / 2, img.height / 2, min(img.size) / 4)
+            half = min(per_nucleus * d / 2, min(img.size) / 2)
+            cx = float(np.clip(cx, half, img.width - half))  # the box stays in the image
+            cy = float(np.clip(cy, half, img.height - half))
+            target = out / "tight" / row["label"] / (Path(row["path"]).stem + ".png")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            img.resize((side, side), Image.Resampling.BILINEAR,
+                       box=(cx - half, cy - half, cx + half, cy + half)).save(target)
+            rows.append({**row, "path": str(target)})
+    return write_manifest(out / "pbc-test-tight.csv", rows)
+
+
 def summary(metrics: dict) -> dict:
     cal = metrics.get("calibration", {})
     ood = metrics.get("ood") or {}
@@ -175,6 +201,16 @@ def main() -> None:
     cross = evaluate(run, mapped, args.out / "eval-jhh", settings, patients="none")
     result["in_lab_pbc_test"] = summary(in_lab)
     result["cross_lab_jhh"] = summary(cross)
+    tight = tight_crops(test, args.out)
+    auto = EvalSettings(progress=False, crop_mode="auto")
+    result["tight_crops"] = summary(evaluate(run, tight, args.out / "eval-tight", settings,
+                                             patients="none"))
+    result["tight_crops_auto"] = summary(evaluate(run, tight, args.out / "eval-tight-auto",
+                                                  auto, patients="none"))
+    result["in_lab_pbc_test_auto"] = summary(evaluate(run, test, args.out / "eval-pbc-auto",
+                                                      auto, patients="none"))
+    result["cross_lab_jhh_auto"] = summary(evaluate(run, mapped, args.out / "eval-jhh-auto",
+                                                    auto, patients="none"))
     if not args.no_adapt:
         adapted = args.out / "adapted"
         if not (adapted / "adapt.json").exists():
@@ -212,7 +248,12 @@ def markdown(r: dict) -> str:
     lines = ["| test set | cells | accuracy | macro F1 | leaf ECE (before -> after) | "
              "flagged unclassifiable | accuracy of kept cells |", "|---|---|---|---|---|---|---|"]
     for name, key in (("PBC, held out (same lab)", "in_lab_pbc_test"),
+                      ("same, `--crop-mode auto`", "in_lab_pbc_test_auto"),
+                      ("same cells re-cropped tightly (120 px, cell filling the frame)",
+                       "tight_crops"),
+                      ("same tight crops, `--crop-mode auto`", "tight_crops_auto"),
                       ("Johns Hopkins, same 8 types", "cross_lab_jhh"),
+                      ("same, `--crop-mode auto`", "cross_lab_jhh_auto"),
                       ("Johns Hopkins, after `adapt` (no labels)", "cross_lab_jhh_adapted"),
                       ("Johns Hopkins, other half of the patients, after `adapt`",
                        "cross_lab_jhh_heldout_adapted"),

@@ -151,6 +151,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         args.run, args.inputs, patients=args.patients, confidence=args.confidence,
         target_error=args.target_error, batch_size=args.batch_size, workers=args.workers,
         progress=not args.no_progress, tta=args.tta, engine=args.engine,
+        crop_mode=args.crop_mode,
         **_max_pixels(args))
     console = stderr_console()
     if not args.no_progress or result.engine_note:
@@ -270,7 +271,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         threshold=args.threshold, target_sensitivity=args.target_sensitivity,
         positive=args.positive, aggregate=args.aggregate, min_cells=args.min_cells,
         batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress,
-        tta=args.tta, **_max_pixels(args))
+        tta=args.tta, crop_mode=args.crop_mode, **_max_pixels(args))
     check_settings(settings)
     where = EvalDir(args.out)
     data = args.data
@@ -532,6 +533,7 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
                          "CPUs; the export is kept beside best.pt), else PyTorch")
     pr.add_argument("--batch-size", type=POSITIVE, default=64)
     pr.add_argument("--workers", type=POSITIVE, default=2)
+    _add_crop_mode(pr)
     _add_max_pixels(pr)
     pr.add_argument("--no-progress", action="store_true")
     pr.set_defaults(func=cmd_predict)
@@ -584,6 +586,13 @@ def _add_explain_report_export_parsers(sub: argparse._SubParsersAction) -> None:
     ex.set_defaults(func=cmd_export)
 
 
+def _add_crop_mode(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--crop-mode", choices=["centre", "cell", "auto"],
+                        help="decode these images with another crop mode than the model's "
+                             "(auto: tight crops of a cell, as some labs export, are framed "
+                             "by the cell instead of cut by the centre crop)")
+
+
 def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("evaluate", help="metrics, tables and plots of a model on data")
     ev.add_argument("run", type=Path, help="run folder (or its best.pt)")
@@ -607,6 +616,7 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
                     help="average over the 8 flips/rotations of each image (8x slower)")
     ev.add_argument("--batch-size", type=POSITIVE, default=64)
     ev.add_argument("--workers", type=POSITIVE, default=2)
+    _add_crop_mode(ev)
     _add_max_pixels(ev)
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=cmd_evaluate)

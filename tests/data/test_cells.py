@@ -63,3 +63,15 @@ def test_a_blank_noisy_image_has_no_nucleus_and_decodes_to_its_size(tmp_path):
     assert find_cell(Image.open(tmp_path / "blank.png")) is None
     out = load_rgb_array(tmp_path / "blank.png", 48, crop=0.65, crop_mode="cell")
     assert out.shape == (48, 48, 3)
+
+
+def test_auto_keeps_the_centre_crop_unless_the_image_is_a_tight_crop(tmp_path):
+    smear(360, 180, 180, 45).save(tmp_path / "wide.png")  # frame ~ the image: centre
+    smear(360, 180, 180, 45).crop((108, 108, 252, 252)).save(tmp_path / "tight.png")
+    wide_auto = load_rgb_array(tmp_path / "wide.png", 64, crop=0.65, crop_mode="auto")
+    wide_centre = load_rgb_array(tmp_path / "wide.png", 64, crop=0.65)
+    assert np.array_equal(wide_auto, wide_centre)
+    tight_auto = load_rgb_array(tmp_path / "tight.png", 64, crop=0.65, crop_mode="auto")
+    tight_cell = load_rgb_array(tmp_path / "tight.png", 64, crop=0.65, crop_mode="cell")
+    assert np.array_equal(tight_auto, tight_cell)
+    assert np.abs(tight_auto.astype(int) - wide_centre).mean() < 6  # framed like the wide one

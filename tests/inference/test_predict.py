@@ -110,3 +110,17 @@ def test_dihedral_averaging_is_invariant_to_rotations_and_flips():
     assert np.allclose(base, turned, atol=1e-5)
     assert np.allclose(base.sum(1), 1, atol=1e-5)
     assert not np.allclose(base, plain, atol=1e-4)  # averaging changes the answer
+
+
+def test_predict_can_decode_with_another_crop_mode(run, tmp_path):
+    out = tmp_path / "auto.csv"
+    assert main(["predict", str(run / "run"), str(run / "data" / "CLL"), "--crop-mode", "auto",
+                 "--out", str(out), "--no-progress", "--engine", "torch"]) == 0
+    assert len(list(csv.DictReader(out.open()))) == 3 * 4
+    from leukotree.errors import LeukotreeError
+    from leukotree.inference.predictor import load_predictor, set_crop_mode
+
+    predictor, _ = load_predictor(run / "run", "torch")
+    assert set_crop_mode(predictor, "auto").model_config.crop_mode == "auto"
+    with pytest.raises(LeukotreeError, match="'crop_mode' parameter must be one of"):
+        set_crop_mode(predictor, "nucleus")

@@ -28,7 +28,7 @@ FRAME_PER_NUCLEUS = 3.8
 #: Smallest and largest nucleus, as fractions of the working copy's area (outside:
 #: no nucleus found, e.g. a blank or out-of-focus image thresholded as one blob).
 MIN_AREA = 0.002
-MAX_AREA = 0.25
+MAX_AREA = 0.45
 
 
 @dataclass(frozen=True)

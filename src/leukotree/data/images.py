@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -130,8 +130,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 #: How the square that ``crop`` applies to is placed: ``centre`` (the image's central
-#: square) or ``cell`` (a square sized and centred by the cell's nucleus: data.cells).
-CROP_MODES = ("centre", "cell")
+#: square), ``cell`` (a square sized and centred by the cell's nucleus: data.cells) or
+#: ``auto`` (the centre, unless the cell's frame is more than AUTO_RATIO times the image:
+#: a tight crop, whose centre crop would cut the cell).
+CROP_MODES = ("centre", "cell", "auto")
+AUTO_RATIO = 1.8
 
 
 def load_rgb_array(
@@ -147,18 +150,24 @@ def load_rgb_array(
     ``centre``: the central square of side ``crop * min(width, height)`` is kept (cells
     sit in the centre of single-cell images); ``cell``: the central ``crop`` of the
     cell's frame (:func:`~leukotree.data.cells.cell_frame`), the part beyond the image
-    filled with the colour of its border. Either is resized bilinearly to ``size``.
+    filled with the colour of its border; ``auto``: ``cell`` for an image whose cell
+    frame exceeds :data:`AUTO_RATIO` times its side (a tight crop), else ``centre``.
+    Each is resized bilinearly to ``size``.
     """
     if not 0 < crop <= 1:
         raise ValueError(f"crop must be in (0, 1], got {crop}")
     if crop_mode not in CROP_MODES:
         raise ValueError(f"crop_mode must be one of {CROP_MODES}, got {crop_mode!r}")
-    draft = None if size is None or crop_mode == "cell" else int(np.ceil(size / crop))
+    draft = None if size is None or crop_mode != "centre" else int(np.ceil(size / crop))
     img = open_image(path, max_pixels=max_pixels, draft_size=draft)
     if size is None:
         return np.asarray(img, dtype=np.uint8)
-    if crop_mode == "cell":
-        return np.asarray(_cell_crop(img, size, crop), dtype=np.uint8)
+    if crop_mode != "centre":
+        from leukotree.data.cells import cell_frame
+
+        frame = cell_frame(img)
+        if crop_mode == "cell" or (frame.found and frame.side > AUTO_RATIO * min(img.size)):
+            return np.asarray(_cell_crop(img, frame, size, crop), dtype=np.uint8)
     side = crop * min(img.size)
     left, top = (img.width - side) / 2, (img.height - side) / 2
     if (side, left, top) != (img.width, 0, 0) or img.size != (size, size):
@@ -167,10 +176,8 @@ def load_rgb_array(
     return np.asarray(img, dtype=np.uint8)
 
 
-def _cell_crop(img: Image.Image, size: int, crop: float) -> Image.Image:
-    from leukotree.data.cells import cell_frame
-
-    left, top, right, bottom = cell_frame(img).box(crop)
+def _cell_crop(img: Image.Image, frame: Any, size: int, crop: float) -> Image.Image:
+    left, top, right, bottom = frame.box(crop)
     inside = (max(left, 0.0), max(top, 0.0), min(right, img.width), min(bottom, img.height))
     if inside == (left, top, right, bottom):
         return img.resize((size, size), Image.Resampling.BILINEAR, box=inside)

@@ -95,9 +95,10 @@ class TrainConfig:
     crop_fraction: float = option(1.0, "keep this central fraction of each image before "
                                   "resizing", low=0, low_open=True, high=1)
     crop_mode: str = option("centre", "what the crop fraction applies to: the image's "
-                            "central square, or a square sized and centred by the cell's "
-                            "nucleus (cell: independent of the camera's framing)",
-                            choices=("centre", "cell"))
+                            "central square, a square sized and centred by the cell's "
+                            "nucleus (cell: independent of the camera's framing), or the "
+                            "centre unless the image is a tight crop of its cell (auto)",
+                            choices=("centre", "cell", "auto"))
     train_pad: float = option(0.0, "cache training images this much larger and train on "
                               "random crops", low=0, high=0.5)
     balance: str = option("none", "top up minority classes with rotated copies (rotate)",

@@ -18,7 +18,13 @@ from leukotree.evaluation.metrics import (
     threshold_for_sensitivity,
 )
 from leukotree.inference.decisions import AGGREGATES, aggregate_patients, domain_shift
-from leukotree.inference.predictor import Predictions, Predictor, TorchPredictor, predict_paths
+from leukotree.inference.predictor import (
+    Predictions,
+    Predictor,
+    TorchPredictor,
+    predict_paths,
+    set_crop_mode,
+)
 from leukotree.models.calibration import apply_temperatures
 from leukotree.models.checkpoint import load_model
 from leukotree.patients.bags import make_bags, patient_labels
@@ -45,6 +51,7 @@ class EvalSettings:
     progress: bool = True
     tta: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
+    crop_mode: str | None = None  # None: the model's own
 
 
 def binary_block(taxonomy: Taxonomy, truth: list[str], probs: np.ndarray, threshold: float,
@@ -73,8 +80,10 @@ def evaluate(
     run = Path(run)
     model, payload = load_model(run)
     ood_section = payload.get("ood") or {}
-    predictor = TorchPredictor(model, patient_model=payload.get("patient_model"),
-                               expected_ood=float(ood_section.get("val_flagged", 0.05)))
+    predictor = set_crop_mode(
+        TorchPredictor(model, patient_model=payload.get("patient_model"),
+                       expected_ood=float(ood_section.get("val_flagged", 0.05))),
+        settings.crop_mode)
     taxonomy: Taxonomy = model.taxonomy
     sample_set = discover(data, taxonomy, patients=patients, labels=labels)
     sample_set.raise_for_problems()

@@ -28,7 +28,13 @@ from leukotree.inference.decisions import (
     parse_thresholds,
     referral_message,
 )
-from leukotree.inference.predictor import Predictions, Predictor, load_predictor, predict_paths
+from leukotree.inference.predictor import (
+    Predictions,
+    Predictor,
+    load_predictor,
+    predict_paths,
+    set_crop_mode,
+)
 from leukotree.patients.bags import make_bags
 from leukotree.patients.fit import FittedPatientModel
 from leukotree.rundir import RunDir, write_csv
@@ -73,11 +79,13 @@ def run_predict(
     tta: bool = False,
     engine: str = "auto",
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    crop_mode: str | None = None,
 ) -> PredictResult:
     """Predict every input image (see :func:`~leukotree.inference.predictor.load_predictor`
     for ``engine``); thresholds come from ``confidence`` or, with ``target_error``, from
     the run's validation split."""
     predictor, info = load_predictor(run, engine)
+    set_crop_mode(predictor, crop_mode)
     found = collect_inputs(inputs, patients, predictor.taxonomy)
     images = found.images
     preds = predict_paths(predictor, [i.path for i in images], batch_size=batch_size,

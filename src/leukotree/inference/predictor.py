@@ -254,6 +254,22 @@ def predict_paths(
                        None if ood is None else ood[:, 0])
 
 
+def set_crop_mode(predictor: Predictor, crop_mode: str | None) -> Predictor:
+    """Decode this predictor's inputs with another crop mode (see
+    :data:`~leukotree.data.images.CROP_MODES`; None keeps the model's own), e.g. ``auto``
+    for another lab's tight crops."""
+    from dataclasses import replace
+
+    from leukotree.data.images import CROP_MODES
+
+    if crop_mode is not None:
+        if crop_mode not in CROP_MODES:
+            raise LeukotreeError(f"The 'crop_mode' parameter must be one of "
+                                 f"{', '.join(CROP_MODES)}; got {crop_mode!r}.")
+        predictor.model_config = replace(predictor.model_config, crop_mode=crop_mode)
+    return predictor
+
+
 def load_predictor(run: str | Path, engine: str = "auto") -> tuple[Predictor, dict[str, Any]]:
     """A predictor for ``run`` (a run folder, its ``.pt``, an exported ``.onnx``, or a
     ``leukotree cv`` folder, whose fold models are averaged: :mod:`.ensemble`) and a
