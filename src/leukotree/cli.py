@@ -309,7 +309,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              "(or LEUKOTREE_TOKEN) so that every request must carry it.")
     store = Store(args.store or default_store())
     limits = Limits(args.max_files, args.max_bytes, args.max_pixels or 25_000_000)
-    app = create_app(Models(args.runs, args.engine), store,
+    app = create_app(Models(args.runs, args.engine, crop_mode=args.crop_mode), store,
                      ServeSettings(token, limits, args.confidence, args.aggregate))
     say(stderr_console(), f"serving {len(args.runs)} model(s) on http://{args.host}:{args.port} "
         f"(store {store.root}){'' if token is None else '; a token is required'}")
@@ -634,6 +634,7 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--token", help="require this token (Bearer header or login); required "
                                     "off 127.0.0.1; also read from LEUKOTREE_TOKEN")
     sv.add_argument("--engine", choices=["auto", "torch", "onnx"], default="auto")
+    _add_crop_mode(sv)
     sv.add_argument("--confidence", default="0.6",
                     help="referral threshold per level (one value or one per level)")
     sv.add_argument("--aggregate", choices=["majority", "mean"], default="majority",

@@ -162,3 +162,14 @@ def test_heat_maps_come_from_the_checkpoint_when_onnx_runtime_predicts(served_ru
             assert response.status_code == 200, (node, response.text)
             assert response.content[:8] == b"\x89PNG\r\n\x1a\n"
         assert api.get("/models").status_code == 200
+
+
+def test_the_served_models_can_decode_another_lab_with_another_crop_mode(served_run,
+                                                                         tmp_path):
+    models = Models([served_run / "run"], engine="torch", crop_mode="auto")
+    assert models.predictors["run"].model_config.crop_mode == "auto"
+    assert models.torch_model("run").config.crop_mode == "auto"  # heat maps decode alike
+    with TestClient(create_app(models, Store(tmp_path / "store"), ServeSettings())) as api:
+        case = wait_done(api, api.post("/api/cases", files=cells(served_run, 3)).json()["id"])
+        assert case["status"] == "done" and all(c["label"] for c in case["cells"])
+        assert api.get(f"/cases/{case['id']}/cells/0/heatmap/Leukemia").status_code == 200

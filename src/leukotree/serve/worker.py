@@ -26,14 +26,20 @@ from leukotree.inference.predict import (
     patient_decisions,
     prediction_rows,
 )
-from leukotree.inference.predictor import Predictor, load_predictor, predict_paths
+from leukotree.inference.predictor import (
+    Predictor,
+    load_predictor,
+    predict_paths,
+    set_crop_mode,
+)
 from leukotree.serve.store import Store
 
 
 class Models:
     """The served models by name (a run folder, its ``.pt``, an ``.onnx`` or a cv folder)."""
 
-    def __init__(self, runs: Sequence[str | Path], engine: str = "auto") -> None:
+    def __init__(self, runs: Sequence[str | Path], engine: str = "auto",
+                 crop_mode: str | None = None) -> None:
         if not runs:
             raise LeukotreeError("leukotree serve needs at least one RUN (a run folder, "
                                  "model file or cv folder).")
@@ -45,6 +51,7 @@ class Models:
             while name in self.predictors:
                 name += "+"
             predictor, info = load_predictor(run, engine)
+            set_crop_mode(predictor, crop_mode)  # None: each model's own
             self.predictors[name], self.sources[name], self.info[name] = predictor, str(run), info
 
         self._torch: dict[str, Any] = {}
@@ -72,7 +79,9 @@ class Models:
                 if cv.config.exists():
                     fold = cv.read_summary()["folds"][0]
                     source = str(cv.fold(fold["fold"], fold.get("repeat", 0)).path)
-                self._torch[name] = load_model(source)[0].eval()
+                model = load_model(source)[0].eval()
+                model.config.crop_mode = self.predictors[name].model_config.crop_mode
+                self._torch[name] = model
             return self._torch[name]
 
     @property
