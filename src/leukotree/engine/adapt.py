@@ -17,18 +17,20 @@ lab.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from leukotree.data.discover import collect_inputs
-from leukotree.data.images import DEFAULT_MAX_PIXELS, iter_decoded, to_tensor
+from leukotree.data.images import DEFAULT_MAX_PIXELS, to_tensor
 from leukotree.errors import LeukotreeError, display_path
-from leukotree.models.checkpoint import load_model, read_checkpoint, save_model, update_checkpoint
-from leukotree.progress import make_progress
+from leukotree.inference.predictor import TorchPredictor, predict_paths
+from leukotree.models.checkpoint import load_model, save_model, update_checkpoint
 from leukotree.rundir import RunDir, write_json
 
 #: Files of the source run that describe the adapted one as well.
@@ -39,10 +41,11 @@ def batch_norm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-@torch.no_grad()
-def adapt_batch_norm(model: nn.Module, batches: Any) -> int:
-    """Replace every batch-norm layer's running statistics by those of ``batches``
-    (uint8 pixel arrays ``(N, S, S, 3)``); returns the number of images seen."""
+@contextmanager
+def estimating_batch_norm(model: nn.Module) -> Iterator[list[nn.Module]]:
+    """Inside, every forward pass of ``model`` (otherwise in eval mode) adds to fresh
+    running statistics of its batch-norm layers: their plain average over all batches
+    (``momentum=None``). Afterwards the model is in eval mode again."""
     layers = batch_norm_layers(model)
     if not layers:
         raise LeukotreeError("This model has no batch-normalisation layer to adapt (e.g. a "
@@ -53,16 +56,24 @@ def adapt_batch_norm(model: nn.Module, batches: Any) -> int:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over every batch
         m.train()
-    seen = 0
     try:
-        for pixels in batches:
-            if len(pixels):
-                model(to_tensor(pixels))
-                seen += len(pixels)
+        yield layers
     finally:
         for m, momentum in saved:
             m.momentum = momentum
         model.eval()
+
+
+@torch.no_grad()
+def adapt_batch_norm(model: nn.Module, batches: Iterable[np.ndarray]) -> int:
+    """Replace every batch-norm layer's running statistics by those of ``batches``
+    (uint8 pixel arrays ``(N, S, S, 3)``); returns the number of images seen."""
+    seen = 0
+    with estimating_batch_norm(model):
+        for pixels in batches:
+            if len(pixels):
+                model(to_tensor(pixels))
+                seen += len(pixels)
     return seen
 
 
@@ -85,21 +96,12 @@ def adapt(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
     if len(paths) < 2:
         raise LeukotreeError(f"adapt needs the new lab's cells: found {len(paths)} image(s) in "
                              f"{', '.join(map(str, inputs))}.")
-    cfg = model.config
-    unreadable: list[str] = []
-
-    def batches() -> Any:
-        with make_progress(enabled=progress) as bar:
-            task = bar.add_task("Re-estimating batch statistics", total=len(paths), rate="")
-            for _, decoded in iter_decoded(paths, cfg.img_size, chunk=batch_size,
-                                           crop=float(cfg.crop_fraction),
-                                           crop_mode=cfg.crop_mode, workers=workers,
-                                           max_pixels=max_pixels):
-                unreadable.extend(e for e in decoded.errors if e is not None)
-                bar.update(task, advance=len(decoded.errors))
-                yield decoded.pixels[decoded.ok]
-
-    seen = adapt_batch_norm(model, batches())
+    predictor = TorchPredictor(model)
+    with estimating_batch_norm(model) as layers:
+        preds = predict_paths(predictor, paths, batch_size=batch_size, workers=workers,
+                              progress=progress, on_error="report", max_pixels=max_pixels)
+    unreadable = [e for e in preds.errors if e is not None]
+    seen = int(preds.ok.sum())
     if seen < 2:
         raise LeukotreeError(f"Only {seen} of the given images could be read (batch "
                              "statistics need at least 2); nothing was adapted."
@@ -113,11 +115,10 @@ def adapt(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
               "method": "batch-norm statistics re-estimated on the new cells (AdaBN)",
               "not_carried_over": dropped,
               "inputs": [str(i) for i in inputs], "n_cells": seen,
-              "batch_norm_layers": len(batch_norm_layers(model)),
+              "batch_norm_layers": len(layers),
               "unreadable": unreadable}
     save_model(target.best, model, extra={**payload.get("extra", {}), "adapted": report})
     if "patient_model" in payload:
         update_checkpoint(target.best, patient_model=payload["patient_model"])
-    read_checkpoint(target.best)  # the written file is a valid model
     write_json(target.path / RunDir.ADAPT, report)
     return report
