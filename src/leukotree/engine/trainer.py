@@ -186,7 +186,7 @@ class Trainer:
             if broadcast_flag(self.dist, stop):
                 break
         barrier(self.dist)
-        return self._finish(state, train, val, precision)
+        return self._finish(state, train, val)
 
     # ----------------------------------------------------------------- setup
     def _check_out_folder(self) -> None:
@@ -472,97 +472,108 @@ class Trainer:
         writer.writerows(history)
         write_text(self.run.history, buffer.getvalue())
 
-    def _finish(self, state: TrainState, train: Split, val: Split, precision: Precision,
-                ) -> dict[str, Any]:
+    def _finish(self, state: TrainState, train: Split, val: Split) -> dict[str, Any]:
         cfg = self.config
         summary = {"best_epoch": state.best_epoch, "best": state.best, "monitor": cfg.monitor,
                    "history": state.history, "run": str(self.out)}
         if self.dist.is_main:
             plots.learning_curves(state.history, self.run.curves)
-            summary |= self._fit_calibration(train, val)
-            if cfg.patient_model != "none":
-                summary["patient_level"] = self._fit_patient_model(train, val, precision)
+            calibrate = (cfg.calibrate or cfg.ood_quantile > 0) and len(val) > 0
+            if calibrate and cfg.fold is not None:
+                self._log("no calibration or out-of-distribution threshold for a "
+                          "cross-validation fold: its validation fold is the test fold "
+                          "(train without --fold to fit them)", "dim")
+                calibrate = False
+            patients = cfg.patient_model != "none"
+            if calibrate or patients:
+                # One pass of the best model, uncalibrated (a resumed, finished run is
+                # fitted afresh, not twice), over the sides the fits need.
+                model, _ = load_model(self.run.best)
+                model.set_calibration(None)
+                model.set_ood(None)
+                model = model.to(self.device)
+                sides = {"val": val}
+                if patients or (calibrate and cfg.ood_quantile > 0):
+                    sides["train"] = train
+                outputs = {name: predict_outputs(model, part.pixels, cfg.batch_size * 2,
+                                                 self.device, size=cfg.img_size)
+                           for name, part in sides.items()}
+                if calibrate:
+                    summary |= self._fit_calibration(model.taxonomy, train, val, outputs)
+                if patients:
+                    summary["patient_level"] = self._fit_patient_model(model, train, val,
+                                                                       outputs)
             write_json(self.run.summary, summary)
         return summary
 
-    def _fit_calibration(self, train: Split, val: Split) -> dict[str, Any]:
+    def _fit_calibration(self, taxonomy: Taxonomy, train: Split, val: Split,
+                         outputs: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
         """Fit the per-node temperatures (on the validation split) and the feature
         distance to the training cells (threshold: ``ood_quantile`` of the validation
-        cells) and store both in ``best.pt`` (:mod:`leukotree.models.calibration`)."""
+        cells), store both in ``best.pt`` (:mod:`leukotree.models.calibration`) and
+        apply them to ``outputs``, as the stored model will."""
         cfg = self.config
-        wanted = cfg.calibrate or cfg.ood_quantile > 0
-        if not wanted or len(val) == 0:
-            return {}
-        if cfg.fold is not None:
-            self._log("no calibration or out-of-distribution threshold for a cross-validation "
-                      "fold: its validation fold is the test fold (train without --fold to "
-                      "fit them)", "dim")
-            return {}
-        model, _ = load_model(self.run.best)
-        model.set_calibration(None)  # a resumed, finished run is fitted afresh, not twice
-        model.set_ood(None)
-        model = model.to(self.device)
-        batch = cfg.batch_size * 2
-        val_out = predict_outputs(model, val.pixels, batch, self.device, size=cfg.img_size)
+        val_out = outputs["val"]
         truth = [s.label for s in val.samples]
         sections: dict[str, Any] = {}
         result: dict[str, Any] = {}
         if cfg.calibrate:
-            temps = fit_temperatures(model.taxonomy, truth, val_out["leaf_probs"])
-            after = apply_temperatures(model.taxonomy, val_out["leaf_probs"], temps)
-            leaf = [i for i, t in enumerate(truth) if t in model.taxonomy.leaf_index]
-            y = np.array([model.taxonomy.leaf_index[truth[i]] for i in leaf])
+            temps = fit_temperatures(taxonomy, truth, val_out["leaf_probs"])
+            after = apply_temperatures(taxonomy, val_out["leaf_probs"], temps)
+            leaf = [i for i, t in enumerate(truth) if t in taxonomy.leaf_index]
+            y = np.array([taxonomy.leaf_index[truth[i]] for i in leaf])
             ece = (expected_calibration_error(val_out["leaf_probs"][leaf], y),
                    expected_calibration_error(after[leaf], y))
             sections["calibration"] = {
                 "temperatures": temps, "ece_before": ece[0], "ece_after": ece[1],
-                "nll_before": tree_nll(model.taxonomy, truth, val_out["leaf_probs"]),
-                "nll_after": tree_nll(model.taxonomy, truth, after), "fitted_on": len(val)}
+                "nll_before": tree_nll(taxonomy, truth, val_out["leaf_probs"]),
+                "nll_after": tree_nll(taxonomy, truth, after), "fitted_on": len(val)}
             result["calibration"] = sections["calibration"]
             self._log("calibration: temperature " + ", ".join(
                 f"{n} {t:.2f}" for n, t in temps.items()) + f"; validation leaf ECE "
                 f"{ece[0]:.3f} -> {ece[1]:.3f} (fitted on these cells)")
+            for out in outputs.values():
+                out["leaf_probs"] = apply_temperatures(taxonomy, out["leaf_probs"], temps)
         if cfg.ood_quantile > 0 and "features" in val_out:
-            train_out = predict_outputs(model, train.pixels, batch, self.device,
-                                        size=cfg.img_size)
             means, precision, classes = fit_feature_distance(
-                train_out["features"], [s.label for s in train.samples])
+                outputs["train"]["features"], [s.label for s in train.samples])
+            distance = FeatureDistance(means, precision)
             with torch.no_grad():
-                dist = FeatureDistance(means, precision)(
-                    torch.from_numpy(val_out["features"])).numpy()
-            threshold = float(np.quantile(dist, cfg.ood_quantile))
-            flagged = float((dist > threshold).mean())
+                dist = {name: distance(torch.from_numpy(out["features"])).numpy()
+                        for name, out in outputs.items()}
+            threshold = float(np.quantile(dist["val"], cfg.ood_quantile))
+            flagged = float((dist["val"] > threshold).mean())
             sections["ood"] = ood_section(means, precision, classes, threshold,
                                           cfg.ood_quantile, flagged)
             result["ood"] = {"threshold": threshold, "quantile": cfg.ood_quantile,
                              "val_flagged": flagged}
             self._log(f"out-of-distribution score: threshold {threshold:.1f} (flags "
                       f"{flagged:.1%} of the validation cells)")
+            for name, out in outputs.items():
+                out["ood_score"] = dist[name] / threshold
         update_checkpoint(self.run.best, **sections)
         return result
 
-    def _fit_patient_model(self, train: Split, val: Split, precision: Precision,
-                           ) -> dict[str, Any]:
-        """Fit the patient-level model on the training patients (cells seen by the best
-        model), store it in ``best.pt`` and score the validation patients."""
+    def _fit_patient_model(self, model: TreeClassifier, train: Split, val: Split,
+                           outputs: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
+        """Fit the patient-level model on the training patients (the best model's outputs,
+        calibrated as stored), store it in ``best.pt`` and score the validation
+        patients."""
         cfg = self.config
-        model, _ = load_model(self.run.best)
-        model = model.to(self.device)
         bags = {}
-        for name, part, size in (("train", train, None), ("val", val, None)):
+        for name, part in (("train", train), ("val", val)):
             if any(s.patient is None for s in part.samples):
                 raise LeukotreeError(
                     "A patient-level model needs a patient id for every image: give a "
                     "manifest 'patient' column or patient sub-folders (--patients).")
-            outputs = predict_outputs(model, part.pixels, cfg.batch_size * 2, self.device,
-                                      size=cfg.img_size if size is None else size)
-            odd = outputs.get("ood_score", np.zeros(len(part.samples))) > 1
+            out = outputs[name]
+            odd = out.get("ood_score", np.zeros(len(part.samples))) > 1
             # as predict: unclassifiable cells are left out of the patient's bag
             patients = [None if o else s.patient for s, o in zip(part.samples, odd,
                                                                  strict=True)]
-            features = outputs.get("features", np.zeros((len(patients), 0), np.float32))
-            bags[name] = make_bags(patients, outputs["leaf_probs"], features,
-                                   outputs.get("cell_probs"), [s.path.name for s in part.samples],
+            features = out.get("features", np.zeros((len(patients), 0), np.float32))
+            bags[name] = make_bags(patients, out["leaf_probs"], features,
+                                   out.get("cell_probs"), [s.path.name for s in part.samples],
                                    patient_labels(model.taxonomy, patients,
                                                   [s.label for s in part.samples]))
         fitted = fit_patient_model(cfg.patient_model, model.taxonomy, model.cell_taxonomy,
