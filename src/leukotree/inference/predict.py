@@ -154,7 +154,7 @@ def patient_decisions(result: PredictResult, method: str, min_cells: int,
     by aggregating the cells (``majority`` vote or ``mean``); referral as ``report``.
     Unreadable and unclassifiable cells are left out."""
     taxonomy, preds = result.taxonomy, result.predictions
-    ok = preds.ok & ~preds.unclassifiable
+    ok = preds.classified
     patients = [img.patient if ok[i] else None for i, img in enumerate(result.images)]
     if not any(img.patient for img in result.images):
         raise LeukotreeError("--by-patient needs patient ids: use --patients folder, cnmc, "
@@ -196,7 +196,7 @@ def patient_rows(result: PredictResult, method: str, min_cells: int) -> list[dic
     counts = differentials(result)
     fitted = result.patient_model
     preds = result.predictions
-    flagged = preds.unclassifiable & preds.ok
+    flagged = preds.unclassifiable
     out = []
     for d in patient_decisions(result, method, min_cells):
         extra = {}
@@ -229,7 +229,7 @@ def differentials(result: PredictResult) -> dict[str, dict[str, float]]:
     if cells is None or preds.cell_probs is None:
         return {}
     out: dict[str, dict[str, float]] = {}
-    ok = preds.ok & ~preds.unclassifiable
+    ok = preds.classified
     for patient in sorted({i.patient for i in result.images if i.patient is not None}):
         rows = [k for k, img in enumerate(result.images) if img.patient == patient and ok[k]]
         if not rows:

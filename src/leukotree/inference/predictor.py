@@ -181,10 +181,16 @@ class Predictions:
 
     @property
     def unclassifiable(self) -> np.ndarray:
-        """Readable cells unlike the training cells (``ood_score > 1``)."""
+        """Readable cells unlike the training cells (``ood_score > 1``; an unreadable
+        row, NaN, is not one)."""
         if self.ood_score is None:
             return np.zeros(len(self.paths), dtype=bool)
         return np.nan_to_num(self.ood_score, nan=0.0) > 1.0
+
+    @property
+    def classified(self) -> np.ndarray:
+        """Readable and classifiable cells: those a patient's diagnosis is made from."""
+        return self.ok & ~self.unclassifiable
 
     def member_arrays(self) -> dict[str, np.ndarray]:
         """An ensemble's per-member outputs, keyed as a bag's ``extras`` expect."""

@@ -65,10 +65,10 @@ def patient_report(
                           on_error="report", max_pixels=max_pixels)
     if not preds.ok.any():
         raise LeukotreeError("None of the given images can be read; nothing to report.")
-    odd = preds.unclassifiable & preds.ok
+    odd = preds.unclassifiable
     alarm = domain_shift(odd[preds.ok], predictor.expected_ood) \
         if preds.ood_score is not None else None
-    ok = np.flatnonzero(preds.ok & ~odd)  # as predict: unclassifiable cells are left out
+    ok = np.flatnonzero(preds.classified)  # as predict: unclassifiable cells are left out
     if len(ok) == 0:
         raise LeukotreeError(
             f"All {int(odd.sum())} readable cells are unclassifiable (unlike the cells the "

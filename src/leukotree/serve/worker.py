@@ -187,6 +187,6 @@ def _diagnosis(result: PredictResult, patient: str, aggregate: str) -> dict[str,
         "model": fitted.model.name if fitted else aggregate,
         "threshold": None if fitted is None else fitted.threshold,
         "differential": differentials(result).get(patient, {}),
-        "n_unclassifiable": int((result.predictions.unclassifiable & ok).sum()),
+        "n_unclassifiable": int(result.predictions.unclassifiable.sum()),
         "domain_shift": result.domain_shift(),
     }
