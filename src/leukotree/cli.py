@@ -151,7 +151,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         args.run, args.inputs, patients=args.patients, confidence=args.confidence,
         target_error=args.target_error, batch_size=args.batch_size, workers=args.workers,
         progress=not args.no_progress, tta=args.tta, engine=args.engine,
-        crop_mode=args.crop_mode,
+        crop_mode=args.crop_mode, pixel_size=args.pixel_size,
         **_max_pixels(args))
     console = stderr_console()
     if not args.no_progress or result.engine_note:
@@ -245,7 +245,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     from leukotree.engine.adapt import adapt
 
     report = adapt(args.run, args.inputs, args.out, batch_size=args.batch_size,
-                   workers=args.workers, progress=not args.no_progress, **_max_pixels(args))
+                   workers=args.workers, progress=not args.no_progress,
+                   pixel_size=args.pixel_size, **_max_pixels(args))
     console = stderr_console()
     say(console, f"adapted {report['batch_norm_layers']} batch-norm layers to "
         f"{report['n_cells']} cells; wrote {args.out}")
@@ -271,7 +272,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         threshold=args.threshold, target_sensitivity=args.target_sensitivity,
         positive=args.positive, aggregate=args.aggregate, min_cells=args.min_cells,
         batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress,
-        tta=args.tta, crop_mode=args.crop_mode, **_max_pixels(args))
+        tta=args.tta, crop_mode=args.crop_mode, pixel_size=args.pixel_size,
+        **_max_pixels(args))
     check_settings(settings)
     where = EvalDir(args.out)
     data = args.data
@@ -309,7 +311,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              "(or LEUKOTREE_TOKEN) so that every request must carry it.")
     store = Store(args.store or default_store())
     limits = Limits(args.max_files, args.max_bytes, args.max_pixels or 25_000_000)
-    app = create_app(Models(args.runs, args.engine, crop_mode=args.crop_mode), store,
+    app = create_app(Models(args.runs, args.engine, crop_mode=args.crop_mode,
+                            pixel_size=args.pixel_size), store,
                      ServeSettings(token, limits, args.confidence, args.aggregate))
     say(stderr_console(), f"serving {len(args.runs)} model(s) on http://{args.host}:{args.port} "
         f"(store {store.root}){'' if token is None else '; a token is required'}")
@@ -533,7 +536,7 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
                          "CPUs; the export is kept beside best.pt), else PyTorch")
     pr.add_argument("--batch-size", type=POSITIVE, default=64)
     pr.add_argument("--workers", type=POSITIVE, default=2)
-    _add_crop_mode(pr)
+    _add_input_options(pr)
     _add_max_pixels(pr)
     pr.add_argument("--no-progress", action="store_true")
     pr.set_defaults(func=cmd_predict)
@@ -575,6 +578,9 @@ def _add_explain_report_export_parsers(sub: argparse._SubParsersAction) -> None:
     ad.add_argument("--out", type=Path, required=True, help="new folder for the adapted run")
     ad.add_argument("--batch-size", type=POSITIVE, default=64)
     ad.add_argument("--workers", type=POSITIVE, default=2)
+    ad.add_argument("--pixel-size", type=number(float, 0, 1000, low_open=True), metavar="UM",
+                    help="micrometres per pixel of the new lab's images (pass it again to "
+                         "predict with the adapted run)")
     _add_max_pixels(ad)
     ad.add_argument("--no-progress", action="store_true")
     ad.set_defaults(func=cmd_adapt)
@@ -586,11 +592,17 @@ def _add_explain_report_export_parsers(sub: argparse._SubParsersAction) -> None:
     ex.set_defaults(func=cmd_export)
 
 
-def _add_crop_mode(parser: argparse.ArgumentParser) -> None:
+def _add_input_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crop-mode", choices=["centre", "cell", "auto"],
                         help="decode these images with another crop mode than the model's "
                              "(auto: tight crops of a cell, as some labs export, are framed "
                              "by the cell instead of cut by the centre crop)")
+    parser.add_argument("--pixel-size", type=number(float, 0, 1000, low_open=True),
+                        metavar="UM",
+                        help="micrometres per pixel of these images (another camera or "
+                             "magnification): each is cropped to the physical field of view "
+                             "the model was trained on (needs a model trained with "
+                             "--pixel-size)")
 
 
 def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
@@ -616,7 +628,7 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
                     help="average over the 8 flips/rotations of each image (8x slower)")
     ev.add_argument("--batch-size", type=POSITIVE, default=64)
     ev.add_argument("--workers", type=POSITIVE, default=2)
-    _add_crop_mode(ev)
+    _add_input_options(ev)
     _add_max_pixels(ev)
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
@@ -634,7 +646,7 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--token", help="require this token (Bearer header or login); required "
                                     "off 127.0.0.1; also read from LEUKOTREE_TOKEN")
     sv.add_argument("--engine", choices=["auto", "torch", "onnx"], default="auto")
-    _add_crop_mode(sv)
+    _add_input_options(sv)
     sv.add_argument("--confidence", default="0.6",
                     help="referral threshold per level (one value or one per level)")
     sv.add_argument("--aggregate", choices=["majority", "mean"], default="majority",

@@ -215,3 +215,17 @@ def test_is_image_file(tmp_path):
     assert is_image_file(tmp_path / "a.bmp")
     assert not is_image_file(tmp_path / "a.gif")
     assert not is_image_file(tmp_path / "a.txt")
+
+
+def test_a_window_is_an_absolute_centred_square_padded_beyond_the_image(tmp_path):
+    img = np.full((100, 100, 3), 250, np.uint8)
+    img[40:60, 40:60] = (200, 0, 0)  # a 20 px "cell" in the centre
+    Image.fromarray(img).save(tmp_path / "c.png")
+    red = lambda a: (a[..., 1] < 100).mean()  # noqa: E731 - share of red pixels
+    inside = load_rgb_array(tmp_path / "c.png", 40, window=40)  # the cell is half the side
+    assert red(inside) == pytest.approx(0.25, abs=0.03)
+    wide = load_rgb_array(tmp_path / "c.png", 40, window=200)  # twice the image
+    assert red(wide) == pytest.approx(0.01, abs=0.005)  # 10% of the side
+    assert (wide[0, 0] == 250).all()  # beyond the image: the border's colour
+    with pytest.raises(ValueError, match="window must be positive"):
+        load_rgb_array(tmp_path / "c.png", 40, window=0)

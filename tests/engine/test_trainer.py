@@ -305,3 +305,38 @@ def test_resuming_a_finished_run_keeps_its_calibration(synth_data, tmp_path):
     after = read_checkpoint(run)
     assert after["calibration"]["temperatures"] == before["calibration"]["temperatures"]
     assert after["ood"]["threshold"] == pytest.approx(before["ood"]["threshold"])
+
+
+def test_a_run_with_a_pixel_size_sees_one_physical_field_at_any_magnification(synth_data,
+                                                                             tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from leukotree.data.images import load_rgb_array
+    from leukotree.inference.predictor import TorchPredictor, set_input
+
+    run = tmp_path / "run"
+    train(synth_data, run, resolve_config(preset="tiny-test", overrides={
+        "epochs": 1, "pixel_size": 0.5, "crop_fraction": 0.8}), progress=False)
+    model, _ = load_model(run)
+    assert model.config.pixel_size == 0.5
+    assert model.config.field_um == pytest.approx(0.8 * 32 * 0.5)  # synthetic images: 32 px
+    # The same cell photographed at twice the magnification (0.25 um per pixel) and
+    # framed more widely: with its pixel size, the model sees what it saw in training.
+    original = next(p for p in sorted(synth_data.rglob("*.png")))
+    big = np.asarray(Image.open(original).convert("RGB").resize((64, 64), Image.BILINEAR))
+    framed = np.pad(big, ((20, 20), (20, 20), (0, 0)), mode="edge")
+    Image.fromarray(framed).save(tmp_path / "zoomed.png")
+    own = load_rgb_array(original, 32, **model.config.decode_options())
+    cfg = set_input(TorchPredictor(model), pixel_size=0.25).model_config
+    assert cfg.decode_options()["window"] == pytest.approx(0.8 * 32 * 0.5 / 0.25)
+    seen = load_rgb_array(tmp_path / "zoomed.png", 32, **cfg.decode_options())
+    naive = load_rgb_array(tmp_path / "zoomed.png", 32, **model.config.decode_options())
+    err = np.abs(seen.astype(int) - own).mean()
+    assert err < 6 < np.abs(naive.astype(int) - own).mean()
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(run), str(tmp_path / "zoomed.png"), "--pixel-size", "0.25",
+                 "--out", str(out), "--no-progress", "--engine", "torch"]) == 0
+    assert len(out.read_text().splitlines()) == 2
+    with pytest.raises(SystemExit):  # argparse: "must be in (0, 1000]; got -1"
+        main(["predict", str(run), str(tmp_path / "zoomed.png"), "--pixel-size", "-1"])

@@ -118,9 +118,11 @@ def test_predict_can_decode_with_another_crop_mode(run, tmp_path):
                  "--out", str(out), "--no-progress", "--engine", "torch"]) == 0
     assert len(list(csv.DictReader(out.open()))) == 3 * 4
     from leukotree.errors import LeukotreeError
-    from leukotree.inference.predictor import load_predictor, set_crop_mode
+    from leukotree.inference.predictor import load_predictor, set_input
 
     predictor, _ = load_predictor(run / "run", "torch")
-    assert set_crop_mode(predictor, "auto").model_config.crop_mode == "auto"
+    assert set_input(predictor, crop_mode="auto").model_config.crop_mode == "auto"
     with pytest.raises(LeukotreeError, match="'crop_mode' parameter must be one of"):
-        set_crop_mode(predictor, "nucleus")
+        set_input(predictor, crop_mode="nucleus")
+    with pytest.raises(LeukotreeError, match="trained without one"):
+        set_input(predictor, pixel_size=0.3)

@@ -5,7 +5,7 @@ import torch
 
 from leukotree.errors import LeukotreeError
 from leukotree.models.backbones import PAPER_BACKBONES, load_weights, resolve_name
-from leukotree.models.heads import HEADS, ModelConfig, build_model
+from leukotree.models.heads import HEADS, ModelConfig, Normalize, build_model, context_weight
 from leukotree.taxonomy import Taxonomy, load_taxonomy
 
 TAX = Taxonomy.from_tree({"A": None, "B": ["b1", "b2"]}, name="tiny")
@@ -155,3 +155,30 @@ def test_unreachable_hub_gives_a_clear_error_for_every_kind_of_backbone(monkeypa
         create_backbone("resnet18", img_size=64, pretrained=True)
     with pytest.raises(LeukotreeError, match="--weights PATH"):
         create_feature_extractor("test_resnet", img_size=32, pretrained=True)
+
+
+def test_context_mask_flattens_the_surroundings_and_keeps_the_centre():
+    size = 40
+    w = context_weight(size, 0.3)[0, 0]
+    assert w[20, 20] > 0.99 and w[0, 0] < 0.01  # centre kept, corner flattened
+    assert w[20, 20:].diff().le(0).all()  # falls off with the distance from the centre
+    norm = Normalize([0.0] * 3, [1 / 255] * 3, context_radius=0.3, size=size)
+    x = torch.full((2, 3, size, size), 100.0)
+    x[0, :, :3] = 250.0  # a bright red-cell band at the top of the first image only
+    out = norm(x)
+    # the band's variation is gone: every far pixel has one colour per image ...
+    assert (out[0, :, :3] - out[0, :, 0:1, 0:1]).abs().max() < 2
+    # ... the centre is untouched, and an image without context is left as it is
+    assert torch.allclose(out[0, :, 20, 20], torch.full((3,), 100.0), atol=0.5)
+    assert torch.allclose(out[1], x[1])
+    # other input sizes get their own mask
+    assert norm(torch.full((1, 3, 24, 24), 7.0)).shape == (1, 3, 24, 24)
+    off = Normalize([0.0] * 3, [1 / 255] * 3)
+    assert torch.equal(off(x), x)
+
+
+def test_a_model_config_without_context_radius_reads_as_off():
+    d = ModelConfig(backbone="test_resnet").to_dict()
+    del d["context_radius"]  # a model file written before the option existed
+    model = build_model(TAX, ModelConfig.from_dict(d))
+    assert model.normalize.context is None

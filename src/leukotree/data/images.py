@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -143,22 +143,28 @@ def load_rgb_array(
     *,
     crop: float = 1.0,
     crop_mode: str = "centre",
+    window: float | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> np.ndarray:
     """Decode ``path`` to a ``(size, size, 3)`` uint8 array.
 
     ``centre``: the central square of side ``crop * min(width, height)`` is kept (cells
-    sit in the centre of single-cell images); ``cell``: the central ``crop`` of the
-    cell's frame (:func:`~leukotree.data.cells.cell_frame`), the part beyond the image
-    filled with the colour of its border; ``auto``: ``cell`` for an image whose cell
-    frame exceeds :data:`AUTO_RATIO` times its side (a tight crop), else ``centre``.
-    Each is resized bilinearly to ``size``.
+    sit in the centre of single-cell images), or of side ``window`` pixels when given
+    (a physical field of view at this image's pixel size, see
+    :meth:`~leukotree.models.ModelConfig.decode_options`); ``cell``: the central
+    ``crop`` of the cell's frame (:func:`~leukotree.data.cells.cell_frame`); ``auto``:
+    ``cell`` for an image whose cell frame exceeds :data:`AUTO_RATIO` times its side (a
+    tight crop), else ``centre``. A square reaching beyond the image is filled with the
+    colour of its border. Each is resized bilinearly to ``size``.
     """
     if not 0 < crop <= 1:
         raise ValueError(f"crop must be in (0, 1], got {crop}")
     if crop_mode not in CROP_MODES:
         raise ValueError(f"crop_mode must be one of {CROP_MODES}, got {crop_mode!r}")
-    draft = None if size is None or crop_mode != "centre" else int(np.ceil(size / crop))
+    if window is not None and not window > 0:
+        raise ValueError(f"window must be positive, got {window}")
+    draft = (None if size is None or crop_mode != "centre" or window is not None
+             else int(np.ceil(size / crop)))
     img = open_image(path, max_pixels=max_pixels, draft_size=draft)
     if size is None:
         return np.asarray(img, dtype=np.uint8)
@@ -167,7 +173,11 @@ def load_rgb_array(
 
         frame = cell_frame(img)
         if crop_mode == "cell" or (frame.found and frame.side > AUTO_RATIO * min(img.size)):
-            return np.asarray(_cell_crop(img, frame, size, crop), dtype=np.uint8)
+            return np.asarray(_square_crop(img, frame.box(crop), size), dtype=np.uint8)
+    if window is not None:
+        cx, cy, half = img.width / 2, img.height / 2, window / 2
+        return np.asarray(_square_crop(img, (cx - half, cy - half, cx + half, cy + half),
+                                       size), dtype=np.uint8)
     side = crop * min(img.size)
     left, top = (img.width - side) / 2, (img.height - side) / 2
     if (side, left, top) != (img.width, 0, 0) or img.size != (size, size):
@@ -176,8 +186,27 @@ def load_rgb_array(
     return np.asarray(img, dtype=np.uint8)
 
 
-def _cell_crop(img: Image.Image, frame: Any, size: int, crop: float) -> Image.Image:
-    left, top, right, bottom = frame.box(crop)
+def median_side(paths: Sequence[Path], limit: int = 500) -> float:
+    """Median ``min(width, height)`` of (an even sample of at most ``limit`` of) ``paths``,
+    read from the file headers."""
+    step = max(1, len(paths) // limit)
+    sides = []
+    for path in list(paths)[::step]:
+        try:
+            with Image.open(path) as img:
+                sides.append(min(img.size))
+        except (*_DECODE_ERRORS, UnidentifiedImageError) as err:
+            raise ImageReadError(path, f"cannot read its size ({err})") from err
+    if not sides:
+        raise ValueError("median_side needs at least one image")
+    return float(np.median(sides))
+
+
+def _square_crop(img: Image.Image, box: tuple[float, float, float, float], size: int,
+                 ) -> Image.Image:
+    """``box`` ``(left, top, right, bottom)`` resized to ``size``; outside the image, the
+    median colour of its border."""
+    left, top, right, bottom = box
     inside = (max(left, 0.0), max(top, 0.0), min(right, img.width), min(bottom, img.height))
     if inside == (left, top, right, bottom):
         return img.resize((size, size), Image.Resampling.BILINEAR, box=inside)
@@ -235,6 +264,7 @@ def decode_many(
     *,
     crop: float = 1.0,
     crop_mode: str = "centre",
+    window: float | None = None,
     workers: int = 2,
     on_error: str = "raise",
     progress: bool = False,
@@ -249,7 +279,7 @@ def decode_many(
     def work(i: int) -> None:
         try:
             pixels[i] = load_rgb_array(paths[i], size, crop=crop, crop_mode=crop_mode,
-                                       max_pixels=max_pixels)
+                                       window=window, max_pixels=max_pixels)
         except ImageReadError as err:
             errors[i] = str(err)
             pixels[i] = 0
@@ -263,8 +293,8 @@ def decode_many(
 
 
 def iter_decoded(paths: Sequence[Path], size: int, *, chunk: int, crop: float = 1.0,
-                 crop_mode: str = "centre", workers: int = 2,
-                 max_pixels: int = DEFAULT_MAX_PIXELS,
+                 crop_mode: str = "centre", window: float | None = None,
+                 workers: int = 2, max_pixels: int = DEFAULT_MAX_PIXELS,
                  ) -> Iterator[tuple[np.ndarray, Decoded]]:
     """``(indices, decoded)`` chunk by chunk (errors reported per row), decoding the next
     chunk in the background while the caller works on the current one."""
@@ -276,7 +306,8 @@ def iter_decoded(paths: Sequence[Path], size: int, *, chunk: int, crop: float = 
         def decode(start: int) -> tuple[np.ndarray, Decoded]:
             idx = np.arange(start, min(start + chunk, len(paths)))
             return idx, decode_many([paths[i] for i in idx], size, crop=crop,
-                                    crop_mode=crop_mode, workers=workers, on_error="report",
+                                    crop_mode=crop_mode, window=window, workers=workers,
+                                    on_error="report",
                                     max_pixels=max_pixels)
 
         pending = ahead.submit(decode, starts[0]) if starts else None

@@ -29,7 +29,7 @@ from torch import nn
 from leukotree.data.discover import collect_inputs
 from leukotree.data.images import DEFAULT_MAX_PIXELS, to_tensor
 from leukotree.errors import LeukotreeError, display_path
-from leukotree.inference.predictor import TorchPredictor, predict_paths
+from leukotree.inference.predictor import TorchPredictor, predict_paths, set_input
 from leukotree.models.checkpoint import load_model, save_model, update_checkpoint
 from leukotree.rundir import RunDir, write_json
 
@@ -79,9 +79,12 @@ def adapt_batch_norm(model: nn.Module, batches: Iterable[np.ndarray]) -> int:
 
 def adapt(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
           batch_size: int = 64, workers: int = 2, progress: bool = True,
-          max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
+          max_pixels: int = DEFAULT_MAX_PIXELS, pixel_size: float | None = None,
+          ) -> dict[str, Any]:
     """Adapt the model of ``run`` to the cells of ``inputs`` (folders, files, manifests;
-    labels are not read) and write the adapted run to ``out``."""
+    labels are not read; decoded at ``pixel_size`` micrometres per pixel when given, see
+    :func:`~leukotree.inference.predictor.set_input`) and write the adapted run to
+    ``out``."""
     source = RunDir.of(run)
     target = RunDir(out)
     if target.path.exists() and (not target.path.is_dir() or any(target.path.iterdir())):
@@ -96,7 +99,7 @@ def adapt(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
     if len(paths) < 2:
         raise LeukotreeError(f"adapt needs the new lab's cells: found {len(paths)} image(s) in "
                              f"{', '.join(map(str, inputs))}.")
-    predictor = TorchPredictor(model)
+    predictor = set_input(TorchPredictor(model), pixel_size=pixel_size)
     with estimating_batch_norm(model) as layers:
         preds = predict_paths(predictor, paths, batch_size=batch_size, workers=workers,
                               progress=progress, on_error="report", max_pixels=max_pixels)
@@ -115,6 +118,7 @@ def adapt(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
               "method": "batch-norm statistics re-estimated on the new cells (AdaBN)",
               "not_carried_over": dropped,
               "inputs": [str(i) for i in inputs], "n_cells": seen,
+              "pixel_size": pixel_size,
               "batch_norm_layers": len(layers),
               "unreadable": unreadable}
     save_model(target.best, model, extra={**payload.get("extra", {}), "adapted": report})

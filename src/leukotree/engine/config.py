@@ -99,6 +99,15 @@ class TrainConfig:
                             "nucleus (cell: independent of the camera's framing), or the "
                             "centre unless the image is a tight crop of its cell (auto)",
                             choices=("centre", "cell", "auto"))
+    pixel_size: float | None = option(
+        None, "micrometres per pixel of the training images: the model then records the "
+        "physical field of view it sees, and predict/evaluate/serve --pixel-size crop another "
+        "lab's images (another camera or magnification) to that same field",
+        low=0, low_open=True, high=1000)
+    context_radius: float = option(
+        0.0, "flatten the image beyond this fraction of its side from the centre to one "
+        "colour, so the model cannot lean on the red cells and smear around the white "
+        "cell, which differ between labs (0: keep everything)", low=0, high=0.75)
     train_pad: float = option(0.0, "cache training images this much larger and train on "
                               "random crops", low=0, high=0.5)
     balance: str = option("none", "top up minority classes with rotated copies (rotate)",
@@ -182,6 +191,10 @@ class TrainConfig:
         from leukotree.patients.fit import check_threshold_rule
 
         check_threshold_rule(self.patient_threshold)
+        if self.pixel_size is not None and self.crop_mode == "cell":
+            raise LeukotreeError(
+                "The 'pixel_size' parameter has no effect with crop_mode cell (the crop is "
+                "sized by each cell's nucleus, not by the camera); leave one of them out.")
         if self.fold is not None and self.val_data:
             raise LeukotreeError(
                 "The 'fold' and 'val_data' parameters exclude each other: validate on a fold "
@@ -225,7 +238,7 @@ class TrainConfig:
         from leukotree.models import ModelConfig
 
         return ModelConfig(head=self.head, backbone=self.model, img_size=self.img_size,
-                           crop_mode=self.crop_mode,
+                           crop_mode=self.crop_mode, context_radius=self.context_radius,
                            drop_rate=self.drop_rate, hybrid_backbones=list(self.hybrid_backbones),
                            **extra)
 

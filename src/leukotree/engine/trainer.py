@@ -28,7 +28,7 @@ from rich.console import Console
 
 from leukotree.data.cache import cached_pixels
 from leukotree.data.discover import Sample, SampleSet, discover
-from leukotree.data.images import decode_many, raise_for_errors
+from leukotree.data.images import decode_many, median_side, raise_for_errors
 from leukotree.data.splits import assign_folds, train_val_test_split, write_split_csv
 from leukotree.engine.augment import channel_stats, rotation_balance
 from leukotree.engine.config import TrainConfig, save_config
@@ -340,8 +340,13 @@ class Trainer:
             source = self._init_model(taxonomy)
             mean, std = source.config.mean, source.config.std  # the weights expect these
         cells = self.cell_taxonomy.to_dict() if self.cell_taxonomy is not None else None
+        field_um = None
+        if cfg.pixel_size is not None:  # the physical side of what validation sees
+            field_um = (self.eval_crop * median_side([s.path for s in train.samples])
+                        * cfg.pixel_size)
         mcfg = cfg.model_config(crop_fraction=self.eval_crop, mean=mean, std=std,
-                                cell_taxonomy=cells)
+                                cell_taxonomy=cells, pixel_size=cfg.pixel_size,
+                                field_um=field_um)
         torch.manual_seed(cfg.seed)
         model = build_model(taxonomy, mcfg)
         if source is not None:

@@ -23,7 +23,7 @@ from leukotree.inference.predictor import (
     Predictor,
     TorchPredictor,
     predict_paths,
-    set_crop_mode,
+    set_input,
 )
 from leukotree.models.calibration import apply_temperatures
 from leukotree.models.checkpoint import load_model
@@ -52,6 +52,7 @@ class EvalSettings:
     tta: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     crop_mode: str | None = None  # None: the model's own
+    pixel_size: float | None = None  # micrometres per pixel of the data; None: the model's
 
 
 def binary_block(taxonomy: Taxonomy, truth: list[str], probs: np.ndarray, threshold: float,
@@ -80,10 +81,10 @@ def evaluate(
     run = Path(run)
     model, payload = load_model(run)
     ood_section = payload.get("ood") or {}
-    predictor = set_crop_mode(
+    predictor = set_input(
         TorchPredictor(model, patient_model=payload.get("patient_model"),
                        expected_ood=float(ood_section.get("val_flagged", 0.05))),
-        settings.crop_mode)
+        crop_mode=settings.crop_mode, pixel_size=settings.pixel_size)
     taxonomy: Taxonomy = model.taxonomy
     sample_set = discover(data, taxonomy, patients=patients, labels=labels)
     sample_set.raise_for_problems()

@@ -82,8 +82,7 @@ class EnsemblePredictor:
         for m in members[1:]:
             same = (m.taxonomy == first.taxonomy
                     and m.model_config.img_size == first.model_config.img_size
-                    and abs(m.model_config.crop_fraction - first.model_config.crop_fraction)
-                    < 1e-9 and m.model_config.crop_mode == first.model_config.crop_mode)
+                    and m.model_config.decode_options() == first.model_config.decode_options())
             if not same:
                 raise LeukotreeError(f"The fold models of '{source}' differ in taxonomy, image "
                                      "size or crop; they cannot be averaged.")

@@ -175,7 +175,7 @@ def explain_images(
     model, _ = load_model(run)
     tax = model.taxonomy
     nodes = [tax.resolve(node, where="--node") for node in nodes or ()]
-    size, crop = model.config.img_size, model.config.crop_fraction
+    size = model.config.img_size
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     images = [Path(i) for i in images]
@@ -185,7 +185,7 @@ def explain_images(
         for k, image in enumerate(images):
             # Two images with one name (p1/c.png, p2/c.png) get numbered files.
             stem = image.stem if stems.count(image.stem) == 1 else f"{k:03d}_{image.stem}"
-            pixels = load_rgb_array(image, size, crop=crop, crop_mode=model.config.crop_mode)
+            pixels = load_rgb_array(image, size, **model.config.decode_options())
             node_p = mapper.node_probabilities(pixels)
             leaf = tax.leaves[int(np.argmax([node_p[tax.node_index[lf]] for lf in tax.leaves]))]
             panels = [pixels]

@@ -33,7 +33,7 @@ from leukotree.inference.predictor import (
     Predictor,
     load_predictor,
     predict_paths,
-    set_crop_mode,
+    set_input,
 )
 from leukotree.patients.bags import make_bags
 from leukotree.patients.fit import FittedPatientModel
@@ -80,12 +80,13 @@ def run_predict(
     engine: str = "auto",
     max_pixels: int = DEFAULT_MAX_PIXELS,
     crop_mode: str | None = None,
+    pixel_size: float | None = None,
 ) -> PredictResult:
     """Predict every input image (see :func:`~leukotree.inference.predictor.load_predictor`
     for ``engine``); thresholds come from ``confidence`` or, with ``target_error``, from
     the run's validation split."""
     predictor, info = load_predictor(run, engine)
-    set_crop_mode(predictor, crop_mode)
+    set_input(predictor, crop_mode=crop_mode, pixel_size=pixel_size)
     found = collect_inputs(inputs, patients, predictor.taxonomy)
     images = found.images
     preds = predict_paths(predictor, [i.path for i in images], batch_size=batch_size,

@@ -234,8 +234,7 @@ def predict_paths(
     with make_progress(enabled=progress) as bar:
         task = bar.add_task("Predicting", total=len(paths), rate="")
         for idx, decoded in iter_decoded(paths, cfg.img_size, chunk=batch_size,
-                                         crop=float(cfg.crop_fraction),
-                                         crop_mode=cfg.crop_mode, workers=workers,
+                                         **cfg.decode_options(), workers=workers,
                                          max_pixels=max_pixels):
             good = np.flatnonzero(decoded.ok)
             for j, err in enumerate(decoded.errors):
@@ -260,19 +259,35 @@ def predict_paths(
                        None if ood is None else ood[:, 0])
 
 
-def set_crop_mode(predictor: Predictor, crop_mode: str | None) -> Predictor:
-    """Decode this predictor's inputs with another crop mode (see
-    :data:`~leukotree.data.images.CROP_MODES`; None keeps the model's own), e.g. ``auto``
-    for another lab's tight crops."""
+def set_input(predictor: Predictor, *, crop_mode: str | None = None,
+              pixel_size: float | None = None) -> Predictor:
+    """Decode this predictor's inputs another way than the model's own (None keeps it):
+    another crop mode (see :data:`~leukotree.data.images.CROP_MODES`), e.g. ``auto`` for
+    another lab's tight crops; or the inputs' pixel size in micrometres, so a model
+    trained with ``pixel_size`` sees the same physical field of view at another
+    magnification."""
     from dataclasses import replace
 
     from leukotree.data.images import CROP_MODES
 
+    cfg = predictor.model_config
     if crop_mode is not None:
         if crop_mode not in CROP_MODES:
             raise LeukotreeError(f"The 'crop_mode' parameter must be one of "
                                  f"{', '.join(CROP_MODES)}; got {crop_mode!r}.")
-        predictor.model_config = replace(predictor.model_config, crop_mode=crop_mode)
+        cfg = replace(cfg, crop_mode=crop_mode)
+    if pixel_size is not None:
+        if not (isinstance(pixel_size, (int, float)) and 0 < pixel_size <= 1000):
+            raise LeukotreeError(f"The 'pixel_size' parameter (micrometres per pixel of "
+                                 f"these images) must be in (0, 1000]; got {pixel_size!r}.")
+        if cfg.field_um is None:
+            raise LeukotreeError(
+                "--pixel-size needs a model that knows the physical size of what it saw; "
+                "this one was trained without one. Retrain with 'leukotree train "
+                "--pixel-size UM' (micrometres per pixel of the training images), or leave "
+                "--pixel-size out to crop these images as the model's own.")
+        cfg = replace(cfg, input_pixel_size=float(pixel_size))
+    predictor.model_config = cfg
     return predictor
 
 

@@ -57,6 +57,12 @@ class ModelConfig:
     hybrid_hidden: int = 256
     crop_fraction: float = 1.0  # central fraction of each image seen at inference
     crop_mode: str = "centre"  # of the image's central square, or of the cell's frame
+    context_radius: float = 0.0  # flatten beyond this fraction of the side from the centre
+    pixel_size: float | None = None  # micrometres per pixel of the training images
+    field_um: float | None = None  # side of the centre crop in micrometres (with pixel_size)
+    #: Micrometres per pixel of the images being decoded, set for another lab's images
+    #: (:func:`~leukotree.inference.predictor.set_pixel_size`); None: the training scale.
+    input_pixel_size: float | None = None
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     cell_taxonomy: dict[str, Any] | None = None  # a cell-type head over this tree
@@ -75,6 +81,17 @@ class ModelConfig:
                 "probably written by a newer leukotree. Upgrade leukotree to read it.")
         return cls(**d)
 
+    def decode_options(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`~leukotree.data.images.load_rgb_array` that give
+        this model's view of an image: its crop, and, for images of a known pixel size
+        (``input_pixel_size``), the centred window of the same physical field of view
+        as in training, ``window = field_um / input_pixel_size`` pixels."""
+        window = None
+        if self.input_pixel_size is not None and self.field_um is not None:
+            window = self.field_um / self.input_pixel_size
+        return {"crop": float(self.crop_fraction), "crop_mode": self.crop_mode,
+                "window": window}
+
     @property
     def arch_name(self) -> str:
         """The backbone(s) of this configuration, e.g. ``resnet18`` or ``vgg16+inception_v3``."""
@@ -91,16 +108,51 @@ def feature_width(backbone: nn.Module) -> int:
     return int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
 
 
-class Normalize(nn.Module):
-    """``(x / 255 - mean) / std`` with the training set's channel statistics."""
+#: Width of the soft edge of :class:`Normalize`'s context mask, as a fraction of the side.
+CONTEXT_EDGE = 0.03
 
-    def __init__(self, mean: list[float], std: list[float]) -> None:
+
+def context_weight(size: int, radius: float) -> torch.Tensor:
+    """``w = sigmoid((radius - d) / CONTEXT_EDGE)`` per pixel, ``d`` its distance from the
+    centre as a fraction of the side ``size``: 1 on the cell, 0 on the far context."""
+    c = (size - 1) / 2
+    ys = torch.arange(size, dtype=torch.float32) - c
+    d = (ys[:, None] ** 2 + ys[None, :] ** 2).sqrt() / size
+    return torch.sigmoid((radius - d) / CONTEXT_EDGE).view(1, 1, size, size)
+
+
+class Normalize(nn.Module):
+    """``(x / 255 - mean) / std`` with the training set's channel statistics.
+
+    With ``context_radius > 0`` the pixels first become ``w x + (1 - w) b``, ``w`` from
+    :func:`context_weight` and ``b`` the image's mean colour weighted by ``1 - w``: the
+    red cells and smear around the white cell, which differ from lab to lab (smear
+    thickness, red-cell density), are flattened to one colour, so the model cannot learn
+    them as a shortcut for the class.
+    """
+
+    def __init__(self, mean: list[float], std: list[float], context_radius: float = 0.0,
+                 size: int = 224) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0)
+        self.context_radius = context_radius
+        weight = context_weight(size, context_radius) if context_radius > 0 else None
+        self.register_buffer("context", weight, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() - self.mean) / self.std
+        x = x.float()
+        if self.context is not None:
+            w = self.context
+            if w.shape[-2:] != x.shape[-2:]:
+                if x.shape[-1] != x.shape[-2]:
+                    raise LeukotreeError(f"Model inputs must be square; got "
+                                         f"{tuple(x.shape[-2:])}.")
+                w = context_weight(x.shape[-1], self.context_radius).to(x.device)
+            outer = 1 - w
+            b = (x * outer).sum((2, 3), keepdim=True) / outer.sum()
+            x = x * w + b * outer
+        return (x - self.mean) / self.std
 
 
 class TreeClassifier(nn.Module):
@@ -120,7 +172,8 @@ class TreeClassifier(nn.Module):
         super().__init__()
         self.taxonomy = taxonomy
         self.config = config
-        self.normalize = Normalize(config.mean, config.std)
+        self.normalize = Normalize(config.mean, config.std, config.context_radius,
+                                   config.img_size)
         self.cell_taxonomy = (Taxonomy.from_dict(config.cell_taxonomy, source="the model's "
                                                  "cell taxonomy")
                               if config.cell_taxonomy else None)

@@ -202,9 +202,8 @@ def _cell_grid(model: TreeClassifier, preds: Predictions, ok: np.ndarray,
     k = model.taxonomy.leaf_index[leaf]
     probs = preds.leaf_probs[ok]
     order = np.argsort(-weights, kind="stable")[:top]
-    size, crop = model.config.img_size, model.config.crop_fraction
-    cells = [load_rgb_array(preds.paths[ok[i]], size, crop=crop,
-                            crop_mode=model.config.crop_mode) for i in order]
+    cells = [load_rgb_array(preds.paths[ok[i]], model.config.img_size,
+                            **model.config.decode_options()) for i in order]
     maps, note = _heatmaps(model, cells, leaf) if heatmaps else ({}, "")
     items = []
     for rank, i in enumerate(order):

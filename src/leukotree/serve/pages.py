@@ -135,8 +135,7 @@ def _heatmap_png(store: Store, models: Models, case_id: str, index: int, node: s
         raise LeukotreeError("This file was not stored (see its error).")
     model = models.torch_model(case["model"])
     node = model.taxonomy.resolve(node, where="node")
-    pixels = load_rgb_array(path, model.config.img_size, crop=model.config.crop_fraction,
-                            crop_mode=model.config.crop_mode)
+    pixels = load_rgb_array(path, model.config.img_size, **model.config.decode_options())
     with models.explain_lock, HeatMapper(model) as mapper:
         overlay = mapper.overlay(pixels, node)
     buffer = io.BytesIO()

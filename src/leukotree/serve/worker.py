@@ -30,7 +30,7 @@ from leukotree.inference.predictor import (
     Predictor,
     load_predictor,
     predict_paths,
-    set_crop_mode,
+    set_input,
 )
 from leukotree.serve.store import Store
 
@@ -39,7 +39,7 @@ class Models:
     """The served models by name (a run folder, its ``.pt``, an ``.onnx`` or a cv folder)."""
 
     def __init__(self, runs: Sequence[str | Path], engine: str = "auto",
-                 crop_mode: str | None = None) -> None:
+                 crop_mode: str | None = None, pixel_size: float | None = None) -> None:
         if not runs:
             raise LeukotreeError("leukotree serve needs at least one RUN (a run folder, "
                                  "model file or cv folder).")
@@ -51,7 +51,8 @@ class Models:
             while name in self.predictors:
                 name += "+"
             predictor, info = load_predictor(run, engine)
-            set_crop_mode(predictor, crop_mode)  # None: each model's own
+            # None: each model's own
+            set_input(predictor, crop_mode=crop_mode, pixel_size=pixel_size)
             self.predictors[name], self.sources[name], self.info[name] = predictor, str(run), info
 
         self._torch: dict[str, Any] = {}
@@ -80,7 +81,7 @@ class Models:
                     fold = cv.read_summary()["folds"][0]
                     source = str(cv.fold(fold["fold"], fold.get("repeat", 0)).path)
                 model = load_model(source)[0].eval()
-                model.config.crop_mode = self.predictors[name].model_config.crop_mode
+                model.config = self.predictors[name].model_config  # its decoding options
                 self._torch[name] = model
             return self._torch[name]
 
