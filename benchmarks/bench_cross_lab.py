@@ -17,8 +17,9 @@ the same types; prints JSON and writes OUT/cross_lab.md.
    the cells of types the model never saw (blasts, smudge cells, variant lymphocytes...).
 3. Adapts the model to all Johns Hopkins cells without their labels (``leukotree
    adapt``: batch-norm statistics re-estimated; ``--no-adapt`` skips it), then fine-tunes
-   the adapted model (``train --init``) on at most ``--labelled-per-class`` labelled
-   cells per class drawn from half of the patients, and tests both on the other half.
+   the trained and the adapted model (``train --init``) on at most
+   ``--labelled-per-class`` labelled cells per class drawn from half of the patients,
+   and tests all four on the other half.
 4. Evaluates in-lab (held-out PBC; also re-cropped tightly, as labs that export a
    120 px box around the cell do, with the model's centre crop and with
    ``--crop-mode auto``) and cross-lab (Johns Hopkins, mapped; before and after
@@ -39,6 +40,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
 from leukotree.data.images import is_image_file
 from leukotree.engine.adapt import adapt
@@ -96,9 +98,9 @@ def jhh_manifests(jhh: Path, out: Path) -> tuple[Path, dict[str, list[Path]]]:
 
 def few_labels(run: Path, adapted: Path, mapped: Path, args: argparse.Namespace,
                settings: EvalSettings) -> dict:
-    """Fine-tune the adapted model on at most ``--labelled-per-class`` cells per class of
-    half of the Johns Hopkins patients; test it (and, for comparison, the adapted model)
-    on the other half's cells."""
+    """Fine-tune the trained model and the adapted one on at most
+    ``--labelled-per-class`` cells per class of half of the Johns Hopkins patients; test
+    them (and, for comparison, the models before fine-tuning) on the other half's cells."""
     with mapped.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     patients = sorted({r["patient"] for r in rows})
@@ -111,20 +113,19 @@ def few_labels(run: Path, adapted: Path, mapped: Path, args: argparse.Namespace,
     held = [r for r in rows if r["patient"] not in pool]
     few = write_manifest(args.out / "jhh-labelled.csv", labelled)
     test = write_manifest(args.out / "jhh-heldout-patients.csv", held)
-    tuned = args.out / "fine-tuned"
-    if not (tuned / "best.pt").exists():
-        shutil.rmtree(tuned, ignore_errors=True)
-        cfg = resolve_config(config_file=RunDir(run).config, overrides={
-            "init": str(adapted), "epochs": 15, "lr": 5e-4, "warmup_epochs": 1.0,
-            "val_fraction": 0.2, "patients": "none", "balance": "none"})
-        train(few, tuned, cfg, progress=False)
-    return {"labelled_cells": len(labelled), "heldout_patients": len(patients) - len(pool),
-            "cross_lab_jhh_heldout_adapted": summary(evaluate(
-                adapted, test, args.out / "eval-jhh-heldout-adapted", settings,
-                patients="none")),
-            "cross_lab_jhh_heldout_fine_tuned": summary(evaluate(
-                tuned, test, args.out / "eval-jhh-heldout-fine-tuned", settings,
-                patients="none"))}
+    result = {"labelled_cells": len(labelled), "heldout_patients": len(patients) - len(pool)}
+    for start, name in ((run, "trained"), (adapted, "adapted")):
+        tuned = args.out / f"fine-tuned-{name}"
+        if not (tuned / "best.pt").exists():
+            shutil.rmtree(tuned, ignore_errors=True)
+            cfg = resolve_config(config_file=RunDir(run).config, overrides={
+                "init": str(start), "epochs": 15, "lr": 5e-4, "warmup_epochs": 1.0,
+                "val_fraction": 0.2, "patients": "none", "balance": "none"})
+            train(few, tuned, cfg, progress=False)
+        key, where = f"cross_lab_jhh_heldout_{name}", args.out / f"eval-jhh-heldout-{name}"
+        result[key] = scored(start, test, where, settings)
+        result[f"{key}_fine_tuned"] = scored(tuned, test, Path(f"{where}-fine-tuned"), settings)
+    return result
 
 
 def tight_crops(test: Path, out: Path, side: int = 120, per_nucleus: float = 1.8) -> Path:
@@ -163,6 +164,33 @@ def summary(metrics: dict) -> dict:
             "recall": {k: v["recall"] for k, v in metrics["per_class"].items()}}
 
 
+def accuracy_ci(eval_dir: Path, data: Path, n_boot: int = 1000) -> list[float]:
+    """95% percentile bootstrap interval of the accuracy, resampling patients (cells of
+    one patient are not independent; a PBC image is its own "patient")."""
+    with data.open(newline="") as handle:
+        patient = {str(Path(r["path"]).resolve()): r["patient"] for r in csv.DictReader(handle)}
+    with (eval_dir / "predictions.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    groups: dict[str, list[bool]] = defaultdict(list)
+    for r in rows:
+        groups[patient.get(str(Path(r["path"]).resolve()), r["path"])].append(
+            r["label"] == r["predicted"])
+    right = np.array([sum(v) for v in groups.values()], float)
+    count = np.array([len(v) for v in groups.values()], float)
+    rng = np.random.default_rng(0)
+    draws = rng.integers(0, len(right), (n_boot, len(right)))
+    acc = right[draws].sum(1) / count[draws].sum(1)
+    return [float(np.percentile(acc, 2.5)), float(np.percentile(acc, 97.5))]
+
+
+def scored(run: Path, data: Path, out: Path, settings: EvalSettings) -> dict:
+    """:func:`summary` of ``evaluate`` (per image, no patient diagnosis), with the
+    accuracy's patient-bootstrap interval."""
+    result = summary(evaluate(run, data, out, settings, patients="none"))
+    result["accuracy_ci"] = accuracy_ci(out, data)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -197,36 +225,32 @@ def main() -> None:
         result["train_minutes"] = (time.perf_counter() - start) / 60
     result["run"] = str(run)
     settings = EvalSettings(progress=False)
-    in_lab = evaluate(run, test, args.out / "eval-pbc-test", settings, patients="none")
-    cross = evaluate(run, mapped, args.out / "eval-jhh", settings, patients="none")
-    result["in_lab_pbc_test"] = summary(in_lab)
-    result["cross_lab_jhh"] = summary(cross)
+    result["in_lab_pbc_test"] = scored(run, test, args.out / "eval-pbc-test", settings)
+    result["cross_lab_jhh"] = scored(run, mapped, args.out / "eval-jhh", settings)
     tight = tight_crops(test, args.out)
     auto = EvalSettings(progress=False, crop_mode="auto")
-    result["tight_crops"] = summary(evaluate(run, tight, args.out / "eval-tight", settings,
-                                             patients="none"))
-    result["tight_crops_auto"] = summary(evaluate(run, tight, args.out / "eval-tight-auto",
-                                                  auto, patients="none"))
-    result["in_lab_pbc_test_auto"] = summary(evaluate(run, test, args.out / "eval-pbc-auto",
-                                                      auto, patients="none"))
-    result["cross_lab_jhh_auto"] = summary(evaluate(run, mapped, args.out / "eval-jhh-auto",
-                                                    auto, patients="none"))
+    result["tight_crops"] = scored(run, tight, args.out / "eval-tight", settings)
+    result["tight_crops_auto"] = scored(run, tight, args.out / "eval-tight-auto", auto)
+    result["in_lab_pbc_test_auto"] = scored(run, test, args.out / "eval-pbc-auto", auto)
+    result["cross_lab_jhh_auto"] = scored(run, mapped, args.out / "eval-jhh-auto", auto)
     if not args.no_adapt:
         adapted = args.out / "adapted"
         if not (adapted / "adapt.json").exists():
             shutil.rmtree(adapted, ignore_errors=True)
             adapt(run, [args.jhh / "manifest.csv"], adapted, progress=False)
-        result["cross_lab_jhh_adapted"] = summary(
-            evaluate(adapted, mapped, args.out / "eval-jhh-adapted", settings, patients="none"))
+        result["cross_lab_jhh_adapted"] = scored(adapted, mapped, args.out / "eval-jhh-adapted",
+                                                 settings)
         if args.labelled_per_class > 0:
             result |= few_labels(run, adapted, mapped, args, settings)
     predictor, _ = load_predictor(run, "torch")
     catch: dict[str, dict[str, float]] = {}
+    unseen_scores = []
     for cell_type, files in sorted(unseen.items(), key=lambda kv: -len(kv[1])):
         preds = predict_paths(predictor, files, progress=False)
         if preds.ood_score is None:
             break
         ok = preds.ok
+        unseen_scores.append(preds.ood_score[ok])
         catch[cell_type] = {"n": int(ok.sum()),
                             "flagged_rate": float(preds.unclassifiable[ok].mean())}
         votes = Counter(predictor.taxonomy.leaves[i] for i in preds.leaf_probs[ok].argmax(1))
@@ -236,6 +260,14 @@ def main() -> None:
         result["unseen_types"] = catch
         result["unseen_flagged_rate"] = sum(c["n"] * c["flagged_rate"]
                                             for c in catch.values()) / total
+        # Within one lab: how well the score tells unseen types from the 8 known ones
+        # (the flag rates above also count how unlike the training lab the images are).
+        with mapped.open() as handle:
+            known = predict_paths(predictor, [Path(r["path"]) for r in csv.DictReader(handle)],
+                                  progress=False)
+        a, b = known.ood_score[known.ok], np.concatenate(unseen_scores)
+        result["ood_auroc_unseen_vs_known_jhh"] = float(roc_auc_score(
+            np.r_[np.zeros(len(a)), np.ones(len(b))], np.r_[a, b]))
     (args.out / "cross_lab.json").write_text(json.dumps(result, indent=2))
     (args.out / "cross_lab.md").write_text(markdown(result))
     print(json.dumps(result, indent=2))
@@ -245,7 +277,11 @@ def markdown(r: dict) -> str:
     def pct(v: object) -> str:
         return "n/a" if v is None else f"{100 * float(v):.1f}%"
 
-    lines = ["| test set | cells | accuracy | macro F1 | leaf ECE (before -> after) | "
+    def ci(s: dict) -> str:
+        low, high = s.get("accuracy_ci") or (None, None)
+        return "" if low is None else f" [{100 * low:.1f}, {100 * high:.1f}]"
+
+    lines = ["| test set | cells | accuracy [95% CI] | macro F1 | leaf ECE (before -> after) | "
              "flagged unclassifiable | accuracy of kept cells |", "|---|---|---|---|---|---|---|"]
     for name, key in (("PBC, held out (same lab)", "in_lab_pbc_test"),
                       ("same, `--crop-mode auto`", "in_lab_pbc_test_auto"),
@@ -255,16 +291,20 @@ def markdown(r: dict) -> str:
                       ("Johns Hopkins, same 8 types", "cross_lab_jhh"),
                       ("same, `--crop-mode auto`", "cross_lab_jhh_auto"),
                       ("Johns Hopkins, after `adapt` (no labels)", "cross_lab_jhh_adapted"),
+                      ("Johns Hopkins, other half of the patients",
+                       "cross_lab_jhh_heldout_trained"),
+                      (f"same, fine-tuned on {r.get('labelled_cells')} labelled cells of the "
+                       "first half", "cross_lab_jhh_heldout_trained_fine_tuned"),
                       ("Johns Hopkins, other half of the patients, after `adapt`",
                        "cross_lab_jhh_heldout_adapted"),
-                      (f"same, then fine-tuned on {r.get('labelled_cells')} labelled cells",
-                       "cross_lab_jhh_heldout_fine_tuned")):
+                      (f"same, then fine-tuned on the {r.get('labelled_cells')} labelled cells",
+                       "cross_lab_jhh_heldout_adapted_fine_tuned")):
         if key not in r:
             continue
         s = r[key]
         ece = (f"{s['ece_uncalibrated']:.3f} -> {s['ece']:.3f}"
                if s["ece_uncalibrated"] is not None else f"{s['ece']:.3f}")
-        lines.append(f"| {name} | {s['n']} | {pct(s['accuracy'])} | {pct(s['macro_f1'])} | "
+        lines.append(f"| {name} | {s['n']} | {pct(s['accuracy'])}{ci(s)} | {pct(s['macro_f1'])} | "
                      f"{ece} | {pct(s['flagged_rate'])} | {pct(s['accuracy_kept'])} |")
     if "unseen_types" in r:
         lines += ["", "| cell type never seen in training | cells | flagged unclassifiable |",
@@ -273,6 +313,9 @@ def markdown(r: dict) -> str:
                   for t, c in r["unseen_types"].items()]
         lines.append(f"| all unseen types | {sum(c['n'] for c in r['unseen_types'].values())}"
                      f" | {pct(r['unseen_flagged_rate'])} |")
+    if "ood_auroc_unseen_vs_known_jhh" in r:
+        lines += ["", "AUROC of the out-of-distribution score, unseen types against the eight "
+                  f"known types of the same lab: {r['ood_auroc_unseen_vs_known_jhh']:.3f}"]
     return "\n".join(lines) + "\n"
 
 

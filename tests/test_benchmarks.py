@@ -85,10 +85,14 @@ def test_cross_lab_bench_runs_on_stand_in_labs(tmp_path):
                   "tiny-test", "--set", "epochs=1", "--set", "val_fraction=0.3",
                   "--labelled-per-class", "5")
     assert report["in_lab_pbc_test"]["n"] == 8 * 2  # 20% of 10 per class held out
+    low, high = report["cross_lab_jhh"]["accuracy_ci"]
+    assert 0 <= low <= report["cross_lab_jhh"]["accuracy"] <= high <= 1
     assert report["cross_lab_jhh"]["n"] == len(rows) - 1
     assert report["cross_lab_jhh_adapted"]["n"] == len(rows) - 1
     assert report["unseen_types"]["smudge-cells"]["n"] == 1
+    assert 0 <= report["ood_auroc_unseen_vs_known_jhh"] <= 1
     assert 0 < report["labelled_cells"] <= 5 * 8 and report["heldout_patients"] == 2
-    tuned = report["cross_lab_jhh_heldout_fine_tuned"]
+    tuned = report["cross_lab_jhh_heldout_adapted_fine_tuned"]
     assert tuned["n"] == report["cross_lab_jhh_heldout_adapted"]["n"] > 0
+    assert report["cross_lab_jhh_heldout_trained_fine_tuned"]["n"] == tuned["n"]
     assert (tmp_path / "out" / "cross_lab.md").read_text().count("|") > 20
