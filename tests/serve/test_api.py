@@ -7,9 +7,11 @@ import io
 import time
 import zipfile
 
+import pytest
 from fastapi.testclient import TestClient
 
 from conftest import html_tags
+from leukotree.errors import LeukotreeError
 from leukotree.serve.app import ServeSettings, create_app
 from leukotree.serve.store import Store
 from leukotree.serve.uploads import Limits
@@ -173,3 +175,19 @@ def test_the_served_models_can_decode_another_lab_with_another_crop_mode(served_
         case = wait_done(api, api.post("/api/cases", files=cells(served_run, 3)).json()["id"])
         assert case["status"] == "done" and all(c["label"] for c in case["cells"])
         assert api.get(f"/cases/{case['id']}/cells/0/heatmap/Leukemia").status_code == 200
+
+
+def test_serving_another_magnification_crops_the_models_physical_field(served_run, tmp_path):
+    from leukotree.engine.config import resolve_config
+    from leukotree.engine.trainer import train
+
+    with pytest.raises(LeukotreeError, match="trained without one"):
+        Models([served_run / "run"], engine="torch", pixel_size=0.2)
+    run = tmp_path / "scaled"
+    train(served_run / "data", run, resolve_config(preset="tiny-test", overrides={
+        "epochs": 1, "threads": 1, "img_size": 32, "pixel_size": 0.4}), progress=False)
+    models = Models([run], engine="torch", pixel_size=0.2)  # twice the magnification
+    window = 40 * 0.4 / 0.2  # synthetic 40 px images, crop 1: a 16 um field
+    assert models.predictors["scaled"].model_config.decode_options()["window"] == window
+    # heat maps and reports decode alike
+    assert models.torch_model("scaled").config.decode_options()["window"] == window
