@@ -172,9 +172,8 @@ def accuracy_ci(eval_dir: Path, data: Path, n_boot: int = 1000) -> list[float]:
     with (eval_dir / "predictions.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     groups: dict[str, list[bool]] = defaultdict(list)
-    for r in rows:
-        groups[patient.get(str(Path(r["path"]).resolve()), r["path"])].append(
-            r["label"] == r["predicted"])
+    for r in rows:  # every evaluated image is in the manifest
+        groups[patient[str(Path(r["path"]).resolve())]].append(r["label"] == r["predicted"])
     right = np.array([sum(v) for v in groups.values()], float)
     count = np.array([len(v) for v in groups.values()], float)
     rng = np.random.default_rng(0)

@@ -330,6 +330,10 @@ def test_a_run_with_a_pixel_size_sees_one_physical_field_at_any_magnification(sy
     own = load_rgb_array(original, 32, **model.config.decode_options())
     cfg = set_input(TorchPredictor(model), pixel_size=0.25).model_config
     assert cfg.decode_options()["window"] == pytest.approx(0.8 * 32 * 0.5 / 0.25)
+    with pytest.raises(LeukotreeError, match="no effect with crop mode 'cell'"):
+        set_input(TorchPredictor(model), crop_mode="cell", pixel_size=0.25)
+    with pytest.raises(LeukotreeError, match=r"must be in \(0, 1000\]; got 'x'"):
+        set_input(TorchPredictor(model), pixel_size="x")
     seen = load_rgb_array(tmp_path / "zoomed.png", 32, **cfg.decode_options())
     naive = load_rgb_array(tmp_path / "zoomed.png", 32, **model.config.decode_options())
     err = np.abs(seen.astype(int) - own).mean()

@@ -177,8 +177,14 @@ def test_context_mask_flattens_the_surroundings_and_keeps_the_centre():
     assert torch.equal(off(x), x)
 
 
-def test_a_model_config_without_context_radius_reads_as_off():
+def test_a_model_config_without_the_newer_options_reads_as_off_and_saves_without_them():
     d = ModelConfig(backbone="test_resnet").to_dict()
-    del d["context_radius"]  # a model file written before the option existed
+    # a model that does not use them is saved as before they existed (older versions read it)
+    assert not {"context_radius", "pixel_size", "field_um", "input_pixel_size"} & set(d)
     model = build_model(TAX, ModelConfig.from_dict(d))
     assert model.normalize.context is None
+    used = ModelConfig(backbone="test_resnet", context_radius=0.3, pixel_size=0.5,
+                       field_um=20.0, input_pixel_size=0.25).to_dict()
+    assert used["context_radius"] == 0.3 and used["field_um"] == 20.0
+    assert "input_pixel_size" not in used  # a setting of one prediction, never saved
+    assert ModelConfig.from_dict(used).decode_options()["window"] is None

@@ -189,7 +189,7 @@ def load_rgb_array(
 def median_side(paths: Sequence[Path], limit: int = 500) -> float:
     """Median ``min(width, height)`` of (an even sample of at most ``limit`` of) ``paths``,
     read from the file headers."""
-    step = max(1, len(paths) // limit)
+    step = max(1, -(-len(paths) // limit))  # ceil: at most ``limit`` files read
     sides = []
     for path in list(paths)[::step]:
         try:

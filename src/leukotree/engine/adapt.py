@@ -16,7 +16,7 @@ lab.
 AdaBN also moves the statistics with the new lab's mix of cell types, not only with its
 stain and camera: on the Johns Hopkins cells (many blasts and lymphocytes) it raised a
 model that sees the whole smear from 45.6% to 62.5%, but lowered the ``cpu-fast`` model
-(``context_radius``: the smear around the cell flattened) from 63.8% to 57.5%. Check an
+(``context_radius``: the smear around the cell flattened) from 63.9% to 54.8%. Check an
 adapted model on a few labelled cells before using it.
 """
 
@@ -105,7 +105,7 @@ def adapt(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
     if len(paths) < 2:
         raise LeukotreeError(f"adapt needs the new lab's cells: found {len(paths)} image(s) in "
                              f"{', '.join(map(str, inputs))}.")
-    predictor = set_input(TorchPredictor(model), pixel_size=pixel_size)
+    predictor = set_input(TorchPredictor(model), pixel_size=pixel_size, source=run)
     with estimating_batch_norm(model) as layers:
         preds = predict_paths(predictor, paths, batch_size=batch_size, workers=workers,
                               progress=progress, on_error="report", max_pixels=max_pixels)

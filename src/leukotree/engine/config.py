@@ -101,8 +101,9 @@ class TrainConfig:
                             choices=("centre", "cell", "auto"))
     pixel_size: float | None = option(
         None, "micrometres per pixel of the training images: the model then records the "
-        "physical field of view it sees, and predict/evaluate/serve --pixel-size crop another "
-        "lab's images (another camera or magnification) to that same field",
+        "physical field of view it sees (the centre crop of the median training image), and "
+        "predict/evaluate/serve/adapt --pixel-size crop another lab's images (another camera "
+        "or magnification) to that same field",
         low=0, low_open=True, high=1000)
     context_radius: float = option(
         0.0, "flatten the image beyond this fraction of its side from the centre to one "

@@ -84,7 +84,7 @@ def evaluate(
     predictor = set_input(
         TorchPredictor(model, patient_model=payload.get("patient_model"),
                        expected_ood=float(ood_section.get("val_flagged", 0.05))),
-        crop_mode=settings.crop_mode, pixel_size=settings.pixel_size)
+        crop_mode=settings.crop_mode, pixel_size=settings.pixel_size, source=run)
     taxonomy: Taxonomy = model.taxonomy
     sample_set = discover(data, taxonomy, patients=patients, labels=labels)
     sample_set.raise_for_problems()

@@ -10,6 +10,7 @@ that fold's training patients only).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -72,6 +73,15 @@ class EnsemblePatientModel:
                         for i, m in enumerate(self.members)], axis=0)
 
 
+def _same_view(a: ModelConfig, b: ModelConfig) -> bool:
+    """Whether two models crop an image alike (crop, crop mode, physical field)."""
+    def close(x: float | None, y: float | None) -> bool:
+        return (x is None) == (y is None) and (x is None or math.isclose(x, y, rel_tol=1e-6))
+
+    return (close(a.crop_fraction, b.crop_fraction) and a.crop_mode == b.crop_mode
+            and close(a.pixel_size, b.pixel_size) and close(a.field_um, b.field_um))
+
+
 class EnsemblePredictor:
     """Several predictors of one taxonomy and image geometry, averaged."""
 
@@ -82,7 +92,7 @@ class EnsemblePredictor:
         for m in members[1:]:
             same = (m.taxonomy == first.taxonomy
                     and m.model_config.img_size == first.model_config.img_size
-                    and m.model_config.decode_options() == first.model_config.decode_options())
+                    and _same_view(m.model_config, first.model_config))
             if not same:
                 raise LeukotreeError(f"The fold models of '{source}' differ in taxonomy, image "
                                      "size or crop; they cannot be averaged.")

@@ -86,7 +86,7 @@ def run_predict(
     for ``engine``); thresholds come from ``confidence`` or, with ``target_error``, from
     the run's validation split."""
     predictor, info = load_predictor(run, engine)
-    set_input(predictor, crop_mode=crop_mode, pixel_size=pixel_size)
+    set_input(predictor, crop_mode=crop_mode, pixel_size=pixel_size, source=run)
     found = collect_inputs(inputs, patients, predictor.taxonomy)
     images = found.images
     preds = predict_paths(predictor, [i.path for i in images], batch_size=batch_size,

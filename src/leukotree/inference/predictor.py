@@ -28,7 +28,7 @@ from leukotree.data.images import (
     raise_for_errors,
     to_tensor,
 )
-from leukotree.errors import LeukotreeError
+from leukotree.errors import LeukotreeError, display_path
 from leukotree.models import ModelConfig, TreeClassifier
 from leukotree.optional import available, require
 from leukotree.patients.fit import FittedPatientModel
@@ -260,12 +260,12 @@ def predict_paths(
 
 
 def set_input(predictor: Predictor, *, crop_mode: str | None = None,
-              pixel_size: float | None = None) -> Predictor:
+              pixel_size: float | None = None, source: object | None = None) -> Predictor:
     """Decode this predictor's inputs another way than the model's own (None keeps it):
     another crop mode (see :data:`~leukotree.data.images.CROP_MODES`), e.g. ``auto`` for
     another lab's tight crops; or the inputs' pixel size in micrometres, so a model
     trained with ``pixel_size`` sees the same physical field of view at another
-    magnification."""
+    magnification (``source`` names the model in errors)."""
     from dataclasses import replace
 
     from leukotree.data.images import CROP_MODES
@@ -277,16 +277,26 @@ def set_input(predictor: Predictor, *, crop_mode: str | None = None,
                                  f"{', '.join(CROP_MODES)}; got {crop_mode!r}.")
         cfg = replace(cfg, crop_mode=crop_mode)
     if pixel_size is not None:
-        if not (isinstance(pixel_size, (int, float)) and 0 < pixel_size <= 1000):
+        try:
+            um = float(pixel_size) if not isinstance(pixel_size, bool) else float("nan")
+        except (TypeError, ValueError):
+            um = float("nan")
+        if not 0 < um <= 1000:
             raise LeukotreeError(f"The 'pixel_size' parameter (micrometres per pixel of "
                                  f"these images) must be in (0, 1000]; got {pixel_size!r}.")
         if cfg.field_um is None:
+            model = "this model" if source is None else f"'{display_path(source)}'"
             raise LeukotreeError(
-                "--pixel-size needs a model that knows the physical size of what it saw; "
-                "this one was trained without one. Retrain with 'leukotree train "
-                "--pixel-size UM' (micrometres per pixel of the training images), or leave "
-                "--pixel-size out to crop these images as the model's own.")
-        cfg = replace(cfg, input_pixel_size=float(pixel_size))
+                f"The 'pixel_size' parameter (--pixel-size) needs a model that knows the "
+                f"physical size of what it saw; {model} was trained without "
+                "one. Retrain it with 'leukotree train --pixel-size UM' (micrometres per "
+                "pixel of the training images), or leave the pixel size out to crop these "
+                "images as the model's own.")
+        if cfg.crop_mode == "cell":
+            raise LeukotreeError(
+                "The 'pixel_size' parameter has no effect with crop mode 'cell' (the crop is "
+                "sized by each cell's nucleus); leave one of them out.")
+        cfg = replace(cfg, input_pixel_size=um)
     predictor.model_config = cfg
     return predictor
 

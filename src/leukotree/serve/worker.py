@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ class Models:
                 name += "+"
             predictor, info = load_predictor(run, engine)
             # None: each model's own
-            set_input(predictor, crop_mode=crop_mode, pixel_size=pixel_size)
+            set_input(predictor, crop_mode=crop_mode, pixel_size=pixel_size, source=run)
             self.predictors[name], self.sources[name], self.info[name] = predictor, str(run), info
 
         self._torch: dict[str, Any] = {}
@@ -81,7 +82,9 @@ class Models:
                     fold = cv.read_summary()["folds"][0]
                     source = str(cv.fold(fold["fold"], fold.get("repeat", 0)).path)
                 model = load_model(source)[0].eval()
-                model.config = self.predictors[name].model_config  # its decoding options
+                served = self.predictors[name].model_config  # decode as the predictor does
+                model.config = replace(model.config, crop_mode=served.crop_mode,
+                                       input_pixel_size=served.input_pixel_size)
                 self._torch[name] = model
             return self._torch[name]
 
