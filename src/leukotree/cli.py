@@ -593,7 +593,9 @@ def _add_explain_report_export_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_input_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--crop-mode", choices=["centre", "cell", "auto"],
+    from leukotree.data.images import CROP_MODES
+
+    parser.add_argument("--crop-mode", choices=CROP_MODES,
                         help="decode these images with another crop mode than the model's "
                              "(auto: tight crops of a cell, as some labs export, are framed "
                              "by the cell instead of cut by the centre crop)")

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from leukotree.cli import main
+from leukotree.data.images import to_tensor
 from leukotree.data.synth import generate
-from leukotree.engine.adapt import adapt_batch_norm
+from leukotree.engine.adapt import estimating_batch_norm
 from leukotree.engine.config import resolve_config
 from leukotree.engine.trainer import train
 from leukotree.errors import LeukotreeError
@@ -22,7 +23,11 @@ def test_running_statistics_become_those_of_the_new_cells():
     bn.running_mean.fill_(7.0)
     rng = np.random.default_rng(0)
     batches = [rng.integers(100, 200, (4, 8, 8, 3), dtype=np.uint8) for _ in range(3)]
-    seen = adapt_batch_norm(bn, iter(batches))
+    seen = 0
+    with torch.no_grad(), estimating_batch_norm(bn):
+        for pixels in batches:
+            bn(to_tensor(pixels))
+            seen += len(pixels)
     every = np.concatenate(batches).astype(np.float64)
     assert seen == 12 and not bn.training and bn.momentum == 0.1
     np.testing.assert_allclose(bn.running_mean.numpy(), every.mean(axis=(0, 1, 2)), rtol=1e-4)
@@ -32,8 +37,9 @@ def test_running_statistics_become_those_of_the_new_cells():
 
 
 def test_a_model_without_batch_norm_is_refused():
-    with pytest.raises(LeukotreeError, match="no batch-normalisation layer"):
-        adapt_batch_norm(nn.Linear(3, 3), iter([]))
+    with (pytest.raises(LeukotreeError, match="no batch-normalisation layer"),
+          estimating_batch_norm(nn.Linear(3, 3))):
+        pass
 
 
 @pytest.fixture(scope="module")

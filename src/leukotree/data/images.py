@@ -211,8 +211,8 @@ def _square_crop(img: Image.Image, box: tuple[float, float, float, float], size:
     if inside == (left, top, right, bottom):
         return img.resize((size, size), Image.Resampling.BILINEAR, box=inside)
     # Only the part inside the image is resampled; the rest is the border's colour.
-    border = np.concatenate([np.asarray(img)[[0, -1]].reshape(-1, 3),
-                             np.asarray(img)[:, [0, -1]].reshape(-1, 3)])
+    pixels = np.asarray(img)
+    border = np.concatenate([pixels[[0, -1]].reshape(-1, 3), pixels[:, [0, -1]].reshape(-1, 3)])
     out = Image.new("RGB", (size, size), tuple(int(v) for v in np.median(border, axis=0)))
     scale = size / (right - left)
     x0, y0 = round((inside[0] - left) * scale), round((inside[1] - top) * scale)

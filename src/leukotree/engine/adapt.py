@@ -23,17 +23,15 @@ adapted model on a few labelled cells before using it.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from torch import nn
 
 from leukotree.data.discover import collect_inputs
-from leukotree.data.images import DEFAULT_MAX_PIXELS, to_tensor
+from leukotree.data.images import DEFAULT_MAX_PIXELS
 from leukotree.errors import LeukotreeError, display_path
 from leukotree.inference.predictor import TorchPredictor, predict_paths, set_input
 from leukotree.models.checkpoint import load_model, save_model, update_checkpoint
@@ -68,19 +66,6 @@ def estimating_batch_norm(model: nn.Module) -> Iterator[list[nn.Module]]:
         for m, momentum in saved:
             m.momentum = momentum
         model.eval()
-
-
-@torch.no_grad()
-def adapt_batch_norm(model: nn.Module, batches: Iterable[np.ndarray]) -> int:
-    """Replace every batch-norm layer's running statistics by those of ``batches``
-    (uint8 pixel arrays ``(N, S, S, 3)``); returns the number of images seen."""
-    seen = 0
-    with estimating_batch_norm(model):
-        for pixels in batches:
-            if len(pixels):
-                model(to_tensor(pixels))
-                seen += len(pixels)
-    return seen
 
 
 def adapt(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *,

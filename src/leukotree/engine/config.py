@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from leukotree.data.images import CROP_MODES
 from leukotree.errors import LeukotreeError, did_you_mean
 from leukotree.rundir import read_yaml
 
@@ -98,7 +99,7 @@ class TrainConfig:
                             "central square, a square sized and centred by the cell's "
                             "nucleus (cell: independent of the camera's framing), or the "
                             "centre unless the image is a tight crop of its cell (auto)",
-                            choices=("centre", "cell", "auto"))
+                            choices=CROP_MODES)
     pixel_size: float | None = option(
         None, "micrometres per pixel of the training images: the model then records the "
         "physical field of view it sees (the centre crop of the median training image), and "

@@ -398,9 +398,9 @@ def predict_outputs(model: torch.nn.Module, pixels: np.ndarray, batch_size: int,
                     device: torch.device, channels_last: bool = False,
                     precision: Precision | None = None, size: int | None = None,
                     ) -> dict[str, np.ndarray]:
-    """``leaf_probs``, ``features``, with a cell-type head ``cell_probs`` and, when fitted,
-    ``ood_score`` of uint8 pixels, in batches; ``size`` takes the central crop of that
-    side first (the view prediction has of a padded training cache)."""
+    """``leaf_probs``, ``features`` and (with a cell-type head) ``cell_probs`` of uint8
+    pixels, in batches; ``size`` takes the central crop of that side first (the view
+    prediction has of a padded training cache)."""
     model.eval()
     out: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(pixels), batch_size):
@@ -415,8 +415,6 @@ def predict_outputs(model: torch.nn.Module, pixels: np.ndarray, batch_size: int,
         if "cell_logp" in result:
             out.setdefault("cell_probs", []).append(
                 result["cell_logp"].float().exp().cpu().numpy())
-        if "ood_score" in result:
-            out.setdefault("ood_score", []).append(result["ood_score"].float().cpu().numpy())
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
