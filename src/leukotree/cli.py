@@ -207,7 +207,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     nodes = args.node.split(",") if args.node else None
     written = explain_images(args.run, args.images, args.out, nodes=nodes, method=args.method,
-                             target_layer=args.target_layer)
+                             target_layer=args.target_layer, crop_mode=args.crop_mode,
+                             pixel_size=args.pixel_size)
     for w in written:
         levels = ", ".join(f"{n} ({m['probability']:.2f})" for n, m in w["maps"].items())
         say(stdout_console(), f"{w['image']}: predicted {w['predicted_leaf']}; maps for {levels}; "
@@ -222,6 +223,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                             method=args.aggregate, confidence=args.confidence,
                             min_cells=args.min_cells, top_cells=args.top_cells,
                             heatmaps=not args.no_heatmaps, progress=not args.no_progress,
+                            crop_mode=args.crop_mode, pixel_size=args.pixel_size,
                             **_max_pixels(args))
     console = stderr_console()
     say(console, f"patient {result['patient']}: {result['diagnosis'] or 'insufficient'}"
@@ -552,6 +554,7 @@ def _add_explain_report_export_parsers(sub: argparse._SubParsersAction) -> None:
     xp.add_argument("--method", default="gradcam",
                     help="gradcam, gradcam++, xgradcam, layercam, eigencam or hirescam")
     xp.add_argument("--target-layer", help="dotted module name (default: picked per backbone)")
+    _add_input_options(xp)
     xp.set_defaults(func=cmd_explain)
 
     rp = sub.add_parser("report", help="one self-contained HTML report for one patient")
@@ -566,6 +569,7 @@ def _add_explain_report_export_parsers(sub: argparse._SubParsersAction) -> None:
     rp.add_argument("--top-cells", type=number(int, 0, 1000), default=8,
                     help="cells shown with heat maps")
     rp.add_argument("--no-heatmaps", action="store_true")
+    _add_input_options(rp)
     _add_max_pixels(rp)
     rp.add_argument("--no-progress", action="store_true")
     rp.set_defaults(func=cmd_report)

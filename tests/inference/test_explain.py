@@ -60,3 +60,28 @@ def test_named_node_layer_and_method_from_the_cli(image, tmp_path, capsys):
         explain_images(tmp_path / "best.pt", [image], out, nodes=["AMl"])
     with pytest.raises(LeukotreeError, match="method"):
         explain_images(tmp_path / "best.pt", [image], out, method="gradcamm")
+
+
+def test_explain_decodes_another_camera_to_the_trained_field_of_view(image, tmp_path, capsys):
+    from leukotree.data.images import load_rgb_array
+
+    # trained on 0.5 um pixels seeing the whole 48 px side: a 24 um field of view
+    model = build_model(TAX, ModelConfig(head="flat", backbone="test_resnet", img_size=32,
+                                         pixel_size=0.5, field_um=24.0))
+    save_model(tmp_path / "best.pt", model)
+    out = tmp_path / "maps"
+    [own] = explain_images(tmp_path / "best.pt", [image], out / "own")
+    [other] = explain_images(tmp_path / "best.pt", [image], out / "other", pixel_size=1.0)
+    strip = np.asarray(Image.open(out / "other" / other["strip"]))
+    # at 1 um per pixel the 24 um field is the central 24 px of the image
+    np.testing.assert_array_equal(strip[:, :32], load_rgb_array(image, 32, window=24.0))
+    assert not np.array_equal(strip[:, :32],
+                              np.asarray(Image.open(out / "own" / own["strip"]))[:, :32])
+    plain = tmp_path / "plain.pt"
+    save_model(plain, build_model(TAX, ModelConfig(head="flat", backbone="test_resnet",
+                                                   img_size=32)))
+    assert main(["explain", str(plain), str(image), "--out", str(out), "--pixel-size",
+                 "0.3"]) == 2
+    assert "was trained without" in capsys.readouterr().err
+    assert main(["explain", str(plain), str(image), "--out", str(out / "auto"),
+                 "--crop-mode", "auto"]) == 0

@@ -84,3 +84,24 @@ def test_unclassifiable_cells_are_left_out_and_an_unlike_patient_raises_the_alar
     result = patient_report(setup / "best.pt", [setup / "patient"], setup / "y.html",
                             heatmaps=False)
     assert result["n_unclassifiable"] == 0 and result["domain_shift"] is None
+
+
+def test_report_shows_cells_decoded_at_the_given_pixel_size(tmp_path, capsys):
+    from leukotree.data.images import load_rgb_array
+    from leukotree.report.html import png_data_uri
+
+    model = build_model(TAX, ModelConfig(head="flat", backbone="test_resnet", img_size=32,
+                                         pixel_size=0.5, field_um=20.0))
+    save_model(tmp_path / "best.pt", model)
+    cells = tmp_path / "patient"
+    cells.mkdir()
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (40, 40, 3), np.uint8)).save(
+        cells / "c0.png")
+    out = tmp_path / "r.html"
+    assert main(["report", str(tmp_path / "best.pt"), str(cells), "--out", str(out),
+                 "--pixel-size", "1.0", "--confidence", "0", "--no-heatmaps",
+                 "--no-progress"]) == 0
+    # 20 um at 1 um per pixel: the central 20 px, not the model's own 40 px view
+    page = out.read_text()
+    assert png_data_uri(load_rgb_array(cells / "c0.png", 32, window=20.0)) in page
+    assert png_data_uri(load_rgb_array(cells / "c0.png", 32)) not in page

@@ -29,6 +29,7 @@ from torch import nn
 
 from leukotree.data.images import load_rgb_array, to_tensor
 from leukotree.errors import LeukotreeError, did_you_mean
+from leukotree.inference.predictor import input_config
 from leukotree.models import TreeClassifier
 from leukotree.models.checkpoint import load_model
 from leukotree.optional import require
@@ -167,12 +168,18 @@ def explain_images(
     nodes: Sequence[str] | None = None,
     method: str = "gradcam",
     target_layer: str | None = None,
+    crop_mode: str | None = None,
+    pixel_size: float | None = None,
 ) -> list[dict[str, Any]]:
     """Write a heat-map overlay per image and node, plus one strip per image.
 
-    Without ``nodes``, the nodes of each image's predicted path are explained.
+    Without ``nodes``, the nodes of each image's predicted path are explained. The images
+    are decoded as the model's own unless ``crop_mode`` or ``pixel_size`` say otherwise
+    (:func:`~leukotree.inference.predictor.input_config`).
     """
     model, _ = load_model(run)
+    decode = input_config(model.config, crop_mode=crop_mode, pixel_size=pixel_size,
+                          source=run).decode_options()
     tax = model.taxonomy
     nodes = [tax.resolve(node, where="--node") for node in nodes or ()]
     size = model.config.img_size
@@ -185,7 +192,7 @@ def explain_images(
         for k, image in enumerate(images):
             # Two images with one name (p1/c.png, p2/c.png) get numbered files.
             stem = image.stem if stems.count(image.stem) == 1 else f"{k:03d}_{image.stem}"
-            pixels = load_rgb_array(image, size, **model.config.decode_options())
+            pixels = load_rgb_array(image, size, **decode)
             node_p = mapper.node_probabilities(pixels)
             leaf = tax.leaves[int(np.argmax([node_p[tax.node_index[lf]] for lf in tax.leaves]))]
             panels = [pixels]

@@ -262,15 +262,25 @@ def predict_paths(
 def set_input(predictor: Predictor, *, crop_mode: str | None = None,
               pixel_size: float | None = None, source: object | None = None) -> Predictor:
     """Decode this predictor's inputs another way than the model's own (None keeps it):
-    another crop mode (see :data:`~leukotree.data.images.CROP_MODES`), e.g. ``auto`` for
-    another lab's tight crops; or the inputs' pixel size in micrometres, so a model
-    trained with ``pixel_size`` sees the same physical field of view at another
-    magnification (``source`` names the model in errors)."""
+    see :func:`input_config`."""
+    predictor.model_config = input_config(predictor.model_config, crop_mode=crop_mode,
+                                          pixel_size=pixel_size, source=source)
+    return predictor
+
+
+def input_config(cfg: ModelConfig, *, crop_mode: str | None = None,
+                 pixel_size: float | None = None, source: object | None = None,
+                 ) -> ModelConfig:
+    """``cfg`` with its inputs decoded another way (None keeps the model's own): another
+    crop mode (see :data:`~leukotree.data.images.CROP_MODES`), e.g. ``auto`` for another
+    lab's tight crops; or the inputs' pixel size in micrometres, so a model trained with
+    ``pixel_size`` sees the same physical field of view at another magnification
+    (``source`` names the model in errors). Its
+    :meth:`~leukotree.models.ModelConfig.decode_options` are then what to decode with."""
     from dataclasses import replace
 
     from leukotree.data.images import CROP_MODES
 
-    cfg = predictor.model_config
     if crop_mode is not None:
         if crop_mode not in CROP_MODES:
             raise LeukotreeError(f"The 'crop_mode' parameter must be one of "

@@ -27,7 +27,13 @@ from leukotree.inference.decisions import (
     domain_shift,
     parse_thresholds,
 )
-from leukotree.inference.predictor import Predictions, Predictor, load_predictor, predict_paths
+from leukotree.inference.predictor import (
+    Predictions,
+    Predictor,
+    load_predictor,
+    predict_paths,
+    set_input,
+)
 from leukotree.models import TreeClassifier
 from leukotree.patients.bags import make_bags
 from leukotree.patients.fit import FittedPatientModel
@@ -49,14 +55,19 @@ def patient_report(
     heatmaps: bool = True,
     progress: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    crop_mode: str | None = None,
+    pixel_size: float | None = None,
 ) -> dict[str, Any]:
     """Write the HTML report for the cells in ``inputs``; returns the decision.
 
     With a patient-level model in the run, the diagnosis is that model's (with its
     threshold) and the cells shown are those that drove it most (attention, or the
     evidence for the diagnosis); otherwise the cells are aggregated by ``method``.
+    ``crop_mode`` and ``pixel_size`` decode the images another way than the model's own
+    (:func:`~leukotree.inference.predictor.set_input`).
     """
     predictor, info = load_predictor(run, engine="torch")
+    predictor = set_input(predictor, crop_mode=crop_mode, pixel_size=pixel_size, source=run)
     model = getattr(predictor, "members", [predictor])[0].model  # heat maps, model card
     payload = info.get("payload") or {}
     tax = model.taxonomy
@@ -92,7 +103,8 @@ def patient_report(
         _differential_html(model.cell_taxonomy, preds.cell_probs, ok),
         _unreadable_html(bad, not_used),
         "<h2>The cells that drove the decision</h2>",
-        _cell_grid(model, preds, ok, weights, decision.leaf, top_cells, heatmaps),
+        _cell_grid(model, preds, ok, weights, decision.leaf, top_cells, heatmaps,
+                   predictor.model_config.decode_options()),
         "<h2>Model card</h2>", model_card_html(model, payload),
     ])
     out = Path(out)
@@ -195,15 +207,17 @@ def model_card_html(model: TreeClassifier, payload: dict[str, Any]) -> str:
 
 
 def _cell_grid(model: TreeClassifier, preds: Predictions, ok: np.ndarray,
-               weights: np.ndarray, leaf: str | None, top: int, heatmaps: bool) -> str:
-    """The ``top`` readable cells by their weight in the decision, with heat maps."""
+               weights: np.ndarray, leaf: str | None, top: int, heatmaps: bool,
+               decode: dict[str, Any]) -> str:
+    """The ``top`` readable cells by their weight in the decision, with heat maps (each
+    cell decoded with ``decode``, as the predictions were)."""
     if leaf is None:
         return "<p>No diagnosis, no cells shown.</p>"
     k = model.taxonomy.leaf_index[leaf]
     probs = preds.leaf_probs[ok]
     order = np.argsort(-weights, kind="stable")[:top]
-    cells = [load_rgb_array(preds.paths[ok[i]], model.config.img_size,
-                            **model.config.decode_options()) for i in order]
+    cells = [load_rgb_array(preds.paths[ok[i]], model.config.img_size, **decode)
+             for i in order]
     maps, note = _heatmaps(model, cells, leaf) if heatmaps else ({}, "")
     items = []
     for rank, i in enumerate(order):
