@@ -247,9 +247,17 @@ def test_calibration_and_ood_threshold_are_fitted_on_validation_and_stored(synth
     ood = payload["ood"]
     assert ood["quantile"] == 0.95 and ood["threshold"] > 0 and ood["val_flagged"] <= 0.1
     assert summary["ood"]["threshold"] == ood["threshold"]
+    # the last three backbone stages, each scaled by its validation quantile
+    assert ood["stages"] == 3 and len(ood["means"]) == len(ood["scales"]) == 3
+    assert all(s > 0 for s in ood["scales"])
     model, _ = load_model(run)
     with torch.no_grad():
         assert model(torch.rand(2, 3, 32, 32) * 255)["ood_score"].shape == (2,)
+    single = tmp_path / "single"
+    train(synth_data, single, resolve_config(preset="tiny-test", overrides={
+        "epochs": 1, "val_fraction": 0.3, "ood_layers": 1}), progress=False)
+    ood = read_checkpoint(single)["ood"]
+    assert ood["stages"] == 1 and ood["means"].ndim == 2 and "scales" not in ood
 
 
 def test_a_cross_validation_fold_is_not_calibrated_on_its_test_fold(synth_data, tmp_path):

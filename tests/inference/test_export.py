@@ -50,6 +50,28 @@ def test_onnx_runtime_matches_pytorch(head, context, tmp_path):
     assert np.allclose(node, leaf @ TAX.node_leaf_matrix().T, atol=1e-5)
 
 
+def test_onnx_runtime_gives_the_stage_ood_score_of_pytorch(tmp_path):
+    from leukotree.models.calibration import ood_section
+    from leukotree.models.checkpoint import update_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model(TAX, ModelConfig(head="multihead", backbone="test_resnet",
+                                         img_size=32)).eval()
+    model.set_stage_features(3)
+    save_model(tmp_path / "best.pt", model)
+    rng = np.random.default_rng(0)
+    widths = model.stage_widths()
+    means = [rng.normal(0, 1, (2, w)).astype(np.float32) for w in widths]
+    update_checkpoint(tmp_path / "best.pt", ood=ood_section(
+        means, [np.eye(w, dtype=np.float32) for w in widths], ["ALL", "AML"], 2.0, 0.95,
+        0.05, scales=[1.0, 3.0, 5.0], stages=3))
+    pixels = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    torch_model, _ = load_model(tmp_path / "best.pt")
+    expected = TorchPredictor(torch_model).outputs(pixels)["ood_score"]
+    got = OnnxPredictor(export_onnx(tmp_path / "best.pt", tmp_path / "m.onnx")).outputs(pixels)
+    assert np.allclose(got["ood_score"], expected, rtol=1e-4)
+
+
 def test_predict_accepts_the_onnx_file(tmp_path):
     data = tmp_path / "data"
     generate(data, TAX, patients_per_class=1, cells_per_patient=2, size=32, seed=5,

@@ -9,7 +9,9 @@ from leukotree.models.calibration import (
     FeatureDistance,
     apply_temperatures,
     fit_feature_distance,
+    fit_stage_distance,
     fit_temperatures,
+    ood_section,
     tree_nll,
 )
 from leukotree.models.checkpoint import load_model, save_model, update_checkpoint
@@ -61,6 +63,31 @@ def test_feature_distance_is_the_nearest_mahalanobis_distance_over_the_threshold
     np.testing.assert_allclose(dist(f).numpy(), [2.0 / 2, 1.0 / 2])
 
 
+def test_stage_distances_are_summed_each_over_its_own_scale():
+    # stage 1: width 1, mean 0, precision 1; stage 2: width 2, means (0,0) and (4,0), I
+    dist = FeatureDistance([np.zeros((1, 1)), np.array([[0.0, 0.0], [4.0, 0.0]])],
+                           [np.eye(1), np.eye(2)], threshold=2.0, scales=[4.0, 0.5])
+    f = torch.tensor([[2.0, 3.0, 1.0]])
+    # d1 = 2^2 = 4, d2 = min(3^2 + 1, 1^2 + 1) = 2; (4 / 4 + 2 / 0.5) / 2 = 2.5
+    np.testing.assert_allclose(dist.block_distances(f).numpy(), [[4.0, 2.0]])
+    np.testing.assert_allclose(dist(f).numpy(), [2.5])
+    with pytest.raises(ValueError, match="precision matrix of shape"):
+        FeatureDistance([np.zeros((1, 2))], [np.eye(3)])
+
+
+def test_fit_stage_distance_fits_each_stage_on_its_own_columns():
+    rng = np.random.default_rng(3)
+    feats = np.concatenate([rng.normal(0, 1, (100, 5)), rng.normal(3, 1, (100, 5))])
+    labels = ["a"] * 100 + ["b"] * 100
+    means, precision, classes = fit_stage_distance(feats, labels, [2, 3])
+    assert classes == ["a", "b"] and [m.shape for m in means] == [(2, 2), (2, 3)]
+    assert [p.shape for p in precision] == [(2, 2), (3, 3)]
+    alone, _, _ = fit_feature_distance(feats[:, 2:], labels)
+    np.testing.assert_allclose(means[1], alone)
+    with pytest.raises(ValueError, match="do not add up"):
+        fit_stage_distance(feats, labels, [2, 2])
+
+
 def test_fit_feature_distance_gives_class_means_and_a_positive_definite_precision():
     rng = np.random.default_rng(2)
     feats = np.concatenate([rng.normal(0, 1, (200, 4)), rng.normal(5, 1, (200, 4))])
@@ -95,6 +122,39 @@ def test_calibration_and_ood_travel_in_the_checkpoint(tmp_path, leukemia7):
     assert again.temperature is None and again.ood is None
 
 
+def test_stage_features_give_the_same_predictions_and_a_stage_ood_score(tmp_path,
+                                                                       leukemia7):
+    torch.manual_seed(0)
+    model = build_model(leukemia7, ModelConfig(head="multihead", backbone="test_resnet",
+                                               img_size=32)).eval()
+    x = torch.rand(3, 3, 32, 32) * 255
+    with torch.no_grad():
+        plain = model(x)
+        model.set_stage_features(3)
+        staged = model(x)
+    widths = model.stage_widths()
+    assert len(widths) == 3 and staged["stage_features"].shape == (3, sum(widths))
+    torch.testing.assert_close(staged["leaf_logp"], plain["leaf_logp"])
+    torch.testing.assert_close(staged["features"], plain["features"])
+    assert "stage_features" not in plain
+    with pytest.raises(ValueError, match=r"1\.\.5 backbone stages, not 6"):
+        model.set_stage_features(6)
+    save_model(tmp_path / "best.pt", model)
+    means = [np.zeros((2, w), np.float32) for w in widths]
+    precision = [np.eye(w, dtype=np.float32) for w in widths]
+    update_checkpoint(tmp_path / "best.pt", ood=ood_section(
+        means, precision, ["ALL", "AML"], 3.0, 0.95, 0.05, scales=[1.0, 2.0, 4.0], stages=3))
+    loaded, _ = load_model(tmp_path / "best.pt")
+    assert loaded.ood_stages == 3
+    with torch.no_grad():
+        out = loaded(x)
+    parts = torch.split(staged["stage_features"], widths, dim=1)
+    expected = sum((p ** 2).sum(1) / s for p, s in zip(parts, [1.0, 2.0, 4.0], strict=True))
+    np.testing.assert_allclose(out["ood_score"].numpy(), expected.numpy() / 3.0, rtol=1e-4)
+    loaded.set_ood(None)
+    assert loaded.ood is None and loaded.ood_stages == 1
+
+
 def test_tree_nll_reads_inner_labels_as_the_sum_of_their_leaves(small_tree):
     probs = np.array([[0.5, 0.3, 0.2], [0.5, 0.3, 0.2]])
     # -(log P(A) + log P(B)) / 2 = -(log .5 + log .5) / 2
@@ -120,3 +180,13 @@ def test_damaged_calibration_sections_are_named_not_a_traceback(tmp_path, leukem
                                                  "precision": torch.eye(3), "threshold": 1.0})
     with pytest.raises(LeukotreeError, match="damaged or was edited"):
         load_model(tmp_path / "best.pt")
+
+
+@pytest.mark.parametrize("backbone", ["test_vit", "test_convnext", "test_efficientnet"])
+def test_stage_widths_describe_the_stage_features_of_every_timm_family(backbone, leukemia7):
+    model = build_model(leukemia7, ModelConfig(head="flat", backbone=backbone,
+                                               img_size=32)).eval()
+    model.set_stage_features(min(3, model.max_stages()))
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 32, 32) * 255)
+    assert out["stage_features"].shape == (2, sum(model.stage_widths()))

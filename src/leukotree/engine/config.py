@@ -168,6 +168,9 @@ class TrainConfig:
     ood_quantile: float = option(0.95, "flag cells farther from the training cells than this "
                                  "quantile of the validation cells as unclassifiable (0: no "
                                  "out-of-distribution score)", low=0, high=1, high_open=True)
+    ood_layers: int = option(3, "backbone stages, counted from the last, whose feature "
+                             "distances add up to the out-of-distribution score (1: the "
+                             "pooled features alone)", low=1, high=12)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

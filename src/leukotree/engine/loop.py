@@ -398,9 +398,10 @@ def predict_outputs(model: torch.nn.Module, pixels: np.ndarray, batch_size: int,
                     device: torch.device, channels_last: bool = False,
                     precision: Precision | None = None, size: int | None = None,
                     ) -> dict[str, np.ndarray]:
-    """``leaf_probs``, ``features`` and (with a cell-type head) ``cell_probs`` of uint8
-    pixels, in batches; ``size`` takes the central crop of that side first (the view
-    prediction has of a padded training cache)."""
+    """``leaf_probs``, ``features`` (and ``stage_features`` when the model gives them) and
+    (with a cell-type head) ``cell_probs`` of uint8 pixels, in batches; ``size`` takes the
+    central crop of that side first (the view prediction has of a padded training
+    cache)."""
     model.eval()
     out: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(pixels), batch_size):
@@ -410,8 +411,9 @@ def predict_outputs(model: torch.nn.Module, pixels: np.ndarray, batch_size: int,
                 x = random_crop(x, size, torch.Generator(), random=False)
             result = model(x)
         out.setdefault("leaf_probs", []).append(result["leaf_logp"].float().exp().cpu().numpy())
-        if "features" in result:
-            out.setdefault("features", []).append(result["features"].float().cpu().numpy())
+        for key in ("features", "stage_features"):
+            if key in result:
+                out.setdefault(key, []).append(result[key].float().cpu().numpy())
         if "cell_logp" in result:
             out.setdefault("cell_probs", []).append(
                 result["cell_logp"].float().exp().cpu().numpy())

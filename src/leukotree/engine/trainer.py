@@ -63,6 +63,7 @@ from leukotree.models.calibration import (
     FeatureDistance,
     apply_temperatures,
     fit_feature_distance,
+    fit_stage_distance,
     fit_temperatures,
     ood_section,
     tree_nll,
@@ -496,6 +497,8 @@ class Trainer:
                 model, _ = load_model(self.run.best)
                 model.set_calibration(None)
                 model.set_ood(None)
+                if calibrate and cfg.ood_quantile > 0:
+                    model.set_stage_features(min(cfg.ood_layers, model.max_stages()))
                 model = model.to(self.device)
                 sides = {"val": val}
                 if patients or (calibrate and cfg.ood_quantile > 0):
@@ -504,20 +507,22 @@ class Trainer:
                                                  self.device, size=cfg.img_size)
                            for name, part in sides.items()}
                 if calibrate:
-                    summary |= self._fit_calibration(model.taxonomy, train, val, outputs)
+                    summary |= self._fit_calibration(model, train, val, outputs)
                 if patients:
                     summary["patient_level"] = self._fit_patient_model(model, train, val,
                                                                        outputs)
             write_json(self.run.summary, summary)
         return summary
 
-    def _fit_calibration(self, taxonomy: Taxonomy, train: Split, val: Split,
+    def _fit_calibration(self, model: TreeClassifier, train: Split, val: Split,
                          outputs: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
         """Fit the per-node temperatures (on the validation split) and the feature
-        distance to the training cells (threshold: ``ood_quantile`` of the validation
-        cells), store both in ``best.pt`` (:mod:`leukotree.models.calibration`) and
-        apply them to ``outputs``, as the stored model will."""
+        distance to the training cells (per stage; the stages' scales and the threshold:
+        ``ood_quantile`` of the validation cells), store both in ``best.pt``
+        (:mod:`leukotree.models.calibration`) and apply them to ``outputs``, as the stored
+        model will."""
         cfg = self.config
+        taxonomy = model.taxonomy
         val_out = outputs["val"]
         truth = [s.label for s in val.samples]
         sections: dict[str, Any] = {}
@@ -540,19 +545,33 @@ class Trainer:
             for out in outputs.values():
                 out["leaf_probs"] = apply_temperatures(taxonomy, out["leaf_probs"], temps)
         if cfg.ood_quantile > 0 and "features" in val_out:
-            means, precision, classes = fit_feature_distance(
-                outputs["train"]["features"], [s.label for s in train.samples])
-            distance = FeatureDistance(means, precision)
+            labels = [s.label for s in train.samples]
+            stages = model.ood_stages
+            if stages > 1:
+                key = "stage_features"
+                means, precision, classes = fit_stage_distance(
+                    outputs["train"][key], labels, model.stage_widths())
+            else:
+                key = "features"
+                means, precision, classes = fit_feature_distance(outputs["train"][key],
+                                                                 labels)
             with torch.no_grad():
-                dist = {name: distance(torch.from_numpy(out["features"])).numpy()
+                per_stage = FeatureDistance(means, precision).block_distances(
+                    torch.from_numpy(val_out[key])).numpy()
+                scales = (np.quantile(per_stage, cfg.ood_quantile, axis=0).tolist()
+                          if stages > 1 else None)
+                distance = FeatureDistance(means, precision, scales=scales)
+                dist = {name: distance(torch.from_numpy(out[key])).numpy()
                         for name, out in outputs.items()}
             threshold = float(np.quantile(dist["val"], cfg.ood_quantile))
             flagged = float((dist["val"] > threshold).mean())
             sections["ood"] = ood_section(means, precision, classes, threshold,
-                                          cfg.ood_quantile, flagged)
+                                          cfg.ood_quantile, flagged, scales=scales,
+                                          stages=stages)
             result["ood"] = {"threshold": threshold, "quantile": cfg.ood_quantile,
-                             "val_flagged": flagged}
-            self._log(f"out-of-distribution score: threshold {threshold:.1f} (flags "
+                             "val_flagged": flagged, "stages": stages}
+            self._log(f"out-of-distribution score ({stages} backbone stage"
+                      f"{'s' if stages > 1 else ''}): threshold {threshold:.1f} (flags "
                       f"{flagged:.1%} of the validation cells)")
             for name, out in outputs.items():
                 out["ood_score"] = dist[name] / threshold

@@ -307,8 +307,7 @@ def input_config(cfg: ModelConfig, *, crop_mode: str | None = None,
                 "The 'pixel_size' parameter has no effect with crop mode 'cell' (the crop is "
                 "sized by each cell's nucleus); leave one of them out.")
         cfg = replace(cfg, input_pixel_size=um)
-    predictor.model_config = cfg
-    return predictor
+    return cfg
 
 
 def load_predictor(run: str | Path, engine: str = "auto") -> tuple[Predictor, dict[str, Any]]:

@@ -17,11 +17,19 @@ pooled features ``f`` to the nearest class mean of the training cells,
     d(f) = min_k (f - mu_k)^T S^-1 (f - mu_k),
 
 with one covariance ``S`` of the class-centred training features (Ledoit-Wolf
-shrinkage). A cell whose ``d`` exceeds the threshold chosen on the validation split
-(its ``quantile``, 0.95 by default: 5% of in-distribution cells flagged) is
-"unclassifiable": unlike the cells the model was trained on. Models output the ratio
-``ood_score = d / threshold``, so the rule is ``ood_score > 1`` for one model and for
-an ensemble's mean alike.
+shrinkage). Like Lee et al.'s feature ensemble, it is taken at several depths of the
+backbone: ``f_s`` the globally averaged feature map of stage ``s`` (the last
+``ood_layers`` stages; 3 by default), each with its own means and covariance, and
+
+    D(f) = sum_s d_s(f_s) / q_s,
+
+``q_s`` the ``quantile`` of ``d_s`` on the validation cells, so that every stage weighs
+alike (early stages see texture and colour, the last one the cell type; one stage: the
+pooled features alone, ``q = 1``). A cell whose ``D`` exceeds the threshold chosen on
+the validation split (the same ``quantile``, 0.95 by default: 5% of in-distribution
+cells flagged) is "unclassifiable": unlike the cells the model was trained on. Models
+output the ratio ``ood_score = D / threshold``, so the rule is ``ood_score > 1`` for
+one model and for an ensemble's mean alike.
 
 Both are modules (:class:`TreeTemperature`, :class:`FeatureDistance`) that a
 :class:`~leukotree.models.heads.TreeClassifier` applies in its forward pass, so PyTorch,
@@ -134,24 +142,54 @@ def tree_nll(taxonomy: Taxonomy, truth: Sequence[str], leaf_probs: np.ndarray) -
 
 
 class FeatureDistance(nn.Module):
-    """Pooled features ``(B, D)`` -> ``(B,)`` squared Mahalanobis distance to the nearest
-    training class mean (see the module docstring) divided by ``threshold``: a cell is
-    unclassifiable when its score exceeds 1."""
+    """Stage features ``(B, sum of widths)`` -> ``(B,)`` score ``D(f) / threshold`` (see the
+    module docstring): a cell is unclassifiable when its score exceeds 1.
 
-    def __init__(self, means: np.ndarray, precision: np.ndarray, threshold: float = 1.0,
-                 ) -> None:
+    ``means`` and ``precision`` hold one array per stage (a single array each: one stage,
+    the input's whole width); ``scales`` are the ``q_s`` (1 when not given)."""
+
+    def __init__(self, means: Any, precision: Any, threshold: float = 1.0,
+                 scales: Sequence[float] | None = None) -> None:
         super().__init__()
+        means_l, precision_l = _blocks(means), _blocks(precision)
+        if len(means_l) != len(precision_l):
+            raise ValueError(f"{len(means_l)} blocks of means but {len(precision_l)} "
+                             "precision matrices")
         self.threshold = float(threshold)
-        self.register_buffer("means", torch.as_tensor(np.asarray(means, np.float32)),
+        self.scales = [1.0] * len(means_l) if scales is None else [float(v) for v in scales]
+        if len(self.scales) != len(means_l):
+            raise ValueError(f"{len(means_l)} blocks but {len(self.scales)} scales")
+        self.widths = [int(np.shape(m)[1]) for m in means_l]
+        self.register_buffer("inv_scales", 1.0 / torch.tensor(self.scales, dtype=torch.float32),
                              persistent=False)
-        self.register_buffer("precision", torch.as_tensor(np.asarray(precision, np.float32)),
-                             persistent=False)
+        for i, (m, p) in enumerate(zip(means_l, precision_l, strict=True)):
+            if np.shape(p) != (self.widths[i], self.widths[i]):
+                raise ValueError(f"block {i}: means of width {self.widths[i]} but a "
+                                 f"precision matrix of shape {np.shape(p)}")
+            self.register_buffer(f"means{i}", torch.as_tensor(np.asarray(m, np.float32)),
+                                 persistent=False)
+            self.register_buffer(f"precision{i}",
+                                 torch.as_tensor(np.asarray(p, np.float32)),
+                                 persistent=False)
+
+    def block_distances(self, features: torch.Tensor) -> torch.Tensor:
+        """``(B, n_blocks)``: ``d_s`` of every stage, unscaled."""
+        with torch.autocast(features.device.type, enabled=False):  # fp32, as fitted
+            parts = torch.split(features.float(), self.widths, dim=1)
+            out = []
+            for i, f in enumerate(parts):
+                diff = f[:, None, :] - getattr(self, f"means{i}")[None]  # (B, K, D)
+                dist = ((diff @ getattr(self, f"precision{i}")) * diff).sum(-1)
+                out.append(dist.min(dim=1).values)
+            return torch.stack(out, dim=1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(features.device.type, enabled=False):  # fp32, as fitted
-            diff = features.float()[:, None, :] - self.means[None]  # (B, K, D)
-            dist = ((diff @ self.precision) * diff).sum(-1)
-            return dist.min(dim=1).values / self.threshold
+        return (self.block_distances(features) * self.inv_scales).sum(dim=1) / self.threshold
+
+
+def _blocks(value: Any) -> list[Any]:
+    """One array per block: a list or tuple as given, anything else as one block."""
+    return list(value) if isinstance(value, list | tuple) else [value]
 
 
 def fit_feature_distance(features: np.ndarray, labels: Sequence[str],
@@ -169,10 +207,47 @@ def fit_feature_distance(features: np.ndarray, labels: Sequence[str],
     return means.astype(np.float32), precision.astype(np.float32), classes
 
 
-def ood_section(means: np.ndarray, precision: np.ndarray, classes: list[str],
-                threshold: float, quantile: float, val_flagged: float) -> dict[str, Any]:
+def fit_stage_distance(features: np.ndarray, labels: Sequence[str], widths: Sequence[int],
+                       ) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
+    """:func:`fit_feature_distance` on each stage's columns of ``features`` (stages of
+    ``widths`` side by side): lists of means and precision matrices, and the classes."""
+    if sum(widths) != np.shape(features)[1]:
+        raise ValueError(f"stage widths {list(widths)} do not add up to the features' "
+                         f"width {np.shape(features)[1]}")
+    means, precision, classes = [], [], []
+    for block in np.split(np.asarray(features), np.cumsum(widths)[:-1], axis=1):
+        m, p, classes = fit_feature_distance(block, labels)
+        means.append(m)
+        precision.append(p)
+    return means, precision, classes
+
+
+def ood_section(means: Any, precision: Any, classes: list[str], threshold: float,
+                quantile: float, val_flagged: float, scales: Sequence[float] | None = None,
+                stages: int = 1) -> dict[str, Any]:
     """The checkpoint's ``ood`` section (tensors, so ``torch.load(weights_only=True)``
-    reads it)."""
-    return {"means": torch.from_numpy(means), "precision": torch.from_numpy(precision),
-            "classes": classes, "threshold": float(threshold), "quantile": float(quantile),
-            "val_flagged": float(val_flagged)}
+    reads it); ``means``/``precision`` one array each, or one per stage with ``scales``
+    (the model's last ``stages`` backbone stages)."""
+    section: dict[str, Any] = {
+        "classes": classes, "threshold": float(threshold), "quantile": float(quantile),
+        "val_flagged": float(val_flagged), "stages": int(stages)}
+    if isinstance(means, list | tuple):
+        section["means"] = [torch.from_numpy(np.asarray(m)) for m in means]
+        section["precision"] = [torch.from_numpy(np.asarray(p)) for p in precision]
+        section["scales"] = [float(v) for v in (scales or [1.0] * len(means))]
+    else:
+        section["means"] = torch.from_numpy(np.asarray(means))
+        section["precision"] = torch.from_numpy(np.asarray(precision))
+    return section
+
+
+def ood_arrays(section: Mapping[str, Any]) -> dict[str, Any]:
+    """Arguments of :meth:`~leukotree.models.heads.TreeClassifier.set_ood` from a
+    checkpoint's ``ood`` section (sections written before stages read as one stage)."""
+    def arrays(value: Any) -> Any:
+        return ([v.numpy() for v in value] if isinstance(value, list | tuple)
+                else value.numpy())
+
+    return {"means": arrays(section["means"]), "precision": arrays(section["precision"]),
+            "threshold": float(section["threshold"]), "scales": section.get("scales"),
+            "stages": int(section.get("stages", 1))}

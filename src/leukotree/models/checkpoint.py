@@ -16,6 +16,7 @@ import torch
 
 from leukotree import __version__
 from leukotree.errors import LeukotreeError
+from leukotree.models.calibration import ood_arrays
 from leukotree.models.heads import ModelConfig, TreeClassifier, build_model
 from leukotree.rundir import RunDir
 from leukotree.taxonomy import Taxonomy
@@ -95,7 +96,7 @@ def load_model(path: str | Path) -> tuple[TreeClassifier, dict[str, Any]]:
         model.set_calibration(payload.get("calibration", {}).get("temperatures"))
         ood = payload.get("ood")
         if ood is not None:
-            model.set_ood(ood["means"].numpy(), ood["precision"].numpy(), ood["threshold"])
+            model.set_ood(**ood_arrays(ood))
             with torch.no_grad():  # the statistics must fit the model's features
                 model.eval()(torch.zeros(2, 3, config.img_size, config.img_size))
     except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as err:

@@ -28,7 +28,7 @@ and :meth:`TreeClassifier.arch_name`. Heads are registered by name (:data:`HEADS
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -196,6 +196,8 @@ class TreeClassifier(nn.Module):
         # Fitted after training (models.calibration): applied in _finish when set.
         self.temperature: TreeTemperature | None = None
         self.ood: FeatureDistance | None = None
+        # How many of the backbone's last stages feed the OOD score (set_stage_features).
+        self.ood_stages = 1
         # Position of each head's children in taxonomy.nodes, and path matrix.
         order = [taxonomy.node_index[c] for n in taxonomy.inner_nodes
                  for c in taxonomy.children(n)]
@@ -221,22 +223,50 @@ class TreeClassifier(nn.Module):
                                 self.path_matrix.device))
 
     def set_ood(self, means: Any | None, precision: Any | None = None,
-                threshold: float = 1.0) -> None:
+                threshold: float = 1.0, scales: Sequence[float] | None = None,
+                stages: int = 1) -> None:
         """Score each cell's distance to the training cells over ``threshold``
-        (``ood_score``, above 1: unclassifiable); ``means`` None: off."""
-        self.ood = (None if means is None
-                    else FeatureDistance(means, precision, threshold).to(
-                        self.path_matrix.device))
+        (``ood_score``, above 1: unclassifiable) from the features of the backbone's last
+        ``stages`` stages (:class:`~leukotree.models.calibration.FeatureDistance`);
+        ``means`` None: off."""
+        if means is None:
+            self.ood = None
+            self.set_stage_features(1)
+            return
+        self.set_stage_features(stages)
+        self.ood = FeatureDistance(means, precision, threshold, scales).to(
+            self.path_matrix.device)
+
+    def max_stages(self) -> int:
+        """How many backbone stages this model can give features of (1: the pooled
+        features only)."""
+        return 1
+
+    def stage_widths(self) -> list[int]:
+        """Widths of the ``stage_features`` the model outputs, stage by stage."""
+        return []
+
+    def set_stage_features(self, stages: int) -> None:
+        """Output ``stage_features`` (the pooled maps of the backbone's last ``stages``
+        stages, side by side) with every forward pass; 1: only ``features``."""
+        if not 1 <= stages <= self.max_stages():
+            raise ValueError(f"this {self.head_type} model gives features of 1.."
+                             f"{self.max_stages()} backbone stages, not {stages}")
+        self.ood_stages = int(stages)
 
     def _finish(self, out: dict[str, torch.Tensor], features: torch.Tensor,
-                ) -> dict[str, torch.Tensor]:
-        """Add the pooled ``features``, with a cell-type head ``cell_logp``; apply the
-        fitted temperatures to ``leaf_logp`` and, when fitted, add ``ood_score``."""
+                stage_features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Add the pooled ``features`` (and ``stage_features`` when given), with a
+        cell-type head ``cell_logp``; apply the fitted temperatures to ``leaf_logp`` and,
+        when fitted, add ``ood_score``."""
         out["features"] = features
+        if stage_features is not None:
+            out["stage_features"] = stage_features
         if self.temperature is not None:
             out["leaf_logp"] = self.temperature(out["leaf_logp"])
         if self.ood is not None:
-            out["ood_score"] = self.ood(features)
+            out["ood_score"] = self.ood(features if stage_features is None
+                                        else stage_features)
         if self.cell_head is not None:
             out["cell_logp"] = F.log_softmax(self.cell_head(features).float(), dim=1)
         return out
@@ -315,10 +345,28 @@ class SharedBackboneClassifier(TreeClassifier):
     def forward_head(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def max_stages(self) -> int:
+        if not hasattr(self.backbone, "forward_intermediates"):  # torchvision's GoogLeNet
+            return 1
+        return len(self.backbone.feature_info)
+
+    def stage_widths(self) -> list[int]:
+        if self.ood_stages == 1:
+            return []
+        return [int(info["num_chs"]) for info in self.backbone.feature_info][-self.ood_stages:]
+
     def forward(self, x: torch.Tensor, head_targets: torch.Tensor | None = None,
                 ) -> dict[str, torch.Tensor]:
-        features = self.forward_features(x)
-        return self._finish(self.forward_head(features), features)
+        if self.ood_stages == 1:
+            features = self.forward_features(x)
+            return self._finish(self.forward_head(features), features)
+        # timm's intermediates: the last stages' maps and the final one, whose pooled
+        # head input equals forward_features'.
+        final, maps = self.backbone.forward_intermediates(self.normalize(x),
+                                                          indices=self.ood_stages)
+        features = self.backbone.forward_head(final)
+        stages = torch.cat([m.float().mean(dim=(2, 3)) for m in maps], dim=1)
+        return self._finish(self.forward_head(features), features, stages)
 
 
 @register_head("flat")
