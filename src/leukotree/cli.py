@@ -583,8 +583,8 @@ def _add_explain_report_export_parsers(sub: argparse._SubParsersAction) -> None:
     ad.add_argument("--batch-size", type=POSITIVE, default=64)
     ad.add_argument("--workers", type=POSITIVE, default=2)
     ad.add_argument("--pixel-size", type=number(float, 0, 1000, low_open=True), metavar="UM",
-                    help="micrometres per pixel of the new lab's images (pass it again to "
-                         "predict with the adapted run)")
+                    help="micrometres per pixel of the new lab's images (the adapted run "
+                         "then decodes images at this pixel size unless told otherwise)")
     _add_max_pixels(ad)
     ad.add_argument("--no-progress", action="store_true")
     ad.set_defaults(func=cmd_adapt)

@@ -92,3 +92,26 @@ def test_adapt_refuses_an_existing_folder(run_and_new_lab, tmp_path, capsys):
                  "--out", str(tmp_path / "taken"), "--no-progress"])
     assert code == 2 and "not an empty folder" in capsys.readouterr().err
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+
+
+def test_a_run_adapted_at_a_pixel_size_decodes_its_lab_at_that_size(run_and_new_lab,
+                                                                    tmp_path):
+    root = run_and_new_lab
+    run = tmp_path / "run"
+    train(root / "data", run, resolve_config(preset="tiny-test", overrides={
+        "epochs": 1, "pixel_size": 0.5}), progress=False)
+    out = tmp_path / "adapted"
+    assert main(["adapt", str(run), str(root / "other"), "--out", str(out),
+                 "--pixel-size", "1.0", "--no-progress"]) == 0
+    assert load_model(out)[0].config.input_pixel_size == 1.0
+
+    def probs(*extra: str, engine: str = "auto") -> list[str]:
+        csv_out = tmp_path / f"p{len(list(tmp_path.glob('p*.csv')))}.csv"
+        assert main(["predict", str(out), str(root / "other"), "--out", str(csv_out),
+                     "--no-progress", "--engine", engine, *extra]) == 0
+        return [line.split(",", 3)[-1] for line in csv_out.read_text().splitlines()]
+
+    for engine in ("torch", "onnx"):
+        default = probs(engine=engine)
+        assert default == probs("--pixel-size", "1.0", engine=engine)
+        assert default != probs("--pixel-size", "0.5", engine=engine)

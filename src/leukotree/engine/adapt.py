@@ -25,6 +25,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,9 @@ def adapt(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
     """Adapt the model of ``run`` to the cells of ``inputs`` (folders, files, manifests;
     labels are not read; decoded at ``pixel_size`` micrometres per pixel when given, see
     :func:`~leukotree.inference.predictor.set_input`) and write the adapted run to
-    ``out``."""
+    ``out``. With ``pixel_size``, the adapted model keeps it as its input pixel size:
+    ``predict``, ``evaluate`` and ``serve`` of the adapted run decode at that size unless
+    given another."""
     source = RunDir.of(run)
     target = RunDir(out)
     if target.path.exists() and (not target.path.is_dir() or any(target.path.iterdir())):
@@ -112,6 +115,8 @@ def adapt(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
               "pixel_size": pixel_size,
               "batch_norm_layers": len(layers),
               "unreadable": unreadable}
+    if pixel_size is not None:  # the adapted model decodes its lab's images by default
+        model.config = replace(model.config, input_pixel_size=float(pixel_size))
     save_model(target.best, model, extra={**payload.get("extra", {}), "adapted": report})
     if "patient_model" in payload:
         update_checkpoint(target.best, patient_model=payload["patient_model"])

@@ -61,18 +61,18 @@ class ModelConfig:
     pixel_size: float | None = None  # micrometres per pixel of the training images
     field_um: float | None = None  # side of the centre crop in micrometres (with pixel_size)
     #: Micrometres per pixel of the images being decoded, set for another lab's images
-    #: (:func:`~leukotree.inference.predictor.set_input`); None: the training scale.
+    #: (:func:`~leukotree.inference.predictor.set_input`; saved only by ``adapt
+    #: --pixel-size``, for the lab it adapted to); None: the training scale.
     input_pixel_size: float | None = None
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     cell_taxonomy: dict[str, Any] | None = None  # a cell-type head over this tree
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields to save: without ``input_pixel_size`` (a setting of one prediction,
-        not of the model), and without the newer options left at their defaults, so a
-        model that does not use them stays readable by older leukotree versions."""
+        """The fields to save, without the newer options left at their defaults (among
+        them ``input_pixel_size``, a setting of one prediction unless ``adapt`` set it),
+        so a model that does not use them stays readable by older leukotree versions."""
         d = asdict(self)
-        d.pop("input_pixel_size")
         for key, default in _NEWER_DEFAULTS.items():
             if d[key] == default:
                 del d[key]
@@ -117,7 +117,8 @@ def feature_width(backbone: nn.Module) -> int:
 
 
 #: Fields added after models were first shared, and their "not used" values.
-_NEWER_DEFAULTS: dict[str, Any] = {"context_radius": 0.0, "pixel_size": None, "field_um": None}
+_NEWER_DEFAULTS: dict[str, Any] = {"context_radius": 0.0, "pixel_size": None, "field_um": None,
+                                   "input_pixel_size": None}
 
 #: Width of the soft edge of :class:`Normalize`'s context mask, as a fraction of the side.
 CONTEXT_EDGE = 0.03
