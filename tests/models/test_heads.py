@@ -186,5 +186,5 @@ def test_a_model_config_without_the_newer_options_reads_as_off_and_saves_without
     used = ModelConfig(backbone="test_resnet", context_radius=0.3, pixel_size=0.5,
                        field_um=20.0, input_pixel_size=0.25).to_dict()
     assert used["context_radius"] == 0.3 and used["field_um"] == 20.0
-    assert "input_pixel_size" not in used  # a setting of one prediction, never saved
-    assert ModelConfig.from_dict(used).decode_options()["window"] is None
+    # saved only when set (adapt --pixel-size), and read back as the decoding scale
+    assert ModelConfig.from_dict(used).decode_options()["window"] == 80.0
