@@ -120,3 +120,10 @@ def test_the_papers_gpu_recipes_start_on_a_cpu(preset, backbone):
     loss = model(torch.rand(2, 3, 64, 64) * 255)["leaf_logp"].logsumexp(1).sum()
     loss.backward()  # a training step runs
     assert all(p.grad is not None for p in model.heads.parameters())
+
+
+def test_group_norm_refuses_pretrained_weights_and_the_hybrid_head():
+    for extra in ({"pretrained": True}, {"head": "hybrid"}):
+        with pytest.raises(LeukotreeError, match="'norm' parameter 'group'"):
+            resolve_config(preset="tiny-test", overrides={"norm": "group", **extra})
+    assert resolve_config(preset="tiny-test", overrides={"norm": "group"}).norm == "group"

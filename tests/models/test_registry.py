@@ -70,3 +70,40 @@ def test_a_registered_head_runs_every_command(registered, tmp_path, capsys):
     assert "two-layer" in (tmp_path / "r.html").read_text()
     model_file = torch.load(run / "best.pt", weights_only=True)
     assert model_file["model_config"]["head"] == registered
+
+
+def test_group_norm_backbones_have_no_batch_statistics_and_save_their_norm(tmp_path, capsys):
+    from leukotree.errors import LeukotreeError
+    from leukotree.models import build_model
+    from leukotree.models.backbones import NORMS
+    from leukotree.models.checkpoint import load_model, save_model
+
+    assert NORMS == ("batch", "group")
+    tax = load_taxonomy("leukemia7")
+    model = build_model(tax, ModelConfig(head="multihead", backbone="test_resnet",
+                                         img_size=32, norm="group")).eval()
+    layers = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+    assert layers and not any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                              for m in model.modules())
+    assert all(m.num_channels % m.num_groups == 0 for m in layers)  # 48 channels: 16 groups
+    # per image: a cell's output does not depend on the other cells of its batch
+    x = torch.rand(4, 3, 32, 32) * 255
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)["leaf_logp"][:1], model(x[:1])["leaf_logp"])
+    save_model(tmp_path / "best.pt", model)
+    assert load_model(tmp_path / "best.pt")[0].config.norm == "group"
+    assert "norm" not in ModelConfig(backbone="test_resnet").to_dict()  # old files unchanged
+    with pytest.raises(LeukotreeError, match="hybrid head keeps"):
+        build_model(tax, ModelConfig(head="hybrid", norm="group",
+                                     hybrid_backbones=["test_resnet"], img_size=32))
+    with pytest.raises(LeukotreeError, match="from scratch"):
+        create_backbone("test_resnet", img_size=32, norm="group", weights=tmp_path / "w.pt")
+    # no batch statistics: adapt says so instead of doing nothing
+    from PIL import Image
+
+    (tmp_path / "cells").mkdir()
+    for i in range(2):
+        Image.new("RGB", (40, 40), (200, 120 + i, 150)).save(tmp_path / "cells" / f"c{i}.png")
+    assert main(["adapt", str(tmp_path / "best.pt"), str(tmp_path / "cells"), "--out",
+                 str(tmp_path / "adapted"), "--no-progress"]) == 2
+    assert "no batch-normalisation layer" in capsys.readouterr().err

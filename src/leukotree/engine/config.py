@@ -62,6 +62,10 @@ class TrainConfig:
     init: str | None = option(None, "fine-tune: start from the weights (and normalisation) "
                               "of a trained leukotree model, a run folder or its best.pt, of "
                               "the same taxonomy, head, backbone and image size")
+    norm: str = option("batch", "normalisation layers of the backbone: batch (the model's "
+                       "own) or group (GroupNorm: per image, so another lab's batch statistics "
+                       "cannot shift it; from scratch only, and adapt has nothing to "
+                       "re-estimate)", choices=("batch", "group"))
     img_size: int = option(224, "image side in pixels", low=16, high=4096)
     epochs: int = option(30, "number of epochs", low=1, high=100_000)
     batch_size: int = option(32, "batch size (per process)", low=1, high=65_536)
@@ -196,6 +200,11 @@ class TrainConfig:
         from leukotree.patients.fit import check_threshold_rule
 
         check_threshold_rule(self.patient_threshold)
+        if self.norm != "batch" and (self.head == "hybrid" or self.pretrained or self.weights):
+            raise LeukotreeError(
+                f"The 'norm' parameter '{self.norm}' builds the backbone from scratch with "
+                "other normalisation layers: it cannot take --pretrained or --weights (made "
+                "for batch norm), nor the hybrid head; use norm batch for those.")
         if self.pixel_size is not None and self.crop_mode == "cell":
             raise LeukotreeError(
                 "The 'pixel_size' parameter has no effect with crop_mode cell (the crop is "
@@ -244,6 +253,7 @@ class TrainConfig:
 
         return ModelConfig(head=self.head, backbone=self.model, img_size=self.img_size,
                            crop_mode=self.crop_mode, context_radius=self.context_radius,
+                           norm=self.norm,
                            drop_rate=self.drop_rate, hybrid_backbones=list(self.hybrid_backbones),
                            **extra)
 

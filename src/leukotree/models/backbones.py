@@ -8,6 +8,7 @@ with ``pretrained=True``, from the Hugging Face hub if it is reachable.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,18 @@ class TorchvisionGoogLeNet(nn.Module):
         return torch.flatten(self.net.avgpool(self.forward_features(x)), 1)
 
 
+#: Normalisation layers a backbone can be built with: ``batch``, the model's own (batch
+#: normalisation for CNNs); ``group``, :func:`group_norm` in place of every one of them.
+NORMS = ("batch", "group")
+
+
+def group_norm(channels: int, **kwargs: Any) -> nn.GroupNorm:
+    """GroupNorm (Wu & He 2018) over ``gcd(32, channels)`` groups: per image, with no
+    running statistics, so another lab's batch of cells cannot shift them (``kwargs``:
+    what timm passes a norm layer, e.g. ``device``)."""
+    return nn.GroupNorm(math.gcd(32, channels), channels, **kwargs)
+
+
 def create_backbone(
     name: str,
     *,
@@ -103,10 +116,20 @@ def create_backbone(
     pretrained: bool = False,
     weights: str | Path | None = None,
     drop_rate: float = 0.0,
+    norm: str = "batch",
 ) -> nn.Module:
-    """A backbone whose ``forward`` returns pooled features of size ``num_features``."""
+    """A backbone whose ``forward`` returns pooled features of size ``num_features``,
+    with the normalisation layers ``norm`` (see :data:`NORMS`)."""
     full = resolve_name(name)
     check_input_size(full, img_size)
+    if norm not in NORMS:
+        raise LeukotreeError(f"The 'norm' parameter must be one of {', '.join(NORMS)}; "
+                             f"got {norm!r}.")
+    if norm != "batch" and (full == "tv:googlenet" or pretrained or weights is not None):
+        raise LeukotreeError(
+            f"The 'norm' parameter '{norm}' builds backbone '{name}' from scratch with other "
+            "normalisation layers than its published weights (and torchvision's GoogLeNet "
+            "cannot be rebuilt): leave out --pretrained/--weights, or use norm batch.")
     if full == "tv:googlenet":
         if pretrained:
             raise LeukotreeError(
@@ -115,8 +138,17 @@ def create_backbone(
             )
         model: nn.Module = TorchvisionGoogLeNet()
     else:
-        model = _from_timm(full, pretrained, num_classes=0, drop_rate=drop_rate,
-                           **_timm_kwargs(full, img_size))
+        extra: dict[str, Any] = {} if norm == "batch" else {"norm_layer": group_norm}
+        try:
+            model = _from_timm(full, pretrained, num_classes=0, drop_rate=drop_rate,
+                               **_timm_kwargs(full, img_size), **extra)
+        except TypeError as err:
+            if not extra:
+                raise
+            raise LeukotreeError(
+                f"Backbone '{name}' cannot be built with the 'norm' parameter '{norm}' "
+                f"(timm: {err}); choose a CNN such as resnet18, resnet50 or densenet121, "
+                "or norm batch.") from None
     if weights is not None:
         load_weights(model, weights)
     return model

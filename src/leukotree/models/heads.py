@@ -58,6 +58,7 @@ class ModelConfig:
     crop_fraction: float = 1.0  # central fraction of each image seen at inference
     crop_mode: str = "centre"  # of the image's central square, or of the cell's frame
     context_radius: float = 0.0  # flatten beyond this fraction of the side from the centre
+    norm: str = "batch"  # the backbone's normalisation layers (models.backbones.NORMS)
     pixel_size: float | None = None  # micrometres per pixel of the training images
     field_um: float | None = None  # side of the centre crop in micrometres (with pixel_size)
     #: Micrometres per pixel of the images being decoded, set for another lab's images
@@ -118,7 +119,7 @@ def feature_width(backbone: nn.Module) -> int:
 
 #: Fields added after models were first shared, and their "not used" values.
 _NEWER_DEFAULTS: dict[str, Any] = {"context_radius": 0.0, "pixel_size": None, "field_um": None,
-                                   "input_pixel_size": None}
+                                   "input_pixel_size": None, "norm": "batch"}
 
 #: Width of the soft edge of :class:`Normalize`'s context mask, as a fraction of the side.
 CONTEXT_EDGE = 0.03
@@ -335,7 +336,7 @@ class SharedBackboneClassifier(TreeClassifier):
     def __init__(self, taxonomy: Taxonomy, config: ModelConfig) -> None:
         super().__init__(taxonomy, config)
         self.backbone = create_backbone(config.backbone, img_size=config.img_size,
-                                        drop_rate=config.drop_rate)
+                                        drop_rate=config.drop_rate, norm=config.norm)
 
     def backbones(self) -> list[tuple[str, nn.Module]]:
         return [(self.config.backbone, self.backbone)]
@@ -421,7 +422,7 @@ class PerNodeClassifier(TreeClassifier):
         self.node_models = nn.ModuleList()
         for node in taxonomy.inner_nodes:
             backbone = create_backbone(config.backbone, img_size=config.img_size,
-                                       drop_rate=config.drop_rate)
+                                       drop_rate=config.drop_rate, norm=config.norm)
             head = nn.Linear(feature_width(backbone), len(taxonomy.children(node)))
             self.node_models.append(nn.Sequential(backbone, head))
 

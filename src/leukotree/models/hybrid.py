@@ -37,6 +37,10 @@ class HybridCNN(TreeClassifier):
         if not config.hybrid_backbones:
             raise LeukotreeError("The hybrid head needs at least one backbone in "
                                  "'hybrid_backbones'.")
+        if config.norm != "batch":
+            raise LeukotreeError(f"The hybrid head keeps its backbones' own normalisation; "
+                                 f"the 'norm' parameter '{config.norm}' needs the flat, "
+                                 "multihead or per-node head.")
         self.extractors = nn.ModuleList(
             create_feature_extractor(b, img_size=config.img_size)
             for b in config.hybrid_backbones)
