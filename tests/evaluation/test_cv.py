@@ -53,6 +53,15 @@ def test_cv_writes_every_fold_and_the_table(cv_runs):
     assert set(seen.values()) == {1} and len(seen) == 7 * 3 * 3
 
 
+def test_no_fold_is_chosen_on_its_own_test_images(cv_runs):
+    # the preset monitors validation accuracy; in CV that would pick epochs on the test fold
+    config = (cv_runs / "flat" / "cv_config.yaml").read_text()
+    assert "monitor: last" in config and "patience: 0" in config
+    for k in range(3):
+        summary = json.loads((cv_runs / "flat" / f"fold_{k}" / "summary.json").read_text())
+        assert summary["monitor"] == "last"
+
+
 def test_cv_resumes_without_retraining_finished_folds(cv_runs, data):
     best = cv_runs / "flat" / "fold_1" / "best.pt"
     before = best.stat().st_mtime_ns

@@ -87,7 +87,10 @@ def cross_validate(
     """Run (or resume) ``repeats`` x ``folds``-fold patient-grouped CV and write
     ``summary.json``, ``summary.md`` and ``summary.html`` (a :class:`~leukotree.rundir.CVDir`).
 
-    Repeat ``r`` draws its folds (and initialisations) with seed ``seed + r``. With patient
+    Each fold keeps its last epoch (``monitor`` last, no early stopping): its validation
+    fold is its test fold, so nothing is chosen on it (nor calibrated, see
+    :class:`~leukotree.engine.trainer.Trainer`). Repeat ``r`` draws its folds (and
+    initialisations) with seed ``seed + r``. With patient
     ids, the out-of-fold patient diagnoses of each repeat are pooled into patient-level
     metrics (AUROC with a patient-bootstrap 95% CI; sensitivity and specificity at each
     fold's own threshold, chosen on its training patients only).
@@ -106,6 +109,12 @@ def cross_validate(
     check_settings(settings)
     console = console or stderr_console()
     cv = CVDir(out)
+    if config.monitor != "last" or config.patience:
+        console.print(f"[dim]cross-validation keeps each fold's last epoch (not its best "
+                      f"'{config.monitor}'{', no early stopping' if config.patience else ''}): "
+                      "a fold's validation images are its test images, and choosing on them "
+                      "would make the figures optimistic[/dim]")
+        config = replace(config, monitor="last", patience=0)
     base = _open_cv_dir(cv, replace(config, folds=folds, fold=None))
     per_fold: list[dict[str, Any]] = []
     pooled: list[dict[str, Any]] = []
