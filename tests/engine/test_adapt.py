@@ -111,6 +111,11 @@ def test_a_run_adapted_at_a_pixel_size_decodes_its_lab_at_that_size(run_and_new_
                      "--no-progress", "--engine", engine, *extra]) == 0
         return [line.split(",", 3)[-1] for line in csv_out.read_text().splitlines()]
 
+    # adapted again, to a lab of unknown pixel size: the last lab's size is not kept
+    again = tmp_path / "again"
+    assert main(["adapt", str(out), str(root / "other"), "--out", str(again),
+                 "--no-progress"]) == 0
+    assert load_model(again)[0].config.input_pixel_size is None
     for engine in ("torch", "onnx"):
         default = probs(engine=engine)
         assert default == probs("--pixel-size", "1.0", engine=engine)

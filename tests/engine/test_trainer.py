@@ -284,6 +284,9 @@ def test_init_fine_tunes_from_a_trained_model_and_refuses_one_that_does_not_fit(
         if "running" not in name and "num_batches" not in name:
             assert torch.allclose(a, b, atol=1e-6), name
     assert model.config.mean == source.config.mean  # the source's normalisation
+    with pytest.raises(LeukotreeError, match="norm is 'batch', this training's 'group'"):
+        train(synth_data, tmp_path / "gn", resolve_config(preset="tiny-test", overrides={
+            "epochs": 1, "init": str(first), "norm": "group"}), progress=False)
     with pytest.raises(LeukotreeError, match="img_size is 32, this training's 40"):
         train(synth_data, tmp_path / "bad", resolve_config(preset="tiny-test", overrides={
             "epochs": 1, "init": str(first), "img_size": 40}), progress=False)

@@ -62,6 +62,19 @@ def test_no_fold_is_chosen_on_its_own_test_images(cv_runs):
         assert summary["monitor"] == "last"
 
 
+def test_a_cv_that_chose_epochs_on_its_test_folds_is_not_resumed(cv_runs, data, tmp_path,
+                                                                  capsys):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(cv_runs / "flat", old)
+    config = old / "cv_config.yaml"
+    config.write_text(config.read_text().replace("monitor: last", "monitor: accuracy"))
+    assert main(["cv", str(data), "-t", "leukemia7", "--folds", "3", "--head", "flat",
+                 "--out", str(old), *TINY]) == 2
+    assert "older leukotree" in capsys.readouterr().err
+
+
 def test_cv_resumes_without_retraining_finished_folds(cv_runs, data):
     best = cv_runs / "flat" / "fold_1" / "best.pt"
     before = best.stat().st_mtime_ns

@@ -96,6 +96,12 @@ def test_group_norm_backbones_have_no_batch_statistics_and_save_their_norm(tmp_p
     with pytest.raises(LeukotreeError, match="hybrid head keeps"):
         build_model(tax, ModelConfig(head="hybrid", norm="group",
                                      hybrid_backbones=["test_resnet"], img_size=32))
+    # timm's fused norm + activation layers keep their activation; no batch norm: refused
+    relus = [sum(isinstance(m, nn.SiLU | nn.ReLU) for m in create_backbone(
+        "test_efficientnet", img_size=32, norm=norm).modules()) for norm in ("batch", "group")]
+    assert relus[0] == relus[1] > 0
+    with pytest.raises(LeukotreeError, match="no 2-d batch-normalisation"):
+        create_backbone("test_convnext", img_size=32, norm="group")
     with pytest.raises(LeukotreeError, match="from scratch"):
         create_backbone("test_resnet", img_size=32, norm="group", weights=tmp_path / "w.pt")
     # no batch statistics: adapt says so instead of doing nothing

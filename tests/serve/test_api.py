@@ -191,3 +191,18 @@ def test_serving_another_magnification_crops_the_models_physical_field(served_ru
     assert models.predictors["scaled"].model_config.decode_options()["window"] == window
     # heat maps and reports decode alike
     assert models.torch_model("scaled").config.decode_options()["window"] == window
+    assert models.input_options() == {"crop_mode": None, "pixel_size": 0.2}
+    # the case report shows the cells decoded at the served pixel size (no OOD flag, so
+    # that the padded view is classified and shown)
+    from leukotree.data.images import load_rgb_array
+    from leukotree.models.checkpoint import update_checkpoint
+    from leukotree.report.html import png_data_uri
+
+    update_checkpoint(run / "best.pt", ood=None)
+    models = Models([run], engine="torch", pixel_size=0.2)
+    upload = cells(served_run, 1)
+    with TestClient(create_app(models, Store(tmp_path / "s"), ServeSettings())) as api:
+        case = wait_done(api, api.post("/api/cases", files=upload).json()["id"])
+        page = api.get(f"/cases/{case['id']}/report").text
+    shown = sorted((served_run / "data").rglob("*.png"))[0]
+    assert png_data_uri(load_rgb_array(shown, 32, window=window)) in page

@@ -53,8 +53,9 @@ def estimating_batch_norm(model: nn.Module) -> Iterator[list[nn.Module]]:
     (``momentum=None``). Afterwards the model is in eval mode again."""
     layers = batch_norm_layers(model)
     if not layers:
-        raise LeukotreeError("This model has no batch-normalisation layer to adapt (e.g. a "
-                             "ViT or ConvNeXt uses layer norm); fine-tune it instead.")
+        raise LeukotreeError("This model has no batch-normalisation layer to adapt (a ViT "
+                             "or ConvNeXt uses layer norm, a model trained with --norm group "
+                             "GroupNorm: both are per image already); fine-tune it instead.")
     model.eval()
     saved = [(m, m.momentum) for m in layers]
     for m in layers:
@@ -93,6 +94,8 @@ def adapt(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
     if len(paths) < 2:
         raise LeukotreeError(f"adapt needs the new lab's cells: found {len(paths)} image(s) in "
                              f"{', '.join(map(str, inputs))}.")
+    # An adapted run being adapted again: its last lab's pixel size is not this lab's.
+    model.config = replace(model.config, input_pixel_size=None)
     predictor = set_input(TorchPredictor(model), pixel_size=pixel_size, source=run)
     with estimating_batch_norm(model) as layers:
         preds = predict_paths(predictor, paths, batch_size=batch_size, workers=workers,

@@ -158,6 +158,10 @@ class Trainer:
         self._log(f"training on {len(train)} images, validating on {len(val)} "
                   f"({cfg.head} head, {cfg.model_config().arch_name}, {cfg.img_size}px, "
                   f"device {self.device}, {torch.get_num_threads()} threads)")
+        if cfg.fold is not None and (cfg.monitor != "last" or cfg.patience):
+            self._log(f"fold {cfg.fold}: its validation images are its test images; picking "
+                      f"the best '{cfg.monitor}' epoch (or stopping early) on them makes its "
+                      "figures optimistic (leukotree cv uses --monitor last)", style="yellow")
         model = self._build(taxonomy, train)
         channels_last = (cfg.channels_last and self.device.type == "cpu"
                          and model.supports_channels_last)
@@ -370,9 +374,11 @@ class Trainer:
         source, _ = load_model(cfg.init)
         want = {"taxonomy": taxonomy.leaves, "head": cfg.head,
                 "backbone": cfg.model_config().arch_name, "img_size": cfg.img_size,
+                "norm": cfg.norm,
                 "cell taxonomy": None if self.cell_taxonomy is None else self.cell_taxonomy.leaves}
         have = {"taxonomy": source.taxonomy.leaves, "head": source.config.head,
                 "backbone": source.config.arch_name, "img_size": source.config.img_size,
+                "norm": source.config.norm,
                 "cell taxonomy": None if source.cell_taxonomy is None
                 else source.cell_taxonomy.leaves}
         if source.taxonomy != taxonomy:

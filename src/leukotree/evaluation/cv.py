@@ -110,10 +110,9 @@ def cross_validate(
     console = console or stderr_console()
     cv = CVDir(out)
     if config.monitor != "last" or config.patience:
-        console.print(f"[dim]cross-validation keeps each fold's last epoch (not its best "
-                      f"'{config.monitor}'{', no early stopping' if config.patience else ''}): "
-                      "a fold's validation images are its test images, and choosing on them "
-                      "would make the figures optimistic[/dim]")
+        console.print("[dim]cross-validation keeps each fold's last epoch, without early "
+                      "stopping: a fold's validation images are its test images, and choosing "
+                      "on them would make the figures optimistic[/dim]")
         config = replace(config, monitor="last", patience=0)
     base = _open_cv_dir(cv, replace(config, folds=folds, fold=None))
     per_fold: list[dict[str, Any]] = []
@@ -192,7 +191,14 @@ def _open_cv_dir(cv: CVDir, base: TrainConfig) -> TrainConfig:
     """Create the folder, or check that a half-finished CV in it used the same options."""
     cv.path.mkdir(parents=True, exist_ok=True)
     if cv.config.exists():
-        if load_config(cv.config, check_device=False).to_dict() != base.to_dict():
+        saved = load_config(cv.config, check_device=False)
+        if (saved.monitor, saved.patience) != ("last", 0) and replace(
+                saved, monitor="last", patience=0).to_dict() == base.to_dict():
+            raise LeukotreeError(
+                f"'{cv.path}' holds a CV started by an older leukotree that chose each fold's "
+                f"best epoch ('{saved.monitor}') on its test fold, which makes its figures "
+                "optimistic; folds now keep their last epoch. Start it again in another --out.")
+        if saved.to_dict() != base.to_dict():
             raise LeukotreeError(
                 f"'{cv.path}' holds a CV with other options (see {cv.config}); resume it with "
                 "the same options or choose another --out.")

@@ -98,15 +98,40 @@ class TorchvisionGoogLeNet(nn.Module):
 
 
 #: Normalisation layers a backbone can be built with: ``batch``, the model's own (batch
-#: normalisation for CNNs); ``group``, :func:`group_norm` in place of every one of them.
+#: normalisation for CNNs); ``group``, GroupNorm in place of every batch-norm layer
+#: (:func:`to_group_norm`).
 NORMS = ("batch", "group")
 
 
-def group_norm(channels: int, **kwargs: Any) -> nn.GroupNorm:
-    """GroupNorm (Wu & He 2018) over ``gcd(32, channels)`` groups: per image, with no
-    running statistics, so another lab's batch of cells cannot shift them (``kwargs``:
-    what timm passes a norm layer, e.g. ``device``)."""
-    return nn.GroupNorm(math.gcd(32, channels), channels, **kwargs)
+def to_group_norm(model: nn.Module, name: str) -> nn.Module:
+    """Replace every 2-d batch-norm layer of ``model`` by GroupNorm (Wu & He 2018) over
+    ``gcd(32, channels)`` groups: per image, with no running statistics, so another lab's
+    batch of cells cannot shift them. timm's fused norm + activation layers keep their
+    activation (``GroupNormAct``). A backbone without batch norm is refused."""
+    from timm.layers import BatchNormAct2d, GroupNormAct
+
+    swapped = 0
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, BatchNormAct2d):
+                new: nn.Module = GroupNormAct(child.num_features,
+                                              math.gcd(32, child.num_features),
+                                              eps=child.eps, affine=child.affine)
+                new.act, new.drop = child.act, child.drop
+            elif isinstance(child, nn.BatchNorm2d):
+                new = nn.GroupNorm(math.gcd(32, child.num_features), child.num_features,
+                                   eps=child.eps, affine=child.affine)
+            else:
+                continue
+            setattr(parent, child_name, new)
+            swapped += 1
+    if not swapped or any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                          for m in model.modules()):
+        raise LeukotreeError(
+            f"Backbone '{name}' has no 2-d batch-normalisation layers that GroupNorm can "
+            "replace (the 'norm' parameter 'group' is for CNNs with batch norm such as "
+            "resnet18, resnet50 or densenet121); use norm batch.")
+    return model
 
 
 def create_backbone(
@@ -138,17 +163,10 @@ def create_backbone(
             )
         model: nn.Module = TorchvisionGoogLeNet()
     else:
-        extra: dict[str, Any] = {} if norm == "batch" else {"norm_layer": group_norm}
-        try:
-            model = _from_timm(full, pretrained, num_classes=0, drop_rate=drop_rate,
-                               **_timm_kwargs(full, img_size), **extra)
-        except TypeError as err:
-            if not extra:
-                raise
-            raise LeukotreeError(
-                f"Backbone '{name}' cannot be built with the 'norm' parameter '{norm}' "
-                f"(timm: {err}); choose a CNN such as resnet18, resnet50 or densenet121, "
-                "or norm batch.") from None
+        model = _from_timm(full, pretrained, num_classes=0, drop_rate=drop_rate,
+                           **_timm_kwargs(full, img_size))
+        if norm == "group":
+            model = to_group_norm(model, name)
     if weights is not None:
         load_weights(model, weights)
     return model

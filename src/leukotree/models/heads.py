@@ -12,7 +12,12 @@ returns a dict of tensors:
   for every head), which patient-level models pool over a patient's cells;
 - ``"cell_logp"``: ``(B, n_cell_types)`` log-probabilities of a second, per-cell
   taxonomy (the cell type a technologist signed) when the model has a cell-type head
-  (``ModelConfig.cell_taxonomy``); the cells of a patient give its differential count.
+  (``ModelConfig.cell_taxonomy``); the cells of a patient give its differential count;
+- ``"stage_features"``: ``(B, sum of widths)`` the pooled maps of the backbone's last
+  stages, side by side, after :meth:`TreeClassifier.set_stage_features` (or a fitted
+  multi-stage OOD score);
+- ``"ood_score"``: ``(B,)`` the out-of-distribution score once fitted
+  (:meth:`TreeClassifier.set_ood`; above 1: unclassifiable).
 
 For the hierarchical heads, ``log P(leaf) = sum over the path of
 log P(child | parent)``, computed as one matrix product with the taxonomy's

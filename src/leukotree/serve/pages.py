@@ -154,5 +154,5 @@ def _case_report(store: Store, models: Models, case_id: str) -> Any:
         raise LeukotreeError("The case holds no stored cell.")
     out = store.reports / f"{case_id}.html"
     patient_report(models.sources[case["model"]], paths, out, patient=case["patient"],
-                   heatmaps=False)
+                   heatmaps=False, **models.input_options())
     return out

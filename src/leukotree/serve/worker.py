@@ -46,6 +46,7 @@ class Models:
                                  "model file or cv folder).")
         self.predictors: dict[str, Predictor] = {}
         self.sources: dict[str, str] = {}
+        self.crop_mode, self.pixel_size = crop_mode, pixel_size
         self.info: dict[str, dict[str, Any]] = {}
         for run in runs:
             name = Path(run).stem if Path(run).is_file() else Path(run).name
@@ -87,6 +88,11 @@ class Models:
                                        input_pixel_size=served.input_pixel_size)
                 self._torch[name] = model
             return self._torch[name]
+
+    def input_options(self) -> dict[str, Any]:
+        """The decoding options every served model was given (None: the model's own), for
+        commands run on stored cells (the case report)."""
+        return {"crop_mode": self.crop_mode, "pixel_size": self.pixel_size}
 
     @property
     def default(self) -> str:
