@@ -200,11 +200,11 @@ class TrainConfig:
         from leukotree.patients.fit import check_threshold_rule
 
         check_threshold_rule(self.patient_threshold)
-        if self.norm != "batch" and (self.head == "hybrid" or self.pretrained or self.weights):
+        if self.norm != "batch" and (self.pretrained or self.weights):
             raise LeukotreeError(
                 f"The 'norm' parameter '{self.norm}' builds the backbone from scratch with "
                 "other normalisation layers: it cannot take --pretrained or --weights (made "
-                "for batch norm), nor the hybrid head; use norm batch for those.")
+                "for batch norm); use norm batch for those.")
         if self.pixel_size is not None and self.crop_mode == "cell":
             raise LeukotreeError(
                 "The 'pixel_size' parameter has no effect with crop_mode cell (the crop is "
@@ -222,6 +222,10 @@ class TrainConfig:
         from leukotree.taxonomy import load_taxonomy
 
         head = head_class(self.head)
+        if self.norm != "batch" and not head.supports_norm_choice:
+            raise LeukotreeError(
+                f"The {self.head} head keeps its backbones' own normalisation; the 'norm' "
+                f"parameter '{self.norm}' needs the flat, multihead or per-node head.")
         for name in head.arch_name(self.model_config()).split("+"):
             check_input_size(name, self.img_size)
         taxonomy = load_taxonomy(self.taxonomy)

@@ -185,6 +185,8 @@ class TreeClassifier(nn.Module):
     ddp_find_unused_parameters: ClassVar[bool] = False
     #: Can carry a cell-type head on its features (``ModelConfig.cell_taxonomy``).
     supports_cell_head: ClassVar[bool] = True
+    #: Whether ``ModelConfig.norm`` other than batch is honoured (:mod:`.backbones`).
+    supports_norm_choice: ClassVar[bool] = True
 
     def __init__(self, taxonomy: Taxonomy, config: ModelConfig) -> None:
         super().__init__()

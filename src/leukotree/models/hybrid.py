@@ -27,6 +27,7 @@ class HybridCNN(TreeClassifier):
     """
 
     supports_channels_last = False
+    supports_norm_choice = False
 
     @classmethod
     def arch_name(cls, config: ModelConfig) -> str:
