@@ -126,3 +126,23 @@ def test_predict_can_decode_with_another_crop_mode(run, tmp_path):
         set_input(predictor, crop_mode="nucleus")
     with pytest.raises(LeukotreeError, match="trained without one"):
         set_input(predictor, pixel_size=0.3)
+
+
+def test_an_ensemble_refuses_members_that_decode_images_differently():
+    from dataclasses import replace
+
+    from leukotree.errors import LeukotreeError
+    from leukotree.inference.ensemble import EnsemblePredictor
+    from leukotree.inference.predictor import TorchPredictor
+    from leukotree.models.heads import ModelConfig, build_model
+
+    def member(**view):
+        model = build_model(TAX, ModelConfig(backbone="test_resnet", img_size=32,
+                                             pixel_size=0.5, field_um=16.0))
+        model.config = replace(model.config, **view)
+        return TorchPredictor(model)
+
+    assert EnsemblePredictor([member(), member()], "cv").model_config.field_um == 16.0
+    for view in ({"input_pixel_size": 0.25}, {"field_um": 20.0}, {"crop_mode": "auto"}):
+        with pytest.raises(LeukotreeError, match="differ in taxonomy, image size or crop"):
+            EnsemblePredictor([member(), member(**view)], "cv")

@@ -74,12 +74,14 @@ class EnsemblePatientModel:
 
 
 def _same_view(a: ModelConfig, b: ModelConfig) -> bool:
-    """Whether two models crop an image alike (crop, crop mode, physical field)."""
+    """Whether two models crop an image alike (crop, crop mode, physical field and the
+    input pixel size an adapted model keeps)."""
     def close(x: float | None, y: float | None) -> bool:
         return (x is None) == (y is None) and (x is None or math.isclose(x, y, rel_tol=1e-6))
 
     return (close(a.crop_fraction, b.crop_fraction) and a.crop_mode == b.crop_mode
-            and close(a.pixel_size, b.pixel_size) and close(a.field_um, b.field_um))
+            and close(a.pixel_size, b.pixel_size) and close(a.field_um, b.field_um)
+            and close(a.input_pixel_size, b.input_pixel_size))
 
 
 class EnsemblePredictor:
