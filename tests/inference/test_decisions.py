@@ -9,6 +9,7 @@ from leukotree.inference.decisions import (
     calibrate_thresholds,
     decide,
     decide_patient,
+    domain_shift,
     parse_thresholds,
 )
 from leukotree.taxonomy import load_taxonomy
@@ -170,3 +171,13 @@ def test_a_majority_diagnosis_is_referred_along_its_own_path():
     assert d.leaf == "ALL"
     assert d.reported_node in TAX.path("ALL")  # never a node off the diagnosed path
     assert d.refer  # P(ALL | Acute) = 0.252 / 0.936 is below 0.5
+
+
+def test_the_domain_shift_alarm_needs_more_than_twice_the_expected_share_and_a_small_p():
+    flags = lambda k, n=100: np.arange(n) < k  # noqa: E731
+    assert domain_shift(flags(5), 0.05) is None
+    assert domain_shift(flags(10), 0.05) is None  # exactly twice: no alarm
+    assert domain_shift(flags(2, 10), 0.05) is None  # 20% of 10 cells: p = 0.086
+    alarm = domain_shift(flags(30), 0.05)
+    assert "30 of 100 cells (30%)" in alarm and "flags 5% of its own" in alarm
+    assert "over-confident" in alarm

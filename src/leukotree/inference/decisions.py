@@ -257,5 +257,7 @@ def domain_shift(unclassifiable: np.ndarray, expected: float, alpha: float = 1e-
         return None
     return (f"domain shift: {k} of {n} cells ({k / n:.0%}) are unlike the cells this model "
             f"was trained on (it flags {expected:.0%} of its own validation cells); its "
-            "accuracy is not guaranteed on these images. Check the stain, magnification and "
-            "crop, or train (or fine-tune) on labelled cells of this lab.")
+            "accuracy is not guaranteed on these images, and its probabilities were "
+            "calibrated on its own lab's cells (on another lab's they run over-confident). "
+            "Check the stain, magnification and crop, or train (or fine-tune) on labelled "
+            "cells of this lab.")
