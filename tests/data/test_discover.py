@@ -489,3 +489,18 @@ def test_labels_and_cell_labels_from_manifest_columns_and_aliases(tmp_path, make
     assert [p.kind for p in bad.problems] == ["unknown_cell_label"] and not bad.samples
     with pytest.raises(DataError, match="reads a manifest column"):
         discover(tmp_path, load_taxonomy("aml-apl"), labels="column:cell_type")
+
+
+def test_a_manifest_pixel_size_column_is_read_and_checked(tmp_path, leukemia7):
+    from PIL import Image
+
+    for name in ("a.png", "b.png", "c.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label,pixel_size\na.png,AML,0.25\nb.png,AML,\nc.png,AML,-1\n")
+    found = discover(manifest, leukemia7)
+    assert [s.pixel_size for s in found.samples] == [0.25, None]
+    [problem] = [p for p in found.problems if p.kind == "bad_pixel_size"]
+    assert problem.where == "m.csv line 4" and "found '-1'" in problem.message
+    with pytest.raises(DataError, match=r"m.csv line 4: the 'pixel_size' cell must be"):
+        collect_inputs([manifest])

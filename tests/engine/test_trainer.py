@@ -355,3 +355,24 @@ def test_a_run_with_a_pixel_size_sees_one_physical_field_at_any_magnification(sy
     assert len(out.read_text().splitlines()) == 2
     with pytest.raises(SystemExit):  # argparse: "must be in (0, 1000]; got -1"
         main(["predict", str(run), str(tmp_path / "zoomed.png"), "--pixel-size", "-1"])
+
+
+def test_a_training_manifest_pixel_size_column_must_agree_with_the_pixel_size(synth_data,
+                                                                             tmp_path):
+    files = sorted(synth_data.rglob("*.png"))
+    rows = [f"{p},{p.parent.parent.name},{p.parent.name},{'0.5' if i % 2 else ''}"
+            for i, p in enumerate(files)]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label,patient,pixel_size\n" + "\n".join(rows) + "\n")
+    cfg = {"epochs": 1, "patients": "manifest"}
+    with pytest.raises(LeukotreeError, match=r"gives 0\.5 micrometres per pixel .*--pixel-size "
+                                             r"\(none\)"):
+        train(manifest, tmp_path / "a", resolve_config(preset="tiny-test", overrides=cfg),
+              progress=False)
+    with pytest.raises(LeukotreeError, match="One training uses one pixel size"):
+        train(manifest, tmp_path / "b", resolve_config(preset="tiny-test", overrides={
+            **cfg, "pixel_size": 0.25}), progress=False)
+    # rows without a value are read at --pixel-size, like the rows that give it
+    train(manifest, tmp_path / "c", resolve_config(preset="tiny-test", overrides={
+        **cfg, "pixel_size": 0.5}), progress=False)
+    assert load_model(tmp_path / "c")[0].config.pixel_size == 0.5

@@ -146,3 +146,39 @@ def test_an_ensemble_refuses_members_that_decode_images_differently():
     for view in ({"input_pixel_size": 0.25}, {"field_um": 20.0}, {"crop_mode": "auto"}):
         with pytest.raises(LeukotreeError, match="differ in taxonomy, image size or crop"):
             EnsemblePredictor([member(), member(**view)], "cv")
+
+
+def test_a_manifest_pixel_size_column_decodes_each_image_at_its_own_scale(tmp_path, capsys):
+    from PIL import Image
+
+    from leukotree.errors import LeukotreeError
+    from leukotree.inference.predictor import TorchPredictor, predict_paths, set_input
+    from leukotree.models.checkpoint import save_model
+    from leukotree.models.heads import ModelConfig, build_model
+
+    torch_model = build_model(TAX, ModelConfig(backbone="test_resnet", img_size=32,
+                                               pixel_size=0.5, field_um=16.0))
+    save_model(tmp_path / "best.pt", torch_model)
+    rng = np.random.default_rng(3)
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"c{i}.png")
+        Image.fromarray(rng.integers(0, 255, (48, 48, 3), np.uint8)).save(paths[-1])
+    (tmp_path / "m.csv").write_text("path,pixel_size\nc0.png,0.5\nc1.png,1.0\nc2.png,\n")
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(tmp_path / "best.pt"), str(tmp_path / "m.csv"), "--out",
+                 str(out), "--no-progress", "--engine", "torch", "--pixel-size", "0.25"]) == 0
+    got = [[float(r[f"p_{leaf}"]) for leaf in TAX.leaves] for r in csv.DictReader(out.open())]
+    # each row as predicted alone at its own pixel size (the empty cell: the flag's 0.25)
+    for path, um, row in zip(paths, (0.5, 1.0, 0.25), got, strict=True):
+        alone = predict_paths(set_input(TorchPredictor(torch_model), pixel_size=um), [path],
+                              progress=False).leaf_probs[0]
+        np.testing.assert_allclose(row, alone, atol=1e-5)
+    (tmp_path / "bad.csv").write_text("path,pixel_size\nc0.png,fast\n")
+    assert main(["predict", str(tmp_path / "best.pt"), str(tmp_path / "bad.csv"),
+                 "--no-progress"]) == 2
+    assert "bad.csv line 2: the 'pixel_size' cell" in capsys.readouterr().err
+    plain = build_model(TAX, ModelConfig(backbone="test_resnet", img_size=32))
+    with pytest.raises(LeukotreeError, match=r"pixel_size column.*trained without"):
+        predict_paths(TorchPredictor(plain), paths[:2], pixel_sizes=[0.5, None],
+                      progress=False)

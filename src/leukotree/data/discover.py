@@ -83,6 +83,7 @@ class Sample:
     slide: str | None = None
     source: str = ""
     cell_label: str | None = None  # a node of a second, per-cell taxonomy (cell type)
+    pixel_size: float | None = None  # micrometres per pixel (a manifest's pixel_size column)
 
     @property
     def group(self) -> str:
@@ -584,6 +585,23 @@ def _from_manifest(manifest: Path, taxonomy: Taxonomy, patients: str, labels: st
     return SampleSet(samples, taxonomy, manifest, patients, problems, [])
 
 
+def manifest_pixel_size(row: dict[str, str], where: str) -> float | None:
+    """The optional ``pixel_size`` cell of a manifest row (micrometres per pixel of that
+    image, in (0, 1000]); empty or absent: None."""
+    raw = (row.get("pixel_size") or "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1000:
+        raise DataError(f"{where}: the 'pixel_size' cell must be micrometres per pixel in "
+                        f"(0, 1000]; found {raw!r}. Fix it, or leave it empty for the "
+                        "default pixel size.")
+    return value
+
+
 def _manifest_sample(row: dict[str, str], path: Path, raw_label: str, where: str,
                      taxonomy: Taxonomy, patients: str, rule: PatientRule | None,
                      problems: list[Problem]) -> Sample | None:
@@ -599,6 +617,11 @@ def _manifest_sample(row: dict[str, str], path: Path, raw_label: str, where: str
     if not path.is_file():
         problems.append(Problem("missing_file", where, f"image '{path}' does not exist"))
         return None
+    try:
+        pixel_size = manifest_pixel_size(row, where)
+    except DataError as err:
+        problems.append(Problem("bad_pixel_size", where, str(err).removeprefix(f"{where}: ")))
+        return None
     patient: str | None = None
     if patients == "manifest":
         patient = (row.get("patient") or "").strip() or None
@@ -611,7 +634,7 @@ def _manifest_sample(row: dict[str, str], path: Path, raw_label: str, where: str
             "no_patient", where,
             f"no patient id (rule '{patients}'); it is grouped by {unit}", fatal=False,
         ))
-    return Sample(path, label, patient, slide, source=where)
+    return Sample(path, label, patient, slide, source=where, pixel_size=pixel_size)
 
 
 @dataclass(frozen=True)
@@ -621,6 +644,7 @@ class InputImage:
     path: Path
     patient: str | None = None
     label: str | None = None
+    pixel_size: float | None = None  # micrometres per pixel (a manifest's pixel_size column)
 
 
 _INPUT_PATIENTS = ("auto", "none", "folder", "cnmc", "manifest")
@@ -721,5 +745,6 @@ def _inputs_from_manifest(manifest: Path, patients: str, rule: PatientRule | Non
             pid = (row.get("patient") or "").strip() or None
         else:
             pid = rule(p, None) if rule else None
-        out.append(InputImage(p, pid))
+        out.append(InputImage(p, pid, pixel_size=manifest_pixel_size(
+            row, f"{manifest.name} line {reader.line_num}")))
     return out

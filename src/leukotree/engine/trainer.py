@@ -274,6 +274,25 @@ class Trainer:
                 sample_set = sample_set.subset(keep)
         return sample_set
 
+    def _check_pixel_sizes(self, samples: list[Sample]) -> None:
+        """A manifest's ``pixel_size`` column must agree with ``--pixel-size``: one training
+        reads all its images at one pixel size (mixed magnifications are not resampled
+        in training yet), and a column that says otherwise is not silently ignored."""
+        cfg = self.config
+        given = {s.pixel_size for s in samples}
+        if given <= {None, cfg.pixel_size}:  # rows without a value read at --pixel-size
+            return
+        values = ", ".join(sorted(f"{v:g}" for v in given if v is not None))
+        missing = sum(s.pixel_size is None for s in samples)
+        raise LeukotreeError(
+            f"The training data's pixel_size column gives {values} micrometres per pixel"
+            + (f" ({missing} rows have none)" if missing else "")
+            + f", but this training reads every image at --pixel-size "
+            f"{'(none)' if cfg.pixel_size is None else f'{cfg.pixel_size:g}'}. One training "
+            "uses one pixel size: give --pixel-size with the column's single value, or "
+            "train each magnification separately (mixed magnifications are not resampled "
+            "in training yet).")
+
     def _name_files(self, rows: list[tuple[str, str]], csv_path: Path, title: str) -> None:
         """Print every ``(file, reason)`` and add them to ``csv_path`` in the run folder."""
         if not rows or not self.dist.is_main:
@@ -291,6 +310,7 @@ class Trainer:
         train_samples, val_samples = self._samples(taxonomy)
         if not train_samples or not val_samples:
             raise LeukotreeError("The split left no training or no validation images.")
+        self._check_pixel_sizes(train_samples + val_samples)
         parts = np.array(["train"] * len(train_samples) + ["val"] * len(val_samples))
         if self.resume:
             self._check_same_split(train_samples + val_samples, parts)

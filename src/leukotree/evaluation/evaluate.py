@@ -92,7 +92,8 @@ def evaluate(
     preds = predict_paths(predictor, [s.path for s in samples],
                           batch_size=settings.batch_size, workers=settings.workers,
                           progress=settings.progress, on_error="raise", tta=settings.tta,
-                          max_pixels=settings.max_pixels)
+                          max_pixels=settings.max_pixels,
+                          pixel_sizes=[s.pixel_size for s in samples])
     probs = preds.leaf_probs.astype(np.float64)
     truth = [s.label for s in samples]
     metrics = classification_metrics(taxonomy, truth, probs)

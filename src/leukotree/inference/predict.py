@@ -91,7 +91,7 @@ def run_predict(
     images = found.images
     preds = predict_paths(predictor, [i.path for i in images], batch_size=batch_size,
                           workers=workers, progress=progress, on_error="report", tta=tta,
-                          max_pixels=max_pixels)
+                          max_pixels=max_pixels, pixel_sizes=[i.pixel_size for i in images])
     if target_error is not None:
         thresholds = _thresholds_for_error(run, predictor, target_error, batch_size, tta)
     else:

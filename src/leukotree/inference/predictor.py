@@ -213,10 +213,13 @@ def predict_paths(
     tta: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     on_chunk: Callable[[int], None] | None = None,
+    pixel_sizes: Sequence[float | None] | None = None,
 ) -> Predictions:
     """Leaf probabilities of every image; decoding overlaps with the model's work.
 
     ``on_chunk(n)`` is called after each chunk with the number of images done so far.
+    ``pixel_sizes`` (one per path, e.g. a manifest's ``pixel_size`` column): each image
+    with one is decoded at it (:func:`input_config`), the others as the predictor's own.
 
     ``on_error="raise"`` raises one :class:`~leukotree.errors.DataError` listing every
     unreadable image; ``"report"`` keeps going and records the error in its row.
@@ -229,26 +232,33 @@ def predict_paths(
         raise LeukotreeError(f"The 'batch_size' parameter must be >= 1; got {batch_size}.")
     paths = [Path(p) for p in paths]
     cfg = predictor.model_config
+    groups = _decode_groups(cfg, len(paths), pixel_sizes)
     arrays: dict[str, np.ndarray] = {}
     errors: list[str | None] = [None] * len(paths)
+    done = 0
     with make_progress(enabled=progress) as bar:
         task = bar.add_task("Predicting", total=len(paths), rate="")
-        for idx, decoded in iter_decoded(paths, cfg.img_size, chunk=batch_size,
-                                         **cfg.decode_options(), workers=workers,
-                                         max_pixels=max_pixels):
-            good = np.flatnonzero(decoded.ok)
-            for j, err in enumerate(decoded.errors):
-                errors[idx[j]] = err
-            if len(good):
-                pixels = decoded.pixels[good]
-                out = dihedral_outputs(predictor, pixels) if tta else predictor.outputs(pixels)
-                for key, value in out.items():
-                    if key not in arrays:
-                        arrays[key] = np.full((len(paths), value.shape[1]), np.nan, np.float32)
-                    arrays[key][idx[good]] = value
-            bar.update(task, advance=len(idx))
-            if on_chunk is not None:
-                on_chunk(int(idx[-1]) + 1)
+        for rows, options in groups:
+            for chunk, decoded in iter_decoded([paths[i] for i in rows], cfg.img_size,
+                                               chunk=batch_size, **options, workers=workers,
+                                               max_pixels=max_pixels):
+                idx = rows[chunk]
+                good = np.flatnonzero(decoded.ok)
+                for j, err in enumerate(decoded.errors):
+                    errors[idx[j]] = err
+                if len(good):
+                    pixels = decoded.pixels[good]
+                    out = (dihedral_outputs(predictor, pixels) if tta
+                           else predictor.outputs(pixels))
+                    for key, value in out.items():
+                        if key not in arrays:
+                            arrays[key] = np.full((len(paths), value.shape[1]), np.nan,
+                                                  np.float32)
+                        arrays[key][idx[good]] = value
+                bar.update(task, advance=len(idx))
+                done += len(idx)
+                if on_chunk is not None:
+                    on_chunk(done)
     if on_error == "raise":
         raise_for_errors(errors)
     leaf = arrays.pop("leaf_probs",
@@ -257,6 +267,26 @@ def predict_paths(
     return Predictions(paths, leaf, errors, arrays.pop("features", None),
                        arrays.pop("cell_probs", None), arrays,
                        None if ood is None else ood[:, 0])
+
+
+def _decode_groups(cfg: ModelConfig, n: int, pixel_sizes: Sequence[float | None] | None,
+                   ) -> list[tuple[np.ndarray, dict[str, Any]]]:
+    """The images' row indices grouped by how they decode, with the decode options of each
+    group (one group of all rows without ``pixel_sizes``)."""
+    if pixel_sizes is None or all(v is None for v in pixel_sizes):
+        return [(np.arange(n), cfg.decode_options())]
+    if len(pixel_sizes) != n:
+        raise ValueError(f"{len(pixel_sizes)} pixel sizes for {n} images")
+    groups = []
+    for value in dict.fromkeys(pixel_sizes):  # first-seen order
+        rows = np.array([i for i, v in enumerate(pixel_sizes) if v == value])
+        try:
+            view = cfg if value is None else input_config(cfg, pixel_size=value)
+        except LeukotreeError as err:
+            raise LeukotreeError(f"The images' pixel size {value} (a manifest's pixel_size "
+                                 f"column): {err}") from None
+        groups.append((rows, view.decode_options()))
+    return groups
 
 
 def set_input(predictor: Predictor, *, crop_mode: str | None = None,

@@ -30,6 +30,7 @@ from leukotree.inference.decisions import (
 from leukotree.inference.predictor import (
     Predictions,
     Predictor,
+    input_config,
     load_predictor,
     predict_paths,
     set_input,
@@ -73,7 +74,8 @@ def patient_report(
     tax = model.taxonomy
     found = collect_inputs(inputs, taxonomy=tax)
     preds = predict_paths(predictor, [i.path for i in found.images], progress=progress,
-                          on_error="report", max_pixels=max_pixels)
+                          on_error="report", max_pixels=max_pixels,
+                          pixel_sizes=[i.pixel_size for i in found.images])
     if not preds.ok.any():
         raise LeukotreeError("None of the given images can be read; nothing to report.")
     odd = preds.unclassifiable
@@ -104,7 +106,8 @@ def patient_report(
         _unreadable_html(bad, not_used),
         "<h2>The cells that drove the decision</h2>",
         _cell_grid(model, preds, ok, weights, decision.leaf, top_cells, heatmaps,
-                   predictor.model_config.decode_options()),
+                   [input_config(predictor.model_config, pixel_size=i.pixel_size
+                                 ).decode_options() for i in found.images]),
         "<h2>Model card</h2>", model_card_html(model, payload),
     ])
     out = Path(out)
@@ -208,15 +211,15 @@ def model_card_html(model: TreeClassifier, payload: dict[str, Any]) -> str:
 
 def _cell_grid(model: TreeClassifier, preds: Predictions, ok: np.ndarray,
                weights: np.ndarray, leaf: str | None, top: int, heatmaps: bool,
-               decode: dict[str, Any]) -> str:
-    """The ``top`` readable cells by their weight in the decision, with heat maps (each
-    cell decoded with ``decode``, as the predictions were)."""
+               decode: list[dict[str, Any]]) -> str:
+    """The ``top`` readable cells by their weight in the decision, with heat maps (cell
+    ``i`` of ``preds`` decoded with ``decode[i]``, as the predictions were)."""
     if leaf is None:
         return "<p>No diagnosis, no cells shown.</p>"
     k = model.taxonomy.leaf_index[leaf]
     probs = preds.leaf_probs[ok]
     order = np.argsort(-weights, kind="stable")[:top]
-    cells = [load_rgb_array(preds.paths[ok[i]], model.config.img_size, **decode)
+    cells = [load_rgb_array(preds.paths[ok[i]], model.config.img_size, **decode[ok[i]])
              for i in order]
     maps, note = _heatmaps(model, cells, leaf) if heatmaps else ({}, "")
     items = []
