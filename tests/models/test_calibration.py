@@ -190,3 +190,27 @@ def test_stage_widths_describe_the_stage_features_of_every_timm_family(backbone,
     with torch.no_grad():
         out = model(torch.rand(2, 3, 32, 32) * 255)
     assert out["stage_features"].shape == (2, sum(model.stage_widths()))
+
+
+def test_an_ood_section_that_does_not_fit_names_the_versions_that_wrote_it(tmp_path,
+                                                                          leukemia7):
+    import timm
+
+    from leukotree.errors import LeukotreeError
+    from leukotree.models.checkpoint import read_checkpoint
+
+    model = build_model(leukemia7, ModelConfig(head="multihead", backbone="test_resnet",
+                                               img_size=32))
+    save_model(tmp_path / "best.pt", model)
+    # six stages: more than this backbone has (a file from another timm, say)
+    update_checkpoint(tmp_path / "best.pt", ood=ood_section(
+        [np.zeros((1, 4))] * 6, [np.eye(4)] * 6, ["ALL"], 1.0, 0.95, 0.05, stages=6))
+    with pytest.raises(LeukotreeError, match="damaged or was edited, or comes from other "
+                                             r"versions\.$"):
+        load_model(tmp_path / "best.pt")
+    payload = read_checkpoint(tmp_path / "best.pt")
+    payload["environment"]["timm"] = "9.9"
+    torch.save(payload, tmp_path / "best.pt")
+    with pytest.raises(LeukotreeError, match=rf"written with leukotree .*, timm 9\.9; this is "
+                                             rf"leukotree .*, timm {timm.__version__}"):
+        load_model(tmp_path / "best.pt")

@@ -102,9 +102,23 @@ def load_model(path: str | Path) -> tuple[TreeClassifier, dict[str, Any]]:
     except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as err:
         raise LeukotreeError(f"The calibration or out-of-distribution section of '{path}' "
                              f"does not fit its model ({type(err).__name__}: {err}); the file "
-                             "is damaged or was edited.") from None
+                             f"is damaged or was edited, or comes from other versions"
+                             f"{_versions_note(payload)}.") from None
     model.eval()
     return model, payload
+
+
+def _versions_note(payload: dict[str, Any]) -> str:
+    """`` (written with leukotree A and timm B; this is leukotree C, timm D)`` where the
+    file records them and they differ from the running ones."""
+    import timm
+
+    saved = payload.get("environment") or {}
+    here = {"leukotree": __version__, "timm": timm.__version__}
+    if all(saved.get(k) in (None, v) for k, v in here.items()):
+        return ""
+    return (" (written with " + ", ".join(f"{k} {saved.get(k, '?')}" for k in here)
+            + "; this is " + ", ".join(f"{k} {v}" for k, v in here.items()) + ")")
 
 
 def update_checkpoint(path: str | Path, **sections: Any) -> None:
