@@ -585,9 +585,10 @@ def _from_manifest(manifest: Path, taxonomy: Taxonomy, patients: str, labels: st
     return SampleSet(samples, taxonomy, manifest, patients, problems, [])
 
 
-def manifest_pixel_size(row: dict[str, str], where: str) -> float | None:
+def manifest_pixel_size(row: dict[str, str]) -> float | None:
     """The optional ``pixel_size`` cell of a manifest row (micrometres per pixel of that
-    image, in (0, 1000]); empty or absent: None."""
+    image, in (0, 1000]); empty or absent: None. A bad value raises ValueError with the
+    rule, for the caller to place."""
     raw = (row.get("pixel_size") or "").strip()
     if not raw:
         return None
@@ -596,9 +597,9 @@ def manifest_pixel_size(row: dict[str, str], where: str) -> float | None:
     except ValueError:
         value = float("nan")
     if not 0 < value <= 1000:
-        raise DataError(f"{where}: the 'pixel_size' cell must be micrometres per pixel in "
-                        f"(0, 1000]; found {raw!r}. Fix it, or leave it empty for the "
-                        "default pixel size.")
+        raise ValueError(f"the 'pixel_size' cell must be micrometres per pixel in (0, 1000]; "
+                         f"found {raw!r}. Fix it, or leave it empty for the default pixel "
+                         "size.")
     return value
 
 
@@ -618,9 +619,9 @@ def _manifest_sample(row: dict[str, str], path: Path, raw_label: str, where: str
         problems.append(Problem("missing_file", where, f"image '{path}' does not exist"))
         return None
     try:
-        pixel_size = manifest_pixel_size(row, where)
-    except DataError as err:
-        problems.append(Problem("bad_pixel_size", where, str(err).removeprefix(f"{where}: ")))
+        pixel_size = manifest_pixel_size(row)
+    except ValueError as err:
+        problems.append(Problem("bad_pixel_size", where, str(err)))
         return None
     patient: str | None = None
     if patients == "manifest":
@@ -745,6 +746,9 @@ def _inputs_from_manifest(manifest: Path, patients: str, rule: PatientRule | Non
             pid = (row.get("patient") or "").strip() or None
         else:
             pid = rule(p, None) if rule else None
-        out.append(InputImage(p, pid, pixel_size=manifest_pixel_size(
-            row, f"{manifest.name} line {reader.line_num}")))
+        try:
+            pixel_size = manifest_pixel_size(row)
+        except ValueError as err:
+            raise DataError(f"{manifest.name} line {reader.line_num}: {err}") from None
+        out.append(InputImage(p, pid, pixel_size=pixel_size))
     return out

@@ -232,7 +232,7 @@ def predict_paths(
         raise LeukotreeError(f"The 'batch_size' parameter must be >= 1; got {batch_size}.")
     paths = [Path(p) for p in paths]
     cfg = predictor.model_config
-    groups = _decode_groups(cfg, len(paths), pixel_sizes)
+    groups = decode_groups(cfg, len(paths), pixel_sizes)
     arrays: dict[str, np.ndarray] = {}
     errors: list[str | None] = [None] * len(paths)
     done = 0
@@ -269,7 +269,7 @@ def predict_paths(
                        None if ood is None else ood[:, 0])
 
 
-def _decode_groups(cfg: ModelConfig, n: int, pixel_sizes: Sequence[float | None] | None,
+def decode_groups(cfg: ModelConfig, n: int, pixel_sizes: Sequence[float | None] | None,
                    ) -> list[tuple[np.ndarray, dict[str, Any]]]:
     """The images' row indices grouped by how they decode, with the decode options of each
     group (one group of all rows without ``pixel_sizes``)."""

@@ -156,11 +156,11 @@ class FeatureDistance(nn.Module):
             raise ValueError(f"{len(means_l)} blocks of means but {len(precision_l)} "
                              "precision matrices")
         self.threshold = float(threshold)
-        self.scales = [1.0] * len(means_l) if scales is None else [float(v) for v in scales]
-        if len(self.scales) != len(means_l):
-            raise ValueError(f"{len(means_l)} blocks but {len(self.scales)} scales")
+        scales = [1.0] * len(means_l) if scales is None else [float(v) for v in scales]
+        if len(scales) != len(means_l):
+            raise ValueError(f"{len(means_l)} blocks but {len(scales)} scales")
         self.widths = [int(np.shape(m)[1]) for m in means_l]
-        self.register_buffer("inv_scales", 1.0 / torch.tensor(self.scales, dtype=torch.float32),
+        self.register_buffer("inv_scales", 1.0 / torch.tensor(scales, dtype=torch.float32),
                              persistent=False)
         for i, (m, p) in enumerate(zip(means_l, precision_l, strict=True)):
             if np.shape(p) != (self.widths[i], self.widths[i]):

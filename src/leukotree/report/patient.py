@@ -30,7 +30,7 @@ from leukotree.inference.decisions import (
 from leukotree.inference.predictor import (
     Predictions,
     Predictor,
-    input_config,
+    decode_groups,
     load_predictor,
     predict_paths,
     set_input,
@@ -73,9 +73,9 @@ def patient_report(
     payload = info.get("payload") or {}
     tax = model.taxonomy
     found = collect_inputs(inputs, taxonomy=tax)
+    sizes = [i.pixel_size for i in found.images]
     preds = predict_paths(predictor, [i.path for i in found.images], progress=progress,
-                          on_error="report", max_pixels=max_pixels,
-                          pixel_sizes=[i.pixel_size for i in found.images])
+                          on_error="report", max_pixels=max_pixels, pixel_sizes=sizes)
     if not preds.ok.any():
         raise LeukotreeError("None of the given images can be read; nothing to report.")
     odd = preds.unclassifiable
@@ -106,8 +106,7 @@ def patient_report(
         _unreadable_html(bad, not_used),
         "<h2>The cells that drove the decision</h2>",
         _cell_grid(model, preds, ok, weights, decision.leaf, top_cells, heatmaps,
-                   [input_config(predictor.model_config, pixel_size=i.pixel_size
-                                 ).decode_options() for i in found.images]),
+                   decode_groups(predictor.model_config, len(sizes), sizes)),
         "<h2>Model card</h2>", model_card_html(model, payload),
     ])
     out = Path(out)
@@ -211,9 +210,11 @@ def model_card_html(model: TreeClassifier, payload: dict[str, Any]) -> str:
 
 def _cell_grid(model: TreeClassifier, preds: Predictions, ok: np.ndarray,
                weights: np.ndarray, leaf: str | None, top: int, heatmaps: bool,
-               decode: list[dict[str, Any]]) -> str:
-    """The ``top`` readable cells by their weight in the decision, with heat maps (cell
-    ``i`` of ``preds`` decoded with ``decode[i]``, as the predictions were)."""
+               groups: list[tuple[np.ndarray, dict[str, Any]]]) -> str:
+    """The ``top`` readable cells by their weight in the decision, with heat maps (each
+    decoded as the predictions were: ``groups`` from
+    :func:`~leukotree.inference.predictor.decode_groups`)."""
+    decode = {int(i): options for rows, options in groups for i in rows}
     if leaf is None:
         return "<p>No diagnosis, no cells shown.</p>"
     k = model.taxonomy.leaf_index[leaf]
