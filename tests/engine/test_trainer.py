@@ -260,6 +260,33 @@ def test_calibration_and_ood_threshold_are_fitted_on_validation_and_stored(synth
     assert ood["stages"] == 1 and ood["means"].ndim == 2 and "scales" not in ood
 
 
+def test_the_stored_model_gives_the_calibration_it_was_fitted_to(synth_data, tmp_path):
+    # temperatures and distance power are fitted on the validation cells' outputs; the
+    # stored model (OOD score, then tempering) must reproduce the reported NLL on them
+    from pathlib import Path
+
+    from leukotree.inference.predictor import load_predictor, predict_paths
+    from leukotree.models.calibration import tree_nll
+
+    run = tmp_path / "run"
+    train(synth_data, run, resolve_config(preset="tiny-test", overrides={
+        "epochs": 2, "val_fraction": 0.4}), progress=False)
+    cal = read_checkpoint(run)["calibration"]
+    assert 0 <= cal.get("distance_power", 0.0) <= 2
+    with (run / "split.csv").open() as handle:
+        val = [r for r in csv.DictReader(handle) if r["split"] == "val"]
+    predictor, _ = load_predictor(run)
+    probs = predict_paths(predictor, [Path(r["path"]) for r in val], progress=False,
+                          workers=1).leaf_probs
+    taxonomy = load_taxonomy("leukemia7")
+    assert tree_nll(taxonomy, [r["label"] for r in val], probs) == pytest.approx(
+        cal["nll_after"], abs=1e-3)
+    plain = tmp_path / "plain"
+    train(synth_data, plain, resolve_config(preset="tiny-test", overrides={
+        "epochs": 2, "val_fraction": 0.4, "distance_temperature": False}), progress=False)
+    assert "distance_power" not in read_checkpoint(plain)["calibration"]
+
+
 def test_a_cross_validation_fold_is_not_calibrated_on_its_test_fold(synth_data, tmp_path):
     run = tmp_path / "fold"
     train(synth_data, run, resolve_config(preset="tiny-test", overrides={

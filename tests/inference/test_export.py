@@ -50,7 +50,8 @@ def test_onnx_runtime_matches_pytorch(head, context, tmp_path):
     assert np.allclose(node, leaf @ TAX.node_leaf_matrix().T, atol=1e-5)
 
 
-def test_onnx_runtime_gives_the_stage_ood_score_of_pytorch(tmp_path):
+def test_onnx_runtime_gives_the_stage_ood_score_and_distance_temperatures_of_pytorch(
+        tmp_path):
     from leukotree.models.calibration import ood_section
     from leukotree.models.checkpoint import update_checkpoint
 
@@ -64,12 +65,19 @@ def test_onnx_runtime_gives_the_stage_ood_score_of_pytorch(tmp_path):
     means = [rng.normal(0, 1, (2, w)).astype(np.float32) for w in widths]
     update_checkpoint(tmp_path / "best.pt", ood=ood_section(
         means, [np.eye(w, dtype=np.float32) for w in widths], ["ALL", "AML"], 2.0, 0.95,
-        0.05, scales=[1.0, 3.0, 5.0], stages=3))
+        0.05, scales=[1.0, 3.0, 5.0], stages=3), calibration={
+        "temperatures": dict.fromkeys(TAX.inner_nodes, 0.7), "distance_power": 1.5,
+        "distance_ref": 40.0})
     pixels = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     torch_model, _ = load_model(tmp_path / "best.pt")
-    expected = TorchPredictor(torch_model).outputs(pixels)["ood_score"]
+    assert torch_model.temperature.distance_power == 1.5
+    expected = TorchPredictor(torch_model).outputs(pixels)
     got = OnnxPredictor(export_onnx(tmp_path / "best.pt", tmp_path / "m.onnx")).outputs(pixels)
-    assert np.allclose(got["ood_score"], expected, rtol=1e-4)
+    assert np.allclose(got["ood_score"], expected["ood_score"], rtol=1e-4)
+    assert np.abs(got["leaf_probs"] - expected["leaf_probs"]).max() < 1e-4
+    torch_model.temperature.distance_power = 0.0  # the per-cell factor is in the graph
+    plain = TorchPredictor(torch_model).outputs(pixels)["leaf_probs"]
+    assert np.abs(got["leaf_probs"] - plain).max() > 1e-3
 
 
 def test_predict_accepts_the_onnx_file(tmp_path):

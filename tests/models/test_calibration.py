@@ -7,7 +7,10 @@ import torch
 from leukotree.models import ModelConfig, build_model
 from leukotree.models.calibration import (
     FeatureDistance,
+    TreeTemperature,
     apply_temperatures,
+    distance_factor,
+    fit_distance_temperatures,
     fit_feature_distance,
     fit_stage_distance,
     fit_temperatures,
@@ -51,6 +54,55 @@ def test_fitted_temperature_undoes_overconfidence():
     labels = [tax.leaves[rng.choice(3, p=p)] for p in true_p]
     over = np.exp(3 * logits) / np.exp(3 * logits).sum(1, keepdims=True)  # 3x too sharp
     temps = fit_temperatures(tax, labels, over)
+    assert temps["root"] == pytest.approx(3.0, rel=0.1)
+
+
+def test_distance_aware_temperature_multiplies_each_cells_temperatures(small_tree):
+    # T_B = 1/2, g = (score / 2) ** 1: the first cell (score 2, g 1) is tempered by 1/2,
+    # .6:.4 -> .36:.16; the second (score 4, g 2) by 1/2 * 2 = 1: unchanged.
+    logp = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.5, 0.3, 0.2]]))
+    tempered = TreeTemperature(small_tree, {"B": 0.5}, distance_power=1.0, distance_ref=2.0)
+    out = tempered(logp, torch.tensor([2.0, 4.0])).exp().numpy()
+    np.testing.assert_allclose(out, [[0.5, 0.5 * 0.36 / 0.52, 0.5 * 0.16 / 0.52],
+                                     [0.5, 0.3, 0.2]], atol=1e-6)
+    # without a score the factor is 1
+    np.testing.assert_allclose(tempered(logp).exp().numpy()[1], out[0], atol=1e-6)
+    g = distance_factor(torch.tensor([2.0, 4.0]), 1.0, 2.0).numpy()
+    np.testing.assert_allclose(apply_temperatures(small_tree, logp.exp().numpy(), {"B": 0.5},
+                                                  scale=g), out, atol=1e-6)
+    # temperings compose: 1 / (T g) undoes T g
+    np.testing.assert_allclose(apply_temperatures(small_tree, out, {"B": 2.0}, scale=1 / g),
+                               logp.exp().numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="distance_ref must be positive"):
+        TreeTemperature(small_tree, {"B": 0.5}, distance_power=1.0, distance_ref=0.0)
+
+
+def _flat3_cells(seed: int) -> tuple[Taxonomy, np.ndarray, list[str], np.ndarray]:
+    tax = Taxonomy.from_dict({"name": "flat3", "tree": {"x": None, "y": None, "z": None}})
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 1.5, size=(4000, 3))
+    true_p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    labels = [tax.leaves[rng.choice(3, p=p)] for p in true_p]
+    score = np.exp(rng.normal(0, 0.5, size=4000))
+    return tax, logits, labels, score
+
+
+def test_distance_power_is_fitted_where_far_cells_are_overconfident():
+    tax, logits, labels, score = _flat3_cells(4)
+    # 3x too sharp at the median score, and sharper still the farther the cell
+    z = 3 * logits * (score / np.median(score))[:, None]
+    over = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    temps, power, ref = fit_distance_temperatures(tax, labels, over, score)
+    assert ref == pytest.approx(np.median(score))
+    assert power == pytest.approx(1.0, abs=0.15)
+    assert temps["root"] == pytest.approx(3.0, rel=0.15)
+
+
+def test_distance_power_stays_zero_where_distance_says_nothing():
+    tax, logits, labels, score = _flat3_cells(5)
+    over = np.exp(3 * logits) / np.exp(3 * logits).sum(1, keepdims=True)
+    temps, power, _ = fit_distance_temperatures(tax, labels, over, score)
+    assert power < 0.1
     assert temps["root"] == pytest.approx(3.0, rel=0.1)
 
 

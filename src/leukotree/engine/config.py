@@ -169,6 +169,10 @@ class TrainConfig:
     calibrate: bool = option(True, "fit a temperature per tree node on the validation split "
                              "after training (cross-validation folds are left uncalibrated: "
                              "their validation fold is the test fold)", flag="--no-calibrate")
+    distance_temperature: bool = option(
+        True, "let each cell's temperatures grow with its out-of-distribution score "
+        "(fitted with them on the validation split; softens another lab's cells)",
+        flag="--no-distance-temperature")
     ood_quantile: float = option(0.95, "flag cells farther from the training cells than this "
                                  "quantile of the validation cells as unclassifiable (0: no "
                                  "out-of-distribution score)", low=0, high=1, high_open=True)

@@ -62,6 +62,8 @@ from leukotree.models import TreeClassifier, build_model
 from leukotree.models.calibration import (
     FeatureDistance,
     apply_temperatures,
+    distance_factor,
+    fit_distance_temperatures,
     fit_feature_distance,
     fit_stage_distance,
     fit_temperatures,
@@ -542,9 +544,10 @@ class Trainer:
 
     def _fit_calibration(self, model: TreeClassifier, train: Split, val: Split,
                          outputs: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
-        """Fit the per-node temperatures (on the validation split) and the feature
-        distance to the training cells (per stage; the stages' scales and the threshold:
-        ``ood_quantile`` of the validation cells), store both in ``best.pt``
+        """Fit the feature distance to the training cells (per stage; the stages' scales
+        and the threshold: ``ood_quantile`` of the validation cells), then the per-node
+        temperatures on the validation split (distance-aware ones with that score unless
+        ``distance_temperature`` is off), store both in ``best.pt``
         (:mod:`leukotree.models.calibration`) and apply them to ``outputs``, as the stored
         model will."""
         cfg = self.config
@@ -553,23 +556,6 @@ class Trainer:
         truth = [s.label for s in val.samples]
         sections: dict[str, Any] = {}
         result: dict[str, Any] = {}
-        if cfg.calibrate:
-            temps = fit_temperatures(taxonomy, truth, val_out["leaf_probs"])
-            after = apply_temperatures(taxonomy, val_out["leaf_probs"], temps)
-            leaf = [i for i, t in enumerate(truth) if t in taxonomy.leaf_index]
-            y = np.array([taxonomy.leaf_index[truth[i]] for i in leaf])
-            ece = (expected_calibration_error(val_out["leaf_probs"][leaf], y),
-                   expected_calibration_error(after[leaf], y))
-            sections["calibration"] = {
-                "temperatures": temps, "ece_before": ece[0], "ece_after": ece[1],
-                "nll_before": tree_nll(taxonomy, truth, val_out["leaf_probs"]),
-                "nll_after": tree_nll(taxonomy, truth, after), "fitted_on": len(val)}
-            result["calibration"] = sections["calibration"]
-            self._log("calibration: temperature " + ", ".join(
-                f"{n} {t:.2f}" for n, t in temps.items()) + f"; validation leaf ECE "
-                f"{ece[0]:.3f} -> {ece[1]:.3f} (fitted on these cells)")
-            for out in outputs.values():
-                out["leaf_probs"] = apply_temperatures(taxonomy, out["leaf_probs"], temps)
         if cfg.ood_quantile > 0 and "features" in val_out:
             labels = [s.label for s in train.samples]
             stages = model.ood_stages
@@ -601,6 +587,40 @@ class Trainer:
                       f"{flagged:.1%} of the validation cells)")
             for name, out in outputs.items():
                 out["ood_score"] = dist[name] / threshold
+        if cfg.calibrate:
+            score = val_out.get("ood_score") if cfg.distance_temperature else None
+            if score is None:
+                temps = fit_temperatures(taxonomy, truth, val_out["leaf_probs"])
+                power, ref = 0.0, 1.0
+            else:
+                temps, power, ref = fit_distance_temperatures(taxonomy, truth,
+                                                              val_out["leaf_probs"], score)
+
+            def scale(out: dict[str, np.ndarray]) -> np.ndarray | None:
+                if not power:
+                    return None
+                return distance_factor(torch.from_numpy(out["ood_score"]), power,
+                                       ref).numpy()
+
+            after = apply_temperatures(taxonomy, val_out["leaf_probs"], temps, scale(val_out))
+            leaf = [i for i, t in enumerate(truth) if t in taxonomy.leaf_index]
+            y = np.array([taxonomy.leaf_index[truth[i]] for i in leaf])
+            ece = (expected_calibration_error(val_out["leaf_probs"][leaf], y),
+                   expected_calibration_error(after[leaf], y))
+            sections["calibration"] = {
+                "temperatures": temps, "ece_before": ece[0], "ece_after": ece[1],
+                "nll_before": tree_nll(taxonomy, truth, val_out["leaf_probs"]),
+                "nll_after": tree_nll(taxonomy, truth, after), "fitted_on": len(val)}
+            if power:
+                sections["calibration"] |= {"distance_power": power, "distance_ref": ref}
+            result["calibration"] = sections["calibration"]
+            self._log("calibration: temperature " + ", ".join(
+                f"{n} {t:.2f}" for n, t in temps.items())
+                + (f", times (ood score / {ref:.2f}) ^ {power:.2f} per cell" if power else "")
+                + f"; validation leaf ECE {ece[0]:.3f} -> {ece[1]:.3f} (fitted on these cells)")
+            for out in outputs.values():
+                out["leaf_probs"] = apply_temperatures(taxonomy, out["leaf_probs"], temps,
+                                                       scale(out))
         update_checkpoint(self.run.best, **sections)
         return result
 

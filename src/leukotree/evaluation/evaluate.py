@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from leukotree.data.discover import Sample, discover
 from leukotree.data.images import DEFAULT_MAX_PIXELS
@@ -25,7 +26,7 @@ from leukotree.inference.predictor import (
     predict_paths,
     set_input,
 )
-from leukotree.models.calibration import apply_temperatures
+from leukotree.models.calibration import apply_temperatures, distance_factor
 from leukotree.models.checkpoint import load_model
 from leukotree.patients.bags import make_bags, patient_labels
 from leukotree.patients.fit import FittedPatientModel, patient_metrics
@@ -105,10 +106,20 @@ def evaluate(
                            "leaves present.")
     uncalibrated = None
     if model.temperature is not None:
-        temps = model.temperature.temperatures
-        uncalibrated = apply_temperatures(taxonomy, probs, {n: 1 / t for n, t in temps.items()})
+        tempered = model.temperature
+        temps = tempered.temperatures
+        # temperings compose: 1 / (T_n g) undoes them (models.calibration)
+        scale = None
+        if tempered.distance_power and preds.ood_score is not None:
+            score = torch.as_tensor(np.asarray(preds.ood_score, np.float32))
+            scale = 1 / distance_factor(score, tempered.distance_power,
+                                        tempered.distance_ref).numpy()
+        uncalibrated = apply_temperatures(taxonomy, probs, {n: 1 / t for n, t in temps.items()},
+                                          scale)
         before = classification_metrics(taxonomy, truth, uncalibrated).get("calibration", {})
         metrics.setdefault("calibration", {})["temperatures"] = temps
+        if scale is not None:
+            metrics["calibration"]["distance_power"] = tempered.distance_power
         metrics["calibration"]["uncalibrated"] = before.get("leaves")
     if preds.ood_score is not None:
         metrics["ood"] = ood_metrics(taxonomy, truth, probs, preds.unclassifiable,

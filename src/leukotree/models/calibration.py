@@ -11,6 +11,18 @@ images whose true path passes ``n`` (:func:`fit_temperatures`). Since ``log P(le
 the sum of the conditional log-probabilities along its path, these independent fits
 also minimise the leaf-level NLL (:func:`tree_nll`).
 
+Distance-aware temperatures (after Tomani et al. 2023's density-aware calibration): a
+cell far from the training cells, e.g. another lab's, gets every temperature multiplied by
+
+    g(x) = clip(s(x) / s_med, 1e-3, 1e3) ** beta,
+
+``s`` its out-of-distribution score below and ``s_med`` the median score of the
+validation cells, so a typical validation cell keeps ``T_n`` and a distant one is
+softened. ``beta`` in :data:`POWER_RANGE` and the ``T_n`` are fitted together on the
+validation split, by maximum likelihood (:func:`fit_distance_temperatures`);
+``beta = 0`` is plain temperature scaling. Temperings compose (``T`` then ``T'`` is
+``T T'``), so :func:`apply_temperatures` with ``1 / (T_n g)`` undoes them.
+
 Feature-space distance (Lee et al. 2018): the squared Mahalanobis distance of a cell's
 pooled features ``f`` to the nearest class mean of the training cells,
 
@@ -54,15 +66,27 @@ T_RANGE = (0.05, 20.0)
 #: A node keeps T = 1 below this many validation images, or when it made no error there
 #: (the likelihood then keeps rising as T falls, and T would hit its bound).
 MIN_IMAGES = 20
+#: The distance power ``beta`` is searched in [0, 2].
+POWER_RANGE = (0.0, 2.0)
 _NEG = -1e9  # log(0) that stays finite in exported graphs
+
+
+def distance_factor(score: torch.Tensor, power: float, ref: float) -> torch.Tensor:
+    """``g = clip(score / ref, 1e-3, 1e3) ** power`` per cell (module docstring)."""
+    return (score.float() / ref).clamp(1e-3, 1e3) ** power
 
 
 class TreeTemperature(nn.Module):
     """Leaf log-probabilities ``(B, n_leaves)`` -> the same with every inner node's
     conditional choice tempered by its ``T_n`` (see the module docstring)."""
 
-    def __init__(self, taxonomy: Taxonomy, temperatures: Mapping[str, float]) -> None:
+    def __init__(self, taxonomy: Taxonomy, temperatures: Mapping[str, float],
+                 distance_power: float = 0.0, distance_ref: float = 1.0) -> None:
         super().__init__()
+        if not distance_ref > 0:
+            raise ValueError(f"distance_ref must be positive, got {distance_ref}")
+        self.distance_power = float(distance_power)
+        self.distance_ref = float(distance_ref)
         below = list(taxonomy.nodes)  # every node but the root
         nodes = [*below, taxonomy.root]
         member = np.vstack([taxonomy.node_leaf_matrix().astype(bool),
@@ -85,31 +109,45 @@ class TreeTemperature(nn.Module):
                              persistent=False)
         self.temperatures = {n: float(temperatures.get(n, 1.0)) for n in taxonomy.inner_nodes}
 
-    def forward(self, leaf_logp: torch.Tensor) -> torch.Tensor:
+    def forward(self, leaf_logp: torch.Tensor, ood_score: torch.Tensor | None = None,
+                ) -> torch.Tensor:
+        """Tempered ``leaf_logp``; with a fitted distance power, each cell's temperatures
+        also grow with its ``ood_score`` (none given: factor 1)."""
         with torch.autocast(leaf_logp.device.type, enabled=False):  # fp32, as fitted
-            return self._temper(leaf_logp.float())
+            inv_t = self.inv_t[None, :]
+            if self.distance_power and ood_score is not None:
+                g = distance_factor(ood_score, self.distance_power, self.distance_ref)
+                inv_t = inv_t / g[:, None]
+            return self._temper(leaf_logp.float(), inv_t)
 
-    def _temper(self, leaf_logp: torch.Tensor) -> torch.Tensor:
+    def _temper(self, leaf_logp: torch.Tensor, inv_t: torch.Tensor) -> torch.Tensor:
         node_logp = torch.logsumexp(leaf_logp[:, None, :] + self.log_member, dim=2)
         cond = node_logp[:, self.below] - node_logp[:, self.parent]
-        scaled = cond * self.inv_t
+        scaled = cond * inv_t
         norm = torch.logsumexp(scaled[:, None, :] + self.log_siblings, dim=2)
         return (scaled - norm) @ self.path
 
 
 def apply_temperatures(taxonomy: Taxonomy, leaf_probs: np.ndarray,
-                       temperatures: Mapping[str, float]) -> np.ndarray:
-    """:class:`TreeTemperature` on probabilities ``(N, n_leaves)`` (for reports)."""
+                       temperatures: Mapping[str, float],
+                       scale: np.ndarray | None = None) -> np.ndarray:
+    """:class:`TreeTemperature` on probabilities ``(N, n_leaves)`` (for reports), each
+    cell's temperatures multiplied by ``scale`` ``(N,)`` when given (its ``g``)."""
     logp = torch.from_numpy(np.log(np.clip(leaf_probs, 1e-12, None)).astype(np.float32))
+    tempered = TreeTemperature(taxonomy, temperatures)
+    inv_t = tempered.inv_t[None, :]
+    if scale is not None:
+        inv_t = inv_t / torch.as_tensor(np.asarray(scale, np.float32))[:, None]
     with torch.no_grad():
-        return TreeTemperature(taxonomy, temperatures)(logp).exp().numpy()
+        return tempered._temper(logp, inv_t).exp().numpy()
 
 
 def fit_temperatures(taxonomy: Taxonomy, truth: Sequence[str], leaf_probs: np.ndarray,
-                     ) -> dict[str, float]:
+                     scale: np.ndarray | None = None) -> dict[str, float]:
     """``T_n`` for every inner node: argmin over ``T`` in :data:`T_RANGE` of
-    ``-sum_i log softmax(log P(c | n) / T)[true child of i]`` on the images below ``n``
-    (1.0 for a node with fewer than :data:`MIN_IMAGES` images or without an error)."""
+    ``-sum_i log softmax(log P(c | n) / (T g_i))[true child of i]`` on the images below
+    ``n``, ``g = scale`` (1 when not given; 1.0 for a node with fewer than
+    :data:`MIN_IMAGES` images or without an error)."""
     from scipy.optimize import minimize_scalar
 
     temps = {n: 1.0 for n in taxonomy.inner_nodes}
@@ -117,6 +155,8 @@ def fit_temperatures(taxonomy: Taxonomy, truth: Sequence[str], leaf_probs: np.nd
         if len(choice.rows) < MIN_IMAGES or choice.hit.all():
             continue
         logc = np.log(np.clip(choice.cond, 1e-12, None))
+        if scale is not None:
+            logc = logc / np.asarray(scale, np.float64)[choice.rows, None]
 
         def nll(log_t: float, logc: np.ndarray = logc, target: np.ndarray = choice.target,
                 ) -> float:
@@ -129,6 +169,36 @@ def fit_temperatures(taxonomy: Taxonomy, truth: Sequence[str], leaf_probs: np.nd
                                options={"xatol": 1e-4})
         temps[choice.node] = float(np.exp(best.x))
     return temps
+
+
+def fit_distance_temperatures(taxonomy: Taxonomy, truth: Sequence[str],
+                              leaf_probs: np.ndarray, ood_score: np.ndarray,
+                              ) -> tuple[dict[str, float], float, float]:
+    """``(T_n, beta, s_med)`` of distance-aware temperature scaling (module docstring):
+    ``s_med`` the median of ``ood_score``, ``beta`` in :data:`POWER_RANGE` minimising the
+    validation :func:`tree_nll` with the :func:`fit_temperatures` that go with it (a
+    bounded scalar search; ``beta = 0`` when it does no better than plain scaling)."""
+    from scipy.optimize import minimize_scalar
+
+    score = torch.as_tensor(np.asarray(ood_score, np.float32))
+    ref = float(np.median(ood_score)) if len(score) else 1.0
+    if not ref > 0:
+        ref = 1.0
+
+    def fit(power: float) -> tuple[float, dict[str, float]]:
+        g = distance_factor(score, power, ref).numpy()
+        temps = fit_temperatures(taxonomy, truth, leaf_probs, scale=g)
+        tempered = apply_temperatures(taxonomy, leaf_probs, temps, scale=g)
+        return tree_nll(taxonomy, truth, tempered), temps
+
+    plain_nll, plain = fit(0.0)
+    best = minimize_scalar(lambda b: fit(b)[0], bounds=POWER_RANGE, method="bounded",
+                           options={"xatol": 1e-3})
+    power = float(best.x)
+    nll, temps = fit(power)
+    if not nll < plain_nll:
+        return plain, 0.0, ref
+    return temps, power, ref
 
 
 def tree_nll(taxonomy: Taxonomy, truth: Sequence[str], leaf_probs: np.ndarray) -> float:

@@ -93,7 +93,10 @@ def load_model(path: str | Path) -> tuple[TreeClassifier, dict[str, Any]]:
         raise LeukotreeError(f"The weights in '{path}' do not fit the model it describes "
                              f"({first}); the file is damaged or was edited.") from None
     try:
-        model.set_calibration(payload.get("calibration", {}).get("temperatures"))
+        calibration = payload.get("calibration") or {}
+        model.set_calibration(calibration.get("temperatures"),
+                              float(calibration.get("distance_power", 0.0)),
+                              float(calibration.get("distance_ref", 1.0)))
         ood = payload.get("ood")
         if ood is not None:
             model.set_ood(**ood_arrays(ood))

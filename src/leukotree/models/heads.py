@@ -225,10 +225,14 @@ class TreeClassifier(nn.Module):
         if self.cell_taxonomy is not None:
             self.cell_head = nn.Linear(width, len(self.cell_taxonomy.leaves))
 
-    def set_calibration(self, temperatures: Mapping[str, float] | None) -> None:
-        """Temper every inner node's choice by ``temperatures`` (None: no calibration)."""
+    def set_calibration(self, temperatures: Mapping[str, float] | None,
+                        distance_power: float = 0.0, distance_ref: float = 1.0) -> None:
+        """Temper every inner node's choice by ``temperatures`` (None: no calibration),
+        each cell's multiplied by ``(ood_score / distance_ref) ** distance_power`` when
+        the model scores its distance (:mod:`~leukotree.models.calibration`)."""
         self.temperature = (None if not temperatures
-                            else TreeTemperature(self.taxonomy, temperatures).to(
+                            else TreeTemperature(self.taxonomy, temperatures,
+                                                 distance_power, distance_ref).to(
                                 self.path_matrix.device))
 
     def set_ood(self, means: Any | None, precision: Any | None = None,
@@ -266,16 +270,16 @@ class TreeClassifier(nn.Module):
     def _finish(self, out: dict[str, torch.Tensor], features: torch.Tensor,
                 stage_features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Add the pooled ``features`` (and ``stage_features`` when given), with a
-        cell-type head ``cell_logp``; apply the fitted temperatures to ``leaf_logp`` and,
-        when fitted, add ``ood_score``."""
+        cell-type head ``cell_logp``; when fitted, add ``ood_score`` and apply the
+        temperatures (distance-aware ones with that score) to ``leaf_logp``."""
         out["features"] = features
         if stage_features is not None:
             out["stage_features"] = stage_features
-        if self.temperature is not None:
-            out["leaf_logp"] = self.temperature(out["leaf_logp"])
         if self.ood is not None:
             out["ood_score"] = self.ood(features if stage_features is None
                                         else stage_features)
+        if self.temperature is not None:
+            out["leaf_logp"] = self.temperature(out["leaf_logp"], out.get("ood_score"))
         if self.cell_head is not None:
             out["cell_logp"] = F.log_softmax(self.cell_head(features).float(), dim=1)
         return out

@@ -151,8 +151,12 @@ def metrics_document(m: dict[str, Any]) -> Document:
         doc.table(["", "leaf ECE", "Brier"],
                   [["before", fmt(cal["uncalibrated"]["ece"]), fmt(cal["uncalibrated"]["brier"])],
                    ["after", fmt(cal["leaves"]["ece"]), fmt(cal["leaves"]["brier"])]])
+        power = cal.get("distance_power")
         doc.paragraph("Temperatures: " + ", ".join(
-            f"{node} {fmt(t)}" for node, t in cal["temperatures"].items()) + ".")
+            f"{node} {fmt(t)}" for node, t in cal["temperatures"].items()) + "." + (
+            f" Each cell's are multiplied by (its out-of-distribution score / the "
+            f"validation median) ^ {fmt(power)}, so cells unlike the training cells are "
+            "softened." if power else ""))
     ood = m.get("ood")
     if ood:
         doc.heading("Unclassifiable cells (unlike the training cells)")
