@@ -69,6 +69,25 @@ def _predictions(out: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+def test_the_before_figures_undo_distance_aware_temperatures(run7, data7, tmp_path):
+    from leukotree.models.checkpoint import read_checkpoint, update_checkpoint
+
+    tempered, plain = tmp_path / "tempered", tmp_path / "plain"
+    for run in (tempered, plain):
+        shutil.copytree(run7, run)
+    cal = dict(read_checkpoint(run7)["calibration"], distance_power=1.5, distance_ref=0.3)
+    update_checkpoint(tempered / "best.pt", calibration=cal)
+    update_checkpoint(plain / "best.pt", calibration=None)
+    m = _evaluate(tempered, data7, tmp_path / "eval-t")
+    raw = _evaluate(plain, data7, tmp_path / "eval-p")
+    assert m["calibration"]["distance_power"] == 1.5
+    assert m["calibration"]["uncalibrated"]["ece"] == pytest.approx(
+        raw["calibration"]["leaves"]["ece"], abs=1e-4)
+    assert m["calibration"]["leaves"]["ece"] != pytest.approx(
+        raw["calibration"]["leaves"]["ece"], abs=1e-4)
+    assert "Each cell's are multiplied by" in (tmp_path / "eval-t" / "metrics.md").read_text()
+
+
 def test_evaluate_writes_metrics_tables_predictions_and_plots(run7, data7, tmp_path):
     out = tmp_path / "eval"
     m = _evaluate(run7, data7, out)

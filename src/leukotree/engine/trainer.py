@@ -544,85 +544,95 @@ class Trainer:
 
     def _fit_calibration(self, model: TreeClassifier, train: Split, val: Split,
                          outputs: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
-        """Fit the feature distance to the training cells (per stage; the stages' scales
-        and the threshold: ``ood_quantile`` of the validation cells), then the per-node
-        temperatures on the validation split (distance-aware ones with that score unless
-        ``distance_temperature`` is off), store both in ``best.pt``
-        (:mod:`leukotree.models.calibration`) and apply them to ``outputs``, as the stored
-        model will."""
+        """Fit the feature distance to the training cells (:meth:`_fit_ood`), then the
+        per-node temperatures on the validation split (:meth:`_fit_temperatures`), store
+        both in ``best.pt`` (:mod:`leukotree.models.calibration`) and apply them to
+        ``outputs``, as the stored model will."""
         cfg = self.config
-        taxonomy = model.taxonomy
-        val_out = outputs["val"]
-        truth = [s.label for s in val.samples]
         sections: dict[str, Any] = {}
         result: dict[str, Any] = {}
-        if cfg.ood_quantile > 0 and "features" in val_out:
-            labels = [s.label for s in train.samples]
-            stages = model.ood_stages
-            if stages > 1:
-                key = "stage_features"
-                means, precision, classes = fit_stage_distance(
-                    outputs["train"][key], labels, model.stage_widths())
-            else:
-                key = "features"
-                means, precision, classes = fit_feature_distance(outputs["train"][key],
-                                                                 labels)
-            with torch.no_grad():
-                per_stage = FeatureDistance(means, precision).block_distances(
-                    torch.from_numpy(val_out[key])).numpy()
-                scales = (np.quantile(per_stage, cfg.ood_quantile, axis=0).tolist()
-                          if stages > 1 else None)
-                distance = FeatureDistance(means, precision, scales=scales)
-                dist = {name: distance(torch.from_numpy(out[key])).numpy()
-                        for name, out in outputs.items()}
-            threshold = float(np.quantile(dist["val"], cfg.ood_quantile))
-            flagged = float((dist["val"] > threshold).mean())
-            sections["ood"] = ood_section(means, precision, classes, threshold,
-                                          cfg.ood_quantile, flagged, scales=scales,
-                                          stages=stages)
-            result["ood"] = {"threshold": threshold, "quantile": cfg.ood_quantile,
-                             "val_flagged": flagged, "stages": stages}
-            self._log(f"out-of-distribution score ({stages} backbone stage"
-                      f"{'s' if stages > 1 else ''}): threshold {threshold:.1f} (flags "
-                      f"{flagged:.1%} of the validation cells)")
-            for name, out in outputs.items():
-                out["ood_score"] = dist[name] / threshold
+        if cfg.ood_quantile > 0 and "features" in outputs["val"]:
+            sections["ood"] = self._fit_ood(model, train, outputs)
+            result["ood"] = {k: sections["ood"][k]
+                             for k in ("threshold", "quantile", "val_flagged", "stages")}
         if cfg.calibrate:
-            score = val_out.get("ood_score") if cfg.distance_temperature else None
-            if score is None:
-                temps = fit_temperatures(taxonomy, truth, val_out["leaf_probs"])
-                power, ref = 0.0, 1.0
-            else:
-                temps, power, ref = fit_distance_temperatures(taxonomy, truth,
-                                                              val_out["leaf_probs"], score)
-
-            def scale(out: dict[str, np.ndarray]) -> np.ndarray | None:
-                if not power:
-                    return None
-                return distance_factor(torch.from_numpy(out["ood_score"]), power,
-                                       ref).numpy()
-
-            after = apply_temperatures(taxonomy, val_out["leaf_probs"], temps, scale(val_out))
-            leaf = [i for i, t in enumerate(truth) if t in taxonomy.leaf_index]
-            y = np.array([taxonomy.leaf_index[truth[i]] for i in leaf])
-            ece = (expected_calibration_error(val_out["leaf_probs"][leaf], y),
-                   expected_calibration_error(after[leaf], y))
-            sections["calibration"] = {
-                "temperatures": temps, "ece_before": ece[0], "ece_after": ece[1],
-                "nll_before": tree_nll(taxonomy, truth, val_out["leaf_probs"]),
-                "nll_after": tree_nll(taxonomy, truth, after), "fitted_on": len(val)}
-            if power:
-                sections["calibration"] |= {"distance_power": power, "distance_ref": ref}
-            result["calibration"] = sections["calibration"]
-            self._log("calibration: temperature " + ", ".join(
-                f"{n} {t:.2f}" for n, t in temps.items())
-                + (f", times (ood score / {ref:.2f}) ^ {power:.2f} per cell" if power else "")
-                + f"; validation leaf ECE {ece[0]:.3f} -> {ece[1]:.3f} (fitted on these cells)")
-            for out in outputs.values():
-                out["leaf_probs"] = apply_temperatures(taxonomy, out["leaf_probs"], temps,
-                                                       scale(out))
+            sections["calibration"] = result["calibration"] = self._fit_temperatures(
+                model.taxonomy, val, outputs)
         update_checkpoint(self.run.best, **sections)
         return result
+
+    def _fit_ood(self, model: TreeClassifier, train: Split,
+                 outputs: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
+        """The checkpoint's ``ood`` section: class means and precision of the training
+        cells' features per stage, the stages' scales and the threshold (``ood_quantile``
+        of the validation cells); adds each side's ``ood_score`` to ``outputs``."""
+        cfg = self.config
+        val_out = outputs["val"]
+        labels = [s.label for s in train.samples]
+        stages = model.ood_stages
+        if stages > 1:
+            key = "stage_features"
+            means, precision, classes = fit_stage_distance(
+                outputs["train"][key], labels, model.stage_widths())
+        else:
+            key = "features"
+            means, precision, classes = fit_feature_distance(outputs["train"][key], labels)
+        with torch.no_grad():
+            per_stage = FeatureDistance(means, precision).block_distances(
+                torch.from_numpy(val_out[key])).numpy()
+            scales = (np.quantile(per_stage, cfg.ood_quantile, axis=0).tolist()
+                      if stages > 1 else None)
+            distance = FeatureDistance(means, precision, scales=scales)
+            dist = {name: distance(torch.from_numpy(out[key])).numpy()
+                    for name, out in outputs.items()}
+        threshold = float(np.quantile(dist["val"], cfg.ood_quantile))
+        flagged = float((dist["val"] > threshold).mean())
+        self._log(f"out-of-distribution score ({stages} backbone stage"
+                  f"{'s' if stages > 1 else ''}): threshold {threshold:.1f} (flags "
+                  f"{flagged:.1%} of the validation cells)")
+        for name, out in outputs.items():
+            out["ood_score"] = dist[name] / threshold
+        return ood_section(means, precision, classes, threshold, cfg.ood_quantile, flagged,
+                           scales=scales, stages=stages)
+
+    def _fit_temperatures(self, taxonomy: Taxonomy, val: Split,
+                          outputs: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
+        """The checkpoint's ``calibration`` section: per-node temperatures fitted on the
+        validation split, distance-aware ones when the cells have an ``ood_score`` and
+        ``distance_temperature`` is on; tempers each side's ``leaf_probs``."""
+        val_out = outputs["val"]
+        truth = [s.label for s in val.samples]
+        score = val_out.get("ood_score") if self.config.distance_temperature else None
+        if score is None:
+            temps = fit_temperatures(taxonomy, truth, val_out["leaf_probs"])
+            power, ref = 0.0, 1.0
+        else:
+            temps, power, ref = fit_distance_temperatures(taxonomy, truth,
+                                                          val_out["leaf_probs"], score)
+
+        def scale(out: dict[str, np.ndarray]) -> np.ndarray | None:
+            if not power:
+                return None
+            return distance_factor(torch.from_numpy(out["ood_score"]), power, ref).numpy()
+
+        after = apply_temperatures(taxonomy, val_out["leaf_probs"], temps, scale(val_out))
+        leaf = [i for i, t in enumerate(truth) if t in taxonomy.leaf_index]
+        y = np.array([taxonomy.leaf_index[truth[i]] for i in leaf])
+        ece = (expected_calibration_error(val_out["leaf_probs"][leaf], y),
+               expected_calibration_error(after[leaf], y))
+        section = {"temperatures": temps, "ece_before": ece[0], "ece_after": ece[1],
+                   "nll_before": tree_nll(taxonomy, truth, val_out["leaf_probs"]),
+                   "nll_after": tree_nll(taxonomy, truth, after), "fitted_on": len(val)}
+        if power:
+            section |= {"distance_power": power, "distance_ref": ref}
+        self._log("calibration: temperature " + ", ".join(
+            f"{n} {t:.2f}" for n, t in temps.items())
+            + (f", times (ood score / {ref:.2f}) ^ {power:.2f} per cell" if power else "")
+            + f"; validation leaf ECE {ece[0]:.3f} -> {ece[1]:.3f} (fitted on these cells)")
+        for out in outputs.values():
+            out["leaf_probs"] = apply_temperatures(taxonomy, out["leaf_probs"], temps,
+                                                   scale(out))
+        return section
 
     def _fit_patient_model(self, model: TreeClassifier, train: Split, val: Split,
                            outputs: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
