@@ -22,9 +22,9 @@ the same types; prints JSON and writes OUT/cross_lab.md.
    and tests all four on the other half.
 4. Evaluates in-lab (held-out PBC; also re-cropped tightly, as labs that export a
    120 px box around the cell do, with the model's centre crop and with
-   ``--crop-mode auto``) and cross-lab (Johns Hopkins, mapped; before and after
-   adaptation): accuracy,
-   macro F1, leaf ECE before/after temperature scaling, the share of cells flagged
+   ``--crop-mode auto``; and with a yellow colour cast, :data:`YELLOW_CAST`) and
+   cross-lab (Johns Hopkins, mapped; before and after adaptation): accuracy, macro F1,
+   leaf ECE before/after temperature scaling, the share of cells flagged
    unclassifiable and the accuracy of the cells kept; and, per unseen type, the share of
    cells flagged (the out-of-distribution catch rate).
 """
@@ -152,6 +152,29 @@ def tight_crops(test: Path, out: Path, side: int = 120, per_nucleus: float = 1.8
     return write_manifest(out / "pbc-test-tight.csv", rows)
 
 
+#: RGB gains of :func:`recoloured`: a yellow cast (less blue, a little less green), as a
+#: yellow-stained smear or a camera's white balance gives.
+YELLOW_CAST = (1.0, 0.93, 0.7)
+
+
+def recoloured(test: Path, out: Path, gains: tuple[float, float, float] = YELLOW_CAST,
+               ) -> Path:
+    """The held-out PBC cells with their colours cast by per-channel ``gains`` (the
+    same cells and scanner; only the colour differs)."""
+    from PIL import Image
+
+    rows = []
+    with test.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            img = np.asarray(Image.open(row["path"]).convert("RGB"), np.float32)
+            cast = np.clip(img * np.array(gains, np.float32), 0, 255).round().astype(np.uint8)
+            target = out / "yellow" / row["label"] / (Path(row["path"]).stem + ".png")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(cast).save(target)
+            rows.append({**row, "path": str(target)})
+    return write_manifest(out / "pbc-test-yellow.csv", rows)
+
+
 def summary(metrics: dict) -> dict:
     cal = metrics.get("calibration", {})
     ood = metrics.get("ood") or {}
@@ -230,6 +253,8 @@ def main() -> None:
     auto = EvalSettings(progress=False, crop_mode="auto")
     result["tight_crops"] = scored(run, tight, args.out / "eval-tight", settings)
     result["tight_crops_auto"] = scored(run, tight, args.out / "eval-tight-auto", auto)
+    result["yellow_cast"] = scored(run, recoloured(test, args.out), args.out / "eval-yellow",
+                                   settings)
     result["in_lab_pbc_test_auto"] = scored(run, test, args.out / "eval-pbc-auto", auto)
     result["cross_lab_jhh_auto"] = scored(run, mapped, args.out / "eval-jhh-auto", auto)
     if not args.no_adapt:
@@ -287,6 +312,8 @@ def markdown(r: dict) -> str:
                       ("same cells re-cropped tightly (120 px, cell filling the frame)",
                        "tight_crops"),
                       ("same tight crops, `--crop-mode auto`", "tight_crops_auto"),
+                      ("same cells with a yellow cast (RGB gains "
+                       f"{', '.join(f'{g:g}' for g in YELLOW_CAST)})", "yellow_cast"),
                       ("Johns Hopkins, same 8 types", "cross_lab_jhh"),
                       ("same, `--crop-mode auto`", "cross_lab_jhh_auto"),
                       ("Johns Hopkins, after `adapt` (no labels)", "cross_lab_jhh_adapted"),

@@ -79,6 +79,7 @@ from leukotree.models.checkpoint import (
     update_checkpoint,
 )
 from leukotree.models.losses import TreeLoss, balanced_leaf_weights
+from leukotree.models.stain import fit_lab_target
 from leukotree.patients import fit_patient_model, make_bags, patient_labels, patient_metrics
 from leukotree.patients.models import patient_params
 from leukotree.report import plots
@@ -362,10 +363,12 @@ class Trainer:
         """The model, normalised by the training pixels, seeded, with any given weights."""
         cfg = self.config
         mean, std = channel_stats(train.pixels)
+        stain = fit_lab_target(train.pixels) if cfg.stain_norm == "reinhard" else None
         source = None
         if cfg.init:
             source = self._init_model(taxonomy)
-            mean, std = source.config.mean, source.config.std  # the weights expect these
+            # the weights expect the source's normalisation
+            mean, std, stain = source.config.mean, source.config.std, source.config.stain_target
         cells = self.cell_taxonomy.to_dict() if self.cell_taxonomy is not None else None
         field_um = None
         if cfg.pixel_size is not None:  # the physical side of what validation sees
@@ -373,7 +376,8 @@ class Trainer:
                         * cfg.pixel_size)
         mcfg = cfg.model_config(crop_fraction=self.eval_crop, mean=mean, std=std,
                                 cell_taxonomy=cells, pixel_size=cfg.pixel_size,
-                                field_um=field_um)
+                                field_um=field_um, stain_norm=cfg.stain_norm,
+                                stain_target=stain)
         torch.manual_seed(cfg.seed)
         model = build_model(taxonomy, mcfg)
         if source is not None:
@@ -396,11 +400,11 @@ class Trainer:
         source, _ = load_model(cfg.init)
         want = {"taxonomy": taxonomy.leaves, "head": cfg.head,
                 "backbone": cfg.model_config().arch_name, "img_size": cfg.img_size,
-                "norm": cfg.norm,
+                "norm": cfg.norm, "stain_norm": cfg.stain_norm,
                 "cell taxonomy": None if self.cell_taxonomy is None else self.cell_taxonomy.leaves}
         have = {"taxonomy": source.taxonomy.leaves, "head": source.config.head,
                 "backbone": source.config.arch_name, "img_size": source.config.img_size,
-                "norm": source.config.norm,
+                "norm": source.config.norm, "stain_norm": source.config.stain_norm,
                 "cell taxonomy": None if source.cell_taxonomy is None
                 else source.cell_taxonomy.leaves}
         if source.taxonomy != taxonomy:

@@ -44,6 +44,7 @@ from torch import nn
 from leukotree.errors import LeukotreeError, did_you_mean
 from leukotree.models.backbones import create_backbone, load_weights, resolve_name
 from leukotree.models.calibration import FeatureDistance, TreeTemperature
+from leukotree.models.stain import STAIN_NORMS, ReinhardNorm
 from leukotree.taxonomy import Taxonomy
 
 
@@ -64,6 +65,9 @@ class ModelConfig:
     crop_mode: str = "centre"  # of the image's central square, or of the cell's frame
     context_radius: float = 0.0  # flatten beyond this fraction of the side from the centre
     norm: str = "batch"  # the backbone's normalisation layers (models.backbones.NORMS)
+    stain_norm: str = "none"  # per-image stain normalisation (models.stain.STAIN_NORMS)
+    #: Its target, L a b means then deviations of the training images (``reinhard``).
+    stain_target: list[float] | None = None
     pixel_size: float | None = None  # micrometres per pixel of the training images
     field_um: float | None = None  # side of the centre crop in micrometres (with pixel_size)
     #: Micrometres per pixel of the images being decoded, set for another lab's images
@@ -124,7 +128,8 @@ def feature_width(backbone: nn.Module) -> int:
 
 #: Fields added after models were first shared, and their "not used" values.
 _NEWER_DEFAULTS: dict[str, Any] = {"context_radius": 0.0, "pixel_size": None, "field_um": None,
-                                   "input_pixel_size": None, "norm": "batch"}
+                                   "input_pixel_size": None, "norm": "batch",
+                                   "stain_norm": "none", "stain_target": None}
 
 #: Width of the soft edge of :class:`Normalize`'s context mask, as a fraction of the side.
 CONTEXT_EDGE = 0.03
@@ -142,7 +147,9 @@ def context_weight(size: int, radius: float) -> torch.Tensor:
 class Normalize(nn.Module):
     """``(x / 255 - mean) / std`` with the training set's channel statistics.
 
-    With ``context_radius > 0`` the pixels first become ``w x + (1 - w) b``, ``w`` from
+    With ``stain_target`` each image's colours are first moved to the training images'
+    L*a*b* statistics (:class:`~leukotree.models.stain.ReinhardNorm`). With
+    ``context_radius > 0`` the pixels then become ``w x + (1 - w) b``, ``w`` from
     :func:`context_weight` and ``b`` the image's mean colour weighted by ``1 - w``: the
     red cells and smear around the white cell, which differ from lab to lab (smear
     thickness, red-cell density), are flattened to one colour, so the model cannot learn
@@ -150,8 +157,9 @@ class Normalize(nn.Module):
     """
 
     def __init__(self, mean: list[float], std: list[float], context_radius: float = 0.0,
-                 size: int = 224) -> None:
+                 size: int = 224, stain_target: Sequence[float] | None = None) -> None:
         super().__init__()
+        self.stain = ReinhardNorm(stain_target) if stain_target is not None else None
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0)
         self.context_radius = context_radius
@@ -160,6 +168,8 @@ class Normalize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
+        if self.stain is not None:
+            x = self.stain(x)
         if self.context is not None:
             w = self.context
             if w.shape[-2:] != x.shape[-2:]:
@@ -192,8 +202,16 @@ class TreeClassifier(nn.Module):
         super().__init__()
         self.taxonomy = taxonomy
         self.config = config
+        if config.stain_norm not in STAIN_NORMS:
+            raise LeukotreeError(f"Unknown stain normalisation {config.stain_norm!r}; "
+                                 f"choose one of {', '.join(STAIN_NORMS)}.")
+        if (config.stain_norm == "reinhard") != (config.stain_target is not None):
+            raise LeukotreeError(
+                f"stain_norm {config.stain_norm!r} with stain_target "
+                f"{config.stain_target!r}: 'reinhard' needs the training images' target "
+                "(fitted by train) and 'none' takes none.")
         self.normalize = Normalize(config.mean, config.std, config.context_radius,
-                                   config.img_size)
+                                   config.img_size, config.stain_target)
         self.cell_taxonomy = (Taxonomy.from_dict(config.cell_taxonomy, source="the model's "
                                                  "cell taxonomy")
                               if config.cell_taxonomy else None)

@@ -1,0 +1,111 @@
+"""Stain normalisation inside the model (Reinhard et al. 2001, per image).
+
+Each image is moved to CIE L*a*b* (sRGB, D65 white; the formulas of
+:func:`skimage.color.rgb2lab`) and each channel ``c`` is standardised to the training
+set's colour statistics:
+
+    lab'_c = (lab_c - m_c(image)) / s_c(image) * s_c(target) + m_c(target),
+
+``m`` and ``s`` the mean and standard deviation over the image's pixels, the target the
+average of the training images' ``m`` and ``s`` (:func:`fit_lab_target`). A smear
+stained, scanned or white-balanced differently (a yellow stain, a bluer camera) then
+reaches the backbone with the training lab's colour statistics, while the shapes and
+the contrast inside the image stay.
+
+It is a module of the model (:class:`ReinhardNorm`, called by
+:class:`~leukotree.models.heads.Normalize`), in batched torch operations, so training,
+``predict``, ``evaluate``, ``serve``, Grad-CAM and the exported ONNX graph normalise
+alike; the target travels in the model's configuration (``stain_target``). There is no
+other lab's reference to re-estimate: each image is normalised on its own.
+torchstain's Reinhard normaliser does the same one image at a time, outside the graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+#: Stain normalisations a model can carry (``ModelConfig.stain_norm``).
+STAIN_NORMS = ("none", "reinhard")
+
+_RGB_TO_XYZ = torch.tensor([[0.412453, 0.357580, 0.180423],
+                            [0.212671, 0.715160, 0.072169],
+                            [0.019334, 0.119193, 0.950227]])
+_XYZ_TO_RGB = torch.linalg.inv(_RGB_TO_XYZ)
+_WHITE = torch.tensor([0.95047, 1.0, 1.08883])  # D65, 2 degree observer
+_EPS = 1e-3  # floor of a channel's standard deviation (a flat image stays flat)
+
+
+def rgb_to_lab(x: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, H, W)`` sRGB in [0, 255] -> L*a*b* (L in [0, 100])."""
+    rgb = (x.float() / 255.0).clamp(0.0, 1.0)
+    lin = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055).clamp(min=1e-8) ** 2.4,
+                      rgb / 12.92)
+    xyz = torch.einsum("ij,bjhw->bihw", _RGB_TO_XYZ.to(x.device), lin)
+    t = xyz / _WHITE.to(x.device).view(1, 3, 1, 1)
+    f = torch.where(t > 0.008856, t.clamp(min=1e-8) ** (1.0 / 3.0), 7.787 * t + 16.0 / 116.0)
+    fx, fy, fz = f[:, 0], f[:, 1], f[:, 2]
+    return torch.stack([116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)], dim=1)
+
+
+def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
+    """L*a*b* ``(B, 3, H, W)`` -> sRGB in [0, 255] (out-of-gamut colours clipped)."""
+    fy = (lab[:, 0] + 16.0) / 116.0
+    f = torch.stack([lab[:, 1] / 500.0 + fy, fy, fy - lab[:, 2] / 200.0], dim=1)
+    t = torch.where(f > 0.2068966, f ** 3, (f - 16.0 / 116.0) / 7.787)
+    xyz = t * _WHITE.to(lab.device).view(1, 3, 1, 1)
+    lin = torch.einsum("ij,bjhw->bihw", _XYZ_TO_RGB.to(lab.device), xyz)
+    lin = lin.clamp(0.0, 1.0)
+    rgb = torch.where(lin > 0.0031308, 1.055 * lin.clamp(min=1e-8) ** (1.0 / 2.4) - 0.055,
+                      12.92 * lin)
+    return rgb.clamp(0.0, 1.0) * 255.0
+
+
+def _mean_std(lab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image and channel, the mean and (population) standard deviation over the
+    pixels: ``(B, 3, 1, 1)`` each."""
+    mean = lab.mean(dim=(2, 3), keepdim=True)
+    return mean, ((lab - mean) ** 2).mean(dim=(2, 3), keepdim=True).sqrt()
+
+
+def fit_lab_target(pixels: np.ndarray, chunk: int = 512) -> list[float]:
+    """The Reinhard target of ``(N, H, W, 3)`` uint8 training pixels: the mean over images
+    of each channel's per-image mean, then of its per-image standard deviation (6 values,
+    L a b means then L a b deviations)."""
+    if len(pixels) == 0:
+        raise ValueError("no training pixels to fit the stain target on")
+    means, stds = [], []
+    for start in range(0, len(pixels), chunk):
+        x = torch.from_numpy(np.array(pixels[start:start + chunk]))  # a writable copy
+        m, s = _mean_std(rgb_to_lab(x.permute(0, 3, 1, 2)))
+        means.append(m.flatten(1))
+        stds.append(s.flatten(1))
+    return [float(v) for v in torch.cat(means).mean(0)] + [
+        float(v) for v in torch.cat(stds).mean(0)]
+
+
+class ReinhardNorm(nn.Module):
+    """``(B, 3, H, W)`` pixels in [0, 255] -> the same with each image's L*a*b* statistics
+    moved to ``target`` (6 values, see :func:`fit_lab_target`; module docstring)."""
+
+    def __init__(self, target: Sequence[float]) -> None:
+        super().__init__()
+        if len(target) != 6 or not all(np.isfinite(v) for v in target):
+            raise ValueError(f"a stain target holds 6 finite numbers (L a b means, then "
+                             f"deviations); got {list(target)}")
+        if not all(v > 0 for v in target[3:]):
+            raise ValueError(f"the stain target's deviations must be positive; got "
+                             f"{list(target[3:])}")
+        t = torch.tensor([float(v) for v in target])
+        self.register_buffer("target_mean", t[:3].view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("target_std", t[3:].view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            lab = rgb_to_lab(x)
+            mean, std = _mean_std(lab)
+            return lab_to_rgb((lab - mean) / std.clamp(min=_EPS) * self.target_std
+                              + self.target_mean)
