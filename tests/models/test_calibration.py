@@ -10,11 +10,12 @@ from leukotree.models.calibration import (
     TreeTemperature,
     apply_temperatures,
     distance_factor,
-    fit_distance_temperatures,
+    fit_distance_power,
     fit_feature_distance,
     fit_stage_distance,
     fit_temperatures,
     ood_section,
+    soften,
     tree_nll,
 )
 from leukotree.models.checkpoint import load_model, save_model, update_checkpoint
@@ -57,22 +58,24 @@ def test_fitted_temperature_undoes_overconfidence():
     assert temps["root"] == pytest.approx(3.0, rel=0.1)
 
 
-def test_distance_aware_temperature_multiplies_each_cells_temperatures(small_tree):
-    # T_B = 1/2, g = (score / 2) ** 1: the first cell (score 2, g 1) is tempered by 1/2,
-    # .6:.4 -> .36:.16; the second (score 4, g 2) by 1/2 * 2 = 1: unchanged.
+def test_distance_aware_softening_follows_the_node_temperatures(small_tree):
+    # T_B = 1/2 gives (.5, .5 * .36 / .52, .5 * .16 / .52); then g = (score / 2) ** 1:
+    # the first cell (score 2, g 1) keeps it, the second (score 4, g 2) becomes
+    # softmax(log p / 2), i.e. proportional to sqrt(p).
     logp = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.5, 0.3, 0.2]]))
     tempered = TreeTemperature(small_tree, {"B": 0.5}, distance_power=1.0, distance_ref=2.0)
     out = tempered(logp, torch.tensor([2.0, 4.0])).exp().numpy()
-    np.testing.assert_allclose(out, [[0.5, 0.5 * 0.36 / 0.52, 0.5 * 0.16 / 0.52],
-                                     [0.5, 0.3, 0.2]], atol=1e-6)
-    # without a score the factor is 1
-    np.testing.assert_allclose(tempered(logp).exp().numpy()[1], out[0], atol=1e-6)
+    node_t = np.array([0.5, 0.5 * 0.36 / 0.52, 0.5 * 0.16 / 0.52])
+    np.testing.assert_allclose(out, [node_t, np.sqrt(node_t) / np.sqrt(node_t).sum()],
+                               atol=1e-6)
+    assert (out.argmax(1) == node_t.argmax()).all()  # softening keeps the leaf chosen
+    # without a score nothing is softened
+    np.testing.assert_allclose(tempered(logp).exp().numpy()[1], node_t, atol=1e-6)
     g = distance_factor(torch.tensor([2.0, 4.0]), 1.0, 2.0).numpy()
-    np.testing.assert_allclose(apply_temperatures(small_tree, logp.exp().numpy(), {"B": 0.5},
-                                                  scale=g), out, atol=1e-6)
-    # temperings compose: 1 / (T g) undoes T g
-    np.testing.assert_allclose(apply_temperatures(small_tree, out, {"B": 2.0}, scale=1 / g),
-                               logp.exp().numpy(), atol=1e-5)
+    np.testing.assert_allclose(soften(np.stack([node_t, node_t]), g), out, atol=1e-6)
+    # 1 / g undoes g, 1 / T undoes T
+    raw = apply_temperatures(small_tree, soften(out, 1 / g), {"B": 2.0})
+    np.testing.assert_allclose(raw, logp.exp().numpy(), atol=1e-5)
     with pytest.raises(ValueError, match="distance_ref must be positive"):
         TreeTemperature(small_tree, {"B": 0.5}, distance_power=1.0, distance_ref=0.0)
 
@@ -87,23 +90,24 @@ def _flat3_cells(seed: int) -> tuple[Taxonomy, np.ndarray, list[str], np.ndarray
     return tax, logits, labels, score
 
 
+def _softmax(z: np.ndarray) -> np.ndarray:
+    return np.exp(z) / np.exp(z).sum(1, keepdims=True)
+
+
 def test_distance_power_is_fitted_where_far_cells_are_overconfident():
     tax, logits, labels, score = _flat3_cells(4)
-    # 3x too sharp at the median score, and sharper still the farther the cell
-    z = 3 * logits * (score / np.median(score))[:, None]
-    over = np.exp(z) / np.exp(z).sum(1, keepdims=True)
-    temps, power, ref = fit_distance_temperatures(tax, labels, over, score)
+    # right at the median score, sharper the farther the cell
+    over = _softmax(logits * (score / np.median(score))[:, None])
+    power, ref = fit_distance_power(tax, labels, over, score)
     assert ref == pytest.approx(np.median(score))
     assert power == pytest.approx(1.0, abs=0.15)
-    assert temps["root"] == pytest.approx(3.0, rel=0.15)
 
 
 def test_distance_power_stays_zero_where_distance_says_nothing():
     tax, logits, labels, score = _flat3_cells(5)
-    over = np.exp(3 * logits) / np.exp(3 * logits).sum(1, keepdims=True)
-    temps, power, _ = fit_distance_temperatures(tax, labels, over, score)
-    assert power < 0.1
-    assert temps["root"] == pytest.approx(3.0, rel=0.1)
+    assert fit_distance_power(tax, labels, _softmax(logits), score)[0] < 0.1
+    # a score of zeros everywhere (no median to divide by) leaves the cells alone
+    assert fit_distance_power(tax, labels, _softmax(logits), 0 * score) == (0.0, 1.0)
 
 
 def test_feature_distance_is_the_nearest_mahalanobis_distance_over_the_threshold():

@@ -63,11 +63,12 @@ from leukotree.models.calibration import (
     FeatureDistance,
     apply_temperatures,
     distance_factor,
-    fit_distance_temperatures,
+    fit_distance_power,
     fit_feature_distance,
     fit_stage_distance,
     fit_temperatures,
     ood_section,
+    soften,
     tree_nll,
 )
 from leukotree.models.checkpoint import (
@@ -602,40 +603,36 @@ class Trainer:
     def _fit_temperatures(self, taxonomy: Taxonomy, val: Split,
                           outputs: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
         """The checkpoint's ``calibration`` section: per-node temperatures fitted on the
-        validation split, distance-aware ones when the cells have an ``ood_score`` and
-        ``distance_temperature`` is on; tempers each side's ``leaf_probs``."""
+        validation split, then, when the cells have an ``ood_score`` and
+        ``distance_temperature`` is on, the power of the distance-aware softening;
+        calibrates each side's ``leaf_probs`` with them."""
         val_out = outputs["val"]
         truth = [s.label for s in val.samples]
-        score = val_out.get("ood_score") if self.config.distance_temperature else None
-        if score is None:
-            temps = fit_temperatures(taxonomy, truth, val_out["leaf_probs"])
-            power, ref = 0.0, 1.0
-        else:
-            temps, power, ref = fit_distance_temperatures(taxonomy, truth,
-                                                          val_out["leaf_probs"], score)
-
-        def scale(out: dict[str, np.ndarray]) -> np.ndarray | None:
-            if not power:
-                return None
-            return distance_factor(torch.from_numpy(out["ood_score"]), power, ref).numpy()
-
-        after = apply_temperatures(taxonomy, val_out["leaf_probs"], temps, scale(val_out))
+        raw = val_out["leaf_probs"]
+        temps = fit_temperatures(taxonomy, truth, raw)
+        for out in outputs.values():
+            out["leaf_probs"] = apply_temperatures(taxonomy, out["leaf_probs"], temps)
+        power, ref = 0.0, 1.0
+        if self.config.distance_temperature and "ood_score" in val_out:
+            power, ref = fit_distance_power(taxonomy, truth, val_out["leaf_probs"],
+                                            val_out["ood_score"])
+        if power:
+            for out in outputs.values():
+                g = distance_factor(torch.from_numpy(out["ood_score"]), power, ref).numpy()
+                out["leaf_probs"] = soften(out["leaf_probs"], g)
+        after = val_out["leaf_probs"]
         leaf = [i for i, t in enumerate(truth) if t in taxonomy.leaf_index]
         y = np.array([taxonomy.leaf_index[truth[i]] for i in leaf])
-        ece = (expected_calibration_error(val_out["leaf_probs"][leaf], y),
-               expected_calibration_error(after[leaf], y))
+        ece = (expected_calibration_error(raw[leaf], y), expected_calibration_error(after[leaf], y))
         section = {"temperatures": temps, "ece_before": ece[0], "ece_after": ece[1],
-                   "nll_before": tree_nll(taxonomy, truth, val_out["leaf_probs"]),
+                   "nll_before": tree_nll(taxonomy, truth, raw),
                    "nll_after": tree_nll(taxonomy, truth, after), "fitted_on": len(val)}
         if power:
             section |= {"distance_power": power, "distance_ref": ref}
         self._log("calibration: temperature " + ", ".join(
             f"{n} {t:.2f}" for n, t in temps.items())
-            + (f", times (ood score / {ref:.2f}) ^ {power:.2f} per cell" if power else "")
+            + (f", softened by (ood score / {ref:.2f}) ^ {power:.2f} per cell" if power else "")
             + f"; validation leaf ECE {ece[0]:.3f} -> {ece[1]:.3f} (fitted on these cells)")
-        for out in outputs.values():
-            out["leaf_probs"] = apply_temperatures(taxonomy, out["leaf_probs"], temps,
-                                                   scale(out))
         return section
 
     def _fit_patient_model(self, model: TreeClassifier, train: Split, val: Split,

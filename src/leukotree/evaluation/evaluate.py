@@ -26,7 +26,7 @@ from leukotree.inference.predictor import (
     predict_paths,
     set_input,
 )
-from leukotree.models.calibration import apply_temperatures, distance_factor
+from leukotree.models.calibration import apply_temperatures, distance_factor, soften
 from leukotree.models.checkpoint import load_model
 from leukotree.patients.bags import make_bags, patient_labels
 from leukotree.patients.fit import FittedPatientModel, patient_metrics
@@ -108,17 +108,16 @@ def evaluate(
     if model.temperature is not None:
         tempered = model.temperature
         temps = tempered.temperatures
-        # temperings compose: 1 / (T_n g) undoes them (models.calibration)
-        scale = None
+        # undo the distance-aware softening (1 / g), then the temperatures (1 / T_n)
+        raw = probs
         if tempered.distance_power and preds.ood_score is not None:
             score = torch.as_tensor(np.asarray(preds.ood_score, np.float32))
-            scale = 1 / distance_factor(score, tempered.distance_power,
-                                        tempered.distance_ref).numpy()
-        uncalibrated = apply_temperatures(taxonomy, probs, {n: 1 / t for n, t in temps.items()},
-                                          scale)
+            raw = soften(probs, 1 / distance_factor(score, tempered.distance_power,
+                                                    tempered.distance_ref).numpy())
+        uncalibrated = apply_temperatures(taxonomy, raw, {n: 1 / t for n, t in temps.items()})
         before = classification_metrics(taxonomy, truth, uncalibrated).get("calibration", {})
         metrics.setdefault("calibration", {})["temperatures"] = temps
-        if scale is not None:
+        if raw is not probs:
             metrics["calibration"]["distance_power"] = tempered.distance_power
         metrics["calibration"]["uncalibrated"] = before.get("leaves")
     if preds.ood_score is not None:

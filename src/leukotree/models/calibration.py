@@ -11,17 +11,18 @@ images whose true path passes ``n`` (:func:`fit_temperatures`). Since ``log P(le
 the sum of the conditional log-probabilities along its path, these independent fits
 also minimise the leaf-level NLL (:func:`tree_nll`).
 
-Distance-aware temperatures (after Tomani et al. 2023's density-aware calibration): a
-cell far from the training cells, e.g. another lab's, gets every temperature multiplied by
+Distance-aware softening (after Tomani et al. 2023's density-aware calibration): the
+tempered leaf probabilities of a cell far from the training cells, e.g. another lab's,
+are softened further by a leaf-level temperature
 
-    g(x) = clip(s(x) / s_med, 1e-3, 1e3) ** beta,
+    P''(leaf) = softmax_leaf( log P'(leaf) / g(x) ),   g(x) = clip(s(x) / s_med, 1e-3, 1e3) ** beta,
 
 ``s`` its out-of-distribution score below and ``s_med`` the median score of the
-validation cells, so a typical validation cell keeps ``T_n`` and a distant one is
-softened. ``beta`` in :data:`POWER_RANGE` and the ``T_n`` are fitted together on the
-validation split, by maximum likelihood (:func:`fit_distance_temperatures`);
-``beta = 0`` is plain temperature scaling. Temperings compose (``T`` then ``T'`` is
-``T T'``), so :func:`apply_temperatures` with ``1 / (T_n g)`` undoes them.
+validation cells: a typical validation cell is left as it is, a distant one is softened,
+and no cell's most probable leaf changes. ``beta`` in :data:`POWER_RANGE` minimises the
+validation NLL given the fitted ``T_n`` (:func:`fit_distance_power`; 0, no softening,
+when it does not lower it). Both temperings invert: ``g`` by ``1 / g`` on the log
+probabilities, ``T_n`` by ``1 / T_n``.
 
 Feature-space distance (Lee et al. 2018): the squared Mahalanobis distance of a cell's
 pooled features ``f`` to the nearest class mean of the training cells,
@@ -76,6 +77,15 @@ def distance_factor(score: torch.Tensor, power: float, ref: float) -> torch.Tens
     return (score.float() / ref).clamp(1e-3, 1e3) ** power
 
 
+def soften(leaf_probs: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """``softmax(log P / g)`` per cell, ``g = factor`` ``(N,)`` (for reports; ``1 / g``
+    undoes ``g``)."""
+    logp = np.log(np.clip(leaf_probs, 1e-12, None)) / np.asarray(factor, np.float64)[:, None]
+    logp -= logp.max(1, keepdims=True)
+    out = np.exp(logp)
+    return out / out.sum(1, keepdims=True)
+
+
 class TreeTemperature(nn.Module):
     """Leaf log-probabilities ``(B, n_leaves)`` -> the same with every inner node's
     conditional choice tempered by its ``T_n`` (see the module docstring)."""
@@ -111,43 +121,36 @@ class TreeTemperature(nn.Module):
 
     def forward(self, leaf_logp: torch.Tensor, ood_score: torch.Tensor | None = None,
                 ) -> torch.Tensor:
-        """Tempered ``leaf_logp``; with a fitted distance power, each cell's temperatures
-        also grow with its ``ood_score`` (none given: factor 1)."""
+        """Tempered ``leaf_logp``; with a fitted distance power and an ``ood_score``, then
+        softened per cell by ``g`` (module docstring)."""
         with torch.autocast(leaf_logp.device.type, enabled=False):  # fp32, as fitted
-            inv_t = self.inv_t[None, :]
+            out = self._temper(leaf_logp.float())
             if self.distance_power and ood_score is not None:
                 g = distance_factor(ood_score, self.distance_power, self.distance_ref)
-                inv_t = inv_t / g[:, None]
-            return self._temper(leaf_logp.float(), inv_t)
+                out = torch.log_softmax(out / g[:, None], dim=1)
+            return out
 
-    def _temper(self, leaf_logp: torch.Tensor, inv_t: torch.Tensor) -> torch.Tensor:
+    def _temper(self, leaf_logp: torch.Tensor) -> torch.Tensor:
         node_logp = torch.logsumexp(leaf_logp[:, None, :] + self.log_member, dim=2)
         cond = node_logp[:, self.below] - node_logp[:, self.parent]
-        scaled = cond * inv_t
+        scaled = cond * self.inv_t
         norm = torch.logsumexp(scaled[:, None, :] + self.log_siblings, dim=2)
         return (scaled - norm) @ self.path
 
 
 def apply_temperatures(taxonomy: Taxonomy, leaf_probs: np.ndarray,
-                       temperatures: Mapping[str, float],
-                       scale: np.ndarray | None = None) -> np.ndarray:
-    """:class:`TreeTemperature` on probabilities ``(N, n_leaves)`` (for reports), each
-    cell's temperatures multiplied by ``scale`` ``(N,)`` when given (its ``g``)."""
+                       temperatures: Mapping[str, float]) -> np.ndarray:
+    """:class:`TreeTemperature` on probabilities ``(N, n_leaves)`` (for reports)."""
     logp = torch.from_numpy(np.log(np.clip(leaf_probs, 1e-12, None)).astype(np.float32))
-    tempered = TreeTemperature(taxonomy, temperatures)
-    inv_t = tempered.inv_t[None, :]
-    if scale is not None:
-        inv_t = inv_t / torch.as_tensor(np.asarray(scale, np.float32))[:, None]
     with torch.no_grad():
-        return tempered._temper(logp, inv_t).exp().numpy()
+        return TreeTemperature(taxonomy, temperatures)(logp).exp().numpy()
 
 
 def fit_temperatures(taxonomy: Taxonomy, truth: Sequence[str], leaf_probs: np.ndarray,
-                     scale: np.ndarray | None = None) -> dict[str, float]:
+                     ) -> dict[str, float]:
     """``T_n`` for every inner node: argmin over ``T`` in :data:`T_RANGE` of
-    ``-sum_i log softmax(log P(c | n) / (T g_i))[true child of i]`` on the images below
-    ``n``, ``g = scale`` (1 when not given; 1.0 for a node with fewer than
-    :data:`MIN_IMAGES` images or without an error)."""
+    ``-sum_i log softmax(log P(c | n) / T)[true child of i]`` on the images below ``n``
+    (1.0 for a node with fewer than :data:`MIN_IMAGES` images or without an error)."""
     from scipy.optimize import minimize_scalar
 
     temps = {n: 1.0 for n in taxonomy.inner_nodes}
@@ -155,8 +158,6 @@ def fit_temperatures(taxonomy: Taxonomy, truth: Sequence[str], leaf_probs: np.nd
         if len(choice.rows) < MIN_IMAGES or choice.hit.all():
             continue
         logc = np.log(np.clip(choice.cond, 1e-12, None))
-        if scale is not None:
-            logc = logc / np.asarray(scale, np.float64)[choice.rows, None]
 
         def nll(log_t: float, logc: np.ndarray = logc, target: np.ndarray = choice.target,
                 ) -> float:
@@ -171,34 +172,28 @@ def fit_temperatures(taxonomy: Taxonomy, truth: Sequence[str], leaf_probs: np.nd
     return temps
 
 
-def fit_distance_temperatures(taxonomy: Taxonomy, truth: Sequence[str],
-                              leaf_probs: np.ndarray, ood_score: np.ndarray,
-                              ) -> tuple[dict[str, float], float, float]:
-    """``(T_n, beta, s_med)`` of distance-aware temperature scaling (module docstring):
-    ``s_med`` the median of ``ood_score``, ``beta`` in :data:`POWER_RANGE` minimising the
-    validation :func:`tree_nll` with the :func:`fit_temperatures` that go with it (a
-    bounded scalar search; ``beta = 0`` when it does no better than plain scaling)."""
+def fit_distance_power(taxonomy: Taxonomy, truth: Sequence[str], leaf_probs: np.ndarray,
+                       ood_score: np.ndarray) -> tuple[float, float]:
+    """``(beta, s_med)`` of the distance-aware softening of already tempered
+    ``leaf_probs`` (module docstring): ``s_med`` the median of ``ood_score``, ``beta`` in
+    :data:`POWER_RANGE` minimising :func:`tree_nll` (a bounded scalar search; 0 when it
+    does no better than no softening)."""
     from scipy.optimize import minimize_scalar
 
     score = torch.as_tensor(np.asarray(ood_score, np.float32))
     ref = float(np.median(ood_score)) if len(score) else 1.0
     if not ref > 0:
-        ref = 1.0
+        return 0.0, 1.0
 
-    def fit(power: float) -> tuple[float, dict[str, float]]:
+    def nll(power: float) -> float:
         g = distance_factor(score, power, ref).numpy()
-        temps = fit_temperatures(taxonomy, truth, leaf_probs, scale=g)
-        tempered = apply_temperatures(taxonomy, leaf_probs, temps, scale=g)
-        return tree_nll(taxonomy, truth, tempered), temps
+        return tree_nll(taxonomy, truth, soften(leaf_probs, g))
 
-    plain_nll, plain = fit(0.0)
-    best = minimize_scalar(lambda b: fit(b)[0], bounds=POWER_RANGE, method="bounded",
+    best = minimize_scalar(nll, bounds=POWER_RANGE, method="bounded",
                            options={"xatol": 1e-3})
-    power = float(best.x)
-    nll, temps = fit(power)
-    if not nll < plain_nll:
-        return plain, 0.0, ref
-    return temps, power, ref
+    if not best.fun < tree_nll(taxonomy, truth, leaf_probs):
+        return 0.0, ref
+    return float(best.x), ref
 
 
 def tree_nll(taxonomy: Taxonomy, truth: Sequence[str], leaf_probs: np.ndarray) -> float:

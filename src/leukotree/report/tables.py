@@ -154,9 +154,10 @@ def metrics_document(m: dict[str, Any]) -> Document:
         power = cal.get("distance_power")
         doc.paragraph("Temperatures: " + ", ".join(
             f"{node} {fmt(t)}" for node, t in cal["temperatures"].items()) + "." + (
-            f" Each cell's are multiplied by (its out-of-distribution score / the "
-            f"validation median) ^ {fmt(power)}, so cells unlike the training cells are "
-            "softened." if power else ""))
+            f" Each cell's leaf probabilities are then softened by a temperature of (its "
+            f"out-of-distribution score / the validation median) ^ {fmt(power)}: cells "
+            "unlike the training cells are read less confidently, none changes its leaf."
+            if power else ""))
     ood = m.get("ood")
     if ood:
         doc.heading("Unclassifiable cells (unlike the training cells)")
