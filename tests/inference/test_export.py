@@ -20,18 +20,19 @@ from leukotree.taxonomy import load_taxonomy
 TAX = load_taxonomy("leukemia7")
 
 
-@pytest.mark.parametrize(("head", "context", "stain"), [
-    ("flat", 0.0, None), ("multihead", 0.0, None), ("per-node", 0.0, None),
-    ("hybrid", 0.0, None), ("multihead", 0.3, None),
-    ("multihead", 0.3, [62.0, 14.0, -3.0, 18.0, 11.0, 14.0])])
-def test_onnx_runtime_matches_pytorch(head, context, stain, tmp_path):
+@pytest.mark.parametrize(("head", "context", "stain", "target"), [
+    ("flat", 0.0, "none", None), ("multihead", 0.0, "none", None),
+    ("per-node", 0.0, "none", None), ("hybrid", 0.0, "none", None),
+    ("multihead", 0.3, "none", None),
+    ("multihead", 0.3, "reinhard", [62.0, 14.0, -3.0, 18.0, 11.0, 14.0]),
+    ("flat", 0.0, "white", [250.0, 230.0, 200.0])])
+def test_onnx_runtime_matches_pytorch(head, context, stain, target, tmp_path):
     torch.manual_seed(0)
     model = build_model(TAX, ModelConfig(head=head, backbone="test_resnet", img_size=32,
                                          hybrid_backbones=["test_resnet", "test_efficientnet"],
                                          mean=[0.7, 0.6, 0.65], std=[0.2, 0.25, 0.2],
-                                         context_radius=context,
-                                         stain_norm="none" if stain is None else "reinhard",
-                                         stain_target=stain))
+                                         context_radius=context, stain_norm=stain,
+                                         stain_target=target))
     # move batch-norm statistics away from their initial values
     model.train()
     with torch.no_grad():

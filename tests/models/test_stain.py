@@ -7,7 +7,16 @@ from skimage.color import lab2rgb, rgb2lab
 
 from leukotree.errors import LeukotreeError
 from leukotree.models import ModelConfig, build_model
-from leukotree.models.stain import ReinhardNorm, fit_lab_target, lab_to_rgb, rgb_to_lab
+from leukotree.models.stain import (
+    WHITE_FRACTION,
+    ReinhardNorm,
+    WhiteBalance,
+    fit_lab_target,
+    fit_stain_target,
+    lab_to_rgb,
+    rgb_to_lab,
+    white_point,
+)
 
 
 def _pixels(seed: int, n: int = 4, size: int = 16) -> np.ndarray:
@@ -64,12 +73,36 @@ def test_two_stainings_of_one_image_reach_the_network_alike():
     assert after < 0.2 * before
 
 
+def test_the_white_point_is_the_mean_of_each_channels_brightest_pixels():
+    x = torch.zeros(1, 3, 10, 10)  # 100 pixels: the brightest 2% are 2 pixels
+    assert WHITE_FRACTION == 0.02
+    x[0, 0, 0, :3] = torch.tensor([200.0, 100.0, 50.0])
+    x[0, 1] = 30.0
+    x[0, 2, 5, 5] = 250.0
+    np.testing.assert_allclose(white_point(x).numpy(), [[150.0, 30.0, 125.0]])
+
+
+def test_white_balance_undoes_a_colour_cast_exactly():
+    px = _pixels(4, size=20)
+    px[:, :2, :2] = 255  # a background patch, kept below 255 after the cast
+    cast = (px.astype(np.float64) * np.array([1.0, 0.93, 0.7])).round().astype(np.uint8)
+    target = fit_stain_target("white", px)
+    np.testing.assert_allclose(target, white_point(_nchw(px)).mean(0).numpy(), atol=1e-4)
+    norm = WhiteBalance(target)
+    np.testing.assert_allclose(norm(_nchw(cast)).numpy(), norm(_nchw(px)).numpy(), atol=2.0)
+    assert (norm(_nchw(cast)) - _nchw(cast)).abs().mean() > 10  # the cast was large
+
+
 def test_bad_targets_and_configurations_are_refused(leukemia7):
+    with pytest.raises(ValueError, match="3 numbers in"):
+        WhiteBalance([255.0, 0.0, 200.0])
+    with pytest.raises(ValueError, match="no target to fit"):
+        fit_stain_target("none", _pixels(0))
     with pytest.raises(ValueError, match="6 finite numbers"):
         ReinhardNorm([1.0, 2.0])
     with pytest.raises(ValueError, match="deviations must be positive"):
         ReinhardNorm([60.0, 0.0, 0.0, 10.0, 0.0, 5.0])
-    with pytest.raises(LeukotreeError, match="'reinhard' needs the training images' target"):
+    with pytest.raises(LeukotreeError, match="needs the training images' target"):
         build_model(leukemia7, ModelConfig(backbone="test_resnet", img_size=32,
                                            stain_norm="reinhard"))
     with pytest.raises(LeukotreeError, match="Unknown stain normalisation 'macenko'"):

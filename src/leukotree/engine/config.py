@@ -115,9 +115,10 @@ class TrainConfig:
         "colour, so the model cannot lean on the red cells and smear around the white "
         "cell, which differ between labs (0: keep everything)", low=0, high=0.75)
     stain_norm: str = option(
-        "none", "normalise each image's colours to the training images' L*a*b* statistics "
-        "inside the model (reinhard: another lab's stain or camera reaches the network with "
-        "this lab's colours; none: as scanned)", choices=("none", "reinhard"))
+        "none", "normalise each image's colours inside the model: white (scale each channel "
+        "so the image's brightest pixels match the training images', undoing a colour "
+        "cast), reinhard (match the training images' L*a*b* means and deviations) or none",
+        choices=("none", "white", "reinhard"))
     train_pad: float = option(0.0, "cache training images this much larger and train on "
                               "random crops", low=0, high=0.5)
     balance: str = option("none", "top up minority classes with rotated copies (rotate)",

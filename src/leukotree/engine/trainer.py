@@ -80,7 +80,7 @@ from leukotree.models.checkpoint import (
     update_checkpoint,
 )
 from leukotree.models.losses import TreeLoss, balanced_leaf_weights
-from leukotree.models.stain import fit_lab_target
+from leukotree.models.stain import fit_stain_target
 from leukotree.patients import fit_patient_model, make_bags, patient_labels, patient_metrics
 from leukotree.patients.models import patient_params
 from leukotree.report import plots
@@ -364,7 +364,8 @@ class Trainer:
         """The model, normalised by the training pixels, seeded, with any given weights."""
         cfg = self.config
         mean, std = channel_stats(train.pixels)
-        stain = fit_lab_target(train.pixels) if cfg.stain_norm == "reinhard" else None
+        stain = (fit_stain_target(cfg.stain_norm, train.pixels)
+                 if cfg.stain_norm != "none" else None)
         source = None
         if cfg.init:
             source = self._init_model(taxonomy)

@@ -88,7 +88,8 @@ def soften(leaf_probs: np.ndarray, factor: np.ndarray) -> np.ndarray:
 
 class TreeTemperature(nn.Module):
     """Leaf log-probabilities ``(B, n_leaves)`` -> the same with every inner node's
-    conditional choice tempered by its ``T_n`` (see the module docstring)."""
+    conditional choice tempered by its ``T_n``, then, with a ``distance_power`` and the
+    cells' ``ood_score``, softened per cell (see the module docstring)."""
 
     def __init__(self, taxonomy: Taxonomy, temperatures: Mapping[str, float],
                  distance_power: float = 0.0, distance_ref: float = 1.0) -> None:

@@ -44,7 +44,7 @@ from torch import nn
 from leukotree.errors import LeukotreeError, did_you_mean
 from leukotree.models.backbones import create_backbone, load_weights, resolve_name
 from leukotree.models.calibration import FeatureDistance, TreeTemperature
-from leukotree.models.stain import STAIN_NORMS, ReinhardNorm
+from leukotree.models.stain import STAIN_NORMS, stain_module
 from leukotree.taxonomy import Taxonomy
 
 
@@ -147,8 +147,8 @@ def context_weight(size: int, radius: float) -> torch.Tensor:
 class Normalize(nn.Module):
     """``(x / 255 - mean) / std`` with the training set's channel statistics.
 
-    With ``stain_target`` each image's colours are first moved to the training images'
-    L*a*b* statistics (:class:`~leukotree.models.stain.ReinhardNorm`). With
+    With a ``stain`` normalisation each image's colours are first moved to the training
+    images' (:mod:`~leukotree.models.stain`: white balance or Reinhard). With
     ``context_radius > 0`` the pixels then become ``w x + (1 - w) b``, ``w`` from
     :func:`context_weight` and ``b`` the image's mean colour weighted by ``1 - w``: the
     red cells and smear around the white cell, which differ from lab to lab (smear
@@ -157,9 +157,10 @@ class Normalize(nn.Module):
     """
 
     def __init__(self, mean: list[float], std: list[float], context_radius: float = 0.0,
-                 size: int = 224, stain_target: Sequence[float] | None = None) -> None:
+                 size: int = 224, stain: str = "none",
+                 stain_target: Sequence[float] | None = None) -> None:
         super().__init__()
-        self.stain = ReinhardNorm(stain_target) if stain_target is not None else None
+        self.stain = (stain_module(stain, stain_target) if stain != "none" else None)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0)
         self.context_radius = context_radius
@@ -205,13 +206,13 @@ class TreeClassifier(nn.Module):
         if config.stain_norm not in STAIN_NORMS:
             raise LeukotreeError(f"Unknown stain normalisation {config.stain_norm!r}; "
                                  f"choose one of {', '.join(STAIN_NORMS)}.")
-        if (config.stain_norm == "reinhard") != (config.stain_target is not None):
+        if (config.stain_norm != "none") != (config.stain_target is not None):
             raise LeukotreeError(
                 f"stain_norm {config.stain_norm!r} with stain_target "
-                f"{config.stain_target!r}: 'reinhard' needs the training images' target "
-                "(fitted by train) and 'none' takes none.")
+                f"{config.stain_target!r}: a stain normalisation needs the training "
+                "images' target (fitted by train) and 'none' takes none.")
         self.normalize = Normalize(config.mean, config.std, config.context_radius,
-                                   config.img_size, config.stain_target)
+                                   config.img_size, config.stain_norm, config.stain_target)
         self.cell_taxonomy = (Taxonomy.from_dict(config.cell_taxonomy, source="the model's "
                                                  "cell taxonomy")
                               if config.cell_taxonomy else None)

@@ -1,23 +1,32 @@
-"""Stain normalisation inside the model (Reinhard et al. 2001, per image).
+"""Colour normalisation inside the model, per image: white balance or Reinhard.
 
-Each image is moved to CIE L*a*b* (sRGB, D65 white; the formulas of
-:func:`skimage.color.rgb2lab`) and each channel ``c`` is standardised to the training
-set's colour statistics:
+``white`` (white-patch colour constancy): each channel ``c`` of an image is scaled so
+that its white point, the mean of its brightest :data:`WHITE_FRACTION` of pixels (the
+plasma between the cells, on a smear), becomes the training images' average one:
+
+    x'_c = x_c * w_c(target) / w_c(image).
+
+A yellow stain or a camera's white balance (a gain per channel) is undone exactly; the
+cell's own colours, shape and size are left as they are.
+
+``reinhard`` (Reinhard et al. 2001): each image is moved to CIE L*a*b* (sRGB, D65 white;
+the formulas of :func:`skimage.color.rgb2lab`) and each channel is standardised to the
+training set's colour statistics,
 
     lab'_c = (lab_c - m_c(image)) / s_c(image) * s_c(target) + m_c(target),
 
 ``m`` and ``s`` the mean and standard deviation over the image's pixels, the target the
-average of the training images' ``m`` and ``s`` (:func:`fit_lab_target`). A smear
-stained, scanned or white-balanced differently (a yellow stain, a bluer camera) then
-reaches the backbone with the training lab's colour statistics, while the shapes and
-the contrast inside the image stay.
+average of the training images' ``m`` and ``s``. Stronger, but the statistics of a
+single-cell image also move with its content (a large blast, dense red cells), which
+it then "corrects" too (``benchmarks/bench_cross_lab.py``: README).
 
-It is a module of the model (:class:`ReinhardNorm`, called by
+Both are modules of the model (:func:`stain_module`, called by
 :class:`~leukotree.models.heads.Normalize`), in batched torch operations, so training,
 ``predict``, ``evaluate``, ``serve``, Grad-CAM and the exported ONNX graph normalise
-alike; the target travels in the model's configuration (``stain_target``). There is no
-other lab's reference to re-estimate: each image is normalised on its own.
-torchstain's Reinhard normaliser does the same one image at a time, outside the graph.
+alike; the target (:func:`fit_stain_target`, on the training images) travels in the
+model's configuration (``stain_target``). There is no other lab's reference to
+re-estimate: each image is normalised on its own. torchstain's Reinhard normaliser does
+the same one image at a time, outside the graph.
 """
 
 from __future__ import annotations
@@ -29,7 +38,9 @@ import torch
 from torch import nn
 
 #: Stain normalisations a model can carry (``ModelConfig.stain_norm``).
-STAIN_NORMS = ("none", "reinhard")
+STAIN_NORMS = ("none", "white", "reinhard")
+#: Share of each channel's brightest pixels whose mean is an image's white point.
+WHITE_FRACTION = 0.02
 
 _RGB_TO_XYZ = torch.tensor([[0.412453, 0.357580, 0.180423],
                             [0.212671, 0.715160, 0.072169],
@@ -69,6 +80,56 @@ def _mean_std(lab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     pixels: ``(B, 3, 1, 1)`` each."""
     mean = lab.mean(dim=(2, 3), keepdim=True)
     return mean, ((lab - mean) ** 2).mean(dim=(2, 3), keepdim=True).sqrt()
+
+
+def white_point(x: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, H, W)`` pixels -> ``(B, 3)``: per channel, the mean of the brightest
+    :data:`WHITE_FRACTION` of the image's pixels."""
+    flat = x.float().flatten(2)
+    k = max(1, int(WHITE_FRACTION * flat.shape[2]))
+    return flat.topk(k, dim=2).values.mean(dim=2)
+
+
+def fit_stain_target(kind: str, pixels: np.ndarray, chunk: int = 512) -> list[float]:
+    """The ``kind`` normalisation's target from ``(N, H, W, 3)`` uint8 training pixels:
+    ``white``, the mean white point (3 values); ``reinhard``, :func:`fit_lab_target`."""
+    if kind == "reinhard":
+        return fit_lab_target(pixels, chunk)
+    if kind != "white":
+        raise ValueError(f"no target to fit for stain normalisation {kind!r}")
+    if len(pixels) == 0:
+        raise ValueError("no training pixels to fit the stain target on")
+    points = [white_point(torch.from_numpy(np.array(pixels[i:i + chunk])).permute(0, 3, 1, 2))
+              for i in range(0, len(pixels), chunk)]
+    return [float(v) for v in torch.cat(points).mean(0)]
+
+
+def stain_module(kind: str, target: Sequence[float]) -> nn.Module:
+    """The model's colour normalisation ``kind`` (``white`` or ``reinhard``)."""
+    if kind == "white":
+        return WhiteBalance(target)
+    if kind == "reinhard":
+        return ReinhardNorm(target)
+    raise ValueError(f"unknown stain normalisation {kind!r}; choose one of {STAIN_NORMS}")
+
+
+class WhiteBalance(nn.Module):
+    """``(B, 3, H, W)`` pixels in [0, 255] -> each channel scaled so that the image's
+    :func:`white_point` becomes ``target`` (3 values; module docstring)."""
+
+    def __init__(self, target: Sequence[float]) -> None:
+        super().__init__()
+        if len(target) != 3 or not all(np.isfinite(v) and 0 < v <= 255 for v in target):
+            raise ValueError(f"a white-balance target holds 3 numbers in (0, 255] (R G B); "
+                             f"got {list(target)}")
+        self.register_buffer("target", torch.tensor([float(v) for v in target]).view(1, 3),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            gain = self.target / white_point(x).clamp(min=1.0)
+            return (x * gain[:, :, None, None]).clamp(0.0, 255.0)
 
 
 def fit_lab_target(pixels: np.ndarray, chunk: int = 512) -> list[float]:
