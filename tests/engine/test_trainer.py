@@ -325,27 +325,29 @@ def test_init_fine_tunes_from_a_trained_model_and_refuses_one_that_does_not_fit(
         resolve_config(preset="tiny-test", overrides={"init": str(tmp_path / "nowhere")})
 
 
-def test_a_stain_normalised_run_carries_the_training_images_target(synth_data, tmp_path):
+@pytest.mark.parametrize("kind", ["white", "reinhard"])
+def test_a_stain_normalised_run_carries_the_training_images_target(kind, synth_data,
+                                                                   tmp_path):
     import numpy as np
 
     from leukotree.data.images import load_rgb_array
-    from leukotree.models.stain import fit_lab_target
+    from leukotree.models.stain import fit_stain_target
 
     run = tmp_path / "stain"
     train(synth_data, run, resolve_config(preset="tiny-test", overrides={
-        "epochs": 1, "stain_norm": "reinhard"}), progress=False)
+        "epochs": 1, "stain_norm": kind}), progress=False)
     model, payload = load_model(run)
-    assert payload["model_config"]["stain_norm"] == "reinhard"
+    assert payload["model_config"]["stain_norm"] == kind
     target = model.config.stain_target
     with (run / "split.csv").open() as handle:
         paths = [r["path"] for r in csv.DictReader(handle) if r["split"] == "train"]
     # the training images' statistics, as decoded for training (to the rounding of
     # resizing from the padded cache)
     pixels = np.stack([load_rgb_array(p, 32) for p in paths])
-    np.testing.assert_allclose(target, fit_lab_target(pixels), rtol=0.05, atol=0.5)
+    np.testing.assert_allclose(target, fit_stain_target(kind, pixels), rtol=0.05, atol=0.5)
     fine = tmp_path / "fine"  # fine-tuning keeps the source's target
     train(synth_data, fine, resolve_config(preset="tiny-test", overrides={
-        "epochs": 1, "stain_norm": "reinhard", "init": str(run)}), progress=False)
+        "epochs": 1, "stain_norm": kind, "init": str(run)}), progress=False)
     assert load_model(fine)[0].config.stain_target == target
 
 
