@@ -103,6 +103,23 @@ def test_distance_power_is_fitted_where_far_cells_are_overconfident():
     assert power == pytest.approx(1.0, abs=0.15)
 
 
+def test_distance_factor_is_bounded_and_the_heat_maps_do_not_see_it(small_tree):
+    # the ratio is floored at 1/4: a cell on a class mean is sharpened, not made one-hot
+    assert distance_factor(torch.tensor([0.0]), 2.0, 1.0).item() == pytest.approx(1 / 16)
+    score = torch.tensor([3.0], requires_grad=True)
+    logp = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    out = TreeTemperature(small_tree, {"B": 0.5}, distance_power=1.0)(logp, score)
+    assert not out.requires_grad  # detached: no gradient flows into the distance
+
+
+def test_distance_power_needs_enough_cells_and_an_error():
+    tax, logits, labels, score = _flat3_cells(6)
+    over = _softmax(logits * (score / np.median(score))[:, None])
+    assert fit_distance_power(tax, labels[:10], over[:10], score[:10])[0] == 0.0
+    right = [tax.leaves[k] for k in over.argmax(1)]
+    assert fit_distance_power(tax, right, over, score)[0] == 0.0
+
+
 def test_distance_power_stays_zero_where_distance_says_nothing():
     tax, logits, labels, score = _flat3_cells(5)
     assert fit_distance_power(tax, labels, _softmax(logits), score)[0] < 0.1

@@ -1,4 +1,4 @@
-"""Per-image Reinhard stain normalisation inside the model."""
+"""Per-image colour normalisation inside the model: white balance and Reinhard."""
 
 import numpy as np
 import pytest
@@ -8,6 +8,7 @@ from skimage.color import lab2rgb, rgb2lab
 from leukotree.errors import LeukotreeError
 from leukotree.models import ModelConfig, build_model
 from leukotree.models.stain import (
+    GAIN_RANGE,
     WHITE_FRACTION,
     ReinhardNorm,
     WhiteBalance,
@@ -123,3 +124,29 @@ def test_a_model_with_reinhard_normalises_before_its_backbone(leukemia7):
     assert cfg["stain_norm"] == "reinhard" and cfg["stain_target"] == target
     assert ModelConfig.from_dict(cfg).stain_target == target
     assert "stain_norm" not in ModelConfig().to_dict()
+
+
+def test_blank_and_nearly_flat_images_are_not_blown_up():
+    dark = torch.full((1, 3, 8, 8), 5.0)
+    dark[0, 2] = 1.0
+    out = WhiteBalance([250.0, 230.0, 200.0])(dark)
+    assert out.max() <= GAIN_RANGE[1] * 5.0 + 1e-4  # the gain is capped
+    grey = torch.full((1, 3, 16, 16), 128.0) + torch.randn(1, 3, 16, 16).clamp(-1, 1)
+    out = ReinhardNorm([60.0, 10.0, -5.0, 20.0, 12.0, 15.0])(grey)
+    assert rgb_to_lab(out).std((2, 3)).max() < 25  # not 39: the deviation is floored
+    with pytest.raises(ValueError, match="has a black channel"):
+        fit_stain_target("white", np.zeros((2, 8, 8, 3), np.uint8))
+
+
+def test_a_damaged_stain_target_in_a_model_file_is_named(tmp_path, leukemia7):
+    from leukotree.models.checkpoint import load_model, save_model
+
+    model = build_model(leukemia7, ModelConfig(backbone="test_resnet", img_size=32,
+                                               stain_norm="white",
+                                               stain_target=[250.0, 230.0, 200.0]))
+    save_model(tmp_path / "best.pt", model)
+    payload = torch.load(tmp_path / "best.pt", weights_only=False)
+    payload["model_config"]["stain_target"] = [250.0, 230.0]
+    torch.save(payload, tmp_path / "best.pt")
+    with pytest.raises(LeukotreeError, match=r"cannot build a model .*3 numbers"):
+        load_model(tmp_path / "best.pt")

@@ -19,8 +19,8 @@ model that sees the whole smear from 45.6% to 62.5%, but lowered the ``cpu-fast`
 (``context_radius``: the smear around the cell flattened) from 63.9% to 54.8%. Check an
 adapted model on a few labelled cells before using it.
 
-A model trained with ``--stain-norm reinhard`` normalises each image's colours on its
-own (:mod:`leukotree.models.stain`), so there is no stain reference of the new lab to
+A model trained with ``--stain-norm white`` or ``reinhard`` normalises each image's
+colours on its own (:mod:`leukotree.models.stain`), so there is no stain reference of the new lab to
 re-estimate: it keeps the training images' target.
 """
 

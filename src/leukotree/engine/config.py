@@ -175,8 +175,9 @@ class TrainConfig:
                              "after training (cross-validation folds are left uncalibrated: "
                              "their validation fold is the test fold)", flag="--no-calibrate")
     distance_temperature: bool = option(
-        True, "let each cell's temperatures grow with its out-of-distribution score "
-        "(fitted with them on the validation split; softens another lab's cells)",
+        True, "after the temperatures, soften each cell's probabilities with its "
+        "out-of-distribution score relative to the validation cells' median (power fitted "
+        "on the validation split; softens another lab's cells, never changes a leaf)",
         flag="--no-distance-temperature")
     ood_quantile: float = option(0.95, "flag cells farther from the training cells than this "
                                  "quantile of the validation cells as unclassifiable (0: no "

@@ -364,8 +364,12 @@ class Trainer:
         """The model, normalised by the training pixels, seeded, with any given weights."""
         cfg = self.config
         mean, std = channel_stats(train.pixels)
-        stain = (fit_stain_target(cfg.stain_norm, train.pixels)
-                 if cfg.stain_norm != "none" else None)
+        stain = None
+        if cfg.stain_norm != "none":
+            try:
+                stain = fit_stain_target(cfg.stain_norm, train.pixels)
+            except ValueError as err:
+                raise LeukotreeError(f"--stain-norm {cfg.stain_norm}: {err}.") from None
         source = None
         if cfg.init:
             source = self._init_model(taxonomy)

@@ -15,14 +15,15 @@ Distance-aware softening (after Tomani et al. 2023's density-aware calibration):
 tempered leaf probabilities of a cell far from the training cells, e.g. another lab's,
 are softened further by a leaf-level temperature
 
-    P''(leaf) = softmax_leaf( log P'(leaf) / g(x) ),   g(x) = clip(s(x) / s_med, 1e-3, 1e3) ** beta,
+    P''(leaf) = softmax_leaf( log P'(leaf) / g(x) ),   g(x) = clip(s(x) / s_med, 1/4, 1e3) ** beta,
 
 ``s`` its out-of-distribution score below and ``s_med`` the median score of the
 validation cells: a typical validation cell is left as it is, a distant one is softened,
-and no cell's most probable leaf changes. ``beta`` in :data:`POWER_RANGE` minimises the
-validation NLL given the fitted ``T_n`` (:func:`fit_distance_power`; 0, no softening,
-when it does not lower it). Both temperings invert: ``g`` by ``1 / g`` on the log
-probabilities, ``T_n`` by ``1 / T_n``.
+one nearer than the median sharpened a little (the ratio is floored at 1/4; the nearest
+in-lab cells measured sit at about 1/3), and no cell's most probable leaf changes.
+``beta`` in :data:`POWER_RANGE` minimises the validation NLL given the fitted ``T_n``
+(:func:`fit_distance_power`; 0, no softening, when it does not lower it). Both
+temperings invert: ``g`` by ``1 / g`` on the log probabilities, ``T_n`` by ``1 / T_n``.
 
 Feature-space distance (Lee et al. 2018): the squared Mahalanobis distance of a cell's
 pooled features ``f`` to the nearest class mean of the training cells,
@@ -72,9 +73,13 @@ POWER_RANGE = (0.0, 2.0)
 _NEG = -1e9  # log(0) that stays finite in exported graphs
 
 
+#: Bounds of the ratio ``s / s_med`` in the distance factor.
+RATIO_RANGE = (0.25, 1e3)
+
+
 def distance_factor(score: torch.Tensor, power: float, ref: float) -> torch.Tensor:
-    """``g = clip(score / ref, 1e-3, 1e3) ** power`` per cell (module docstring)."""
-    return (score.float() / ref).clamp(1e-3, 1e3) ** power
+    """``g = clip(score / ref, *RATIO_RANGE) ** power`` per cell (module docstring)."""
+    return (score.float() / ref).clamp(*RATIO_RANGE) ** power
 
 
 def soften(leaf_probs: np.ndarray, factor: np.ndarray) -> np.ndarray:
@@ -127,7 +132,9 @@ class TreeTemperature(nn.Module):
         with torch.autocast(leaf_logp.device.type, enabled=False):  # fp32, as fitted
             out = self._temper(leaf_logp.float())
             if self.distance_power and ood_score is not None:
-                g = distance_factor(ood_score, self.distance_power, self.distance_ref)
+                # detached: a heat map explains the class, not the distance
+                g = distance_factor(ood_score.detach(), self.distance_power,
+                                    self.distance_ref)
                 out = torch.log_softmax(out / g[:, None], dim=1)
             return out
 
@@ -178,13 +185,19 @@ def fit_distance_power(taxonomy: Taxonomy, truth: Sequence[str], leaf_probs: np.
     """``(beta, s_med)`` of the distance-aware softening of already tempered
     ``leaf_probs`` (module docstring): ``s_med`` the median of ``ood_score``, ``beta`` in
     :data:`POWER_RANGE` minimising :func:`tree_nll` (a bounded scalar search; 0 when it
-    does no better than no softening)."""
+    does no better than no softening, and, as for the temperatures, below
+    :data:`MIN_IMAGES` cells or without a wrong leaf among them)."""
     from scipy.optimize import minimize_scalar
 
     score = torch.as_tensor(np.asarray(ood_score, np.float32))
     ref = float(np.median(ood_score)) if len(score) else 1.0
     if not ref > 0:
         return 0.0, 1.0
+    leaves = {leaf: i for i, leaf in enumerate(taxonomy.leaves)}
+    exact = [(row, leaves[t]) for row, t in enumerate(truth) if t in leaves]
+    wrong = any(int(np.argmax(leaf_probs[row])) != k for row, k in exact)
+    if len(truth) < MIN_IMAGES or not wrong:
+        return 0.0, ref
 
     def nll(power: float) -> float:
         g = distance_factor(score, power, ref).numpy()

@@ -85,7 +85,11 @@ def load_model(path: str | Path) -> tuple[TreeClassifier, dict[str, Any]]:
     payload = read_checkpoint(path)
     taxonomy = Taxonomy.from_dict(payload["taxonomy"], source=str(path))
     config = ModelConfig.from_dict(payload["model_config"], source=f"'{path}'")
-    model = build_model(taxonomy, config)
+    try:
+        model = build_model(taxonomy, config)
+    except ValueError as err:  # e.g. a stain target of the wrong length
+        raise LeukotreeError(f"The model configuration in '{path}' cannot build a model "
+                             f"({err}); the file is damaged or was edited.") from None
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as err:

@@ -66,7 +66,8 @@ class ModelConfig:
     context_radius: float = 0.0  # flatten beyond this fraction of the side from the centre
     norm: str = "batch"  # the backbone's normalisation layers (models.backbones.NORMS)
     stain_norm: str = "none"  # per-image stain normalisation (models.stain.STAIN_NORMS)
-    #: Its target, L a b means then deviations of the training images (``reinhard``).
+    #: Its target, fitted on the training images: the R G B white point (``white``), or
+    #: the L a b means then deviations (``reinhard``).
     stain_target: list[float] | None = None
     pixel_size: float | None = None  # micrometres per pixel of the training images
     field_um: float | None = None  # side of the centre crop in micrometres (with pixel_size)

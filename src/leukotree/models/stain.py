@@ -4,10 +4,12 @@
 that its white point, the mean of its brightest :data:`WHITE_FRACTION` of pixels (the
 plasma between the cells, on a smear), becomes the training images' average one:
 
-    x'_c = x_c * w_c(target) / w_c(image).
+    x'_c = x_c * clip(w_c(target) / w_c(image), *GAIN_RANGE).
 
 A yellow stain or a camera's white balance (a gain per channel) is undone exactly; the
 cell's own colours, shape and size are left as they are.
+It assumes every image shows some background: a crop filled by the cell takes the
+cytoplasm's colour for white.
 
 ``reinhard`` (Reinhard et al. 2001): each image is moved to CIE L*a*b* (sRGB, D65 white;
 the formulas of :func:`skimage.color.rgb2lab`) and each channel is standardised to the
@@ -47,7 +49,10 @@ _RGB_TO_XYZ = torch.tensor([[0.412453, 0.357580, 0.180423],
                             [0.019334, 0.119193, 0.950227]])
 _XYZ_TO_RGB = torch.linalg.inv(_RGB_TO_XYZ)
 _WHITE = torch.tensor([0.95047, 1.0, 1.08883])  # D65, 2 degree observer
-_EPS = 1e-3  # floor of a channel's standard deviation (a flat image stays flat)
+#: Floor of an image's L*a*b* standard deviation (a nearly flat image is not blown up).
+_MIN_STD = 1.0
+#: Bounds of a white-balance gain (a blank or black image is not blown up).
+GAIN_RANGE = (0.25, 4.0)
 
 
 def rgb_to_lab(x: torch.Tensor) -> torch.Tensor:
@@ -101,7 +106,12 @@ def fit_stain_target(kind: str, pixels: np.ndarray, chunk: int = 512) -> list[fl
         raise ValueError("no training pixels to fit the stain target on")
     points = [white_point(torch.from_numpy(np.array(pixels[i:i + chunk])).permute(0, 3, 1, 2))
               for i in range(0, len(pixels), chunk)]
-    return [float(v) for v in torch.cat(points).mean(0)]
+    target = [float(v) for v in torch.cat(points).mean(0)]
+    if min(target) < 1.0:
+        raise ValueError(f"the training images' white point {[round(v, 1) for v in target]} "
+                         "has a black channel; white balance needs images with a bright "
+                         "background (use stain_norm none)")
+    return target
 
 
 def stain_module(kind: str, target: Sequence[float]) -> nn.Module:
@@ -128,7 +138,7 @@ class WhiteBalance(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
             x = x.float()
-            gain = self.target / white_point(x).clamp(min=1.0)
+            gain = (self.target / white_point(x).clamp(min=1.0)).clamp(*GAIN_RANGE)
             return (x * gain[:, :, None, None]).clamp(0.0, 255.0)
 
 
@@ -168,5 +178,5 @@ class ReinhardNorm(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             lab = rgb_to_lab(x)
             mean, std = _mean_std(lab)
-            return lab_to_rgb((lab - mean) / std.clamp(min=_EPS) * self.target_std
+            return lab_to_rgb((lab - mean) / std.clamp(min=_MIN_STD) * self.target_std
                               + self.target_mean)
