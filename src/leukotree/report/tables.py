@@ -156,8 +156,8 @@ def metrics_document(m: dict[str, Any]) -> Document:
             f"{node} {fmt(t)}" for node, t in cal["temperatures"].items()) + "." + (
             f" Each cell's leaf probabilities are then softened by a temperature of (its "
             f"out-of-distribution score / the validation median) ^ {fmt(power)}: cells "
-            "unlike the training cells are read less confidently (those nearer than the "
-            "median a little more), none changes its leaf."
+            "unlike the training cells are read less confidently, those nearer than the "
+            "median slightly more; none changes its leaf."
             if power else ""))
     ood = m.get("ood")
     if ood:
