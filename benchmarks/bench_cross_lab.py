@@ -159,8 +159,8 @@ YELLOW_CAST = (1.0, 0.93, 0.7)
 
 def recoloured(test: Path, out: Path, gains: tuple[float, float, float] = YELLOW_CAST,
                ) -> Path:
-    """The held-out PBC cells with their colours cast by per-channel ``gains`` (the
-    same cells and scanner; only the colour differs)."""
+    """The cells of the manifest ``test`` with their colours cast by per-channel ``gains``
+    (the same cells and scanner; only the colour differs), as ``OUT/<name>-yellow.csv``."""
     from PIL import Image
 
     rows = []
@@ -168,11 +168,12 @@ def recoloured(test: Path, out: Path, gains: tuple[float, float, float] = YELLOW
         for row in csv.DictReader(handle):
             img = np.asarray(Image.open(row["path"]).convert("RGB"), np.float32)
             cast = np.clip(img * np.array(gains, np.float32), 0, 255).round().astype(np.uint8)
-            target = out / "yellow" / row["label"] / (Path(row["path"]).stem + ".png")
+            target = (out / f"{test.stem}-yellow" / row["label"]
+                      / (Path(row["path"]).stem + ".png"))
             target.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(cast).save(target)
             rows.append({**row, "path": str(target)})
-    return write_manifest(out / "pbc-test-yellow.csv", rows)
+    return write_manifest(out / f"{test.stem}-yellow.csv", rows)
 
 
 def summary(metrics: dict) -> dict:
@@ -255,6 +256,9 @@ def main() -> None:
     result["tight_crops_auto"] = scored(run, tight, args.out / "eval-tight-auto", auto)
     result["yellow_cast"] = scored(run, recoloured(test, args.out), args.out / "eval-yellow",
                                    settings)
+    # a lab that exports tight crops of yellow-stained smears
+    result["tight_yellow_auto"] = scored(run, recoloured(tight, args.out),
+                                         args.out / "eval-tight-yellow-auto", auto)
     result["in_lab_pbc_test_auto"] = scored(run, test, args.out / "eval-pbc-auto", auto)
     result["cross_lab_jhh_auto"] = scored(run, mapped, args.out / "eval-jhh-auto", auto)
     if not args.no_adapt:
@@ -314,6 +318,8 @@ def markdown(r: dict) -> str:
                       ("same tight crops, `--crop-mode auto`", "tight_crops_auto"),
                       ("same cells with a yellow cast (RGB gains "
                        f"{', '.join(f'{g:g}' for g in YELLOW_CAST)})", "yellow_cast"),
+                      ("tight crops with the yellow cast, `--crop-mode auto`",
+                       "tight_yellow_auto"),
                       ("Johns Hopkins, same 8 types", "cross_lab_jhh"),
                       ("same, `--crop-mode auto`", "cross_lab_jhh_auto"),
                       ("Johns Hopkins, after `adapt` (no labels)", "cross_lab_jhh_adapted"),
