@@ -20,6 +20,7 @@ import yaml
 
 from leukotree.data.images import CROP_MODES
 from leukotree.errors import LeukotreeError, did_you_mean
+from leukotree.models.stain import STAIN_NORMS
 from leukotree.rundir import read_yaml
 
 
@@ -118,7 +119,7 @@ class TrainConfig:
         "none", "normalise each image's colours inside the model: white (scale each channel "
         "so the image's brightest pixels match the training images', undoing a colour "
         "cast), reinhard (match the training images' L*a*b* means and deviations) or none",
-        choices=("none", "white", "reinhard"))
+        choices=STAIN_NORMS)
     train_pad: float = option(0.0, "cache training images this much larger and train on "
                               "random crops", low=0, high=0.5)
     balance: str = option("none", "top up minority classes with rotated copies (rotate)",

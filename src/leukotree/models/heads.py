@@ -248,8 +248,9 @@ class TreeClassifier(nn.Module):
     def set_calibration(self, temperatures: Mapping[str, float] | None,
                         distance_power: float = 0.0, distance_ref: float = 1.0) -> None:
         """Temper every inner node's choice by ``temperatures`` (None: no calibration),
-        each cell's multiplied by ``(ood_score / distance_ref) ** distance_power`` when
-        the model scores its distance (:mod:`~leukotree.models.calibration`)."""
+        then, when the model scores its distance, soften each cell's leaf probabilities
+        by ``(ood_score / distance_ref) ** distance_power``
+        (:mod:`~leukotree.models.calibration`)."""
         self.temperature = (None if not temperatures
                             else TreeTemperature(self.taxonomy, temperatures,
                                                  distance_power, distance_ref).to(

@@ -33,7 +33,7 @@ the same one image at a time, outside the graph.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -95,18 +95,32 @@ def white_point(x: torch.Tensor) -> torch.Tensor:
     return flat.topk(k, dim=2).values.mean(dim=2)
 
 
+def _lab_stats(x: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, H, W)`` pixels -> ``(B, 6)``: each image's L a b means, then deviations."""
+    mean, std = _mean_std(rgb_to_lab(x))
+    return torch.cat([mean.flatten(1), std.flatten(1)], dim=1)
+
+
+def _image_mean(pixels: np.ndarray, stat: Callable[[torch.Tensor], torch.Tensor],
+                chunk: int) -> list[float]:
+    """The mean over ``(N, H, W, 3)`` uint8 images of the per-image statistic ``stat``
+    (computed ``chunk`` images at a time)."""
+    if len(pixels) == 0:
+        raise ValueError("no training pixels to fit the stain target on")
+    per_image = [stat(torch.from_numpy(np.array(pixels[i:i + chunk])).permute(0, 3, 1, 2))
+                 for i in range(0, len(pixels), chunk)]  # np.array: a writable copy
+    return [float(v) for v in torch.cat(per_image).mean(0)]
+
+
 def fit_stain_target(kind: str, pixels: np.ndarray, chunk: int = 512) -> list[float]:
     """The ``kind`` normalisation's target from ``(N, H, W, 3)`` uint8 training pixels:
-    ``white``, the mean white point (3 values); ``reinhard``, :func:`fit_lab_target`."""
+    ``white``, the mean :func:`white_point` (3 values); ``reinhard``,
+    :func:`fit_lab_target`."""
     if kind == "reinhard":
         return fit_lab_target(pixels, chunk)
     if kind != "white":
         raise ValueError(f"no target to fit for stain normalisation {kind!r}")
-    if len(pixels) == 0:
-        raise ValueError("no training pixels to fit the stain target on")
-    points = [white_point(torch.from_numpy(np.array(pixels[i:i + chunk])).permute(0, 3, 1, 2))
-              for i in range(0, len(pixels), chunk)]
-    target = [float(v) for v in torch.cat(points).mean(0)]
+    target = _image_mean(pixels, white_point, chunk)
     if min(target) < 1.0:
         raise ValueError(f"the training images' white point {[round(v, 1) for v in target]} "
                          "has a black channel; white balance needs images with a bright "
@@ -146,16 +160,7 @@ def fit_lab_target(pixels: np.ndarray, chunk: int = 512) -> list[float]:
     """The Reinhard target of ``(N, H, W, 3)`` uint8 training pixels: the mean over images
     of each channel's per-image mean, then of its per-image standard deviation (6 values,
     L a b means then L a b deviations)."""
-    if len(pixels) == 0:
-        raise ValueError("no training pixels to fit the stain target on")
-    means, stds = [], []
-    for start in range(0, len(pixels), chunk):
-        x = torch.from_numpy(np.array(pixels[start:start + chunk]))  # a writable copy
-        m, s = _mean_std(rgb_to_lab(x.permute(0, 3, 1, 2)))
-        means.append(m.flatten(1))
-        stds.append(s.flatten(1))
-    return [float(v) for v in torch.cat(means).mean(0)] + [
-        float(v) for v in torch.cat(stds).mean(0)]
+    return _image_mean(pixels, _lab_stats, chunk)
 
 
 class ReinhardNorm(nn.Module):
