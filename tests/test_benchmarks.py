@@ -92,7 +92,13 @@ def test_cross_lab_bench_runs_on_stand_in_labs(tmp_path):
     assert report["unseen_types"]["smudge-cells"]["n"] == 1
     assert 0 <= report["ood_auroc_unseen_vs_known_jhh"] <= 1
     assert 0 < report["labelled_cells"] <= 5 * 8 and report["heldout_patients"] == 2
-    tuned = report["cross_lab_jhh_heldout_adapted_fine_tuned"]
-    assert tuned["n"] == report["cross_lab_jhh_heldout_adapted"]["n"] > 0
-    assert report["cross_lab_jhh_heldout_trained_fine_tuned"]["n"] == tuned["n"]
+    tuned = report["cross_lab_jhh_heldout_trained_fine_tuned"]
+    assert tuned["n"] == report["cross_lab_jhh_heldout_trained"]["n"] > 0
+    assert report["cross_lab_jhh_heldout_trained_fine_tuned_no_replay"]["n"] == tuned["n"]
+    # the fine-tunes are also scored on the held-out PBC cells (what they forgot)
+    assert (report["in_lab_pbc_test_fine_tuned"]["n"]
+            == report["in_lab_pbc_test_fine_tuned_no_replay"]["n"] == 8 * 2)
+    with open(tmp_path / "out" / "fine-tuned" / "split.csv") as handle:
+        replayed = sum(r["path"].startswith(str(tmp_path / "pbc")) for r in csv.DictReader(handle))
+    assert replayed > 0  # the PBC training images were replayed
     assert (tmp_path / "out" / "cross_lab.md").read_text().count("|") > 20

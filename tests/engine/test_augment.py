@@ -74,3 +74,20 @@ def test_stain_jitter_round_trips_at_zero_strength_and_moves_colour_otherwise():
     moved = stain_jitter(x, torch.Generator().manual_seed(0), 0.3)
     assert moved.shape == x.shape and moved.min() >= 0 and moved.max() <= 255
     assert (moved - x).abs().mean() > 1.0
+
+
+def test_with_replay_repeats_the_new_images_to_their_share_of_the_epoch():
+    import numpy as np
+
+    from leukotree.engine.augment import with_replay
+
+    index, rotations = np.arange(4), np.array([0, 1, 0, 2])
+    # 4 new images beside 12 replayed, share 0.5: k = round(1 * 12 / 4) = 3
+    out, rots, k = with_replay(index, rotations, 4, 12, 0.5)
+    assert k == 3
+    assert sorted(out.tolist()) == sorted([0, 1, 2, 3] * 3 + list(range(4, 16)))
+    assert rots.tolist() == [0, 1, 0, 2] * 3 + [0] * 12
+    # share 0.2 of 2 replayed images: k = max(1, round(0.25 * 2 / 4)) = 1
+    assert with_replay(index, rotations, 4, 2, 0.2)[2] == 1
+    same, same_rots, k = with_replay(index, rotations, 4, 0, 0.5)
+    assert (same is index, same_rots is rotations, k) == (True, True, 1)

@@ -351,6 +351,75 @@ def test_a_stain_normalised_run_carries_the_training_images_target(kind, synth_d
     assert load_model(fine)[0].config.stain_target == target
 
 
+def _second_lab(tmp_path):
+    """A manifest of other synthetic cells whose patients are named apart (``lab2-...``)."""
+    root = tmp_path / "lab2"
+    generate(root, load_taxonomy("leukemia7"), patients_per_class=3, cells_per_patient=2,
+             size=32, seed=7, progress=False)
+    manifest = tmp_path / "lab2.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "patient"])
+        for image in sorted(root.rglob("*.png")):
+            writer.writerow([image, image.parent.parent.name, f"lab2-{image.parent.name}"])
+    return manifest
+
+
+def _split(run):
+    with open(run / "split.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    return ({r["path"] for r in rows if r["split"] == "train"},
+            {r["path"] for r in rows if r["split"] == "val"})
+
+
+def test_replay_trains_on_the_source_runs_images_beside_the_new_ones(synth_data, tmp_path,
+                                                                     capsys):
+    first = tmp_path / "first"
+    train(synth_data, first, resolve_config(preset="tiny-test", overrides={"epochs": 1}),
+          progress=False)
+    lab2 = _second_lab(tmp_path)
+    tuned = tmp_path / "tuned"
+    capsys.readouterr()
+    train(lab2, tuned, resolve_config(preset="tiny-test", overrides={
+        "epochs": 1, "init": str(first), "replay": str(first),
+        "val_fraction": 0.34}),
+          progress=False)
+    source_train, _ = _split(first)
+    tuned_train, tuned_val = _split(tuned)
+    assert source_train <= tuned_train  # every training image of the first lab replayed
+    assert not source_train & tuned_val  # and none validated on
+    assert all("lab2" in path for path in tuned_val)
+    new = len(tuned_train - source_train)
+    # 28 new images beside 144 replayed: repeated round(144 / 28) = 5 times (share 0.5),
+    # 140 of the epoch's 284 images
+    assert (new, len(source_train)) == (28, 144)
+    assert (f"replaying {len(source_train)} training images of {first}: the {new} new ones "
+            "are repeated 5x, 49% of each epoch") in (said := " ".join(
+                capsys.readouterr().err.split()))
+    # 14 validation cells cannot pick an epoch, and the run says so
+    assert ("only 14 validation images: one image moves their accuracy by 7.1 points" in said)
+    # a data folder replays its images the same way
+    folder = tmp_path / "folder"
+    train(lab2, folder, resolve_config(preset="tiny-test", overrides={
+        "epochs": 1, "replay": str(synth_data), "val_fraction": 0.34}),
+          progress=False)
+    folder_train, _ = _split(folder)
+    assert len(folder_train) == new + len(source_train) + len(_split(first)[1])
+
+
+def test_replay_refuses_images_of_the_validation_patients(synth_data, tmp_path):
+    first = tmp_path / "first"
+    train(synth_data, first, resolve_config(preset="tiny-test", overrides={"epochs": 1}),
+          progress=False)
+    # the same data again: its validation patients are among the first run's training ones
+    with pytest.raises(LeukotreeError, match=r"are validation images or of a validation "
+                                             r"patient .*leaks"):
+        train(synth_data, tmp_path / "leak", resolve_config(preset="tiny-test", overrides={
+            "epochs": 1, "replay": str(first), "seed": 3}), progress=False)
+    with pytest.raises(LeukotreeError, match=r"--replay .* does not exist"):
+        resolve_config(preset="tiny-test", overrides={"replay": str(tmp_path / "nowhere")})
+
+
 def test_a_cell_centred_run_keeps_its_crop_for_prediction(synth_data, tmp_path):
     run = tmp_path / "cell"
     train(synth_data, run, resolve_config(preset="tiny-test", overrides={

@@ -59,6 +59,24 @@ def rotation_balance(labels: Sequence[str], seed: int) -> tuple[np.ndarray, np.n
     return np.concatenate(index), np.concatenate(rotation)
 
 
+def with_replay(index: np.ndarray, rotations: np.ndarray, n_new: int, n_replay: int,
+                share: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """An epoch of new images (``index``/``rotations`` over images ``0..n_new-1``) mixed
+    with ``n_replay`` replayed images (``n_new..n_new+n_replay-1``, once each).
+
+    The new images are repeated ``k = max(1, round(share / (1 - share) * n_replay /
+    len(index)))`` times, so they make about ``share`` of the epoch however few they are
+    (a few labelled cells of a new lab beside a whole training set). Returns the index,
+    the rotations and ``k``.
+    """
+    if n_replay == 0:
+        return index, rotations, 1
+    k = max(1, round(share / (1 - share) * n_replay / len(index)))
+    replayed = np.arange(n_new, n_new + n_replay)
+    return (np.concatenate([np.tile(index, k), replayed]),
+            np.concatenate([np.tile(rotations, k), np.zeros(n_replay, np.int64)]), k)
+
+
 def random_crop(batch: torch.Tensor, size: int, gen: torch.Generator, random: bool = True,
                 ) -> torch.Tensor:
     """A ``size`` x ``size`` crop of every image, at a random place (or the centre)."""

@@ -63,6 +63,13 @@ class TrainConfig:
     init: str | None = option(None, "fine-tune: start from the weights (and normalisation) "
                               "of a trained leukotree model, a run folder or its best.pt, of "
                               "the same taxonomy, head, backbone and image size")
+    replay: str | None = option(
+        None, "fine-tune without forgetting: keep training on these cells as well (a run "
+        "folder: its training images, usually the --init run; or a data folder or "
+        "manifest); they are never validated on")
+    replay_share: float = option(0.5, "with --replay, the share of each epoch's training "
+                                 "images drawn from the new data (its images repeated to "
+                                 "reach it)", low=0, high=1, low_open=True, high_open=True)
     norm: str = option("batch", "normalisation layers of the backbone: batch (the model's "
                        "own) or group (GroupNorm: per image, so another lab's batch statistics "
                        "cannot shift it; from scratch only, and adapt has nothing to "
@@ -246,6 +253,10 @@ class TrainConfig:
             if not RunDir.checkpoint_of(self.init).is_file():
                 raise LeukotreeError(f"--init '{self.init}' is not a trained model: give a run "
                                      "folder (with best.pt) or a .pt file from leukotree train.")
+        if self.replay is not None and not Path(self.replay).exists():
+            raise LeukotreeError(f"--replay '{self.replay}' does not exist: give the run folder "
+                                 "whose training images to keep training on (usually the "
+                                 "--init run), or a data folder or manifest.")
         if self.positive is not None:
             self.positive = taxonomy.resolve(self.positive, where="--positive")
         if self.cell_taxonomy is not None:

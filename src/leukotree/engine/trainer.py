@@ -30,7 +30,7 @@ from leukotree.data.cache import cached_pixels
 from leukotree.data.discover import Sample, SampleSet, discover
 from leukotree.data.images import decode_many, median_side, raise_for_errors
 from leukotree.data.splits import assign_folds, train_val_test_split, write_split_csv
-from leukotree.engine.augment import channel_stats, rotation_balance
+from leukotree.engine.augment import channel_stats, rotation_balance, with_replay
 from leukotree.engine.config import TrainConfig, save_config
 from leukotree.engine.distributed import (
     DistInfo,
@@ -89,6 +89,8 @@ from leukotree.rundir import RunDir, write_csv, write_json, write_text
 from leukotree.taxonomy import Taxonomy, load_taxonomy
 
 _VAL_KEYS = ("val_loss", "val_accuracy", "val_macro_f1")
+#: Fewer validation images than this make ``--monitor`` other than ``last`` a lottery.
+MIN_SELECTION_IMAGES = 100
 
 
 def choose_split(sample_set: SampleSet, config: TrainConfig) -> np.ndarray:
@@ -120,6 +122,7 @@ class Trainer:
         self.cell_taxonomy = (load_taxonomy(config.cell_taxonomy) if config.cell_taxonomy
                               else None)
         self._listed: dict[Path, list[dict[str, str]]] = {}
+        self._n_new = 0  # training images of the data itself; --replay images follow them
 
     @property
     def out(self) -> Path:
@@ -162,6 +165,11 @@ class Trainer:
         self._log(f"training on {len(train)} images, validating on {len(val)} "
                   f"({cfg.head} head, {cfg.model_config().arch_name}, {cfg.img_size}px, "
                   f"device {self.device}, {torch.get_num_threads()} threads)")
+        if cfg.monitor != "last" and len(val) < MIN_SELECTION_IMAGES:
+            self._log(f"only {len(val)} validation images: one image moves their accuracy by "
+                      f"{100 / len(val):.1f} points, too coarse to pick the best epoch (an "
+                      "early one may win by chance); --monitor last keeps the last epoch",
+                      style="yellow")
         if cfg.fold is not None and (cfg.monitor != "last" or cfg.patience):
             self._log(f"fold {cfg.fold}: its validation images are its test images; picking "
                       f"the best '{cfg.monitor}' epoch (or stopping early) on them makes its "
@@ -203,8 +211,10 @@ class Trainer:
         if self.run.path.exists() and not self.run.path.is_dir():
             raise LeukotreeError(f"--out '{self.run.path}' is a file; give a folder for the run.")
         out = self.run.path.resolve()
-        for data in (self.data, Path(self.config.val_data) if self.config.val_data else None):
-            if data is not None and data.is_dir() and out.is_relative_to(data.resolve()):
+        cfg = self.config
+        replay = cfg.replay if cfg.replay and not RunDir(cfg.replay).split.exists() else None
+        for data in (self.data, *(Path(d) for d in (cfg.val_data, replay) if d)):
+            if data.is_dir() and out.is_relative_to(data.resolve()):
                 raise LeukotreeError(
                     f"--out '{self.run.path}' lies inside the data folder '{data}': its files "
                     "would be read as images and labels next time. Choose a folder outside "
@@ -252,6 +262,43 @@ class Trainer:
                 f"{len(overlap)} patient(s) appear in both the training and the validation "
                 f"data (e.g. {sorted(overlap)[:3]}); that leaks. Separate them.")
         return sample_set.samples, val_set.samples
+
+    def _replay_samples(self, taxonomy: Taxonomy, train: list[Sample], val: list[Sample],
+                        ) -> list[Sample]:
+        """The ``--replay`` images: a run's training images (or the images of data), none
+        of them a validation image or of a validation patient; images already in the
+        training data are not added twice."""
+        cfg = self.config
+        if cfg.replay is None:
+            return []
+        source = RunDir(cfg.replay)
+        if source.path.is_dir() and source.split.exists():
+            kept = load_taxonomy(str(source.taxonomy))
+            if kept != taxonomy:
+                raise LeukotreeError(
+                    f"--replay '{cfg.replay}' was trained on the taxonomy '{kept.name}' "
+                    f"({', '.join(kept.leaves)}), this training on '{taxonomy.name}' "
+                    f"({', '.join(taxonomy.leaves)}); replay a run of the same taxonomy.")
+            samples = [Sample(Path(r["path"]),
+                              taxonomy.resolve(r["label"], where=f"{source.split} line {i}"),
+                              r.get("patient") or None, r.get("slide") or None,
+                              source=str(source.split))
+                       for i, r in enumerate(source.read_split(), start=2)
+                       if r["split"] == "train"]
+        else:
+            samples = self._discover(source.path, taxonomy).samples
+        val_paths = {os.path.abspath(s.path) for s in val}
+        val_groups = {s.group for s in val}
+        clash = [s for s in samples
+                 if os.path.abspath(s.path) in val_paths or s.group in val_groups]
+        if clash:
+            raise LeukotreeError(
+                f"--replay '{cfg.replay}': {len(clash)} of its images are validation images "
+                f"or of a validation patient (e.g. '{display_path(clash[0].path)}', "
+                f"{clash[0].group}); training on them leaks. Replay another lab's run, or "
+                "give the two labs' patients distinct ids.")
+        have = {os.path.abspath(s.path) for s in train}
+        return [s for s in samples if os.path.abspath(s.path) not in have]
 
     def _discover(self, data: Path, taxonomy: Taxonomy) -> SampleSet:
         """The usable images of ``data``; files not used are named (on screen and in
@@ -314,6 +361,8 @@ class Trainer:
         train_samples, val_samples = self._samples(taxonomy)
         if not train_samples or not val_samples:
             raise LeukotreeError("The split left no training or no validation images.")
+        self._n_new = len(train_samples)
+        train_samples += self._replay_samples(taxonomy, train_samples, val_samples)
         self._check_pixel_sizes(train_samples + val_samples)
         parts = np.array(["train"] * len(train_samples) + ["val"] * len(val_samples))
         if self.resume:
@@ -438,10 +487,18 @@ class Trainer:
         """Optimiser, schedule, scaler and weight average; restored from ``last.pt`` on
         resume."""
         cfg = self.config
+        n_new = self._n_new
         if cfg.balance == "rotate":
-            index, rotations = rotation_balance([s.label for s in train.samples], cfg.seed)
+            index, rotations = rotation_balance([s.label for s in train.samples[:n_new]],
+                                                cfg.seed)
         else:
-            index, rotations = np.arange(len(train)), np.zeros(len(train), np.int64)
+            index, rotations = np.arange(n_new), np.zeros(n_new, np.int64)
+        index, rotations, repeats = with_replay(index, rotations, n_new, len(train) - n_new,
+                                                cfg.replay_share)
+        if len(train) > n_new:
+            self._log(f"replaying {len(train) - n_new} training images of {cfg.replay}: the "
+                      f"{n_new} new ones are repeated {repeats}x, "
+                      f"{repeats * n_new / len(index):.0%} of each epoch")
         plan = EpochPlan(index, rotations, cfg.batch_size, self.dist)
         optimizer = make_optimizer(model, cfg)
         state = TrainState(model, optimizer, make_scheduler(optimizer, cfg, plan.steps),
