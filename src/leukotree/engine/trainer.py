@@ -267,7 +267,9 @@ class Trainer:
                         ) -> list[Sample]:
         """The ``--replay`` images: a run's training images (or the images of data), none
         of them a validation image or of a validation patient; images already in the
-        training data are not added twice."""
+        training data are not added twice. A run's ``split.csv`` keeps no cell types: its
+        images train the cell-type head of a ``--cell-taxonomy`` run only when replayed from
+        the data (a manifest with the cell-type column) instead."""
         cfg = self.config
         if cfg.replay is None:
             return []
@@ -495,10 +497,11 @@ class Trainer:
             index, rotations = np.arange(n_new), np.zeros(n_new, np.int64)
         index, rotations, repeats = with_replay(index, rotations, n_new, len(train) - n_new,
                                                 cfg.replay_share)
-        if len(train) > n_new:
-            self._log(f"replaying {len(train) - n_new} training images of {cfg.replay}: the "
-                      f"{n_new} new ones are repeated {repeats}x, "
-                      f"{repeats * n_new / len(index):.0%} of each epoch")
+        n_replay = len(train) - n_new
+        if n_replay:
+            self._log(f"replaying {n_replay} training images of {cfg.replay}: the {n_new} new "
+                      f"ones are repeated {repeats}x, {1 - n_replay / len(index):.0%} of each "
+                      "epoch")
         plan = EpochPlan(index, rotations, cfg.batch_size, self.dist)
         optimizer = make_optimizer(model, cfg)
         state = TrainState(model, optimizer, make_scheduler(optimizer, cfg, plan.steps),
