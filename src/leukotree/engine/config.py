@@ -356,12 +356,12 @@ def _convert(name: str, kind: str, value: Any) -> Any:
 
 #: Named recipes. ``cpu-fast`` trains PBC-sized data on a 2-core CPU in minutes.
 PRESETS: dict[str, dict[str, Any]] = {
-    # PBC (../shared/data/pbc-dev, pbc taxonomy) in about 10 minutes on 2 CPU cores, from
+    # PBC (../shared/data/pbc-dev, pbc taxonomy) in about 15 minutes on 2 CPU cores, from
     # scratch; context_radius keeps another lab's smear from steering it, stain_norm white
     # another lab's colour cast (README.md: the cpu-fast preset, and
     # benchmarks/bench_cross_lab.py).
     "cpu-fast": {
-        "model": "resnet18", "head": "multihead", "img_size": 80, "crop_fraction": 0.65,
+        "model": "resnet18", "head": "multihead", "img_size": 112, "crop_fraction": 0.65,
         "train_pad": 0.15, "epochs": 24, "batch_size": 32, "lr": 2e-3, "weight_decay": 0.05,
         "schedule": "onecycle", "loss": "ce", "label_smoothing": 0.1, "augment": True,
         "color_jitter": 0.1, "drop_rate": 0.2, "warmup_epochs": 1.0, "context_radius": 0.35,
