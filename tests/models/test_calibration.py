@@ -234,13 +234,28 @@ def test_tree_nll_reads_inner_labels_as_the_sum_of_their_leaves(small_tree):
     assert tree_nll(small_tree, ["A", "B"], probs) == pytest.approx(np.log(2))
 
 
-def test_a_node_without_errors_or_with_few_images_keeps_temperature_one(leukemia7):
+def test_a_node_with_few_images_keeps_temperature_one(leukemia7):
     rng = np.random.default_rng(3)
     probs = rng.dirichlet(np.ones(len(leukemia7.leaves)), size=200)
-    truth = decode_greedy(leukemia7, probs)  # every choice at every node right
-    assert set(fit_temperatures(leukemia7, truth, probs).values()) == {1.0}
     few = fit_temperatures(leukemia7, ["ALL", "CLL"] * 5, probs[:10])
     assert set(few.values()) == {1.0}
+
+
+def test_a_node_without_errors_is_sharpened_to_laplaces_rule(small_tree):
+    # 38 cells, all right, each at 0.8 / 0.2 between A and B: the chosen child's
+    # probability should become (38 + 1) / (38 + 2) = 0.975, i.e.
+    # 1 / (1 + 0.25 ** (1 / T)) = 0.975  ->  T = ln 0.25 / ln(1 / 39) = 0.37840
+    probs = np.array([[0.8, 0.2, 0.0], [0.2, 0.8, 0.0]] * 19)
+    truth = ["A", "B"] * 19
+    temps = fit_temperatures(small_tree, truth, probs)
+    choice = small_tree.parent("A")
+    assert temps[choice] == pytest.approx(np.log(0.25) / np.log(1 / 39), rel=1e-4)
+    tempered = apply_temperatures(small_tree, probs, temps)
+    assert tempered[:, :2].max(1).mean() == pytest.approx(0.975, abs=1e-5)
+    # an over-confident error-free node is softened to the same level
+    sharp = np.array([[0.999, 0.001, 0.0], [0.001, 0.999, 0.0]] * 19)
+    soft = apply_temperatures(small_tree, sharp, fit_temperatures(small_tree, truth, sharp))
+    assert soft[:, :2].max(1).mean() == pytest.approx(0.975, abs=1e-5)
 
 
 def test_damaged_calibration_sections_are_named_not_a_traceback(tmp_path, leukemia7):

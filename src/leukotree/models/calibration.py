@@ -65,8 +65,7 @@ from leukotree.tree import node_choices
 
 #: Temperatures are searched in [1/20, 20].
 T_RANGE = (0.05, 20.0)
-#: A node keeps T = 1 below this many validation images, or when it made no error there
-#: (the likelihood then keeps rising as T falls, and T would hit its bound).
+#: A node keeps T = 1 below this many validation images.
 MIN_IMAGES = 20
 #: The distance power ``beta`` is searched in [0, 2].
 POWER_RANGE = (0.0, 2.0)
@@ -158,14 +157,24 @@ def fit_temperatures(taxonomy: Taxonomy, truth: Sequence[str], leaf_probs: np.nd
                      ) -> dict[str, float]:
     """``T_n`` for every inner node: argmin over ``T`` in :data:`T_RANGE` of
     ``-sum_i log softmax(log P(c | n) / T)[true child of i]`` on the images below ``n``
-    (1.0 for a node with fewer than :data:`MIN_IMAGES` images or without an error)."""
+    (1.0 for a node with fewer than :data:`MIN_IMAGES` images).
+
+    A node that chose right on all its ``m`` images has no likelihood optimum (it keeps
+    rising as ``T`` falls); its ``T`` instead makes the mean probability of the chosen
+    child ``(m + 1) / (m + 2)``, Laplace's rule of succession for ``m`` right of ``m``
+    (an under-confident node, e.g. after label smoothing, is sharpened that far)."""
     from scipy.optimize import minimize_scalar
 
     temps = {n: 1.0 for n in taxonomy.inner_nodes}
     for choice in node_choices(taxonomy, truth, leaf_probs):
-        if len(choice.rows) < MIN_IMAGES or choice.hit.all():
+        if len(choice.rows) < MIN_IMAGES:
             continue
         logc = np.log(np.clip(choice.cond, 1e-12, None))
+        if choice.hit.all():
+            m = len(choice.rows)
+            temps[choice.node] = _confidence_temperature(logc, choice.target,
+                                                         (m + 1) / (m + 2))
+            continue
 
         def nll(log_t: float, logc: np.ndarray = logc, target: np.ndarray = choice.target,
                 ) -> float:
@@ -178,6 +187,26 @@ def fit_temperatures(taxonomy: Taxonomy, truth: Sequence[str], leaf_probs: np.nd
                                options={"xatol": 1e-4})
         temps[choice.node] = float(np.exp(best.x))
     return temps
+
+
+def _confidence_temperature(logc: np.ndarray, target: np.ndarray, level: float) -> float:
+    """The ``T`` in :data:`T_RANGE` at which ``mean_i softmax(logc_i / T)[target_i]`` is
+    ``level`` (a bound when it cannot reach it: the mean falls as ``T`` rises whenever each
+    target is its row's most probable child)."""
+    from scipy.optimize import brentq
+
+    def gap(log_t: float) -> float:
+        z = logc / np.exp(log_t)
+        z = z - z.max(1, keepdims=True)
+        p = np.exp(z[np.arange(len(target)), target]) / np.exp(z).sum(1)
+        return float(p.mean() - level)
+
+    low, high = np.log(T_RANGE)
+    if gap(low) <= 0:
+        return float(T_RANGE[0])
+    if gap(high) >= 0:
+        return float(T_RANGE[1])
+    return float(np.exp(brentq(gap, low, high, xtol=1e-6)))
 
 
 def fit_distance_power(taxonomy: Taxonomy, truth: Sequence[str], leaf_probs: np.ndarray,
