@@ -240,8 +240,9 @@ def main() -> None:
     parser.add_argument("--run", type=Path, help="a run already trained on OUT/pbc-dev.csv")
     parser.add_argument("--no-adapt", action="store_true", help="skip leukotree adapt")
     parser.add_argument("--labelled-per-class", type=int, default=20,
-                        help="fine-tune the adapted model on this many labelled cells per "
-                             "class of half the Johns Hopkins patients (0: skip)")
+                        help="fine-tune the trained model (with and without --replay) on "
+                             "this many labelled cells per class of half the Johns Hopkins "
+                             "patients (0: skip)")
     args = parser.parse_args()
     import yaml
 

@@ -381,7 +381,7 @@ def test_replay_trains_on_the_source_runs_images_beside_the_new_ones(synth_data,
     tuned = tmp_path / "tuned"
     capsys.readouterr()
     train(lab2, tuned, resolve_config(preset="tiny-test", overrides={
-        "epochs": 1, "init": str(first), "replay": str(first),
+        "epochs": 1, "init": str(first), "replay": str(first / "best.pt"),  # its model file
         "val_fraction": 0.34}),
           progress=False)
     source_train, _ = _split(first)
@@ -393,7 +393,8 @@ def test_replay_trains_on_the_source_runs_images_beside_the_new_ones(synth_data,
     # 28 new images beside 144 replayed: repeated round(144 / 28) = 5 times (share 0.5),
     # 140 of the epoch's 284 images
     assert (new, len(source_train)) == (28, 144)
-    assert (f"replaying {len(source_train)} training images of {first}: the {new} new ones "
+    assert (f"replaying {len(source_train)} training images of {first / 'best.pt'}: the {new} "
+            "new ones "
             "are repeated 5x, 49% of each epoch") in (said := " ".join(
                 capsys.readouterr().err.split()))
     # 14 validation cells cannot pick an epoch, and the run says so

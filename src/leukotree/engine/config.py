@@ -65,11 +65,13 @@ class TrainConfig:
                               "the same taxonomy, head, backbone and image size")
     replay: str | None = option(
         None, "fine-tune without forgetting: keep training on these cells as well (a run "
-        "folder: its training images, usually the --init run; or a data folder or "
-        "manifest); they are never validated on")
+        "folder or its .pt file: its training images, usually the --init run; or a data "
+        "folder or manifest, read with this training's --patients and --labels); they are "
+        "never validated on")
     replay_share: float = option(0.5, "with --replay, the share of each epoch's training "
-                                 "images drawn from the new data (its images repeated to "
-                                 "reach it)", low=0, high=1, low_open=True, high_open=True)
+                                 "images drawn from the new data, at least (its images "
+                                 "repeated to reach it; all replayed images are seen once)",
+                                 low=0, high=1, low_open=True, high_open=True)
     norm: str = option("batch", "normalisation layers of the backbone: batch (the model's "
                        "own) or group (GroupNorm: per image, so another lab's batch statistics "
                        "cannot shift it; from scratch only, and adapt has nothing to "

@@ -274,6 +274,8 @@ class Trainer:
         if cfg.replay is None:
             return []
         source = RunDir(cfg.replay)
+        if source.path.suffix == ".pt" and source.path.is_file():  # a run's model file
+            source = RunDir(source.path.parent)
         if source.path.is_dir() and source.split.exists():
             kept = load_taxonomy(str(source.taxonomy))
             if kept != taxonomy:
@@ -289,18 +291,18 @@ class Trainer:
                        if r["split"] == "train"]
         else:
             samples = self._discover(source.path, taxonomy).samples
-        val_paths = {os.path.abspath(s.path) for s in val}
+        val_paths = {os.path.realpath(s.path) for s in val}  # the same file by any link
         val_groups = {s.group for s in val}
         clash = [s for s in samples
-                 if os.path.abspath(s.path) in val_paths or s.group in val_groups]
+                 if os.path.realpath(s.path) in val_paths or s.group in val_groups]
         if clash:
             raise LeukotreeError(
                 f"--replay '{cfg.replay}': {len(clash)} of its images are validation images "
                 f"or of a validation patient (e.g. '{display_path(clash[0].path)}', "
                 f"{clash[0].group}); training on them leaks. Replay another lab's run, or "
                 "give the two labs' patients distinct ids.")
-        have = {os.path.abspath(s.path) for s in train}
-        return [s for s in samples if os.path.abspath(s.path) not in have]
+        have = {os.path.realpath(s.path) for s in train}
+        return [s for s in samples if os.path.realpath(s.path) not in have]
 
     def _discover(self, data: Path, taxonomy: Taxonomy) -> SampleSet:
         """The usable images of ``data``; files not used are named (on screen and in
@@ -429,7 +431,9 @@ class Trainer:
         cells = self.cell_taxonomy.to_dict() if self.cell_taxonomy is not None else None
         field_um = None
         if cfg.pixel_size is not None:  # the physical side of what validation sees
-            field_um = (self.eval_crop * median_side([s.path for s in train.samples])
+            # the data's own images: replayed ones may come from another camera
+            field_um = (self.eval_crop
+                        * median_side([s.path for s in train.samples[:self._n_new]])
                         * cfg.pixel_size)
         mcfg = cfg.model_config(crop_fraction=self.eval_crop, mean=mean, std=std,
                                 cell_taxonomy=cells, pixel_size=cfg.pixel_size,
