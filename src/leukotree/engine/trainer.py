@@ -212,7 +212,7 @@ class Trainer:
             raise LeukotreeError(f"--out '{self.run.path}' is a file; give a folder for the run.")
         out = self.run.path.resolve()
         cfg = self.config
-        replay = cfg.replay if cfg.replay and not RunDir(cfg.replay).split.exists() else None
+        replay = cfg.replay if cfg.replay and self._replay_run() is None else None
         for data in (self.data, *(Path(d) for d in (cfg.val_data, replay) if d)):
             if data.is_dir() and out.is_relative_to(data.resolve()):
                 raise LeukotreeError(
@@ -273,10 +273,8 @@ class Trainer:
         cfg = self.config
         if cfg.replay is None:
             return []
-        source = RunDir(cfg.replay)
-        if source.path.suffix == ".pt" and source.path.is_file():  # a run's model file
-            source = RunDir(source.path.parent)
-        if source.path.is_dir() and source.split.exists():
+        source = self._replay_run()
+        if source is not None:
             kept = load_taxonomy(str(source.taxonomy))
             if kept != taxonomy:
                 raise LeukotreeError(
@@ -290,11 +288,12 @@ class Trainer:
                        for i, r in enumerate(source.read_split(), start=2)
                        if r["split"] == "train"]
         else:
-            samples = self._discover(source.path, taxonomy).samples
-        val_paths = {os.path.realpath(s.path) for s in val}  # the same file by any link
+            samples = self._discover(Path(cfg.replay), taxonomy).samples
+        real = [os.path.realpath(s.path) for s in samples]  # the same file by any link
+        val_paths = {os.path.realpath(s.path) for s in val}
         val_groups = {s.group for s in val}
-        clash = [s for s in samples
-                 if os.path.realpath(s.path) in val_paths or s.group in val_groups]
+        clash = [s for s, path in zip(samples, real, strict=True)
+                 if path in val_paths or s.group in val_groups]
         if clash:
             raise LeukotreeError(
                 f"--replay '{cfg.replay}': {len(clash)} of its images are validation images "
@@ -302,7 +301,14 @@ class Trainer:
                 f"{clash[0].group}); training on them leaks. Replay another lab's run, or "
                 "give the two labs' patients distinct ids.")
         have = {os.path.realpath(s.path) for s in train}
-        return [s for s in samples if os.path.realpath(s.path) not in have]
+        return [s for s, path in zip(samples, real, strict=True) if path not in have]
+
+    def _replay_run(self) -> RunDir | None:
+        """The run folder ``--replay`` names (itself or its ``.pt`` file), or None when it
+        names data."""
+        replay = Path(self.config.replay or "")
+        run = RunDir(replay.parent if replay.suffix == ".pt" and replay.is_file() else replay)
+        return run if self.config.replay and run.split.exists() else None
 
     def _discover(self, data: Path, taxonomy: Taxonomy) -> SampleSet:
         """The usable images of ``data``; files not used are named (on screen and in
@@ -499,9 +505,9 @@ class Trainer:
                                                 cfg.seed)
         else:
             index, rotations = np.arange(n_new), np.zeros(n_new, np.int64)
-        index, rotations, repeats = with_replay(index, rotations, n_new, len(train) - n_new,
-                                                cfg.replay_share)
         n_replay = len(train) - n_new
+        index, rotations, repeats = with_replay(index, rotations, n_new, n_replay,
+                                                cfg.replay_share)
         if n_replay:
             self._log(f"replaying {n_replay} training images of {cfg.replay}: the {n_new} new "
                       f"ones are repeated {repeats}x, {1 - n_replay / len(index):.0%} of each "

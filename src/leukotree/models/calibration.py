@@ -178,15 +178,19 @@ def fit_temperatures(taxonomy: Taxonomy, truth: Sequence[str], leaf_probs: np.nd
 
         def nll(log_t: float, logc: np.ndarray = logc, target: np.ndarray = choice.target,
                 ) -> float:
-            z = logc / np.exp(log_t)
-            z = z - z.max(1, keepdims=True)
-            logp = z - np.log(np.exp(z).sum(1, keepdims=True))
-            return float(-logp[np.arange(len(target)), target].sum())
+            return float(-_true_child_logp(logc, target, log_t).sum())
 
         best = minimize_scalar(nll, bounds=np.log(T_RANGE), method="bounded",
                                options={"xatol": 1e-4})
         temps[choice.node] = float(np.exp(best.x))
     return temps
+
+
+def _true_child_logp(logc: np.ndarray, target: np.ndarray, log_t: float) -> np.ndarray:
+    """``log softmax(logc_i / T)[target_i]`` per row, ``T = exp(log_t)``."""
+    from scipy.special import log_softmax
+
+    return log_softmax(logc / np.exp(log_t), axis=1)[np.arange(len(target)), target]
 
 
 def _confidence_temperature(logc: np.ndarray, target: np.ndarray, level: float) -> float:
@@ -196,10 +200,7 @@ def _confidence_temperature(logc: np.ndarray, target: np.ndarray, level: float) 
     from scipy.optimize import brentq
 
     def gap(log_t: float) -> float:
-        z = logc / np.exp(log_t)
-        z = z - z.max(1, keepdims=True)
-        p = np.exp(z[np.arange(len(target)), target]) / np.exp(z).sum(1)
-        return float(p.mean() - level)
+        return float(np.exp(_true_child_logp(logc, target, log_t)).mean() - level)
 
     low, high = np.log(T_RANGE)
     if gap(low) <= 0:
