@@ -6,14 +6,16 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 from leukotree.cli import main
 from leukotree.data.synth import generate
 from leukotree.engine.config import resolve_config
-from leukotree.engine.trainer import train
+from leukotree.engine.trainer import Trainer, train
 from leukotree.errors import LeukotreeError
 from leukotree.models.checkpoint import load_model, read_checkpoint
 from leukotree.taxonomy import load_taxonomy
@@ -503,3 +505,22 @@ def test_a_training_manifest_pixel_size_column_must_agree_with_the_pixel_size(sy
     train(manifest, tmp_path / "c", resolve_config(preset="tiny-test", overrides={
         **cfg, "pixel_size": 0.5}), progress=False)
     assert load_model(tmp_path / "c")[0].config.pixel_size == 0.5
+
+
+def test_balanced_class_weights_count_each_image_as_often_as_an_epoch_shows_it(tmp_path):
+    trainer = Trainer(tmp_path, tmp_path / "run", resolve_config(
+        preset="tiny-test", overrides={"class_weights": "balanced"}))
+    taxonomy = load_taxonomy("leukemia7")
+    train_split = SimpleNamespace(samples=[SimpleNamespace(label=label)
+                                           for label in ("ALL", "ALL", "ALL", "AML")])
+    model = SimpleNamespace(is_hierarchical=True)
+    leaf = {name: k for k, name in enumerate(taxonomy.leaves)}
+    # once each: ALL 3, AML 1 -> w = 4 / (7 * n): 4/21 and 4/7
+    once = trainer._criterion(model, taxonomy, train_split, np.arange(4)).leaf_weights
+    assert once[leaf["ALL"]].item() == pytest.approx(4 / 21)
+    assert once[leaf["AML"]].item() == pytest.approx(4 / 7)
+    # the AML image repeated 3x (a replay epoch's new image): 3 and 3 -> 6 / 21 each
+    shown = trainer._criterion(model, taxonomy, train_split,
+                               np.array([0, 1, 2, 3, 3, 3])).leaf_weights
+    assert shown[leaf["ALL"]].item() == pytest.approx(6 / 21)
+    assert shown[leaf["AML"]].item() == pytest.approx(6 / 21)

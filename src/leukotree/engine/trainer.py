@@ -181,7 +181,7 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         precision = resolve_precision(cfg.amp, self.device)
         state, plan = self._training_state(model, train, precision)
-        criterion = self._criterion(model, taxonomy, train)
+        criterion = self._criterion(model, taxonomy, train, plan.index)
         net: torch.nn.Module = model
         if self.dist.enabled:
             net = torch.nn.parallel.DistributedDataParallel(
@@ -484,11 +484,15 @@ class Trainer:
                 + ". Give the same options as that run (its config.yaml), or no --init.")
         return source
 
-    def _criterion(self, model: TreeClassifier, taxonomy: Taxonomy, train: Split) -> TreeLoss:
+    def _criterion(self, model: TreeClassifier, taxonomy: Taxonomy, train: Split,
+                   epoch: np.ndarray) -> TreeLoss:
+        """The loss; balanced class weights count each image as often as an epoch shows
+        it (``epoch``: the plan's image index; rotated copies, repeated new images)."""
         cfg = self.config
         leaf_w = None
         if cfg.class_weights == "balanced" or cfg.loss == "weighted-ce":
-            leaf_w = balanced_leaf_weights(taxonomy, [s.label for s in train.samples]).tolist()
+            labels = [s.label for s in train.samples]
+            leaf_w = balanced_leaf_weights(taxonomy, [labels[i] for i in epoch]).tolist()
         return TreeLoss(taxonomy, hierarchical=model.is_hierarchical, kind=cfg.loss,
                         gamma=cfg.focal_gamma, leaf_weights=leaf_w,
                         label_smoothing=cfg.label_smoothing, cell_weight=cfg.cell_weight,
