@@ -16,7 +16,9 @@ the same types; prints JSON and writes OUT/cross_lab.md.
    platelet; lymphocyte, monocyte, eosinophils, basophil, erythroblast by name) and of
    the cells of types the model never saw (blasts, smudge cells, variant lymphocytes...).
 3. Adapts the model to all Johns Hopkins cells without their labels (``leukotree
-   adapt``: batch-norm statistics re-estimated; ``--no-adapt`` skips it), and fine-tunes
+   adapt --method batch-norm``: batch-norm statistics re-estimated; ``--no-adapt`` skips
+   it); self-trains it on every cell of half of the patients (``adapt``, labels unread;
+   ``--no-self-train`` skips it) and tests that on the other half; and fine-tunes
    the trained model (``train --init``) on at most ``--labelled-per-class`` labelled
    cells per class drawn from half of the patients, replaying the PBC training images
    (``--replay``), and on the labelled cells alone; tests both on the other half, and on
@@ -44,7 +46,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from leukotree.data.images import is_image_file
-from leukotree.engine.adapt import adapt
+from leukotree.engine.adapt import adapt, self_train
 from leukotree.engine.config import resolve_config
 from leukotree.engine.trainer import train
 from leukotree.evaluation.evaluate import EvalSettings, evaluate
@@ -97,29 +99,67 @@ def jhh_manifests(jhh: Path, out: Path) -> tuple[Path, dict[str, list[Path]]]:
     return write_manifest(out / "jhh-mapped.csv", mapped), dict(unseen)
 
 
-def few_labels(run: Path, mapped: Path, test_pbc: Path, args: argparse.Namespace,
-               settings: EvalSettings) -> dict:
+def first_half(mapped: Path) -> set[str]:
+    """Half of the Johns Hopkins patients (seed 0): the new lab's cells a model may adapt
+    to, labelled or not; it is tested on the other half."""
+    with mapped.open(newline="") as handle:
+        patients = sorted({r["patient"] for r in csv.DictReader(handle)})
+    return set(np.random.default_rng(0).permutation(patients)[:len(patients) // 2])
+
+
+def heldout_half(mapped: Path, out: Path) -> Path:
+    """Manifest of the mapped cells of the patients not in :func:`first_half`."""
+    pool = first_half(mapped)
+    with mapped.open(newline="") as handle:
+        held = [r for r in csv.DictReader(handle) if r["patient"] not in pool]
+    return write_manifest(out / "jhh-heldout-patients.csv", held)
+
+
+def self_trained(run: Path, mapped: Path, held: Path, jhh: Path, test_pbc: Path,
+                 args: argparse.Namespace, settings: EvalSettings) -> dict:
+    """``adapt --method self-train`` on every cell of the first half's patients (all
+    types, blasts and smudges too; labels unread), tested on the other half's cells and on
+    the held-out PBC cells."""
+    pool = first_half(mapped)
+    unlabelled = args.out / "jhh-first-half-unlabelled.csv"
+    with (jhh / "manifest.csv").open(newline="") as handle, \
+            unlabelled.open("w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["path", "patient"])
+        writer.writerows([(jhh / r["path"]).resolve(), r["patient"]]
+                         for r in csv.DictReader(handle) if r["patient"] in pool)
+    tuned = args.out / "self-trained"
+    if not (tuned / RunDir.ADAPT).exists():
+        shutil.rmtree(tuned, ignore_errors=True)
+        self_train(run, [unlabelled], tuned, progress=False)
+    report = json.loads((tuned / RunDir.ADAPT).read_text())
+    return {"self_training": {k: report[k] for k in ("n_cells", "flagged_unclassifiable",
+                                                     "pseudo_labelled")},
+            "cross_lab_jhh_heldout_self_trained": scored(
+                tuned, held, args.out / "eval-jhh-heldout-self-trained", settings),
+            "in_lab_pbc_test_self_trained": scored(
+                tuned, test_pbc, args.out / "eval-pbc-test-self-trained", settings)}
+
+
+def few_labels(run: Path, mapped: Path, test: Path, test_pbc: Path,
+               args: argparse.Namespace, settings: EvalSettings) -> dict:
     """Fine-tune the trained model on at most ``--labelled-per-class`` cells per class of
     half of the Johns Hopkins patients, replaying its PBC training images (``train --init
-    RUN --replay RUN``), and on the labelled cells alone; test both (and the model before
-    fine-tuning) on the other half's cells and, for what the fine-tune made it forget, on
-    the held-out PBC cells. (Fine-tuning the adapted model instead gives the same model:
+    RUN --replay RUN``), and on the labelled cells alone; test both on the other half's
+    cells (``test``) and, for what the fine-tune made it forget, on the held-out PBC
+    cells. (Fine-tuning the adapted model instead gives the same model:
     training re-estimates the batch-norm statistics that ``adapt`` set.)"""
     with mapped.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    patients = sorted({r["patient"] for r in rows})
-    pool = set(np.random.default_rng(0).permutation(patients)[:len(patients) // 2])
+    pool = first_half(mapped)
     rng = np.random.default_rng(1)
     labelled = []
     for label in sorted({r["label"] for r in rows}):
         cells = [r for r in rows if r["label"] == label and r["patient"] in pool]
         labelled += [cells[k] for k in rng.permutation(len(cells))[:args.labelled_per_class]]
-    held = [r for r in rows if r["patient"] not in pool]
     few = write_manifest(args.out / "jhh-labelled.csv", labelled)
-    test = write_manifest(args.out / "jhh-heldout-patients.csv", held)
-    result = {"labelled_cells": len(labelled), "heldout_patients": len(patients) - len(pool),
-              "cross_lab_jhh_heldout_trained": scored(run, test, args.out / "eval-jhh-heldout",
-                                                      settings)}
+    result = {"labelled_cells": len(labelled),
+              "heldout_patients": len({r["patient"] for r in rows} - pool)}
     for tag, replay in (("fine_tuned", True), ("fine_tuned_no_replay", False)):
         name = tag.replace("_", "-")
         tuned = args.out / name
@@ -238,7 +278,10 @@ def main() -> None:
                         help="a training option over the preset (YAML value)")
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--run", type=Path, help="a run already trained on OUT/pbc-dev.csv")
-    parser.add_argument("--no-adapt", action="store_true", help="skip leukotree adapt")
+    parser.add_argument("--no-adapt", action="store_true",
+                        help="skip leukotree adapt --method batch-norm")
+    parser.add_argument("--no-self-train", action="store_true",
+                        help="skip leukotree adapt (self-training)")
     parser.add_argument("--labelled-per-class", type=int, default=20,
                         help="fine-tune the trained model (with and without --replay) on "
                              "this many labelled cells per class of half the Johns Hopkins "
@@ -282,8 +325,14 @@ def main() -> None:
             adapt(run, [args.jhh / "manifest.csv"], adapted, progress=False)
         result["cross_lab_jhh_adapted"] = scored(adapted, mapped, args.out / "eval-jhh-adapted",
                                                  settings)
+    if args.labelled_per_class > 0 or not args.no_self_train:
+        held = heldout_half(mapped, args.out)
+        result["cross_lab_jhh_heldout_trained"] = scored(run, held,
+                                                         args.out / "eval-jhh-heldout", settings)
+    if not args.no_self_train:
+        result |= self_trained(run, mapped, held, args.jhh, test, args, settings)
     if args.labelled_per_class > 0:
-        result |= few_labels(run, mapped, test, args, settings)
+        result |= few_labels(run, mapped, held, test, args, settings)
     predictor, _ = load_predictor(run, "torch")
     catch: dict[str, dict[str, float]] = {}
     unseen_scores = []
@@ -337,9 +386,13 @@ def markdown(r: dict) -> str:
                        "tight_yellow_auto"),
                       ("Johns Hopkins, same 8 types", "cross_lab_jhh"),
                       ("same, `--crop-mode auto`", "cross_lab_jhh_auto"),
-                      ("Johns Hopkins, after `adapt` (no labels)", "cross_lab_jhh_adapted"),
+                      ("Johns Hopkins, after `adapt --method batch-norm` (no labels)",
+                       "cross_lab_jhh_adapted"),
                       ("Johns Hopkins, other half of the patients",
                        "cross_lab_jhh_heldout_trained"),
+                      ("same, after `adapt` (self-training) on all cells of the first half "
+                       "(no labels)", "cross_lab_jhh_heldout_self_trained"),
+                      ("PBC held out, after that self-training", "in_lab_pbc_test_self_trained"),
                       (f"same, fine-tuned on {few} labelled cells of the first half, "
                        "replaying the PBC training images",
                        "cross_lab_jhh_heldout_trained_fine_tuned"),

@@ -204,6 +204,9 @@ class RunDir(_Folder):
     SKIPPED = "skipped.csv"
     NOT_USED = "not_used.csv"
     ADAPT = "adapt.json"
+    #: The new lab's cells and the labels a self-training ``adapt`` gave them: written
+    #: into the (new) run folder before the fine-tune trains on it.
+    PSEUDO_LABELS = "pseudo_labels.csv"
 
     @classmethod
     def of(cls, run: str | Path) -> RunDir:
@@ -242,7 +245,8 @@ class RunDir(_Folder):
         """Files in the folder when it is not a leukotree run (nothing when it is one)."""
         if not self.path.is_dir() or self.is_run:
             return []
-        return sorted(p for p in self.path.iterdir() if p.name != self.LOCK)
+        return sorted(p for p in self.path.iterdir()
+                      if p.name not in (self.LOCK, self.PSEUDO_LABELS))
 
     @contextmanager
     def locked(self) -> Iterator[None]:

@@ -1,6 +1,11 @@
 """``leukotree adapt``: batch-norm statistics re-estimated on another lab's cells."""
 
+import csv
 import json
+import math
+import os
+import shutil
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -10,7 +15,7 @@ from torch import nn
 from leukotree.cli import main
 from leukotree.data.images import to_tensor
 from leukotree.data.synth import generate
-from leukotree.engine.adapt import estimating_batch_norm
+from leukotree.engine.adapt import estimating_batch_norm, pseudo_labels
 from leukotree.engine.config import resolve_config
 from leukotree.engine.trainer import train
 from leukotree.errors import LeukotreeError
@@ -62,7 +67,7 @@ def test_adapt_writes_a_run_with_the_same_weights_and_new_statistics(run_and_new
     bad.write_bytes(b"not an image")
     out = tmp_path / "adapted"
     code = main(["adapt", str(root / "run"), str(root / "other"), str(bad), "--out", str(out),
-                 "--batch-size", "8", "--no-progress"])
+                 "--method", "batch-norm", "--batch-size", "8", "--no-progress"])
     assert code == 3  # adapted, with one unreadable input named
     assert "broken.png" in capsys.readouterr().err
     report = json.loads((out / "adapt.json").read_text())
@@ -102,7 +107,7 @@ def test_a_run_adapted_at_a_pixel_size_decodes_its_lab_at_that_size(run_and_new_
         "epochs": 1, "pixel_size": 0.5}), progress=False)
     out = tmp_path / "adapted"
     assert main(["adapt", str(run), str(root / "other"), "--out", str(out),
-                 "--pixel-size", "1.0", "--no-progress"]) == 0
+                 "--method", "batch-norm", "--pixel-size", "1.0", "--no-progress"]) == 0
     assert load_model(out)[0].config.input_pixel_size == 1.0
 
     def probs(*extra: str, engine: str = "auto") -> list[str]:
@@ -114,9 +119,101 @@ def test_a_run_adapted_at_a_pixel_size_decodes_its_lab_at_that_size(run_and_new_
     # adapted again, to a lab of unknown pixel size: the last lab's size is not kept
     again = tmp_path / "again"
     assert main(["adapt", str(out), str(root / "other"), "--out", str(again),
-                 "--no-progress"]) == 0
+                 "--method", "batch-norm", "--no-progress"]) == 0
     assert load_model(again)[0].config.input_pixel_size is None
     for engine in ("torch", "onnx"):
         default = probs(engine=engine)
         assert default == probs("--pixel-size", "1.0", engine=engine)
         assert default != probs("--pixel-size", "0.5", engine=engine)
+
+
+def test_pseudo_labels_keep_the_surest_share_of_each_predicted_class():
+    probs = np.array([[0.9, 0.1, 0.0],   # class 0, surest
+                      [0.6, 0.4, 0.0],   # class 0
+                      [0.7, 0.3, 0.0],   # class 0, flagged: never labelled
+                      [0.5, 0.2, 0.3],   # class 0, least sure
+                      [0.2, 0.8, 0.0],   # class 1
+                      [0.1, 0.2, 0.7],   # class 2
+                      [np.nan] * 3])     # unreadable
+    flagged = np.array([False, False, True, False, False, False, False])
+    # class 0 keeps ceil(0.5 * 3) = 2 of its 3 unflagged cells; 1 and 2 ceil(0.5) = 1 each
+    np.testing.assert_array_equal(pseudo_labels(probs, flagged, 0.5), [0, 1, 4, 5])
+    np.testing.assert_array_equal(pseudo_labels(probs, flagged, 0.3), [0, 4, 5])
+    np.testing.assert_array_equal(pseudo_labels(probs, flagged, 1.0), [0, 1, 3, 4, 5])
+    assert pseudo_labels(probs[6:], flagged[6:], 1.0).size == 0
+    with pytest.raises(LeukotreeError, match="'keep' parameter must be in"):
+        pseudo_labels(probs, flagged, 0.0)
+
+
+def test_self_training_fine_tunes_on_its_own_labels_and_replays_the_source(
+        run_and_new_lab, tmp_path, capsys, monkeypatch):
+    root = run_and_new_lab
+    (tmp_path / "lab").mkdir()
+    shutil.copytree(root / "other", tmp_path / "lab" / "other")
+    (tmp_path / "lab" / "broken.png").write_bytes(b"not an image")
+    monkeypatch.chdir(tmp_path / "lab")  # the inputs given relative to here
+    code = main(["adapt", str(root / "run"), "other", "broken.png", "--out", "../tuned",
+                 "--method", "self-train", "--epochs", "1", "--batch-size", "8",
+                 "--no-progress"])
+    out = tmp_path / "tuned"
+    assert code == 3  # adapted, with one unreadable input named
+    said = " ".join(capsys.readouterr().err.split())
+    assert "broken.png" in said and "self-trained on" in said
+    report = json.loads((out / "adapt.json").read_text())
+    assert report["n_cells"] == 28 and len(report["unreadable"]) == 1
+    with (out / "pseudo_labels.csv").open() as handle:
+        labelled = list(csv.DictReader(handle))
+    # of each class the source model predicts, the surer half of its cells not flagged
+    before = tmp_path / "before.csv"
+    main(["predict", str(root / "run"), "other", "--out", str(before), "--no-progress"])
+    with before.open() as handle:
+        predicted = {os.path.abspath(r["path"]): r for r in csv.DictReader(handle)
+                     if r["unclassifiable"] == "False"}
+    counts = Counter(r["predicted_leaf"] for r in predicted.values())
+    assert report["pseudo_labelled"] == {k: math.ceil(n / 2) for k, n in counts.items()}
+    assert len(labelled) == sum(report["pseudo_labelled"].values())
+    for row in labelled:  # absolute paths: the manifest is read from its own folder
+        assert row["label"] == predicted[row["path"]]["predicted_leaf"]
+        assert float(row["probability"]) == pytest.approx(
+            float(predicted[row["path"]][f"p_{row['label']}"]), abs=1e-5)
+
+    def split(run):
+        with (run / "split.csv").open() as handle:
+            rows = list(csv.DictReader(handle))
+        return ({r["path"] for r in rows if r["split"] == "train"},
+                {r["path"] for r in rows if r["split"] == "val"})
+
+    # trained on the labelled cells and the replayed source images; validated (and
+    # calibrated) on the source's validation images, with their real labels
+    source_train, source_val = split(root / "run")
+    tuned_train, tuned_val = split(out)
+    assert tuned_train == source_train | {r["path"] for r in labelled}
+    assert tuned_val == source_val
+    assert read_checkpoint(out)["extra"]["adapted"]["keep"] == 0.5
+    assert main(["predict", str(out), "other", "--no-progress"]) == 0
+
+
+def test_self_training_refuses_what_it_cannot_adapt(run_and_new_lab, tmp_path, capsys):
+    root = run_and_new_lab
+    new = str(root / "other")
+
+    def refused(*argv: str) -> str:
+        assert main(["adapt", *argv, "--no-progress"]) == 2
+        return " ".join(capsys.readouterr().err.split())
+
+    assert "--pixel-size is not supported" in refused(
+        str(root / "run"), new, "--out", str(tmp_path / "a"), "--pixel-size", "0.5")
+    assert "--keep, --epochs only apply to --method self-train" in refused(
+        str(root / "run"), new, "--out", str(tmp_path / "b"), "--method", "batch-norm",
+        "--keep", "0.3", "--epochs", "2")
+    assert "lies inside the input folder" in refused(
+        str(root / "run"), new, "--out", str(root / "other" / "adapted"))
+    with_cells = tmp_path / "with-cells"
+    shutil.copytree(root / "run", with_cells)
+    config = (with_cells / "config.yaml").read_text()
+    (with_cells / "config.yaml").write_text(config.replace("cell_taxonomy: null",
+                                                           "cell_taxonomy: pbc"))
+    said = refused(str(with_cells), new, "--out", str(tmp_path / "c"), "--method",
+                   "self-train")
+    assert "cannot adapt" in said and "--cell-taxonomy" in said
+    assert not (tmp_path / "c").exists()  # refused before anything was written

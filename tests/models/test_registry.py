@@ -111,5 +111,5 @@ def test_group_norm_backbones_have_no_batch_statistics_and_save_their_norm(tmp_p
     for i in range(2):
         Image.new("RGB", (40, 40), (200, 120 + i, 150)).save(tmp_path / "cells" / f"c{i}.png")
     assert main(["adapt", str(tmp_path / "best.pt"), str(tmp_path / "cells"), "--out",
-                 str(tmp_path / "adapted"), "--no-progress"]) == 2
+                 str(tmp_path / "adapted"), "--method", "batch-norm", "--no-progress"]) == 2
     assert "no batch-normalisation layer" in capsys.readouterr().err

@@ -247,10 +247,10 @@ class Trainer:
         """Training and validation images: a separate validation set, or a grouped split."""
         cfg = self.config
         sample_set = self._discover(self.data, taxonomy)
-        note = sample_set.grouping_note()
-        if note:
-            self._log(note, style="bold yellow")
-        if not cfg.val_data:
+        if not cfg.val_data:  # (a separate validation set splits nothing)
+            note = sample_set.grouping_note()
+            if note:
+                self._log(note, style="bold yellow")
             parts = choose_split(sample_set, cfg)
             return ([s for s, p in zip(sample_set.samples, parts, strict=True) if p == "train"],
                     [s for s, p in zip(sample_set.samples, parts, strict=True) if p == "val"])
