@@ -21,8 +21,9 @@ the same types; prints JSON and writes OUT/cross_lab.md.
    ``--no-self-train`` skips it) and tests that on the other half; and fine-tunes
    the trained model (``train --init``) on at most ``--labelled-per-class`` labelled
    cells per class drawn from half of the patients, replaying the PBC training images
-   (``--replay``), and on the labelled cells alone; tests both on the other half, and on
-   the held-out PBC cells (what the fine-tune forgot).
+   (``--replay``), and on the labelled cells alone, and the self-trained model on them
+   with replay; tests each on the other half, and on the held-out PBC cells (what the
+   fine-tune forgot).
 4. Evaluates in-lab (held-out PBC; also re-cropped tightly, as labs that export a
    120 px box around the cell do, with the model's centre crop and with
    ``--crop-mode auto``; and with a yellow colour cast, :data:`YELLOW_CAST`) and
@@ -160,11 +161,14 @@ def few_labels(run: Path, mapped: Path, test: Path, test_pbc: Path,
     few = write_manifest(args.out / "jhh-labelled.csv", labelled)
     result = {"labelled_cells": len(labelled),
               "heldout_patients": len({r["patient"] for r in rows} - pool)}
-    for tag, replay in (("fine_tuned", True), ("fine_tuned_no_replay", False)):
+    variants = [("fine_tuned", run, True), ("fine_tuned_no_replay", run, False)]
+    if (args.out / "self-trained" / RunDir.ADAPT).exists():  # adapt, then the labels
+        variants.append(("self_trained_fine_tuned", args.out / "self-trained", True))
+    for tag, init, replay in variants:
         name = tag.replace("_", "-")
         tuned = args.out / name
         # a few dozen validation cells cannot pick an epoch: keep the last one
-        overrides = {"init": str(run), "lr": 5e-4, "val_fraction": 0.2, "patients": "none",
+        overrides = {"init": str(init), "lr": 5e-4, "val_fraction": 0.2, "patients": "none",
                      "balance": "none", "monitor": "last"}
         # the labelled cells alone: 15 short epochs; with the PBC images replayed
         # (each epoch about twice their number), 5
@@ -174,7 +178,8 @@ def few_labels(run: Path, mapped: Path, test: Path, test_pbc: Path,
             shutil.rmtree(tuned, ignore_errors=True)
             train(few, tuned, resolve_config(config_file=RunDir(run).config,
                                              overrides=overrides), progress=False)
-        result[f"cross_lab_jhh_heldout_trained_{tag}"] = scored(
+        key = tag if tag.startswith("self") else f"trained_{tag}"
+        result[f"cross_lab_jhh_heldout_{key}"] = scored(
             tuned, test, args.out / f"eval-jhh-heldout-{name}", settings)
         result[f"in_lab_pbc_test_{tag}"] = scored(tuned, test_pbc,
                                                   args.out / f"eval-pbc-test-{name}", settings)
@@ -393,14 +398,18 @@ def markdown(r: dict) -> str:
                       ("same, after `adapt` (self-training) on all cells of the first half "
                        "(no labels)", "cross_lab_jhh_heldout_self_trained"),
                       ("PBC held out, after that self-training", "in_lab_pbc_test_self_trained"),
-                      (f"same, fine-tuned on {few} labelled cells of the first half, "
-                       "replaying the PBC training images",
+                      (f"Johns Hopkins, other half, fine-tuned on {few} labelled cells of the "
+                       "first half, replaying the PBC training images",
                        "cross_lab_jhh_heldout_trained_fine_tuned"),
                       ("PBC held out, after that fine-tune", "in_lab_pbc_test_fine_tuned"),
                       (f"Johns Hopkins, other half, fine-tuned on the {few} cells alone",
                        "cross_lab_jhh_heldout_trained_fine_tuned_no_replay"),
                       ("PBC held out, after that fine-tune",
-                       "in_lab_pbc_test_fine_tuned_no_replay")):
+                       "in_lab_pbc_test_fine_tuned_no_replay"),
+                      (f"Johns Hopkins, other half, `adapt` then fine-tuned on the {few} "
+                       "cells, replaying the PBC training images",
+                       "cross_lab_jhh_heldout_self_trained_fine_tuned"),
+                      ("PBC held out, after both", "in_lab_pbc_test_self_trained_fine_tuned")):
         if key not in r:
             continue
         s = r[key]
