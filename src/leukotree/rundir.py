@@ -205,7 +205,8 @@ class RunDir(_Folder):
     NOT_USED = "not_used.csv"
     ADAPT = "adapt.json"
     #: The new lab's cells and the labels a self-training ``adapt`` gave them: written
-    #: into the (new) run folder before the fine-tune trains on it.
+    #: into the (new) run folder, with the source run's validation images (``val.csv``),
+    #: before the fine-tune trains on them.
     PSEUDO_LABELS = "pseudo_labels.csv"
 
     @classmethod
@@ -246,7 +247,7 @@ class RunDir(_Folder):
         if not self.path.is_dir() or self.is_run:
             return []
         return sorted(p for p in self.path.iterdir()
-                      if p.name not in (self.LOCK, self.PSEUDO_LABELS))
+                      if p.name not in (self.LOCK, self.PSEUDO_LABELS, self.VAL_MANIFEST))
 
     @contextmanager
     def locked(self) -> Iterator[None]:

@@ -148,6 +148,7 @@ def test_pseudo_labels_keep_the_surest_share_of_each_predicted_class():
 def test_self_training_fine_tunes_on_its_own_labels_and_replays_the_source(
         run_and_new_lab, tmp_path, capsys, monkeypatch):
     root = run_and_new_lab
+    source_files = sorted(p.name for p in (root / "run").iterdir())
     (tmp_path / "lab").mkdir()
     shutil.copytree(root / "other", tmp_path / "lab" / "other")
     (tmp_path / "lab" / "broken.png").write_bytes(b"not an image")
@@ -157,6 +158,7 @@ def test_self_training_fine_tunes_on_its_own_labels_and_replays_the_source(
                  "--no-progress"])
     out = tmp_path / "tuned"
     assert code == 3  # adapted, with one unreadable input named
+    assert sorted(p.name for p in (root / "run").iterdir()) == source_files  # untouched
     said = " ".join(capsys.readouterr().err.split())
     assert "broken.png" in said and "self-trained on" in said
     report = json.loads((out / "adapt.json").read_text())
@@ -217,3 +219,8 @@ def test_self_training_refuses_what_it_cannot_adapt(run_and_new_lab, tmp_path, c
                    "self-train")
     assert "cannot adapt" in said and "--cell-taxonomy" in said
     assert not (tmp_path / "c").exists()  # refused before anything was written
+    # too few cells to label (ceil(0.1 * n) of each predicted class): refused after
+    # predicting, and the folder it had begun is gone
+    said = refused(str(root / "run"), new, "--out", str(tmp_path / "d"), "--keep", "0.1")
+    assert "needs at least 10 cells the model can label" in said
+    assert not (tmp_path / "d").exists()

@@ -189,7 +189,7 @@ def pseudo_labels(probs: np.ndarray, flagged: np.ndarray, keep: float) -> np.nda
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
 
 
-def _self_train_config(source: RunDir, run: str | Path, epochs: int, lr: float,
+def _self_train_config(source: RunDir, run: str | Path, out: Path, epochs: int, lr: float,
                        workers: int, max_pixels: int) -> TrainConfig:
     """The source run's configuration, made a fine-tune on the pseudo-labelled cells that
     replays its training images and validates on its validation images (real labels:
@@ -211,7 +211,8 @@ def _self_train_config(source: RunDir, run: str | Path, epochs: int, lr: float,
                                  "the model's own labels do not give. Use --method "
                                  "batch-norm, or fine-tune on labelled cells (train --init "
                                  "--replay).")
-    val = source.path.resolve() / RunDir.VAL_MANIFEST
+    out.mkdir(parents=True, exist_ok=True)  # the source folder may be read-only
+    val = out.resolve() / RunDir.VAL_MANIFEST
     return resolve_config(overrides={
         **values, "fold": None,  # dropped: the source's fold, if any, is not this split
         "taxonomy": str(source.path.resolve() / RunDir.TAXONOMY),
@@ -235,6 +236,30 @@ def _write_pseudo_labels(path: Path, cells: Sequence[Path], labels: Sequence[str
             writer.writerow([os.path.abspath(cell), label, f"{p:.6f}"])
 
 
+def _label_new_cells(model: nn.Module, inputs: Sequence[str | Path], keep: float,
+                     device: Any, **predict: Any) -> tuple[Any, np.ndarray, list[str],
+                                                             np.ndarray | None]:
+    """The model's predictions of the new cells, the rows it labels
+    (:func:`pseudo_labels`), their labels and the flags (None: the model has no
+    out-of-distribution score)."""
+    found = collect_inputs(inputs, "none")
+    preds = predict_paths(TorchPredictor(model, device), [i.path for i in found.images],
+                          on_error="report", **predict)
+    flagged = None if preds.ood_score is None else preds.unclassifiable
+    rows = pseudo_labels(preds.leaf_probs,
+                         np.zeros(len(preds.paths), bool) if flagged is None else flagged, keep)
+    leaves = list(model.taxonomy.leaves)
+    labels = [leaves[k] for k in preds.leaf_probs[rows].argmax(axis=1)]
+    if len(rows) < MIN_PSEUDO_LABELS:
+        raise LeukotreeError(
+            f"Self-training needs at least {MIN_PSEUDO_LABELS} cells the model can label; of "
+            f"{len(preds.paths)} image(s) it labelled {len(rows)} "
+            f"({0 if flagged is None else int(flagged.sum())} flagged unclassifiable, the "
+            "rest unreadable or left out by --keep). Give more of the new lab's cells, or "
+            "adapt with --method batch-norm.")
+    return preds, rows, labels, flagged
+
+
 def self_train(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
                keep: float = 0.5, epochs: int = 5, lr: float = 5e-4, batch_size: int = 64,
                workers: int = 2, progress: bool = True,
@@ -244,7 +269,8 @@ def self_train(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *
     ``out/pseudo_labels.csv`` and fine-tune on them into the run folder ``out`` (``epochs``
     at learning rate ``lr``, the last epoch kept), replaying the source run's training
     images and validated, calibrated and given its out-of-distribution threshold on its
-    validation images. If the fine-tune stops, remove ``out`` and run it again."""
+    validation images. A refusal leaves no ``out``; if the fine-tune stops, remove
+    ``out`` and run it again."""
     from leukotree.engine.loop import resolve_device
     from leukotree.engine.trainer import train
 
@@ -256,34 +282,29 @@ def self_train(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *
                              f"({model.config.input_pixel_size:g} um; adapted with "
                              "--pixel-size): self-training cannot adapt it yet. Self-train the "
                              "run it was adapted from.")
-    config = _self_train_config(source, run, epochs, lr, workers, max_pixels)
-    found = collect_inputs(inputs, "none")
-    preds = predict_paths(TorchPredictor(model, resolve_device(config.device)),
-                          [i.path for i in found.images], batch_size=batch_size,
-                          workers=workers, progress=progress, on_error="report",
-                          max_pixels=max_pixels)
-    no_flag = preds.ood_score is None
-    flagged = np.zeros(len(preds.paths), bool) if no_flag else preds.unclassifiable
-    rows = pseudo_labels(preds.leaf_probs, flagged, keep)
-    leaves = list(model.taxonomy.leaves)
-    labels = [leaves[k] for k in preds.leaf_probs[rows].argmax(axis=1)]
-    if len(rows) < MIN_PSEUDO_LABELS:
-        raise LeukotreeError(
-            f"Self-training needs at least {MIN_PSEUDO_LABELS} cells the model can label; of "
-            f"{len(preds.paths)} image(s) it labelled {len(rows)} ({int(flagged.sum())} "
-            "flagged unclassifiable, the rest unreadable or left out by --keep). Give more "
-            "of the new lab's cells, or adapt with --method batch-norm.")
-    target.path.mkdir(parents=True, exist_ok=True)
-    _write_pseudo_labels(target.path / RunDir.PSEUDO_LABELS, [preds.paths[r] for r in rows],
-                         labels, preds.leaf_probs[rows].max(axis=1))
+    created = not target.path.exists()
+    try:
+        config = _self_train_config(source, run, target.path, epochs, lr, workers,
+                                    max_pixels)
+        preds, rows, labels, flagged = _label_new_cells(
+            model, inputs, keep, resolve_device(config.device), batch_size=batch_size,
+            workers=workers, progress=progress, max_pixels=max_pixels)
+        _write_pseudo_labels(target.path / RunDir.PSEUDO_LABELS,
+                             [preds.paths[r] for r in rows], labels,
+                             preds.leaf_probs[rows].max(axis=1))
+    except BaseException:
+        if created:
+            shutil.rmtree(target.path, ignore_errors=True)
+        raise
     summary = train(target.path / RunDir.PSEUDO_LABELS, target.path, config,
                     progress=progress)
     report = {"source": str(display_path(RunDir.checkpoint_of(run))),
               "method": "self-training: fine-tuned on its own surest labels of the new "
                         "cells, replaying the source run's training images",
               "inputs": [str(i) for i in inputs], "n_cells": int(preds.ok.sum()),
-              "flagged_unclassifiable": None if no_flag else int(flagged.sum()),
-              "keep": keep, "pseudo_labelled": {leaf: labels.count(leaf) for leaf in leaves
+              "flagged_unclassifiable": None if flagged is None else int(flagged.sum()),
+              "keep": keep, "pseudo_labelled": {leaf: labels.count(leaf)
+                                                for leaf in model.taxonomy.leaves
                                                 if leaf in labels},
               "unreadable": [e for e in preds.errors if e is not None],
               "epochs": epochs, "lr": lr}
