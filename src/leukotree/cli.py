@@ -264,6 +264,9 @@ def cmd_adapt(args: argparse.Namespace) -> int:
             + ("the model has no out-of-distribution score: no cell was left out as "
                "unlike its training cells" if flagged is None else
                f"{flagged} flagged unclassifiable, not labelled") + f"); wrote {args.out}")
+        if report["in_source_run"]:
+            say(console, f"{report['in_source_run']} of the given images are the source "
+                "run's own training or validation images: left out", "yellow")
     else:
         given = [f"--{k}" for k, v in tuning.items() if v is not None]
         if given:
@@ -618,8 +621,9 @@ def _add_explain_report_export_parsers(sub: argparse._SubParsersAction) -> None:
                          "fine-tune keeps the run's own batch size)")
     ad.add_argument("--workers", type=POSITIVE, default=2)
     ad.add_argument("--pixel-size", type=number(float, 0, 1000, low_open=True), metavar="UM",
-                    help="micrometres per pixel of the new lab's images (the adapted run "
-                         "then decodes images at this pixel size unless told otherwise)")
+                    help="batch-norm: micrometres per pixel of the new lab's images (the "
+                         "adapted run then decodes images at this pixel size unless told "
+                         "otherwise)")
     _add_max_pixels(ad)
     ad.add_argument("--no-progress", action="store_true")
     ad.set_defaults(func=cmd_adapt)

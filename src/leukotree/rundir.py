@@ -184,7 +184,9 @@ class RunDir(_Folder):
     ``history.csv`` and ``learning_curves.png`` (per epoch), ``best.pt`` (the best
     model, self-describing), ``last.pt`` (everything ``--resume`` needs),
     ``best.onnx`` (the ONNX export ``predict`` keeps), ``summary.json`` and
-    ``cache/`` (decoded pixels); an adapted run (``leukotree adapt``) has ``adapt.json``.
+    ``cache/`` (decoded pixels); an adapted run (``leukotree adapt``) has ``adapt.json``,
+    and a self-trained one the labelled new cells (``pseudo_labels.csv``) and the source
+    run's validation images it validated on (``val.csv``).
     """
 
     CONFIG = "config.yaml"

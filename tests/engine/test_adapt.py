@@ -153,16 +153,22 @@ def test_self_training_fine_tunes_on_its_own_labels_and_replays_the_source(
     shutil.copytree(root / "other", tmp_path / "lab" / "other")
     (tmp_path / "lab" / "broken.png").write_bytes(b"not an image")
     monkeypatch.chdir(tmp_path / "lab")  # the inputs given relative to here
-    code = main(["adapt", str(root / "run"), "other", "broken.png", "--out", "../tuned",
-                 "--method", "self-train", "--epochs", "1", "--batch-size", "8",
-                 "--no-progress"])
+    twice = str(next((tmp_path / "lab" / "other").rglob("*.png")))
+    with (root / "run" / "split.csv").open() as handle:
+        own = next(csv.DictReader(handle))["path"]  # one of the source run's images
+    code = main(["adapt", str(root / "run"), "other", "broken.png", twice, own,
+                 "--out", "../tuned", "--method", "self-train", "--epochs", "1",
+                 "--batch-size", "8", "--no-progress"])
     out = tmp_path / "tuned"
     assert code == 3  # adapted, with one unreadable input named
     assert sorted(p.name for p in (root / "run").iterdir()) == source_files  # untouched
     said = " ".join(capsys.readouterr().err.split())
     assert "broken.png" in said and "self-trained on" in said
+    assert "1 of the given images are the source run's own" in said
     report = json.loads((out / "adapt.json").read_text())
+    # the image given twice is used once; the source's own image left out
     assert report["n_cells"] == 28 and len(report["unreadable"]) == 1
+    assert report["in_source_run"] == 1
     with (out / "pseudo_labels.csv").open() as handle:
         labelled = list(csv.DictReader(handle))
     # of each class the source model predicts, the surer half of its cells not flagged
@@ -224,3 +230,7 @@ def test_self_training_refuses_what_it_cannot_adapt(run_and_new_lab, tmp_path, c
     said = refused(str(root / "run"), new, "--out", str(tmp_path / "d"), "--keep", "0.1")
     assert "needs at least 10 cells the model can label" in said
     assert not (tmp_path / "d").exists()
+    (tmp_path / "e").mkdir()  # an empty folder given is left empty
+    assert "needs at least 10" in refused(str(root / "run"), new, "--out",
+                                          str(tmp_path / "e"), "--keep", "0.1")
+    assert not any((tmp_path / "e").iterdir())

@@ -190,11 +190,12 @@ def pseudo_labels(probs: np.ndarray, flagged: np.ndarray, keep: float) -> np.nda
 
 
 def _self_train_config(source: RunDir, run: str | Path, out: Path, epochs: int, lr: float,
-                       workers: int, max_pixels: int) -> TrainConfig:
+                       workers: int, max_pixels: int | None) -> TrainConfig:
     """The source run's configuration, made a fine-tune on the pseudo-labelled cells that
     replays its training images and validates on its validation images (real labels:
-    the calibration and the out-of-distribution threshold are fitted on them, as in the
-    source run, not on the model's own labels)."""
+    the temperatures and the out-of-distribution threshold are fitted on them, as in the
+    source run; the class means of the distance score come from the training side, the
+    pseudo-labelled cells included). Device and precision are this machine's (auto)."""
     from leukotree.engine.config import resolve_config
 
     if not source.split.exists() or not source.read_split("val"):
@@ -219,8 +220,9 @@ def _self_train_config(source: RunDir, run: str | Path, out: Path, epochs: int, 
         "init": str(RunDir.checkpoint_of(run).resolve()), "replay": str(source.path.resolve()),
         "val_data": str(source.write_val_manifest(val)), "epochs": epochs, "lr": lr,
         "warmup_epochs": 0.5, "monitor": "last", "balance": "none", "labels": "folder",
-        "patients": "none", "patient_model": "none", "device": "auto", "workers": workers,
-        "max_pixels": max_pixels})
+        # auto: the validation manifest's patient column (pseudo_labels.csv has none)
+        "patients": "auto", "patient_model": "none", "device": "auto", "amp": "auto",
+        "workers": workers, "max_pixels": max_pixels})
 
 
 def _write_pseudo_labels(path: Path, cells: Sequence[Path], labels: Sequence[str],
@@ -228,7 +230,7 @@ def _write_pseudo_labels(path: Path, cells: Sequence[Path], labels: Sequence[str
     bad = [p for p in map(utf8_problem, cells) if p is not None]
     if bad:
         raise LeukotreeError(f"{len(bad)} of the new lab's file names are not valid UTF-8 "
-                             f"(e.g. {bad[0].path}); rename them and run adapt again.")
+                             f"(e.g. {bad[0].where}); rename them and run adapt again.")
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "probability"])
@@ -236,15 +238,32 @@ def _write_pseudo_labels(path: Path, cells: Sequence[Path], labels: Sequence[str
             writer.writerow([os.path.abspath(cell), label, f"{p:.6f}"])
 
 
-def _label_new_cells(model: nn.Module, inputs: Sequence[str | Path], keep: float,
-                     device: Any, **predict: Any) -> tuple[Any, np.ndarray, list[str],
-                                                             np.ndarray | None]:
+def _new_cells(inputs: Sequence[str | Path], source: RunDir) -> tuple[list[Path], int]:
+    """The images of ``inputs``, each once (by real path), without the source run's own
+    training and validation images (their real labels are already used); and how many of
+    those were left out."""
+    known = {os.path.realpath(r["path"]) for r in source.read_split()}
+    seen: set[str] = set()
+    paths, in_source = [], 0
+    for image in collect_inputs(inputs, "none").images:
+        real = os.path.realpath(image.path)
+        if real in seen:
+            continue
+        seen.add(real)
+        if real in known:
+            in_source += 1
+        else:
+            paths.append(image.path)
+    return paths, in_source
+
+
+def _label_new_cells(model: nn.Module, paths: Sequence[Path], keep: float, device: Any,
+                     **predict: Any) -> tuple[Any, np.ndarray, list[str], np.ndarray | None]:
     """The model's predictions of the new cells, the rows it labels
     (:func:`pseudo_labels`), their labels and the flags (None: the model has no
     out-of-distribution score)."""
-    found = collect_inputs(inputs, "none")
-    preds = predict_paths(TorchPredictor(model, device), [i.path for i in found.images],
-                          on_error="report", **predict)
+    preds = predict_paths(TorchPredictor(model, device), paths, on_error="report",
+                          **predict)
     flagged = None if preds.ood_score is None else preds.unclassifiable
     rows = pseudo_labels(preds.leaf_probs,
                          np.zeros(len(preds.paths), bool) if flagged is None else flagged, keep)
@@ -263,14 +282,15 @@ def _label_new_cells(model: nn.Module, inputs: Sequence[str | Path], keep: float
 def self_train(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
                keep: float = 0.5, epochs: int = 5, lr: float = 5e-4, batch_size: int = 64,
                workers: int = 2, progress: bool = True,
-               max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
+               max_pixels: int | None = None) -> dict[str, Any]:
     """Adapt the model of ``run`` to the cells of ``inputs`` by self-training (module
     docstring): label them with the model (:func:`pseudo_labels`), write them to
     ``out/pseudo_labels.csv`` and fine-tune on them into the run folder ``out`` (``epochs``
     at learning rate ``lr``, the last epoch kept), replaying the source run's training
     images and validated, calibrated and given its out-of-distribution threshold on its
-    validation images. A refusal leaves no ``out``; if the fine-tune stops, remove
-    ``out`` and run it again."""
+    validation images. Images given twice are used once; the source run's own images are
+    left out. ``max_pixels`` None: the source run's. A refusal before the fine-tune leaves
+    ``out`` as it was; if the fine-tune stops, remove ``out`` and run it again."""
     from leukotree.engine.loop import resolve_device
     from leukotree.engine.trainer import train
 
@@ -286,15 +306,19 @@ def self_train(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *
     try:
         config = _self_train_config(source, run, target.path, epochs, lr, workers,
                                     max_pixels)
+        paths, in_source = _new_cells(inputs, source)
         preds, rows, labels, flagged = _label_new_cells(
-            model, inputs, keep, resolve_device(config.device), batch_size=batch_size,
-            workers=workers, progress=progress, max_pixels=max_pixels)
+            model, paths, keep, resolve_device(config.device), batch_size=batch_size,
+            workers=workers, progress=progress, max_pixels=config.max_pixels)
         _write_pseudo_labels(target.path / RunDir.PSEUDO_LABELS,
                              [preds.paths[r] for r in rows], labels,
                              preds.leaf_probs[rows].max(axis=1))
     except BaseException:
         if created:
             shutil.rmtree(target.path, ignore_errors=True)
+        else:  # an empty folder given: emptied again
+            for name in (RunDir.VAL_MANIFEST, RunDir.PSEUDO_LABELS):
+                (target.path / name).unlink(missing_ok=True)
         raise
     summary = train(target.path / RunDir.PSEUDO_LABELS, target.path, config,
                     progress=progress)
@@ -306,8 +330,11 @@ def self_train(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *
               "keep": keep, "pseudo_labelled": {leaf: labels.count(leaf)
                                                 for leaf in model.taxonomy.leaves
                                                 if leaf in labels},
+              "in_source_run": in_source,
               "unreadable": [e for e in preds.errors if e is not None],
-              "epochs": epochs, "lr": lr}
+              "epochs": epochs, "lr": lr,
+              "patient_model": ("the source run's, not refitted" if "patient_model" in payload
+                                else None)}
     extra = read_checkpoint(target.best).get("extra", {})
     update_checkpoint(target.best, extra={**extra, "adapted": report},
                       patient_model=payload.get("patient_model"))

@@ -74,8 +74,8 @@ class TrainConfig:
                                  low=0, high=1, low_open=True, high_open=True)
     norm: str = option("batch", "normalisation layers of the backbone: batch (the model's "
                        "own) or group (GroupNorm: per image, so another lab's batch statistics "
-                       "cannot shift it; from scratch only, and adapt has nothing to "
-                       "re-estimate)", choices=("batch", "group"))
+                       "cannot shift it; from scratch only, and adapt --method batch-norm has "
+                       "nothing to re-estimate)", choices=("batch", "group"))
     img_size: int = option(224, "image side in pixels", low=16, high=4096)
     epochs: int = option(30, "number of epochs", low=1, high=100_000)
     batch_size: int = option(32, "batch size (per process)", low=1, high=65_536)
@@ -117,8 +117,8 @@ class TrainConfig:
     pixel_size: float | None = option(
         None, "micrometres per pixel of the training images: the model then records the "
         "physical field of view it sees (the centre crop of the median training image), and "
-        "predict/evaluate/serve/adapt --pixel-size crop another lab's images (another camera "
-        "or magnification) to that same field",
+        "predict/evaluate/serve/adapt --method batch-norm --pixel-size crop another lab's "
+        "images (another camera or magnification) to that same field",
         low=0, low_open=True, high=1000)
     context_radius: float = option(
         0.0, "flatten the image beyond this fraction of its side from the centre to one "
