@@ -198,6 +198,8 @@ def test_self_training_fine_tunes_on_its_own_labels_and_replays_the_source(
     assert tuned_train == source_train | {r["path"] for r in labelled}
     assert tuned_val == source_val
     assert read_checkpoint(out)["extra"]["adapted"]["keep"] == 0.5
+    # the cells it only labelled are not known cells to the out-of-distribution score
+    assert "ood_reference: replayed" in (out / "config.yaml").read_text()
     assert main(["predict", str(out), "other", "--no-progress"]) == 0
 
 

@@ -524,3 +524,26 @@ def test_balanced_class_weights_count_each_image_as_often_as_an_epoch_shows_it(t
                                np.array([0, 1, 2, 3, 3, 3])).leaf_weights
     assert shown[leaf["ALL"]].item() == pytest.approx(6 / 21)
     assert shown[leaf["AML"]].item() == pytest.approx(6 / 21)
+
+
+def test_ood_reference_replayed_measures_distance_to_the_replayed_cells_only(synth_data,
+                                                                             tmp_path):
+    # a first lab without CML; a second lab's cells include CML
+    rows = [f"{p},{p.parent.parent.name},{p.parent.name}" for p in sorted(synth_data.rglob("*.png"))
+            if p.parent.parent.name != "CML"]
+    first_data = tmp_path / "first.csv"
+    first_data.write_text("path,label,patient\n" + "\n".join(rows) + "\n")
+    first = tmp_path / "first"
+    train(first_data, first, resolve_config(preset="tiny-test", overrides={
+        "epochs": 1, "patients": "manifest"}), progress=False)
+    lab2 = _second_lab(tmp_path)
+    classes = {}
+    for reference in ("training", "replayed"):
+        out = tmp_path / reference
+        train(lab2, out, resolve_config(preset="tiny-test", overrides={
+            "epochs": 1, "init": str(first), "replay": str(first), "val_fraction": 0.34,
+            "ood_reference": reference}), progress=False)
+        classes[reference] = set(read_checkpoint(out / "best.pt")["ood"]["classes"])
+    assert "CML" in classes["training"] and "CML" not in classes["replayed"]
+    with pytest.raises(LeukotreeError, match="--ood-reference replayed needs --replay"):
+        resolve_config(preset="tiny-test", overrides={"ood_reference": "replayed"})

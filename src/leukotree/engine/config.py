@@ -195,6 +195,11 @@ class TrainConfig:
     ood_layers: int = option(3, "backbone stages, counted from the last, whose feature "
                              "distances add up to the out-of-distribution score (1: the "
                              "pooled features alone)", low=1, high=12)
+    ood_reference: str = option(
+        "training", "the cells the out-of-distribution score measures distance to: all "
+        "training cells, or only the --replay ones (for labels the model gave itself, as "
+        "adapt's self-training does: cells it merely labelled are not known cells)",
+        choices=("training", "replayed"))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -255,6 +260,9 @@ class TrainConfig:
             if not RunDir.checkpoint_of(self.init).is_file():
                 raise LeukotreeError(f"--init '{self.init}' is not a trained model: give a run "
                                      "folder (with best.pt) or a .pt file from leukotree train.")
+        if self.ood_reference == "replayed" and self.replay is None:
+            raise LeukotreeError("--ood-reference replayed needs --replay: the distance is "
+                                 "measured to the replayed training images.")
         if self.replay is not None and not Path(self.replay).exists():
             raise LeukotreeError(f"--replay '{self.replay}' does not exist: give the run folder "
                                  "whose training images to keep training on (usually the "

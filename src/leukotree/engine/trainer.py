@@ -652,15 +652,17 @@ class Trainer:
         of the validation cells); adds each side's ``ood_score`` to ``outputs``."""
         cfg = self.config
         val_out = outputs["val"]
-        labels = [s.label for s in train.samples]
+        # the reference cells: all training cells, or the replayed ones (after the new)
+        known = slice(self._n_new if cfg.ood_reference == "replayed" else 0, None)
+        labels = [s.label for s in train.samples[known]]
         stages = model.ood_stages
+        key = "stage_features" if stages > 1 else "features"
         if stages > 1:
-            key = "stage_features"
             means, precision, classes = fit_stage_distance(
-                outputs["train"][key], labels, model.stage_widths())
+                outputs["train"][key][known], labels, model.stage_widths())
         else:
-            key = "features"
-            means, precision, classes = fit_feature_distance(outputs["train"][key], labels)
+            means, precision, classes = fit_feature_distance(outputs["train"][key][known],
+                                                             labels)
         with torch.no_grad():
             per_stage = FeatureDistance(means, precision).block_distances(
                 torch.from_numpy(val_out[key])).numpy()
