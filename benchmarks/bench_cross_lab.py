@@ -108,41 +108,63 @@ def first_half(mapped: Path) -> set[str]:
     return set(np.random.default_rng(0).permutation(patients)[:len(patients) // 2])
 
 
-def heldout_half(mapped: Path, out: Path) -> Path:
-    """Manifest of the mapped cells of the patients not in :func:`first_half`."""
-    pool = first_half(mapped)
+def heldout_half(mapped: Path, pool: set[str], out: Path) -> Path:
+    """Manifest of the mapped cells of the patients not in ``pool``."""
     with mapped.open(newline="") as handle:
         held = [r for r in csv.DictReader(handle) if r["patient"] not in pool]
     return write_manifest(out / "jhh-heldout-patients.csv", held)
 
 
-def self_trained(run: Path, mapped: Path, held: Path, jhh: Path, test_pbc: Path,
+def self_trained(run: Path, pool: set[str], held: Path, jhh: Path, test_pbc: Path,
                  args: argparse.Namespace, settings: EvalSettings) -> dict:
-    """``adapt --method self-train`` on every cell of the first half's patients (all
-    types, blasts and smudges too; labels unread), tested on the other half's cells and on
-    the held-out PBC cells."""
-    pool = first_half(mapped)
+    """``adapt`` (self-training) on every cell of the first half's patients (all types,
+    blasts and smudges too; labels unread), tested on the other half's cells and on the
+    held-out PBC cells; how many of its labels the technologists' cell types confirm, and
+    the share of the other half's cells of unseen types flagged before and after."""
+    with (jhh / "manifest.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    cell_type = {str((jhh / r["path"]).resolve()): r["cell_type"] for r in rows}
     unlabelled = args.out / "jhh-first-half-unlabelled.csv"
-    with (jhh / "manifest.csv").open(newline="") as handle, \
-            unlabelled.open("w", newline="") as out:
+    with unlabelled.open("w", newline="") as out:
         writer = csv.writer(out)
         writer.writerow(["path", "patient"])
         writer.writerows([(jhh / r["path"]).resolve(), r["patient"]]
-                         for r in csv.DictReader(handle) if r["patient"] in pool)
+                         for r in rows if r["patient"] in pool)
     tuned = args.out / "self-trained"
     if not (tuned / RunDir.ADAPT).exists():
         shutil.rmtree(tuned, ignore_errors=True)
         self_train(run, [unlabelled], tuned, progress=False)
     report = json.loads((tuned / RunDir.ADAPT).read_text())
+    with (tuned / RunDir.PSEUDO_LABELS).open(newline="") as handle:
+        labelled = [(r["label"], cell_type[r["path"]]) for r in csv.DictReader(handle)]
+    composition: dict[str, Counter] = defaultdict(Counter)
+    for label, truth in labelled:
+        composition[label][truth] += 1
+    unseen = [(jhh / r["path"]).resolve() for r in rows
+              if r["cell_type"] not in JHH_TO_PBC and r["patient"] not in pool]
     return {"self_training": {k: report[k] for k in ("n_cells", "flagged_unclassifiable",
-                                                     "pseudo_labelled")},
+                                                     "pseudo_labelled")}
+            | {"labels_right": sum(JHH_TO_PBC.get(t) == lab for lab, t in labelled)
+               / len(labelled),
+               "labelled_cell_types": {k: dict(v.most_common(4))
+                                       for k, v in composition.items()},
+               "heldout_unseen_cells": len(unseen),
+               "heldout_unseen_flagged_before": flagged_rate(run, unseen),
+               "heldout_unseen_flagged_after": flagged_rate(tuned, unseen)},
             "cross_lab_jhh_heldout_self_trained": scored(
                 tuned, held, args.out / "eval-jhh-heldout-self-trained", settings),
             "in_lab_pbc_test_self_trained": scored(
                 tuned, test_pbc, args.out / "eval-pbc-test-self-trained", settings)}
 
 
-def few_labels(run: Path, mapped: Path, test: Path, test_pbc: Path,
+def flagged_rate(run: Path, files: list[Path]) -> float:
+    """Share of the readable ``files`` that the model of ``run`` flags unclassifiable."""
+    predictor, _ = load_predictor(run, "torch")
+    preds = predict_paths(predictor, files, progress=False)
+    return float(preds.unclassifiable[preds.ok].mean())
+
+
+def few_labels(run: Path, mapped: Path, pool: set[str], test: Path, test_pbc: Path,
                args: argparse.Namespace, settings: EvalSettings) -> dict:
     """Fine-tune the trained model on at most ``--labelled-per-class`` cells per class of
     half of the Johns Hopkins patients, replaying its PBC training images (``train --init
@@ -152,7 +174,6 @@ def few_labels(run: Path, mapped: Path, test: Path, test_pbc: Path,
     training re-estimates the batch-norm statistics that ``adapt`` set.)"""
     with mapped.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    pool = first_half(mapped)
     rng = np.random.default_rng(1)
     labelled = []
     for label in sorted({r["label"] for r in rows}):
@@ -161,11 +182,14 @@ def few_labels(run: Path, mapped: Path, test: Path, test_pbc: Path,
     few = write_manifest(args.out / "jhh-labelled.csv", labelled)
     result = {"labelled_cells": len(labelled),
               "heldout_patients": len({r["patient"] for r in rows} - pool)}
+    # (tag, the model it starts from, replay): the result keys name both
     variants = [("fine_tuned", run, True), ("fine_tuned_no_replay", run, False)]
     if (args.out / "self-trained" / RunDir.ADAPT).exists():  # adapt, then the labels
-        variants.append(("self_trained_fine_tuned", args.out / "self-trained", True))
+        variants.append(("fine_tuned", args.out / "self-trained", True))
     for tag, init, replay in variants:
-        name = tag.replace("_", "-")
+        start = "trained" if init == run else "self_trained"
+        tag_in_lab = tag if init == run else f"{start}_{tag}"
+        name = tag_in_lab.replace("_", "-")
         tuned = args.out / name
         # a few dozen validation cells cannot pick an epoch: keep the last one
         overrides = {"init": str(init), "lr": 5e-4, "val_fraction": 0.2, "patients": "none",
@@ -178,10 +202,9 @@ def few_labels(run: Path, mapped: Path, test: Path, test_pbc: Path,
             shutil.rmtree(tuned, ignore_errors=True)
             train(few, tuned, resolve_config(config_file=RunDir(run).config,
                                              overrides=overrides), progress=False)
-        key = tag if tag.startswith("self") else f"trained_{tag}"
-        result[f"cross_lab_jhh_heldout_{key}"] = scored(
+        result[f"cross_lab_jhh_heldout_{start}_{tag}"] = scored(
             tuned, test, args.out / f"eval-jhh-heldout-{name}", settings)
-        result[f"in_lab_pbc_test_{tag}"] = scored(tuned, test_pbc,
+        result[f"in_lab_pbc_test_{tag_in_lab}"] = scored(tuned, test_pbc,
                                                   args.out / f"eval-pbc-test-{name}", settings)
     return result
 
@@ -331,13 +354,14 @@ def main() -> None:
         result["cross_lab_jhh_adapted"] = scored(adapted, mapped, args.out / "eval-jhh-adapted",
                                                  settings)
     if args.labelled_per_class > 0 or not args.no_self_train:
-        held = heldout_half(mapped, args.out)
+        pool = first_half(mapped)
+        held = heldout_half(mapped, pool, args.out)
         result["cross_lab_jhh_heldout_trained"] = scored(run, held,
                                                          args.out / "eval-jhh-heldout", settings)
     if not args.no_self_train:
-        result |= self_trained(run, mapped, held, args.jhh, test, args, settings)
+        result |= self_trained(run, pool, held, args.jhh, test, args, settings)
     if args.labelled_per_class > 0:
-        result |= few_labels(run, mapped, held, test, args, settings)
+        result |= few_labels(run, mapped, pool, held, test, args, settings)
     predictor, _ = load_predictor(run, "torch")
     catch: dict[str, dict[str, float]] = {}
     unseen_scores = []
@@ -424,6 +448,14 @@ def markdown(r: dict) -> str:
                   for t, c in r["unseen_types"].items()]
         lines.append(f"| all unseen types | {sum(c['n'] for c in r['unseen_types'].values())}"
                      f" | {pct(r['unseen_flagged_rate'])} |")
+    if "labels_right" in r.get("self_training", {}):
+        st = r["self_training"]
+        lines += ["", f"Self-training: {sum(st['pseudo_labelled'].values())} of "
+                  f"{st['n_cells']} cells labelled, {pct(st['labels_right'])} of the labels "
+                  "right by the technologists' cell types; of the other half's "
+                  f"{st['heldout_unseen_cells']} cells of unseen types, "
+                  f"{pct(st['heldout_unseen_flagged_before'])} flagged before, "
+                  f"{pct(st['heldout_unseen_flagged_after'])} after."]
     if "ood_auroc_unseen_vs_known_jhh" in r:
         lines += ["", "AUROC of the out-of-distribution score, unseen types against the eight "
                   f"known types of the same lab: {r['ood_auroc_unseen_vs_known_jhh']:.3f}"]
