@@ -615,7 +615,8 @@ def _add_explain_report_export_parsers(sub: argparse._SubParsersAction) -> None:
                          "unclassifiable) labelled, the most probable first (default 0.5)")
     ad.add_argument("--epochs", type=POSITIVE, help="self-train: epochs (default 5)")
     ad.add_argument("--lr", type=number(float, 0, 10, low_open=True),
-                    help="self-train: learning rate (default 5e-4)")
+                    help="self-train: learning rate (default: a quarter of the run's own; "
+                         "cpu-fast 5e-4)")
     ad.add_argument("--batch-size", type=POSITIVE, default=64,
                     help="images per batch when reading the new cells (self-train: the "
                          "fine-tune keeps the run's own batch size)")

@@ -200,6 +200,8 @@ def test_self_training_fine_tunes_on_its_own_labels_and_replays_the_source(
     assert read_checkpoint(out)["extra"]["adapted"]["keep"] == 0.5
     # the cells it only labelled are not known cells to the out-of-distribution score
     assert "ood_reference: replayed" in (out / "config.yaml").read_text()
+    # a quarter of the source run's learning rate (tiny-test: 3e-3)
+    assert report["lr"] == pytest.approx(0.75e-3) and report["patient_model"] is None
     assert main(["predict", str(out), "other", "--no-progress"]) == 0
 
 
@@ -236,3 +238,37 @@ def test_self_training_refuses_what_it_cannot_adapt(run_and_new_lab, tmp_path, c
     assert "needs at least 10" in refused(str(root / "run"), new, "--out",
                                           str(tmp_path / "e"), "--keep", "0.1")
     assert not any((tmp_path / "e").iterdir())
+
+
+def test_self_training_fits_the_patient_model_again_on_the_source_patients(
+        run_and_new_lab, tmp_path):
+    root = run_and_new_lab
+    source = tmp_path / "source"
+    train(root / "data", source, resolve_config(preset="tiny-test", overrides={
+        "epochs": 1, "val_fraction": 0.3, "patient_model": "mean"}), progress=False)
+    with (source / "split.csv").open() as handle:
+        train_patients = {r["patient"] for r in csv.DictReader(handle)
+                          if r["split"] == "train"}
+    out = tmp_path / "tuned"
+    assert main(["adapt", str(source), str(root / "other"), "--out", str(out), "--keep", "1",
+                 "--epochs", "1", "--lr", "1e-3", "--no-progress"]) == 0
+    report = json.loads((out / "adapt.json").read_text())
+    assert report["lr"] == 1e-3
+    assert report["patient_model"].startswith("'mean', fitted again")
+    # fitted on the replayed training patients alone: the new cells have no patient id
+    assert report["training"]["patient_level"]["train_patients"] == len(train_patients)
+    assert read_checkpoint(out)["patient_model"]["name"] == "mean"
+
+
+def test_self_training_names_an_unknown_option_of_the_source_config(run_and_new_lab,
+                                                                   tmp_path, capsys):
+    root = run_and_new_lab
+    odd = tmp_path / "odd"
+    shutil.copytree(root / "run", odd)
+    with (odd / "config.yaml").open("a") as handle:
+        handle.write("learning_rat: 0.1\n")
+    assert main(["adapt", str(odd), str(root / "other"), "--out", str(tmp_path / "o"),
+                 "--no-progress"]) == 2
+    said = " ".join(capsys.readouterr().err.split())
+    assert "Unknown option 'learning_rat' in the config file" in said
+    assert str(odd / "config.yaml") in said and not (tmp_path / "o").exists()

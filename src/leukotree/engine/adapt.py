@@ -79,6 +79,10 @@ if TYPE_CHECKING:
 #: Fewest pseudo-labelled cells a self-training ``adapt`` trains on.
 MIN_PSEUDO_LABELS = 10
 
+#: Self-training's default learning rate, as a share of the source run's (``cpu-fast``:
+#: 2e-3 -> 5e-4; the ViT paper preset: 5e-5 -> 1.25e-5).
+SELF_TRAIN_LR_SHARE = 0.25
+
 #: Files of the source run that describe the adapted one as well.
 _COPIED = (RunDir.CONFIG, RunDir.TAXONOMY, RunDir.ENVIRONMENT, RunDir.SPLIT)
 
@@ -198,14 +202,17 @@ def pseudo_labels(probs: np.ndarray, flagged: np.ndarray, keep: float) -> np.nda
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
 
 
-def _self_train_config(source: RunDir, run: str | Path, out: Path, epochs: int, lr: float,
-                       workers: int, max_pixels: int | None) -> TrainConfig:
+def _self_train_config(source: RunDir, run: str | Path, out: Path, epochs: int,
+                       lr: float | None, workers: int, max_pixels: int | None,
+                       ) -> TrainConfig:
     """The source run's configuration, made a fine-tune on the pseudo-labelled cells that
     replays its training images and validates on its validation images (real labels:
     the temperatures and the out-of-distribution threshold are fitted on them, as in the
-    source run; the distance score's class means on the replayed images only,
-    ``ood_reference: replayed``). Device and precision are this machine's (auto)."""
-    from leukotree.engine.config import resolve_config
+    source run; the distance score's class means, and its patient model, on the replayed
+    images only: ``ood_reference: replayed``). ``lr`` None:
+    :data:`SELF_TRAIN_LR_SHARE` of the source run's. Device and precision are this
+    machine's (auto)."""
+    from leukotree.engine.config import check_keys, resolve_config
 
     if not source.split.exists() or not source.read_split("val"):
         raise LeukotreeError(f"Self-training replays the training images of the run it "
@@ -213,6 +220,7 @@ def _self_train_config(source: RunDir, run: str | Path, out: Path, epochs: int, 
                              f"in its {RunDir.SPLIT}; '{source.path}' has none. Give a run "
                              "folder written by 'leukotree train'.")
     values = read_yaml(source.config, "Config file") or {}
+    check_keys(values, f"the config file '{source.config}' of the run to adapt")
     for key, why in (("cell_taxonomy", "its cell-type head needs cell labels"),
                      ("pixel_size", "its field of view is in micrometres")):
         if values.get(key):
@@ -223,17 +231,19 @@ def _self_train_config(source: RunDir, run: str | Path, out: Path, epochs: int, 
                                  "--replay).")
     out.mkdir(parents=True, exist_ok=True)  # the source folder may be read-only
     val = out.resolve() / RunDir.VAL_MANIFEST
-    return resolve_config(overrides={
+    config = resolve_config(overrides={
         **values, "fold": None,  # dropped: the source's fold, if any, is not this split
         "taxonomy": str(source.path.resolve() / RunDir.TAXONOMY),
         "init": str(RunDir.checkpoint_of(run).resolve()), "replay": str(source.path.resolve()),
-        "val_data": str(source.write_val_manifest(val)), "epochs": epochs, "lr": lr,
-        "warmup_epochs": 0.5, "monitor": "last", "balance": "none", "labels": "folder",
+        "val_data": str(source.write_val_manifest(val)), "epochs": epochs,
+        "lr": values.get("lr") if lr is None else lr, "warmup_epochs": 0.5,
+        "monitor": "last", "balance": "none", "labels": "folder",
         # auto: the validation manifest's patient column (pseudo_labels.csv has none)
-        "patients": "auto", "patient_model": "none", "device": "auto", "amp": "auto",
+        "patients": "auto", "device": "auto", "amp": "auto",
         # cells the model only labelled are not known cells: blasts stay far
         "ood_reference": "replayed",
         "workers": workers, "max_pixels": max_pixels})
+    return config if lr is not None else replace(config, lr=config.lr * SELF_TRAIN_LR_SHARE)
 
 
 def _write_pseudo_labels(path: Path, cells: Sequence[Path], labels: Sequence[str],
@@ -292,23 +302,26 @@ def _label_new_cells(model: nn.Module, paths: Sequence[Path], keep: float, devic
 
 
 def self_train(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
-               keep: float = 0.5, epochs: int = 5, lr: float = 5e-4, batch_size: int = 64,
+               keep: float = 0.5, epochs: int = 5, lr: float | None = None,
+               batch_size: int = 64,
                workers: int = 2, progress: bool = True,
                max_pixels: int | None = None) -> dict[str, Any]:
     """Adapt the model of ``run`` to the cells of ``inputs`` by self-training (module
     docstring): label them with the model (:func:`pseudo_labels`), write them to
     ``out/pseudo_labels.csv`` and fine-tune on them into the run folder ``out`` (``epochs``
-    at learning rate ``lr``, the last epoch kept), replaying the source run's training
-    images and validated, calibrated and given its out-of-distribution threshold on its
-    validation images. Images given twice are used once; the source run's own images are
-    left out. ``max_pixels`` None: the source run's. A refusal before the fine-tune leaves
+    at learning rate ``lr``, by default :data:`SELF_TRAIN_LR_SHARE` of the source run's;
+    the last epoch kept), replaying the source run's training images and validated,
+    calibrated and given its out-of-distribution threshold on its validation images; a
+    patient model of the source run is fitted again, on its training patients, from the
+    fine-tuned cell model. Images given twice are used once; the source run's own images
+    are left out. ``max_pixels`` None: the source run's. A refusal before the fine-tune leaves
     ``out`` as it was; if the fine-tune stops, remove ``out`` and run it again."""
     from leukotree.engine.loop import resolve_device
     from leukotree.engine.trainer import train
 
     source = RunDir.of(run)
     target = _new_folder(out, inputs)
-    model, payload = load_model(RunDir.checkpoint_of(run))
+    model, _ = load_model(RunDir.checkpoint_of(run))
     if model.config.input_pixel_size is not None:
         raise LeukotreeError(f"'{source.path}' decodes its images at a pixel size "
                              f"({model.config.input_pixel_size:g} um; adapted with "
@@ -344,11 +357,11 @@ def self_train(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *
                                                 if leaf in labels},
               "in_source_run": in_source,
               "unreadable": [e for e in preds.errors if e is not None],
-              "epochs": epochs, "lr": lr,
-              "patient_model": ("the source run's, not refitted" if "patient_model" in payload
+              "epochs": epochs, "lr": config.lr,
+              "patient_model": (f"'{config.patient_model}', fitted again on the source run's "
+                                "training patients" if config.patient_model != "none"
                                 else None)}
     extra = read_checkpoint(target.best).get("extra", {})
-    update_checkpoint(target.best, extra={**extra, "adapted": report},
-                      patient_model=payload.get("patient_model"))
+    update_checkpoint(target.best, extra={**extra, "adapted": report})
     write_json(target.path / RunDir.ADAPT, {**report, "training": summary})
     return report

@@ -720,24 +720,34 @@ class Trainer:
                            outputs: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
         """Fit the patient-level model on the training patients (the best model's outputs,
         calibrated as stored), store it in ``best.pt`` and score the validation
-        patients."""
+        patients. With ``--replay``, when none of the new images has a patient id
+        (self-training's pseudo-labelled cells), the replayed training patients alone."""
         cfg = self.config
         bags = {}
-        for name, part in (("train", train), ("val", val)):
-            if any(s.patient is None for s in part.samples):
+        new = train.samples[:self._n_new]
+        replayed_only = bool(cfg.replay and new and len(new) < len(train.samples)
+                             and all(s.patient is None for s in new))
+        sides = {"train": (train.samples, outputs["train"]),
+                 "val": (val.samples, outputs["val"])}
+        if replayed_only:
+            sides["train"] = (train.samples[self._n_new:],
+                              {k: v[self._n_new:] for k, v in outputs["train"].items()})
+            self._log(f"patient model fitted on the replayed training patients only (the "
+                      f"{len(new)} new images have no patient ids)", "dim")
+        for name, (samples, out) in sides.items():
+            if any(s.patient is None for s in samples):
                 raise LeukotreeError(
                     "A patient-level model needs a patient id for every image: give a "
                     "manifest 'patient' column or patient sub-folders (--patients).")
-            out = outputs[name]
-            odd = out.get("ood_score", np.zeros(len(part.samples))) > 1
+            odd = out.get("ood_score", np.zeros(len(samples))) > 1
             # as predict: unclassifiable cells are left out of the patient's bag
-            patients = [None if o else s.patient for s, o in zip(part.samples, odd,
+            patients = [None if o else s.patient for s, o in zip(samples, odd,
                                                                  strict=True)]
             features = out.get("features", np.zeros((len(patients), 0), np.float32))
             bags[name] = make_bags(patients, out["leaf_probs"], features,
-                                   out.get("cell_probs"), [s.path.name for s in part.samples],
+                                   out.get("cell_probs"), [s.path.name for s in samples],
                                    patient_labels(model.taxonomy, patients,
-                                                  [s.label for s in part.samples]))
+                                                  [s.label for s in samples]))
         fitted = fit_patient_model(cfg.patient_model, model.taxonomy, model.cell_taxonomy,
                                    bags["train"], rule=cfg.patient_threshold,
                                    positive=cfg.positive, seed=cfg.seed,
