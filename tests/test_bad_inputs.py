@@ -87,7 +87,7 @@ def test_class_names_patient_ids_and_paths_never_become_script(tmp_path, capsys)
     assert run_cli(capsys, "evaluate", tmp_path / "run", manifest, "--out",
                    tmp_path / "eval", "--no-progress")[0] == 0
     assert run_cli(capsys, "cv", manifest, "--out", tmp_path / "cv", "--folds", "2",
-                   *common)[0] == 0
+                   "--fold-val-fraction", "0", *common)[0] == 0
     assert run_cli(capsys, "report", tmp_path / "run", folder / EVIL_CLASS, "--patient",
                    EVIL_PATIENT, "--out", tmp_path / "r.html", "--no-progress")[0] == 0
     pages = sorted(tmp_path.rglob("*.html"))

@@ -31,10 +31,11 @@ def bundled_data() -> AbstractContextManager[Path]:
 
 
 def _sample_cells(run: RunDir, n: int) -> list[Path]:
-    """The first ``n`` validation images of the most frequent validation label."""
+    """The first ``n`` test images (validation, for a fold without a validation part of
+    its own) of their most frequent label."""
     from collections import Counter
 
-    rows = run.read_split("val")
+    rows = run.read_split(run.test_part())
     label = Counter(r["label"] for r in rows).most_common(1)[0][0]
     return [Path(r["path"]) for r in rows if r["label"] == label][:n]
 

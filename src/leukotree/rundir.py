@@ -285,9 +285,16 @@ class RunDir(_Folder):
     def read_summary(self) -> dict[str, Any]:
         return read_json(self.summary, "Run summary")
 
-    def write_val_manifest(self, out: Path | None = None) -> Path:
-        """The run's validation images as a manifest CSV (``path,label,patient,slide``)."""
-        rows = self.read_split("val")
+    def test_part(self) -> str:
+        """The part of ``split.csv`` a CV fold is tested on: ``test`` when the fold had a
+        validation part of its own (``fold_val_fraction``), else ``val`` (the fold
+        itself)."""
+        return "test" if self.read_split("test") else "val"
+
+    def write_val_manifest(self, out: Path | None = None, part: str = "val") -> Path:
+        """The run's validation images (or those of another ``part`` of ``split.csv``) as
+        a manifest CSV (``path,label,patient,slide``)."""
+        rows = self.read_split(part)
         return write_csv(out or self.val_manifest,
                          [{k: r.get(k, "") for k in ("path", "label", "patient", "slide")}
                           for r in rows], ("path", "label", "patient", "slide"))

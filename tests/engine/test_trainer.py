@@ -1,6 +1,7 @@
 """The training engine end to end on tiny synthetic data (CPU, tiny timm models)."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -289,11 +290,36 @@ def test_the_stored_model_gives_the_calibration_it_was_fitted_to(synth_data, tmp
     assert "distance_power" not in read_checkpoint(plain)["calibration"]
 
 
-def test_a_cross_validation_fold_is_not_calibrated_on_its_test_fold(synth_data, tmp_path):
+def test_a_cross_validation_fold_is_calibrated_on_its_own_validation_patients_only(
+        synth_data, tmp_path):
     run = tmp_path / "fold"
     train(synth_data, run, resolve_config(preset="tiny-test", overrides={
         "epochs": 1, "fold": 0, "folds": 3}), progress=False)
+    with (run / "split.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    patients = {part: {r["patient"] for r in rows if r["split"] == part}
+                for part in ("train", "val", "test")}
+    # the test fold is fold 0 of the same folds; the validation patients are carved
+    # from the other folds' patients; no patient on two sides
+    assert all(patients.values())
+    assert not (patients["train"] & patients["val"] or patients["train"] & patients["test"]
+                or patients["val"] & patients["test"])
+    n_test = sum(r["split"] == "test" for r in rows)
+    assert 0.2 < n_test / len(rows) < 0.5
+    fold0 = tmp_path / "fold0"
+    train(synth_data, fold0, resolve_config(preset="tiny-test", overrides={
+        "epochs": 1, "fold": 0, "folds": 3, "fold_val_fraction": 0}), progress=False)
+    with (fold0 / "split.csv").open() as handle:
+        old = list(csv.DictReader(handle))
+    assert ({r["path"] for r in old if r["split"] == "val"}
+            == {r["path"] for r in rows if r["split"] == "test"})
+    # fitted on the validation patients, never on the test fold
     payload = read_checkpoint(run)
+    assert "calibration" in payload and "ood" in payload
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["calibration"]["fitted_on"] == len([r for r in rows if r["split"] == "val"])
+    # validated on the test fold itself: nothing fitted
+    payload = read_checkpoint(fold0)
     assert "calibration" not in payload and "ood" not in payload
 
 

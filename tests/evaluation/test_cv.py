@@ -17,7 +17,9 @@ TINY = ["--preset", "tiny-test", "--epochs", "1", "--threads", "1", "--no-progre
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("cv-data")
-    generate(root, load_taxonomy("leukemia7"), patients_per_class=3, cells_per_patient=3,
+    # 4 cells a patient: a fold's 2 training patients of a class give the 7 images a
+    # validation part of 0.15 (1/7, stratified) needs
+    generate(root, load_taxonomy("leukemia7"), patients_per_class=3, cells_per_patient=4,
              size=32, seed=4, progress=False)
     return root
 
@@ -37,20 +39,29 @@ def test_cv_writes_every_fold_and_the_table(cv_runs):
     accs = [f["accuracy"] for f in summary["folds"]]
     assert summary["mean"]["accuracy"]["mean"] == pytest.approx(np.mean(accs))
     assert summary["mean"]["accuracy"]["std"] == pytest.approx(np.std(accs, ddof=1))
-    for key in ("hF", "node:root", "node:Acute", "patient_accuracy"):
+    for key in ("hF", "node:root", "node:Acute", "patient_accuracy", "ece_uncalibrated",
+                "unclassifiable", "accuracy_kept"):
         assert key in summary["mean"]
     md = (cv_runs / "multihead" / "summary.md").read_text()
     assert "| Fold |" in md and "| 3 |" in md and "| mean ± std |" in md
     assert (cv_runs / "multihead" / "summary.html").exists()
-    # each image is validated exactly once across the folds, patients never split
+    # each image is tested exactly once across the folds, patients never split
     seen: dict[str, int] = {}
     for k in range(3):
         split = (cv_runs / "multihead" / f"fold_{k}" / "split.csv").read_text().splitlines()
         for line in split[1:]:
             path, *_, part = line.split(",")
-            if part == "val":
+            if part == "test":
                 seen[path] = seen.get(path, 0) + 1
-    assert set(seen.values()) == {1} and len(seen) == 7 * 3 * 3
+        # calibrated on its own validation patients (never the test fold)
+        fold = json.loads((cv_runs / "multihead" / f"fold_{k}" / "summary.json").read_text())
+        assert fold["calibration"]["fitted_on"] == sum(
+            line.endswith(",val") for line in split[1:])
+        # and evaluated on its test fold
+        predictions = (cv_runs / "multihead" / f"fold_{k}" / "eval" / "predictions.csv")
+        assert ({line.split(",")[0] for line in predictions.read_text().splitlines()[1:]}
+                == {line.split(",")[0] for line in split[1:] if line.endswith(",test")})
+    assert set(seen.values()) == {1} and len(seen) == 7 * 3 * 4
 
 
 def test_no_fold_is_chosen_on_its_own_test_images(cv_runs):

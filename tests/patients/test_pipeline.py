@@ -72,8 +72,9 @@ def test_train_fits_a_patient_model_that_predict_and_evaluate_use(manifest, tmp_
 
 def test_cv_pools_out_of_fold_patients(manifest, tmp_path):
     out = tmp_path / "cv"
+    # each fold validated on its test fold (6 training patients spare no validation part)
     assert main(["cv", str(manifest), "--out", str(out), "--folds", "2", "--repeats", "2",
-                 "--patient-model", "fraction", *COMMON]) == 0
+                 "--patient-model", "fraction", "--fold-val-fraction", "0", *COMMON]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert [p["n_patients"] for p in summary["patient_level"]] == [12, 12]
     assert (out / "fold_1_r1" / "best.pt").exists()
@@ -82,8 +83,10 @@ def test_cv_pools_out_of_fold_patients(manifest, tmp_path):
 
 def test_a_cv_folder_predicts_as_one_ensemble(manifest, tmp_path):
     out = tmp_path / "cv"
+    # 2 of each fold's 6 training patients validate (calibration, unclassifiable flag)
     assert main(["cv", str(manifest), "--out", str(out), "--folds", "2",
-                 "--patient-model", "differential", *COMMON]) == 0
+                 "--patient-model", "differential", "--fold-val-fraction", "0.34",
+                 *COMMON]) == 0
     thresholds = [json.loads((out / f"fold_{k}" / "summary.json").read_text())
                   ["patient_level"]["threshold"] for k in (0, 1)]
     assert main(["predict", str(out), str(manifest), "--by-patient", "--out",
@@ -91,9 +94,17 @@ def test_a_cv_folder_predicts_as_one_ensemble(manifest, tmp_path):
     rows = list(csv.DictReader((tmp_path / "p_patients.csv").open()))
     assert len(rows) == 12 and rows[0]["model"] == "ensemble of 2 x differential"
     assert float(rows[0]["threshold"]) == pytest.approx(sum(thresholds) / 2, abs=1e-4)
-    for row in rows:
+    diagnosed = [row for row in rows if row["diagnosis"] != "insufficient"]
+    assert len(diagnosed) >= 6
+    for row in diagnosed:
         said = "APL" if float(row["p_APL"]) >= float(row["threshold"]) else "AML"
         assert row["diagnosis"] == said
-    assert main(["report", str(out), str(manifest.parent / "data" / "AML" / "AML-p001"),
+    # the folds are calibrated and score each cell: the ensemble flags unclassifiable cells
+    cells = list(csv.DictReader((tmp_path / "p.csv").open()))
+    assert all(row["unclassifiable"] in ("True", "False") and row["ood_score"]
+               for row in cells)
+    patient = diagnosed[0]["patient"]  # a patient with cells the ensemble classifies
+    assert main(["report", str(out), str(manifest.parent / "data" / patient.split("-")[0]
+                                         / patient),
                  "--out", str(tmp_path / "r.html"), "--no-heatmaps", "--no-progress"]) == 0
     assert "ensemble of 2 x differential" in (tmp_path / "r.html").read_text()

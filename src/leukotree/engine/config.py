@@ -138,9 +138,13 @@ class TrainConfig:
                           choices=("accuracy", "macro_f1", "loss", "last"))
     patience: int = option(0, "early stopping after this many validations without "
                            "improvement (0: off)", low=0, high=100_000)
-    fold: int | None = option(None, "validate on this fold of --folds patient-grouped folds",
-                              low=0, high=1000)
+    fold: int | None = option(None, "hold out this fold of --folds patient-grouped folds as "
+                              "the test images", low=0, high=1000)
     folds: int = option(5, "number of folds for --fold", low=2, high=1000)
+    fold_val_fraction: float = option(
+        0.15, "with --fold: grouped fraction of the fold's training patients held out to fit "
+        "the temperatures and the out-of-distribution threshold (0: validate on the fold "
+        "itself, uncalibrated, as earlier versions did)", low=0, high=0.5, high_open=True)
     val_fraction: float = option(0.15, "grouped validation fraction when neither --fold nor "
                                  "--val", low=0, high=0.5, high_open=True)
     val_data: str | None = option(None, "separate validation data (folder or manifest)",
@@ -478,6 +482,8 @@ def load_config(path: Path, *, check_device: bool = True) -> TrainConfig:
     if not isinstance(data, dict):
         raise LeukotreeError(f"Saved configuration '{path}' must hold a mapping of options.")
     check_keys(data, str(path))
+    # saved before the option existed: a fold validated on its own (test) images
+    data.setdefault("fold_val_fraction", 0.0)
     config = TrainConfig(**data)
     config.validate(check_device=check_device)
     return config

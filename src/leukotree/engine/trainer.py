@@ -94,11 +94,32 @@ MIN_SELECTION_IMAGES = 100
 
 
 def choose_split(sample_set: SampleSet, config: TrainConfig) -> np.ndarray:
-    """``'train'``/``'val'`` per image: a CV fold, or a grouped validation fraction."""
+    """``'train'``/``'val'``/``'test'`` per image: a grouped validation fraction; or a CV
+    fold held out as ``'test'`` with ``fold_val_fraction`` of the other patients as
+    ``'val'`` (grouped, like the folds), or, that fraction 0, the fold as ``'val'``."""
     labels, groups = sample_set.labels, sample_set.groups.tolist()
     if config.fold is not None:
         folds, _ = assign_folds(labels, groups, config.folds, config.seed)
-        return np.where(folds == config.fold, "val", "train")
+        held = folds == config.fold
+        if not config.fold_val_fraction:
+            return np.where(held, "val", "train")
+        parts = np.full(len(labels), "test", dtype=object)
+        rest = np.flatnonzero(~held)
+        try:
+            parts[rest] = train_val_test_split([labels[i] for i in rest],
+                                               [groups[i] for i in rest],
+                                               config.fold_val_fraction, 0.0, config.seed)
+        except LeukotreeError:
+            k = max(2, round(1 / config.fold_val_fraction))
+            raise LeukotreeError(
+                f"Fold {config.fold}'s training images ({len(set(groups[i] for i in rest))} "
+                f"patient groups) cannot spare a grouped, stratified validation part of "
+                f"--fold-val-fraction {config.fold_val_fraction} (one group in {k}; a class "
+                f"needs at least {k} images) for its temperatures and out-of-distribution "
+                "threshold. Give a larger --fold-val-fraction (below 0.5), "
+                "--fold-val-fraction 0 to validate each fold on its test fold instead "
+                "(uncalibrated, no unclassifiable flag), or more patients.") from None
+        return parts
     if config.val_fraction <= 0:
         raise LeukotreeError("Training needs validation data: give --val DATA, --fold k, or a "
                              "--val-fraction above 0.")
@@ -123,6 +144,7 @@ class Trainer:
                               else None)
         self._listed: dict[Path, list[dict[str, str]]] = {}
         self._n_new = 0  # training images of the data itself; --replay images follow them
+        self._test: list[Sample] = []  # a CV fold's test images, with its own validation
 
     @property
     def out(self) -> Path:
@@ -162,7 +184,9 @@ class Trainer:
         cfg = self.config
         self._open_run_dir()
         taxonomy, train, val = self._prepare()
-        self._log(f"training on {len(train)} images, validating on {len(val)} "
+        held = (f", {len(self._test)} test images of fold {cfg.fold} held out"
+                if self._test else "")
+        self._log(f"training on {len(train)} images, validating on {len(val)}{held} "
                   f"({cfg.head} head, {cfg.model_config().arch_name}, {cfg.img_size}px, "
                   f"device {self.device}, {torch.get_num_threads()} threads)")
         if cfg.monitor != "last" and len(val) < MIN_SELECTION_IMAGES:
@@ -170,7 +194,8 @@ class Trainer:
                       f"{100 / len(val):.1f} points, too coarse to pick the best epoch (an "
                       "early one may win by chance); --monitor last keeps the last epoch",
                       style="yellow")
-        if cfg.fold is not None and (cfg.monitor != "last" or cfg.patience):
+        if cfg.fold is not None and not self._test and (cfg.monitor != "last"
+                                                        or cfg.patience):
             self._log(f"fold {cfg.fold}: its validation images are its test images; picking "
                       f"the best '{cfg.monitor}' epoch (or stopping early) on them makes its "
                       "figures optimistic (leukotree cv uses --monitor last)", style="yellow")
@@ -244,7 +269,8 @@ class Trainer:
                 "world_size": self.dist.world_size, "threads": torch.get_num_threads()})
 
     def _samples(self, taxonomy: Taxonomy) -> tuple[list[Sample], list[Sample]]:
-        """Training and validation images: a separate validation set, or a grouped split."""
+        """Training and validation images: a separate validation set, or a grouped split
+        (a CV fold's test images, when it has its own validation, in ``self._test``)."""
         cfg = self.config
         sample_set = self._discover(self.data, taxonomy)
         if not cfg.val_data:  # (a separate validation set splits nothing)
@@ -252,8 +278,10 @@ class Trainer:
             if note:
                 self._log(note, style="bold yellow")
             parts = choose_split(sample_set, cfg)
-            return ([s for s, p in zip(sample_set.samples, parts, strict=True) if p == "train"],
-                    [s for s, p in zip(sample_set.samples, parts, strict=True) if p == "val"])
+            part = {name: [s for s, p in zip(sample_set.samples, parts, strict=True)
+                           if p == name] for name in ("train", "val", "test")}
+            self._test = part["test"]
+            return part["train"], part["val"]
         val_set = self._discover(Path(cfg.val_data), taxonomy)
         overlap = ({s.group for s in sample_set.samples if s.patient}
                    & {s.group for s in val_set.samples if s.patient})
@@ -372,14 +400,18 @@ class Trainer:
         if not train_samples or not val_samples:
             raise LeukotreeError("The split left no training or no validation images.")
         self._n_new = len(train_samples)
-        train_samples += self._replay_samples(taxonomy, train_samples, val_samples)
+        # replayed images are kept off the validation and the test patients alike
+        train_samples += self._replay_samples(taxonomy, train_samples,
+                                              val_samples + self._test)
         self._check_pixel_sizes(train_samples + val_samples)
-        parts = np.array(["train"] * len(train_samples) + ["val"] * len(val_samples))
+        listed = train_samples + val_samples + self._test  # the test images: never read
+        parts = np.array(["train"] * len(train_samples) + ["val"] * len(val_samples)
+                         + ["test"] * len(self._test))
         if self.resume:
-            self._check_same_split(train_samples + val_samples, parts)
+            self._check_same_split(listed, parts)
         elif self.dist.is_main:
             write_text(self.run.taxonomy, taxonomy.to_yaml())
-            write_split_csv(self.run.split, train_samples + val_samples, None, parts)
+            write_split_csv(self.run.split, listed, None, parts)
         cache_dir = self.run.cache if cfg.cache == "disk" else None
         if cache_dir is not None and not self.dist.is_main:
             barrier(self.dist)  # rank 0 decodes first; the others read its cache
@@ -597,10 +629,10 @@ class Trainer:
         if self.dist.is_main:
             plots.learning_curves(state.history, self.run.curves)
             calibrate = (cfg.calibrate or cfg.ood_quantile > 0) and len(val) > 0
-            if calibrate and cfg.fold is not None:
+            if calibrate and cfg.fold is not None and not self._test:
                 self._log("no calibration or out-of-distribution threshold for a "
-                          "cross-validation fold: its validation fold is the test fold "
-                          "(train without --fold to fit them)", "dim")
+                          "cross-validation fold validated on its test fold "
+                          "(--fold-val-fraction 0)", "dim")
                 calibrate = False
             patients = cfg.patient_model != "none"
             if calibrate or patients:

@@ -4,6 +4,14 @@
 evaluation on the held-out fold (``eval/metrics.json``, ``eval/predictions.csv``).
 A half-finished CV resumes: evaluated folds are kept, an interrupted fold resumes
 from its ``last.pt``. ``DIR/summary.json`` and ``DIR/summary.md`` gather the folds.
+
+Each fold holds out a grouped share of its training patients (``fold_val_fraction``,
+0.15) as its validation images: its temperatures and out-of-distribution threshold are
+fitted there, never on the test fold, so the fold models (and the folder as one averaged
+predictor) are calibrated and flag unclassifiable cells like a ``train`` run; the test
+fold's figures include the calibration error after calibration. ``fold_val_fraction`` 0
+trains on all of a fold's training patients and validates on the test fold itself,
+uncalibrated (the behaviour of earlier versions).
 """
 
 from __future__ import annotations
@@ -40,6 +48,10 @@ SCALARS: dict[str, tuple[str, ...]] = {
     "hF": ("hierarchical", "hF"),
     "ece": ("calibration", "leaves", "ece"),
     "brier": ("calibration", "leaves", "brier"),
+    "ece_uncalibrated": ("calibration", "uncalibrated", "ece"),
+    # calibrated folds: the share of test cells flagged, and the accuracy of the rest
+    "unclassifiable": ("ood", "rate"),
+    "accuracy_kept": ("ood", "accuracy_kept"),
     "patient_accuracy": ("patient_level", "accuracy"),
     "patient_auroc": ("patient_level", "patient_auroc"),
     "patient_sensitivity": ("patient_level", "patient_binary", "sensitivity"),
@@ -87,8 +99,9 @@ def cross_validate(
     """Run (or resume) ``repeats`` x ``folds``-fold patient-grouped CV and write
     ``summary.json``, ``summary.md`` and ``summary.html`` (a :class:`~leukotree.rundir.CVDir`).
 
-    Each fold keeps its last epoch (``monitor`` last, no early stopping): its validation
-    fold is its test fold, so nothing is chosen on it (nor calibrated, see
+    Each fold keeps its last epoch (``monitor`` last, no early stopping): a few
+    validation patients cannot pick an epoch, and with ``fold_val_fraction`` 0 they are
+    the test patients (nor is such a fold calibrated, see
     :class:`~leukotree.engine.trainer.Trainer`). Repeat ``r`` draws its folds (and
     initialisations) with seed ``seed + r``. With patient
     ids, the out-of-fold patient diagnoses of each repeat are pooled into patient-level
@@ -111,8 +124,8 @@ def cross_validate(
     cv = CVDir(out)
     if config.monitor != "last" or config.patience:
         console.print("[dim]cross-validation keeps each fold's last epoch, without early "
-                      "stopping: a fold's validation images are its test images, and choosing "
-                      "on them would make the figures optimistic[/dim]")
+                      "stopping: a fold's few validation patients cannot pick one (and with "
+                      "--fold-val-fraction 0 they are its test patients)[/dim]")
         config = replace(config, monitor="last", patience=0)
     base = _open_cv_dir(cv, replace(config, folds=folds, fold=None))
     per_fold: list[dict[str, Any]] = []
@@ -155,7 +168,8 @@ def _run_fold(data: str | Path, cv: CVDir, base: TrainConfig, k: int, r: int, fo
         train(data, fold.path, replace(base, fold=k, seed=base.seed + r),
               resume=fold.last.exists(), progress=progress)
         # The manifest carries the split's labels and patient ids as they were resolved.
-        evaluate(fold.path, fold.write_val_manifest(), fold.eval_dir.path, settings,
+        evaluate(fold.path, fold.write_val_manifest(part=fold.test_part()),
+                 fold.eval_dir.path, settings,
                  patients="auto", labels="folder")
     return fold.eval_dir.read_metrics()
 
