@@ -280,6 +280,16 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     return EXIT_SOME_INPUTS_FAILED if report["unreadable"] else EXIT_OK
 
 
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from leukotree.inference.ensemble import make_ensemble
+
+    predictor = make_ensemble(args.runs, args.out)
+    say(stderr_console(), f"wrote {args.out}: {predictor.engine.split(' (')[0]} runs of "
+        f"taxonomy '{predictor.taxonomy.name}', averaged; give it to predict, evaluate, "
+        "report or serve like a run folder")
+    return EXIT_OK
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from leukotree.evaluation.compare import COMPARISON_MD, compare
     from leukotree.rundir import read_text
@@ -522,6 +532,14 @@ def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
     cv.add_argument("--aggregate", choices=["majority", "mean"], default="majority")
     cv.add_argument("--min-cells", type=POSITIVE, default=1)
     cv.set_defaults(func=cmd_cv, fold=None, folds=None)
+
+    ens = sub.add_parser("ensemble", help="average several trained runs (e.g. one recipe "
+                                          "trained with several seeds) as one model")
+    ens.add_argument("runs", type=Path, nargs="+", help="run folders (or their best.pt), at "
+                                                        "least 2, of one taxonomy and size")
+    ens.add_argument("--out", type=Path, required=True,
+                     help="new folder for the ensemble (it lists the runs; keep them)")
+    ens.set_defaults(func=cmd_ensemble)
 
     cmp = sub.add_parser("compare", help="put CV results of several models side by side")
     cmp.add_argument("folders", type=Path, nargs="+", help="folders written by 'leukotree cv'")

@@ -358,6 +358,41 @@ class CVDir(_Folder):
         return read_json(self.summary, "CV summary")
 
 
+class EnsembleDir(_Folder):
+    """An ensemble of trained runs (``leukotree ensemble RUN RUN... --out DIR``):
+    ``ensemble.yaml`` lists the member runs (absolute paths), which are predicted as
+    one model, their outputs averaged (:mod:`leukotree.inference.ensemble`)."""
+
+    CONFIG = "ensemble.yaml"
+
+    config = property(lambda self: self.path / self.CONFIG)
+
+    def members(self) -> list[Path]:
+        doc = read_yaml(self.config, "Ensemble file")
+        members = doc.get("members") if isinstance(doc, dict) else None
+        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+            raise LeukotreeError(f"Ensemble file '{self.config}' must hold 'members: [run "
+                                 "folder, ...]'; make it with 'leukotree ensemble'.")
+        gone = [m for m in members if not Path(m).exists()]
+        if gone:
+            raise LeukotreeError(f"The ensemble '{self.path}' names {len(gone)} member run(s) "
+                                 f"that no longer exist (e.g. '{gone[0]}'); restore them or "
+                                 "make the ensemble again with 'leukotree ensemble'.")
+        return [Path(m) for m in members]
+
+
+def member_runs(path: str | Path) -> list[Path] | None:
+    """The run folders a ``leukotree cv`` folder or an ensemble folder averages, in
+    order; None for anything else (a run folder, a model file)."""
+    cv, ensemble = CVDir(path), EnsembleDir(path)
+    if cv.config.exists():
+        return [cv.fold(f["fold"], f.get("repeat", 0)).path
+                for f in cv.read_summary()["folds"]]
+    if ensemble.config.exists():
+        return ensemble.members()
+    return None
+
+
 class DemoDir(_Folder):
     """What ``leukotree demo`` writes: ``check.json``, ``folds.csv``, ``cv/`` (a
     :class:`CVDir`), ``report.html`` and ``summary.json``."""

@@ -127,3 +127,12 @@ def test_bootstrap_ci_and_mean_std_by_hand():
     assert lo == hi == 0.5
     assert mean_std([0.5, 0.7]) == pytest.approx({"mean": 0.6, "std": np.std([0.5, 0.7],
                                                                                ddof=1)})
+
+
+def test_a_cv_folder_is_evaluated_as_its_folds_averaged(cv_runs, data, tmp_path):
+    assert main(["evaluate", str(cv_runs / "multihead"), str(data), "--out",
+                 str(tmp_path / "ev"), "--no-progress"]) == 0
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["n_images"] == 7 * 3 * 4
+    # calibrated folds: the averaged model flags cells; no single model's raw ECE
+    assert "ood" in metrics and "uncalibrated" not in metrics["calibration"]

@@ -23,17 +23,19 @@ from leukotree.inference.predictor import (
     Predictions,
     Predictor,
     TorchPredictor,
+    load_predictor,
     predict_paths,
     set_input,
 )
 from leukotree.models.calibration import apply_temperatures, distance_factor, soften
 from leukotree.models.checkpoint import load_model
+from leukotree.models.heads import TreeClassifier
 from leukotree.patients.bags import make_bags, patient_labels
 from leukotree.patients.fit import FittedPatientModel, patient_metrics
 from leukotree.report import plots
 from leukotree.report.html import write_document
 from leukotree.report.tables import metrics_document
-from leukotree.rundir import EvalDir, RunDir, write_csv, write_json
+from leukotree.rundir import EvalDir, RunDir, member_runs, write_csv, write_json
 from leukotree.taxonomy import Taxonomy
 from leukotree.tree import decode_argmax
 
@@ -75,18 +77,24 @@ def evaluate(
     patients: str = "auto",
     labels: str = "folder",
 ) -> dict[str, Any]:
-    """Evaluate the model of ``run`` on ``data``; write metrics.json, metrics.md, metrics.html,
-    predictions.csv and the figures into ``out`` (an :class:`~leukotree.rundir.EvalDir`)."""
+    """Evaluate the model of ``run`` (a run folder or checkpoint; a cv or ensemble folder,
+    its members averaged) on ``data``; write metrics.json, metrics.md, metrics.html,
+    predictions.csv and the figures into ``out`` (an :class:`~leukotree.rundir.EvalDir`).
+    The ECE before calibration is given for a single model only."""
     settings = settings or EvalSettings()
     check_settings(settings)
     run = Path(run)
-    model, payload = load_model(run)
-    ood_section = payload.get("ood") or {}
-    predictor = set_input(
-        TorchPredictor(model, patient_model=payload.get("patient_model"),
-                       expected_ood=float(ood_section.get("val_flagged", 0.05))),
-        crop_mode=settings.crop_mode, pixel_size=settings.pixel_size, source=run)
-    taxonomy: Taxonomy = model.taxonomy
+    model: TreeClassifier | None = None
+    if member_runs(run) is None:
+        model, payload = load_model(run)
+        predictor: Predictor = TorchPredictor(
+            model, patient_model=payload.get("patient_model"),
+            expected_ood=float((payload.get("ood") or {}).get("val_flagged", 0.05)))
+    else:
+        predictor = load_predictor(run, "torch")[0]
+    predictor = set_input(predictor, crop_mode=settings.crop_mode,
+                          pixel_size=settings.pixel_size, source=run)
+    taxonomy: Taxonomy = predictor.taxonomy
     sample_set = discover(data, taxonomy, patients=patients, labels=labels)
     sample_set.raise_for_problems()
     samples = sample_set.samples
@@ -105,7 +113,7 @@ def evaluate(
                            f"({', '.join(metrics['leaves_absent'])}); metrics cover the "
                            "leaves present.")
     uncalibrated = None
-    if model.temperature is not None:
+    if model is not None and model.temperature is not None:
         tempered = model.temperature
         temps = tempered.temperatures
         # undo the distance-aware softening (1 / g), then the temperatures (1 / T_n)

@@ -1,23 +1,30 @@
-"""A cross-validation folder as one predictor: the fold models averaged (as DeepAPL
-applied its cross-validation models to new patients).
+"""Several models as one predictor: the fold models of a cross-validation folder (as
+DeepAPL applied its cross-validation models to new patients), or the runs of an ensemble
+folder (:func:`make_ensemble`: a deep ensemble, Lakshminarayanan et al. 2017, e.g. one
+recipe trained with several seeds) averaged.
 
-Every fold's cell model describes each cell; the cell-level probabilities are averaged.
-When the folds carry patient-level models, each fold's patient model diagnoses the
-patient from its own cell model's outputs, the probabilities are averaged, and the
-decision threshold is the mean of the folds' thresholds (each chosen inside the CV on
-that fold's training patients only).
+Every member's cell model describes each cell; the cell-level probabilities (each
+member calibrated as stored) are averaged, and so are the out-of-distribution scores
+(each 1 at its own member's threshold): a cell is unclassifiable when the members' mean
+score passes 1. When the members carry patient-level models, each member's patient model
+diagnoses the patient from its own cell model's outputs, the probabilities are averaged,
+and the decision threshold is the mean of the members' thresholds (each chosen on that
+member's training patients only).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from leukotree.errors import LeukotreeError
-from leukotree.inference.predictor import Predictor
+from leukotree.inference.predictor import Predictor, load_predictor
 from leukotree.models import ModelConfig
 from leukotree.patients.bags import Bag
 from leukotree.patients.fit import FittedPatientModel
@@ -89,14 +96,14 @@ class EnsemblePredictor:
 
     def __init__(self, members: Sequence[Predictor], source: str) -> None:
         if not members:
-            raise LeukotreeError(f"'{source}' holds no fold models to combine.")
+            raise LeukotreeError(f"'{source}' holds no models to combine.")
         first = members[0]
         for m in members[1:]:
             same = (m.taxonomy == first.taxonomy
                     and m.model_config.img_size == first.model_config.img_size
                     and _same_view(m.model_config, first.model_config))
             if not same:
-                raise LeukotreeError(f"The fold models of '{source}' differ in taxonomy, image "
+                raise LeukotreeError(f"The models of '{source}' differ in taxonomy, image "
                                      "size or crop; they cannot be averaged.")
         self.members = list(members)
         self.taxonomy: Taxonomy = first.taxonomy
@@ -125,3 +132,38 @@ class EnsemblePredictor:
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         return self.outputs(pixels)["leaf_probs"]
+
+
+def make_ensemble(runs: Sequence[str | Path], out: str | Path) -> EnsemblePredictor:
+    """Write the ensemble folder ``out`` (``ensemble.yaml``, :class:`~leukotree.rundir.
+    EnsembleDir`) of the trained ``runs`` (run folders or their ``.pt`` files; at least
+    two, each once, of one taxonomy, image size and crop), after loading them together
+    as one predictor, which is returned. ``out`` must be a new or empty folder."""
+    from leukotree.rundir import EnsembleDir, RunDir, member_runs, write_text
+
+    if len(runs) < 2:
+        raise LeukotreeError(f"An ensemble needs at least 2 runs; got {len(runs)}.")
+    members: list[Path] = []
+    for run in runs:
+        if member_runs(run) is not None:
+            raise LeukotreeError(f"'{run}' is already a cv or ensemble folder; give its run "
+                                 "folders (or fold_<k> folders) one by one.")
+        checkpoint = RunDir.checkpoint_of(run)  # says what to give when it is not a run
+        if not checkpoint.is_file():
+            raise LeukotreeError(f"'{run}' has no trained model ({checkpoint.name}); give run "
+                                 "folders written by 'leukotree train' (or their .pt files).")
+        member = Path(os.path.abspath(run))
+        if any(os.path.samefile(member, m) for m in members):
+            raise LeukotreeError(f"'{run}' is given twice; an ensemble averages different "
+                                 "runs (e.g. one recipe trained with --seed 0, 1, 2).")
+        members.append(member)
+    target = EnsembleDir(out)
+    if target.path.exists() and (not target.path.is_dir() or any(target.path.iterdir())):
+        raise LeukotreeError(f"--out '{target.path}' exists and is not an empty folder; "
+                             "choose a new folder for the ensemble.")
+    predictor = EnsemblePredictor([load_predictor(m, "torch")[0] for m in members],
+                                  str(target.path))
+    target.path.mkdir(parents=True, exist_ok=True)
+    write_text(target.config, "# leukotree ensemble: the member runs, averaged\n"
+               + yaml.safe_dump({"members": [str(m) for m in members]}, sort_keys=False))
+    return predictor

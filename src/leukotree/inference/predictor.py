@@ -33,7 +33,7 @@ from leukotree.models import ModelConfig, TreeClassifier
 from leukotree.optional import available, require
 from leukotree.patients.fit import FittedPatientModel
 from leukotree.progress import make_progress
-from leukotree.rundir import CVDir
+from leukotree.rundir import member_runs
 from leukotree.taxonomy import Taxonomy
 
 #: Inference engines of ``leukotree predict``; see :func:`load_predictor`.
@@ -341,8 +341,9 @@ def input_config(cfg: ModelConfig, *, crop_mode: str | None = None,
 
 
 def load_predictor(run: str | Path, engine: str = "auto") -> tuple[Predictor, dict[str, Any]]:
-    """A predictor for ``run`` (a run folder, its ``.pt``, an exported ``.onnx``, or a
-    ``leukotree cv`` folder, whose fold models are averaged: :mod:`.ensemble`) and a
+    """A predictor for ``run`` (a run folder, its ``.pt``, an exported ``.onnx``, a
+    ``leukotree cv`` folder, whose fold models are averaged, or a ``leukotree ensemble``
+    folder, whose member runs are: :mod:`.ensemble`) and a
     description: ``engine``, ``engine_note`` (why the engine differs from the one asked
     for) and, for checkpoints, the checkpoint's payload.
 
@@ -358,12 +359,11 @@ def load_predictor(run: str | Path, engine: str = "auto") -> tuple[Predictor, di
     if engine not in ENGINES:
         raise LeukotreeError(f"The 'engine' parameter must be one of {', '.join(ENGINES)}; "
                              f"got {engine!r}.")
-    cv = CVDir(run)
-    if cv.config.exists():
+    members = member_runs(run)
+    if members is not None:
         from leukotree.inference.ensemble import EnsemblePredictor
 
-        loaded = [load_predictor(cv.fold(f["fold"], f.get("repeat", 0)).path, engine)
-                  for f in cv.read_summary()["folds"]]
+        loaded = [load_predictor(member, engine) for member in members]
         ensemble = EnsemblePredictor([m for m, _ in loaded], str(run))
         return ensemble, {"engine": ensemble.engine, "payload": loaded[0][1].get("payload")}
     if str(run).endswith(".onnx"):

@@ -43,7 +43,7 @@ class Models:
                  crop_mode: str | None = None, pixel_size: float | None = None) -> None:
         if not runs:
             raise LeukotreeError("leukotree serve needs at least one RUN (a run folder, "
-                                 "model file or cv folder).")
+                                 "model file, cv or ensemble folder).")
         self.predictors: dict[str, Predictor] = {}
         self.sources: dict[str, str] = {}
         self.crop_mode, self.pixel_size = crop_mode, pixel_size
@@ -63,12 +63,12 @@ class Models:
         self.explain_lock = threading.Lock()
 
     def torch_model(self, name: str | None) -> Any:
-        """The PyTorch model behind a served model (an ensemble's first fold), for heat
+        """The PyTorch model behind a served model (an ensemble's first member), for heat
         maps and reports: loaded once from the served checkpoint, a copy apart from the
         one the worker predicts with (Grad-CAM hooks its layers). A bare ``.onnx`` file
         has none."""
         from leukotree.models.checkpoint import load_model
-        from leukotree.rundir import CVDir
+        from leukotree.rundir import member_runs
 
         name = self.get(name)[0]
         with self._lock:
@@ -78,10 +78,9 @@ class Models:
                     raise LeukotreeError(
                         "Heat maps and reports need a PyTorch model: serve the run "
                         "folder (or its .pt) rather than an exported .onnx file.")
-                cv = CVDir(source)
-                if cv.config.exists():
-                    fold = cv.read_summary()["folds"][0]
-                    source = str(cv.fold(fold["fold"], fold.get("repeat", 0)).path)
+                members = member_runs(source)
+                if members:
+                    source = str(members[0])
                 model = load_model(source)[0].eval()
                 served = self.predictors[name].model_config  # decode as the predictor does
                 model.config = replace(model.config, crop_mode=served.crop_mode,
