@@ -42,12 +42,15 @@ def fold_bags(run: RunDir, workers: int) -> tuple[dict[str, list], object]:
                           progress=False, on_error="raise")
     truth = patient_labels(model.taxonomy, [r["patient"] for r in rows],
                            [r["label"] for r in rows])
+    # as training and predict: cells flagged unclassifiable are left out of the bags
+    flagged = preds.unclassifiable
     bags = {}
     # "val": the held-out patients (the test fold; "test" when the fold had a
     # validation part of its own, which no patient model here is fitted or scored on)
     for part, name in (("train", "train"), ("val", run.test_part())):
         idx = [i for i, r in enumerate(rows) if r["split"] == name]
-        bags[part] = make_bags([rows[i]["patient"] for i in idx], preds.leaf_probs[idx],
+        bags[part] = make_bags([None if flagged[i] else rows[i]["patient"] for i in idx],
+                               preds.leaf_probs[idx],
                                preds.features[idx],
                                None if preds.cell_probs is None else preds.cell_probs[idx],
                                labels=truth)

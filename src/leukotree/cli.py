@@ -312,8 +312,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     check_settings(settings)
     where = EvalDir(args.out)
     data = args.data
-    if data is None:  # the run's own validation images
-        data = RunDir.of(args.run).write_val_manifest(where.validation)
+    if data is None:  # the run's validation images; a CV fold's test images
+        run = RunDir.of(args.run)
+        data = run.write_val_manifest(where.validation, part=run.test_part())
     metrics = evaluate(args.run, data, args.out, settings, patients=args.patients,
                        labels=args.labels)
     console = stdout_console()
@@ -674,7 +675,7 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("run", type=Path, help="run folder (or its best.pt)")
     ev.add_argument("data", type=Path, nargs="?",
                     help="folder DATA/<label>/**/<image> or CSV manifest (default: the run's "
-                         "validation images, from its split.csv)")
+                         "validation images, from its split.csv; a CV fold's test images)")
     ev.add_argument("--out", type=Path, required=True, help="folder for metrics and plots")
     ev.add_argument("--patients", default="auto")
     ev.add_argument("--labels", default="folder")

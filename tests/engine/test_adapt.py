@@ -258,6 +258,14 @@ def test_self_training_fits_the_patient_model_again_on_the_source_patients(
     # fitted on the replayed training patients alone: the new cells have no patient id
     assert report["training"]["patient_level"]["train_patients"] == len(train_patients)
     assert read_checkpoint(out)["patient_model"]["name"] == "mean"
+    # a self-trained run adapted again: it replays its own labelled cells (no patient id)
+    generate(tmp_path / "third", load_taxonomy("leukemia7"), patients_per_class=1,
+             cells_per_patient=4, size=40, seed=13, progress=False)
+    again = tmp_path / "again"
+    assert main(["adapt", str(out), str(tmp_path / "third"), "--out", str(again), "--keep",
+                 "1", "--epochs", "1", "--no-progress"]) == 0
+    report = json.loads((again / "adapt.json").read_text())
+    assert report["training"]["patient_level"]["train_patients"] == len(train_patients)
 
 
 def test_self_training_names_an_unknown_option_of_the_source_config(run_and_new_lab,

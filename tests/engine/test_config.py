@@ -127,3 +127,19 @@ def test_group_norm_refuses_pretrained_weights_and_the_hybrid_head():
         with pytest.raises(LeukotreeError, match="'norm' parameter 'group'"):
             resolve_config(preset="tiny-test", overrides={"norm": "group", **extra})
     assert resolve_config(preset="tiny-test", overrides={"norm": "group"}).norm == "group"
+
+
+def test_a_config_saved_before_fold_val_fraction_keeps_its_meaning(tmp_path):
+    from leukotree.engine.config import load_config, resume_config, save_config
+
+    for fold, expected in ((None, 0.15), (1, 0.0)):
+        path = tmp_path / f"config-{fold}.yaml"
+        save_config(resolve_config(preset="tiny-test", overrides={"fold": fold}), path)
+        path.write_text("".join(line for line in path.read_text().splitlines(True)
+                                if not line.startswith("fold_val_fraction")))
+        saved = load_config(path, check_device=False)
+        # a fold then validated on its own images; elsewhere the option has no effect
+        assert saved.fold_val_fraction == expected
+    # an older run that is not a fold resumes with its preset given again
+    saved = load_config(tmp_path / "config-None.yaml", check_device=False)
+    assert resume_config(saved, resolve_config(preset="tiny-test"))[1] == []

@@ -573,3 +573,30 @@ def test_ood_reference_replayed_measures_distance_to_the_replayed_cells_only(syn
     assert "CML" in classes["training"] and "CML" not in classes["replayed"]
     with pytest.raises(LeukotreeError, match="--ood-reference replayed needs --replay"):
         resolve_config(preset="tiny-test", overrides={"ood_reference": "replayed"})
+
+
+def test_a_fold_too_small_for_its_validation_part_says_why_and_what_to_do(synth_data,
+                                                                          tmp_path, capsys):
+    # 2 folds: 14 training patients, too few for one in 20 (0.05)
+    assert main(["train", str(synth_data), "-t", "leukemia7", "--preset", "tiny-test",
+                 "--fold", "0", "--folds", "2", "--fold-val-fraction", "0.05", "--out",
+                 str(tmp_path / "run"), "--no-progress"]) == 2
+    said = " ".join(capsys.readouterr().err.split())
+    assert "Fold 0's training images cannot spare a validation part" in said
+    assert "14 patient groups, fewer than the 20" in said and "--fold-val-fraction 0" in said
+
+
+def test_classes_without_a_validation_image_are_named(synth_data, tmp_path, capsys):
+    other = tmp_path / "other"
+    generate(other, load_taxonomy("leukemia7"), patients_per_class=1, cells_per_patient=3,
+             size=32, seed=8, progress=False)
+    rows = [f"{p},{p.parent.parent.name}" for label in ("ALL", "CLL")
+            for p in sorted((other / label).rglob("*.png"))]
+    (tmp_path / "val.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    assert main(["train", str(synth_data), "-t", "leukemia7", "--preset", "tiny-test",
+                 "--epochs", "1", "--val", str(tmp_path / "val.csv"), "--out",
+                 str(tmp_path / "run"), "--no-progress"]) == 0
+    said = " ".join(capsys.readouterr().err.split())
+    named = said.split("no validation image of ")[1].split(":")[0].split(", ")
+    assert {"AML", "APML", "CML", "Normal", "Reactive"} <= set(named)
+    assert "ALL" not in named and "CLL" not in named

@@ -86,6 +86,37 @@ def test_a_cv_that_chose_epochs_on_its_test_folds_is_not_resumed(cv_runs, data, 
     assert "older leukotree" in capsys.readouterr().err
 
 
+def test_a_cv_of_uncalibrated_folds_resumes_only_as_such(cv_runs, data, tmp_path, capsys):
+    import shutil
+
+    old = tmp_path / "old"
+    argv = ["cv", str(data), "-t", "leukemia7", "--folds", "3", "--head", "flat", "--out",
+            str(old), *TINY]
+    assert main([*argv, "--fold-val-fraction", "0"]) == 0
+    for config in [old / "cv_config.yaml", *old.glob("fold_*/config.yaml")]:
+        # as an older leukotree wrote them: no fold_val_fraction
+        config.write_text("".join(line for line in config.read_text().splitlines(True)
+                                  if not line.startswith("fold_val_fraction")))
+    shutil.rmtree(old / "fold_2" / "eval")  # fold 2 left to finish
+    assert main(argv) == 2
+    said = " ".join(capsys.readouterr().err.split())
+    assert "validate on their own test images" in said and "--fold-val-fraction 0" in said
+    best = old / "fold_0" / "best.pt"
+    before = best.stat().st_mtime_ns
+    assert main([*argv, "--fold-val-fraction", "0"]) == 0
+    assert best.stat().st_mtime_ns == before  # finished folds kept
+    assert (old / "fold_2" / "eval" / "metrics.json").exists()
+
+
+def test_evaluate_without_data_scores_a_fold_on_its_test_images(cv_runs, tmp_path):
+    fold = cv_runs / "multihead" / "fold_1"
+    assert main(["evaluate", str(fold), "--out", str(tmp_path / "ev"), "--no-progress"]) == 0
+    tested = (tmp_path / "ev" / "predictions.csv").read_text().splitlines()[1:]
+    split = (fold / "split.csv").read_text().splitlines()[1:]
+    assert ({line.split(",")[0] for line in tested}
+            == {line.split(",")[0] for line in split if line.endswith(",test")})
+
+
 def test_cv_resumes_without_retraining_finished_folds(cv_runs, data):
     best = cv_runs / "flat" / "fold_1" / "best.pt"
     before = best.stat().st_mtime_ns

@@ -18,11 +18,13 @@ TAX = load_taxonomy("leukemia7")
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Two runs of one recipe, seeds 0 and 1, and one at another image size."""
+    """Two runs of one recipe, seeds 0 and 1; one at another image size, one without an
+    out-of-distribution score."""
     root = tmp_path_factory.mktemp("ensemble")
     generate(root / "data", TAX, patients_per_class=3, cells_per_patient=4, size=32, seed=2,
              progress=False)
-    for name, extra in (("s0", {}), ("s1", {"seed": 1}), ("big", {"img_size": 48})):
+    for name, extra in (("s0", {}), ("s1", {"seed": 1}), ("big", {"img_size": 48}),
+                        ("no-ood", {"ood_quantile": 0})):
         train(root / "data", root / name, resolve_config(preset="tiny-test", overrides={
             "epochs": 1, "threads": 1, "val_fraction": 0.3, **extra}), progress=False)
     return root
@@ -74,13 +76,15 @@ def test_an_ensemble_refuses_what_it_cannot_average(runs, tmp_path, capsys):
     assert "given twice" in refused(s0, str(runs / "s0" / "."), "--out", str(tmp_path / "b"))
     assert "differ in taxonomy, image size or crop" in refused(
         s0, str(runs / "big"), "--out", str(tmp_path / "c"))
+    said = refused(s0, str(runs / "no-ood"), "--out", str(tmp_path / "h"))
+    assert "is scored for cells unlike its training cells" in said and "no-ood" in said
     assert "has no trained model" in refused(s0, str(runs / "data"), "--out",
                                              str(tmp_path / "d"))
     assert main(["ensemble", s0, s1, "--out", str(tmp_path / "e")]) == 0
     assert "already a cv or ensemble folder" in refused(str(tmp_path / "e"), s0, "--out",
                                                         str(tmp_path / "f"))
     assert "not an empty folder" in refused(s0, s1, "--out", str(tmp_path / "e"))
-    for name in "abcdf":  # nothing written by a refusal
+    for name in "abcdfh":  # nothing written by a refusal
         assert not (tmp_path / name).exists()
     # a member gone later: named, with what to do
     copy = tmp_path / "s1-copy"

@@ -89,6 +89,10 @@ def test_a_cv_folder_predicts_as_one_ensemble(manifest, tmp_path):
                  *COMMON]) == 0
     thresholds = [json.loads((out / f"fold_{k}" / "summary.json").read_text())
                   ["patient_level"]["threshold"] for k in (0, 1)]
+    # every patient is pooled: diagnosed, or listed as not diagnosed (cells all flagged)
+    pooled = json.loads((out / "summary.json").read_text())["patient_level"][0]
+    assert pooled["n_patients"] + len(pooled["insufficient"]) == 12
+    assert "not diagnosed" in (out / "summary.md").read_text()
     assert main(["predict", str(out), str(manifest), "--by-patient", "--out",
                  str(tmp_path / "p.csv"), "--engine", "torch", "--no-progress"]) == 0
     rows = list(csv.DictReader((tmp_path / "p_patients.csv").open()))
@@ -103,6 +107,7 @@ def test_a_cv_folder_predicts_as_one_ensemble(manifest, tmp_path):
     cells = list(csv.DictReader((tmp_path / "p.csv").open()))
     assert all(row["unclassifiable"] in ("True", "False") and row["ood_score"]
                for row in cells)
+    assert any(row["unclassifiable"] == "True" for row in cells)
     patient = diagnosed[0]["patient"]  # a patient with cells the ensemble classifies
     assert main(["report", str(out), str(manifest.parent / "data" / patient.split("-")[0]
                                          / patient),

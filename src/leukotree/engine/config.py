@@ -482,8 +482,8 @@ def load_config(path: Path, *, check_device: bool = True) -> TrainConfig:
     if not isinstance(data, dict):
         raise LeukotreeError(f"Saved configuration '{path}' must hold a mapping of options.")
     check_keys(data, str(path))
-    # saved before the option existed: a fold validated on its own (test) images
-    data.setdefault("fold_val_fraction", 0.0)
+    if data.get("fold") is not None:  # a fold saved before the option: validated on itself
+        data.setdefault("fold_val_fraction", 0.0)
     config = TrainConfig(**data)
     config.validate(check_device=check_device)
     return config

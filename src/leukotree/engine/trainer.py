@@ -111,14 +111,16 @@ def choose_split(sample_set: SampleSet, config: TrainConfig) -> np.ndarray:
                                                config.fold_val_fraction, 0.0, config.seed)
         except LeukotreeError:
             k = max(2, round(1 / config.fold_val_fraction))
+            n_groups = len({groups[i] for i in rest})
+            why = (f"it has {n_groups} patient groups, fewer than the {k} that one group in "
+                   f"{k} needs" if k > n_groups else
+                   f"every class has fewer than {k} images (one group in {k}, stratified)")
             raise LeukotreeError(
-                f"Fold {config.fold}'s training images ({len(set(groups[i] for i in rest))} "
-                f"patient groups) cannot spare a grouped, stratified validation part of "
-                f"--fold-val-fraction {config.fold_val_fraction} (one group in {k}; a class "
-                f"needs at least {k} images) for its temperatures and out-of-distribution "
-                "threshold. Give a larger --fold-val-fraction (below 0.5), "
-                "--fold-val-fraction 0 to validate each fold on its test fold instead "
-                "(uncalibrated, no unclassifiable flag), or more patients.") from None
+                f"Fold {config.fold}'s training images cannot spare a validation part of "
+                f"--fold-val-fraction {config.fold_val_fraction} for its temperatures and "
+                f"out-of-distribution threshold: {why}. Give a larger --fold-val-fraction "
+                "(below 0.5), --fold-val-fraction 0 to validate each fold on its test fold "
+                "instead (uncalibrated, no unclassifiable flag), or more patients.") from None
         return parts
     if config.val_fraction <= 0:
         raise LeukotreeError("Training needs validation data: give --val DATA, --fold k, or a "
@@ -189,6 +191,13 @@ class Trainer:
         self._log(f"training on {len(train)} images, validating on {len(val)}{held} "
                   f"({cfg.head} head, {cfg.model_config().arch_name}, {cfg.img_size}px, "
                   f"device {self.device}, {torch.get_num_threads()} threads)")
+        absent = sorted({s.label for s in train.samples} - {s.label for s in val.samples})
+        if absent:
+            self._log(f"no validation image of {', '.join(absent)}: the validation scores, "
+                      "temperatures and out-of-distribution threshold leave "
+                      f"{'it' if len(absent) == 1 else 'them'} out (more patients of "
+                      f"{'that class' if len(absent) == 1 else 'those classes'} would help)",
+                      style="yellow")
         if cfg.monitor != "last" and len(val) < MIN_SELECTION_IMAGES:
             self._log(f"only {len(val)} validation images: one image moves their accuracy by "
                       f"{100 / len(val):.1f} points, too coarse to pick the best epoch (an "
@@ -324,8 +333,8 @@ class Trainer:
                  if path in val_paths or s.group in val_groups]
         if clash:
             raise LeukotreeError(
-                f"--replay '{cfg.replay}': {len(clash)} of its images are validation images "
-                f"or of a validation patient (e.g. '{display_path(clash[0].path)}', "
+                f"--replay '{cfg.replay}': {len(clash)} of its images are validation (or "
+                f"test) images or of such a patient (e.g. '{display_path(clash[0].path)}', "
                 f"{clash[0].group}); training on them leaks. Replay another lab's run, or "
                 "give the two labs' patients distinct ids.")
         have = {os.path.realpath(s.path) for s in train}
@@ -447,8 +456,8 @@ class Trainer:
         if saved != now:
             raise LeukotreeError(
                 f"The data changed since the run started: {len(now - saved)} image(s) or "
-                f"labels are new and {len(saved - now)} are gone or moved between training "
-                f"and validation (compared with {self.run.split}). Resuming would mix two "
+                f"labels are new and {len(saved - now)} are gone or moved between the parts "
+                f"of the split (compared with {self.run.split}). Resuming would mix two "
                 "data sets; start a new run with another --out.")
 
     def _build(self, taxonomy: Taxonomy, train: Split) -> TreeClassifier:
@@ -752,20 +761,20 @@ class Trainer:
                            outputs: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
         """Fit the patient-level model on the training patients (the best model's outputs,
         calibrated as stored), store it in ``best.pt`` and score the validation
-        patients. With ``--replay``, when none of the new images has a patient id
-        (self-training's pseudo-labelled cells), the replayed training patients alone."""
+        patients. With ``--replay``, on the training images with a patient id only:
+        self-training's pseudo-labelled cells (of this run, or replayed from a
+        self-trained one) have none."""
         cfg = self.config
         bags = {}
-        new = train.samples[:self._n_new]
-        replayed_only = bool(cfg.replay and new and len(new) < len(train.samples)
-                             and all(s.patient is None for s in new))
         sides = {"train": (train.samples, outputs["train"]),
                  "val": (val.samples, outputs["val"])}
-        if replayed_only:
-            sides["train"] = (train.samples[self._n_new:],
-                              {k: v[self._n_new:] for k, v in outputs["train"].items()})
-            self._log(f"patient model fitted on the replayed training patients only (the "
-                      f"{len(new)} new images have no patient ids)", "dim")
+        known = np.array([s.patient is not None for s in train.samples])
+        if cfg.replay and known.any() and not known.all():
+            sides["train"] = ([s for s, k in zip(train.samples, known, strict=True) if k],
+                              {k: v[known] for k, v in outputs["train"].items()})
+            self._log(f"patient model fitted on the {int(known.sum())} training images with "
+                      f"a patient id ({int((~known).sum())} without one, such as "
+                      "self-training's labelled cells, left out)", "dim")
         for name, (samples, out) in sides.items():
             if any(s.patient is None for s in samples):
                 raise LeukotreeError(

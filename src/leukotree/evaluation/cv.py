@@ -34,7 +34,7 @@ from leukotree.patients.fit import bootstrap_auroc
 from leukotree.report.console import stderr_console
 from leukotree.report.html import write_document
 from leukotree.report.tables import Document, cv_document
-from leukotree.rundir import CVDir, EvalDir, RunDir, write_json
+from leukotree.rundir import CVDir, EvalDir, RunDir, read_yaml, write_json
 
 #: Scalar metrics gathered per fold: name -> path of keys in metrics.json.
 SCALARS: dict[str, tuple[str, ...]] = {
@@ -132,14 +132,18 @@ def cross_validate(
     pooled: list[dict[str, Any]] = []
     for r in range(repeats):
         patients: dict[str, Any] = {}
+        insufficient: list[str] = []
         for k in range(folds):
             metrics = _run_fold(data, cv, base, k, r, folds, repeats, settings, progress,
                                 console)
             per_fold.append({"fold": k, "repeat": r, "n_images": metrics["n_images"],
                              **fold_scalars(metrics)})
-            patients |= (metrics.get("patient_level") or {}).get("patients", {})
-        if patients:
-            pooled.append(pooled_patient_metrics(patients, metrics))
+            level = metrics.get("patient_level") or {}
+            patients |= level.get("patients", {})
+            insufficient += level.get("insufficient", [])
+        if patients or insufficient:
+            pooled.append(pooled_patient_metrics(patients, metrics) | {
+                "insufficient": sorted(insufficient)})
     keys = sorted({key for row in per_fold for key in row} - {"fold", "repeat", "n_images"})
     summary = {
         "model": config.model_config().description, "head": config.head,
@@ -175,10 +179,13 @@ def _run_fold(data: str | Path, cv: CVDir, base: TrainConfig, k: int, r: int, fo
 
 
 def pooled_patient_metrics(patients: dict[str, Any], last: dict[str, Any]) -> dict[str, Any]:
-    """Patient-level metrics of one repeat's out-of-fold patients, pooled over its folds:
-    accuracy of the diagnoses, and for two leaves the AUROC of ``P(positive)`` with a
-    patient-bootstrap 95% CI and sensitivity/specificity of the diagnoses made."""
+    """Patient-level metrics of one repeat's out-of-fold patients diagnosed, pooled over
+    its folds: accuracy of the diagnoses, and for two leaves the AUROC of ``P(positive)``
+    with a patient-bootstrap 95% CI and sensitivity/specificity of the diagnoses made
+    (patients left undiagnosed are listed apart, ``insufficient``)."""
     names = sorted(patients)
+    if not names:
+        return {"n_patients": 0}
     truth = [patients[p]["truth"] for p in names]
     decisions = [patients[p]["decision"] for p in names]
     out: dict[str, Any] = {"n_patients": len(names),
@@ -206,12 +213,21 @@ def _open_cv_dir(cv: CVDir, base: TrainConfig) -> TrainConfig:
     cv.path.mkdir(parents=True, exist_ok=True)
     if cv.config.exists():
         saved = load_config(cv.config, check_device=False)
+        if "fold_val_fraction" not in (read_yaml(cv.config, "Saved configuration") or {}):
+            saved = replace(saved, fold_val_fraction=0.0)  # folds validated on themselves
         if (saved.monitor, saved.patience) != ("last", 0) and replace(
                 saved, monitor="last", patience=0).to_dict() == base.to_dict():
             raise LeukotreeError(
                 f"'{cv.path}' holds a CV started by an older leukotree that chose each fold's "
                 f"best epoch ('{saved.monitor}') on its test fold, which makes its figures "
                 "optimistic; folds now keep their last epoch. Start it again in another --out.")
+        if saved.fold_val_fraction == 0 and base.fold_val_fraction and replace(
+                saved, fold_val_fraction=base.fold_val_fraction).to_dict() == base.to_dict():
+            raise LeukotreeError(
+                f"'{cv.path}' holds a CV whose folds validate on their own test images, "
+                "uncalibrated (--fold-val-fraction 0, what older versions did); resume it with "
+                "--fold-val-fraction 0, or start it again in another --out to calibrate its "
+                "folds on their own validation patients.")
         if saved.to_dict() != base.to_dict():
             raise LeukotreeError(
                 f"'{cv.path}' holds a CV with other options (see {cv.config}); resume it with "

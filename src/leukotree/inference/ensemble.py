@@ -161,8 +161,19 @@ def make_ensemble(runs: Sequence[str | Path], out: str | Path) -> EnsemblePredic
     if target.path.exists() and (not target.path.is_dir() or any(target.path.iterdir())):
         raise LeukotreeError(f"--out '{target.path}' exists and is not an empty folder; "
                              "choose a new folder for the ensemble.")
-    predictor = EnsemblePredictor([load_predictor(m, "torch")[0] for m in members],
-                                  str(target.path))
+    loaded = [load_predictor(m, "torch") for m in members]
+    predictor = EnsemblePredictor([p for p, _ in loaded], str(target.path))
+    # an average of flagging and non-flagging members would lose the flag
+    kinds = [("calibration" in info["payload"], "ood" in info["payload"]) for _, info in loaded]
+    for what, i in (("calibrated (temperatures)", 0),
+                    ("scored for cells unlike its training cells", 1)):
+        if len({k[i] for k in kinds}) > 1:
+            has = next(m for m, k in zip(members, kinds, strict=True) if k[i])
+            lacks = next(m for m, k in zip(members, kinds, strict=True) if not k[i])
+            raise LeukotreeError(
+                f"'{has}' is {what} and '{lacks}' is not (trained with --no-calibrate or "
+                "--ood-quantile 0, or a cv fold with --fold-val-fraction 0): their average "
+                "would be neither. Give runs that all are, or none.")
     target.path.mkdir(parents=True, exist_ok=True)
     write_text(target.config, "# leukotree ensemble: the member runs, averaged\n"
                + yaml.safe_dump({"members": [str(m) for m in members]}, sort_keys=False))

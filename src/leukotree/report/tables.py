@@ -244,11 +244,15 @@ def _patient_cv_table(doc: Document, summaries: list[dict[str, Any]]) -> None:
             ci = p.get("auroc_ci95") or (math.nan, math.nan)
             rows.append([s["model"] + (f" / {s['patient_model']}" if s.get("patient_model")
                                        and s["patient_model"] != "none" else ""),
-                         str(r + 1), str(p["n_patients"]), fmt(p.get("auroc")),
+                         str(r + 1), str(p["n_patients"]),
+                         str(len(p.get("insufficient", []))), fmt(p.get("auroc")),
                          f"{fmt(ci[0])}-{fmt(ci[1])}", fmt(p.get("accuracy")),
                          fmt(p.get("sensitivity")), fmt(p.get("specificity"))])
-    doc.table(["model", "repeat", "patients", "AUROC", "95% CI", "accuracy", "sensitivity",
-               "specificity"], rows)
+    doc.table(["model", "repeat", "patients diagnosed", "not diagnosed", "AUROC", "95% CI",
+               "accuracy", "sensitivity", "specificity"], rows)
+    doc.paragraph("Not diagnosed: patients without a classifiable cell (all flagged "
+                  "unclassifiable, or too few cells); the other columns are of the patients "
+                  "diagnosed.")
 
 
 # ----------------------------------------------------------------- comparison
