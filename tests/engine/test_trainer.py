@@ -441,10 +441,15 @@ def test_replay_refuses_images_of_the_validation_patients(synth_data, tmp_path):
     train(synth_data, first, resolve_config(preset="tiny-test", overrides={"epochs": 1}),
           progress=False)
     # the same data again: its validation patients are among the first run's training ones
-    with pytest.raises(LeukotreeError, match=r"are validation images or of a validation "
-                                             r"patient .*leaks"):
+    with pytest.raises(LeukotreeError, match=r"are validation \(or test\) images or of such "
+                                             r"a patient .*leaks"):
         train(synth_data, tmp_path / "leak", resolve_config(preset="tiny-test", overrides={
             "epochs": 1, "replay": str(first), "seed": 3}), progress=False)
+    # nor may it train a cross-validation fold on its test patients
+    with pytest.raises(LeukotreeError, match=r"are validation \(or test\) images"):
+        train(synth_data, tmp_path / "leak-fold", resolve_config(
+            preset="tiny-test", overrides={"epochs": 1, "replay": str(first), "fold": 0,
+                                           "folds": 3}), progress=False)
     with pytest.raises(LeukotreeError, match=r"--replay .* does not exist"):
         resolve_config(preset="tiny-test", overrides={"replay": str(tmp_path / "nowhere")})
 
