@@ -250,12 +250,16 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     common = {"batch_size": args.batch_size, "workers": args.workers,
               "progress": not args.no_progress, **_max_pixels(args)}
     tuning = {"keep": args.keep, "epochs": args.epochs, "lr": args.lr}
+    given = [f"--{k}" for k, v in tuning.items() if v is not None]
     if args.method == "self-train":
         if args.pixel_size is not None:
             raise LeukotreeError("--pixel-size is not supported with --method self-train: the "
                                  "fine-tune sees the new lab's cells as the source run saw "
                                  "its own. Leave it out, or adapt with --method batch-norm.")
-        report = self_train(args.run, args.inputs, args.out, **common,
+        if args.resume and given:
+            raise LeukotreeError(f"A resumed self-training keeps its options (its "
+                                 f"config.yaml in {args.out}); leave out {', '.join(given)}.")
+        report = self_train(args.run, args.inputs, args.out, **common, resume=args.resume,
                             **{k: v for k, v in tuning.items() if v is not None})
         labelled = ", ".join(f"{k} {v}" for k, v in report["pseudo_labelled"].items())
         flagged = report["flagged_unclassifiable"]
@@ -268,10 +272,10 @@ def cmd_adapt(args: argparse.Namespace) -> int:
             say(console, f"{report['in_source_run']} of the given images are the source "
                 "run's own training or validation images: left out", "yellow")
     else:
-        given = [f"--{k}" for k, v in tuning.items() if v is not None]
-        if given:
-            raise LeukotreeError(f"{', '.join(given)} only apply to --method self-train (the "
-                                 "default); batch-norm adaptation trains nothing.")
+        if given or args.resume:
+            raise LeukotreeError(f"{', '.join(given + ['--resume'] * args.resume)} only apply "
+                                 "to --method self-train (the default); batch-norm adaptation "
+                                 "trains nothing.")
         report = adapt(args.run, args.inputs, args.out, pixel_size=args.pixel_size, **common)
         say(console, f"adapted {report['batch_norm_layers']} batch-norm layers to "
             f"{report['n_cells']} cells; wrote {args.out}")
@@ -644,6 +648,9 @@ def _add_explain_report_export_parsers(sub: argparse._SubParsersAction) -> None:
                     help="batch-norm: micrometres per pixel of the new lab's images (the "
                          "adapted run then decodes images at this pixel size unless told "
                          "otherwise)")
+    ad.add_argument("--resume", action="store_true",
+                    help="self-train: finish a self-training that stopped in --out (its "
+                         "labels and options kept; the inputs are not read again)")
     _add_max_pixels(ad)
     ad.add_argument("--no-progress", action="store_true")
     ad.set_defaults(func=cmd_adapt)

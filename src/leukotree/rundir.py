@@ -210,6 +210,8 @@ class RunDir(_Folder):
     #: into the (new) run folder, with the source run's validation images (``val.csv``),
     #: before the fine-tune trains on them.
     PSEUDO_LABELS = "pseudo_labels.csv"
+    #: What the labelling of a self-training found (``adapt --resume`` finishes with it).
+    SELF_TRAINING = "self_training.json"
 
     @classmethod
     def of(cls, run: str | Path) -> RunDir:
@@ -248,8 +250,7 @@ class RunDir(_Folder):
         """Files in the folder when it is not a leukotree run (nothing when it is one)."""
         if not self.path.is_dir() or self.is_run:
             return []
-        return sorted(p for p in self.path.iterdir()
-                      if p.name not in (self.LOCK, self.PSEUDO_LABELS, self.VAL_MANIFEST))
+        return sorted(p for p in self.path.iterdir() if p.name != self.LOCK)
 
     @contextmanager
     def locked(self) -> Iterator[None]:

@@ -280,3 +280,41 @@ def test_self_training_names_an_unknown_option_of_the_source_config(run_and_new_
     said = " ".join(capsys.readouterr().err.split())
     assert "Unknown option 'learning_rat' in the config file" in said
     assert str(odd / "config.yaml") in said and not (tmp_path / "o").exists()
+
+
+def test_a_stopped_self_training_resumes(run_and_new_lab, tmp_path, capsys, monkeypatch):
+    import leukotree.engine.trainer as trainer
+    from leukotree.engine.adapt import self_train
+
+    root = run_and_new_lab
+    out = tmp_path / "tuned"
+    real_train = trainer.train
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # stopped once the cells are labelled
+
+    monkeypatch.setattr(trainer, "train", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        self_train(root / "run", [root / "other"], out, epochs=2, progress=False)
+    monkeypatch.setattr(trainer, "train", real_train)
+    labelled = json.loads((out / "self_training.json").read_text())
+    assert (out / "pseudo_labels.csv").exists() and not (out / "adapt.json").exists()
+    argv = ["adapt", str(root / "run"), str(root / "other"), "--out", str(out),
+            "--no-progress"]
+    assert main(argv) == 2
+    assert "holds a stopped self-training; add --resume" in capsys.readouterr().err
+    assert main([*argv, "--resume", "--epochs", "3"]) == 2
+    assert "keeps its options" in capsys.readouterr().err
+    assert main([*argv, "--resume", "--method", "batch-norm"]) == 2
+    assert "--resume only apply to --method self-train" in capsys.readouterr().err
+    assert main([*argv, "--resume"]) == 0
+    report = json.loads((out / "adapt.json").read_text())
+    assert report["pseudo_labelled"] == labelled["pseudo_labelled"]
+    assert report["epochs"] == 2 and len(report["training"]["history"]) == 2
+    assert main([*argv, "--resume"]) == 2
+    assert "has finished" in capsys.readouterr().err
+    # stopped after its last epoch, before the report: resumed from last.pt
+    (out / "adapt.json").unlink()
+    assert main([*argv, "--resume"]) == 0
+    assert json.loads((out / "adapt.json").read_text())["training"]["history"] == report[
+        "training"]["history"]

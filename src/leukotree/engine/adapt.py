@@ -303,9 +303,8 @@ def _label_new_cells(model: nn.Module, paths: Sequence[Path], keep: float, devic
 
 def self_train(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
                keep: float = 0.5, epochs: int = 5, lr: float | None = None,
-               batch_size: int = 64,
-               workers: int = 2, progress: bool = True,
-               max_pixels: int | None = None) -> dict[str, Any]:
+               batch_size: int = 64, workers: int = 2, progress: bool = True,
+               max_pixels: int | None = None, resume: bool = False) -> dict[str, Any]:
     """Adapt the model of ``run`` to the cells of ``inputs`` by self-training (module
     docstring): label them with the model (:func:`pseudo_labels`), write them to
     ``out/pseudo_labels.csv`` and fine-tune on them into the run folder ``out`` (``epochs``
@@ -314,13 +313,64 @@ def self_train(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *
     calibrated and given its out-of-distribution threshold on its validation images; a
     patient model of the source run is fitted again, on its training patients, from the
     fine-tuned cell model. Images given twice are used once; the source run's own images
-    are left out. ``max_pixels`` None: the source run's. A refusal before the fine-tune leaves
-    ``out`` as it was; if the fine-tune stops, remove ``out`` and run it again."""
-    from leukotree.engine.loop import resolve_device
+    are left out. ``max_pixels`` None: the source run's. A refusal before the fine-tune
+    leaves ``out`` as it was. A stopped fine-tune continues with ``resume`` (the labels,
+    ``out/self_training.json`` and the options in ``out/config.yaml`` kept; ``inputs``
+    and the tuning options are not read again)."""
+    from leukotree.engine.config import load_config
     from leukotree.engine.trainer import train
 
+    target = RunDir(out)
+    if resume:
+        labelling = _stopped_self_training(target)
+        config = load_config(target.config, check_device=False)
+    else:
+        labelling, config = _label_for_self_training(run, inputs, target, keep, epochs, lr,
+                                                     batch_size, workers, progress,
+                                                     max_pixels)
+    summary = train(target.path / RunDir.PSEUDO_LABELS, target.path, config,
+                    resume=target.last.exists(), progress=progress)
+    report = labelling | {
+        "patient_model": (f"'{config.patient_model}', fitted again on the source run's "
+                          "training patients" if config.patient_model != "none" else None)}
+    extra = read_checkpoint(target.best).get("extra", {})
+    update_checkpoint(target.best, extra={**extra, "adapted": report})
+    write_json(target.path / RunDir.ADAPT, {**report, "training": summary})
+    return report
+
+
+def _stopped_self_training(target: RunDir) -> dict[str, Any]:
+    """The labelling report of the self-training stopped in ``target``, which resumes."""
+    from leukotree.rundir import read_json
+
+    if (target.path / RunDir.ADAPT).exists():
+        raise LeukotreeError(f"The self-training in '{target.path}' has finished (it has "
+                             f"{RunDir.ADAPT}); nothing to resume.")
+    needed = (RunDir.SELF_TRAINING, RunDir.PSEUDO_LABELS, RunDir.CONFIG)
+    missing = [name for name in needed if not (target.path / name).exists()]
+    if missing:
+        raise LeukotreeError(f"No stopped self-training to resume in '{target.path}' (no "
+                             f"{', '.join(missing)}); run adapt without --resume into a new "
+                             "folder.")
+    return read_json(target.path / RunDir.SELF_TRAINING, "Self-training report")
+
+
+def _label_for_self_training(run: str | Path, inputs: Sequence[str | Path], target: RunDir,
+                             keep: float, epochs: int, lr: float | None, batch_size: int,
+                             workers: int, progress: bool, max_pixels: int | None,
+                             ) -> tuple[dict[str, Any], TrainConfig]:
+    """Label the new cells into ``target`` (``pseudo_labels.csv``, ``val.csv``, the
+    fine-tune's ``config.yaml`` and the labelling report ``self_training.json``); on a
+    refusal or an interruption ``target`` is left as it was."""
+    from leukotree.engine.config import save_config
+    from leukotree.engine.loop import resolve_device
+
     source = RunDir.of(run)
-    target = _new_folder(out, inputs)
+    if target.path.is_dir() and (target.path / RunDir.SELF_TRAINING).exists() and not (
+            target.path / RunDir.ADAPT).exists():
+        raise LeukotreeError(f"'{target.path}' holds a stopped self-training; add --resume to "
+                             "finish it, or choose a new folder.")
+    _new_folder(target.path, inputs)
     model, _ = load_model(RunDir.checkpoint_of(run))
     if model.config.input_pixel_size is not None:
         raise LeukotreeError(f"'{source.path}' decodes its images at a pixel size "
@@ -338,30 +388,25 @@ def self_train(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *
         _write_pseudo_labels(target.path / RunDir.PSEUDO_LABELS,
                              [preds.paths[r] for r in rows], labels,
                              preds.leaf_probs[rows].max(axis=1))
+        labelling = {
+            "source": str(display_path(RunDir.checkpoint_of(run))),
+            "method": "self-training: fine-tuned on its own surest labels of the new cells, "
+                      "replaying the source run's training images",
+            "inputs": [str(i) for i in inputs], "n_cells": int(preds.ok.sum()),
+            "flagged_unclassifiable": None if flagged is None else int(flagged.sum()),
+            "keep": keep, "pseudo_labelled": {leaf: labels.count(leaf)
+                                              for leaf in model.taxonomy.leaves
+                                              if leaf in labels},
+            "in_source_run": in_source, "unreadable": [e for e in preds.errors if e is not None],
+            "epochs": epochs, "lr": config.lr}
+        save_config(config, target.config)  # what --resume trains with
+        write_json(target.path / RunDir.SELF_TRAINING, labelling)
     except BaseException:
         if created:
             shutil.rmtree(target.path, ignore_errors=True)
         else:  # an empty folder given: emptied again
-            for name in (RunDir.VAL_MANIFEST, RunDir.PSEUDO_LABELS):
+            for name in (RunDir.VAL_MANIFEST, RunDir.PSEUDO_LABELS, RunDir.CONFIG,
+                         RunDir.SELF_TRAINING):
                 (target.path / name).unlink(missing_ok=True)
         raise
-    summary = train(target.path / RunDir.PSEUDO_LABELS, target.path, config,
-                    progress=progress)
-    report = {"source": str(display_path(RunDir.checkpoint_of(run))),
-              "method": "self-training: fine-tuned on its own surest labels of the new "
-                        "cells, replaying the source run's training images",
-              "inputs": [str(i) for i in inputs], "n_cells": int(preds.ok.sum()),
-              "flagged_unclassifiable": None if flagged is None else int(flagged.sum()),
-              "keep": keep, "pseudo_labelled": {leaf: labels.count(leaf)
-                                                for leaf in model.taxonomy.leaves
-                                                if leaf in labels},
-              "in_source_run": in_source,
-              "unreadable": [e for e in preds.errors if e is not None],
-              "epochs": epochs, "lr": config.lr,
-              "patient_model": (f"'{config.patient_model}', fitted again on the source run's "
-                                "training patients" if config.patient_model != "none"
-                                else None)}
-    extra = read_checkpoint(target.best).get("extra", {})
-    update_checkpoint(target.best, extra={**extra, "adapted": report})
-    write_json(target.path / RunDir.ADAPT, {**report, "training": summary})
-    return report
+    return labelling, config
