@@ -276,7 +276,8 @@ class RunDir(_Folder):
             handle.close()
 
     def read_split(self, part: str | None = None) -> list[dict[str, str]]:
-        """Rows of ``split.csv`` (``path,label,patient,slide,group,split``), of one part."""
+        """Rows of ``split.csv`` (``path,label,patient,slide,group``, ``cell_type`` when
+        the run has a cell-type head, ``split``), of one part."""
         if not self.split.exists():
             raise LeukotreeError(f"'{self.path}' has no {self.SPLIT}; it is not a run folder "
                                  "written by 'leukotree train'.")
@@ -294,11 +295,13 @@ class RunDir(_Folder):
 
     def write_val_manifest(self, out: Path | None = None, part: str = "val") -> Path:
         """The run's validation images (or those of another ``part`` of ``split.csv``) as
-        a manifest CSV (``path,label,patient,slide``)."""
+        a manifest CSV (``path,label,patient,slide``, and ``cell_type`` when the split
+        lists cell types)."""
         rows = self.read_split(part)
+        columns = ("path", "label", "patient", "slide") + (
+            ("cell_type",) if rows and "cell_type" in rows[0] else ())
         return write_csv(out or self.val_manifest,
-                         [{k: r.get(k, "") for k in ("path", "label", "patient", "slide")}
-                          for r in rows], ("path", "label", "patient", "slide"))
+                         [{k: r.get(k, "") for k in columns} for r in rows], columns)
 
 
 class EvalDir(_Folder):

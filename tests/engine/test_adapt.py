@@ -227,7 +227,7 @@ def test_self_training_refuses_what_it_cannot_adapt(run_and_new_lab, tmp_path, c
                                                            "cell_taxonomy: pbc"))
     said = refused(str(with_cells), new, "--out", str(tmp_path / "c"), "--method",
                    "self-train")
-    assert "cannot adapt" in said and "--cell-taxonomy" in said
+    assert "cannot adapt" in said and "lists no cell types" in said
     assert not (tmp_path / "c").exists()  # refused before anything was written
     # too few cells to label (ceil(0.1 * n) of each predicted class): refused after
     # predicting, and the folder it had begun is gone

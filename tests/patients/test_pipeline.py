@@ -113,3 +113,34 @@ def test_a_cv_folder_predicts_as_one_ensemble(manifest, tmp_path):
                                          / patient),
                  "--out", str(tmp_path / "r.html"), "--no-heatmaps", "--no-progress"]) == 0
     assert "ensemble of 2 x differential" in (tmp_path / "r.html").read_text()
+
+
+def test_a_run_with_a_cell_type_head_self_trains_on_another_lab(manifest, tmp_path):
+    run, tuned = tmp_path / "run", tmp_path / "tuned"
+    assert main(["train", str(manifest), "--out", str(run), "--patient-model", "differential",
+                 "--val-fraction", "0.34", *COMMON]) == 0
+    with (run / "split.csv").open() as handle:
+        source = {r["path"]: r for r in csv.DictReader(handle)}
+    cells = load_taxonomy("jhh-cells")
+    with manifest.open() as handle:
+        given = {r["path"]: cells.resolve(r["cell_type"]) for r in csv.DictReader(handle)}
+    # the run's split keeps each image's cell type (as the cell taxonomy names it)
+    assert {p: r["cell_type"] for p, r in source.items()} == {p: given[p] for p in source}
+    generate(tmp_path / "other-lab", load_taxonomy("aml-apl"), patients_per_class=2,
+             cells_per_patient=6, size=40, seed=7, progress=False)
+    assert main(["adapt", str(run), str(tmp_path / "other-lab"), "--out", str(tuned),
+                 "--keep", "1", "--epochs", "1", "--no-progress"]) == 0
+    with (tuned / "split.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    replayed = [r for r in rows if r["path"] in source]
+    new = [r for r in rows if r["path"] not in source]
+    assert replayed and new
+    # replayed (and validation) images keep their cell types; the new cells have none
+    assert all(r["cell_type"] == given[r["path"]] for r in replayed)
+    assert all(r["cell_type"] == "" for r in new)
+    with (tuned / "val.csv").open() as handle:
+        assert all(r["cell_type"] == given[r["path"]] for r in csv.DictReader(handle))
+    report = json.loads((tuned / "adapt.json").read_text())
+    assert report["patient_model"].startswith("'differential', fitted again")
+    assert main(["predict", str(tuned), str(tmp_path / "other-lab"), "--by-patient", "--out",
+                 str(tmp_path / "p.csv"), "--no-progress"]) == 0

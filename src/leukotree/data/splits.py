@@ -263,17 +263,22 @@ def write_split_csv(
     folds: np.ndarray | None,
     parts: np.ndarray | None,
 ) -> None:
-    """Write ``path,label,patient,slide,group`` plus ``fold`` and/or ``split`` columns."""
+    """Write ``path,label,patient,slide,group`` (and ``cell_type`` when any image has one)
+    plus ``fold`` and/or ``split`` columns."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    cells = any(s.cell_label is not None for s in samples)
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         header = ["path", "label", "patient", "slide", "group"]
+        header += ["cell_type"] if cells else []
         header += ["fold"] if folds is not None else []
         header += ["split"] if parts is not None else []
         writer.writerow(header)
         for i, s in enumerate(samples):
             row: list[object] = [os.path.abspath(s.path), s.label, s.patient or "", s.slide or "",
                                  s.group]
+            if cells:
+                row.append(s.cell_label or "")
             if folds is not None:
                 row.append(int(folds[i]))
             if parts is not None:

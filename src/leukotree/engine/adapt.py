@@ -221,14 +221,22 @@ def _self_train_config(source: RunDir, run: str | Path, out: Path, epochs: int,
                              "folder written by 'leukotree train'.")
     values = read_yaml(source.config, "Config file") or {}
     check_keys(values, f"the config file '{source.config}' of the run to adapt")
-    for key, why in (("cell_taxonomy", "its cell-type head needs cell labels"),
-                     ("pixel_size", "its field of view is in micrometres")):
-        if values.get(key):
-            raise LeukotreeError(f"--method self-train cannot adapt '{source.path}' yet: it "
-                                 f"was trained with --{key.replace('_', '-')} ({why}), which "
-                                 "the model's own labels do not give. Use --method "
-                                 "batch-norm, or fine-tune on labelled cells (train --init "
-                                 "--replay).")
+    if values.get("pixel_size"):
+        raise LeukotreeError(f"--method self-train cannot adapt '{source.path}' yet: it was "
+                             "trained with --pixel-size (its field of view is in "
+                             "micrometres, and the new lab's pixel size is unknown here). Use "
+                             "--method batch-norm, or fine-tune on labelled cells (train "
+                             "--init --replay).")
+    cells = {}
+    if values.get("cell_taxonomy"):
+        # the cell-type head keeps learning from the replayed images' cell types (the new
+        # cells get none: their column is left empty)
+        if "cell_type" not in source.read_split()[0]:
+            raise LeukotreeError(f"--method self-train cannot adapt '{source.path}': its "
+                                 f"{RunDir.SPLIT} lists no cell types (it was trained before "
+                                 "runs kept them), so its cell-type head would train on "
+                                 "none. Train it again, or use --method batch-norm.")
+        cells = {"cell_labels": "column:cell_type"}
     out.mkdir(parents=True, exist_ok=True)  # the source folder may be read-only
     val = out.resolve() / RunDir.VAL_MANIFEST
     config = resolve_config(overrides={
@@ -242,21 +250,23 @@ def _self_train_config(source: RunDir, run: str | Path, out: Path, epochs: int,
         "patients": "auto", "device": "auto", "amp": "auto",
         # cells the model only labelled are not known cells: blasts stay far
         "ood_reference": "replayed",
-        "workers": workers, "max_pixels": max_pixels})
+        "workers": workers, "max_pixels": max_pixels, **cells})
     return config if lr is not None else replace(config, lr=config.lr * SELF_TRAIN_LR_SHARE)
 
 
 def _write_pseudo_labels(path: Path, cells: Sequence[Path], labels: Sequence[str],
-                         probs: np.ndarray) -> None:
+                         probs: np.ndarray, cell_types: bool = False) -> None:
+    """``path,label,probability`` per labelled cell (and an empty ``cell_type`` column
+    for a model with a cell-type head: the new cells get no cell type)."""
     bad = [p for p in map(utf8_problem, cells) if p is not None]
     if bad:
         raise LeukotreeError(f"{len(bad)} of the new lab's file names are not valid UTF-8 "
                              f"(e.g. {bad[0].where}); rename them and run adapt again.")
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "label", "probability"])
+        writer.writerow(["path", "label", "probability"] + ["cell_type"] * cell_types)
         for cell, label, p in zip(cells, labels, probs, strict=True):
-            writer.writerow([os.path.abspath(cell), label, f"{p:.6f}"])
+            writer.writerow([os.path.abspath(cell), label, f"{p:.6f}"] + [""] * cell_types)
 
 
 def _new_cells(inputs: Sequence[str | Path], source: RunDir) -> tuple[list[Path], int]:
@@ -387,7 +397,8 @@ def _label_for_self_training(run: str | Path, inputs: Sequence[str | Path], targ
             workers=workers, progress=progress, max_pixels=config.max_pixels)
         _write_pseudo_labels(target.path / RunDir.PSEUDO_LABELS,
                              [preds.paths[r] for r in rows], labels,
-                             preds.leaf_probs[rows].max(axis=1))
+                             preds.leaf_probs[rows].max(axis=1),
+                             cell_types=config.cell_taxonomy is not None)
         labelling = {
             "source": str(display_path(RunDir.checkpoint_of(run))),
             "method": "self-training: fine-tuned on its own surest labels of the new cells, "

@@ -304,9 +304,9 @@ class Trainer:
                         ) -> list[Sample]:
         """The ``--replay`` images: a run's training images (or the images of data), none
         of them a validation image or of a validation patient; images already in the
-        training data are not added twice. A run's ``split.csv`` keeps no cell types: its
-        images train the cell-type head of a ``--cell-taxonomy`` run only when replayed from
-        the data (a manifest with the cell-type column) instead."""
+        training data are not added twice. A run's images keep the cell types its
+        ``split.csv`` lists (runs trained before it kept them list none: replay their data,
+        a manifest with the cell-type column, to train the cell-type head on them)."""
         cfg = self.config
         if cfg.replay is None:
             return []
@@ -318,10 +318,17 @@ class Trainer:
                     f"--replay '{cfg.replay}' was trained on the taxonomy '{kept.name}' "
                     f"({', '.join(kept.leaves)}), this training on '{taxonomy.name}' "
                     f"({', '.join(taxonomy.leaves)}); replay a run of the same taxonomy.")
+            cells = self.cell_taxonomy
+
+            def cell_type(row: dict[str, str], line: int) -> str | None:
+                raw = row.get("cell_type") or ""
+                return (cells.resolve(raw, where=f"{source.split} line {line}")
+                        if cells is not None and raw else None)
+
             samples = [Sample(Path(r["path"]),
                               taxonomy.resolve(r["label"], where=f"{source.split} line {i}"),
                               r.get("patient") or None, r.get("slide") or None,
-                              source=str(source.split))
+                              source=str(source.split), cell_label=cell_type(r, i))
                        for i, r in enumerate(source.read_split(), start=2)
                        if r["split"] == "train"]
         else:
