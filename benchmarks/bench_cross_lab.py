@@ -305,7 +305,10 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a training option over the preset (YAML value)")
     parser.add_argument("--test-fraction", type=float, default=0.2)
-    parser.add_argument("--run", type=Path, help="a run already trained on OUT/pbc-dev.csv")
+    parser.add_argument("--run", type=Path, help="a run already trained on OUT/pbc-dev.csv "
+                                                 "(or a 'leukotree ensemble' of such runs: "
+                                                 "with --no-adapt --no-self-train "
+                                                 "--labelled-per-class 0)")
     parser.add_argument("--no-adapt", action="store_true",
                         help="skip leukotree adapt --method batch-norm")
     parser.add_argument("--no-self-train", action="store_true",
