@@ -64,6 +64,11 @@ def test_an_ensemble_predicts_the_mean_of_its_runs(runs, tmp_path, capsys):
     assert models.get(None)[0] == "ens" and models.torch_model(None) is not None
     assert main(["evaluate", str(ens), str(runs / "data"), "--out", str(tmp_path / "ev"),
                  "--no-progress"]) == 0
+    capsys.readouterr()
+    # commands of one model name the ensemble's members
+    assert main(["export", str(ens), "--onnx", str(tmp_path / "e.onnx")]) == 2
+    said = " ".join(capsys.readouterr().err.split())
+    assert "is a cv or ensemble folder of 2 models" in said and str(runs / "s0") in said
 
 
 def test_an_ensemble_refuses_what_it_cannot_average(runs, tmp_path, capsys):
