@@ -305,7 +305,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from leukotree.evaluation.evaluate import EvalSettings, check_settings, evaluate
-    from leukotree.rundir import EvalDir, RunDir, read_text
+    from leukotree.rundir import EvalDir, RunDir, member_runs, read_text
 
     settings = EvalSettings(
         threshold=args.threshold, target_sensitivity=args.target_sensitivity,
@@ -317,6 +317,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     where = EvalDir(args.out)
     data = args.data
     if data is None:  # the run's validation images; a CV fold's test images
+        if member_runs(args.run):
+            raise LeukotreeError(f"'{args.run}' is a cv or ensemble folder: its models have no "
+                                 "single validation split; give the DATA to evaluate on.")
         run = RunDir.of(args.run)
         data = run.write_val_manifest(where.validation, part=run.test_part())
     metrics = evaluate(args.run, data, args.out, settings, patients=args.patients,

@@ -212,6 +212,8 @@ class RunDir(_Folder):
     PSEUDO_LABELS = "pseudo_labels.csv"
     #: What the labelling of a self-training found (``adapt --resume`` finishes with it).
     SELF_TRAINING = "self_training.json"
+    #: A self-trained run's cell taxonomy (its model's own, kept beside the run).
+    CELL_TAXONOMY = "cell_taxonomy.yaml"
 
     @classmethod
     def of(cls, run: str | Path) -> RunDir:
@@ -221,9 +223,18 @@ class RunDir(_Folder):
 
     @staticmethod
     def checkpoint_of(run: str | Path) -> Path:
-        """The model file of ``run``: ``RUN/best.pt`` for a folder, else the file itself."""
+        """The model file of ``run``: ``RUN/best.pt`` for a folder, else the file itself.
+        A cv or ensemble folder (several models) is refused, naming one of its runs."""
         run = Path(run)
-        return run / RunDir.BEST if run.is_dir() else run
+        if not run.is_dir():
+            return run
+        if not (run / RunDir.BEST).exists():
+            members = member_runs(run)
+            if members:  # predict, evaluate, report and serve take it; this needs one model
+                raise LeukotreeError(
+                    f"'{run}' is a cv or ensemble folder of {len(members)} models; this "
+                    f"needs one of them, e.g. '{members[0]}'.")
+        return run / RunDir.BEST
 
     config = property(lambda self: self.path / self.CONFIG)
     environment = property(lambda self: self.path / self.ENVIRONMENT)

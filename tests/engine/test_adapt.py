@@ -220,14 +220,13 @@ def test_self_training_refuses_what_it_cannot_adapt(run_and_new_lab, tmp_path, c
         "--keep", "0.3", "--epochs", "2")
     assert "lies inside the input folder" in refused(
         str(root / "run"), new, "--out", str(root / "other" / "adapted"))
-    with_cells = tmp_path / "with-cells"
-    shutil.copytree(root / "run", with_cells)
-    config = (with_cells / "config.yaml").read_text()
-    (with_cells / "config.yaml").write_text(config.replace("cell_taxonomy: null",
-                                                           "cell_taxonomy: pbc"))
-    said = refused(str(with_cells), new, "--out", str(tmp_path / "c"), "--method",
-                   "self-train")
-    assert "cannot adapt" in said and "lists no cell types" in said
+    pixels = tmp_path / "pixels"
+    shutil.copytree(root / "run", pixels)
+    config = (pixels / "config.yaml").read_text()
+    (pixels / "config.yaml").write_text(config.replace("pixel_size: null",
+                                                       "pixel_size: 0.4"))
+    said = refused(str(pixels), new, "--out", str(tmp_path / "c"), "--method", "self-train")
+    assert "cannot adapt" in said and "--pixel-size" in said
     assert not (tmp_path / "c").exists()  # refused before anything was written
     # too few cells to label (ceil(0.1 * n) of each predicted class): refused after
     # predicting, and the folder it had begun is gone
@@ -318,3 +317,37 @@ def test_a_stopped_self_training_resumes(run_and_new_lab, tmp_path, capsys, monk
     assert main([*argv, "--resume"]) == 0
     assert json.loads((out / "adapt.json").read_text())["training"]["history"] == report[
         "training"]["history"]
+    # resumed with the run it adapts only
+    other = tmp_path / "other-run"
+    shutil.copytree(root / "run", other)
+    (out / "adapt.json").unlink()
+    assert main(["adapt", str(other), str(root / "other"), "--out", str(out), "--resume",
+                 "--no-progress"]) == 2
+    assert "resume it with that run" in capsys.readouterr().err
+
+
+def test_a_self_training_stopped_mid_fine_tune_continues_from_its_last_epoch(
+        run_and_new_lab, tmp_path, monkeypatch):
+    from leukotree.engine.adapt import self_train
+    from leukotree.engine.trainer import Trainer
+
+    root = run_and_new_lab
+    out = tmp_path / "tuned"
+    end_epoch = Trainer._end_epoch
+
+    def stop_after_first(self, state, *args, **kwargs):
+        stop = end_epoch(self, state, *args, **kwargs)
+        if state.epoch == 1:
+            raise KeyboardInterrupt  # last.pt of epoch 1 written
+        return stop
+
+    monkeypatch.setattr(Trainer, "_end_epoch", stop_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        self_train(root / "run", [root / "other"], out, epochs=3, progress=False)
+    monkeypatch.setattr(Trainer, "_end_epoch", end_epoch)
+    first = (out / "history.csv").read_text().splitlines()
+    assert len(first) == 2 and (out / "last.pt").exists()
+    assert main(["adapt", str(root / "run"), str(root / "other"), "--out", str(out),
+                 "--resume", "--no-progress"]) == 0
+    history = (out / "history.csv").read_text().splitlines()
+    assert len(history) == 4 and history[:2] == first  # epoch 1 kept, 2 and 3 trained

@@ -5,11 +5,14 @@ import shutil
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 
 from leukotree.cli import main
 from leukotree.data.synth import generate
 from leukotree.engine.config import resolve_config
 from leukotree.engine.trainer import train
+from leukotree.serve.app import ServeSettings, create_app
+from leukotree.serve.store import Store
 from leukotree.serve.worker import Models
 from leukotree.taxonomy import load_taxonomy
 
@@ -24,7 +27,7 @@ def runs(tmp_path_factory):
     generate(root / "data", TAX, patients_per_class=3, cells_per_patient=4, size=32, seed=2,
              progress=False)
     for name, extra in (("s0", {}), ("s1", {"seed": 1}), ("big", {"img_size": 48}),
-                        ("no-ood", {"ood_quantile": 0})):
+                        ("no-ood", {"ood_quantile": 0}), ("mean", {"patient_model": "mean"})):
         train(root / "data", root / name, resolve_config(preset="tiny-test", overrides={
             "epochs": 1, "threads": 1, "val_fraction": 0.3, **extra}), progress=False)
     return root
@@ -59,16 +62,26 @@ def test_an_ensemble_predicts_the_mean_of_its_runs(runs, tmp_path, capsys):
         assert e["unclassifiable"] == str(float(e["ood_score"]) > 1)
     leaves = np.array([[float(r[f"p_{leaf}"]) for leaf in TAX.leaves] for r in rows["ens"]])
     np.testing.assert_allclose(leaves.sum(axis=1), 1, atol=1e-4)
-    # served like a run folder; heat maps from its first member
+    # served like a run folder; heat maps from its first member, named on the models page
     models = Models([ens], engine="torch")
     assert models.get(None)[0] == "ens" and models.torch_model(None) is not None
+    with TestClient(create_app(models, Store(tmp_path / "store"), ServeSettings())) as api:
+        page = api.get("/models").text
+    assert "Averages 2 models" in page and str(runs / "s1") in page
     assert main(["evaluate", str(ens), str(runs / "data"), "--out", str(tmp_path / "ev"),
                  "--no-progress"]) == 0
     capsys.readouterr()
+    assert main(["evaluate", str(ens), "--out", str(tmp_path / "ev2"), "--no-progress"]) == 2
+    assert "no single validation split; give the DATA" in capsys.readouterr().err
     # commands of one model name the ensemble's members
     assert main(["export", str(ens), "--onnx", str(tmp_path / "e.onnx")]) == 2
     said = " ".join(capsys.readouterr().err.split())
     assert "is a cv or ensemble folder of 2 models" in said and str(runs / "s0") in said
+    for argv in (["adapt", str(ens), str(runs / "data"), "--out", str(tmp_path / "a")],
+                 ["train", str(runs / "data"), "-t", "leukemia7", "--preset", "tiny-test",
+                  "--init", str(ens), "--out", str(tmp_path / "t")]):
+        assert main([*argv, "--no-progress"]) == 2
+        assert "is a cv or ensemble folder of 2 models" in capsys.readouterr().err
 
 
 def test_an_ensemble_refuses_what_it_cannot_average(runs, tmp_path, capsys):
@@ -79,8 +92,12 @@ def test_an_ensemble_refuses_what_it_cannot_average(runs, tmp_path, capsys):
     s0, s1 = str(runs / "s0"), str(runs / "s1")
     assert "at least 2 runs; got 1" in refused(s0, "--out", str(tmp_path / "a"))
     assert "given twice" in refused(s0, str(runs / "s0" / "."), "--out", str(tmp_path / "b"))
-    assert "differ in taxonomy, image size or crop" in refused(
-        s0, str(runs / "big"), "--out", str(tmp_path / "c"))
+    assert "given twice" in refused(s0, str(runs / "s0" / "best.pt"), "--out",
+                                    str(tmp_path / "b"))
+    said = refused(s0, str(runs / "big"), "--out", str(tmp_path / "c"))
+    assert "differ in image size" in said and "big" in said
+    said = refused(s0, str(runs / "mean"), "--out", str(tmp_path / "c"))
+    assert "differ in patient model" in said
     said = refused(s0, str(runs / "no-ood"), "--out", str(tmp_path / "h"))
     assert "is scored for cells unlike its training cells" in said and "no-ood" in said
     assert "has no trained model" in refused(s0, str(runs / "data"), "--out",

@@ -144,7 +144,8 @@ def test_an_ensemble_refuses_members_that_decode_images_differently():
 
     assert EnsemblePredictor([member(), member()], "cv").model_config.field_um == 16.0
     for view in ({"input_pixel_size": 0.25}, {"field_um": 20.0}, {"crop_mode": "auto"}):
-        with pytest.raises(LeukotreeError, match="differ in taxonomy, image size or crop"):
+        with pytest.raises(LeukotreeError, match=r"differ in crop \(crop fraction, crop mode or "
+                                                 r"pixel size\) \(.model 1. and .model 2.\)"):
             EnsemblePredictor([member(), member(**view)], "cv")
 
 

@@ -5,6 +5,7 @@ and ONNX), patient metrics from evaluate and pooled out-of-fold patients from cv
 import csv
 import json
 import random
+import shutil
 
 import pytest
 
@@ -115,10 +116,17 @@ def test_a_cv_folder_predicts_as_one_ensemble(manifest, tmp_path):
     assert "ensemble of 2 x differential" in (tmp_path / "r.html").read_text()
 
 
-def test_a_run_with_a_cell_type_head_self_trains_on_another_lab(manifest, tmp_path):
+def test_a_run_with_a_cell_type_head_self_trains_on_another_lab(manifest, tmp_path,
+                                                                monkeypatch, capsys):
     run, tuned = tmp_path / "run", tmp_path / "tuned"
+    # the lab's own cell taxonomy, named relative to where it trains
+    (tmp_path / "here").mkdir()
+    (tmp_path / "here" / "cells.yaml").write_text(load_taxonomy("jhh-cells").to_yaml())
+    monkeypatch.chdir(tmp_path / "here")
+    common = [a if a != "jhh-cells" else "cells.yaml" for a in COMMON]
     assert main(["train", str(manifest), "--out", str(run), "--patient-model", "differential",
-                 "--val-fraction", "0.34", *COMMON]) == 0
+                 "--val-fraction", "0.34", *common]) == 0
+    monkeypatch.chdir(tmp_path)  # self-trained from elsewhere
     with (run / "split.csv").open() as handle:
         source = {r["path"]: r for r in csv.DictReader(handle)}
     cells = load_taxonomy("jhh-cells")
@@ -144,3 +152,46 @@ def test_a_run_with_a_cell_type_head_self_trains_on_another_lab(manifest, tmp_pa
     assert report["patient_model"].startswith("'differential', fitted again")
     assert main(["predict", str(tuned), str(tmp_path / "other-lab"), "--by-patient", "--out",
                  str(tmp_path / "p.csv"), "--no-progress"]) == 0
+    # a run whose split.csv predates cell types cannot keep its cell-type head trained
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    with (old / "split.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    with (old / "split.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[k for k in rows[0] if k != "cell_type"],
+                                extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    assert main(["adapt", str(old), str(tmp_path / "other-lab"), "--out",
+                 str(tmp_path / "never"), "--no-progress"]) == 2
+    assert "lists no cell types" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+def test_replaying_a_run_of_another_cell_taxonomy_trains_the_diagnosis_only(manifest,
+                                                                           tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", str(manifest), "--out", str(run), "--val-fraction", "0.34",
+                 *COMMON]) == 0
+    # a second lab: other images and patients, its own cell taxonomy (other names)
+    generate(tmp_path / "lab2", load_taxonomy("aml-apl"), patients_per_class=3,
+             cells_per_patient=6, size=32, seed=3, progress=False)
+    (tmp_path / "cells2.yaml").write_text(
+        "name: cells2\ntree:\n  blast-no-lineage-spec:\n  promyelocyte:\n  lymphocyte:\n"
+        "  smudge-cells:\n")
+    rng = random.Random(1)
+    rows = [{"path": str(p), "label": p.parent.parent.name, "patient": f"lab2-{p.parent.name}",
+             "cell_type": rng.choice(TYPES)} for p in sorted((tmp_path / "lab2").rglob("*.png"))]
+    with (tmp_path / "lab2.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    common = [a if a != "jhh-cells" else str(tmp_path / "cells2.yaml") for a in COMMON]
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "lab2.csv"), "--out", str(tmp_path / "two"),
+                 "--val-fraction", "0.34", "--replay", str(run), *common]) == 0
+    said = " ".join(capsys.readouterr().err.split())
+    assert "are not of the cell taxonomy 'cells2': its images train the diagnosis only" in said
+    with (tmp_path / "two" / "split.csv").open() as handle:
+        replayed = [r for r in csv.DictReader(handle) if "lab2" not in r["path"]]
+    assert replayed and all(r["cell_type"] == "" for r in replayed)

@@ -71,10 +71,11 @@ from leukotree.models.checkpoint import (
     save_model,
     update_checkpoint,
 )
-from leukotree.rundir import RunDir, read_yaml, write_json
+from leukotree.rundir import RunDir, read_yaml, write_json, write_text
 
 if TYPE_CHECKING:
     from leukotree.engine.config import TrainConfig
+    from leukotree.taxonomy import Taxonomy
 
 #: Fewest pseudo-labelled cells a self-training ``adapt`` trains on.
 MIN_PSEUDO_LABELS = 10
@@ -204,7 +205,7 @@ def pseudo_labels(probs: np.ndarray, flagged: np.ndarray, keep: float) -> np.nda
 
 def _self_train_config(source: RunDir, run: str | Path, out: Path, epochs: int,
                        lr: float | None, workers: int, max_pixels: int | None,
-                       ) -> TrainConfig:
+                       cell_taxonomy: Taxonomy | None = None) -> TrainConfig:
     """The source run's configuration, made a fine-tune on the pseudo-labelled cells that
     replays its training images and validates on its validation images (real labels:
     the temperatures and the out-of-distribution threshold are fitted on them, as in the
@@ -227,8 +228,9 @@ def _self_train_config(source: RunDir, run: str | Path, out: Path, epochs: int,
                              "micrometres, and the new lab's pixel size is unknown here). Use "
                              "--method batch-norm, or fine-tune on labelled cells (train "
                              "--init --replay).")
+    out.mkdir(parents=True, exist_ok=True)  # the source folder may be read-only
     cells = {}
-    if values.get("cell_taxonomy"):
+    if cell_taxonomy is not None:
         # the cell-type head keeps learning from the replayed images' cell types (the new
         # cells get none: their column is left empty)
         if "cell_type" not in source.read_split()[0]:
@@ -236,8 +238,10 @@ def _self_train_config(source: RunDir, run: str | Path, out: Path, epochs: int,
                                  f"{RunDir.SPLIT} lists no cell types (it was trained before "
                                  "runs kept them), so its cell-type head would train on "
                                  "none. Train it again, or use --method batch-norm.")
-        cells = {"cell_labels": "column:cell_type"}
-    out.mkdir(parents=True, exist_ok=True)  # the source folder may be read-only
+        # the model's own cell taxonomy, kept beside the run (the source config may name
+        # a file relative to where it was trained)
+        kept = write_text(out / RunDir.CELL_TAXONOMY, cell_taxonomy.to_yaml())
+        cells = {"cell_labels": "column:cell_type", "cell_taxonomy": str(kept.resolve())}
     val = out.resolve() / RunDir.VAL_MANIFEST
     config = resolve_config(overrides={
         **values, "fold": None,  # dropped: the source's fold, if any, is not this split
@@ -328,11 +332,19 @@ def self_train(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *
     ``out/self_training.json`` and the options in ``out/config.yaml`` kept; ``inputs``
     and the tuning options are not read again)."""
     from leukotree.engine.config import load_config
+    from leukotree.engine.distributed import running_under_torchrun
     from leukotree.engine.trainer import train
 
+    if running_under_torchrun():
+        raise LeukotreeError("leukotree adapt runs in one process (every process would label "
+                             "and write the same folder); run it without torchrun.")
     target = RunDir(out)
     if resume:
         labelling = _stopped_self_training(target)
+        started = labelling.get("source_model")
+        if started and started != os.path.realpath(RunDir.checkpoint_of(run)):
+            raise LeukotreeError(f"The self-training in '{target.path}' adapts '{started}', "
+                                 f"not '{run}'; resume it with that run.")
         config = load_config(target.config, check_device=False)
     else:
         labelling, config = _label_for_self_training(run, inputs, target, keep, epochs, lr,
@@ -390,7 +402,7 @@ def _label_for_self_training(run: str | Path, inputs: Sequence[str | Path], targ
     created = not target.path.exists()
     try:
         config = _self_train_config(source, run, target.path, epochs, lr, workers,
-                                    max_pixels)
+                                    max_pixels, model.cell_taxonomy)
         paths, in_source = _new_cells(inputs, source)
         preds, rows, labels, flagged = _label_new_cells(
             model, paths, keep, resolve_device(config.device), batch_size=batch_size,
@@ -401,6 +413,7 @@ def _label_for_self_training(run: str | Path, inputs: Sequence[str | Path], targ
                              cell_types=config.cell_taxonomy is not None)
         labelling = {
             "source": str(display_path(RunDir.checkpoint_of(run))),
+            "source_model": os.path.realpath(RunDir.checkpoint_of(run)),
             "method": "self-training: fine-tuned on its own surest labels of the new cells, "
                       "replaying the source run's training images",
             "inputs": [str(i) for i in inputs], "n_cells": int(preds.ok.sum()),
@@ -417,7 +430,7 @@ def _label_for_self_training(run: str | Path, inputs: Sequence[str | Path], targ
             shutil.rmtree(target.path, ignore_errors=True)
         else:  # an empty folder given: emptied again
             for name in (RunDir.VAL_MANIFEST, RunDir.PSEUDO_LABELS, RunDir.CONFIG,
-                         RunDir.SELF_TRAINING):
+                         RunDir.SELF_TRAINING, RunDir.CELL_TAXONOMY):
                 (target.path / name).unlink(missing_ok=True)
         raise
     return labelling, config

@@ -318,19 +318,14 @@ class Trainer:
                     f"--replay '{cfg.replay}' was trained on the taxonomy '{kept.name}' "
                     f"({', '.join(kept.leaves)}), this training on '{taxonomy.name}' "
                     f"({', '.join(taxonomy.leaves)}); replay a run of the same taxonomy.")
-            cells = self.cell_taxonomy
-
-            def cell_type(row: dict[str, str], line: int) -> str | None:
-                raw = row.get("cell_type") or ""
-                return (cells.resolve(raw, where=f"{source.split} line {line}")
-                        if cells is not None and raw else None)
-
+            rows = [(i, r) for i, r in enumerate(source.read_split(), start=2)
+                    if r["split"] == "train"]
+            cell_types = self._replayed_cell_types(source, [r for _, r in rows])
             samples = [Sample(Path(r["path"]),
                               taxonomy.resolve(r["label"], where=f"{source.split} line {i}"),
                               r.get("patient") or None, r.get("slide") or None,
-                              source=str(source.split), cell_label=cell_type(r, i))
-                       for i, r in enumerate(source.read_split(), start=2)
-                       if r["split"] == "train"]
+                              source=str(source.split), cell_label=cell)
+                       for (i, r), cell in zip(rows, cell_types, strict=True)]
         else:
             samples = self._discover(Path(cfg.replay), taxonomy).samples
         real = [os.path.realpath(s.path) for s in samples]  # the same file by any link
@@ -346,6 +341,22 @@ class Trainer:
                 "give the two labs' patients distinct ids.")
         have = {os.path.realpath(s.path) for s in train}
         return [s for s, path in zip(samples, real, strict=True) if path not in have]
+
+    def _replayed_cell_types(self, source: RunDir, rows: list[dict[str, str]],
+                             ) -> list[str | None]:
+        """The cell types ``split.csv`` of the replayed run lists for ``rows``, as this
+        training's cell taxonomy names them; none when it has no cell-type head, or when
+        the replayed run's cell types are not of its taxonomy (said)."""
+        cells = self.cell_taxonomy
+        if cells is None:
+            return [None] * len(rows)
+        try:
+            return [cells.resolve(r["cell_type"]) if r.get("cell_type") else None
+                    for r in rows]
+        except LeukotreeError:
+            self._log(f"the cell types of --replay '{self.config.replay}' are not of the cell "
+                      f"taxonomy '{cells.name}': its images train the diagnosis only", "yellow")
+            return [None] * len(rows)
 
     def _replay_run(self) -> RunDir | None:
         """The run folder ``--replay`` names (itself or its ``.pt`` file), or None when it

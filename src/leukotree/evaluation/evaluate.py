@@ -91,6 +91,10 @@ def evaluate(
             model, patient_model=payload.get("patient_model"),
             expected_ood=float((payload.get("ood") or {}).get("val_flagged", 0.05)))
     else:
+        if settings.target_sensitivity is not None:
+            raise LeukotreeError(f"--target-sensitivity picks a threshold on a run's "
+                                 f"validation images; the models of '{run}' have no single "
+                                 "validation split. Give --threshold instead.")
         predictor = load_predictor(run, "torch")[0]
     predictor = set_input(predictor, crop_mode=settings.crop_mode,
                           pixel_size=settings.pixel_size, source=run)

@@ -91,20 +91,35 @@ def _same_view(a: ModelConfig, b: ModelConfig) -> bool:
             and close(a.input_pixel_size, b.input_pixel_size))
 
 
+def _difference(a: Predictor, b: Predictor) -> str | None:
+    """What keeps two models from being averaged (None: nothing)."""
+    pa, pb = a.patient_model, b.patient_model
+    checks = (
+        ("taxonomy", a.taxonomy == b.taxonomy),
+        ("image size", a.model_config.img_size == b.model_config.img_size),
+        ("crop (crop fraction, crop mode or pixel size)",
+         _same_view(a.model_config, b.model_config)),
+        ("cell-type head (cell taxonomy)", a.cell_taxonomy == b.cell_taxonomy),
+        ("patient model", (pa is None) == (pb is None) and (
+            pa is None or (pa.model.name, pa.positive) == (pb.model.name, pb.positive))),
+    )
+    return next((what for what, same in checks if not same), None)
+
+
 class EnsemblePredictor:
     """Several predictors of one taxonomy and image geometry, averaged."""
 
-    def __init__(self, members: Sequence[Predictor], source: str) -> None:
+    def __init__(self, members: Sequence[Predictor], source: str,
+                 names: Sequence[str] | None = None) -> None:
         if not members:
             raise LeukotreeError(f"'{source}' holds no models to combine.")
+        names = list(names or (f"model {i + 1}" for i in range(len(members))))
         first = members[0]
-        for m in members[1:]:
-            same = (m.taxonomy == first.taxonomy
-                    and m.model_config.img_size == first.model_config.img_size
-                    and _same_view(m.model_config, first.model_config))
-            if not same:
-                raise LeukotreeError(f"The models of '{source}' differ in taxonomy, image "
-                                     "size or crop; they cannot be averaged.")
+        for name, m in zip(names[1:], members[1:], strict=True):
+            differ = _difference(first, m)
+            if differ:
+                raise LeukotreeError(f"The models of '{source}' differ in {differ} ("
+                                     f"'{names[0]}' and '{name}'); they cannot be averaged.")
         self.members = list(members)
         self.taxonomy: Taxonomy = first.taxonomy
         self.model_config: ModelConfig = first.model_config
@@ -152,8 +167,9 @@ def make_ensemble(runs: Sequence[str | Path], out: str | Path) -> EnsemblePredic
         if not checkpoint.is_file():
             raise LeukotreeError(f"'{run}' has no trained model ({checkpoint.name}); give run "
                                  "folders written by 'leukotree train' (or their .pt files).")
-        member = Path(os.path.abspath(run))
-        if any(os.path.samefile(member, m) for m in members):
+        # the resolved path: a symbolic link later pointed elsewhere does not change it
+        member = Path(os.path.realpath(run))
+        if any(os.path.samefile(checkpoint, RunDir.checkpoint_of(m)) for m in members):
             raise LeukotreeError(f"'{run}' is given twice; an ensemble averages different "
                                  "runs (e.g. one recipe trained with --seed 0, 1, 2).")
         members.append(member)
@@ -162,7 +178,8 @@ def make_ensemble(runs: Sequence[str | Path], out: str | Path) -> EnsemblePredic
         raise LeukotreeError(f"--out '{target.path}' exists and is not an empty folder; "
                              "choose a new folder for the ensemble.")
     loaded = [load_predictor(m, "torch") for m in members]
-    predictor = EnsemblePredictor([p for p, _ in loaded], str(target.path))
+    predictor = EnsemblePredictor([p for p, _ in loaded], str(target.path),
+                                  [str(m) for m in members])
     # an average of flagging and non-flagging members would lose the flag
     kinds = [("calibration" in info["payload"], "ood" in info["payload"]) for _, info in loaded]
     for what, i in (("calibrated (temperatures)", 0),

@@ -364,7 +364,8 @@ def load_predictor(run: str | Path, engine: str = "auto") -> tuple[Predictor, di
         from leukotree.inference.ensemble import EnsemblePredictor
 
         loaded = [load_predictor(member, engine) for member in members]
-        ensemble = EnsemblePredictor([m for m, _ in loaded], str(run))
+        ensemble = EnsemblePredictor([m for m, _ in loaded], str(run),
+                                     [str(member) for member in members])
         return ensemble, {"engine": ensemble.engine, "payload": loaded[0][1].get("payload")}
     if str(run).endswith(".onnx"):
         if engine == "torch":

@@ -18,7 +18,7 @@ from leukotree import __version__
 from leukotree.errors import LeukotreeError
 from leukotree.models.calibration import ood_arrays
 from leukotree.models.heads import ModelConfig, TreeClassifier, build_model
-from leukotree.rundir import RunDir, member_runs
+from leukotree.rundir import RunDir
 from leukotree.taxonomy import Taxonomy
 
 FORMAT = "leukotree-model/1"
@@ -67,13 +67,8 @@ def save_model(path: Path, model: torch.nn.Module, *, extra: dict[str, Any] | No
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The payload of a model file (a run folder means its ``best.pt``), read safely."""
-    given, path = path, RunDir.checkpoint_of(path)
+    path = RunDir.checkpoint_of(path)
     if not path.is_file():
-        members = member_runs(given) if Path(given).is_dir() else None
-        if members:  # predict, evaluate, report and serve take it; this needs one model
-            raise LeukotreeError(
-                f"'{given}' is a cv or ensemble folder of {len(members)} models; this "
-                f"command needs one of them, e.g. '{members[0]}'.")
         raise LeukotreeError(f"Model file '{path}' does not exist; give a run folder or a .pt "
                              "file written by 'leukotree train'.")
     try:
