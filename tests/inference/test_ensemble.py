@@ -73,6 +73,9 @@ def test_an_ensemble_predicts_the_mean_of_its_runs(runs, tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", str(ens), "--out", str(tmp_path / "ev2"), "--no-progress"]) == 2
     assert "no single validation split; give the DATA" in capsys.readouterr().err
+    assert main(["predict", str(ens), str(cells), "--target-error", "0.1", "--out",
+                 str(tmp_path / "t.csv"), "--no-progress"]) == 2
+    assert "no single validation split. Give --confidence" in capsys.readouterr().err
     # commands of one model name the ensemble's members
     assert main(["export", str(ens), "--onnx", str(tmp_path / "e.onnx")]) == 2
     said = " ".join(capsys.readouterr().err.split())

@@ -37,7 +37,7 @@ from leukotree.inference.predictor import (
 )
 from leukotree.patients.bags import make_bags
 from leukotree.patients.fit import FittedPatientModel
-from leukotree.rundir import RunDir, write_csv
+from leukotree.rundir import RunDir, member_runs, write_csv
 from leukotree.taxonomy import Taxonomy
 from leukotree.tree import node_probabilities
 
@@ -106,6 +106,10 @@ def _thresholds_for_error(run: str | Path, predictor: Predictor, target_error: f
     if str(run).endswith(".onnx"):
         raise LeukotreeError("--target-error needs the run folder (its validation split); "
                              "with an ONNX file, give --confidence instead.")
+    if member_runs(run):
+        raise LeukotreeError(f"--target-error sets thresholds on a run's validation images; "
+                             f"the models of '{run}' have no single validation split. Give "
+                             "--confidence instead.")
     val = RunDir.of(run).read_split("val")
     vp = predict_paths(predictor, [Path(r["path"]) for r in val], progress=False,
                        on_error="raise", batch_size=batch_size, tta=tta)
