@@ -163,6 +163,13 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]], fieldnames: Sequence[s
     return path
 
 
+def require_new_folder(path: Path, what: str) -> None:
+    """Refuse ``--out`` ``path`` unless it is missing or an empty folder."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise LeukotreeError(f"--out '{path}' exists and is not an empty folder; choose a new "
+                             f"folder for the {what}.")
+
+
 class _Folder:
     """A folder leukotree writes, addressed by its path."""
 

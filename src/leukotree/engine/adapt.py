@@ -71,7 +71,7 @@ from leukotree.models.checkpoint import (
     save_model,
     update_checkpoint,
 )
-from leukotree.rundir import RunDir, read_yaml, write_json, write_text
+from leukotree.rundir import RunDir, read_yaml, require_new_folder, write_json, write_text
 
 if TYPE_CHECKING:
     from leukotree.engine.config import TrainConfig
@@ -172,9 +172,7 @@ def adapt(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
 
 def _new_folder(out: str | Path, inputs: Sequence[str | Path] = ()) -> RunDir:
     target = RunDir(out)
-    if target.path.exists() and (not target.path.is_dir() or any(target.path.iterdir())):
-        raise LeukotreeError(f"--out '{target.path}' exists and is not an empty folder; "
-                             "choose a new folder for the adapted run.")
+    require_new_folder(target.path, "adapted run")
     for item in map(Path, inputs):
         if item.is_dir() and target.path.resolve().is_relative_to(item.resolve()):
             raise LeukotreeError(f"--out '{target.path}' lies inside the input folder "
@@ -203,7 +201,7 @@ def pseudo_labels(probs: np.ndarray, flagged: np.ndarray, keep: float) -> np.nda
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
 
 
-def _self_train_config(source: RunDir, run: str | Path, out: Path, epochs: int,
+def _self_train_config(source: RunDir, checkpoint: Path, out: Path, epochs: int,
                        lr: float | None, workers: int, max_pixels: int | None,
                        cell_taxonomy: Taxonomy | None = None) -> TrainConfig:
     """The source run's configuration, made a fine-tune on the pseudo-labelled cells that
@@ -246,7 +244,7 @@ def _self_train_config(source: RunDir, run: str | Path, out: Path, epochs: int,
     config = resolve_config(overrides={
         **values, "fold": None,  # dropped: the source's fold, if any, is not this split
         "taxonomy": str(source.path.resolve() / RunDir.TAXONOMY),
-        "init": str(RunDir.checkpoint_of(run).resolve()), "replay": str(source.path.resolve()),
+        "init": str(checkpoint.resolve()), "replay": str(source.path.resolve()),
         "val_data": str(source.write_val_manifest(val)), "epochs": epochs,
         "lr": values.get("lr") if lr is None else lr, "warmup_epochs": 0.5,
         "monitor": "last", "balance": "none", "labels": "folder",
@@ -300,9 +298,8 @@ def _label_new_cells(model: nn.Module, paths: Sequence[Path], keep: float, devic
     out-of-distribution score)."""
     preds = predict_paths(TorchPredictor(model, device), paths, on_error="report",
                           **predict)
+    rows = pseudo_labels(preds.leaf_probs, preds.unclassifiable, keep)  # none without OOD
     flagged = None if preds.ood_score is None else preds.unclassifiable
-    rows = pseudo_labels(preds.leaf_probs,
-                         np.zeros(len(preds.paths), bool) if flagged is None else flagged, keep)
     leaves = list(model.taxonomy.leaves)
     labels = [leaves[k] for k in preds.leaf_probs[rows].argmax(axis=1)]
     if len(rows) < MIN_PSEUDO_LABELS:
@@ -393,7 +390,8 @@ def _label_for_self_training(run: str | Path, inputs: Sequence[str | Path], targ
         raise LeukotreeError(f"'{target.path}' holds a stopped self-training; add --resume to "
                              "finish it, or choose a new folder.")
     _new_folder(target.path, inputs)
-    model, _ = load_model(RunDir.checkpoint_of(run))
+    checkpoint = RunDir.checkpoint_of(run)
+    model, _ = load_model(checkpoint)
     if model.config.input_pixel_size is not None:
         raise LeukotreeError(f"'{source.path}' decodes its images at a pixel size "
                              f"({model.config.input_pixel_size:g} um; adapted with "
@@ -401,7 +399,7 @@ def _label_for_self_training(run: str | Path, inputs: Sequence[str | Path], targ
                              "run it was adapted from.")
     created = not target.path.exists()
     try:
-        config = _self_train_config(source, run, target.path, epochs, lr, workers,
+        config = _self_train_config(source, checkpoint, target.path, epochs, lr, workers,
                                     max_pixels, model.cell_taxonomy)
         paths, in_source = _new_cells(inputs, source)
         preds, rows, labels, flagged = _label_new_cells(
@@ -412,8 +410,8 @@ def _label_for_self_training(run: str | Path, inputs: Sequence[str | Path], targ
                              preds.leaf_probs[rows].max(axis=1),
                              cell_types=config.cell_taxonomy is not None)
         labelling = {
-            "source": str(display_path(RunDir.checkpoint_of(run))),
-            "source_model": os.path.realpath(RunDir.checkpoint_of(run)),
+            "source": str(display_path(checkpoint)),
+            "source_model": os.path.realpath(checkpoint),
             "method": "self-training: fine-tuned on its own surest labels of the new cells, "
                       "replaying the source run's training images",
             "inputs": [str(i) for i in inputs], "n_cells": int(preds.ok.sum()),
@@ -428,9 +426,11 @@ def _label_for_self_training(run: str | Path, inputs: Sequence[str | Path], targ
     except BaseException:
         if created:
             shutil.rmtree(target.path, ignore_errors=True)
-        else:  # an empty folder given: emptied again
-            for name in (RunDir.VAL_MANIFEST, RunDir.PSEUDO_LABELS, RunDir.CONFIG,
-                         RunDir.SELF_TRAINING, RunDir.CELL_TAXONOMY):
-                (target.path / name).unlink(missing_ok=True)
+        else:  # an empty folder given (_new_folder): emptied again
+            for child in target.path.iterdir():
+                if child.is_dir():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
         raise
     return labelling, config

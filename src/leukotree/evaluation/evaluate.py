@@ -28,14 +28,12 @@ from leukotree.inference.predictor import (
     set_input,
 )
 from leukotree.models.calibration import apply_temperatures, distance_factor, soften
-from leukotree.models.checkpoint import load_model
-from leukotree.models.heads import TreeClassifier
 from leukotree.patients.bags import make_bags, patient_labels
 from leukotree.patients.fit import FittedPatientModel, patient_metrics
 from leukotree.report import plots
 from leukotree.report.html import write_document
 from leukotree.report.tables import metrics_document
-from leukotree.rundir import EvalDir, RunDir, member_runs, write_csv, write_json
+from leukotree.rundir import EvalDir, RunDir, write_csv, write_json
 from leukotree.taxonomy import Taxonomy
 from leukotree.tree import decode_argmax
 
@@ -84,18 +82,13 @@ def evaluate(
     settings = settings or EvalSettings()
     check_settings(settings)
     run = Path(run)
-    model: TreeClassifier | None = None
-    if member_runs(run) is None:
-        model, payload = load_model(run)
-        predictor: Predictor = TorchPredictor(
-            model, patient_model=payload.get("patient_model"),
-            expected_ood=float((payload.get("ood") or {}).get("val_flagged", 0.05)))
-    else:
-        if settings.target_sensitivity is not None:
-            raise LeukotreeError(f"--target-sensitivity picks a threshold on a run's "
-                                 f"validation images; the models of '{run}' have no single "
-                                 "validation split. Give --threshold instead.")
-        predictor = load_predictor(run, "torch")[0]
+    predictor, info = load_predictor(run, "torch")
+    if "members" in info and settings.target_sensitivity is not None:
+        raise LeukotreeError(f"--target-sensitivity picks a threshold on a run's validation "
+                             f"images; the models of '{run}' have no single validation "
+                             "split. Give --threshold instead.")
+    # one model: its temperatures give the ECE before calibration
+    model = predictor.model if isinstance(predictor, TorchPredictor) else None
     predictor = set_input(predictor, crop_mode=settings.crop_mode,
                           pixel_size=settings.pixel_size, source=run)
     taxonomy: Taxonomy = predictor.taxonomy

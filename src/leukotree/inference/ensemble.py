@@ -154,7 +154,13 @@ def make_ensemble(runs: Sequence[str | Path], out: str | Path) -> EnsemblePredic
     EnsembleDir`) of the trained ``runs`` (run folders or their ``.pt`` files; at least
     two, each once, of one taxonomy, image size and crop), after loading them together
     as one predictor, which is returned. ``out`` must be a new or empty folder."""
-    from leukotree.rundir import EnsembleDir, RunDir, member_runs, write_text
+    from leukotree.rundir import (
+        EnsembleDir,
+        RunDir,
+        member_runs,
+        require_new_folder,
+        write_text,
+    )
 
     if len(runs) < 2:
         raise LeukotreeError(f"An ensemble needs at least 2 runs; got {len(runs)}.")
@@ -174,9 +180,7 @@ def make_ensemble(runs: Sequence[str | Path], out: str | Path) -> EnsemblePredic
                                  "runs (e.g. one recipe trained with --seed 0, 1, 2).")
         members.append(member)
     target = EnsembleDir(out)
-    if target.path.exists() and (not target.path.is_dir() or any(target.path.iterdir())):
-        raise LeukotreeError(f"--out '{target.path}' exists and is not an empty folder; "
-                             "choose a new folder for the ensemble.")
+    require_new_folder(target.path, "ensemble")
     loaded = [load_predictor(m, "torch") for m in members]
     predictor = EnsemblePredictor([p for p, _ in loaded], str(target.path),
                                   [str(m) for m in members])

@@ -345,7 +345,8 @@ def load_predictor(run: str | Path, engine: str = "auto") -> tuple[Predictor, di
     ``leukotree cv`` folder, whose fold models are averaged, or a ``leukotree ensemble``
     folder, whose member runs are: :mod:`.ensemble`) and a
     description: ``engine``, ``engine_note`` (why the engine differs from the one asked
-    for) and, for checkpoints, the checkpoint's payload.
+    for), for checkpoints the checkpoint's payload (an ensemble's: its first member's),
+    and for cv and ensemble folders the ``members`` (run folders).
 
     ``engine``: ``onnx`` runs ONNX Runtime (an ``.onnx`` file as given, a checkpoint
     through :func:`~leukotree.inference.export.cached_onnx`); ``torch`` runs the
@@ -366,7 +367,8 @@ def load_predictor(run: str | Path, engine: str = "auto") -> tuple[Predictor, di
         loaded = [load_predictor(member, engine) for member in members]
         ensemble = EnsemblePredictor([m for m, _ in loaded], str(run),
                                      [str(member) for member in members])
-        return ensemble, {"engine": ensemble.engine, "payload": loaded[0][1].get("payload")}
+        return ensemble, {"engine": ensemble.engine, "payload": loaded[0][1].get("payload"),
+                          "members": members}
     if str(run).endswith(".onnx"):
         if engine == "torch":
             raise LeukotreeError(f"'{run}' is an ONNX file: it runs with --engine onnx or "

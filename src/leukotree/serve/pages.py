@@ -16,7 +16,6 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from leukotree.data.images import load_rgb_array
 from leukotree.errors import LeukotreeError
 from leukotree.report.html import CSS
-from leukotree.rundir import member_runs
 from leukotree.serve.store import Store
 from leukotree.serve.worker import Models
 
@@ -88,8 +87,7 @@ def add_pages(app: FastAPI) -> None:
             cards.append({"name": name, "source": models.sources[name],
                           "engine": predictor.engine, "card": card,
                           "patient_model": predictor.patient_model,
-                          "members": [str(m) for m in member_runs(models.sources[name])
-                                      or []]})
+                          "members": [str(m) for m in models.info[name].get("members", [])]})
         return render(request, "models.html", cards=cards)
 
     _add_files(app)

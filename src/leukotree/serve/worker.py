@@ -68,7 +68,6 @@ class Models:
         one the worker predicts with (Grad-CAM hooks its layers). A bare ``.onnx`` file
         has none."""
         from leukotree.models.checkpoint import load_model
-        from leukotree.rundir import member_runs
 
         name = self.get(name)[0]
         with self._lock:
@@ -78,7 +77,7 @@ class Models:
                     raise LeukotreeError(
                         "Heat maps and reports need a PyTorch model: serve the run "
                         "folder (or its .pt) rather than an exported .onnx file.")
-                members = member_runs(source)
+                members = self.info[name].get("members")
                 if members:
                     source = str(members[0])
                 model = load_model(source)[0].eval()
