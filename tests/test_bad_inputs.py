@@ -169,6 +169,32 @@ def test_a_folder_that_is_not_a_run_is_never_overwritten(data, tmp_path, capsys)
     assert code == 2 and "inside the data folder" in err and not (data / "run").exists()
 
 
+def test_a_file_named_like_a_runs_does_not_make_a_folder_a_run(data, tmp_path, capsys):
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("my: own settings\n")
+    for extra in ([], ["--resume"]):
+        code, err = run_cli(capsys, "train", data, "--out", mine, "--preset", "tiny-test",
+                            *extra)
+        assert code == 2 and "config.yaml" in err, err
+        assert (mine / "config.yaml").read_text() == "my: own settings\n"
+        assert sorted(p.name for p in mine.iterdir()) == ["config.yaml"]
+    assert not RunDir(mine).is_run
+
+
+def test_a_run_carries_its_marker_and_a_run_older_than_the_marker_resumes(run, tmp_path,
+                                                                           capsys):
+    import shutil
+
+    assert RunDir(run).is_run and RunDir(run).marker.is_file()
+    old = tmp_path / "old-run"
+    shutil.copytree(run, old)
+    RunDir(old).marker.unlink()  # as written before the marker existed
+    assert RunDir(old).is_run  # config.yaml and last.pt, as every older run has
+    RunDir(old).marker.write_text('{"format": "something-else"}')
+    assert not RunDir(old).is_run
+
+
 def test_two_trainings_cannot_write_one_run_folder(data, tmp_path, capsys):
     with RunDir(tmp_path / "run").locked():
         code, err = run_cli(capsys, "train", data, "--out", tmp_path / "run", "--preset",

@@ -109,7 +109,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from leukotree.rundir import RunDir
 
     run = RunDir(args.out)
-    if args.resume and run.config.exists():
+    if args.resume and run.is_run:
         wanted = _train_config(args) if args.preset or args.config else config_overrides(args)
         config, changes = resume_config(load_config(run.config, check_device=False), wanted)
         for line in changes:

@@ -170,6 +170,19 @@ def require_new_folder(path: Path, what: str) -> None:
                              f"folder for the {what}.")
 
 
+#: The format tag of a run folder's marker (:attr:`RunDir.MARKER`).
+RUN_FORMAT = "leukotree-run/1"
+
+
+def _has_format(path: Path, tag: str) -> bool:
+    """Whether the JSON file ``path`` holds ``{"format": tag, ...}``."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and doc.get("format") == tag
+
+
 class _Folder:
     """A folder leukotree writes, addressed by its path."""
 
@@ -221,6 +234,9 @@ class RunDir(_Folder):
     SELF_TRAINING = "self_training.json"
     #: A self-trained run's cell taxonomy (its model's own, kept beside the run).
     CELL_TAXONOMY = "cell_taxonomy.yaml"
+    #: Written first into every run folder: what makes a folder a run (a user's own
+    #: ``config.yaml`` never does), with the format tag :data:`RUN_FORMAT`.
+    MARKER = ".leukotree-run.json"
 
     @classmethod
     def of(cls, run: str | Path) -> RunDir:
@@ -259,10 +275,22 @@ class RunDir(_Folder):
     not_used = property(lambda self: self.path / self.NOT_USED)
     eval_dir = property(lambda self: EvalDir(self.path / self.EVAL))
 
+    marker = property(lambda self: self.path / self.MARKER)
+
     @property
     def is_run(self) -> bool:
-        """True when the folder was started by ``leukotree train`` (it has config.yaml)."""
-        return self.config.exists()
+        """True when the folder was started by leukotree: it holds the run marker
+        (:attr:`MARKER`, format :data:`RUN_FORMAT`), or, for a run written before the
+        marker, both ``config.yaml`` and ``last.pt``. A folder that merely holds a file
+        named like a run's is not a run."""
+        if self.marker.is_file():
+            return _has_format(self.marker, RUN_FORMAT)
+        return self.config.is_file() and self.last.is_file()
+
+    def mark(self) -> None:
+        """Write the run marker (the folder becomes a run; see :attr:`is_run`)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_json(self.marker, {"format": RUN_FORMAT, "pid": os.getpid()})
 
     def foreign_files(self) -> list[Path]:
         """Files in the folder when it is not a leukotree run (nothing when it is one)."""

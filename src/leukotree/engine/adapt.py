@@ -149,7 +149,7 @@ def adapt(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
         raise LeukotreeError(f"Only {seen} of the given images could be read (batch "
                              "statistics need at least 2); nothing was adapted."
                              + "".join(f"\n  {e}" for e in unreadable[:10]))
-    target.path.mkdir(parents=True, exist_ok=True)
+    target.mark()
     for name in _COPIED:
         if (source.path / name).exists():
             shutil.copy2(source.path / name, target.path / name)
@@ -421,6 +421,7 @@ def _label_for_self_training(run: str | Path, inputs: Sequence[str | Path], targ
                                               if leaf in labels},
             "in_source_run": in_source, "unreadable": [e for e in preds.errors if e is not None],
             "epochs": epochs, "lr": config.lr}
+        target.mark()  # a run from the start (train's folder check accepts it)
         save_config(config, target.config)  # what --resume trains with
         write_json(target.path / RunDir.SELF_TRAINING, labelling)
     except BaseException:

@@ -271,6 +271,8 @@ class Trainer:
         if self.resume and not run.last.exists():
             raise LeukotreeError(f"Nothing to resume in '{run.path}' (no {RunDir.LAST}).")
         run.path.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main and not run.marker.exists():  # (a run older than the marker)
+            run.mark()
         if self.dist.is_main and not self.resume:
             save_config(self.config, run.config)
             write_json(run.environment, environment() | {
