@@ -79,15 +79,13 @@ def add_pages(app: FastAPI) -> None:
 
         cards = []
         for name, predictor in models.predictors.items():
-            payload = models.info[name].get("payload") or {}
-            try:
-                card = model_card_html(models.torch_model(name), payload)
-            except LeukotreeError:
-                card = ""
+            loaded = models.loaded[name]
             cards.append({"name": name, "source": models.sources[name],
-                          "engine": predictor.engine, "card": card,
+                          "engine": predictor.engine,
+                          "card": model_card_html(predictor.model_config, predictor.taxonomy,
+                                                  loaded.payload),
                           "patient_model": predictor.patient_model,
-                          "members": [str(m) for m in models.info[name].get("members", [])]})
+                          "members": [str(m) for m in loaded.member_paths]})
         return render(request, "models.html", cards=cards)
 
     _add_files(app)
@@ -134,9 +132,11 @@ def _heatmap_png(store: Store, models: Models, case_id: str, index: int, node: s
     path = store.image_path(case_id, index)
     if path is None:
         raise LeukotreeError("This file was not stored (see its error).")
-    model = models.torch_model(case["model"])
+    name = models.get(case["model"])[0]
+    model = models.torch_model(name)
     node = model.taxonomy.resolve(node, where="node")
-    pixels = load_rgb_array(path, model.config.img_size, **model.config.decode_options())
+    view = models.views[name]  # decoded as the worker decoded it
+    pixels = load_rgb_array(path, view.img_size, **view.decode_options())
     with models.explain_lock, HeatMapper(model) as mapper:
         overlay = mapper.overlay(pixels, node)
     buffer = io.BytesIO()
@@ -145,15 +145,16 @@ def _heatmap_png(store: Store, models: Models, case_id: str, index: int, node: s
 
 
 def _case_report(store: Store, models: Models, case_id: str) -> Any:
-    """The offline HTML report of a case (``leukotree report`` on its stored cells)."""
+    """The offline HTML report of a case (``leukotree report`` on its stored cells, by the
+    engine the worker classified them with, decoded as it decoded them)."""
     from leukotree.report.patient import patient_report
 
     case = store.case(case_id)
-    models.torch_model(case["model"])  # refuses ONNX-only models with the reason
+    name, predictor = models.get(case["model"])
     paths = [store.images / case_id / c["stored"] for c in case["cells"] if c["stored"]]
     if not paths:
         raise LeukotreeError("The case holds no stored cell.")
     out = store.reports / f"{case_id}.html"
-    patient_report(models.sources[case["model"]], paths, out, patient=case["patient"],
-                   heatmaps=False, **models.input_options())
+    patient_report(models.sources[name], paths, out, patient=case["patient"],
+                   heatmaps=False, predictor=predictor, **models.input_options())
     return out
