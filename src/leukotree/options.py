@@ -62,7 +62,8 @@ def rule(f: Field) -> str:
 def kind(f: Field) -> str:
     """The base type of a field: ``str``, ``int``, ``float``, ``bool``, ``list[str]`` or
     ``list[float]`` (``| None`` removed)."""
-    return str(f.type).replace(" | None", "")
+    spelled = f.type.__name__ if isinstance(f.type, type) else str(f.type)
+    return spelled.replace(" | None", "")
 
 
 def default_of(f: Field) -> Any:
