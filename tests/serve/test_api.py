@@ -205,3 +205,29 @@ def test_serving_another_magnification_crops_the_models_physical_field(served_ru
         page = api.get(f"/cases/{case['id']}/report").text
     shown = sorted((served_run / "data").rglob("*.png"))[0]
     assert png_data_uri(load_rgb_array(shown, 32, window=window)) in page
+
+
+def test_the_case_report_is_the_workers_own_results_by_its_engine(served_run, tmp_path,
+                                                                  monkeypatch):
+    from leukotree.inference.export import export_onnx
+
+    onnx = export_onnx(served_run / "run", tmp_path / "m.onnx")
+    store = Store(tmp_path / "store")
+    models = Models([onnx], engine="auto")  # no PyTorch model at all
+    with TestClient(create_app(models, store, ServeSettings(confidence="0.99"))) as api:
+        case = wait_done(api, api.post("/api/cases", files=cells(served_run, 4),
+                                       data={"patient": "P-3"}).json()["id"])
+        assert case["status"] == "done"
+        written = store.reports / f"{case['id']}.html"
+        assert written.is_file()  # by the worker, from the predictions it stored
+        # the route serves that file: nothing is predicted again
+        import leukotree.report.patient as report
+
+        monkeypatch.setattr(report, "predict_paths", None)
+        page = api.get(f"/cases/{case['id']}/report")
+        assert page.status_code == 200 and page.text == written.read_text()
+    diagnosis = case["diagnosis"]
+    assert "Patient P-3" in page.text and str(onnx) in page.text
+    assert f"{diagnosis['n_cells']} cells analysed" in page.text
+    headline = diagnosis["label"] if not diagnosis["referred"] else "referral advised"
+    assert headline in page.text  # the case page's diagnosis, at the served --confidence

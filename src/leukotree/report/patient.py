@@ -75,6 +75,33 @@ def patient_report(
     preds = predict_paths(predictor, [i.path for i in found.images], progress=progress,
                           on_error="report", max_pixels=max_pixels, pixel_sizes=sizes,
                           config=view)
+    return write_patient_report(loaded, predictor, preds, out, view=view, pixel_sizes=sizes,
+                                not_used=found.not_used, patient=patient, method=method,
+                                confidence=confidence, min_cells=min_cells,
+                                top_cells=top_cells, heatmaps=heatmaps)
+
+
+def write_patient_report(
+    loaded: LoadedModel,
+    predictor: Predictor,
+    preds: Predictions,
+    out: str | Path,
+    *,
+    view: ModelConfig,
+    pixel_sizes: Sequence[float | None] | None = None,
+    not_used: Sequence[Path] = (),
+    patient: str | None = None,
+    method: str = "majority",
+    confidence: str | None = "0.6",
+    min_cells: int = 1,
+    top_cells: int = 8,
+    heatmaps: bool = True,
+) -> dict[str, Any]:
+    """Write the HTML report of cells already predicted (``preds``, by ``predictor`` of
+    ``loaded``, decoded as ``view`` and ``pixel_sizes`` say), e.g. the cells of a case
+    ``serve``'s worker classified; returns the decision (see :func:`patient_report`)."""
+    tax = predictor.taxonomy
+    sizes = list(pixel_sizes) if pixel_sizes is not None else [None] * len(preds.paths)
     if not preds.ok.any():
         raise LeukotreeError("None of the given images can be read; nothing to report.")
     odd = preds.unclassifiable
@@ -89,20 +116,20 @@ def patient_report(
     decision, weights = _decide(predictor, preds, ok, name, method, min_cells,
                                 parse_thresholds(confidence, tax.max_depth))
     bad = [e for e in preds.errors if e is not None]
-    not_used = [display_path(p) for p in found.not_used]
+    unused = [display_path(p) for p in not_used]
     how = (f"patient model '{predictor.patient_model.model.name}'"
            if predictor.patient_model else f"aggregation: {method}")
     body = "\n".join([
         f"<h1>Patient {esc(name)}</h1>",
         f"<p class='sub'>{len(ok)} cells analysed ({len(bad)} unreadable, {int(odd.sum())} "
         f"unclassifiable and left out); {esc(how)}; "
-        f"model: {esc(run)}. For research use; not a diagnostic device.</p>",
+        f"model: {esc(loaded.source)}. For research use; not a diagnostic device.</p>",
         f"<p class='err' id='domain-shift'>{esc(alarm)}</p>" if alarm else "",
         f"<div class='diag{' refer' if decision.refer else ''}'>"
         f"{esc(_headline(tax, decision, len(ok), min_cells))}</div>",
         _levels_html(tax, decision, predictor.patient_model),
         _differential_html(predictor.cell_taxonomy, preds.cell_probs, ok),
-        _unreadable_html(bad, not_used),
+        _unreadable_html(bad, unused),
         "<h2>The cells that drove the decision</h2>",
         _cell_grid(loaded, tax, view.img_size, preds, ok, weights, decision.leaf, top_cells,
                    heatmaps, decode_groups(view, len(sizes), sizes)),
@@ -115,7 +142,7 @@ def patient_report(
             "reason": decision.reason, "n_cells": len(ok),
             "n_unclassifiable": int(odd.sum()), "domain_shift": alarm,
             "reported_node": decision.reported_node, "unreadable": bad,
-            "not_used": not_used, "report": str(out)}
+            "not_used": unused, "report": str(out)}
 
 
 def _decide(predictor: Predictor, preds: Predictions, ok: np.ndarray, name: str,

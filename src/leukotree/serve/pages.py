@@ -117,7 +117,8 @@ def _add_files(app: FastAPI) -> None:
     @app.get("/cases/{case_id}/report")
     def report(case_id: str) -> Any:
         try:
-            return FileResponse(_case_report(store, models, case_id), media_type="text/html",
+            return FileResponse(_case_report(store, models, case_id, app.state.settings),
+                                media_type="text/html",
                                 filename=f"leukotree-case-{case_id}.html")
         except LeukotreeError as err:
             return Response(str(err), status_code=400)
@@ -144,17 +145,23 @@ def _heatmap_png(store: Store, models: Models, case_id: str, index: int, node: s
     return buffer.getvalue()
 
 
-def _case_report(store: Store, models: Models, case_id: str) -> Any:
-    """The offline HTML report of a case (``leukotree report`` on its stored cells, by the
-    engine the worker classified them with, decoded as it decoded them)."""
+def _case_report(store: Store, models: Models, case_id: str, settings: Any) -> Any:
+    """The offline HTML report of a case: the one the worker wrote from its own results
+    when it classified the case (:meth:`~leukotree.serve.worker.Worker.write_report`);
+    otherwise (a case still queued, or no report could be made) ``leukotree report`` on
+    its stored cells, by the engine and decoding of the worker, which says what is
+    missing."""
     from leukotree.report.patient import patient_report
 
     case = store.case(case_id)
     name, predictor = models.get(case["model"])
+    out = store.reports / f"{case_id}.html"
+    if case["status"] == "done" and out.is_file():
+        return out
     paths = [store.images / case_id / c["stored"] for c in case["cells"] if c["stored"]]
     if not paths:
         raise LeukotreeError("The case holds no stored cell.")
-    out = store.reports / f"{case_id}.html"
     patient_report(models.sources[name], paths, out, patient=case["patient"],
-                   heatmaps=False, predictor=predictor, **models.input_options())
+                   heatmaps=False, predictor=predictor, method=settings.aggregate,
+                   confidence=settings.confidence, **models.input_options())
     return out

@@ -28,7 +28,7 @@ from leukotree.inference.predict import (
     patient_decisions,
     prediction_rows,
 )
-from leukotree.inference.predictor import Predictor, predict_paths
+from leukotree.inference.predictor import Predictions, Predictor, predict_paths
 from leukotree.serve.store import Store
 
 
@@ -151,8 +151,28 @@ class Worker:
         cell_results = [{"idx": c["idx"], "error": r["error"] or None,
                          "result": None if r["error"] else _cell_result(result, r, k)}
                         for k, (c, r) in enumerate(zip(cells, rows, strict=True))]
+        self.write_report(case_id, name, preds)
         self.store.save_results(case_id, cell_results, _diagnosis(result, case["patient"],
                                                                   self.aggregate))
+
+
+    def write_report(self, case_id: str, name: str, preds: Predictions) -> None:
+        """The case's offline report (``Store.reports``) from these very predictions: the
+        engine and decoding the case page shows, no second prediction. None is written
+        when no report can be made (no readable or classifiable cell); the report's route
+        then says why."""
+        from leukotree.report.patient import write_patient_report
+
+        out = self.store.reports / f"{case_id}.html"
+        out.unlink(missing_ok=True)
+        case = self.store.case(case_id)
+        try:
+            write_patient_report(self.models.loaded[name], self.models.predictors[name], preds,
+                                 out, view=self.models.views[name], patient=case["patient"],
+                                 method=self.aggregate, confidence=self.confidence,
+                                 heatmaps=False)
+        except LeukotreeError:
+            out.unlink(missing_ok=True)
 
 
 def _cell_result(result: PredictResult, row: dict[str, Any], k: int) -> dict[str, Any]:
