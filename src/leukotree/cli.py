@@ -141,6 +141,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from leukotree.inference.options import InferenceOptions
     from leukotree.inference.predict import (
         patient_rows,
         prediction_rows,
@@ -148,12 +149,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         write_rows,
     )
 
-    result = run_predict(
-        args.run, args.inputs, patients=args.patients, confidence=args.confidence,
-        target_error=args.target_error, batch_size=args.batch_size, workers=args.workers,
-        progress=not args.no_progress, tta=args.tta, engine=args.engine,
-        crop_mode=args.crop_mode, pixel_size=args.pixel_size,
-        **_max_pixels(args))
+    result = run_predict(args.run, args.inputs, InferenceOptions.from_args(args),
+                         patients=args.patients, target_error=args.target_error,
+                         progress=not args.no_progress)
     console = stderr_console()
     if not args.no_progress or result.engine_note:
         note = f" ({result.engine_note})" if result.engine_note else ""

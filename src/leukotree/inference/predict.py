@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 
 from leukotree.data.discover import InputImage, collect_inputs
-from leukotree.data.images import DEFAULT_MAX_PIXELS
 from leukotree.errors import LeukotreeError, display_path
 from leukotree.inference.decisions import (
     PatientDecision,
@@ -65,41 +64,34 @@ class PredictResult:
 def run_predict(
     run: str | Path,
     inputs: Sequence[str | Path],
+    options: InferenceOptions | None = None,
     *,
     patients: str = "none",
-    confidence: str | None = None,
     target_error: float | None = None,
-    batch_size: int = 64,
-    workers: int = 2,
     progress: bool = True,
-    tta: bool = False,
-    engine: str = "auto",
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    crop_mode: str | None = None,
-    pixel_size: float | None = None,
 ) -> PredictResult:
-    """Predict every input image (see :meth:`~leukotree.inference.loader.LoadedModel.
-    predictor` for ``engine``; ``crop_mode`` and ``pixel_size``: :class:`~leukotree.
-    inference.options.InferenceOptions`); thresholds come from ``confidence`` or, with
+    """Predict every input image of ``inputs`` with the model of ``run``
+    (:func:`~leukotree.inference.loader.load`) as ``options`` say (engine, decoding view,
+    batches, test-time augmentation: :class:`~leukotree.inference.options.
+    InferenceOptions`); thresholds come from ``options.confidence`` or, with
     ``target_error``, from the run's validation split."""
-    options = InferenceOptions(crop_mode=crop_mode, pixel_size=pixel_size, tta=tta,
-                               batch_size=batch_size, workers=workers, max_pixels=max_pixels,
-                               engine=engine, confidence=confidence)
+    options = options or InferenceOptions()
     loaded = load(run)
     if target_error is not None:  # refused before predicting when there is no split
         loaded.run_dir(". Give --confidence instead.")
-    predictor = loaded.predictor(engine)
+    predictor = loaded.predictor(options.engine)
     view = options.input_config(predictor.model_config, source=run)
     found = collect_inputs(inputs, patients, predictor.taxonomy)
     images = found.images
-    preds = predict_paths(predictor, [i.path for i in images], batch_size=batch_size,
-                          workers=workers, progress=progress, on_error="report", tta=tta,
-                          max_pixels=max_pixels, pixel_sizes=[i.pixel_size for i in images],
-                          config=view)
+    preds = predict_paths(predictor, [i.path for i in images], batch_size=options.batch_size,
+                          workers=options.workers, progress=progress, on_error="report",
+                          tta=options.tta, max_pixels=options.max_pixels,
+                          pixel_sizes=[i.pixel_size for i in images], config=view)
     if target_error is not None:
-        thresholds = _thresholds_for_error(loaded, predictor, target_error, batch_size, tta)
+        thresholds = _thresholds_for_error(loaded, predictor, target_error,
+                                           options.batch_size, options.tta)
     else:
-        thresholds = parse_thresholds(confidence, predictor.taxonomy.max_depth)
+        thresholds = parse_thresholds(options.confidence, predictor.taxonomy.max_depth)
     return PredictResult(predictor.taxonomy, images, preds, thresholds, predictor.engine,
                          loaded.engine_note, found.not_used, predictor.patient_model,
                          predictor.cell_taxonomy, predictor.expected_ood)
