@@ -139,3 +139,32 @@ def test_make_ensemble_refuses_what_is_not_one_new_run(paths, tmp_path):
         with pytest.raises(LeukotreeError, match=message):
             make_ensemble(runs, tmp_path / "e")
         assert not (tmp_path / "e").exists()
+
+
+def test_load_predictor_is_load_then_predictor(paths):
+    from leukotree.inference import load_predictor
+
+    predictor, info = load_predictor(paths["ensemble"], "torch")
+    assert isinstance(predictor, EnsemblePredictor)
+    assert info == {"engine": "ensemble of 2 (torch)", "engine_note": None,
+                    "members": load(paths["ensemble"]).member_paths}
+
+
+def test_the_loader_sits_above_the_predictors_ensemble_and_export():
+    import ast
+    from pathlib import Path
+
+    import leukotree.inference as inference
+
+    folder = Path(inference.__file__).parent
+
+    def imported(name):  # every module a file imports, at its top or inside a function
+        tree = ast.parse((folder / f"{name}.py").read_text(encoding="utf-8"))
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+
+    below = {"predictor", "ensemble", "export"}
+    for name in below:
+        assert "leukotree.inference.loader" not in imported(name), name
+    assert not {f"leukotree.inference.{m}" for m in ("ensemble", "export")} & imported(
+        "predictor")
+    assert "leukotree.inference.predictor" not in imported("export")

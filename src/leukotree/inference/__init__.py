@@ -12,7 +12,7 @@ from typing import Any
 
 _WHERE = {"OnnxPredictor": "predictor", "Predictions": "predictor", "Predictor": "predictor",
           "TorchPredictor": "predictor", "predict_paths": "predictor",
-          "LoadedModel": "loader", "load": "loader",
+          "LoadedModel": "loader", "load": "loader", "load_predictor": "loader",
           "InferenceOptions": "options"}
 
 __all__ = sorted(_WHERE)

@@ -168,6 +168,15 @@ def load(run: str | Path) -> LoadedModel:
     return LoadedModel("run", path)
 
 
+def load_predictor(run: str | Path, engine: str = "auto") -> tuple[Predictor, dict[str, Any]]:
+    """``load(run).predictor(engine)`` with a description (``engine``, ``engine_note``,
+    ``members``), for code written before :func:`load`; new code calls :func:`load`."""
+    loaded = load(run)
+    predictor = loaded.predictor(engine)
+    return predictor, {"engine": predictor.engine, "engine_note": loaded.engine_note,
+                       "members": loaded.member_paths}
+
+
 def make_ensemble(runs: Sequence[str | Path], out: str | Path) -> Predictor:
     """Write the ensemble folder ``out`` (``ensemble.yaml``, :class:`~leukotree.rundir.
     EnsembleDir`) of the trained ``runs`` (run folders or their ``.pt`` files; at least
