@@ -51,7 +51,8 @@ from leukotree.engine.adapt import adapt, self_train
 from leukotree.engine.config import resolve_config
 from leukotree.engine.trainer import train
 from leukotree.evaluation.evaluate import EvalSettings, evaluate
-from leukotree.inference.predictor import load_predictor, predict_paths
+from leukotree.inference.loader import load
+from leukotree.inference.predictor import predict_paths
 from leukotree.rundir import RunDir
 
 #: Johns Hopkins ``cell_type`` -> PBC class (../shared/data/README.md).
@@ -159,7 +160,7 @@ def self_trained(run: Path, pool: set[str], held: Path, jhh: Path, test_pbc: Pat
 
 def flagged_rate(run: Path, files: list[Path]) -> float:
     """Share of the readable ``files`` that the model of ``run`` flags unclassifiable."""
-    predictor, _ = load_predictor(run, "torch")
+    predictor = load(run).predictor("torch")
     preds = predict_paths(predictor, files, progress=False)
     return float(preds.unclassifiable[preds.ok].mean())
 
@@ -365,7 +366,7 @@ def main() -> None:
         result |= self_trained(run, pool, held, args.jhh, test, args, settings)
     if args.labelled_per_class > 0:
         result |= few_labels(run, mapped, pool, held, test, args, settings)
-    predictor, _ = load_predictor(run, "torch")
+    predictor = load(run).predictor("torch")
     catch: dict[str, dict[str, float]] = {}
     unseen_scores = []
     for cell_type, files in sorted(unseen.items(), key=lambda kv: -len(kv[1])):

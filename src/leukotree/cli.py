@@ -13,6 +13,7 @@ from rich.console import Console
 
 from leukotree import __version__
 from leukotree.errors import LeukotreeError
+from leukotree.inference.options import add_inference_arguments
 from leukotree.report.console import print_error, say, stderr_console, stdout_console
 
 Handler = Callable[[argparse.Namespace], int]
@@ -140,6 +141,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from leukotree.inference.options import InferenceOptions
     from leukotree.inference.predict import (
         patient_rows,
         prediction_rows,
@@ -147,12 +149,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         write_rows,
     )
 
-    result = run_predict(
-        args.run, args.inputs, patients=args.patients, confidence=args.confidence,
-        target_error=args.target_error, batch_size=args.batch_size, workers=args.workers,
-        progress=not args.no_progress, tta=args.tta, engine=args.engine,
-        crop_mode=args.crop_mode, pixel_size=args.pixel_size,
-        **_max_pixels(args))
+    result = run_predict(args.run, args.inputs, InferenceOptions.from_args(args),
+                         patients=args.patients, target_error=args.target_error,
+                         progress=not args.no_progress)
     console = stderr_console()
     if not args.no_progress or result.engine_note:
         note = f" ({result.engine_note})" if result.engine_note else ""
@@ -237,8 +236,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from leukotree.inference.export import export_onnx
+    from leukotree.inference.loader import load
 
-    path = export_onnx(args.run, args.onnx, opset=args.opset)
+    path = export_onnx(load(args.run).checkpoint, args.onnx, opset=args.opset)
     say(stderr_console(), f"wrote {path}")
     return 0
 
@@ -285,7 +285,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
-    from leukotree.inference.ensemble import make_ensemble
+    from leukotree.inference.loader import make_ensemble
 
     predictor = make_ensemble(args.runs, args.out)
     say(stderr_console(), f"wrote {args.out}: {predictor.engine.split(' (')[0]} runs of "
@@ -305,7 +305,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from leukotree.evaluation.evaluate import EvalSettings, check_settings, evaluate
-    from leukotree.rundir import EvalDir, RunDir, member_runs, read_text
+    from leukotree.inference.loader import load
+    from leukotree.rundir import EvalDir, read_text
 
     settings = EvalSettings(
         threshold=args.threshold, target_sensitivity=args.target_sensitivity,
@@ -317,10 +318,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     where = EvalDir(args.out)
     data = args.data
     if data is None:  # the run's validation images; a CV fold's test images
-        if member_runs(args.run):
-            raise LeukotreeError(f"'{args.run}' is a cv or ensemble folder: its models have no "
-                                 "single validation split; give the DATA to evaluate on.")
-        run = RunDir.of(args.run)
+        run = load(args.run).run_dir("; give the DATA to evaluate on.")
         data = run.write_val_manifest(where.validation, part=run.test_part())
     metrics = evaluate(args.run, data, args.out, settings, patients=args.patients,
                        labels=args.labels)
@@ -537,8 +535,7 @@ def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
                     help="number of folds")
     cv.add_argument("--repeats", type=number(int, 1, 100), default=1,
                     help="repeat the CV with other patient folds (seed + repeat), e.g. 3")
-    cv.add_argument("--aggregate", choices=["majority", "mean"], default="majority")
-    cv.add_argument("--min-cells", type=POSITIVE, default=1)
+    add_inference_arguments(cv, ["aggregate", "min_cells"])
     cv.set_defaults(func=cmd_cv, fold=None, folds=None)
 
     ens = sub.add_parser("ensemble", help="average several trained runs (e.g. one recipe "
@@ -570,25 +567,14 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
                          "parent folder), cnmc, manifest, re:<regex>")
     pr.add_argument("--by-patient", action="store_true",
                     help="also one diagnosis per patient (<out>_patients.csv)")
-    pr.add_argument("--aggregate", choices=["majority", "mean"], default="majority")
-    pr.add_argument("--min-cells", type=POSITIVE, default=1,
-                    help="patients with fewer cells are 'insufficient'")
-    pr.add_argument("--confidence", help="refer below this conditional probability: one "
-                                         "value or one per level (e.g. 0.9,0.8,0.7)")
+    add_inference_arguments(pr, ["aggregate", "min_cells", "confidence"])
     pr.add_argument("--target-error", type=number(float, 0, 1, low_open=True),
                     help="set the per-level thresholds on the run's validation split so that "
                          "accepted decisions err at most this often")
-    pr.add_argument("--tta", action="store_true",
-                    help="average over the 8 flips/rotations of each image (8x slower)")
     pr.add_argument("--decode", choices=["argmax", "greedy"], default="argmax",
                     help="leaf choice: most probable leaf, or greedy top-down")
-    pr.add_argument("--engine", choices=["auto", "torch", "onnx"], default="auto",
-                    help="auto: ONNX Runtime when the onnx extra is installed (faster on "
-                         "CPUs; the export is kept beside best.pt), else PyTorch")
-    pr.add_argument("--batch-size", type=POSITIVE, default=64)
-    pr.add_argument("--workers", type=POSITIVE, default=2)
-    _add_input_options(pr)
-    _add_max_pixels(pr)
+    add_inference_arguments(pr, ["tta", "engine", "batch_size", "workers", "crop_mode",
+                                 "pixel_size", "max_pixels"])
     pr.add_argument("--no-progress", action="store_true")
     pr.set_defaults(func=cmd_predict)
 
@@ -603,7 +589,7 @@ def _add_explain_report_export_parsers(sub: argparse._SubParsersAction) -> None:
     xp.add_argument("--method", default="gradcam",
                     help="gradcam, gradcam++, xgradcam, layercam, eigencam or hirescam")
     xp.add_argument("--target-layer", help="dotted module name (default: picked per backbone)")
-    _add_input_options(xp)
+    add_inference_arguments(xp, ["crop_mode", "pixel_size"])
     xp.set_defaults(func=cmd_explain)
 
     rp = sub.add_parser("report", help="one self-contained HTML report for one patient")
@@ -611,15 +597,12 @@ def _add_explain_report_export_parsers(sub: argparse._SubParsersAction) -> None:
     rp.add_argument("inputs", nargs="+", help="the patient's images, folder or manifest")
     rp.add_argument("--out", type=Path, required=True, help="HTML file to write")
     rp.add_argument("--patient", help="patient id shown in the report")
-    rp.add_argument("--aggregate", choices=["majority", "mean"], default="majority")
-    rp.add_argument("--confidence", default="0.6",
-                    help="referral threshold per level (one value or one per level)")
-    rp.add_argument("--min-cells", type=POSITIVE, default=1)
+    add_inference_arguments(rp, ["aggregate", "confidence", "min_cells"],
+                            defaults={"confidence": "0.6"})
     rp.add_argument("--top-cells", type=number(int, 0, 1000), default=8,
                     help="cells shown with heat maps")
     rp.add_argument("--no-heatmaps", action="store_true")
-    _add_input_options(rp)
-    _add_max_pixels(rp)
+    add_inference_arguments(rp, ["crop_mode", "pixel_size", "max_pixels"])
     rp.add_argument("--no-progress", action="store_true")
     rp.set_defaults(func=cmd_report)
 
@@ -665,21 +648,6 @@ def _add_explain_report_export_parsers(sub: argparse._SubParsersAction) -> None:
     ex.set_defaults(func=cmd_export)
 
 
-def _add_input_options(parser: argparse.ArgumentParser) -> None:
-    from leukotree.data.images import CROP_MODES
-
-    parser.add_argument("--crop-mode", choices=CROP_MODES,
-                        help="decode these images with another crop mode than the model's "
-                             "(auto: tight crops of a cell, as some labs export, are framed "
-                             "by the cell instead of cut by the centre crop)")
-    parser.add_argument("--pixel-size", type=number(float, 0, 1000, low_open=True),
-                        metavar="UM",
-                        help="micrometres per pixel of these images (another camera or "
-                             "magnification): each is cropped to the physical field of view "
-                             "the model was trained on (needs a model trained with "
-                             "--pixel-size)")
-
-
 def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("evaluate", help="metrics, tables and plots of a model on data")
     ev.add_argument("run", type=Path, help="run folder (or its best.pt)")
@@ -695,16 +663,8 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
                     help="pick the binary threshold reaching this sensitivity on the run's "
                          "validation split")
     ev.add_argument("--positive", help="positive leaf of a two-leaf taxonomy (default: first)")
-    ev.add_argument("--aggregate", choices=["majority", "mean"], default="majority",
-                    help="patient-level aggregation (default: majority vote)")
-    ev.add_argument("--min-cells", type=POSITIVE, default=1,
-                    help="patients with fewer cells are reported as insufficient")
-    ev.add_argument("--tta", action="store_true",
-                    help="average over the 8 flips/rotations of each image (8x slower)")
-    ev.add_argument("--batch-size", type=POSITIVE, default=64)
-    ev.add_argument("--workers", type=POSITIVE, default=2)
-    _add_input_options(ev)
-    _add_max_pixels(ev)
+    add_inference_arguments(ev, ["aggregate", "min_cells", "tta", "batch_size", "workers",
+                                 "crop_mode", "pixel_size", "max_pixels"])
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
 
@@ -720,12 +680,8 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
                          "$XDG_DATA_HOME/leukotree/serve)")
     sv.add_argument("--token", help="require this token (Bearer header or login); required "
                                     "off 127.0.0.1; also read from LEUKOTREE_TOKEN")
-    sv.add_argument("--engine", choices=["auto", "torch", "onnx"], default="auto")
-    _add_input_options(sv)
-    sv.add_argument("--confidence", default="0.6",
-                    help="referral threshold per level (one value or one per level)")
-    sv.add_argument("--aggregate", choices=["majority", "mean"], default="majority",
-                    help="patient diagnosis for runs without a patient model")
+    add_inference_arguments(sv, ["engine", "crop_mode", "pixel_size", "confidence",
+                                 "aggregate"], defaults={"confidence": "0.6"})
     sv.add_argument("--max-files", type=POSITIVE, default=2000, help="files per case")
     sv.add_argument("--max-bytes", type=POSITIVE, default=500 * 2**20, help="bytes per case")
     _add_max_pixels(sv)

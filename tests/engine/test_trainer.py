@@ -268,7 +268,8 @@ def test_the_stored_model_gives_the_calibration_it_was_fitted_to(synth_data, tmp
     # stored model (OOD score, then tempering) must reproduce the reported NLL on them
     from pathlib import Path
 
-    from leukotree.inference.predictor import load_predictor, predict_paths
+    from leukotree.inference.loader import load
+    from leukotree.inference.predictor import predict_paths
     from leukotree.models.calibration import tree_nll
 
     run = tmp_path / "run"
@@ -278,7 +279,7 @@ def test_the_stored_model_gives_the_calibration_it_was_fitted_to(synth_data, tmp
     assert 0 <= cal.get("distance_power", 0.0) <= 2
     with (run / "split.csv").open() as handle:
         val = [r for r in csv.DictReader(handle) if r["split"] == "val"]
-    predictor, _ = load_predictor(run)
+    predictor = load(run).predictor()
     probs = predict_paths(predictor, [Path(r["path"]) for r in val], progress=False,
                           workers=1).leaf_probs
     taxonomy = load_taxonomy("leukemia7")
@@ -484,7 +485,7 @@ def test_a_run_with_a_pixel_size_sees_one_physical_field_at_any_magnification(sy
     from PIL import Image
 
     from leukotree.data.images import load_rgb_array
-    from leukotree.inference.predictor import TorchPredictor, set_input
+    from leukotree.inference.options import InferenceOptions
 
     run = tmp_path / "run"
     train(synth_data, run, resolve_config(preset="tiny-test", overrides={
@@ -499,12 +500,13 @@ def test_a_run_with_a_pixel_size_sees_one_physical_field_at_any_magnification(sy
     framed = np.pad(big, ((20, 20), (20, 20), (0, 0)), mode="edge")
     Image.fromarray(framed).save(tmp_path / "zoomed.png")
     own = load_rgb_array(original, 32, **model.config.decode_options())
-    cfg = set_input(TorchPredictor(model), pixel_size=0.25).model_config
+    cfg = InferenceOptions(pixel_size=0.25).input_config(model.config)
+    assert model.config.input_pixel_size is None  # a new view; the model's own is kept
     assert cfg.decode_options()["window"] == pytest.approx(0.8 * 32 * 0.5 / 0.25)
     with pytest.raises(LeukotreeError, match="no effect with crop mode 'cell'"):
-        set_input(TorchPredictor(model), crop_mode="cell", pixel_size=0.25)
-    with pytest.raises(LeukotreeError, match=r"must be in \(0, 1000\]; got 'x'"):
-        set_input(TorchPredictor(model), pixel_size="x")
+        InferenceOptions(crop_mode="cell", pixel_size=0.25).input_config(model.config)
+    with pytest.raises(LeukotreeError, match=r"'pixel_size' parameter must be float; got 'x'"):
+        InferenceOptions(pixel_size="x")
     seen = load_rgb_array(tmp_path / "zoomed.png", 32, **cfg.decode_options())
     naive = load_rgb_array(tmp_path / "zoomed.png", 32, **model.config.decode_options())
     err = np.abs(seen.astype(int) - own).mean()

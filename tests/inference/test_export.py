@@ -12,7 +12,8 @@ from leukotree.cli import main
 from leukotree.data.synth import generate
 from leukotree.errors import LeukotreeError
 from leukotree.inference.export import export_onnx
-from leukotree.inference.predictor import OnnxPredictor, TorchPredictor, load_predictor
+from leukotree.inference.loader import load
+from leukotree.inference.predictor import OnnxPredictor, TorchPredictor
 from leukotree.models.checkpoint import load_model, save_model
 from leukotree.models.heads import ModelConfig, build_model
 from leukotree.taxonomy import load_taxonomy
@@ -117,21 +118,21 @@ def test_a_foreign_onnx_file_is_refused(tmp_path):
 def test_default_engine_is_onnx_runtime_exported_once_beside_the_checkpoint(tmp_path):
     model = build_model(TAX, ModelConfig(head="multihead", backbone="test_resnet", img_size=32))
     save_model(tmp_path / "best.pt", model)
-    ort_model, info = load_predictor(tmp_path)
-    assert info["engine"] == "onnxruntime" and isinstance(ort_model, OnnxPredictor)
+    ort_model = load(tmp_path).predictor()
+    assert ort_model.engine == "onnxruntime" and isinstance(ort_model, OnnxPredictor)
     exported = tmp_path / "best.onnx"
     first = exported.stat().st_mtime_ns
-    load_predictor(tmp_path / "best.pt")
+    load(tmp_path / "best.pt").predictor()
     assert exported.stat().st_mtime_ns == first  # reused, not exported again
-    torch_model, info = load_predictor(tmp_path, "torch")
-    assert info["engine"] == "torch" and isinstance(torch_model, TorchPredictor)
+    torch_model = load(tmp_path).predictor("torch")
+    assert torch_model.engine == "torch" and isinstance(torch_model, TorchPredictor)
     pixels = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     assert np.allclose(ort_model.predict(pixels), torch_model.predict(pixels), atol=1e-4)
     # a newer checkpoint is exported again
     torch.nn.init.zeros_(model.heads[0].weight)
     save_model(tmp_path / "best.pt", model)
     os.utime(tmp_path / "best.pt", ns=(first + 10**9, first + 10**9))
-    load_predictor(tmp_path)
+    load(tmp_path).predictor()
     assert exported.stat().st_mtime_ns > first
 
 
@@ -140,6 +141,6 @@ def test_engine_errors_name_the_fix(tmp_path):
     save_model(tmp_path / "best.pt", model)
     onnx_path = export_onnx(tmp_path / "best.pt", tmp_path / "m.onnx")
     with pytest.raises(LeukotreeError, match="--engine torch"):
-        load_predictor(onnx_path, "torch")
+        load(onnx_path).predictor("torch")
     with pytest.raises(LeukotreeError, match="'engine'"):
-        load_predictor(tmp_path, "tensorrt")
+        load(tmp_path).predictor("tensorrt")

@@ -118,14 +118,17 @@ def test_predict_can_decode_with_another_crop_mode(run, tmp_path):
                  "--out", str(out), "--no-progress", "--engine", "torch"]) == 0
     assert len(list(csv.DictReader(out.open()))) == 3 * 4
     from leukotree.errors import LeukotreeError
-    from leukotree.inference.predictor import load_predictor, set_input
+    from leukotree.inference.loader import load
+    from leukotree.inference.predictor import input_config
 
-    predictor, _ = load_predictor(run / "run", "torch")
-    assert set_input(predictor, crop_mode="auto").model_config.crop_mode == "auto"
+    predictor = load(run / "run").predictor("torch")
+    own = predictor.model_config
+    assert input_config(own, crop_mode="auto").crop_mode == "auto"
+    assert predictor.model_config is own and own.crop_mode == "centre"  # not mutated
     with pytest.raises(LeukotreeError, match="'crop_mode' parameter must be one of"):
-        set_input(predictor, crop_mode="nucleus")
+        input_config(own, crop_mode="nucleus")
     with pytest.raises(LeukotreeError, match="trained without one"):
-        set_input(predictor, pixel_size=0.3)
+        input_config(own, pixel_size=0.3)
 
 
 def test_an_ensemble_refuses_members_that_decode_images_differently():
@@ -153,7 +156,7 @@ def test_a_manifest_pixel_size_column_decodes_each_image_at_its_own_scale(tmp_pa
     from PIL import Image
 
     from leukotree.errors import LeukotreeError
-    from leukotree.inference.predictor import TorchPredictor, predict_paths, set_input
+    from leukotree.inference.predictor import TorchPredictor, input_config, predict_paths
     from leukotree.models.checkpoint import save_model
     from leukotree.models.heads import ModelConfig, build_model
 
@@ -172,7 +175,8 @@ def test_a_manifest_pixel_size_column_decodes_each_image_at_its_own_scale(tmp_pa
     got = [[float(r[f"p_{leaf}"]) for leaf in TAX.leaves] for r in csv.DictReader(out.open())]
     # each row as predicted alone at its own pixel size (the empty cell: the flag's 0.25)
     for path, um, row in zip(paths, (0.5, 1.0, 0.25), got, strict=True):
-        alone = predict_paths(set_input(TorchPredictor(torch_model), pixel_size=um), [path],
+        alone = predict_paths(TorchPredictor(torch_model), [path],
+                              config=input_config(torch_model.config, pixel_size=um),
                               progress=False).leaf_probs[0]
         np.testing.assert_allclose(row, alone, atol=1e-5)
     (tmp_path / "bad.csv").write_text("path,pixel_size\nc0.png,fast\n")

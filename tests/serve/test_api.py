@@ -169,8 +169,8 @@ def test_heat_maps_come_from_the_checkpoint_when_onnx_runtime_predicts(served_ru
 def test_the_served_models_can_decode_another_lab_with_another_crop_mode(served_run,
                                                                          tmp_path):
     models = Models([served_run / "run"], engine="torch", crop_mode="auto")
-    assert models.predictors["run"].model_config.crop_mode == "auto"
-    assert models.torch_model("run").config.crop_mode == "auto"  # heat maps decode alike
+    assert models.views["run"].crop_mode == "auto"  # the worker and heat maps decode alike
+    assert models.predictors["run"].model_config.crop_mode == "centre"  # its own: kept
     with TestClient(create_app(models, Store(tmp_path / "store"), ServeSettings())) as api:
         case = wait_done(api, api.post("/api/cases", files=cells(served_run, 3)).json()["id"])
         assert case["status"] == "done" and all(c["label"] for c in case["cells"])
@@ -188,9 +188,8 @@ def test_serving_another_magnification_crops_the_models_physical_field(served_ru
         "epochs": 1, "threads": 1, "img_size": 32, "pixel_size": 0.4}), progress=False)
     models = Models([run], engine="torch", pixel_size=0.2)  # twice the magnification
     window = 40 * 0.4 / 0.2  # synthetic 40 px images, crop 1: a 16 um field
-    assert models.predictors["scaled"].model_config.decode_options()["window"] == window
-    # heat maps and reports decode alike
-    assert models.torch_model("scaled").config.decode_options()["window"] == window
+    # the worker, heat maps and reports decode alike
+    assert models.views["scaled"].decode_options()["window"] == window
     assert models.input_options() == {"crop_mode": None, "pixel_size": 0.2}
     # the case report shows the cells decoded at the served pixel size (no OOD flag, so
     # that the padded view is classified and shown)
@@ -206,3 +205,29 @@ def test_serving_another_magnification_crops_the_models_physical_field(served_ru
         page = api.get(f"/cases/{case['id']}/report").text
     shown = sorted((served_run / "data").rglob("*.png"))[0]
     assert png_data_uri(load_rgb_array(shown, 32, window=window)) in page
+
+
+def test_the_case_report_is_the_workers_own_results_by_its_engine(served_run, tmp_path,
+                                                                  monkeypatch):
+    from leukotree.inference.export import export_onnx
+
+    onnx = export_onnx(served_run / "run", tmp_path / "m.onnx")
+    store = Store(tmp_path / "store")
+    models = Models([onnx], engine="auto")  # no PyTorch model at all
+    with TestClient(create_app(models, store, ServeSettings(confidence="0.99"))) as api:
+        case = wait_done(api, api.post("/api/cases", files=cells(served_run, 4),
+                                       data={"patient": "P-3"}).json()["id"])
+        assert case["status"] == "done"
+        written = store.reports / f"{case['id']}.html"
+        assert written.is_file()  # by the worker, from the predictions it stored
+        # the route serves that file: nothing is predicted again
+        import leukotree.report.patient as report
+
+        monkeypatch.setattr(report, "predict_paths", None)
+        page = api.get(f"/cases/{case['id']}/report")
+        assert page.status_code == 200 and page.text == written.read_text()
+    diagnosis = case["diagnosis"]
+    assert "Patient P-3" in page.text and str(onnx) in page.text
+    assert f"{diagnosis['n_cells']} cells analysed" in page.text
+    headline = diagnosis["label"] if not diagnosis["referred"] else "referral advised"
+    assert headline in page.text  # the case page's diagnosis, at the served --confidence

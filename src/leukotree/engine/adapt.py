@@ -59,18 +59,10 @@ from torch import nn
 from leukotree.data.discover import collect_inputs, utf8_problem
 from leukotree.data.images import DEFAULT_MAX_PIXELS
 from leukotree.errors import LeukotreeError, display_path
-from leukotree.inference.predictor import (
-    Predictions,
-    TorchPredictor,
-    predict_paths,
-    set_input,
-)
-from leukotree.models.checkpoint import (
-    load_model,
-    read_checkpoint,
-    save_model,
-    update_checkpoint,
-)
+from leukotree.inference.loader import load
+from leukotree.inference.options import InferenceOptions
+from leukotree.inference.predictor import Predictions, TorchPredictor, predict_paths
+from leukotree.models.checkpoint import read_checkpoint, save_model, update_checkpoint
 from leukotree.rundir import RunDir, read_yaml, require_new_folder, write_json, write_text
 
 if TYPE_CHECKING:
@@ -122,7 +114,7 @@ def adapt(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
           ) -> dict[str, Any]:
     """Adapt the model of ``run`` to the cells of ``inputs`` (folders, files, manifests;
     labels are not read; decoded at ``pixel_size`` micrometres per pixel when given, see
-    :func:`~leukotree.inference.predictor.set_input`) and write the adapted run to
+    :meth:`~leukotree.inference.options.InferenceOptions.input_config`) and write the adapted run to
     ``out``. With ``pixel_size``, the adapted model keeps it as its input pixel size:
     ``predict``, ``evaluate`` and ``serve`` of the adapted run decode at that size unless
     given another."""
@@ -131,7 +123,8 @@ def adapt(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
     if batch_size < 2:
         raise LeukotreeError(f"The 'batch_size' parameter must be >= 2 for batch statistics; "
                              f"got {batch_size}.")
-    model, payload = load_model(RunDir.checkpoint_of(run))
+    loaded = load(run)
+    model, payload = loaded.torch_model(), loaded.payload
     found = collect_inputs(inputs, "none")
     paths = [i.path for i in found.images]
     if len(paths) < 2:
@@ -139,10 +132,12 @@ def adapt(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
                              f"{', '.join(map(str, inputs))}.")
     # An adapted run being adapted again: its last lab's pixel size is not this lab's.
     model.config = replace(model.config, input_pixel_size=None)
-    predictor = set_input(TorchPredictor(model), pixel_size=pixel_size, source=run)
+    view = InferenceOptions(pixel_size=pixel_size).input_config(model.config, source=run)
+    predictor = TorchPredictor(model)
     with estimating_batch_norm(model) as layers:
         preds = predict_paths(predictor, paths, batch_size=batch_size, workers=workers,
-                              progress=progress, on_error="report", max_pixels=max_pixels)
+                              progress=progress, on_error="report", max_pixels=max_pixels,
+                              config=view)
     unreadable = [e for e in preds.errors if e is not None]
     seen = int(preds.ok.sum())
     if seen < 2:
@@ -154,7 +149,7 @@ def adapt(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
         if (source.path / name).exists():
             shutil.copy2(source.path / name, target.path / name)
     dropped = [k for k in ("calibration", "ood") if k in payload]
-    report = {"source": str(display_path(RunDir.checkpoint_of(run))),
+    report = {"source": str(display_path(loaded.checkpoint)),
               "method": "batch-norm statistics re-estimated on the new cells (AdaBN)",
               "not_carried_over": dropped,
               "inputs": [str(i) for i in inputs], "n_cells": seen,
@@ -390,8 +385,8 @@ def _label_for_self_training(run: str | Path, inputs: Sequence[str | Path], targ
         raise LeukotreeError(f"'{target.path}' holds a stopped self-training; add --resume to "
                              "finish it, or choose a new folder.")
     _new_folder(target.path, inputs)
-    checkpoint = RunDir.checkpoint_of(run)
-    model, _ = load_model(checkpoint)
+    checkpoint = load(run).checkpoint
+    model = load(checkpoint).torch_model()
     if model.config.input_pixel_size is not None:
         raise LeukotreeError(f"'{source.path}' decodes its images at a pixel size "
                              f"({model.config.input_pixel_size:g} um; adapted with "

@@ -1,18 +1,17 @@
 """Training configuration: defaults < preset < YAML file < command-line flags.
 
 Every option is a :class:`TrainConfig` field whose metadata (help, choices, bounds,
-flag) is the single source for the command line (:func:`add_config_arguments`) and
-for validation (:meth:`TrainConfig.validate`), so the two cannot drift. Unknown keys
-and impossible values are refused before any image is read. The resolved
-configuration is saved as ``RUN/config.yaml`` beside every run.
+flag: :func:`leukotree.options.option`) is the single source for the command line
+(:func:`add_config_arguments`) and for validation (:meth:`TrainConfig.validate`), so
+the two cannot drift. Unknown keys and impossible values are refused before any image
+is read. The resolved configuration is saved as ``RUN/config.yaml`` beside every run.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-from collections.abc import Callable, Iterable
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,25 +20,8 @@ import yaml
 from leukotree.data.images import CROP_MODES
 from leukotree.errors import LeukotreeError, did_you_mean
 from leukotree.models.stain import STAIN_NORMS
+from leukotree.options import add_field_arguments, check_field, check_fields, option
 from leukotree.rundir import read_yaml
-
-
-def option(default: Any = None, help: str = "", *, choices: tuple[str, ...] | None = None,
-           low: float | None = None, high: float | None = None, low_open: bool = False,
-           high_open: bool = False, flag: str | None = None, cli: bool = True,
-           factory: Callable[[], Any] | None = None) -> Any:
-    """A :class:`TrainConfig` field with what the command line and validation need.
-
-    ``low``/``high`` bound numbers (``*_open``: the bound itself is excluded);
-    ``flag`` overrides the flag name (``--foo-bar`` for ``foo_bar``); ``cli=False``
-    keeps an option to config files.
-    """
-    meta = {"help": help, "choices": choices, "low": low, "high": high, "low_open": low_open,
-            "high_open": high_open, "flag": flag, "cli": cli}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
-
 
 _HYBRID = ["vgg16", "inception_v3", "legacy_xception"]
 
@@ -212,8 +194,7 @@ class TrainConfig:
         """Check every value against its field's rule, then the names that must exist
         (head, backbones, patient and label rules, and the device unless
         ``check_device`` is false) — all before any image is read."""
-        for f in fields(self):
-            setattr(self, f.name, check_value(f.name, getattr(self, f.name)))
+        check_fields(self)
         if self.fold is not None and self.fold >= self.folds:
             raise LeukotreeError(
                 f"The 'fold' parameter must be in 0..{self.folds - 1} for {self.folds} folds; "
@@ -298,74 +279,12 @@ class TrainConfig:
                            **extra)
 
 
-def _rule(f: Any) -> str:
-    """The rule of a numeric field in words, e.g. ``in (0, 1]``."""
-    m = f.metadata
-    if m["low"] is not None and m["high"] is not None:
-        return (f"in {'(' if m['low_open'] else '['}{m['low']:g}, {m['high']:g}"
-                f"{')' if m['high_open'] else ']'}")
-    if m["low"] is not None:
-        return f"{'>' if m['low_open'] else '>='} {m['low']:g}"
-    return ""
-
-
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
 
 
-def _kind(f: Any) -> str:
-    """The base type of a field: ``str``, ``int``, ``float``, ``bool``, ``list[str]`` or
-    ``list[float]`` (``| None`` removed)."""
-    return str(f.type).replace(" | None", "")
-
-
 def check_value(name: str, value: Any) -> Any:
-    """``value`` converted to field ``name``'s type and checked against its rule."""
-    f = _FIELDS[name]
-    kind, m = _kind(f), f.metadata
-    if value is None:
-        if "None" in str(f.type):
-            return None
-        raise LeukotreeError(f"The '{name}' parameter needs a value ({kind}); got nothing.")
-    value = _convert(name, kind, value)
-    if m["choices"] and value not in m["choices"]:
-        raise LeukotreeError(f"The '{name}' parameter must be one of {', '.join(m['choices'])};"
-                             f" got {value!r}." + did_you_mean(str(value), m["choices"]))
-    if kind in {"int", "float"}:
-        low, high = m["low"], m["high"]
-        bad = (not math.isfinite(value)
-               or (low is not None and (value < low or (m["low_open"] and value == low)))
-               or (high is not None and (value > high or (m["high_open"] and value == high))))
-        if bad:
-            raise LeukotreeError(f"The '{name}' parameter must be {_rule(f)}; got {value!r}.")
-    return value
-
-
-def _convert(name: str, kind: str, value: Any) -> Any:
-    try:
-        if kind == "bool":
-            if isinstance(value, bool):
-                return value
-            raise TypeError
-        if kind == "int":
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise TypeError
-            return int(value)
-        if kind == "float":
-            if isinstance(value, bool):
-                raise TypeError
-            return float(value)
-        if kind.startswith("list"):
-            items = value.split(",") if isinstance(value, str) else list(value)
-            conv = float if "float" in kind else str
-            return [conv(v.strip() if isinstance(v, str) else v) for v in items]
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # YAML reads `patient_threshold: 0.5` or a leaf named 1 as numbers
-        if not isinstance(value, str):
-            raise TypeError
-        return value
-    except (TypeError, ValueError):
-        raise LeukotreeError(f"The '{name}' parameter must be {kind.replace('list', 'a list')}"
-                             f"; got {value!r} ({type(value).__name__}).") from None
+    """``value`` converted to training option ``name``'s type and checked against its rule."""
+    return check_field(_FIELDS[name], value)
 
 
 #: Named recipes. ``cpu-fast`` trains PBC-sized data on a 2-core CPU in minutes.
@@ -490,53 +409,11 @@ def load_config(path: Path, *, check_device: bool = True) -> TrainConfig:
 
 
 # ----------------------------------------------------------------- command line
-def _arg_type(name: str) -> Callable[[str], Any]:
-    """An argparse ``type`` that converts and checks with the field's own rule."""
-
-    def parse(text: str) -> Any:
-        kind = _kind(_FIELDS[name])
-        value: Any = text
-        if kind in {"int", "float"}:
-            try:
-                value = int(text) if kind == "int" else float(text)
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"must be {kind}; got {text!r}") from None
-        try:
-            return check_value(name, value)
-        except LeukotreeError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-
-    parse.__name__ = _kind(_FIELDS[name])
-    return parse
-
-
 def add_config_arguments(parser: argparse.ArgumentParser, skip: Iterable[str] = (),
                          short: dict[str, str] | None = None) -> None:
     """One flag per :class:`TrainConfig` field (``default=None``: unset flags do not
     override presets or config files). Booleans are switches that flip the default."""
-    short = short or {}
-    skip = set(skip)
-    for f in fields(TrainConfig):
-        m = f.metadata
-        if not m["cli"] or f.name in skip:
-            continue
-        flags = [m["flag"] or "--" + f.name.replace("_", "-")]
-        if f.name in short:
-            flags.append(short[f.name])
-        if _kind(f) == "bool":
-            parser.add_argument(*flags, dest=f.name, action="store_const", const=not f.default,
-                                default=None, help=m["help"])
-            continue
-        extra = [f"choices: {', '.join(m['choices'])}"] if m["choices"] else []
-        extra += [_rule(f)] if _rule(f) else []
-        default = f.default if f.default is not MISSING else f.default_factory()
-        if default is not None:
-            shown = ",".join(map(str, default)) if isinstance(default, list) else default
-            extra.append(f"default {shown}")
-        help_text = m["help"] + (f" ({'; '.join(extra)})" if extra else "")
-        parser.add_argument(*flags, dest=f.name, type=_arg_type(f.name), default=None,
-                            metavar=flags[0].lstrip("-").upper().replace("-", "_"),
-                            help=help_text.replace("%", "%%"))
+    add_field_arguments(parser, TrainConfig, skip=skip, short=short, unset=True)
 
 
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -18,22 +18,17 @@ from leukotree.evaluation.metrics import (
     reliability_bins,
     threshold_for_sensitivity,
 )
-from leukotree.inference.decisions import AGGREGATES, aggregate_patients, domain_shift
-from leukotree.inference.predictor import (
-    Predictions,
-    Predictor,
-    TorchPredictor,
-    load_predictor,
-    predict_paths,
-    set_input,
-)
+from leukotree.inference.decisions import aggregate_patients, domain_shift
+from leukotree.inference.loader import LoadedModel, load
+from leukotree.inference.options import InferenceOptions, check_option
+from leukotree.inference.predictor import Predictions, Predictor, TorchPredictor, predict_paths
 from leukotree.models.calibration import apply_temperatures, distance_factor, soften
 from leukotree.patients.bags import make_bags, patient_labels
 from leukotree.patients.fit import FittedPatientModel, patient_metrics
 from leukotree.report import plots
 from leukotree.report.html import write_document
 from leukotree.report.tables import metrics_document
-from leukotree.rundir import EvalDir, RunDir, write_csv, write_json
+from leukotree.rundir import EvalDir, write_csv, write_json
 from leukotree.taxonomy import Taxonomy
 from leukotree.tree import decode_argmax
 
@@ -82,15 +77,15 @@ def evaluate(
     settings = settings or EvalSettings()
     check_settings(settings)
     run = Path(run)
-    predictor, info = load_predictor(run, "torch")
-    if "members" in info and settings.target_sensitivity is not None:
-        raise LeukotreeError(f"--target-sensitivity picks a threshold on a run's validation "
-                             f"images; the models of '{run}' have no single validation "
-                             "split. Give --threshold instead.")
+    loaded = load(run)
+    if settings.target_sensitivity is not None:  # picked on the run's validation images
+        loaded.run_dir(". Give --threshold instead.")
+    predictor = loaded.predictor("torch")
     # one model: its temperatures give the ECE before calibration
     model = predictor.model if isinstance(predictor, TorchPredictor) else None
-    predictor = set_input(predictor, crop_mode=settings.crop_mode,
-                          pixel_size=settings.pixel_size, source=run)
+    view = InferenceOptions(crop_mode=settings.crop_mode,
+                            pixel_size=settings.pixel_size).input_config(
+                                predictor.model_config, source=run)
     taxonomy: Taxonomy = predictor.taxonomy
     sample_set = discover(data, taxonomy, patients=patients, labels=labels)
     sample_set.raise_for_problems()
@@ -99,7 +94,7 @@ def evaluate(
                           batch_size=settings.batch_size, workers=settings.workers,
                           progress=settings.progress, on_error="raise", tta=settings.tta,
                           max_pixels=settings.max_pixels,
-                          pixel_sizes=[s.pixel_size for s in samples])
+                          pixel_sizes=[s.pixel_size for s in samples], config=view)
     probs = preds.leaf_probs.astype(np.float64)
     truth = [s.label for s in samples]
     metrics = classification_metrics(taxonomy, truth, probs)
@@ -129,7 +124,7 @@ def evaluate(
         metrics["ood"] = ood_metrics(taxonomy, truth, probs, preds.unclassifiable,
                                      predictor.expected_ood)
     if len(taxonomy.leaves) == 2:
-        metrics["binary"] = _binary_section(run, predictor, truth, probs, settings)
+        metrics["binary"] = _binary_section(loaded, predictor, truth, probs, settings)
     metrics["patient_level"] = patient_level(taxonomy, samples, probs, settings, preds,
                                              predictor.patient_model)
     where = EvalDir(out)
@@ -143,14 +138,11 @@ def evaluate(
 
 
 def check_settings(settings: EvalSettings) -> None:
-    """Refuse impossible settings before any image is read."""
-    if settings.aggregate not in AGGREGATES:
-        raise LeukotreeError(f"The 'aggregate' parameter must be one of {', '.join(AGGREGATES)};"
-                             f" got {settings.aggregate!r}.")
-    for name in ("batch_size", "workers", "min_cells"):
-        if getattr(settings, name) < 1:
-            raise LeukotreeError(f"The '{name}' parameter must be >= 1; got "
-                                 f"{getattr(settings, name)!r}.")
+    """Refuse impossible settings before any image is read (the inference options by
+    their :class:`~leukotree.inference.options.InferenceOptions` rules)."""
+    for name in ("aggregate", "min_cells", "batch_size", "workers", "tta", "max_pixels",
+                 "crop_mode", "pixel_size"):
+        check_option(name, getattr(settings, name))
     if settings.threshold is not None and not 0 <= settings.threshold <= 1:
         raise LeukotreeError(f"The 'threshold' parameter must be in [0, 1]; got "
                              f"{settings.threshold!r}.")
@@ -159,7 +151,7 @@ def check_settings(settings: EvalSettings) -> None:
                              f"{settings.target_sensitivity!r}.")
 
 
-def _binary_section(run: Path, predictor: Predictor, truth: list[str], probs: np.ndarray,
+def _binary_section(loaded: LoadedModel, predictor: Predictor, truth: list[str], probs: np.ndarray,
                     settings: EvalSettings) -> dict[str, Any]:
     """The binary block at a given threshold, 0.5, or the threshold reaching a target
     sensitivity on the run's own validation split."""
@@ -172,7 +164,7 @@ def _binary_section(run: Path, predictor: Predictor, truth: list[str], probs: np
     if settings.threshold is not None:
         threshold, source = settings.threshold, "given"
     elif settings.target_sensitivity is not None:
-        val = RunDir.of(run).read_split("val")
+        val = loaded.run_dir(". Give --threshold instead.").read_split("val")
         vp = predict_paths(predictor, [Path(r["path"]) for r in val], progress=False,
                            on_error="raise", batch_size=settings.batch_size, tta=settings.tta)
         k = taxonomy.leaf_index[positive]

@@ -1,7 +1,8 @@
 """Several models as one predictor: the fold models of a cross-validation folder (as
 DeepAPL applied its cross-validation models to new patients), or the runs of an ensemble
 folder (:func:`make_ensemble`: a deep ensemble, Lakshminarayanan et al. 2017, e.g. one
-recipe trained with several seeds) averaged.
+recipe trained with several seeds; written by :func:`~leukotree.inference.loader.
+make_ensemble`) averaged.
 
 Every member's cell model describes each cell; the cell-level probabilities (each
 member calibrated as stored) are averaged, and so are the out-of-distribution scores
@@ -15,16 +16,13 @@ member's training patients only).
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from leukotree.errors import LeukotreeError
-from leukotree.inference.predictor import Predictor, load_predictor
+from leukotree.inference.predictor import Predictor
 from leukotree.models import ModelConfig
 from leukotree.patients.bags import Bag
 from leukotree.patients.fit import FittedPatientModel
@@ -147,55 +145,3 @@ class EnsemblePredictor:
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         return self.outputs(pixels)["leaf_probs"]
-
-
-def make_ensemble(runs: Sequence[str | Path], out: str | Path) -> EnsemblePredictor:
-    """Write the ensemble folder ``out`` (``ensemble.yaml``, :class:`~leukotree.rundir.
-    EnsembleDir`) of the trained ``runs`` (run folders or their ``.pt`` files; at least
-    two, each once, of one taxonomy, image size and crop), after loading them together
-    as one predictor, which is returned. ``out`` must be a new or empty folder."""
-    from leukotree.rundir import (
-        EnsembleDir,
-        RunDir,
-        member_runs,
-        require_new_folder,
-        write_text,
-    )
-
-    if len(runs) < 2:
-        raise LeukotreeError(f"An ensemble needs at least 2 runs; got {len(runs)}.")
-    members: list[Path] = []
-    for run in runs:
-        if member_runs(run) is not None:
-            raise LeukotreeError(f"'{run}' is already a cv or ensemble folder; give its run "
-                                 "folders (or fold_<k> folders) one by one.")
-        checkpoint = RunDir.checkpoint_of(run)  # says what to give when it is not a run
-        if not checkpoint.is_file():
-            raise LeukotreeError(f"'{run}' has no trained model ({checkpoint.name}); give run "
-                                 "folders written by 'leukotree train' (or their .pt files).")
-        # the resolved path: a symbolic link later pointed elsewhere does not change it
-        member = Path(os.path.realpath(run))
-        if any(os.path.samefile(checkpoint, RunDir.checkpoint_of(m)) for m in members):
-            raise LeukotreeError(f"'{run}' is given twice; an ensemble averages different "
-                                 "runs (e.g. one recipe trained with --seed 0, 1, 2).")
-        members.append(member)
-    target = EnsembleDir(out)
-    require_new_folder(target.path, "ensemble")
-    loaded = [load_predictor(m, "torch") for m in members]
-    predictor = EnsemblePredictor([p for p, _ in loaded], str(target.path),
-                                  [str(m) for m in members])
-    # an average of flagging and non-flagging members would lose the flag
-    kinds = [("calibration" in info["payload"], "ood" in info["payload"]) for _, info in loaded]
-    for what, i in (("calibrated (temperatures)", 0),
-                    ("scored for cells unlike its training cells", 1)):
-        if len({k[i] for k in kinds}) > 1:
-            has = next(m for m, k in zip(members, kinds, strict=True) if k[i])
-            lacks = next(m for m, k in zip(members, kinds, strict=True) if not k[i])
-            raise LeukotreeError(
-                f"'{has}' is {what} and '{lacks}' is not (trained with --no-calibrate or "
-                "--ood-quantile 0, or a cv fold with --fold-val-fraction 0): their average "
-                "would be neither. Give runs that all are, or none.")
-    target.path.mkdir(parents=True, exist_ok=True)
-    write_text(target.config, "# leukotree ensemble: the member runs, averaged\n"
-               + yaml.safe_dump({"members": [str(m) for m in members]}, sort_keys=False))
-    return predictor

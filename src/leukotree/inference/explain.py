@@ -29,9 +29,9 @@ from torch import nn
 
 from leukotree.data.images import load_rgb_array, to_tensor
 from leukotree.errors import LeukotreeError, did_you_mean
-from leukotree.inference.predictor import input_config
+from leukotree.inference.loader import load
+from leukotree.inference.options import InferenceOptions
 from leukotree.models import TreeClassifier
-from leukotree.models.checkpoint import load_model
 from leukotree.optional import require
 from leukotree.tree import LeafToNode
 
@@ -175,11 +175,11 @@ def explain_images(
 
     Without ``nodes``, the nodes of each image's predicted path are explained. The images
     are decoded as the model's own unless ``crop_mode`` or ``pixel_size`` say otherwise
-    (:func:`~leukotree.inference.predictor.input_config`).
+    (:meth:`~leukotree.inference.options.InferenceOptions.input_config`).
     """
-    model, _ = load_model(run)
-    decode = input_config(model.config, crop_mode=crop_mode, pixel_size=pixel_size,
-                          source=run).decode_options()
+    model = load(run).torch_model()
+    view = InferenceOptions(crop_mode=crop_mode, pixel_size=pixel_size)
+    decode = view.input_config(model.config, source=run).decode_options()
     tax = model.taxonomy
     nodes = [tax.resolve(node, where="--node") for node in nodes or ()]
     size = model.config.img_size

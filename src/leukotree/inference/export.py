@@ -26,8 +26,7 @@ import torch
 from torch import nn
 
 from leukotree.errors import LeukotreeError
-from leukotree.inference.predictor import ONNX_FORMAT
-from leukotree.models.checkpoint import load_model, read_checkpoint
+from leukotree.models.checkpoint import ONNX_FORMAT, load_model, read_checkpoint
 from leukotree.optional import require
 from leukotree.rundir import RunDir
 from leukotree.tree import LeafToNode

@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 
 from leukotree.data.discover import InputImage, collect_inputs
-from leukotree.data.images import DEFAULT_MAX_PIXELS
 from leukotree.errors import LeukotreeError, display_path
 from leukotree.inference.decisions import (
     PatientDecision,
@@ -28,16 +27,12 @@ from leukotree.inference.decisions import (
     parse_thresholds,
     referral_message,
 )
-from leukotree.inference.predictor import (
-    Predictions,
-    Predictor,
-    load_predictor,
-    predict_paths,
-    set_input,
-)
+from leukotree.inference.loader import LoadedModel, load
+from leukotree.inference.options import InferenceOptions
+from leukotree.inference.predictor import Predictions, Predictor, predict_paths
 from leukotree.patients.bags import make_bags
 from leukotree.patients.fit import FittedPatientModel
-from leukotree.rundir import RunDir, member_runs, write_csv
+from leukotree.rundir import write_csv
 from leukotree.taxonomy import Taxonomy
 from leukotree.tree import node_probabilities
 
@@ -69,48 +64,42 @@ class PredictResult:
 def run_predict(
     run: str | Path,
     inputs: Sequence[str | Path],
+    options: InferenceOptions | None = None,
     *,
     patients: str = "none",
-    confidence: str | None = None,
     target_error: float | None = None,
-    batch_size: int = 64,
-    workers: int = 2,
     progress: bool = True,
-    tta: bool = False,
-    engine: str = "auto",
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    crop_mode: str | None = None,
-    pixel_size: float | None = None,
 ) -> PredictResult:
-    """Predict every input image (see :func:`~leukotree.inference.predictor.load_predictor`
-    for ``engine``); thresholds come from ``confidence`` or, with ``target_error``, from
-    the run's validation split."""
-    predictor, info = load_predictor(run, engine)
-    set_input(predictor, crop_mode=crop_mode, pixel_size=pixel_size, source=run)
+    """Predict every input image of ``inputs`` with the model of ``run``
+    (:func:`~leukotree.inference.loader.load`) as ``options`` say (engine, decoding view,
+    batches, test-time augmentation: :class:`~leukotree.inference.options.
+    InferenceOptions`); thresholds come from ``options.confidence`` or, with
+    ``target_error``, from the run's validation split."""
+    options = options or InferenceOptions()
+    loaded = load(run)
+    if target_error is not None:  # refused before predicting when there is no split
+        loaded.run_dir(". Give --confidence instead.")
+    predictor = loaded.predictor(options.engine)
+    view = options.input_config(predictor.model_config, source=run)
     found = collect_inputs(inputs, patients, predictor.taxonomy)
     images = found.images
-    preds = predict_paths(predictor, [i.path for i in images], batch_size=batch_size,
-                          workers=workers, progress=progress, on_error="report", tta=tta,
-                          max_pixels=max_pixels, pixel_sizes=[i.pixel_size for i in images])
+    preds = predict_paths(predictor, [i.path for i in images], batch_size=options.batch_size,
+                          workers=options.workers, progress=progress, on_error="report",
+                          tta=options.tta, max_pixels=options.max_pixels,
+                          pixel_sizes=[i.pixel_size for i in images], config=view)
     if target_error is not None:
-        thresholds = _thresholds_for_error(run, predictor, target_error, batch_size, tta)
+        thresholds = _thresholds_for_error(loaded, predictor, target_error,
+                                           options.batch_size, options.tta)
     else:
-        thresholds = parse_thresholds(confidence, predictor.taxonomy.max_depth)
-    return PredictResult(predictor.taxonomy, images, preds, thresholds, info["engine"],
-                         info.get("engine_note"), found.not_used, predictor.patient_model,
+        thresholds = parse_thresholds(options.confidence, predictor.taxonomy.max_depth)
+    return PredictResult(predictor.taxonomy, images, preds, thresholds, predictor.engine,
+                         loaded.engine_note, found.not_used, predictor.patient_model,
                          predictor.cell_taxonomy, predictor.expected_ood)
 
 
-def _thresholds_for_error(run: str | Path, predictor: Predictor, target_error: float,
+def _thresholds_for_error(loaded: LoadedModel, predictor: Predictor, target_error: float,
                           batch_size: int, tta: bool) -> list[float]:
-    if str(run).endswith(".onnx"):
-        raise LeukotreeError("--target-error needs the run folder (its validation split); "
-                             "with an ONNX file, give --confidence instead.")
-    if member_runs(run):
-        raise LeukotreeError(f"--target-error sets thresholds on a run's validation images; "
-                             f"the models of '{run}' have no single validation split. Give "
-                             "--confidence instead.")
-    val = RunDir.of(run).read_split("val")
+    val = loaded.run_dir(". Give --confidence instead.").read_split("val")
     vp = predict_paths(predictor, [Path(r["path"]) for r in val], progress=False,
                        on_error="raise", batch_size=batch_size, tta=tta)
     return calibrate_thresholds(predictor.taxonomy, [r["label"] for r in val], vp.leaf_probs,

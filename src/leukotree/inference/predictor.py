@@ -1,6 +1,6 @@
-"""Predictors: one protocol for a PyTorch model, an ONNX Runtime session (and, later,
-ensembles), and batched prediction from image files that never holds all images in
-memory.
+"""Predictors: one protocol for a PyTorch model and an ONNX Runtime session (ensembles:
+:mod:`.ensemble`; which one a path needs: :mod:`.loader`), and batched prediction from
+image files that never holds all images in memory.
 
 A :class:`Predictor` maps uint8 pixels ``(N, S, S, 3)`` (already decoded, resized and
 centre-cropped as its ``model_config`` says) to leaf probabilities ``(N, n_leaves)``
@@ -29,16 +29,14 @@ from leukotree.data.images import (
     to_tensor,
 )
 from leukotree.errors import LeukotreeError, display_path
+from leukotree.inference.options import check_option
 from leukotree.models import ModelConfig, TreeClassifier
-from leukotree.optional import available, require
+from leukotree.models.checkpoint import ONNX_FORMAT
+from leukotree.optional import require
 from leukotree.patients.fit import FittedPatientModel
 from leukotree.progress import make_progress
-from leukotree.rundir import member_runs
 from leukotree.taxonomy import Taxonomy
 
-#: Inference engines of ``leukotree predict``; see :func:`load_predictor`.
-ENGINES = ("auto", "torch", "onnx")
-ONNX_FORMAT = "leukotree-onnx/2"
 #: Per-cell outputs every predictor gives (``cell_probs`` only with a cell-type head).
 OUTPUTS = ("leaf_probs", "features", "cell_probs", "ood_score")
 
@@ -214,8 +212,12 @@ def predict_paths(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     on_chunk: Callable[[int], None] | None = None,
     pixel_sizes: Sequence[float | None] | None = None,
+    config: ModelConfig | None = None,
 ) -> Predictions:
     """Leaf probabilities of every image; decoding overlaps with the model's work.
+
+    ``config``: how to decode the images (default: the predictor's ``model_config``), e.g.
+    a view resolved by :meth:`~leukotree.inference.options.InferenceOptions.input_config`.
 
     ``on_chunk(n)`` is called after each chunk with the number of images done so far.
     ``pixel_sizes`` (one per path, e.g. a manifest's ``pixel_size`` column): each image
@@ -228,10 +230,9 @@ def predict_paths(
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}; got {on_error!r}")
-    if batch_size < 1:
-        raise LeukotreeError(f"The 'batch_size' parameter must be >= 1; got {batch_size}.")
+    batch_size = check_option("batch_size", batch_size)
     paths = [Path(p) for p in paths]
-    cfg = predictor.model_config
+    cfg = predictor.model_config if config is None else config
     groups = decode_groups(cfg, len(paths), pixel_sizes)
     arrays: dict[str, np.ndarray] = {}
     errors: list[str | None] = [None] * len(paths)
@@ -289,15 +290,6 @@ def decode_groups(cfg: ModelConfig, n: int, pixel_sizes: Sequence[float | None] 
     return groups
 
 
-def set_input(predictor: Predictor, *, crop_mode: str | None = None,
-              pixel_size: float | None = None, source: object | None = None) -> Predictor:
-    """Decode this predictor's inputs another way than the model's own (None keeps it):
-    see :func:`input_config`."""
-    predictor.model_config = input_config(predictor.model_config, crop_mode=crop_mode,
-                                          pixel_size=pixel_size, source=source)
-    return predictor
-
-
 def input_config(cfg: ModelConfig, *, crop_mode: str | None = None,
                  pixel_size: float | None = None, source: object | None = None,
                  ) -> ModelConfig:
@@ -309,21 +301,15 @@ def input_config(cfg: ModelConfig, *, crop_mode: str | None = None,
     :meth:`~leukotree.models.ModelConfig.decode_options` are then what to decode with."""
     from dataclasses import replace
 
-    from leukotree.data.images import CROP_MODES
-
     if crop_mode is not None:
-        if crop_mode not in CROP_MODES:
-            raise LeukotreeError(f"The 'crop_mode' parameter must be one of "
-                                 f"{', '.join(CROP_MODES)}; got {crop_mode!r}.")
-        cfg = replace(cfg, crop_mode=crop_mode)
+        cfg = replace(cfg, crop_mode=check_option("crop_mode", crop_mode))
     if pixel_size is not None:
         try:
-            um = float(pixel_size) if not isinstance(pixel_size, bool) else float("nan")
-        except (TypeError, ValueError):
-            um = float("nan")
-        if not 0 < um <= 1000:
+            um = check_option("pixel_size", pixel_size)
+        except LeukotreeError:
             raise LeukotreeError(f"The 'pixel_size' parameter (micrometres per pixel of "
-                                 f"these images) must be in (0, 1000]; got {pixel_size!r}.")
+                                 f"these images) must be in (0, 1000]; got {pixel_size!r}."
+                                 ) from None
         if cfg.field_um is None:
             model = "this model" if source is None else f"'{display_path(source)}'"
             raise LeukotreeError(
@@ -338,53 +324,3 @@ def input_config(cfg: ModelConfig, *, crop_mode: str | None = None,
                 "sized by each cell's nucleus); leave one of them out.")
         cfg = replace(cfg, input_pixel_size=um)
     return cfg
-
-
-def load_predictor(run: str | Path, engine: str = "auto") -> tuple[Predictor, dict[str, Any]]:
-    """A predictor for ``run`` (a run folder, its ``.pt``, an exported ``.onnx``, a
-    ``leukotree cv`` folder, whose fold models are averaged, or a ``leukotree ensemble``
-    folder, whose member runs are: :mod:`.ensemble`) and a
-    description: ``engine``, ``engine_note`` (why the engine differs from the one asked
-    for), for checkpoints the checkpoint's payload (an ensemble's: its first member's),
-    and for cv and ensemble folders the ``members`` (run folders).
-
-    ``engine``: ``onnx`` runs ONNX Runtime (an ``.onnx`` file as given, a checkpoint
-    through :func:`~leukotree.inference.export.cached_onnx`); ``torch`` runs the
-    checkpoint in eager PyTorch; ``auto`` (the default) picks ONNX Runtime when the onnx
-    extra is installed, since on CPUs it predicts faster end to end than eager PyTorch
-    (``benchmarks/bench_predict.py``), and PyTorch otherwise.
-    """
-    from leukotree.inference.export import cached_onnx
-    from leukotree.models.checkpoint import load_model
-
-    if engine not in ENGINES:
-        raise LeukotreeError(f"The 'engine' parameter must be one of {', '.join(ENGINES)}; "
-                             f"got {engine!r}.")
-    members = member_runs(run)
-    if members is not None:
-        from leukotree.inference.ensemble import EnsemblePredictor
-
-        loaded = [load_predictor(member, engine) for member in members]
-        ensemble = EnsemblePredictor([m for m, _ in loaded], str(run),
-                                     [str(member) for member in members])
-        return ensemble, {"engine": ensemble.engine, "payload": loaded[0][1].get("payload"),
-                          "members": members}
-    if str(run).endswith(".onnx"):
-        if engine == "torch":
-            raise LeukotreeError(f"'{run}' is an ONNX file: it runs with --engine onnx or "
-                                 "auto; give the run folder or its .pt file for --engine torch.")
-        return OnnxPredictor(run), {"engine": OnnxPredictor.engine}
-    note = None
-    if engine == "onnx" or (engine == "auto" and available("onnx", "onnxruntime")):
-        try:
-            return OnnxPredictor(cached_onnx(run)), {"engine": OnnxPredictor.engine}
-        except Exception as err:  # auto falls back to PyTorch, saying why
-            if engine == "onnx" or isinstance(err, LeukotreeError):
-                raise
-            note = (f"ONNX export failed ({type(err).__name__}: {err}); predicting with "
-                    "PyTorch instead")
-    model, payload = load_model(run)
-    ood = payload.get("ood") or {}
-    return (TorchPredictor(model, patient_model=payload.get("patient_model"),
-                           expected_ood=float(ood.get("val_flagged", 0.05))),
-            {"engine": "torch", "engine_note": note, "payload": payload})

@@ -22,6 +22,9 @@ from leukotree.rundir import RunDir
 from leukotree.taxonomy import Taxonomy
 
 FORMAT = "leukotree-model/1"
+#: The metadata tag of an ONNX export (written by :mod:`leukotree.inference.export`, read by
+#: :class:`~leukotree.inference.predictor.OnnxPredictor`).
+ONNX_FORMAT = "leukotree-onnx/2"
 
 
 def environment() -> dict[str, str]:

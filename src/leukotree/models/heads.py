@@ -72,7 +72,7 @@ class ModelConfig:
     pixel_size: float | None = None  # micrometres per pixel of the training images
     field_um: float | None = None  # side of the centre crop in micrometres (with pixel_size)
     #: Micrometres per pixel of the images being decoded, set for another lab's images
-    #: (:func:`~leukotree.inference.predictor.set_input`; saved only by ``adapt
+    #: (:meth:`~leukotree.inference.options.InferenceOptions.input_config`; saved only by ``adapt
     #: --pixel-size``, for the lab it adapted to); None: the training scale.
     input_pixel_size: float | None = None
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])

@@ -27,15 +27,10 @@ from leukotree.inference.decisions import (
     domain_shift,
     parse_thresholds,
 )
-from leukotree.inference.predictor import (
-    Predictions,
-    Predictor,
-    decode_groups,
-    load_predictor,
-    predict_paths,
-    set_input,
-)
-from leukotree.models import TreeClassifier
+from leukotree.inference.loader import LoadedModel, load
+from leukotree.inference.options import InferenceOptions
+from leukotree.inference.predictor import Predictions, Predictor, decode_groups, predict_paths
+from leukotree.models import ModelConfig, TreeClassifier
 from leukotree.patients.bags import make_bags
 from leukotree.patients.fit import FittedPatientModel
 from leukotree.report.html import esc, page, png_data_uri, table_html
@@ -58,6 +53,7 @@ def patient_report(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     crop_mode: str | None = None,
     pixel_size: float | None = None,
+    predictor: Predictor | None = None,
 ) -> dict[str, Any]:
     """Write the HTML report for the cells in ``inputs``; returns the decision.
 
@@ -65,17 +61,47 @@ def patient_report(
     threshold) and the cells shown are those that drove it most (attention, or the
     evidence for the diagnosis); otherwise the cells are aggregated by ``method``.
     ``crop_mode`` and ``pixel_size`` decode the images another way than the model's own
-    (:func:`~leukotree.inference.predictor.set_input`).
+    (:class:`~leukotree.inference.options.InferenceOptions`). ``predictor``: one already
+    loaded for ``run`` (e.g. the engine ``serve`` classified the case with; default: the
+    run in PyTorch). The PyTorch model is loaded only to draw heat maps.
     """
-    predictor, info = load_predictor(run, engine="torch")
-    predictor = set_input(predictor, crop_mode=crop_mode, pixel_size=pixel_size, source=run)
-    model = getattr(predictor, "members", [predictor])[0].model  # heat maps, model card
-    payload = info.get("payload") or {}
-    tax = model.taxonomy
+    loaded = load(run)
+    predictor = predictor or loaded.predictor("torch")
+    view = InferenceOptions(crop_mode=crop_mode, pixel_size=pixel_size).input_config(
+        predictor.model_config, source=run)
+    tax = predictor.taxonomy
     found = collect_inputs(inputs, taxonomy=tax)
     sizes = [i.pixel_size for i in found.images]
     preds = predict_paths(predictor, [i.path for i in found.images], progress=progress,
-                          on_error="report", max_pixels=max_pixels, pixel_sizes=sizes)
+                          on_error="report", max_pixels=max_pixels, pixel_sizes=sizes,
+                          config=view)
+    return write_patient_report(loaded, predictor, preds, out, view=view, pixel_sizes=sizes,
+                                not_used=found.not_used, patient=patient, method=method,
+                                confidence=confidence, min_cells=min_cells,
+                                top_cells=top_cells, heatmaps=heatmaps)
+
+
+def write_patient_report(
+    loaded: LoadedModel,
+    predictor: Predictor,
+    preds: Predictions,
+    out: str | Path,
+    *,
+    view: ModelConfig,
+    pixel_sizes: Sequence[float | None] | None = None,
+    not_used: Sequence[Path] = (),
+    patient: str | None = None,
+    method: str = "majority",
+    confidence: str | None = "0.6",
+    min_cells: int = 1,
+    top_cells: int = 8,
+    heatmaps: bool = True,
+) -> dict[str, Any]:
+    """Write the HTML report of cells already predicted (``preds``, by ``predictor`` of
+    ``loaded``, decoded as ``view`` and ``pixel_sizes`` say), e.g. the cells of a case
+    ``serve``'s worker classified; returns the decision (see :func:`patient_report`)."""
+    tax = predictor.taxonomy
+    sizes = list(pixel_sizes) if pixel_sizes is not None else [None] * len(preds.paths)
     if not preds.ok.any():
         raise LeukotreeError("None of the given images can be read; nothing to report.")
     odd = preds.unclassifiable
@@ -90,24 +116,25 @@ def patient_report(
     decision, weights = _decide(predictor, preds, ok, name, method, min_cells,
                                 parse_thresholds(confidence, tax.max_depth))
     bad = [e for e in preds.errors if e is not None]
-    not_used = [display_path(p) for p in found.not_used]
+    unused = [display_path(p) for p in not_used]
     how = (f"patient model '{predictor.patient_model.model.name}'"
            if predictor.patient_model else f"aggregation: {method}")
     body = "\n".join([
         f"<h1>Patient {esc(name)}</h1>",
         f"<p class='sub'>{len(ok)} cells analysed ({len(bad)} unreadable, {int(odd.sum())} "
         f"unclassifiable and left out); {esc(how)}; "
-        f"model: {esc(run)}. For research use; not a diagnostic device.</p>",
+        f"model: {esc(loaded.source)}. For research use; not a diagnostic device.</p>",
         f"<p class='err' id='domain-shift'>{esc(alarm)}</p>" if alarm else "",
         f"<div class='diag{' refer' if decision.refer else ''}'>"
         f"{esc(_headline(tax, decision, len(ok), min_cells))}</div>",
         _levels_html(tax, decision, predictor.patient_model),
-        _differential_html(model.cell_taxonomy, preds.cell_probs, ok),
-        _unreadable_html(bad, not_used),
+        _differential_html(predictor.cell_taxonomy, preds.cell_probs, ok),
+        _unreadable_html(bad, unused),
         "<h2>The cells that drove the decision</h2>",
-        _cell_grid(model, preds, ok, weights, decision.leaf, top_cells, heatmaps,
-                   decode_groups(predictor.model_config, len(sizes), sizes)),
-        "<h2>Model card</h2>", model_card_html(model, payload),
+        _cell_grid(loaded, tax, view.img_size, preds, ok, weights, decision.leaf, top_cells,
+                   heatmaps, decode_groups(view, len(sizes), sizes)),
+        "<h2>Model card</h2>",
+        model_card_html(predictor.model_config, tax, loaded.payload),
     ])
     out = Path(out)
     write_text(out, page(f"leukotree report: {name}", body))
@@ -115,7 +142,7 @@ def patient_report(
             "reason": decision.reason, "n_cells": len(ok),
             "n_unclassifiable": int(odd.sum()), "domain_shift": alarm,
             "reported_node": decision.reported_node, "unreadable": bad,
-            "not_used": not_used, "report": str(out)}
+            "not_used": unused, "report": str(out)}
 
 
 def _decide(predictor: Predictor, preds: Predictions, ok: np.ndarray, name: str,
@@ -192,9 +219,9 @@ def _unreadable_html(errors: list[str], not_used: list[str]) -> str:
     return out
 
 
-def model_card_html(model: TreeClassifier, payload: dict[str, Any]) -> str:
-    """Taxonomy, architecture, training data and validation metrics of a checkpoint."""
-    cfg = model.config
+def model_card_html(cfg: ModelConfig, taxonomy: Taxonomy, payload: dict[str, Any]) -> str:
+    """Taxonomy, architecture, training data and validation metrics of a checkpoint (its
+    ``payload``; empty for an ONNX file: unknown items show as ``?``)."""
     extra = payload.get("extra", {})
     rows = [
         ["head / backbone", f"{cfg.head} / {cfg.arch_name}"],
@@ -205,24 +232,23 @@ def model_card_html(model: TreeClassifier, payload: dict[str, Any]) -> str:
         *([k, f"{v:.4f}"] for k, v in extra.get("metrics", {}).items() if k.startswith("val_")),
         ["leukotree", str(payload.get("environment", {}).get("leukotree"))],
     ]
-    return f"<pre>{esc(model.taxonomy.render())}</pre>" + table_html(["item", "value"], rows)
+    return f"<pre>{esc(taxonomy.render())}</pre>" + table_html(["item", "value"], rows)
 
 
-def _cell_grid(model: TreeClassifier, preds: Predictions, ok: np.ndarray,
-               weights: np.ndarray, leaf: str | None, top: int, heatmaps: bool,
-               groups: list[tuple[np.ndarray, dict[str, Any]]]) -> str:
-    """The ``top`` readable cells by their weight in the decision, with heat maps (each
-    decoded as the predictions were: ``groups`` from
+def _cell_grid(loaded: LoadedModel, tax: Taxonomy, size: int, preds: Predictions,
+               ok: np.ndarray, weights: np.ndarray, leaf: str | None, top: int,
+               heatmaps: bool, groups: list[tuple[np.ndarray, dict[str, Any]]]) -> str:
+    """The ``top`` readable cells by their weight in the decision, with heat maps of
+    ``loaded``'s PyTorch model (each decoded as the predictions were: ``groups`` from
     :func:`~leukotree.inference.predictor.decode_groups`)."""
     decode = {int(i): options for rows, options in groups for i in rows}
     if leaf is None:
         return "<p>No diagnosis, no cells shown.</p>"
-    k = model.taxonomy.leaf_index[leaf]
+    k = tax.leaf_index[leaf]
     probs = preds.leaf_probs[ok]
     order = np.argsort(-weights, kind="stable")[:top]
-    cells = [load_rgb_array(preds.paths[ok[i]], model.config.img_size, **decode[ok[i]])
-             for i in order]
-    maps, note = _heatmaps(model, cells, leaf) if heatmaps else ({}, "")
+    cells = [load_rgb_array(preds.paths[ok[i]], size, **decode[ok[i]]) for i in order]
+    maps, note = _heatmaps(loaded, cells, leaf) if heatmaps and cells else ({}, "")
     items = []
     for rank, i in enumerate(order):
         pair = f"<img src='{png_data_uri(cells[rank])}' alt='cell'>"
@@ -234,13 +260,15 @@ def _cell_grid(model: TreeClassifier, preds: Predictions, ok: np.ndarray,
     return note_html + "<div class='cells'>" + "".join(items) + "</div>"
 
 
-def _heatmaps(model: TreeClassifier, cells: list[np.ndarray], leaf: str,
+def _heatmaps(loaded: LoadedModel, cells: list[np.ndarray], leaf: str,
               ) -> tuple[dict[int, np.ndarray], str]:
-    """Grad-CAM overlays of ``leaf``; none, with the reason, when they cannot be drawn (the
-    explain extra is missing, or the model has no spatial feature map)."""
+    """Grad-CAM overlays of ``leaf`` by the PyTorch model of ``loaded`` (a cv or ensemble
+    folder's first member); none, with the reason, when they cannot be drawn (the explain
+    extra is missing, the model has no spatial feature map, or it is an ONNX file)."""
     from leukotree.inference.explain import HeatMapper
 
     try:
+        model: TreeClassifier = loaded.first_run().torch_model()
         with HeatMapper(model) as mapper:
             return {i: mapper.overlay(pixels, leaf) for i, pixels in enumerate(cells)}, ""
     except LeukotreeError as err:

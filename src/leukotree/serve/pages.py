@@ -79,15 +79,13 @@ def add_pages(app: FastAPI) -> None:
 
         cards = []
         for name, predictor in models.predictors.items():
-            payload = models.info[name].get("payload") or {}
-            try:
-                card = model_card_html(models.torch_model(name), payload)
-            except LeukotreeError:
-                card = ""
+            loaded = models.loaded[name]
             cards.append({"name": name, "source": models.sources[name],
-                          "engine": predictor.engine, "card": card,
+                          "engine": predictor.engine,
+                          "card": model_card_html(predictor.model_config, predictor.taxonomy,
+                                                  loaded.payload),
                           "patient_model": predictor.patient_model,
-                          "members": [str(m) for m in models.info[name].get("members", [])]})
+                          "members": [str(m) for m in loaded.member_paths]})
         return render(request, "models.html", cards=cards)
 
     _add_files(app)
@@ -119,7 +117,8 @@ def _add_files(app: FastAPI) -> None:
     @app.get("/cases/{case_id}/report")
     def report(case_id: str) -> Any:
         try:
-            return FileResponse(_case_report(store, models, case_id), media_type="text/html",
+            return FileResponse(_case_report(store, models, case_id, app.state.settings),
+                                media_type="text/html",
                                 filename=f"leukotree-case-{case_id}.html")
         except LeukotreeError as err:
             return Response(str(err), status_code=400)
@@ -134,9 +133,11 @@ def _heatmap_png(store: Store, models: Models, case_id: str, index: int, node: s
     path = store.image_path(case_id, index)
     if path is None:
         raise LeukotreeError("This file was not stored (see its error).")
-    model = models.torch_model(case["model"])
+    name = models.get(case["model"])[0]
+    model = models.torch_model(name)
     node = model.taxonomy.resolve(node, where="node")
-    pixels = load_rgb_array(path, model.config.img_size, **model.config.decode_options())
+    view = models.views[name]  # decoded as the worker decoded it
+    pixels = load_rgb_array(path, view.img_size, **view.decode_options())
     with models.explain_lock, HeatMapper(model) as mapper:
         overlay = mapper.overlay(pixels, node)
     buffer = io.BytesIO()
@@ -144,16 +145,23 @@ def _heatmap_png(store: Store, models: Models, case_id: str, index: int, node: s
     return buffer.getvalue()
 
 
-def _case_report(store: Store, models: Models, case_id: str) -> Any:
-    """The offline HTML report of a case (``leukotree report`` on its stored cells)."""
+def _case_report(store: Store, models: Models, case_id: str, settings: Any) -> Any:
+    """The offline HTML report of a case: the one the worker wrote from its own results
+    when it classified the case (:meth:`~leukotree.serve.worker.Worker.write_report`);
+    otherwise (a case still queued, or no report could be made) ``leukotree report`` on
+    its stored cells, by the engine and decoding of the worker, which says what is
+    missing."""
     from leukotree.report.patient import patient_report
 
     case = store.case(case_id)
-    models.torch_model(case["model"])  # refuses ONNX-only models with the reason
+    name, predictor = models.get(case["model"])
+    out = store.reports / f"{case_id}.html"
+    if case["status"] == "done" and out.is_file():
+        return out
     paths = [store.images / case_id / c["stored"] for c in case["cells"] if c["stored"]]
     if not paths:
         raise LeukotreeError("The case holds no stored cell.")
-    out = store.reports / f"{case_id}.html"
-    patient_report(models.sources[case["model"]], paths, out, patient=case["patient"],
-                   heatmaps=False, **models.input_options())
+    patient_report(models.sources[name], paths, out, patient=case["patient"],
+                   heatmaps=False, predictor=predictor, method=settings.aggregate,
+                   confidence=settings.confidence, **models.input_options())
     return out

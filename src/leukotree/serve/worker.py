@@ -12,7 +12,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,76 +20,69 @@ import numpy as np
 from leukotree.data.discover import InputImage
 from leukotree.errors import LeukotreeError
 from leukotree.inference.decisions import parse_thresholds
+from leukotree.inference.loader import LoadedModel, load
+from leukotree.inference.options import InferenceOptions
 from leukotree.inference.predict import (
     PredictResult,
     differentials,
     patient_decisions,
     prediction_rows,
 )
-from leukotree.inference.predictor import (
-    Predictor,
-    load_predictor,
-    predict_paths,
-    set_input,
-)
+from leukotree.inference.predictor import Predictions, Predictor, predict_paths
 from leukotree.serve.store import Store
 
 
 class Models:
-    """The served models by name (a run folder, its ``.pt``, an ``.onnx`` or a cv folder)."""
+    """The served models by name (a run folder, its ``.pt``, an ``.onnx``, a cv or an
+    ensemble folder: :func:`~leukotree.inference.loader.load`), each with its predictor
+    and the view its images are decoded with (``crop_mode`` and ``pixel_size``, None: each
+    model's own; :meth:`~leukotree.inference.options.InferenceOptions.input_config`)."""
 
     def __init__(self, runs: Sequence[str | Path], engine: str = "auto",
                  crop_mode: str | None = None, pixel_size: float | None = None) -> None:
         if not runs:
             raise LeukotreeError("leukotree serve needs at least one RUN (a run folder, "
                                  "model file, cv or ensemble folder).")
+        self.options = InferenceOptions(crop_mode=crop_mode, pixel_size=pixel_size,
+                                        engine=engine)
+        self.loaded: dict[str, LoadedModel] = {}
         self.predictors: dict[str, Predictor] = {}
-        self.sources: dict[str, str] = {}
-        self.crop_mode, self.pixel_size = crop_mode, pixel_size
-        self.info: dict[str, dict[str, Any]] = {}
+        #: How each model decodes the served images (a new configuration; the loaded
+        #: model's own is left as it is).
+        self.views: dict[str, Any] = {}
         for run in runs:
             name = Path(run).stem if Path(run).is_file() else Path(run).name
             while name in self.predictors:
                 name += "+"
-            predictor, info = load_predictor(run, engine)
-            # None: each model's own
-            set_input(predictor, crop_mode=crop_mode, pixel_size=pixel_size, source=run)
-            self.predictors[name], self.sources[name], self.info[name] = predictor, str(run), info
+            loaded = load(run)
+            predictor = loaded.predictor(engine)
+            self.views[name] = self.options.input_config(predictor.model_config, source=run)
+            self.loaded[name], self.predictors[name] = loaded, predictor
 
         self._torch: dict[str, Any] = {}
         self._lock = threading.Lock()
         #: Grad-CAM hooks a model's layers: one heat map at a time.
         self.explain_lock = threading.Lock()
 
+    @property
+    def sources(self) -> dict[str, str]:
+        """Each served model's path, as given."""
+        return {name: str(loaded.source) for name, loaded in self.loaded.items()}
+
     def torch_model(self, name: str | None) -> Any:
         """The PyTorch model behind a served model (an ensemble's first member), for heat
-        maps and reports: loaded once from the served checkpoint, a copy apart from the
-        one the worker predicts with (Grad-CAM hooks its layers). A bare ``.onnx`` file
-        has none."""
-        from leukotree.models.checkpoint import load_model
-
+        maps only: loaded once from the served checkpoint, a copy apart from the one the
+        worker predicts with (Grad-CAM hooks its layers). A bare ``.onnx`` file has none."""
         name = self.get(name)[0]
         with self._lock:
             if name not in self._torch:
-                source = self.sources[name]
-                if source.endswith(".onnx"):
-                    raise LeukotreeError(
-                        "Heat maps and reports need a PyTorch model: serve the run "
-                        "folder (or its .pt) rather than an exported .onnx file.")
-                members = self.info[name].get("members")
-                if members:
-                    source = str(members[0])
-                model = load_model(source)[0].eval()
-                served = self.predictors[name].model_config  # decode as the predictor does
-                model.config = replace(model.config, crop_mode=served.crop_mode,
-                                       input_pixel_size=served.input_pixel_size)
-                self._torch[name] = model
+                self._torch[name] = self.loaded[name].first_run().torch_model()
             return self._torch[name]
 
     def input_options(self) -> dict[str, Any]:
         """The decoding options every served model was given (None: the model's own), for
         commands run on stored cells (the case report)."""
-        return {"crop_mode": self.crop_mode, "pixel_size": self.pixel_size}
+        return {"crop_mode": self.options.crop_mode, "pixel_size": self.options.pixel_size}
 
     @property
     def default(self) -> str:
@@ -141,12 +133,13 @@ class Worker:
     def classify(self, case_id: str) -> None:
         """Predict every readable cell of the case and store cells and diagnosis."""
         case = self.store.case(case_id)
-        _, predictor = self.models.get(case["model"])
+        name, predictor = self.models.get(case["model"])
         cells = [c for c in case["cells"] if c["stored"] is not None]
         paths = [self.store.images / case_id / c["stored"] for c in cells]
         preds = predict_paths(predictor, paths, batch_size=self.batch_size,
                               workers=self.workers, progress=False, on_error="report",
-                              on_chunk=lambda n: self.store.set_progress(case_id, n))
+                              on_chunk=lambda n: self.store.set_progress(case_id, n),
+                              config=self.models.views[name])
         thresholds = parse_thresholds(self.confidence, predictor.taxonomy.max_depth)
         result = PredictResult(predictor.taxonomy, [InputImage(p, case["patient"])
                                                     for p in paths],
@@ -158,8 +151,28 @@ class Worker:
         cell_results = [{"idx": c["idx"], "error": r["error"] or None,
                          "result": None if r["error"] else _cell_result(result, r, k)}
                         for k, (c, r) in enumerate(zip(cells, rows, strict=True))]
+        self.write_report(case_id, name, preds)
         self.store.save_results(case_id, cell_results, _diagnosis(result, case["patient"],
                                                                   self.aggregate))
+
+
+    def write_report(self, case_id: str, name: str, preds: Predictions) -> None:
+        """The case's offline report (``Store.reports``) from these very predictions: the
+        engine and decoding the case page shows, no second prediction. None is written
+        when no report can be made (no readable or classifiable cell); the report's route
+        then says why."""
+        from leukotree.report.patient import write_patient_report
+
+        out = self.store.reports / f"{case_id}.html"
+        out.unlink(missing_ok=True)
+        case = self.store.case(case_id)
+        try:
+            write_patient_report(self.models.loaded[name], self.models.predictors[name], preds,
+                                 out, view=self.models.views[name], patient=case["patient"],
+                                 method=self.aggregate, confidence=self.confidence,
+                                 heatmaps=False)
+        except LeukotreeError:
+            out.unlink(missing_ok=True)
 
 
 def _cell_result(result: PredictResult, row: dict[str, Any], k: int) -> dict[str, Any]:

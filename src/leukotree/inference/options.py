@@ -1,0 +1,110 @@
+"""Inference options, declared once: each :class:`InferenceOptions` field's metadata (help,
+choices, bounds, flag; :func:`leukotree.options.option`) drives the flags of ``predict``,
+``evaluate``, ``report``, ``serve``, ``explain`` and ``cv`` (each command picks the fields
+it uses: :func:`add_inference_arguments`) and the library's validation
+(:func:`check_option`, and every :class:`InferenceOptions` checks itself when made).
+
+Adding an inference option is one field here (plus its test) and the command's list of
+fields. This module imports neither torch nor the models: the command line's parser is
+built from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from leukotree.options import add_field_arguments, check_field, check_fields, option
+
+#: Inference engines (``--engine``): see :meth:`~leukotree.inference.loader.LoadedModel.predictor`.
+ENGINES = ("auto", "torch", "onnx")
+#: The library's default decompression-bomb guard (``leukotree.data.images.DEFAULT_MAX_PIXELS``).
+MAX_PIXELS = 60_000_000
+
+
+def _crop_modes() -> tuple[str, ...]:
+    from leukotree.data.images import CROP_MODES
+
+    return CROP_MODES
+
+
+def _aggregates() -> tuple[str, ...]:
+    from leukotree.inference.decisions import AGGREGATES
+
+    return AGGREGATES
+
+
+@dataclass
+class InferenceOptions:
+    """How a trained model is applied to images; the flag of ``foo_bar`` is ``--foo-bar``.
+
+    Values are checked when the options are made (a
+    :class:`~leukotree.errors.LeukotreeError` names the parameter, its rule and the value).
+    ``crop_mode`` and ``pixel_size`` (None: the model's own) resolve into the decoding view
+    of a model's configuration with :meth:`input_config`, which returns a new configuration
+    and never changes the loaded model's.
+    """
+
+    crop_mode: str | None = option(
+        None, "decode these images with another crop mode than the model's (auto: tight "
+        "crops of a cell, as some labs export, are framed by the cell instead of cut by the "
+        "centre crop)", choices=_crop_modes)
+    pixel_size: float | None = option(
+        None, "micrometres per pixel of these images (another camera or magnification): "
+        "each is cropped to the physical field of view the model was trained on (needs a "
+        "model trained with --pixel-size)", low=0, low_open=True, high=1000, metavar="UM")
+    tta: bool = option(False, "average over the 8 flips/rotations of each image (8x slower)")
+    batch_size: int = option(64, "images per batch", low=1)
+    workers: int = option(2, "image-reading threads", low=1)
+    max_pixels: int = option(MAX_PIXELS, "refuse images larger than this many pixels (a "
+                             "decompression-bomb guard)", low=1)
+    engine: str = option("auto", "auto: ONNX Runtime when the onnx extra is installed (faster "
+                         "on CPUs; the export is kept beside best.pt), else PyTorch",
+                         choices=ENGINES)
+    confidence: str | None = option(None, "refer below this conditional probability: one "
+                                    "value or one per level (e.g. 0.9,0.8,0.7)")
+    aggregate: str = option("majority", "patient-level aggregation for runs without a "
+                            "patient model: majority vote or mean probability",
+                            choices=_aggregates)
+    min_cells: int = option(1, "patients with fewer cells are reported as insufficient",
+                            low=1)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> InferenceOptions:
+        """The options a command's flags gave (the fields it does not take: defaults)."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)
+                      if hasattr(args, f.name)})
+
+    def input_config(self, cfg: Any, source: object | None = None) -> Any:
+        """The model configuration ``cfg`` (a :class:`~leukotree.models.ModelConfig`) as
+        these options decode images: a new configuration
+        (:func:`~leukotree.inference.predictor.input_config`; ``source`` names the model in
+        errors)."""
+        from leukotree.inference.predictor import input_config
+
+        return input_config(cfg, crop_mode=self.crop_mode, pixel_size=self.pixel_size,
+                            source=source)
+
+
+_FIELDS = {f.name: f for f in fields(InferenceOptions)}
+
+
+def check_option(name: str, value: Any) -> Any:
+    """``value`` converted to inference option ``name``'s type and checked against its
+    rule, as the command line checks it."""
+    return check_field(_FIELDS[name], value)
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser, names: Sequence[str], *,
+                            defaults: dict[str, Any] | None = None) -> None:
+    """A flag for each inference option in ``names`` (in that order), with its default
+    (``defaults`` overrides one for this command, e.g. ``report``'s ``confidence``)."""
+    add_field_arguments(parser, InferenceOptions, names=names, defaults=defaults)
