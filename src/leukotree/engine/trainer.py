@@ -37,6 +37,7 @@ from leukotree.engine.distributed import (
     barrier,
     broadcast_flag,
     init_distributed,
+    resolve_device,
     shutdown,
 )
 from leukotree.engine.loop import (
@@ -49,7 +50,6 @@ from leukotree.engine.loop import (
     make_scheduler,
     make_split,
     predict_outputs,
-    resolve_device,
     resolve_precision,
     torch_threads,
     train_one_epoch,
