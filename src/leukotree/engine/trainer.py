@@ -57,7 +57,7 @@ from leukotree.engine.loop import (
     weight_average,
 )
 from leukotree.errors import LeukotreeError, UnreadableImagesError, display_path
-from leukotree.evaluation.metrics import expected_calibration_error
+from leukotree.metrics import expected_calibration_error
 from leukotree.models import TreeClassifier, build_model
 from leukotree.models.calibration import (
     FeatureDistance,

@@ -12,12 +12,6 @@ import torch
 from leukotree.data.discover import Sample, discover
 from leukotree.data.images import DEFAULT_MAX_PIXELS
 from leukotree.errors import LeukotreeError
-from leukotree.evaluation.metrics import (
-    binary_metrics,
-    classification_metrics,
-    reliability_bins,
-    threshold_for_sensitivity,
-)
 from leukotree.inference.decisions import AGGREGATES, aggregate_patients, domain_shift
 from leukotree.inference.predictor import (
     Predictions,
@@ -26,6 +20,12 @@ from leukotree.inference.predictor import (
     load_predictor,
     predict_paths,
     set_input,
+)
+from leukotree.metrics import (
+    binary_metrics,
+    classification_metrics,
+    reliability_bins,
+    threshold_for_sensitivity,
 )
 from leukotree.models.calibration import apply_temperatures, distance_factor, soften
 from leukotree.patients.bags import make_bags, patient_labels
