@@ -4,7 +4,8 @@
 
 Each command (``leukotree --help``, ``taxonomy``, ``taxonomy pbc`` and every sub-command's
 ``--help``) runs ``--runs`` times as ``python -m leukotree ...`` in a fresh interpreter;
-the median wall time is reported with the fastest and slowest run. One more fresh
+the median wall time is reported with the fastest and slowest run, and the median CPU
+time (user + system), which a busy machine inflates far less than the wall time. One more fresh
 interpreter runs it through ``leukotree.cli.main`` and counts the modules it imported and
 lists the heavy ones (torch, scikit-learn, timm, matplotlib, onnxruntime, fastapi: none is
 expected). Two reference lines give the floor (``python -c pass``) and what every command
@@ -20,6 +21,7 @@ import datetime as dt
 import json
 import os
 import platform
+import resource
 import shlex
 import statistics
 import subprocess
@@ -67,15 +69,19 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": src + (os.pathsep + path if path else "")}
 
 
-def wall_times(argv: list[str], runs: int) -> list[float]:
-    """Seconds of ``runs`` fresh ``python ARGV`` processes (output discarded)."""
-    times = []
+def timings(argv: list[str], runs: int) -> tuple[list[float], list[float]]:
+    """Wall seconds and CPU seconds (user + system) of ``runs`` fresh ``python ARGV``
+    processes (output discarded). CPU time barely depends on what else the machine runs."""
+    walls, cpus = [], []
     for _ in range(runs):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         subprocess.run([sys.executable, *argv], stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, env=_env(), check=False)
-        times.append(time.perf_counter() - start)
-    return times
+        walls.append(time.perf_counter() - start)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+    return walls, cpus
 
 
 def imported(argv: list[str]) -> tuple[int, list[str]]:
@@ -86,9 +92,11 @@ def imported(argv: list[str]) -> tuple[int, list[str]]:
     return n, heavy
 
 
-def _row(name: str, times: list[float], **extra: Any) -> dict[str, Any]:
-    return {"command": name, "median_s": round(statistics.median(times), 3),
-            "min_s": round(min(times), 3), "max_s": round(max(times), 3), **extra}
+def _row(name: str, times: tuple[list[float], list[float]], **extra: Any) -> dict[str, Any]:
+    walls, cpus = times
+    return {"command": name, "median_s": round(statistics.median(walls), 3),
+            "min_s": round(min(walls), 3), "max_s": round(max(walls), 3),
+            "cpu_median_s": round(statistics.median(cpus), 3), **extra}
 
 
 def measure(selected: list[list[str]], runs: int) -> dict[str, Any]:
@@ -97,15 +105,15 @@ def measure(selected: list[list[str]], runs: int) -> dict[str, Any]:
     for argv in selected:
         key = " ".join(argv)
         n, heavy = imported(argv)
-        row = _row(f"leukotree {key}", wall_times(["-m", "leukotree", *argv], runs),
+        row = _row(f"leukotree {key}", timings(["-m", "leukotree", *argv], runs),
                    modules=n, heavy=", ".join(heavy) or "none")
         if key in GOALS_S:
             row["goal_s"] = GOALS_S[key]
             row["meets_goal"] = row["median_s"] <= GOALS_S[key]
         rows.append(row)
-    reference = [_row("python -c pass", wall_times(["-c", "pass"], runs)),
+    reference = [_row("python -c pass", timings(["-c", "pass"], runs)),
                  _row("python -c 'import torch, sklearn'",
-                      wall_times(["-c", "import torch, sklearn"], runs))]
+                      timings(["-c", "import torch, sklearn"], runs))]
     return {"runs_per_command": runs, "commands": rows, "reference": reference,
             "load_average_1min": {"start": round(load_before[0], 2),
                                   "end": round(os.getloadavg()[0], 2)}}

@@ -114,4 +114,5 @@ def test_startup_bench_times_each_command_and_finds_no_heavy_import(tmp_path):
     assert set(rows) == {"leukotree --help", "leukotree taxonomy pbc"}
     for row in rows.values():
         assert row["heavy"] == "none" and row["modules"] > 50 and row["median_s"] > 0
+        assert 0 < row["cpu_median_s"] < 60
     assert rows["leukotree --help"]["goal_s"] == 0.5
