@@ -40,6 +40,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from leukotree.engine.config import resolve_config
+from leukotree.engine.distributed import resolve_device
 from leukotree.engine.loop import (
     BatchRecipe,
     Precision,
@@ -47,7 +48,6 @@ from leukotree.engine.loop import (
     make_batch,
     make_optimizer,
     make_scheduler,
-    resolve_device,
     train_step,
 )
 from leukotree.engine.trainer import train

@@ -102,3 +102,17 @@ def test_cross_lab_bench_runs_on_stand_in_labs(tmp_path):
         replayed = sum(r["path"].startswith(str(tmp_path / "pbc")) for r in csv.DictReader(handle))
     assert replayed > 0  # the PBC training images were replayed
     assert (tmp_path / "out" / "cross_lab.md").read_text().count("|") > 20
+
+
+def test_startup_bench_times_each_command_and_finds_no_heavy_import(tmp_path):
+    out = tmp_path / "startup.json"
+    report = _run("bench_startup.py", "--runs", "1", "--only=--help", "--only", "taxonomy pbc",
+                  "--out", str(out))
+    assert json.loads(out.read_text()) == report
+    assert report["meta"]["machine"]["cores"] >= 1 and report["meta"]["versions"]["python"]
+    rows = {r["command"]: r for r in report["results"]["commands"]}
+    assert set(rows) == {"leukotree --help", "leukotree taxonomy pbc"}
+    for row in rows.values():
+        assert row["heavy"] == "none" and row["modules"] > 50 and row["median_s"] > 0
+        assert 0 < row["cpu_median_s"] < 60
+    assert rows["leukotree --help"]["goal_s"] == 0.5

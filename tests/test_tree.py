@@ -6,7 +6,6 @@ import pytest
 
 from conftest import LEUKEMIA7_LEAVES, leaf_row
 from leukotree.tree import (
-    LeafToNode,
     decode_argmax,
     decode_greedy,
     node_choices,
@@ -70,11 +69,3 @@ def test_node_choices_hand_computed(leukemia7):
     chronic = choices["Chronic"]  # row B: CLL .23 vs CML .21, true CLL
     assert chronic.cond[0] == pytest.approx([0.23 / 0.44, 0.21 / 0.44])
     assert chronic.hit.tolist() == [True]
-
-
-def test_leaf_to_node_module_matches_numpy(leukemia7):
-    import torch
-
-    probs = np.array([ROW_A, ROW_B], dtype=np.float32)
-    out = LeafToNode(leukemia7)(torch.from_numpy(probs)).numpy()
-    assert out == pytest.approx(node_probabilities(leukemia7, probs), abs=1e-6)

@@ -3,7 +3,7 @@
 Every model outputs leaf probabilities ``P(leaf)``; everything else follows from them:
 
 - ``P(node) = sum of P(leaf)`` over the leaves below the node (:func:`node_probabilities`,
-  or the :class:`LeafToNode` module inside exported graphs and heat maps);
+  or :class:`~leukotree.models.nodes.LeafToNode` inside exported graphs and heat maps);
 - the conditional choice at an inner node, ``P(child | node) = P(child) / P(node)``
   (:func:`node_choices`, on the images whose true path continues below the node);
 - decoding a leaf: the most probable leaf (:func:`decode_argmax`) or top-down, the most
@@ -16,8 +16,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from torch import nn
 
 from leukotree.taxonomy import Taxonomy
 
@@ -87,15 +85,3 @@ def node_choices(taxonomy: Taxonomy, truth: Sequence[str], leaf_probs: np.ndarra
 def node_level(taxonomy: Taxonomy, node: str) -> int:
     """The level of the choice made at inner ``node``: 0 at the root, else its depth."""
     return 0 if node == taxonomy.root else taxonomy.depth(node)
-
-
-class LeafToNode(nn.Module):
-    """Leaf probabilities ``(B, n_leaves)`` -> node probabilities ``(B, n_nodes)``."""
-
-    def __init__(self, taxonomy: Taxonomy) -> None:
-        super().__init__()
-        matrix = torch.tensor(taxonomy.node_leaf_matrix().T, dtype=torch.float32)
-        self.register_buffer("leaf_to_node", matrix)
-
-    def forward(self, leaf_probs: torch.Tensor) -> torch.Tensor:
-        return leaf_probs @ self.leaf_to_node

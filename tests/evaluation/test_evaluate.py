@@ -12,7 +12,7 @@ from leukotree.cli import main
 from leukotree.data.synth import generate
 from leukotree.engine.config import resolve_config
 from leukotree.engine.trainer import train
-from leukotree.evaluation.metrics import threshold_for_sensitivity
+from leukotree.metrics import threshold_for_sensitivity
 from leukotree.taxonomy import load_taxonomy
 
 LEAVES7 = ["Normal", "Reactive", "ALL", "AML", "APML", "CLL", "CML"]

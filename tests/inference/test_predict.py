@@ -119,7 +119,7 @@ def test_predict_can_decode_with_another_crop_mode(run, tmp_path):
     assert len(list(csv.DictReader(out.open()))) == 3 * 4
     from leukotree.errors import LeukotreeError
     from leukotree.inference.loader import load
-    from leukotree.inference.predictor import input_config
+    from leukotree.inference.options import input_config
 
     predictor = load(run / "run").predictor("torch")
     own = predictor.model_config
@@ -156,7 +156,8 @@ def test_a_manifest_pixel_size_column_decodes_each_image_at_its_own_scale(tmp_pa
     from PIL import Image
 
     from leukotree.errors import LeukotreeError
-    from leukotree.inference.predictor import TorchPredictor, input_config, predict_paths
+    from leukotree.inference.options import input_config
+    from leukotree.inference.predictor import TorchPredictor, predict_paths
     from leukotree.models.checkpoint import save_model
     from leukotree.models.heads import ModelConfig, build_model
 

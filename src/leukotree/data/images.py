@@ -17,14 +17,16 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from leukotree.errors import ImageReadError, UnreadableImagesError
 from leukotree.progress import track
+
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -135,6 +137,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 #: a tight crop, whose centre crop would cut the cell).
 CROP_MODES = ("centre", "cell", "auto")
 AUTO_RATIO = 1.8
+#: Per-image stain normalisations a model can carry (``ModelConfig.stain_norm``; the
+#: layers are in :mod:`leukotree.models.stain`). Named here, beside the crop modes, so
+#: the command line offers both without importing torch.
+STAIN_NORMS = ("none", "white", "reinhard")
 
 
 def load_rgb_array(
@@ -320,6 +326,8 @@ def iter_decoded(paths: Sequence[Path], size: int, *, chunk: int, crop: float = 
 def to_tensor(pixels: np.ndarray, device: torch.device | str = "cpu", *,
               channels_last: bool = False) -> torch.Tensor:
     """uint8 ``(N, H, W, 3)`` (or one ``(H, W, 3)`` image) -> float ``(N, 3, H, W)``."""
+    import torch
+
     array = np.ascontiguousarray(pixels)
     if not array.flags.writeable:  # e.g. a slice of the memory-mapped cache
         array = array.copy()

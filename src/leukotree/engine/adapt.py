@@ -377,7 +377,7 @@ def _label_for_self_training(run: str | Path, inputs: Sequence[str | Path], targ
     fine-tune's ``config.yaml`` and the labelling report ``self_training.json``); on a
     refusal or an interruption ``target`` is left as it was."""
     from leukotree.engine.config import save_config
-    from leukotree.engine.loop import resolve_device
+    from leukotree.engine.distributed import resolve_device
 
     source = RunDir.of(run)
     if target.path.is_dir() and (target.path / RunDir.SELF_TRAINING).exists() and not (

@@ -17,9 +17,8 @@ from typing import Any
 
 import yaml
 
-from leukotree.data.images import CROP_MODES
+from leukotree.data.images import CROP_MODES, STAIN_NORMS
 from leukotree.errors import LeukotreeError, did_you_mean
-from leukotree.models.stain import STAIN_NORMS
 from leukotree.options import add_field_arguments, check_field, check_fields, option
 from leukotree.rundir import read_yaml
 
@@ -264,7 +263,7 @@ class TrainConfig:
         patient_rule(self.patients)
         label_rule(self.labels)
         if check_device:
-            from leukotree.engine.loop import resolve_device
+            from leukotree.engine.distributed import resolve_device
 
             resolve_device(self.device)
 

@@ -2,7 +2,8 @@
 
 ``torchrun --nproc_per_node N -m leukotree train ...`` sets ``RANK``,
 ``WORLD_SIZE`` and ``LOCAL_RANK``; the process group uses NCCL on GPUs and gloo
-on CPUs. Without those variables everything runs in one process.
+on CPUs. Without those variables everything runs in one process. :func:`resolve_device`
+turns the ``device`` option into this rank's device.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from leukotree.errors import LeukotreeError
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,31 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``; an
+    unknown or absent device is an error that says what this machine has."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise LeukotreeError(f"The 'device' parameter must be auto, cpu, cuda or cuda:N; got "
+                             f"{spec!r}.") from None
+    if device.type == "cuda" and device.index is None:  # under torchrun: this rank's GPU
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        n = torch.cuda.device_count()
+        if (device.index is not None and device.index >= n) or n == 0:
+            raise LeukotreeError(f"--device {spec}: this machine has {n} CUDA device(s); use "
+                                 "--device cpu or auto.")
+    elif device.type != "cpu":
+        raise LeukotreeError(f"The 'device' parameter must be auto, cpu, cuda or cuda:N; got "
+                             f"{spec!r}.")
+    return device
 
 
 def init_distributed(device: torch.device) -> DistInfo:

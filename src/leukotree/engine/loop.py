@@ -1,4 +1,4 @@
-"""The reusable parts of training: devices and precision, optimiser and schedule, the
+"""The reusable parts of training: precision and threads, optimiser and schedule, the
 training state, one step, one epoch, and validation.
 
 :class:`~leukotree.engine.trainer.Trainer` orchestrates these for a run folder; the
@@ -9,7 +9,6 @@ speed benchmark (``benchmarks/bench_train_speed.py``) times the same
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -31,32 +30,7 @@ from leukotree.progress import make_progress
 from leukotree.taxonomy import Taxonomy
 
 
-# ----------------------------------------------------------------- device and precision
-def resolve_device(spec: str) -> torch.device:
-    """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``; an
-    unknown or absent device is an error that says what this machine has."""
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    try:
-        device = torch.device(spec)
-    except (RuntimeError, ValueError):
-        raise LeukotreeError(f"The 'device' parameter must be auto, cpu, cuda or cuda:N; got "
-                             f"{spec!r}.") from None
-    if device.type == "cuda" and device.index is None:  # under torchrun: this rank's GPU
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if device.type == "cuda":
-        n = torch.cuda.device_count()
-        if (device.index is not None and device.index >= n) or n == 0:
-            raise LeukotreeError(f"--device {spec}: this machine has {n} CUDA device(s); use "
-                                 "--device cpu or auto.")
-    elif device.type != "cpu":
-        raise LeukotreeError(f"The 'device' parameter must be auto, cpu, cuda or cuda:N; got "
-                             f"{spec!r}.")
-    return device
-
-
+# ----------------------------------------------------------------- threads and precision
 @contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """Use ``n`` CPU threads inside the block (0: leave as is); restored afterwards."""

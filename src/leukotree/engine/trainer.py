@@ -37,6 +37,7 @@ from leukotree.engine.distributed import (
     barrier,
     broadcast_flag,
     init_distributed,
+    resolve_device,
     shutdown,
 )
 from leukotree.engine.loop import (
@@ -49,7 +50,6 @@ from leukotree.engine.loop import (
     make_scheduler,
     make_split,
     predict_outputs,
-    resolve_device,
     resolve_precision,
     torch_threads,
     train_one_epoch,
@@ -57,7 +57,7 @@ from leukotree.engine.loop import (
     weight_average,
 )
 from leukotree.errors import LeukotreeError, UnreadableImagesError, display_path
-from leukotree.evaluation.metrics import expected_calibration_error
+from leukotree.metrics import expected_calibration_error
 from leukotree.models import TreeClassifier, build_model
 from leukotree.models.calibration import (
     FeatureDistance,

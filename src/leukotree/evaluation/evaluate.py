@@ -12,16 +12,16 @@ import torch
 from leukotree.data.discover import Sample, discover
 from leukotree.data.images import DEFAULT_MAX_PIXELS
 from leukotree.errors import LeukotreeError
-from leukotree.evaluation.metrics import (
+from leukotree.inference.decisions import aggregate_patients, domain_shift
+from leukotree.inference.loader import LoadedModel, load
+from leukotree.inference.options import InferenceOptions, check_option
+from leukotree.inference.predictor import Predictions, Predictor, TorchPredictor, predict_paths
+from leukotree.metrics import (
     binary_metrics,
     classification_metrics,
     reliability_bins,
     threshold_for_sensitivity,
 )
-from leukotree.inference.decisions import aggregate_patients, domain_shift
-from leukotree.inference.loader import LoadedModel, load
-from leukotree.inference.options import InferenceOptions, check_option
-from leukotree.inference.predictor import Predictions, Predictor, TorchPredictor, predict_paths
 from leukotree.models.calibration import apply_temperatures, distance_factor, soften
 from leukotree.patients.bags import make_bags, patient_labels
 from leukotree.patients.fit import FittedPatientModel, patient_metrics

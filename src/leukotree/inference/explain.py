@@ -32,8 +32,8 @@ from leukotree.errors import LeukotreeError, did_you_mean
 from leukotree.inference.loader import load
 from leukotree.inference.options import InferenceOptions
 from leukotree.models import TreeClassifier
+from leukotree.models.nodes import LeafToNode
 from leukotree.optional import require
-from leukotree.tree import LeafToNode
 
 METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "eigencam", "hirescam")
 _CLASSES = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "xgradcam": "XGradCAM",

@@ -27,9 +27,9 @@ from torch import nn
 
 from leukotree.errors import LeukotreeError
 from leukotree.models.checkpoint import ONNX_FORMAT, load_model, read_checkpoint
+from leukotree.models.nodes import LeafToNode
 from leukotree.optional import require
 from leukotree.rundir import RunDir
-from leukotree.tree import LeafToNode
 
 
 class TreeProbabilities(nn.Module):

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from leukotree.errors import LeukotreeError, display_path
 from leukotree.options import add_field_arguments, check_field, check_fields, option
 
 #: Inference engines (``--engine``): see :meth:`~leukotree.inference.loader.LoadedModel.predictor`.
@@ -86,10 +87,8 @@ class InferenceOptions:
     def input_config(self, cfg: Any, source: object | None = None) -> Any:
         """The model configuration ``cfg`` (a :class:`~leukotree.models.ModelConfig`) as
         these options decode images: a new configuration
-        (:func:`~leukotree.inference.predictor.input_config`; ``source`` names the model in
+        (:func:`input_config`; ``source`` names the model in
         errors)."""
-        from leukotree.inference.predictor import input_config
-
         return input_config(cfg, crop_mode=self.crop_mode, pixel_size=self.pixel_size,
                             source=source)
 
@@ -108,3 +107,39 @@ def add_inference_arguments(parser: argparse.ArgumentParser, names: Sequence[str
     """A flag for each inference option in ``names`` (in that order), with its default
     (``defaults`` overrides one for this command, e.g. ``report``'s ``confidence``)."""
     add_field_arguments(parser, InferenceOptions, names=names, defaults=defaults)
+
+
+def input_config(cfg: Any, *, crop_mode: str | None = None,
+                 pixel_size: float | None = None, source: object | None = None,
+                 ) -> Any:
+    """``cfg`` with its inputs decoded another way (None keeps the model's own): another
+    crop mode (see :data:`~leukotree.data.images.CROP_MODES`), e.g. ``auto`` for another
+    lab's tight crops; or the inputs' pixel size in micrometres, so a model trained with
+    ``pixel_size`` sees the same physical field of view at another magnification
+    (``source`` names the model in errors). Its
+    :meth:`~leukotree.models.ModelConfig.decode_options` are then what to decode with."""
+    from dataclasses import replace
+
+    if crop_mode is not None:
+        cfg = replace(cfg, crop_mode=check_option("crop_mode", crop_mode))
+    if pixel_size is not None:
+        try:
+            um = check_option("pixel_size", pixel_size)
+        except LeukotreeError:
+            raise LeukotreeError(f"The 'pixel_size' parameter (micrometres per pixel of "
+                                 f"these images) must be in (0, 1000]; got {pixel_size!r}."
+                                 ) from None
+        if cfg.field_um is None:
+            model = "this model" if source is None else f"'{display_path(source)}'"
+            raise LeukotreeError(
+                f"The 'pixel_size' parameter (--pixel-size) needs a model that knows the "
+                f"physical size of what it saw; {model} was trained without "
+                "one. Retrain it with 'leukotree train --pixel-size UM' (micrometres per "
+                "pixel of the training images), or leave the pixel size out to crop these "
+                "images as the model's own.")
+        if cfg.crop_mode == "cell":
+            raise LeukotreeError(
+                "The 'pixel_size' parameter has no effect with crop mode 'cell' (the crop is "
+                "sized by each cell's nucleus); leave one of them out.")
+        cfg = replace(cfg, input_pixel_size=um)
+    return cfg

@@ -28,8 +28,8 @@ from leukotree.data.images import (
     raise_for_errors,
     to_tensor,
 )
-from leukotree.errors import LeukotreeError, display_path
-from leukotree.inference.options import check_option
+from leukotree.errors import LeukotreeError
+from leukotree.inference.options import check_option, input_config
 from leukotree.models import ModelConfig, TreeClassifier
 from leukotree.models.checkpoint import ONNX_FORMAT
 from leukotree.optional import require
@@ -289,38 +289,3 @@ def decode_groups(cfg: ModelConfig, n: int, pixel_sizes: Sequence[float | None] 
         groups.append((rows, view.decode_options()))
     return groups
 
-
-def input_config(cfg: ModelConfig, *, crop_mode: str | None = None,
-                 pixel_size: float | None = None, source: object | None = None,
-                 ) -> ModelConfig:
-    """``cfg`` with its inputs decoded another way (None keeps the model's own): another
-    crop mode (see :data:`~leukotree.data.images.CROP_MODES`), e.g. ``auto`` for another
-    lab's tight crops; or the inputs' pixel size in micrometres, so a model trained with
-    ``pixel_size`` sees the same physical field of view at another magnification
-    (``source`` names the model in errors). Its
-    :meth:`~leukotree.models.ModelConfig.decode_options` are then what to decode with."""
-    from dataclasses import replace
-
-    if crop_mode is not None:
-        cfg = replace(cfg, crop_mode=check_option("crop_mode", crop_mode))
-    if pixel_size is not None:
-        try:
-            um = check_option("pixel_size", pixel_size)
-        except LeukotreeError:
-            raise LeukotreeError(f"The 'pixel_size' parameter (micrometres per pixel of "
-                                 f"these images) must be in (0, 1000]; got {pixel_size!r}."
-                                 ) from None
-        if cfg.field_um is None:
-            model = "this model" if source is None else f"'{display_path(source)}'"
-            raise LeukotreeError(
-                f"The 'pixel_size' parameter (--pixel-size) needs a model that knows the "
-                f"physical size of what it saw; {model} was trained without "
-                "one. Retrain it with 'leukotree train --pixel-size UM' (micrometres per "
-                "pixel of the training images), or leave the pixel size out to crop these "
-                "images as the model's own.")
-        if cfg.crop_mode == "cell":
-            raise LeukotreeError(
-                "The 'pixel_size' parameter has no effect with crop mode 'cell' (the crop is "
-                "sized by each cell's nucleus); leave one of them out.")
-        cfg = replace(cfg, input_pixel_size=um)
-    return cfg

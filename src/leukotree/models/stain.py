@@ -39,8 +39,8 @@ import numpy as np
 import torch
 from torch import nn
 
-#: Stain normalisations a model can carry (``ModelConfig.stain_norm``).
-STAIN_NORMS = ("none", "white", "reinhard")
+from leukotree.data.images import STAIN_NORMS
+
 #: Share of each channel's brightest pixels whose mean is an image's white point.
 WHITE_FRACTION = 0.02
 

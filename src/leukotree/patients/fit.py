@@ -20,7 +20,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.model_selection import StratifiedKFold
 
 from leukotree.errors import LeukotreeError
-from leukotree.evaluation.metrics import binary_metrics, threshold_for_sensitivity
+from leukotree.metrics import binary_metrics, threshold_for_sensitivity
 from leukotree.patients.bags import Bag, label_index
 from leukotree.patients.models import PatientModel, build_patient_model
 from leukotree.taxonomy import Taxonomy

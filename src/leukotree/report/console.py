@@ -3,16 +3,17 @@ escaped, so a file name such as ``[bold]x.png`` prints as it is and never as mar
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from leukotree.data.check import CheckReport
-from leukotree.data.splits import SplitPlan
-from leukotree.taxonomy import Taxonomy
+if TYPE_CHECKING:  # annotations only: the CLI imports this module before any data module
+    from leukotree.data.check import CheckReport
+    from leukotree.data.splits import SplitPlan
+    from leukotree.taxonomy import Taxonomy
 
 
 def stderr_console() -> Console:

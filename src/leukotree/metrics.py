@@ -4,6 +4,9 @@ Inputs are leaf probabilities ``P`` of shape ``(N, n_leaves)`` (rows sum to 1)
 and the label of each image, which may be a leaf or an inner node. Node
 probabilities are sums of leaf probabilities: ``P(node) = sum of P(leaf)`` over
 the leaves below it.
+
+The module sits at the bottom of the package's import graph (below models, patients,
+inference, engine and evaluation): it imports only ``errors``, ``taxonomy`` and ``tree``.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
 from conftest import LEUKEMIA7_LEAVES, leaf_row
 from leukotree.errors import LeukotreeError
-from leukotree.evaluation.metrics import (
+from leukotree.metrics import (
     binary_metrics,
     brier_score,
     classification_metrics,
