@@ -70,7 +70,12 @@ class OodReference:
     @property
     def key(self) -> str:
         """The output this reference measures: ``features`` or ``stage_features``."""
-        return "stage_features" if self.stages > 1 else "features"
+        return self.key_of(self.stages)
+
+    @staticmethod
+    def key_of(stages: int) -> str:
+        """The output a reference of ``stages`` backbone stages reads."""
+        return "stage_features" if stages > 1 else "features"
 
     @classmethod
     def from_section(cls, section: Mapping[str, Any]) -> OodReference:
