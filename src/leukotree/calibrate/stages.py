@@ -147,30 +147,32 @@ class Calibration:
 def fit_calibration(taxonomy: Taxonomy, truth: Sequence[str], outputs: Outputs, *,
                     reference: OodReference | None = None, quantile: float = 0.0,
                     temperatures: bool = True, distance_temperature: bool = True,
-                    log: Log = _quiet) -> Calibration:
+                    log: Log = _quiet, cells: str = "validation") -> Calibration:
     """Fit on labelled calibration cells (``truth``, nodes of ``taxonomy``, and their raw
     ``outputs``): with a ``reference`` and ``quantile > 0``, the out-of-distribution
     threshold (:func:`fit_ood_threshold`); with ``temperatures``, the per-node
     temperatures and, when the cells have an ``ood_score`` and ``distance_temperature``
-    is on, the distance softening (:func:`fit_temperature_section`)."""
+    is on, the distance softening (:func:`fit_temperature_section`). ``log`` gets a line
+    per fit, calling the cells ``cells``."""
     result = Calibration(taxonomy)
     if len(truth) != len(outputs["leaf_probs"]):
         raise ValueError(f"{len(truth)} labels for {len(outputs['leaf_probs'])} cells")
     score = None
     if reference is not None and quantile > 0 and reference.key in outputs:
-        result.ood = fit_ood_threshold(reference, outputs[reference.key], quantile, log)
+        result.ood = fit_ood_threshold(reference, outputs[reference.key], quantile, log,
+                                       cells)
         result.summary["ood"] = {k: result.ood[k]
                                  for k in ("threshold", "quantile", "val_flagged", "stages")}
         score = result.distance(outputs)
     if temperatures:
         result.calibration = result.summary["calibration"] = fit_temperature_section(
             taxonomy, truth, outputs["leaf_probs"],
-            score if distance_temperature else None, log)
+            score if distance_temperature else None, log, cells)
     return result
 
 
 def fit_ood_threshold(reference: OodReference, features: np.ndarray, quantile: float,
-                      log: Log = _quiet) -> dict[str, Any]:
+                      log: Log = _quiet, cells: str = "validation") -> dict[str, Any]:
     """The checkpoint's ``ood`` section: the ``reference``, each stage's scale ``q_s``
     (the ``quantile`` of its distances ``d_s`` on these cells) and the threshold (the
     ``quantile`` of ``D = sum_s d_s / q_s``); ``val_flagged`` the share of these cells
@@ -188,14 +190,14 @@ def fit_ood_threshold(reference: OodReference, features: np.ndarray, quantile: f
     threshold = float(np.quantile(dist, quantile))
     flagged = float((dist > threshold).mean())
     log(f"out-of-distribution score ({stages} backbone stage{'s' if stages > 1 else ''}): "
-        f"threshold {threshold:.1f} (flags {flagged:.1%} of the validation cells)")
+        f"threshold {threshold:.1f} (flags {flagged:.1%} of the {cells} cells)")
     return ood_section(reference.means, reference.precision, reference.classes, threshold,
                        quantile, flagged, scales=scales, stages=stages)
 
 
 def fit_temperature_section(taxonomy: Taxonomy, truth: Sequence[str], raw: np.ndarray,
                             ood_score: np.ndarray | None = None, log: Log = _quiet,
-                            ) -> dict[str, Any]:
+                            cells: str = "validation") -> dict[str, Any]:
     """The checkpoint's ``calibration`` section: per-node temperatures fitted on the
     cells' ``raw`` leaf probabilities, then, given their ``ood_score``, the power of the
     distance-aware softening; with the leaf ECE and the tree NLL before and after."""
@@ -215,7 +217,7 @@ def fit_temperature_section(taxonomy: Taxonomy, truth: Sequence[str], raw: np.nd
         section |= {"distance_power": power, "distance_ref": ref}
     log("calibration: temperature " + ", ".join(f"{n} {t:.2f}" for n, t in temps.items())
         + (f", softened by (ood score / {ref:.2f}) ^ {power:.2f} per cell" if power else "")
-        + f"; validation leaf ECE {ece[0]:.3f} -> {ece[1]:.3f} (fitted on these cells)")
+        + f"; {cells} leaf ECE {ece[0]:.3f} -> {ece[1]:.3f} (fitted on these cells)")
     return section
 
 
