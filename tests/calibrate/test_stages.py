@@ -10,13 +10,14 @@ from leukotree.calibrate import (
     fit_ood_reference,
     fit_patient_stage,
 )
-from leukotree.calibrate.stages import OodReference, fit_ood_threshold
+from leukotree.calibrate.stages import Calibration, OodReference, fit_ood_threshold
 from leukotree.data.synth import generate
 from leukotree.engine.config import resolve_config
 from leukotree.engine.loop import predict_outputs
 from leukotree.engine.trainer import Trainer, train
 from leukotree.errors import LeukotreeError
 from leukotree.models.checkpoint import load_model, read_checkpoint
+from leukotree.models.heads import ModelConfig, build_model
 from leukotree.patients.models import patient_params
 from leukotree.taxonomy import load_taxonomy
 
@@ -142,3 +143,24 @@ def test_a_reference_refuses_features_and_labels_of_other_lengths():
                             [1, 2])
     assert two.stages == 2 and two.key == "stage_features" and two.classes == ["a", "b"]
     assert two.means[0].shape == (2, 1) and two.means[1].shape == (2, 2)
+
+
+def test_a_calibrated_model_gives_its_raw_outputs_beside_the_calibrated_ones():
+    taxonomy = load_taxonomy("leukemia7")
+    model = build_model(taxonomy, ModelConfig(head="multihead", backbone="test_resnet",
+                                              img_size=32)).eval()
+    x = torch.rand(3, 3, 32, 32) * 255
+    with torch.no_grad():
+        plain = model(x)
+        assert "leaf_logp_raw" not in plain  # uncalibrated: leaf_logp is raw
+        model.set_calibration({"root": 2.0, "Leukemia": 0.5})
+        out = model(x)
+    torch.testing.assert_close(out["leaf_logp_raw"], plain["leaf_logp"])
+    assert not torch.allclose(out["leaf_logp"], plain["leaf_logp"])
+    # the raw outputs calibrated by the stage's NumPy path give the model's own
+    calibration = {"temperatures": {"root": 2.0, "Leukemia": 0.5, "Acute": 1.0,
+                                    "Chronic": 1.0}}
+    applied = Calibration(taxonomy, calibration=calibration).apply(
+        {"leaf_probs": out["leaf_logp_raw"].exp().numpy()})
+    np.testing.assert_allclose(applied["leaf_probs"], out["leaf_logp"].exp().numpy(),
+                               atol=1e-6)
