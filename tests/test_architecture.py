@@ -79,6 +79,7 @@ LAYERS: list[set[str]] = [
     {"models"},
     {"patients"},
     {"inference"},
+    {"calibrate"},
     {"report"},
     {"engine"},
     {"evaluation"},

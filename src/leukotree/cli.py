@@ -328,6 +328,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from leukotree.calibrate.run import calibrate_run, describe
+
+    console = stderr_console()
+    report = calibrate_run(args.run, args.data, args.out, patients=args.patients,
+                           labels=args.labels, ood_quantile=args.ood_quantile,
+                           batch_size=args.batch_size, workers=args.workers,
+                           progress=not args.no_progress, **_max_pixels(args),
+                           log=lambda text: say(console, text, "dim"))
+    out = stdout_console()
+    for line in describe(report):
+        say(out, line)
+    say(out, f"wrote {args.out}: use it as a run folder (predict, evaluate, report, serve)")
+    return EXIT_OK
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import ipaddress
     import os
@@ -444,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict_parser(sub)
     _add_explain_report_export_parsers(sub)
     _add_eval_parser(sub)
+    _add_calibrate_parser(sub)
     _add_serve_parser(sub)
     _add_other_parsers(sub)
     return parser
@@ -667,6 +684,28 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
                                  "crop_mode", "pixel_size", "max_pixels"])
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
+
+
+def _add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
+    ca = sub.add_parser("calibrate", help="fit a run's temperatures and out-of-distribution "
+                        "threshold again on labelled cells (e.g. a new lab's), into a new "
+                        "run folder")
+    ca.add_argument("run", type=Path, help="run folder (or its best.pt); a trained or "
+                    "batch-norm-adapted run")
+    ca.add_argument("data", type=Path, help="labelled cells: folder DATA/<label>/**/<image> "
+                    "or CSV manifest")
+    ca.add_argument("--out", type=Path, required=True,
+                    help="new run folder for the calibrated copy (the run is left as it was)")
+    ca.add_argument("--patients", default="auto")
+    ca.add_argument("--labels", default="folder")
+    ca.add_argument("--ood-quantile", type=number(float, 0, 1, low_open=True, high_open=True),
+                    help="share of these cells kept below the out-of-distribution threshold "
+                         "(default: the run's own, 0.95 unless trained otherwise)")
+    ca.add_argument("--batch-size", type=POSITIVE, default=64)
+    ca.add_argument("--workers", type=POSITIVE, default=2)
+    _add_max_pixels(ca)
+    ca.add_argument("--no-progress", action="store_true")
+    ca.set_defaults(func=cmd_calibrate)
 
 
 def _add_serve_parser(sub: argparse._SubParsersAction) -> None:

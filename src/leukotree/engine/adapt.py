@@ -13,8 +13,10 @@ run's configuration, taxonomy and split, and ``adapt.json`` saying what was done
 patient model is kept; its temperatures and out-of-distribution statistics are not: they
 were fitted on the source lab's cells, and on the adapted features they are wrong (on
 the Johns Hopkins cells they flagged every cell and doubled the calibration error;
-``benchmarks/bench_cross_lab.py``). Fitting them again needs labelled cells of the new
-lab.
+``benchmarks/bench_cross_lab.py``). Fitting the temperatures again needs labelled cells
+of the new lab: ``leukotree calibrate ADAPTED DATA --out RUN2``
+(:mod:`leukotree.calibrate.run`); without an out-of-distribution reference, it flags no
+cell.
 
 AdaBN also moves the statistics with the new lab's mix of cell types, not only with its
 stain and camera: on the Johns Hopkins cells (many blasts and lymphocytes) it raised a

@@ -371,11 +371,11 @@ def train_one_epoch(net: torch.nn.Module, state: TrainState, criterion: TreeLoss
 def predict_outputs(model: torch.nn.Module, pixels: np.ndarray, batch_size: int,
                     device: torch.device, channels_last: bool = False,
                     precision: Precision | None = None, size: int | None = None,
-                    ) -> dict[str, np.ndarray]:
+                    raw: bool = False) -> dict[str, np.ndarray]:
     """``leaf_probs``, ``features`` (and ``stage_features`` when the model gives them) and
     (with a cell-type head) ``cell_probs`` of uint8 pixels, in batches; ``size`` takes the
     central crop of that side first (the view prediction has of a padded training
-    cache)."""
+    cache); ``raw``: ``leaf_probs`` before the model's fitted calibration, if any."""
     model.eval()
     out: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(pixels), batch_size):
@@ -384,7 +384,8 @@ def predict_outputs(model: torch.nn.Module, pixels: np.ndarray, batch_size: int,
             if size is not None and x.shape[-1] > size:
                 x = random_crop(x, size, torch.Generator(), random=False)
             result = model(x)
-        out.setdefault("leaf_probs", []).append(result["leaf_logp"].float().exp().cpu().numpy())
+        leaf = result["leaf_logp_raw" if raw and "leaf_logp_raw" in result else "leaf_logp"]
+        out.setdefault("leaf_probs", []).append(leaf.float().exp().cpu().numpy())
         for key in ("features", "stage_features"):
             if key in result:
                 out.setdefault(key, []).append(result[key].float().cpu().numpy())

@@ -26,6 +26,14 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from leukotree.calibrate import (
+    LabelledCells,
+    OodReference,
+    PatientStage,
+    fit_calibration,
+    fit_ood_reference,
+    fit_patient_stage,
+)
 from leukotree.data.cache import cached_pixels
 from leukotree.data.discover import Sample, SampleSet, discover
 from leukotree.data.images import decode_many, median_side, raise_for_errors
@@ -57,20 +65,7 @@ from leukotree.engine.loop import (
     weight_average,
 )
 from leukotree.errors import LeukotreeError, UnreadableImagesError, display_path
-from leukotree.metrics import expected_calibration_error
 from leukotree.models import TreeClassifier, build_model
-from leukotree.models.calibration import (
-    FeatureDistance,
-    apply_temperatures,
-    distance_factor,
-    fit_distance_power,
-    fit_feature_distance,
-    fit_stage_distance,
-    fit_temperatures,
-    ood_section,
-    soften,
-    tree_nll,
-)
 from leukotree.models.checkpoint import (
     environment,
     load_model,
@@ -81,7 +76,6 @@ from leukotree.models.checkpoint import (
 )
 from leukotree.models.losses import TreeLoss, balanced_leaf_weights
 from leukotree.models.stain import fit_stain_target
-from leukotree.patients import fit_patient_model, make_bags, patient_labels, patient_metrics
 from leukotree.patients.models import patient_params
 from leukotree.report import plots
 from leukotree.report.console import say, stderr_console
@@ -665,167 +659,75 @@ class Trainer:
                 calibrate = False
             patients = cfg.patient_model != "none"
             if calibrate or patients:
-                # One pass of the best model, uncalibrated (a resumed, finished run is
-                # fitted afresh, not twice), over the sides the fits need.
-                model, _ = load_model(self.run.best)
-                model.set_calibration(None)
-                model.set_ood(None)
-                if calibrate and cfg.ood_quantile > 0:
-                    model.set_stage_features(min(cfg.ood_layers, model.max_stages()))
-                model = model.to(self.device)
-                sides = {"val": val}
-                if patients or (calibrate and cfg.ood_quantile > 0):
-                    sides["train"] = train
-                outputs = {name: predict_outputs(model, part.pixels, cfg.batch_size * 2,
-                                                 self.device, size=cfg.img_size)
-                           for name, part in sides.items()}
-                if calibrate:
-                    summary |= self._fit_calibration(model, train, val, outputs)
-                if patients:
-                    summary["patient_level"] = self._fit_patient_model(model, train, val,
-                                                                       outputs)
+                summary |= self._fit_stages(train, val, calibrate, patients)
             write_json(self.run.summary, summary)
         return summary
 
-    def _fit_calibration(self, model: TreeClassifier, train: Split, val: Split,
-                         outputs: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
-        """Fit the feature distance to the training cells (:meth:`_fit_ood`), then the
-        per-node temperatures on the validation split (:meth:`_fit_temperatures`), store
-        both in ``best.pt`` (:mod:`leukotree.models.calibration`) and apply them to
-        ``outputs``, as the stored model will."""
+    def _fit_stages(self, train: Split, val: Split, calibrate: bool, patients: bool,
+                    ) -> dict[str, Any]:
+        """One pass of the best model over the sides the fits need, its raw
+        (uncalibrated) outputs (a resumed, finished run is fitted afresh, not twice); then
+        the stages of :mod:`leukotree.calibrate`: the out-of-distribution reference on the
+        training cells, the calibration on the validation cells, the patient model on the
+        training patients (scored on the validation ones); ``best.pt`` written once."""
         cfg = self.config
-        sections: dict[str, Any] = {}
+        model, _ = load_model(self.run.best)
+        ood = calibrate and cfg.ood_quantile > 0
+        if ood and model.ood is None:
+            model.set_stage_features(min(cfg.ood_layers, model.max_stages()))
+        model = model.to(self.device)
+        sides = {"val": val}
+        if patients or ood:
+            sides["train"] = train
+        outputs = {name: predict_outputs(model, part.pixels, cfg.batch_size * 2, self.device,
+                                         size=cfg.img_size, raw=True)
+                   for name, part in sides.items()}
         result: dict[str, Any] = {}
-        if cfg.ood_quantile > 0 and "features" in outputs["val"]:
-            sections["ood"] = self._fit_ood(model, train, outputs)
-            result["ood"] = {k: sections["ood"][k]
-                             for k in ("threshold", "quantile", "val_flagged", "stages")}
-        if cfg.calibrate:
-            sections["calibration"] = result["calibration"] = self._fit_temperatures(
-                model.taxonomy, val, outputs)
+        sections: dict[str, Any] = {}
+        if calibrate:
+            reference = None
+            if ood and "features" in outputs["val"]:
+                # the reference cells: all training cells, or the replayed ones (after
+                # the new)
+                known = slice(self._n_new if cfg.ood_reference == "replayed" else 0, None)
+                reference = fit_ood_reference(
+                    outputs["train"][OodReference.key_of(model.ood_stages)][known],
+                    [s.label for s in train.samples[known]], model.stage_widths())
+            fitted = fit_calibration(model.taxonomy, [s.label for s in val.samples],
+                                     outputs["val"], reference=reference,
+                                     quantile=cfg.ood_quantile, temperatures=cfg.calibrate,
+                                     distance_temperature=cfg.distance_temperature,
+                                     log=self._log)
+            result |= fitted.summary
+            sections |= fitted.sections()
+            outputs = {name: fitted.apply(out) for name, out in outputs.items()}
+        if patients:
+            stage = self._fit_patient_model(model, train, val, outputs)
+            sections["patient_model"] = stage.fitted.to_dict()
+            result["patient_level"] = stage.metrics
         update_checkpoint(self.run.best, **sections)
         return result
 
-    def _fit_ood(self, model: TreeClassifier, train: Split,
-                 outputs: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
-        """The checkpoint's ``ood`` section: class means and precision of the training
-        cells' features per stage, the stages' scales and the threshold (``ood_quantile``
-        of the validation cells); adds each side's ``ood_score`` to ``outputs``."""
-        cfg = self.config
-        val_out = outputs["val"]
-        # the reference cells: all training cells, or the replayed ones (after the new)
-        known = slice(self._n_new if cfg.ood_reference == "replayed" else 0, None)
-        labels = [s.label for s in train.samples[known]]
-        stages = model.ood_stages
-        key = "stage_features" if stages > 1 else "features"
-        if stages > 1:
-            means, precision, classes = fit_stage_distance(
-                outputs["train"][key][known], labels, model.stage_widths())
-        else:
-            means, precision, classes = fit_feature_distance(outputs["train"][key][known],
-                                                             labels)
-        with torch.no_grad():
-            per_stage = FeatureDistance(means, precision).block_distances(
-                torch.from_numpy(val_out[key])).numpy()
-            scales = (np.quantile(per_stage, cfg.ood_quantile, axis=0).tolist()
-                      if stages > 1 else None)
-            distance = FeatureDistance(means, precision, scales=scales)
-            dist = {name: distance(torch.from_numpy(out[key])).numpy()
-                    for name, out in outputs.items()}
-        threshold = float(np.quantile(dist["val"], cfg.ood_quantile))
-        flagged = float((dist["val"] > threshold).mean())
-        self._log(f"out-of-distribution score ({stages} backbone stage"
-                  f"{'s' if stages > 1 else ''}): threshold {threshold:.1f} (flags "
-                  f"{flagged:.1%} of the validation cells)")
-        for name, out in outputs.items():
-            out["ood_score"] = dist[name] / threshold
-        return ood_section(means, precision, classes, threshold, cfg.ood_quantile, flagged,
-                           scales=scales, stages=stages)
-
-    def _fit_temperatures(self, taxonomy: Taxonomy, val: Split,
-                          outputs: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
-        """The checkpoint's ``calibration`` section: per-node temperatures fitted on the
-        validation split, then, when the cells have an ``ood_score`` and
-        ``distance_temperature`` is on, the power of the distance-aware softening;
-        calibrates each side's ``leaf_probs`` with them."""
-        val_out = outputs["val"]
-        truth = [s.label for s in val.samples]
-        raw = val_out["leaf_probs"]
-        temps = fit_temperatures(taxonomy, truth, raw)
-        for out in outputs.values():
-            out["leaf_probs"] = apply_temperatures(taxonomy, out["leaf_probs"], temps)
-        power, ref = 0.0, 1.0
-        if self.config.distance_temperature and "ood_score" in val_out:
-            power, ref = fit_distance_power(taxonomy, truth, val_out["leaf_probs"],
-                                            val_out["ood_score"])
-        if power:
-            for out in outputs.values():
-                g = distance_factor(torch.from_numpy(out["ood_score"]), power, ref).numpy()
-                out["leaf_probs"] = soften(out["leaf_probs"], g)
-        after = val_out["leaf_probs"]
-        leaf = [i for i, t in enumerate(truth) if t in taxonomy.leaf_index]
-        y = np.array([taxonomy.leaf_index[truth[i]] for i in leaf])
-        ece = (expected_calibration_error(raw[leaf], y), expected_calibration_error(after[leaf], y))
-        section = {"temperatures": temps, "ece_before": ece[0], "ece_after": ece[1],
-                   "nll_before": tree_nll(taxonomy, truth, raw),
-                   "nll_after": tree_nll(taxonomy, truth, after), "fitted_on": len(val)}
-        if power:
-            section |= {"distance_power": power, "distance_ref": ref}
-        self._log("calibration: temperature " + ", ".join(
-            f"{n} {t:.2f}" for n, t in temps.items())
-            + (f", softened by (ood score / {ref:.2f}) ^ {power:.2f} per cell" if power else "")
-            + f"; validation leaf ECE {ece[0]:.3f} -> {ece[1]:.3f} (fitted on these cells)")
-        return section
-
     def _fit_patient_model(self, model: TreeClassifier, train: Split, val: Split,
-                           outputs: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
-        """Fit the patient-level model on the training patients (the best model's outputs,
-        calibrated as stored), store it in ``best.pt`` and score the validation
-        patients. With ``--replay``, on the training images with a patient id only:
-        self-training's pseudo-labelled cells (of this run, or replayed from a
-        self-trained one) have none."""
+                           outputs: dict[str, dict[str, np.ndarray]]) -> PatientStage:
+        """The patient-level model fitted on the training patients (the best model's
+        outputs, calibrated as stored) and scored on the validation patients
+        (:func:`~leukotree.calibrate.fit_patient_stage`). With ``--replay``, on the
+        training images with a patient id only: self-training's pseudo-labelled cells (of
+        this run, or replayed from a self-trained one) have none."""
         cfg = self.config
-        bags = {}
-        sides = {"train": (train.samples, outputs["train"]),
-                 "val": (val.samples, outputs["val"])}
+        fit_on = LabelledCells(train.samples, outputs["train"])
         known = np.array([s.patient is not None for s in train.samples])
         if cfg.replay and known.any() and not known.all():
-            sides["train"] = ([s for s, k in zip(train.samples, known, strict=True) if k],
-                              {k: v[known] for k, v in outputs["train"].items()})
+            fit_on = LabelledCells([s for s, k in zip(train.samples, known, strict=True) if k],
+                                   {k: v[known] for k, v in outputs["train"].items()})
             self._log(f"patient model fitted on the {int(known.sum())} training images with "
                       f"a patient id ({int((~known).sum())} without one, such as "
                       "self-training's labelled cells, left out)", "dim")
-        for name, (samples, out) in sides.items():
-            if any(s.patient is None for s in samples):
-                raise LeukotreeError(
-                    "A patient-level model needs a patient id for every image: give a "
-                    "manifest 'patient' column or patient sub-folders (--patients).")
-            odd = out.get("ood_score", np.zeros(len(samples))) > 1
-            # as predict: unclassifiable cells are left out of the patient's bag
-            patients = [None if o else s.patient for s, o in zip(samples, odd,
-                                                                 strict=True)]
-            features = out.get("features", np.zeros((len(patients), 0), np.float32))
-            bags[name] = make_bags(patients, out["leaf_probs"], features,
-                                   out.get("cell_probs"), [s.path.name for s in samples],
-                                   patient_labels(model.taxonomy, patients,
-                                                  [s.label for s in samples]))
-        fitted = fit_patient_model(cfg.patient_model, model.taxonomy, model.cell_taxonomy,
-                                   bags["train"], rule=cfg.patient_threshold,
-                                   positive=cfg.positive, seed=cfg.seed,
-                                   **patient_params(cfg))
-        update_checkpoint(self.run.best, patient_model=fitted.to_dict())
-        probs = fitted.predict_proba(bags["val"])
-        metrics = patient_metrics(model.taxonomy, [b.label for b in bags["val"]], probs,
-                                  fitted.diagnose(probs), positive=fitted.positive,
-                                  threshold=fitted.threshold)
-        metrics |= {"model": cfg.patient_model, "threshold": fitted.threshold,
-                    "threshold_rule": fitted.rule, "train_patients": len(bags["train"])}
-        auroc = f", AUROC {metrics['auroc']:.3f}" if "auroc" in metrics else ""
-        self._log(f"patient model '{cfg.patient_model}': {metrics['n_patients']} validation "
-                  f"patients, accuracy {metrics['accuracy']:.3f}{auroc}"
-                  + (f", threshold {fitted.threshold:.3f}" if fitted.threshold is not None
-                     else ""))
-        return metrics
+        return fit_patient_stage(cfg.patient_model, model.taxonomy, model.cell_taxonomy,
+                                 fit_on, LabelledCells(val.samples, outputs["val"]),
+                                 rule=cfg.patient_threshold, positive=cfg.positive,
+                                 seed=cfg.seed, params=patient_params(cfg), log=self._log)
 
 
 def train(data: str | Path, out: str | Path, config: TrainConfig, *, resume: bool = False,

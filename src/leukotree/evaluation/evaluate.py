@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from leukotree.data.discover import Sample, discover
 from leukotree.data.images import DEFAULT_MAX_PIXELS
@@ -22,7 +21,6 @@ from leukotree.metrics import (
     reliability_bins,
     threshold_for_sensitivity,
 )
-from leukotree.models.calibration import apply_temperatures, distance_factor, soften
 from leukotree.patients.bags import make_bags, patient_labels
 from leukotree.patients.fit import FittedPatientModel, patient_metrics
 from leukotree.report import plots
@@ -81,7 +79,7 @@ def evaluate(
     if settings.target_sensitivity is not None:  # picked on the run's validation images
         loaded.run_dir(". Give --threshold instead.")
     predictor = loaded.predictor("torch")
-    # one model: its temperatures give the ECE before calibration
+    # one model: its raw outputs give the ECE before calibration
     model = predictor.model if isinstance(predictor, TorchPredictor) else None
     view = InferenceOptions(crop_mode=settings.crop_mode,
                             pixel_size=settings.pixel_size).input_config(
@@ -105,19 +103,14 @@ def evaluate(
                            f"({', '.join(metrics['leaves_absent'])}); metrics cover the "
                            "leaves present.")
     uncalibrated = None
-    if model is not None and model.temperature is not None:
+    raw = preds.extras.get("leaf_probs_raw")
+    if model is not None and model.temperature is not None and raw is not None:
+        # the model's own outputs before its temperatures and distance softening
         tempered = model.temperature
-        temps = tempered.temperatures
-        # undo the distance-aware softening (1 / g), then the temperatures (1 / T_n)
-        raw = probs
-        if tempered.distance_power and preds.ood_score is not None:
-            score = torch.as_tensor(np.asarray(preds.ood_score, np.float32))
-            raw = soften(probs, 1 / distance_factor(score, tempered.distance_power,
-                                                    tempered.distance_ref).numpy())
-        uncalibrated = apply_temperatures(taxonomy, raw, {n: 1 / t for n, t in temps.items()})
+        uncalibrated = raw.astype(np.float64)
         before = classification_metrics(taxonomy, truth, uncalibrated).get("calibration", {})
-        metrics.setdefault("calibration", {})["temperatures"] = temps
-        if raw is not probs:
+        metrics.setdefault("calibration", {})["temperatures"] = tempered.temperatures
+        if tempered.distance_power and preds.ood_score is not None:
             metrics["calibration"]["distance_power"] = tempered.distance_power
         metrics["calibration"]["uncalibrated"] = before.get("leaves")
     if preds.ood_score is not None:

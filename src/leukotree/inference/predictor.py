@@ -6,7 +6,8 @@ A :class:`Predictor` maps uint8 pixels ``(N, S, S, 3)`` (already decoded, resize
 centre-cropped as its ``model_config`` says) to leaf probabilities ``(N, n_leaves)``
 (:meth:`Predictor.predict`), or to all the model's per-cell outputs
 (:meth:`Predictor.outputs`: also ``features``, with a cell-type head
-``cell_probs`` and, when fitted, ``ood_score`` ``(N, 1)``), and may carry a fitted
+``cell_probs`` and, when fitted, ``ood_score`` ``(N, 1)``; a calibrated PyTorch model
+also ``leaf_probs_raw``, before its temperatures), and may carry a fitted
 patient-level model (``patient_model``).
 """
 
@@ -68,14 +69,18 @@ def _patient_model(doc: dict[str, Any] | None, taxonomy: Taxonomy,
 
 class TorchPredictor:
     """A :class:`~leukotree.models.TreeClassifier` (or a compiled one) in eval mode on
-    ``device``, optionally in channels_last memory format."""
+    ``device``, optionally in channels_last memory format. A calibrated model's outputs
+    also hold ``leaf_probs_raw`` (the leaf probabilities before its temperatures); with
+    ``stage_features``, also the features of its out-of-distribution score's backbone
+    stages, when it reads several (what calibration is fitted on)."""
 
     engine = "torch"
 
     def __init__(self, model: TreeClassifier, device: torch.device | str = "cpu", *,
                  channels_last: bool = False, patient_model: dict[str, Any] | None = None,
-                 expected_ood: float = 0.05) -> None:
+                 expected_ood: float = 0.05, stage_features: bool = False) -> None:
         self.device = torch.device(device)
+        self.stage_features = stage_features
         self.channels_last = channels_last
         model = model.eval().to(self.device)
         if channels_last:
@@ -102,6 +107,10 @@ class TorchPredictor:
             result["cell_probs"] = out["cell_logp"].float().exp().cpu().numpy()
         if "ood_score" in out:
             result["ood_score"] = out["ood_score"].float().cpu().numpy()[:, None]
+        if "leaf_logp_raw" in out:
+            result["leaf_probs_raw"] = out["leaf_logp_raw"].float().exp().cpu().numpy()
+        if self.stage_features and "stage_features" in out:
+            result["stage_features"] = out["stage_features"].float().cpu().numpy()
         return result
 
 

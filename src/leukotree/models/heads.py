@@ -17,7 +17,10 @@ returns a dict of tensors:
   stages, side by side, after :meth:`TreeClassifier.set_stage_features` (or a fitted
   multi-stage OOD score);
 - ``"ood_score"``: ``(B,)`` the out-of-distribution score once fitted
-  (:meth:`TreeClassifier.set_ood`; above 1: unclassifiable).
+  (:meth:`TreeClassifier.set_ood`; above 1: unclassifiable);
+- ``"leaf_logp_raw"``: ``(B, n_leaves)`` the leaf log-probabilities before the fitted
+  temperatures and softening (only when calibrated: otherwise ``leaf_logp`` is raw), so
+  calibration can be fitted again or measured without changing the model.
 
 For the hierarchical heads, ``log P(leaf) = sum over the path of
 log P(child | parent)``, computed as one matrix product with the taxonomy's
@@ -292,7 +295,8 @@ class TreeClassifier(nn.Module):
                 stage_features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Add the pooled ``features`` (and ``stage_features`` when given), with a
         cell-type head ``cell_logp``; when fitted, add ``ood_score`` and apply the
-        temperatures (distance-aware ones with that score) to ``leaf_logp``."""
+        temperatures (distance-aware ones with that score) to ``leaf_logp``, keeping the
+        untempered values as ``leaf_logp_raw``."""
         out["features"] = features
         if stage_features is not None:
             out["stage_features"] = stage_features
@@ -300,6 +304,7 @@ class TreeClassifier(nn.Module):
             out["ood_score"] = self.ood(features if stage_features is None
                                         else stage_features)
         if self.temperature is not None:
+            out["leaf_logp_raw"] = out["leaf_logp"]
             out["leaf_logp"] = self.temperature(out["leaf_logp"], out.get("ood_score"))
         if self.cell_head is not None:
             out["cell_logp"] = F.log_softmax(self.cell_head(features).float(), dim=1)
