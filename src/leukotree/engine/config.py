@@ -24,14 +24,16 @@ from leukotree.models.stain import STAIN_NORMS
 from leukotree.rundir import read_yaml
 
 
-def option(default: Any = None, help: str = "", *, choices: tuple[str, ...] | None = None,
+def option(default: Any = None, help: str = "", *,
+           choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None,
            low: float | None = None, high: float | None = None, low_open: bool = False,
            high_open: bool = False, flag: str | None = None, cli: bool = True,
            factory: Callable[[], Any] | None = None) -> Any:
     """A :class:`TrainConfig` field with what the command line and validation need.
 
-    ``low``/``high`` bound numbers (``*_open``: the bound itself is excluded);
-    ``flag`` overrides the flag name (``--foo-bar`` for ``foo_bar``); ``cli=False``
+    ``choices``: the allowed values, or a function returning them (read from a registry
+    when they are needed); ``low``/``high`` bound numbers (``*_open``: the bound itself is
+    excluded); ``flag`` overrides the flag name (``--foo-bar`` for ``foo_bar``); ``cli=False``
     keeps an option to config files.
     """
     meta = {"help": help, "choices": choices, "low": low, "high": high, "low_open": low_open,
@@ -42,6 +44,19 @@ def option(default: Any = None, help: str = "", *, choices: tuple[str, ...] | No
 
 
 _HYBRID = ["vgg16", "inception_v3", "legacy_xception"]
+
+
+def _patient_model_choices() -> tuple[str, ...]:
+    """``none`` and every registered patient model."""
+    from leukotree.patients.models import PATIENT_MODELS
+
+    return ("none", *PATIENT_MODELS)
+
+
+def _choices(f: Any) -> tuple[str, ...] | None:
+    """A field's allowed values (``choices`` may be a function of the registries)."""
+    choices = f.metadata["choices"]
+    return choices() if callable(choices) else choices
 
 
 @dataclass
@@ -172,8 +187,7 @@ class TrainConfig:
                                 low=0, high=100)
     patient_model: str = option("none", "patient-level model fitted on the training patients "
                                 "after the cell model (none: only per-cell training)",
-                                choices=("none", "vote", "mean", "fraction", "differential",
-                                         "mil"))
+                                choices=_patient_model_choices)
     patient_fraction_of: str = option("promyelocyte", "the cell type whose fraction the "
                                       "'fraction' patient model reads")
     patient_threshold: str = option("youden", "decision threshold of a two-leaf patient model, "
@@ -222,10 +236,6 @@ class TrainConfig:
             raise LeukotreeError(
                 "The 'cell_taxonomy' and 'cell_labels' parameters go together: a cell-type "
                 "head needs both the tree of cell types and where each cell's type comes from.")
-        if self.patient_model in {"fraction", "differential"} and self.cell_taxonomy is None:
-            raise LeukotreeError(
-                f"The '{self.patient_model}' patient model reads cell types: give "
-                "--cell-taxonomy and --cell-labels.")
         from leukotree.patients.fit import check_threshold_rule
 
         check_threshold_rule(self.patient_threshold)
@@ -273,13 +283,15 @@ class TrainConfig:
                                  "--init run), or a data folder or manifest.")
         if self.positive is not None:
             self.positive = taxonomy.resolve(self.positive, where="--positive")
-        if self.cell_taxonomy is not None:
-            if not head.supports_cell_head:
-                raise LeukotreeError(f"The {self.head} head cannot carry a cell-type head; use "
-                                     "flat, multihead or hybrid with --cell-taxonomy.")
-            cells = load_taxonomy(self.cell_taxonomy)
-            if self.patient_model == "fraction":
-                cells.resolve(self.patient_fraction_of, where="--patient-fraction-of")
+        if self.cell_taxonomy is not None and not head.supports_cell_head:
+            raise LeukotreeError(f"The {self.head} head cannot carry a cell-type head; use "
+                                 "flat, multihead or hybrid with --cell-taxonomy.")
+        if self.patient_model != "none":
+            from leukotree.patients.models import patient_model_class, patient_params
+
+            patient_model_class(self.patient_model).check_params(
+                patient_params(self),
+                None if self.cell_taxonomy is None else load_taxonomy(self.cell_taxonomy))
         patient_rule(self.patients)
         label_rule(self.labels)
         if check_device:
@@ -327,9 +339,10 @@ def check_value(name: str, value: Any) -> Any:
             return None
         raise LeukotreeError(f"The '{name}' parameter needs a value ({kind}); got nothing.")
     value = _convert(name, kind, value)
-    if m["choices"] and value not in m["choices"]:
-        raise LeukotreeError(f"The '{name}' parameter must be one of {', '.join(m['choices'])};"
-                             f" got {value!r}." + did_you_mean(str(value), m["choices"]))
+    choices = _choices(f)
+    if choices and value not in choices:
+        raise LeukotreeError(f"The '{name}' parameter must be one of {', '.join(choices)};"
+                             f" got {value!r}." + did_you_mean(str(value), choices))
     if kind in {"int", "float"}:
         low, high = m["low"], m["high"]
         bad = (not math.isfinite(value)
@@ -527,7 +540,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: Iterable[str] = 
             parser.add_argument(*flags, dest=f.name, action="store_const", const=not f.default,
                                 default=None, help=m["help"])
             continue
-        extra = [f"choices: {', '.join(m['choices'])}"] if m["choices"] else []
+        choices = _choices(f)
+        extra = [f"choices: {', '.join(choices)}"] if choices else []
         extra += [_rule(f)] if _rule(f) else []
         default = f.default if f.default is not MISSING else f.default_factory()
         if default is not None:
