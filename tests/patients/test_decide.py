@@ -3,6 +3,7 @@ decisions in what predict, report and evaluate show, and the patient-model regis
 driving the training options."""
 
 import argparse
+import ast
 from pathlib import Path
 from types import SimpleNamespace
 from typing import ClassVar
@@ -10,6 +11,7 @@ from typing import ClassVar
 import numpy as np
 import pytest
 
+import leukotree
 from leukotree.data.discover import InputImage, Sample
 from leukotree.engine.config import add_config_arguments, check_value, resolve_config
 from leukotree.errors import LeukotreeError
@@ -180,3 +182,17 @@ def test_without_it_the_option_refuses_the_name_and_says_what_a_model_needs():
                                                         "cell_labels": "column:c",
                                                         "patient_fraction_of": "blast"})
     assert patient_params(cfg) == {"cell_type": "blast"}
+
+
+def test_no_module_outside_patients_branches_on_a_patient_model_name():
+    names = set(PATIENT_MODELS) | set(aggregates())
+    package = Path(leukotree.__file__).parent
+    offenders = []
+    for path in sorted(package.rglob("*.py")):
+        if path.parent.name == "patients":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Compare) and names & {
+                    c.value for c in ast.walk(node) if isinstance(c, ast.Constant)}:
+                offenders.append(f"{path.relative_to(package)}:{node.lineno}")
+    assert offenders == []
