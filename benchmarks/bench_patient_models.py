@@ -29,6 +29,7 @@ from leukotree.inference.predictor import TorchPredictor, predict_paths
 from leukotree.models.checkpoint import load_model
 from leukotree.patients import fit_patient_model, make_bags, patient_labels
 from leukotree.patients.fit import bootstrap_auroc
+from leukotree.patients.models import PATIENT_MODELS, patient_model_class
 from leukotree.rundir import CVDir, RunDir
 from leukotree.taxonomy import load_taxonomy
 
@@ -90,8 +91,7 @@ def signed_promyelocyte_baseline(manifest: Path, taxonomy: str, positive: str,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("cv", type=Path)
-    parser.add_argument("--models", nargs="+",
-                        default=["vote", "mean", "fraction", "differential", "mil"])
+    parser.add_argument("--models", nargs="+", default=list(PATIENT_MODELS))
     parser.add_argument("--rules", nargs="+", default=None,
                         help="threshold rules to compare (default: the CV's own)")
     parser.add_argument("--cell-types", type=Path, help="manifest with a cell_type column")
@@ -108,9 +108,10 @@ def main() -> None:
         run = cv.fold(row["fold"], row.get("repeat", 0))
         bags, model = fold_bags(run, args.workers)
         for name in args.models:
-            if name in {"fraction", "differential"} and model.cell_taxonomy is None:
+            cls = patient_model_class(name)
+            if cls.needs_cells and model.cell_taxonomy is None:
                 continue
-            params = {"cell_type": config["patient_fraction_of"]} if name == "fraction" else {}
+            params = {param: config[field] for param, field in cls.config_fields.items()}
             for rule in rules:
                 fitted = fit_patient_model(name, model.taxonomy, model.cell_taxonomy,
                                            bags["train"], rule=rule,

@@ -5,14 +5,13 @@ import pytest
 
 from leukotree.errors import LeukotreeError
 from leukotree.inference.decisions import (
-    aggregate_patients,
     calibrate_thresholds,
     decide,
-    decide_patient,
+    decide_patients,
     domain_shift,
     parse_thresholds,
 )
-from leukotree.taxonomy import load_taxonomy
+from leukotree.taxonomy import Taxonomy, load_taxonomy
 from leukotree.tree import node_probabilities
 
 TAX = load_taxonomy("leukemia7")  # leaves: Normal Reactive ALL AML APML CLL CML
@@ -89,52 +88,70 @@ PAT_P = np.array([
 ])
 
 
-def test_aggregate_patients_majority_with_tie_break_and_skips():
-    out = aggregate_patients(PATIENTS, PAT_P)
+TAX3 = Taxonomy.from_dict({"name": "three", "root": "r", "tree": {"x": None, "y": None,
+                                                                  "z": None}})
+
+
+def _by_patient(method="majority", min_cells=1, patients=PATIENTS, probs=PAT_P):
+    decisions = decide_patients(TAX3, patients, probs, thresholds=[0.0], aggregate=method,
+                                min_cells=min_cells)
+    return {d.patient: d for d in decisions}
+
+
+def test_majority_vote_with_tie_break_and_skips():
+    out = _by_patient()
     assert list(out) == ["A", "B", "C"]  # None skipped, sorted
     # A: votes 0,0,1 -> leaf 0; shares 2/3, 1/3, 0
-    assert out["A"]["n_cells"] == 3 and out["A"]["decision"] == 0
-    assert out["A"]["vote_shares"] == pytest.approx([2 / 3, 1 / 3, 0])
+    assert out["A"].n_cells == 3 and out["A"].leaf == "x"
+    assert out["A"].vote_shares == pytest.approx([2 / 3, 1 / 3, 0])
+    assert out["A"].probs == pytest.approx([2 / 3, 1 / 3, 0])  # the vote shares, shown
     # mean of A = [1.3, 1.4, 0.3] / 3
-    assert out["A"]["mean_probs"] == pytest.approx([1.3 / 3, 1.4 / 3, 0.1])
+    assert out["A"].mean_probs == pytest.approx([1.3 / 3, 1.4 / 3, 0.1])
     # B: one vote each for 0 and 1; mean P(0) = 0.275 < mean P(1) = 0.675 -> 1
-    assert out["B"]["decision"] == 1
-    assert out["B"]["vote_shares"] == pytest.approx([0.5, 0.5, 0.0])
+    assert out["B"].leaf == "y"
+    assert out["B"].vote_shares == pytest.approx([0.5, 0.5, 0.0])
+    # the scores carry the tie-break: (0.5 + 1e-6 * 0.675) > (0.5 + 1e-6 * 0.275)
+    assert out["B"].scores.argmax() == 1 and out["B"].scores.sum() == pytest.approx(1)
     # C: single cell, leaf 2
-    assert out["C"]["decision"] == 2 and out["C"]["n_cells"] == 1
-    for agg in out.values():
-        assert agg["vote_shares"].sum() == pytest.approx(1.0)
-        assert agg["mean_probs"].sum() == pytest.approx(1.0)
+    assert out["C"].leaf == "z" and out["C"].n_cells == 1
+    for d in out.values():
+        assert d.vote_shares.sum() == pytest.approx(1.0)
+        assert d.mean_probs.sum() == pytest.approx(1.0)
+        assert d.model == "majority" and d.threshold is None and not d.refer
 
 
-def test_aggregate_patients_mean_method():
-    out = aggregate_patients(PATIENTS, PAT_P, method="mean")
+def test_mean_aggregation():
+    out = _by_patient("mean")
     # A: mean [0.433, 0.467, 0.1] -> 1 (majority said 0)
-    assert out["A"]["decision"] == 1
-    assert out["B"]["decision"] == 1  # [0.275, 0.675, 0.05]
-    assert out["C"]["decision"] == 2
+    assert out["A"].leaf == "y" and out["A"].probs == pytest.approx([1.3 / 3, 1.4 / 3, 0.1])
+    assert out["B"].leaf == "y"  # [0.275, 0.675, 0.05]
+    assert out["C"].leaf == "z"
 
 
 @pytest.mark.parametrize("method", ["majority", "mean"])
-def test_aggregate_patients_min_cells_marks_insufficient(method):
-    out = aggregate_patients(PATIENTS, PAT_P, method=method, min_cells=2)
-    assert out["C"]["decision"] is None  # 1 cell < 2
-    assert out["C"]["n_cells"] == 1
-    assert out["C"]["vote_shares"] == pytest.approx([0, 0, 1])  # still reported
-    assert out["A"]["decision"] is not None and out["B"]["decision"] is not None
-    out = aggregate_patients(PATIENTS, PAT_P, method=method, min_cells=4)
-    assert all(a["decision"] is None for a in out.values())
+def test_min_cells_marks_insufficient(method):
+    out = _by_patient(method, min_cells=2)
+    assert out["C"].leaf is None and out["C"].insufficient and out["C"].refer
+    assert out["C"].n_cells == 1
+    assert out["C"].vote_shares == pytest.approx([0, 0, 1])  # still reported
+    assert out["C"].reason == "insufficient: 1 cell(s), at least 2 needed"
+    assert out["A"].leaf is not None and out["B"].leaf is not None
+    out = _by_patient(method, min_cells=4)
+    assert all(d.leaf is None for d in out.values())
 
 
-def test_aggregate_patients_rejects_unknown_method():
-    with pytest.raises(LeukotreeError, match="majority or mean"):
-        aggregate_patients(PATIENTS, PAT_P, method="median")
+def test_unknown_aggregation_is_refused():
+    with pytest.raises(LeukotreeError, match="must be one of majority, mean; got 'median'"):
+        _by_patient("median")
 
 
-def test_aggregate_patients_without_any_patient_is_empty():
-    assert aggregate_patients([None, None], PAT_P[:2]) == {}
+def test_without_any_patient_there_is_no_decision():
+    assert _by_patient(patients=[None, None], probs=PAT_P[:2]) == {}
 
 
+def _decide_one(cells, thresholds, method="majority", min_cells=1):
+    return decide_patients(TAX, ["p"] * len(cells), np.asarray(cells), thresholds=thresholds,
+                           aggregate=method, min_cells=min_cells)[0]
 
 
 def test_patient_referral_by_level_and_by_vote_share():
@@ -145,29 +162,38 @@ def test_patient_referral_by_level_and_by_vote_share():
         [0.02, 0.02, 0.60, 0.30, 0.02, 0.02, 0.02],
         [0.02, 0.02, 0.28, 0.60, 0.04, 0.02, 0.02],
     ])
-    agg = aggregate_patients(["p"] * 4, cells)["p"]
     # P(ALL | Acute) = 0.52 / (0.52 + 0.375 + 0.025) = 0.565: confident at 0.5, not at 0.6.
-    ok = decide_patient(TAX, "p", agg, [0.5, 0.5, 0.5], "majority", 1)
+    ok = _decide_one(cells, [0.5, 0.5, 0.5])
     assert (ok.leaf, ok.refer, ok.reported_node, ok.reason) == ("ALL", False, "ALL", "")
-    unsure = decide_patient(TAX, "p", agg, [0.5, 0.5, 0.6], "majority", 1)
+    unsure = _decide_one(cells, [0.5, 0.5, 0.6])
     assert unsure.refer and unsure.reported_node == "Acute"
     assert "Leukemia > Acute" in unsure.reason
     # vote share 0.75 below a last-level threshold of 0.8 refers a majority vote only
-    votes = decide_patient(TAX, "p", agg, [0.0, 0.0, 0.8], "majority", 1)
+    votes = _decide_one(cells, [0.0, 0.0, 0.8])
     assert votes.refer and votes.reported_node == "Acute"
-    assert not decide_patient(TAX, "p", agg, [0.0, 0.0, 0.5], "mean", 1).refer
+    assert not _decide_one(cells, [0.0, 0.0, 0.5], "mean").refer
     # too few cells: no diagnosis, referred, with the count in the reason
-    few = decide_patient(TAX, "p", aggregate_patients(["p"] * 4, cells, min_cells=5)["p"],
-                         [0.5] * 3, "majority", 5)
+    few = _decide_one(cells, [0.5] * 3, min_cells=5)
     assert few.leaf is None and few.refer and "4 cell(s), at least 5" in few.reason
+
+
+def test_a_vote_confident_along_its_path_is_still_referred_when_its_share_is_low():
+    # Two cells strongly ALL, three weakly Normal, Reactive, CLL: ALL wins the vote with 40%.
+    strong = [0.01, 0.01, 0.94, 0.01, 0.01, 0.01, 0.01]
+    spread = [[0.4 if j == k else 0.1 for j in range(7)] for k in (0, 1, 5)]
+    cells = np.array([strong, strong, *spread])
+    # mean ALL = (1.88 + 0.3) / 5 = 0.436, AML = APML = 0.064: P(ALL | Acute) = 0.773
+    d = _decide_one(cells, [0.0, 0.0, 0.5])
+    assert (d.leaf, d.reported_node, d.refer) == ("ALL", "ALL", True)
+    assert d.reason == "40% of the cells vote ALL, below 50%"
+    assert not _decide_one(cells, [0.0, 0.0, 0.5], "mean").refer  # a mean has no vote
 
 
 def test_a_majority_diagnosis_is_referred_along_its_own_path():
     # Three cells weakly ALL, two strongly AML: the vote says ALL, the mean says AML.
     weak_all = [0.02, 0.02, 0.40, 0.36, 0.16, 0.02, 0.02]
     strong_aml = [0.01, 0.01, 0.02, 0.93, 0.01, 0.01, 0.01]
-    agg = aggregate_patients(["p"] * 5, np.array([weak_all] * 3 + [strong_aml] * 2))["p"]
-    d = decide_patient(TAX, "p", agg, [0.5, 0.5, 0.5], "majority", 1)
+    d = _decide_one(np.array([weak_all] * 3 + [strong_aml] * 2), [0.5, 0.5, 0.5])
     assert d.leaf == "ALL"
     assert d.reported_node in TAX.path("ALL")  # never a node off the diagnosed path
     assert d.refer  # P(ALL | Acute) = 0.252 / 0.936 is below 0.5

@@ -10,7 +10,7 @@ import pytest
 
 from leukotree.cli import build_parser
 from leukotree.errors import LeukotreeError
-from leukotree.inference.decisions import AGGREGATES
+from leukotree.patients.models import aggregates
 from leukotree.inference.options import (
     ENGINES,
     InferenceOptions,
@@ -62,7 +62,7 @@ def test_the_edges_of_a_rule_are_accepted_and_values_converted():
 
 def test_choices_come_from_where_they_live():
     by_name = {f.name: f for f in fields(InferenceOptions)}
-    assert choices_of(by_name["aggregate"]) == AGGREGATES
+    assert choices_of(by_name["aggregate"]) == aggregates() == ("majority", "mean")
     assert choices_of(by_name["engine"]) == ENGINES
     from leukotree.data.images import CROP_MODES, DEFAULT_MAX_PIXELS
 

@@ -25,6 +25,14 @@ from leukotree.rundir import read_yaml
 _HYBRID = ["vgg16", "inception_v3", "legacy_xception"]
 
 
+def _patient_model_choices() -> tuple[str, ...]:
+    """``none`` and every registered patient model."""
+    from leukotree.patients.models import PATIENT_MODELS
+
+    return ("none", *PATIENT_MODELS)
+
+
+
 @dataclass
 class TrainConfig:
     """Every training option; the CLI flag of ``foo_bar`` is ``--foo-bar``."""
@@ -153,8 +161,7 @@ class TrainConfig:
                                 low=0, high=100)
     patient_model: str = option("none", "patient-level model fitted on the training patients "
                                 "after the cell model (none: only per-cell training)",
-                                choices=("none", "vote", "mean", "fraction", "differential",
-                                         "mil"))
+                                choices=_patient_model_choices)
     patient_fraction_of: str = option("promyelocyte", "the cell type whose fraction the "
                                       "'fraction' patient model reads")
     patient_threshold: str = option("youden", "decision threshold of a two-leaf patient model, "
@@ -202,10 +209,6 @@ class TrainConfig:
             raise LeukotreeError(
                 "The 'cell_taxonomy' and 'cell_labels' parameters go together: a cell-type "
                 "head needs both the tree of cell types and where each cell's type comes from.")
-        if self.patient_model in {"fraction", "differential"} and self.cell_taxonomy is None:
-            raise LeukotreeError(
-                f"The '{self.patient_model}' patient model reads cell types: give "
-                "--cell-taxonomy and --cell-labels.")
         from leukotree.patients.fit import check_threshold_rule
 
         check_threshold_rule(self.patient_threshold)
@@ -253,13 +256,15 @@ class TrainConfig:
                                  "--init run), or a data folder or manifest.")
         if self.positive is not None:
             self.positive = taxonomy.resolve(self.positive, where="--positive")
-        if self.cell_taxonomy is not None:
-            if not head.supports_cell_head:
-                raise LeukotreeError(f"The {self.head} head cannot carry a cell-type head; use "
-                                     "flat, multihead or hybrid with --cell-taxonomy.")
-            cells = load_taxonomy(self.cell_taxonomy)
-            if self.patient_model == "fraction":
-                cells.resolve(self.patient_fraction_of, where="--patient-fraction-of")
+        if self.cell_taxonomy is not None and not head.supports_cell_head:
+            raise LeukotreeError(f"The {self.head} head cannot carry a cell-type head; use "
+                                 "flat, multihead or hybrid with --cell-taxonomy.")
+        if self.patient_model != "none":
+            from leukotree.patients.models import patient_model_class, patient_params
+
+            patient_model_class(self.patient_model).check_params(
+                patient_params(self),
+                None if self.cell_taxonomy is None else load_taxonomy(self.cell_taxonomy))
         patient_rule(self.patients)
         label_rule(self.labels)
         if check_device:

@@ -11,7 +11,7 @@ import numpy as np
 from leukotree.data.discover import Sample, discover
 from leukotree.data.images import DEFAULT_MAX_PIXELS
 from leukotree.errors import LeukotreeError
-from leukotree.inference.decisions import aggregate_patients, domain_shift
+from leukotree.inference.decisions import decide_patients, domain_shift
 from leukotree.inference.loader import LoadedModel, load
 from leukotree.inference.options import InferenceOptions, check_option
 from leukotree.inference.predictor import Predictions, Predictor, TorchPredictor, predict_paths
@@ -21,7 +21,7 @@ from leukotree.metrics import (
     reliability_bins,
     threshold_for_sensitivity,
 )
-from leukotree.patients.bags import make_bags, patient_labels
+from leukotree.patients.bags import patient_labels
 from leukotree.patients.fit import FittedPatientModel, patient_metrics
 from leukotree.report import plots
 from leukotree.report.html import write_document
@@ -173,10 +173,11 @@ def _binary_section(loaded: LoadedModel, predictor: Predictor, truth: list[str],
 def patient_level(taxonomy: Taxonomy, samples: list[Sample], probs: np.ndarray,
                   settings: EvalSettings, preds: Predictions | None = None,
                   fitted: FittedPatientModel | None = None) -> dict[str, Any] | None:
-    """Patient-level metrics when every patient has one label: from the run's patient
-    model when it has one (with its own threshold), else from aggregating the cells
-    (unclassifiable cells left out, as in ``predict``); for two leaves also the AUROC
-    with a patient-bootstrap 95% CI."""
+    """Patient-level metrics when every patient has one label, of the decisions of
+    :func:`~leukotree.inference.decisions.decide_patients` (as ``predict``: the run's
+    patient model when it has one, with its own threshold, else ``settings.aggregate``;
+    unclassifiable cells left out): the metrics rank patients by the patient model's
+    probabilities; for two leaves also the AUROC with a patient-bootstrap 95% CI."""
     patients = [s.patient for s in samples]
     if not any(patients):
         return None
@@ -184,48 +185,39 @@ def patient_level(taxonomy: Taxonomy, samples: list[Sample], probs: np.ndarray,
         truth = patient_labels(taxonomy, patients, [s.label for s in samples])
     except LeukotreeError as err:
         return {"skipped": str(err)}
-    if preds is not None and preds.ood_score is not None:  # as predict: flagged cells out
-        patients = [None if odd else p for p, odd in zip(patients, preds.unclassifiable,
-                                                          strict=True)]
-    agg = aggregate_patients(patients, probs, method=settings.aggregate,
-                             min_cells=settings.min_cells)
-    decided = [p for p, a in agg.items() if a["decision"] is not None]
+    decisions = decide_patients(
+        taxonomy, patients, probs, thresholds=[0.0] * taxonomy.max_depth,
+        classified=None if preds is None else preds.classified,
+        features=None if preds is None else preds.features,
+        cell_probs=None if preds is None else preds.cell_probs,
+        extras=None if preds is None else preds.member_arrays(),
+        model=fitted if preds is not None else None, aggregate=settings.aggregate,
+        min_cells=settings.min_cells)
+    decided = [d for d in decisions if not d.insufficient]
     out: dict[str, Any] = {"method": settings.aggregate, "min_cells": settings.min_cells,
                            "n_patients": len(truth),  # with those left without a cell
-                           "insufficient": sorted(set(truth) - set(decided))}
+                           "insufficient": sorted(set(truth) - {d.patient for d in decided})}
     if not decided:
         return out
+    p_probs = np.stack([d.scores for d in decided])
+    diagnoses = [d.leaf for d in decided]
     if fitted is not None and preds is not None:
-        features = (preds.features if preds.features is not None
-                    else np.zeros((len(patients), 0), np.float32))
-        bags = [b for b in make_bags(patients, probs, features, preds.cell_probs,
-                                     extras=preds.member_arrays())
-                if b.patient in decided]
-        p_probs = fitted.predict_proba(bags)
-        diagnoses = fitted.diagnose(p_probs)
         out |= {"method": f"patient model '{fitted.model.name}'", "threshold": fitted.threshold,
                 "threshold_rule": fitted.rule}
         positive = fitted.positive
     else:
-        key = "vote_shares" if settings.aggregate == "majority" else "mean_probs"
-        p_probs = np.stack([agg[p][key] for p in decided])
-        if settings.aggregate == "majority":  # decision = argmax incl. tie-break
-            p_probs = p_probs + 1e-6 * np.stack([agg[p]["mean_probs"] for p in decided])
-            p_probs = p_probs / p_probs.sum(1, keepdims=True)
-        diagnoses = [taxonomy.leaves[agg[p]["decision"]] for p in decided]
         positive = (settings.positive or taxonomy.leaves[0]) if len(taxonomy.leaves) == 2 \
             else None
-    p_truth = [truth[p] for p in decided]
+    p_truth = [truth[d.patient] for d in decided]
     out.update(classification_metrics(taxonomy, p_truth, p_probs))
     out.update({f"patient_{k}": v for k, v in patient_metrics(
         taxonomy, p_truth, p_probs, diagnoses, positive=positive,
-        threshold=fitted.threshold if fitted is not None else None).items()})
+        threshold=decided[0].threshold).items()})
     out["accuracy"] = out["patient_accuracy"]  # of the diagnoses made (thresholded)
-    out["patients"] = {p: {"truth": t, "decision": d, "n_cells": agg[p]["n_cells"],
-                           **{f"p_{leaf}": float(v) for leaf, v in zip(
-                               taxonomy.leaves, row, strict=True)}}
-                       for p, t, d, row in zip(decided, p_truth, diagnoses, p_probs,
-                                               strict=True)}
+    out["patients"] = {d.patient: {"truth": t, "decision": d.leaf, "n_cells": d.n_cells,
+                                   **{f"p_{leaf}": float(v) for leaf, v in zip(
+                                       taxonomy.leaves, d.scores, strict=True)}}
+                       for d, t in zip(decided, p_truth, strict=True)}
     return out
 
 

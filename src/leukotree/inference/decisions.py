@@ -7,11 +7,11 @@ conditional probability ``P(child | node) = P(child) / P(node)`` reaches that
 level's threshold; otherwise the cell is *referred* and the deepest confident
 node is reported ("Leukemia > Acute, subtype uncertain") instead of a guess.
 
-A patient's diagnosis aggregates its cells (:func:`aggregate_patients`) and is
-referred by the same rule applied to the patient's mean probabilities, plus, for a
-majority vote, when the winning leaf's vote share is below the last level's
-threshold (:func:`decide_patient`); the path walked is that of the diagnosed leaf.
-``predict --by-patient``, ``report`` and the evaluation all use these functions.
+A patient's diagnosis comes from one path, :func:`decide_patients`: the run's fitted
+patient model, or else the unfitted one ``--aggregate`` names (a majority vote or the
+mean), referred by the same walk down the diagnosed leaf's path, plus, for a majority
+vote, when the winning leaf's vote share is below the last level's threshold.
+``predict --by-patient``, ``report``, ``evaluate``, ``cv`` and ``serve`` all call it.
 
 Cells whose out-of-distribution score exceeds the model's threshold are
 *unclassifiable* (:mod:`leukotree.models.calibration`): reported as such and left out
@@ -21,19 +21,23 @@ model flags on its own validation cells, :func:`domain_shift` raises the alarm.
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from leukotree.errors import LeukotreeError
+from leukotree.patients.bags import Bag, make_bags
+from leukotree.patients.models import PatientModel, aggregation_model, vote_shares
 from leukotree.taxonomy import Taxonomy
 from leukotree.tree import greedy_leaf, node_choices, node_level, node_probabilities
 
+if TYPE_CHECKING:
+    from leukotree.patients.fit import FittedPatientModel
+
 DECODERS = ("argmax", "greedy")
-AGGREGATES = ("majority", "mean")
 
 
 def parse_thresholds(spec: str | None, depth: int) -> list[float]:
@@ -127,54 +131,13 @@ def calibrate_thresholds(taxonomy: Taxonomy, truth: Sequence[str], leaf_probs: n
     return out
 
 
-def aggregate_patients(
-    patients: Sequence[str | None],
-    leaf_probs: np.ndarray,
-    *,
-    method: str = "majority",
-    min_cells: int = 1,
-) -> dict[str, dict[str, Any]]:
-    """One diagnosis per patient from its cells.
-
-    - ``majority``: the most frequent predicted leaf (the seed paper's slide-level
-      vote); ties go to the leaf with the higher mean probability;
-    - ``mean``: the leaf with the highest mean probability.
-
-    Patients with fewer than ``min_cells`` cells get the decision ``None``
-    ("insufficient") instead of a guess. Images without a patient id are skipped.
-    """
-    if method not in AGGREGATES:
-        raise LeukotreeError(f"The 'method' parameter must be majority or mean; got {method!r}.")
-    rows: dict[str, list[int]] = defaultdict(list)
-    for i, p in enumerate(patients):
-        if p is not None:
-            rows[p].append(i)
-    out: dict[str, dict[str, Any]] = {}
-    for patient, idx in sorted(rows.items()):
-        probs = leaf_probs[idx]
-        mean = probs.mean(0)
-        votes = Counter(probs.argmax(1).tolist())
-        shares = np.zeros(leaf_probs.shape[1])
-        for leaf, count in votes.items():
-            shares[leaf] = count / len(idx)
-        if len(idx) < min_cells:
-            decision = None
-        elif method == "majority":
-            decision = int(max(votes, key=lambda leaf: (votes[leaf], mean[leaf])))
-        else:
-            decision = int(mean.argmax())
-        out[patient] = {"n_cells": len(idx), "decision": decision, "vote_shares": shares,
-                        "mean_probs": mean}
-    return out
-
-
 @dataclass(frozen=True)
 class PatientDecision:
     """The diagnosis of one patient and whether it should be referred, with the reason."""
 
     patient: str
     n_cells: int
-    leaf: str | None  # None: too few cells
+    leaf: str | None  # None: insufficient (too few classified cells)
     reported_node: str  # the deepest confident node (the root when nothing is)
     refer: bool
     reason: str
@@ -182,55 +145,109 @@ class PatientDecision:
     mean_probs: np.ndarray
     node_probs: np.ndarray  # patient-level probability of every node (taxonomy.nodes order)
     probs: np.ndarray | None = None  # the leaf probabilities the diagnosis is made from
+    #: The patient model's ``predict_proba`` row, what patient metrics rank by (a vote's
+    #: shares with its tie-break); None for a patient without a classified cell.
+    scores: np.ndarray | None = None
+    model: str = ""  # the patient model's name, or the aggregation (majority, mean)
+    threshold: float | None = None  # a two-leaf patient model's threshold on P(positive)
+    cell_weights: np.ndarray | None = None  # each classified cell's weight in the decision
+
+    @property
+    def insufficient(self) -> bool:
+        return self.leaf is None
 
 
-def decide_patient(taxonomy: Taxonomy, patient: str, aggregate: dict[str, Any],
-                   thresholds: Sequence[float], method: str, min_cells: int,
-                   ) -> PatientDecision:
-    """The referral rule for a patient, from one entry of :func:`aggregate_patients`."""
-    node_p = node_probabilities(taxonomy, np.asarray(aggregate["mean_probs"])[None])[0]
-    common = {"patient": patient, "n_cells": aggregate["n_cells"],
-              "vote_shares": aggregate["vote_shares"], "mean_probs": aggregate["mean_probs"],
-              "node_probs": node_p,
-              "probs": aggregate["vote_shares" if method == "majority" else "mean_probs"]}
-    if aggregate["decision"] is None:
+def decide_patients(
+    taxonomy: Taxonomy,
+    patients: Sequence[str | None],
+    leaf_probs: np.ndarray,
+    *,
+    thresholds: Sequence[float],
+    classified: np.ndarray | None = None,
+    features: np.ndarray | None = None,
+    cell_probs: np.ndarray | None = None,
+    extras: dict[str, np.ndarray] | None = None,
+    model: FittedPatientModel | None = None,
+    aggregate: str = "majority",
+    min_cells: int = 1,
+    cell_weights: bool = False,
+) -> list[PatientDecision]:
+    """One decision per patient id of ``patients`` (one entry per cell), the only path from
+    cells to patient diagnoses (``predict``, ``report``, ``evaluate``, ``serve``, ``cv``).
+
+    A patient's bag holds its ``classified`` cells (readable and classifiable; all by
+    default): cells without a patient id are left out. The diagnosis is ``model``'s, the
+    run's fitted patient model (its threshold decides two leaves), else that of the
+    unfitted patient model ``aggregate`` names (:func:`~.patients.models.aggregation_model`:
+    ``majority`` votes, ties to the higher mean probability; ``mean``). Referral walks the
+    diagnosis's path from the root while ``P(child | parent)`` reaches each level's
+    threshold, on the model's probabilities, or for an aggregation on the mean cell
+    probabilities, where a vote is also referred when the winner's share is below the
+    last level's threshold. Fewer than ``min_cells`` cells: no diagnosis, referred.
+
+    Patients with cells come first (sorted), then those left without a classified cell.
+    ``cell_weights``: also each cell's weight in its patient's decision (a fitted model's
+    :meth:`~.patients.models.PatientModel.cell_weights`; for an aggregation the cell's
+    probability of the diagnosis).
+    """
+    keep = np.ones(len(patients), bool) if classified is None else np.asarray(classified)
+    ids = [p if k else None for p, k in zip(patients, keep, strict=True)]
+    if features is None:
+        features = np.zeros((len(patients), 0), np.float32)
+    bags = make_bags(ids, leaf_probs, features, cell_probs, extras=extras)
+    rule = None if model is not None else aggregation_model(aggregate, taxonomy)
+    if model is not None and bags:
+        scores = model.predict_proba(bags)
+        diagnoses = model.diagnose(scores)
+    else:
+        scores = rule.predict_proba(bags) if bags else np.zeros((0, len(taxonomy.leaves)))
+        diagnoses = [taxonomy.leaves[rule.diagnose(bag)] for bag in bags]
+    common = {"model": model.model.name if model is not None else aggregate,
+              "threshold": None if model is None else model.threshold}
+    out = [_decide_bag(taxonomy, bag, row, leaf, thresholds, min_cells, model, rule,
+                       cell_weights, common)
+           for bag, row, leaf in zip(bags, scores, diagnoses, strict=True)]
+    empty = np.zeros(len(taxonomy.leaves))
+    for patient in sorted({p for p in patients if p is not None} - {b.patient for b in bags}):
+        out.append(PatientDecision(  # every cell unreadable or unclassifiable
+            patient, 0, None, taxonomy.root, True, "insufficient: no readable, classifiable "
+            "cell", empty, empty, node_probabilities(taxonomy, empty[None])[0], empty,
+            **common))
+    return out
+
+
+def _decide_bag(taxonomy: Taxonomy, bag: Bag, scores: np.ndarray, leaf: str,
+                thresholds: Sequence[float], min_cells: int,
+                model: FittedPatientModel | None, rule: PatientModel | None,
+                with_weights: bool, common: dict[str, Any]) -> PatientDecision:
+    """The decision for one bag: ``scores`` (its ``predict_proba`` row) and the ``leaf``
+    diagnosed, referred as :func:`decide_patients` says."""
+    mean = bag.leaf_probs.mean(0)
+    probs = scores if rule is None else rule.aggregate_probs(bag)
+    node_p = node_probabilities(taxonomy, np.asarray(probs if rule is None else mean)[None])[0]
+    k = taxonomy.leaf_index[leaf]
+    weights = None
+    if with_weights:
+        weights = (model.model.cell_weights(bag) if model is not None
+                   else bag.leaf_probs[:, k if len(bag) >= min_cells else int(mean.argmax())])
+    fields = {"patient": bag.patient, "n_cells": len(bag), "vote_shares": vote_shares(
+        bag.leaf_probs), "mean_probs": mean, "node_probs": node_p, "probs": np.asarray(probs),
+        "scores": scores, "cell_weights": weights, **common}
+    if len(bag) < min_cells:
         return PatientDecision(
             leaf=None, reported_node=taxonomy.root, refer=True,
-            reason=f"insufficient: {aggregate['n_cells']} cell(s), at least {min_cells} needed",
-            **common)
-    leaf = taxonomy.leaves[aggregate["decision"]]
-    share = float(aggregate["vote_shares"][aggregate["decision"]])
+            reason=f"insufficient: {len(bag)} cell(s), at least {min_cells} needed", **fields)
     confident, _ = confident_node(taxonomy, node_p, leaf, thresholds)
-    weak_vote = method == "majority" and share < thresholds[-1]
-    refer = confident != leaf or weak_vote
+    weak = None if rule is None else rule.weak_support(bag, k, thresholds[-1])
+    refer = confident != leaf or weak is not None
     if not refer:
         reason = ""
-    elif weak_vote and confident == leaf:
-        reason = f"{share:.0%} of the cells vote {leaf}, below {thresholds[-1]:.0%}"
+    elif weak is not None and confident == leaf:
+        reason = weak
     else:
         reason = _uncertain_reason(taxonomy, confident)
     return PatientDecision(leaf=leaf, reported_node=confident, refer=refer, reason=reason,
-                           **common)
-
-
-def decide_patient_probs(taxonomy: Taxonomy, patient: str, probs: np.ndarray, diagnosis: str,
-                         n_cells: int, thresholds: Sequence[float], min_cells: int,
-                         vote_shares: np.ndarray, mean_probs: np.ndarray) -> PatientDecision:
-    """The referral rule for a patient-level model's probabilities ``probs`` and its
-    ``diagnosis`` (which a decision threshold may have chosen): walk the diagnosis's path
-    while each level is confident."""
-    node_p = node_probabilities(taxonomy, np.asarray(probs)[None])[0]
-    common = {"patient": patient, "n_cells": n_cells, "vote_shares": vote_shares,
-              "mean_probs": mean_probs, "node_probs": node_p, "probs": np.asarray(probs)}
-    if n_cells < min_cells:
-        return PatientDecision(
-            leaf=None, reported_node=taxonomy.root, refer=True,
-            reason=f"insufficient: {n_cells} cell(s), at least {min_cells} needed", **common)
-    confident, _ = confident_node(taxonomy, node_p, diagnosis, thresholds)
-    refer = confident != diagnosis
-    return PatientDecision(leaf=diagnosis, reported_node=confident, refer=refer,
-                           reason=_uncertain_reason(taxonomy, confident) if refer else "",
-                           **common)
+                           **fields)
 
 
 def _uncertain_reason(taxonomy: Taxonomy, confident: str) -> str:

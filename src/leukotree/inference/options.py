@@ -32,9 +32,10 @@ def _crop_modes() -> tuple[str, ...]:
 
 
 def _aggregates() -> tuple[str, ...]:
-    from leukotree.inference.decisions import AGGREGATES
+    """The registered unfitted patient models' names (``majority``, ``mean``)."""
+    from leukotree.patients.models import aggregates
 
-    return AGGREGATES
+    return aggregates()
 
 
 @dataclass

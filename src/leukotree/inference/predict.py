@@ -18,11 +18,9 @@ from leukotree.data.discover import InputImage, collect_inputs
 from leukotree.errors import LeukotreeError, display_path
 from leukotree.inference.decisions import (
     PatientDecision,
-    aggregate_patients,
     calibrate_thresholds,
     decide,
-    decide_patient,
-    decide_patient_probs,
+    decide_patients,
     domain_shift,
     parse_thresholds,
     referral_message,
@@ -30,7 +28,6 @@ from leukotree.inference.decisions import (
 from leukotree.inference.loader import LoadedModel, load
 from leukotree.inference.options import InferenceOptions
 from leukotree.inference.predictor import Predictions, Predictor, predict_paths
-from leukotree.patients.bags import make_bags
 from leukotree.patients.fit import FittedPatientModel
 from leukotree.rundir import write_csv
 from leukotree.taxonomy import Taxonomy
@@ -144,42 +141,18 @@ def prediction_rows(result: PredictResult, decode: str = "argmax") -> list[dict[
 
 def patient_decisions(result: PredictResult, method: str, min_cells: int,
                       ) -> list[PatientDecision]:
-    """One decision per patient: from the run's patient-level model when it has one, else
-    by aggregating the cells (``majority`` vote or ``mean``); referral as ``report``.
+    """One decision per patient (:func:`~.decisions.decide_patients`): from the run's
+    patient-level model when it has one, else by the ``majority`` vote or the ``mean``.
     Unreadable and unclassifiable cells are left out."""
-    taxonomy, preds = result.taxonomy, result.predictions
-    ok = preds.classified
-    patients = [img.patient if ok[i] else None for i, img in enumerate(result.images)]
+    preds = result.predictions
     if not any(img.patient for img in result.images):
         raise LeukotreeError("--by-patient needs patient ids: use --patients folder, cnmc, "
                              "re:<regex>, or a manifest with a 'patient' column.")
-    leaf_probs = np.nan_to_num(preds.leaf_probs)
-    agg = aggregate_patients(patients, leaf_probs, method=method, min_cells=min_cells)
-    fitted = result.patient_model
-    if fitted is None:
-        decisions = [decide_patient(taxonomy, p, a, result.thresholds, method, min_cells)
-                     for p, a in agg.items()]
-    elif agg:
-        features = (np.zeros((len(patients), 0), np.float32) if preds.features is None
-                    else np.nan_to_num(preds.features))
-        bags = make_bags(patients, leaf_probs, features,
-                         None if preds.cell_probs is None else np.nan_to_num(preds.cell_probs),
-                         extras=preds.member_arrays())
-        probs = fitted.predict_proba(bags)
-        decisions = [decide_patient_probs(taxonomy, bag.patient, row, diagnosis, len(bag),
-                                          result.thresholds, min_cells,
-                                          agg[bag.patient]["vote_shares"],
-                                          agg[bag.patient]["mean_probs"])
-                     for bag, row, diagnosis in zip(bags, probs, fitted.diagnose(probs),
-                                                    strict=True)]
-    else:
-        decisions = []
-    empty = np.zeros(len(taxonomy.leaves))
-    for patient in sorted({img.patient for img in result.images if img.patient} - set(agg)):
-        decisions.append(PatientDecision(  # every cell unreadable or unclassifiable
-            patient, 0, None, taxonomy.root, True, "insufficient: no readable, classifiable "
-            "cell", empty, empty, node_probabilities(taxonomy, empty[None])[0], empty))
-    return decisions
+    return decide_patients(
+        result.taxonomy, [img.patient for img in result.images], preds.leaf_probs,
+        thresholds=result.thresholds, classified=preds.classified, features=preds.features,
+        cell_probs=preds.cell_probs, extras=preds.member_arrays(),
+        model=result.patient_model, aggregate=method, min_cells=min_cells)
 
 
 def patient_rows(result: PredictResult, method: str, min_cells: int) -> list[dict[str, Any]]:
@@ -188,7 +161,6 @@ def patient_rows(result: PredictResult, method: str, min_cells: int) -> list[dic
     a cell-type head, and the votes and mean cell probabilities."""
     taxonomy = result.taxonomy
     counts = differentials(result)
-    fitted = result.patient_model
     preds = result.predictions
     flagged = preds.unclassifiable
     out = []
@@ -202,9 +174,7 @@ def patient_rows(result: PredictResult, method: str, min_cells: int) -> list[dic
             "diagnosis": d.leaf or "insufficient",
             "path": taxonomy.path_string(d.leaf) if d.leaf else "",
             "referred": d.refer, "reported_node": d.reported_node, "reason": d.reason,
-            "model": fitted.model.name if fitted else method,
-            "threshold": "" if fitted is None or fitted.threshold is None
-            else round(fitted.threshold, 4),
+            "model": d.model, "threshold": "" if d.threshold is None else round(d.threshold, 4),
             **{f"p_{leaf}": round(float(v), 4) for leaf, v in zip(
                 taxonomy.leaves, d.probs, strict=True)},
             **counts.get(d.patient, {}),

@@ -2,8 +2,8 @@
 
 The page holds the diagnosis (majority vote or mean probability) with the
 probability of every level of its path, the vote shares, the number of cells,
-the referral decision (:func:`~leukotree.inference.decisions.decide_patient`, the
-same rule as ``predict --by-patient``), the unreadable files by name, the most
+the referral decision (:func:`~leukotree.inference.decisions.decide_patients`, the
+same path as ``predict --by-patient``), the unreadable files by name, the most
 telling cells with their heat maps, and the model card (taxonomy, training data,
 validation metrics). Images are embedded, so the file opens offline.
 """
@@ -21,9 +21,7 @@ from leukotree.data.images import DEFAULT_MAX_PIXELS, load_rgb_array
 from leukotree.errors import LeukotreeError, display_path
 from leukotree.inference.decisions import (
     PatientDecision,
-    aggregate_patients,
-    decide_patient,
-    decide_patient_probs,
+    decide_patients,
     domain_shift,
     parse_thresholds,
 )
@@ -31,7 +29,6 @@ from leukotree.inference.loader import LoadedModel, load
 from leukotree.inference.options import InferenceOptions
 from leukotree.inference.predictor import Predictions, Predictor, decode_groups, predict_paths
 from leukotree.models import ModelConfig, TreeClassifier
-from leukotree.patients.bags import make_bags
 from leukotree.patients.fit import FittedPatientModel
 from leukotree.report.html import esc, page, png_data_uri, table_html
 from leukotree.rundir import write_text
@@ -113,8 +110,8 @@ def write_patient_report(
             f"All {int(odd.sum())} readable cells are unclassifiable (unlike the cells the "
             "model was trained on); no diagnosis is given." + (f" {alarm}" if alarm else ""))
     name = patient or "patient"
-    decision, weights = _decide(predictor, preds, ok, name, method, min_cells,
-                                parse_thresholds(confidence, tax.max_depth))
+    decision = _decide(predictor, preds, name, method, min_cells,
+                       parse_thresholds(confidence, tax.max_depth))
     bad = [e for e in preds.errors if e is not None]
     unused = [display_path(p) for p in not_used]
     how = (f"patient model '{predictor.patient_model.model.name}'"
@@ -131,8 +128,8 @@ def write_patient_report(
         _differential_html(predictor.cell_taxonomy, preds.cell_probs, ok),
         _unreadable_html(bad, unused),
         "<h2>The cells that drove the decision</h2>",
-        _cell_grid(loaded, tax, view.img_size, preds, ok, weights, decision.leaf, top_cells,
-                   heatmaps, decode_groups(view, len(sizes), sizes)),
+        _cell_grid(loaded, tax, view.img_size, preds, ok, decision.cell_weights, decision.leaf,
+                   top_cells, heatmaps, decode_groups(view, len(sizes), sizes)),
         "<h2>Model card</h2>",
         model_card_html(predictor.model_config, tax, loaded.payload),
     ])
@@ -145,27 +142,16 @@ def write_patient_report(
             "not_used": unused, "report": str(out)}
 
 
-def _decide(predictor: Predictor, preds: Predictions, ok: np.ndarray, name: str,
-            method: str, min_cells: int, thresholds: list[float],
-            ) -> tuple[PatientDecision, np.ndarray]:
-    """The patient's decision and each readable cell's weight in it."""
-    tax = predictor.taxonomy
-    probs = preds.leaf_probs[ok].astype(np.float64)
-    agg = aggregate_patients([name] * len(ok), probs, method=method, min_cells=min_cells)[name]
-    fitted = predictor.patient_model
-    if fitted is None:
-        decision = decide_patient(tax, name, agg, thresholds, method, min_cells)
-        k = tax.leaf_index[decision.leaf] if decision.leaf else int(agg["mean_probs"].argmax())
-        return decision, probs[:, k]
-    features = preds.features[ok] if preds.features is not None else np.zeros((len(ok), 0))
-    cells = preds.cell_probs[ok] if preds.cell_probs is not None else None
-    extras = {k: v[ok] for k, v in preds.member_arrays().items()}
-    bag = make_bags([name] * len(ok), probs, features, cells, extras=extras)[0]
-    row = fitted.predict_proba([bag])[0]
-    decision = decide_patient_probs(tax, name, row, fitted.diagnose(row[None])[0], len(ok),
-                                    thresholds, min_cells, agg["vote_shares"],
-                                    agg["mean_probs"])
-    return decision, fitted.model.cell_weights(bag)
+def _decide(predictor: Predictor, preds: Predictions, name: str, method: str,
+            min_cells: int, thresholds: list[float]) -> PatientDecision:
+    """The patient's decision (:func:`~leukotree.inference.decisions.decide_patients`, as
+    ``predict --by-patient``) with each classified cell's weight in it."""
+    return decide_patients(
+        predictor.taxonomy, [name] * len(preds.paths), preds.leaf_probs.astype(np.float64),
+        thresholds=thresholds, classified=preds.classified, features=preds.features,
+        cell_probs=preds.cell_probs, extras=preds.member_arrays(),
+        model=predictor.patient_model, aggregate=method, min_cells=min_cells,
+        cell_weights=True)[0]
 
 
 def _differential_html(cells: Taxonomy | None, cell_probs: np.ndarray | None,

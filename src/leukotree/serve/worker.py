@@ -199,14 +199,12 @@ def _diagnosis(result: PredictResult, patient: str, aggregate: str) -> dict[str,
                 "probabilities": {}, "n_cells": 0}
     decision = patient_decisions(result, aggregate, 1)[0]
     tax = result.taxonomy
-    fitted = result.patient_model
     return {
         "label": decision.leaf, "referred": decision.refer, "reason": decision.reason,
         "reported_node": decision.reported_node, "n_cells": decision.n_cells,
         "probabilities": {n: round(float(decision.node_probs[tax.node_index[n]]), 4)
                           for n in tax.nodes},
-        "model": fitted.model.name if fitted else aggregate,
-        "threshold": None if fitted is None else fitted.threshold,
+        "model": decision.model, "threshold": decision.threshold,
         "differential": differentials(result).get(patient, {}),
         "n_unclassifiable": int(result.predictions.unclassifiable.sum()),
         "domain_shift": result.domain_shift(),
