@@ -10,7 +10,6 @@ import pytest
 
 from leukotree.cli import build_parser
 from leukotree.errors import LeukotreeError
-from leukotree.patients.models import aggregates
 from leukotree.inference.options import (
     ENGINES,
     InferenceOptions,
@@ -18,6 +17,7 @@ from leukotree.inference.options import (
     check_option,
 )
 from leukotree.options import choices_of
+from leukotree.patients.models import aggregates
 
 
 def _parser(*names, **kw):
