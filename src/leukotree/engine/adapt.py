@@ -71,6 +71,7 @@ from leukotree.models.checkpoint import (
     save_model,
     update_checkpoint,
 )
+from leukotree.report.model_card import write_model_card
 from leukotree.rundir import RunDir, read_yaml, require_new_folder, write_json, write_text
 
 if TYPE_CHECKING:
@@ -167,6 +168,7 @@ def adapt(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
     if "patient_model" in payload:
         update_checkpoint(target.best, patient_model=payload["patient_model"])
     write_json(target.path / RunDir.ADAPT, report)
+    write_model_card(target.path)
     return report
 
 
@@ -355,6 +357,7 @@ def self_train(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *
     extra = read_checkpoint(target.best).get("extra", {})
     update_checkpoint(target.best, extra={**extra, "adapted": report})
     write_json(target.path / RunDir.ADAPT, {**report, "training": summary})
+    write_model_card(target.path)  # again: the checkpoint now says it was adapted
     return report
 
 
