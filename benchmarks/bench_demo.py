@@ -19,6 +19,7 @@ from pathlib import Path
 from resultfile import add_json_option, write_results
 
 from leukotree.demo import DEMO_TRAINING, run_demo
+from leukotree.errors import LeukotreeError
 from leukotree.report.console import stderr_console
 from leukotree.rundir import DemoDir, require_new_folder
 
@@ -37,7 +38,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--img-size", type=int, help="image side (default: the demo's)")
     add_json_option(parser)
     args = parser.parse_args(argv)
-    require_new_folder(args.out, "demo")
+    try:
+        require_new_folder(args.out, "demo")
+    except LeukotreeError as err:
+        parser.error(str(err))
     training = {k: v for k, v in (("epochs", args.epochs), ("img_size", args.img_size))
                 if v is not None}
     started = time.perf_counter()

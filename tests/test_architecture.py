@@ -1,4 +1,5 @@
-"""Fitness checks of the package's structure (see the README's Architecture section)."""
+"""Fitness checks of the package's structure (see the documentation's architecture page,
+docs/architecture.md)."""
 
 import ast
 from pathlib import Path
