@@ -27,8 +27,9 @@ from leukotree.taxonomy import Taxonomy
 
 #: Works a card cites, by what the run uses.
 REFERENCES = {
-    "multihead": "Sharshar et al. 2025: a multi-head hierarchical classifier of leukemia "
-                 "from blood smear images (one shared backbone, one head per inner node).",
+    "hierarchy": "Sharshar et al. 2025: hierarchical classification of leukemia from blood "
+                 "smear images (the multi-head model: one shared backbone, one head per "
+                 "inner node; leukotree's comparison tables follow theirs).",
     "calibration": "Guo et al. 2017, On Calibration of Modern Neural Networks (temperature "
                    "scaling); Tomani et al. 2023, density-aware calibration (the distance "
                    "softening).",
@@ -150,9 +151,8 @@ def _performance_section(doc: Document, config: ModelConfig, payload: dict[str, 
                    if patients.get(k, binary.get(k)) is not None])
 
 
-def _references(config: ModelConfig, payload: dict[str, Any],
-                summary: dict[str, Any]) -> list[str]:
-    keys = ["multihead"] if config.head == "multihead" else []
+def _references(payload: dict[str, Any], summary: dict[str, Any]) -> list[str]:
+    keys = ["hierarchy"]
     keys += [k for k in ("calibration", "ood") if payload.get(k) or summary.get(k)]
     patient = (payload.get("patient_model") or {}).get("name")
     keys += [patient] if patient in REFERENCES else []
@@ -197,7 +197,7 @@ def model_card_markdown(run_dir: str | Path) -> str:
     doc.paragraph("Cite leukotree (this software, version "
                   f"{payload.get('environment', {}).get('leukotree', '?')}) and the data set "
                   "the model was trained on.")
-    for ref in _references(config, payload, summary):
+    for ref in _references(payload, summary):
         doc.paragraph(f"- {ref}")
     return doc.to_markdown()
 
