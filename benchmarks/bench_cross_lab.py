@@ -395,7 +395,7 @@ def main() -> None:
             np.r_[np.zeros(len(a)), np.ones(len(b))], np.r_[a, b]))
     (args.out / "cross_lab.json").write_text(json.dumps(result, indent=2))
     (args.out / "cross_lab.md").write_text(markdown(result))
-    write_results(args.json, "cross_lab", result)
+    write_results(args, "cross_lab", result)
     print(json.dumps(result, indent=2))
 
 

@@ -92,7 +92,7 @@ def main() -> None:
         "paired_tests": comparison["paired_tests"],
         "tables": str(args.out / "comparison" / "comparison.md"),
     }
-    write_results(args.json, "cv_heads", result)
+    write_results(args, "cv_heads", result)
     print(json.dumps(result, indent=2))
 
 

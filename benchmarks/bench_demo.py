@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, help="epochs per fold (default: the demo's)")
     parser.add_argument("--img-size", type=int, help="image side (default: the demo's)")
-    add_json_option(parser)
+    add_json_option(parser, None if argv is None else ["benchmarks/bench_demo.py", *argv])
     args = parser.parse_args(argv)
     try:
         require_new_folder(args.out, "demo")
@@ -56,8 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
                    **{k: f.get(k) for k in FOLD_KEYS}} for f in cv["folds"]],
         "mean": {k: cv["mean"][k] for k in FOLD_KEYS if k in cv["mean"]},
     }
-    write_results(args.json, "demo", results,
-                  None if argv is None else ["benchmarks/bench_demo.py", *argv])
+    write_results(args, "demo", results)
     print(json.dumps(results, indent=2))
     return results
 

@@ -131,7 +131,7 @@ def main() -> None:
             signed_promyelocyte_baseline(args.cell_types, config["taxonomy"], positive)
     report = {"cv": str(args.cv), "positive": positive, "threshold": config["patient_threshold"],
               "results": results}
-    write_results(args.json, "patient_models", report)
+    write_results(args, "patient_models", report)
     print(json.dumps(report, indent=2))
     if args.out:
         lines = ["| patient model | patients | AUROC [95% CI] | accuracy | sensitivity | "

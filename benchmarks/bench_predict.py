@@ -108,7 +108,7 @@ def main() -> None:
     results["fastest_end_to_end"] = max(paths_measured,
                                         key=lambda k: results[k]["end_to_end"])
     results["default"] = "onnxruntime" if available("onnx", "onnxruntime") else "eager"
-    write_results(args.json, "predict", results)
+    write_results(args, "predict", results)
     print(json.dumps(results, indent=2))
 
 

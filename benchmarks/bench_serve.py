@@ -182,7 +182,7 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    write_results(args.json, "serve", results)
+    write_results(args, "serve", results)
     print(json.dumps(results, indent=2))
 
 

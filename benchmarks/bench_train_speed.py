@@ -266,7 +266,7 @@ def main() -> None:
         "results": results}
     if args.data:
         report["data_epochs"] = data_epochs(args.data, args.taxonomy, args.data_epochs)
-    write_results(args.json, "train_speed", report)
+    write_results(args, "train_speed", report)
     print(json.dumps(report, indent=2))
 
 

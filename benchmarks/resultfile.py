@@ -29,11 +29,14 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def add_json_option(parser: argparse.ArgumentParser) -> None:
-    """``--json FILE``: also write the results with their ``meta`` block to FILE."""
+def add_json_option(parser: argparse.ArgumentParser,
+                    argv: Sequence[str] | None = None) -> None:
+    """``--json FILE``: also write the results with their ``meta`` block to FILE. The block
+    is taken now, before the benchmark runs (the commit is the one that ran)."""
     parser.add_argument("--json", type=Path, metavar="FILE",
                         help="also write the results, with date, commit, command and "
                              "machine, to FILE (e.g. benchmarks/results/NAME.json)")
+    parser.set_defaults(json_meta=meta(argv))
 
 
 def _git(*args: str) -> str | None:
@@ -99,15 +102,16 @@ def meta(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
 
 
-def write_results(path: Path | None, benchmark: str, results: dict[str, Any],
-                  argv: Sequence[str] | None = None) -> Path | None:
-    """Write ``results`` with their :func:`meta` to ``path`` (nothing when it is None)."""
-    if path is None:
+def write_results(args: argparse.Namespace, benchmark: str,
+                  results: dict[str, Any]) -> Path | None:
+    """Write ``results`` with the :func:`meta` taken by :func:`add_json_option` to
+    ``args.json`` (nothing when it is None); the date says when the benchmark started."""
+    if args.json is None:
         return None
-    doc = {"benchmark": benchmark, "meta": meta(argv), "results": results}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
-    return path
+    doc = {"benchmark": benchmark, "meta": args.json_meta, "results": results}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
+    return args.json
 
 
 def read_results(path: Path) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """The documentation site's moving parts: every committed benchmark results file renders,
 the hook puts it on its page, and the pages name what exists."""
 
+import argparse
 import ast
 import importlib.util
 import json
@@ -99,13 +100,17 @@ def test_hook_replaces_the_marker_or_says_the_file_is_missing(tmp_path, monkeypa
     assert hook.on_page_markdown("no marker", page=None) == "no marker"
 
 
-def test_write_results_records_the_meta_block(tmp_path):
-    path = resultfile.write_results(tmp_path / "r.json", "demo", {"n": 1},
-                                    ["benchmarks/bench_demo.py", "--out", "a b"])
+def test_write_results_records_the_meta_block_taken_at_the_start(tmp_path):
+    parser = argparse.ArgumentParser()
+    resultfile.add_json_option(parser, ["benchmarks/bench_demo.py", "--out", "a b"])
+    args = parser.parse_args(["--json", str(tmp_path / "r.json")])
+    started = args.json_meta
+    path = resultfile.write_results(args, "demo", {"n": 1})
     doc = resultfile.read_results(path)
+    assert doc["meta"] == started  # not taken again when the results are written
     assert doc["meta"]["command"] == "python benchmarks/bench_demo.py --out 'a b'"
     assert doc["meta"]["machine"]["cores"] >= 1 and doc["results"] == {"n": 1}
-    assert resultfile.write_results(None, "demo", {}) is None
+    assert resultfile.write_results(parser.parse_args([]), "demo", {}) is None
 
 
 def test_benchmark_scripts_name_their_results_files_after_their_pages():
