@@ -62,6 +62,7 @@ def machine() -> dict[str, Any]:
     """The CPU model, the cores this process may use, memory and the GPU if any."""
     info: dict[str, Any] = {"cpu": _cpu_model(), "cores": len(os.sched_getaffinity(0)),
                             "system": f"{platform.system()} {platform.machine()}"}
+    info["load_average"] = round(os.getloadavg()[0], 1)  # other work on the machine
     try:
         pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         info["memory_gb"] = round(pages / 2**30, 1)
@@ -219,7 +220,8 @@ def describe_meta(doc: dict[str, Any]) -> str:
                                        mach.get("gpu")) if v)
     commit = (m.get("commit") or "unknown")[:10] + (" (with local changes)" if m.get("dirty")
                                                   else "")
-    return f"Measured {m['date']} at commit `{commit}` on {where}."
+    note = f" Note: {m['note']}." if m.get("note") else ""
+    return f"Measured {m['date']} at commit `{commit}` on {where}.{note}"
 
 
 def render_markdown(doc: dict[str, Any]) -> str:
