@@ -44,6 +44,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
+from resultfile import add_json_option, write_results
 from sklearn.metrics import roc_auc_score
 
 from leukotree.data.images import is_image_file
@@ -318,6 +319,7 @@ def main() -> None:
                         help="fine-tune the trained model (with and without --replay) on "
                              "this many labelled cells per class of half the Johns Hopkins "
                              "patients (0: skip)")
+    add_json_option(parser)
     args = parser.parse_args()
     import yaml
 
@@ -394,6 +396,7 @@ def main() -> None:
             np.r_[np.zeros(len(a)), np.ones(len(b))], np.r_[a, b]))
     (args.out / "cross_lab.json").write_text(json.dumps(result, indent=2))
     (args.out / "cross_lab.md").write_text(markdown(result))
+    write_results(args, "cross_lab", result)
     print(json.dumps(result, indent=2))
 
 

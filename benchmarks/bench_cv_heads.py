@@ -21,6 +21,8 @@ import json
 import time
 from pathlib import Path
 
+from resultfile import add_json_option, write_results
+
 from leukotree.engine.config import resolve_config
 from leukotree.errors import LeukotreeError
 from leukotree.evaluation.compare import compare
@@ -54,6 +56,7 @@ def main() -> None:
                              "default: the heads compared on all of a fold's training "
                              "patients, as in the published table)")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
+    add_json_option(parser)
     args = parser.parse_args()
 
     overrides = {"taxonomy": args.taxonomy, "epochs": args.epochs, "img_size": args.img_size,
@@ -79,7 +82,7 @@ def main() -> None:
             "fold_accuracy": [row.get("accuracy") for row in summary["folds"]],
         }
     comparison = compare(folders, args.out / "comparison")
-    print(json.dumps({
+    result = {
         "data": str(args.data), "taxonomy": args.taxonomy, "folds": args.folds,
         "budget": {"preset": args.preset, "epochs": args.epochs, "img_size": args.img_size,
                    "model": config.model},
@@ -88,7 +91,9 @@ def main() -> None:
                             for m in comparison["models"]},
         "paired_tests": comparison["paired_tests"],
         "tables": str(args.out / "comparison" / "comparison.md"),
-    }, indent=2))
+    }
+    write_results(args, "cv_heads", result)
+    print(json.dumps(result, indent=2))
 
 
 def _history(folder: Path, fold: int) -> list[dict]:

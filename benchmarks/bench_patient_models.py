@@ -23,6 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from resultfile import add_json_option, write_results
 from sklearn.metrics import roc_auc_score
 
 from leukotree.inference.predictor import TorchPredictor, predict_paths
@@ -97,6 +98,7 @@ def main() -> None:
     parser.add_argument("--cell-types", type=Path, help="manifest with a cell_type column")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, help="also write a Markdown table here")
+    add_json_option(parser)
     args = parser.parse_args()
     cv = CVDir(args.cv)
     summary = cv.read_summary()
@@ -130,6 +132,7 @@ def main() -> None:
             signed_promyelocyte_baseline(args.cell_types, config["taxonomy"], positive)
     report = {"cv": str(args.cv), "positive": positive, "threshold": config["patient_threshold"],
               "results": results}
+    write_results(args, "patient_models", report)
     print(json.dumps(report, indent=2))
     if args.out:
         lines = ["| patient model | patients | AUROC [95% CI] | accuracy | sensitivity | "

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from resultfile import add_json_option, write_results
 
 from leukotree.data.images import is_image_file
 from leukotree.data.synth import generate
@@ -65,6 +66,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    add_json_option(parser)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="leukotree-bench-"))
     if args.data:
@@ -106,6 +108,7 @@ def main() -> None:
     results["fastest_end_to_end"] = max(paths_measured,
                                         key=lambda k: results[k]["end_to_end"])
     results["default"] = "onnxruntime" if available("onnx", "onnxruntime") else "eager"
+    write_results(args, "predict", results)
     print(json.dumps(results, indent=2))
 
 

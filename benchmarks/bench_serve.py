@@ -37,6 +37,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from resultfile import add_json_option, write_results
 
 from leukotree.data.images import is_image_file
 from leukotree.data.synth import generate
@@ -93,6 +94,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=96, help="input size of the random model")
     parser.add_argument("--backbone", default="resnet18", help="backbone of the random model")
     parser.add_argument("--engine", default="onnx")
+    add_json_option(parser)
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="leukotree-bench-serve-"))
@@ -180,6 +182,7 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
+    write_results(args, "serve", results)
     print(json.dumps(results, indent=2))
 
 

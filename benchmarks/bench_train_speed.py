@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from resultfile import add_json_option, write_results
 from torch.utils.flop_counter import FlopCounterMode
 
 from leukotree.engine.config import resolve_config
@@ -243,6 +244,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="folder for the first-vs-later epoch test")
     parser.add_argument("--taxonomy", default="pbc", help="taxonomy of --data")
     parser.add_argument("--data-epochs", type=int, default=3)
+    add_json_option(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -264,6 +266,7 @@ def main() -> None:
         "results": results}
     if args.data:
         report["data_epochs"] = data_epochs(args.data, args.taxonomy, args.data_epochs)
+    write_results(args, "train_speed", report)
     print(json.dumps(report, indent=2))
 
 

@@ -1,5 +1,5 @@
-"""A corpus of bad inputs, made at test time, one test per family (see the README's
-"Bad input" section): every case ends in a clear message that names the file or the
+"""A corpus of bad inputs, made at test time, one test per family (see the docs page
+docs/guide/bad-input.md): every case ends in a clear message that names the file or the
 option, the documented exit code, no traceback, no partial output and no markup that
 user text could turn into script."""
 

@@ -116,3 +116,19 @@ def test_startup_bench_times_each_command_and_finds_no_heavy_import(tmp_path):
         assert row["heavy"] == "none" and row["modules"] > 50 and row["median_s"] > 0
         assert 0 < row["cpu_median_s"] < 60
     assert rows["leukotree --help"]["goal_s"] == 0.5
+
+
+def test_demo_bench_writes_its_results_file(tmp_path):
+    results = tmp_path / "demo.json"
+    report = _run("bench_demo.py", "--out", str(tmp_path / "demo"), "--folds", "2",
+                  "--epochs", "1", "--img-size", "16", "--json", str(results))
+    assert report["images"] == 320 and len(report["folds"]) == 2
+    assert sum(f["n_images"] for f in report["folds"]) == 320  # every image tested once
+    doc = json.loads(results.read_text(encoding="utf-8"))
+    assert doc["benchmark"] == "demo" and doc["results"] == report
+    assert doc["meta"]["command"].startswith("python benchmarks/bench_demo.py --out ")
+    assert {"date", "commit", "machine", "versions"} <= set(doc["meta"])
+    # a folder that is not new is refused: the figures never mix two runs
+    failed = subprocess.run([sys.executable, str(BENCH / "bench_demo.py"), "--out",
+                             str(tmp_path / "demo")], capture_output=True, text=True)
+    assert failed.returncode != 0 and "choose a new folder" in failed.stderr

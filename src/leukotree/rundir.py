@@ -203,7 +203,8 @@ class RunDir(_Folder):
     ``taxonomy.yaml``, ``split.csv`` (which image trained, which validated),
     ``history.csv`` and ``learning_curves.png`` (per epoch), ``best.pt`` (the best
     model, self-describing), ``last.pt`` (everything ``--resume`` needs),
-    ``best.onnx`` (the ONNX export ``predict`` keeps), ``summary.json`` and
+    ``best.onnx`` (the ONNX export ``predict`` keeps), ``summary.json``,
+    ``model_card.md`` (what the model is for, its data, figures and limits) and
     ``cache/`` (decoded pixels); an adapted run (``leukotree adapt``) has ``adapt.json``,
     and a self-trained one the labelled new cells (``pseudo_labels.csv``) and the source
     run's validation images it validated on (``val.csv``).
@@ -219,6 +220,9 @@ class RunDir(_Folder):
     LAST = "last.pt"
     ONNX = "best.onnx"
     SUMMARY = "summary.json"
+    #: What the model is, is for, was trained on and scored, and its limits
+    #: (:func:`leukotree.report.model_card.write_model_card`).
+    MODEL_CARD = "model_card.md"
     CACHE = "cache"
     VAL_MANIFEST = "val.csv"
     EVAL = "eval"
@@ -269,6 +273,7 @@ class RunDir(_Folder):
     last = property(lambda self: self.path / self.LAST)
     onnx = property(lambda self: self.path / self.ONNX)
     summary = property(lambda self: self.path / self.SUMMARY)
+    model_card = property(lambda self: self.path / self.MODEL_CARD)
     cache = property(lambda self: self.path / self.CACHE)
     val_manifest = property(lambda self: self.path / self.VAL_MANIFEST)
     skipped = property(lambda self: self.path / self.SKIPPED)

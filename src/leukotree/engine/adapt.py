@@ -65,6 +65,7 @@ from leukotree.inference.loader import load
 from leukotree.inference.options import InferenceOptions
 from leukotree.inference.predictor import Predictions, TorchPredictor, predict_paths
 from leukotree.models.checkpoint import read_checkpoint, save_model, update_checkpoint
+from leukotree.report.model_card import write_model_card
 from leukotree.rundir import RunDir, read_yaml, require_new_folder, write_json, write_text
 
 if TYPE_CHECKING:
@@ -164,6 +165,7 @@ def adapt(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
     if "patient_model" in payload:
         update_checkpoint(target.best, patient_model=payload["patient_model"])
     write_json(target.path / RunDir.ADAPT, report)
+    write_model_card(target.path)
     return report
 
 
@@ -352,6 +354,7 @@ def self_train(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *
     extra = read_checkpoint(target.best).get("extra", {})
     update_checkpoint(target.best, extra={**extra, "adapted": report})
     write_json(target.path / RunDir.ADAPT, {**report, "training": summary})
+    write_model_card(target.path)  # again: the checkpoint now says it was adapted
     return report
 
 

@@ -79,6 +79,7 @@ from leukotree.models.stain import fit_stain_target
 from leukotree.patients.models import patient_params
 from leukotree.report import plots
 from leukotree.report.console import say, stderr_console
+from leukotree.report.model_card import write_model_card
 from leukotree.rundir import RunDir, write_csv, write_json, write_text
 from leukotree.taxonomy import Taxonomy, load_taxonomy
 
@@ -732,5 +733,10 @@ class Trainer:
 
 def train(data: str | Path, out: str | Path, config: TrainConfig, *, resume: bool = False,
           progress: bool = True) -> dict[str, Any]:
-    """Train a model on ``data`` into run folder ``out`` (see :class:`Trainer`)."""
-    return Trainer(data, out, config, resume=resume, progress=progress).fit()
+    """Train a model on ``data`` into run folder ``out`` (see :class:`Trainer`); the main
+    process then writes the run's model card (``model_card.md``)."""
+    trainer = Trainer(data, out, config, resume=resume, progress=progress)
+    summary = trainer.fit()
+    if trainer.dist.is_main and summary["best"] is not None:
+        write_model_card(trainer.out)
+    return summary

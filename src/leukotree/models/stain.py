@@ -20,7 +20,7 @@ training set's colour statistics,
 ``m`` and ``s`` the mean and standard deviation over the image's pixels, the target the
 average of the training images' ``m`` and ``s``. Stronger, but the statistics of a
 single-cell image also move with its content (a large blast, dense red cells), which
-it then "corrects" too (``benchmarks/bench_cross_lab.py``: README).
+it then "corrects" too (``benchmarks/bench_cross_lab.py``; CHANGELOG.md, 2026-11-27).
 
 Both are modules of the model (:func:`stain_module`, called by
 :class:`~leukotree.models.heads.Normalize`), in batched torch operations, so training,

@@ -31,6 +31,7 @@ from leukotree.inference.predictor import Predictions, Predictor, decode_groups,
 from leukotree.models import ModelConfig, TreeClassifier
 from leukotree.patients.fit import FittedPatientModel
 from leukotree.report.html import esc, page, png_data_uri, table_html
+from leukotree.report.model_card import model_card_html
 from leukotree.rundir import write_text
 from leukotree.taxonomy import Taxonomy
 
@@ -203,22 +204,6 @@ def _unreadable_html(errors: list[str], not_used: list[str]) -> str:
         out += (f"<h2>Other files ({len(not_used)}): hidden or not images, not used</h2>"
                 f"<ul>{items}</ul>")
     return out
-
-
-def model_card_html(cfg: ModelConfig, taxonomy: Taxonomy, payload: dict[str, Any]) -> str:
-    """Taxonomy, architecture, training data and validation metrics of a checkpoint (its
-    ``payload``; empty for an ONNX file: unknown items show as ``?``)."""
-    extra = payload.get("extra", {})
-    rows = [
-        ["head / backbone", f"{cfg.head} / {cfg.arch_name}"],
-        ["image size, centre crop", f"{cfg.img_size}px, {cfg.crop_fraction:.2f}"],
-        ["training data", f"{extra.get('data', '?')} ({extra.get('train_images', '?')} train "
-                          f"/ {extra.get('val_images', '?')} val images)"],
-        ["best epoch", str(extra.get("epoch", "?"))],
-        *([k, f"{v:.4f}"] for k, v in extra.get("metrics", {}).items() if k.startswith("val_")),
-        ["leukotree", str(payload.get("environment", {}).get("leukotree"))],
-    ]
-    return f"<pre>{esc(taxonomy.render())}</pre>" + table_html(["item", "value"], rows)
 
 
 def _cell_grid(loaded: LoadedModel, tax: Taxonomy, size: int, preds: Predictions,

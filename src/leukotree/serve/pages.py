@@ -75,7 +75,7 @@ def add_pages(app: FastAPI) -> None:
 
     @app.get("/models", response_class=HTMLResponse)
     def models_page(request: Request) -> Any:
-        from leukotree.report.patient import model_card_html
+        from leukotree.report.model_card import model_card_html
 
         cards = []
         for name, predictor in models.predictors.items():

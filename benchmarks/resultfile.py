@@ -1,0 +1,257 @@
+"""Benchmark results files: each benchmark writes its own (``--json FILE``), the docs render them.
+
+A results file is JSON: ``{"benchmark": NAME, "meta": {...}, "results": {...}}``. ``meta``
+says when, where and how the figures were measured: ``date`` (UTC), ``commit`` (``git
+rev-parse HEAD`` of the repository, ``dirty`` when the working tree differed from it),
+``command`` (the exact command line), ``machine`` (CPU, cores, memory, GPU) and
+``versions``. The committed files live in ``benchmarks/results/``; the documentation's
+benchmark pages render them with :func:`render_markdown` (``docs/hooks/benchmarks.py``),
+never by copying a figure by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Where the committed results files live.
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def add_json_option(parser: argparse.ArgumentParser,
+                    argv: Sequence[str] | None = None) -> None:
+    """``--json FILE``: also write the results with their ``meta`` block to FILE. The block
+    is taken now, before the benchmark runs (the commit is the one that ran)."""
+    parser.add_argument("--json", type=Path, metavar="FILE",
+                        help="also write the results, with date, commit, command and "
+                             "machine, to FILE (e.g. benchmarks/results/NAME.json)")
+    parser.set_defaults(json_meta=meta(argv))
+
+
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip()
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, Any]:
+    """The CPU model, the cores this process may use, memory and the GPU if any."""
+    info: dict[str, Any] = {"cpu": _cpu_model(), "cores": len(os.sched_getaffinity(0)),
+                            "system": f"{platform.system()} {platform.machine()}"}
+    info["load_average"] = round(os.getloadavg()[0], 1)  # other work on the machine
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        info["memory_gb"] = round(pages / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        info["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and of the libraries loaded by the benchmark."""
+    out = {"python": platform.python_version()}
+    for name in ("leukotree", "torch", "timm", "onnxruntime"):
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "__version__"):
+            out[name] = str(module.__version__)
+    return out
+
+
+def meta(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """When, at which commit, with which command and on which machine (see module doc)."""
+    argv = list(sys.argv if argv is None else argv)
+    script = Path(argv[0])
+    if script.is_absolute() and script.is_relative_to(ROOT):
+        script = script.relative_to(ROOT)
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": _git("rev-parse", "HEAD"),
+        "dirty": bool(status) if status is not None else None,
+        "command": shlex.join(["python", str(script), *argv[1:]]),
+        "machine": machine(),
+        "versions": versions(),
+    }
+
+
+def write_results(args: argparse.Namespace, benchmark: str,
+                  results: dict[str, Any]) -> Path | None:
+    """Write ``results`` with the :func:`meta` taken by :func:`add_json_option` to
+    ``args.json`` (nothing when it is None); the date says when the benchmark started."""
+    if args.json is None:
+        return None
+    doc = {"benchmark": benchmark, "meta": args.json_meta, "results": results}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
+    return args.json
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """A results file, checked: a ValueError names the file and what is missing."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: a results file holds a JSON object")
+    missing = [k for k in ("benchmark", "meta", "results") if k not in doc]
+    missing += [f"meta.{k}" for k in ("date", "commit", "command", "machine")
+                if k not in doc.get("meta", {})]
+    if missing:
+        raise ValueError(f"{path}: missing {', '.join(missing)}; write it with the "
+                         "benchmark's --json FILE option")
+    return doc
+
+
+# ----------------------------------------------------------------- rendering
+def fmt(value: Any) -> str:
+    """One table cell: floats to 4 significant digits, None and NaN as an en dash."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list | tuple):
+        return ", ".join(fmt(v) for v in value)
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _scalar(value: Any) -> bool:
+    return not isinstance(value, dict | list) or (
+        isinstance(value, list) and all(not isinstance(v, dict | list) for v in value))
+
+
+def render_value(name: str, value: Any, depth: int = 0) -> list[str]:
+    """Generic rendering: scalars as a two-column table, a list of flat records as one
+    table (a column per key), nested mappings as sub-sections."""
+    title = "#" * min(3 + depth, 6) + f" {name}" if name else ""
+    if isinstance(value, dict):
+        flat = {k: v for k, v in value.items() if _scalar(v)}
+        parts = [title] if title else []
+        if flat:
+            parts.append(table(["", "value"], list(flat.items())))
+        for key, sub in value.items():
+            if key not in flat:
+                parts += render_value(str(key), sub, depth + 1)
+        return parts
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        keys = list(dict.fromkeys(k for row in value for k, v in row.items() if _scalar(v)))
+        return [title, table(keys, [[row.get(k) for k in keys] for row in value])]
+    return [title, table(["", "value"], [[name, value]])]
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None or math.isnan(value) else f"{100 * value:.1f}%"
+
+
+def demo_table(results: dict[str, Any]) -> str:
+    """The demo's figures (mean ± standard deviation over the folds) as one table."""
+    mean = results["mean"]
+
+    def pm(key: str, percent: bool = True) -> str:
+        m, s = mean[key]["mean"], mean[key]["std"]
+        return (f"{100 * m:.1f}% ± {100 * s:.1f}" if percent else f"{m:.3f} ± {s:.3f}")
+
+    rows = [["accuracy", pm("accuracy")], ["macro F1", pm("macro_f1")],
+            ["hierarchical F1 (hF)", pm("hF")],
+            ["leaf ECE, uncalibrated → calibrated",
+             f"{mean['ece_uncalibrated']['mean']:.3f} → {mean['ece']['mean']:.3f}"],
+            ["cells flagged unclassifiable", _percent(mean["unclassifiable"]["mean"])],
+            ["accuracy of the kept cells", pm("accuracy_kept")]]
+    return table(["3-fold CV on the bundled PBC sample", "mean ± std over folds"], rows)
+
+
+def demo_section(doc: dict[str, Any]) -> list[str]:
+    r = doc["results"]
+    per_fold = [[f["fold"], f["n_images"], f.get("accuracy"), f.get("macro_f1"), f.get("ece"),
+                 f.get("unclassifiable")] for f in r["folds"]]
+    return [demo_table(r), "#### Per fold",
+            table(["fold", "test images", "accuracy", "macro F1", "leaf ECE", "flagged"],
+                  per_fold),
+            f"{r['images']} images, {r['minutes']:.1f} minutes in all; recipe: "
+            + ", ".join(f"`{k}={v}`" for k, v in r["recipe"].items()) + "."]
+
+
+#: Renderers of known benchmarks; any other results file gets :func:`render_value`.
+RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {"demo": demo_section}
+
+
+def describe_meta(doc: dict[str, Any]) -> str:
+    m = doc["meta"]
+    mach = m["machine"]
+    where = ", ".join(str(v) for v in (mach.get("cpu"), f"{mach.get('cores')} cores",
+                                       mach.get("gpu")) if v)
+    commit = (m.get("commit") or "unknown")[:10] + (" (with local changes)" if m.get("dirty")
+                                                  else "")
+    note = f" Note: {m['note']}." if m.get("note") else ""
+    return f"Measured {m['date']} at commit `{commit}` on {where}.{note}"
+
+
+def render_markdown(doc: dict[str, Any]) -> str:
+    """A results file as Markdown: when and where, the command that reproduces it, the
+    tables."""
+    renderer = RENDERERS.get(doc["benchmark"])
+    body = (renderer(doc) if renderer else
+            [p for p in render_value("", doc["results"]) if p])
+    return "\n\n".join([describe_meta(doc), "```bash\n" + doc["meta"]["command"] + "\n```",
+                        *body]) + "\n"
+
+
+def main() -> None:
+    """``python benchmarks/resultfile.py readme``: the README's results table, from
+    ``benchmarks/results/demo.json``; ``python benchmarks/resultfile.py FILE``: a file
+    rendered as Markdown."""
+    arg = sys.argv[1] if len(sys.argv) > 1 else "readme"
+    if arg == "readme":
+        print(readme_table())
+    else:
+        print(render_markdown(read_results(Path(arg))))
+
+
+def readme_table(path: Path = RESULTS / "demo.json") -> str:
+    """The README's one dated results table (the demo's), with its date and command."""
+    doc = read_results(path)
+    return (demo_table(doc["results"]) + "\n\n"
+            + f"Measured {doc['meta']['date'][:10]} with `{doc['meta']['command']}` "
+            f"({doc['meta']['machine']['cores']} CPU cores).")
+
+
+if __name__ == "__main__":
+    main()
