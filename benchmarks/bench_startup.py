@@ -1,6 +1,6 @@
 """Start-up time of the command line: wall time and imported modules per command; prints JSON.
 
-    python benchmarks/bench_startup.py [--runs 7] [--out benchmarks/results/startup.json]
+    python benchmarks/bench_startup.py [--runs 7] [--json benchmarks/results/startup.json]
 
 Each command (``leukotree --help``, ``taxonomy``, ``taxonomy pbc`` and every sub-command's
 ``--help``) runs ``--runs`` times as ``python -m leukotree ...`` in a fresh interpreter;
@@ -17,18 +17,17 @@ says how quiet it was.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import resource
-import shlex
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from resultfile import add_json_option, write_results
 
 from leukotree.cli import build_parser
 
@@ -119,28 +118,6 @@ def measure(selected: list[list[str]], runs: int) -> dict[str, Any]:
                                   "end": round(os.getloadavg()[0], 2)}}
 
 
-def _git(*args: str) -> str | None:
-    try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
-                              timeout=30, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def meta() -> dict[str, Any]:
-    """When, at which commit, with which command, on which machine and Python."""
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    script = Path(sys.argv[0]).resolve()
-    if script.is_relative_to(ROOT):
-        script = script.relative_to(ROOT)
-    return {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "commit": _git("rev-parse", "HEAD"),
-            "dirty": bool(status) if status is not None else None,
-            "command": shlex.join(["python", str(script), *sys.argv[1:]]),
-            "machine": {"cores": len(os.sched_getaffinity(0)),
-                        "system": f"{platform.system()} {platform.machine()}"},
-            "versions": {"python": platform.python_version()}}
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -148,17 +125,12 @@ def main() -> None:
     parser.add_argument("--only", action="append", metavar="COMMAND",
                         help="measure only this command line (repeatable), e.g. "
                              "--only=--help --only='taxonomy pbc'")
-    parser.add_argument("--out", "--json", type=Path, metavar="FILE",
-                        help="also write the results with their meta block to FILE "
-                             "(e.g. benchmarks/results/startup.json)")
+    add_json_option(parser)
     args = parser.parse_args()
     selected = ([c.split() for c in args.only] if args.only else commands())
-    doc = {"benchmark": "startup", "meta": meta(), "results": measure(selected, args.runs)}
-    text = json.dumps(doc, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n", encoding="utf-8")
+    results = measure(selected, args.runs)
+    print(json.dumps(results, indent=2))
+    write_results(args, "startup", results)
 
 
 if __name__ == "__main__":

@@ -107,10 +107,11 @@ def test_cross_lab_bench_runs_on_stand_in_labs(tmp_path):
 def test_startup_bench_times_each_command_and_finds_no_heavy_import(tmp_path):
     out = tmp_path / "startup.json"
     report = _run("bench_startup.py", "--runs", "1", "--only=--help", "--only", "taxonomy pbc",
-                  "--out", str(out))
-    assert json.loads(out.read_text()) == report
-    assert report["meta"]["machine"]["cores"] >= 1 and report["meta"]["versions"]["python"]
-    rows = {r["command"]: r for r in report["results"]["commands"]}
+                  "--json", str(out))
+    doc = json.loads(out.read_text())
+    assert doc["results"] == report and doc["benchmark"] == "startup"
+    assert doc["meta"]["machine"]["cores"] >= 1 and doc["meta"]["versions"]["python"]
+    rows = {r["command"]: r for r in report["commands"]}
     assert set(rows) == {"leukotree --help", "leukotree taxonomy pbc"}
     for row in rows.values():
         assert row["heavy"] == "none" and row["modules"] > 50 and row["median_s"] > 0
