@@ -336,7 +336,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from leukotree.optional import require
 
-    for module in ("fastapi", "multipart", "jinja2"):
+    for module in ("fastapi", "python_multipart", "jinja2"):
         require(module, extra="serve", purpose="leukotree serve")
     from leukotree.serve.app import ServeSettings, create_app, default_store
     from leukotree.serve.store import Store
