@@ -497,3 +497,15 @@ def test_pages_and_api_share_helpers_without_an_import_cycle():
     import leukotree.serve.pages as pages
 
     assert "leukotree.serve.app" not in inspect.getsource(pages)
+
+
+def test_a_read_only_database_is_refused_at_start(tmp_path, monkeypatch):
+    Store(tmp_path / "s")
+    connect = sqlite3.connect
+
+    def read_only(path, **kwargs):  # as a database file without write permission opens
+        return connect(f"file:{path}?mode=ro", uri=True, **kwargs)
+
+    monkeypatch.setattr(sqlite3, "connect", read_only)
+    with pytest.raises(StoreError, match=r"cannot be written \(attempt to write a readonly"):
+        Store(tmp_path / "s")

@@ -131,11 +131,17 @@ class Store:
                 if check != "ok":
                     raise sqlite3.DatabaseError(check)
                 db.executescript(SCHEMA)
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                db.execute(f"PRAGMA user_version = {int(version)}")  # a write: read-only?
                 for (table, column), kind in MIGRATIONS.items():
                     have = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
                     if column not in have:
                         db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         except sqlite3.Error as err:
+            if "readonly" in str(err) or "read-only" in str(err):
+                raise StoreError(
+                    f"The database '{self.path}' cannot be written ({err}): make it and its "
+                    "folder writable by this user, or give another --store.") from err
             raise StoreError(
                 f"The database '{self.path}' cannot be used ({err}): it is damaged, truncated "
                 "or not a leukotree database. Move it aside and restore a backup (its case "

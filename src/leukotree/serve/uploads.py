@@ -82,10 +82,10 @@ def _too_big(limits: Limits) -> UploadRefused:
 
 
 def _file_too_big(name: str, size: int | None, limits: Limits) -> UploadRefused:
-    found = f"{size:,} bytes" if size is not None else "more bytes"
-    return UploadRefused(413, f"'{name}' holds {found}, beyond the limit of "
-                              f"{limits.max_file_bytes:,} bytes per file; send single-cell "
-                              "images.")
+    found = f"holds {size:,} bytes" if size is not None else "is larger than"
+    return UploadRefused(413, f"'{name}' {found}{',' if size is not None else ''} the limit "
+                              f"of {limits.max_file_bytes:,} bytes per file; send single-cell "
+                              "images or raise --max-file-bytes.")
 
 
 async def read_form(chunks: AsyncIterator[bytes], content_type: str | None,
