@@ -227,6 +227,11 @@ def test_sign_out_is_final_and_amendments_are_new_entries(models, served_run, tm
         store = api.app.state.store
         waiting = store.create_case("P-1", "run", [])  # never submitted: stays queued
         store.set_status(waiting, "running")
+        broken = store.create_case("P-2", "run", [])
+        store.set_status(broken, "failed", "no readable cell")
+        refused(api.post(f"/api/cases/{broken}/signout", json={"label": "AML",
+                                                               "reviewer": "a"}),
+                409, "failed (no readable cell)")
         refused(api.post(f"/api/cases/{waiting}/signout", json={"label": "AML",
                                                                 "reviewer": "a"}),
                 409, "is running")
@@ -465,6 +470,8 @@ def test_framework_errors_are_the_apps_json(models, tmp_path):
         refused(api.post("/api/cases", files=[("other", ("a.png", b"x", "image/png"))]), 422,
                 "No files")
         refused(api.get("/api/cases/0123456789abcdef"), 404, "No case")
+        refused(api.post("/api/cases/abc/cells/99999999999999999999999/review",
+                         json={"label": "AML", "reviewer": "a"}), 422, "index")
 
 
 # ------------------------------------------------------------------ pixels

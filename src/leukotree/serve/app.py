@@ -22,9 +22,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI, Request
+from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
@@ -178,7 +179,8 @@ def _add_review_api(app: FastAPI) -> None:
     models: Models = app.state.models
 
     @app.post("/api/cases/{case_id}/cells/{index}/review")
-    def review(case_id: str, index: int, body: Review) -> Any:
+    def review(case_id: str, index: Annotated[int, PathParam(ge=0, lt=2**31)],
+               body: Review) -> Any:
         """Reclassify (or accept) one cell: its label and/or cell type, with who and when."""
         predictor = models.get(store.case(case_id)["model"])[1]
         reviewer = check_id(body.reviewer, "reviewer's name ('reviewer')")

@@ -107,8 +107,9 @@ class LoginThrottle:
         """Seconds until ``client`` may try again (0: now)."""
         now = self.clock()
         with self._lock:
-            recent = [t for t in self._failures.get(client, []) if now - t < self.window]
-            self._failures[client] = recent
+            recent = [t for t in self._failures.pop(client, []) if now - t < self.window]
+            if recent:
+                self._failures[client] = recent
             if len(recent) < self.max_failures:
                 return 0
             return max(1, int(recent[0] + self.window - now + 0.999))

@@ -297,6 +297,9 @@ class Store:
         row = db.execute("SELECT * FROM cases WHERE id = ?", (case_id,)).fetchone()
         if row is None:
             raise CaseNotFound(f"No case '{case_id}'.")
+        if row["status"] == "failed":
+            raise CaseConflict(f"Case '{case_id}' failed ({row['error']}): it has no result "
+                               f"for {what}; upload the cells again.")
         if row["status"] != "done":
             raise CaseConflict(f"Case '{case_id}' is {row['status']}: {what} waits until it "
                                "is done.")
