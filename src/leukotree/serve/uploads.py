@@ -88,6 +88,76 @@ def _file_too_big(name: str, size: int | None, limits: Limits) -> UploadRefused:
                               "images or raise --max-file-bytes.")
 
 
+class _FormReader:
+    """python-multipart callbacks that keep the form's fields and files, and refuse a part
+    as soon as it breaks a limit."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.fields: dict[str, str] = {}
+        self.files: list[tuple[str, bytes]] = []
+        self.n_fields = self.total = 0
+        self._start_part()
+
+    def _start_part(self) -> None:
+        self.headers: dict[bytes, bytes] = {}
+        self.field, self.value, self.data = b"", b"", bytearray()
+        self.name, self.filename = "", None
+
+    def callbacks(self) -> dict:
+        return {"on_header_field": self.header_field, "on_header_value": self.header_value,
+                "on_header_end": self.header_end, "on_headers_finished": self.headers_finished,
+                "on_part_data": self.part_data, "on_part_end": self.part_end}
+
+    def header_field(self, data: bytes, start: int, end: int) -> None:
+        self.field += data[start:end]
+
+    def header_value(self, data: bytes, start: int, end: int) -> None:
+        self.value += data[start:end]
+        if len(self.value) > MAX_FIELD_BYTES:
+            raise UploadRefused(413, f"A part header is longer than {MAX_FIELD_BYTES:,} bytes.")
+
+    def header_end(self) -> None:
+        self.headers[self.field.lower()] = self.value
+        self.field, self.value = b"", b""
+
+    def headers_finished(self) -> None:
+        from python_multipart.multipart import parse_options_header
+
+        _, disposition = parse_options_header(self.headers.get(b"content-disposition"))
+        self.name = disposition.get(b"name", b"").decode("utf-8", "replace")
+        filename = disposition.get(b"filename")
+        self.filename = None if filename is None else filename.decode("utf-8", "replace") \
+            or "file"
+        if self.filename is not None and len(self.files) >= self.limits.max_files:
+            raise _too_many(self.limits)
+        if self.filename is None:
+            self.n_fields += 1
+            if self.n_fields > MAX_FIELDS:
+                raise UploadRefused(413, f"The upload has more than {MAX_FIELDS} form fields.")
+
+    def part_data(self, data: bytes, start: int, end: int) -> None:
+        self.data += data[start:end]
+        if self.filename is None:
+            if len(self.data) > MAX_FIELD_BYTES:
+                raise UploadRefused(413, f"Form field '{self.name[:40]}' is longer than "
+                                         f"{MAX_FIELD_BYTES:,} bytes.")
+            return
+        self.total += end - start
+        if self.total > self.limits.max_bytes:
+            raise _too_big(self.limits)
+        if not self.filename.lower().endswith(".zip") and \
+                len(self.data) > self.limits.max_file_bytes:
+            raise _file_too_big(shown_name(self.filename), None, self.limits)
+
+    def part_end(self) -> None:
+        if self.filename is None:
+            self.fields[self.name] = bytes(self.data).decode("utf-8", "replace")
+        elif self.name == "files":
+            self.files.append((self.filename, bytes(self.data)))
+        self._start_part()
+
+
 async def read_form(chunks: AsyncIterator[bytes], content_type: str | None,
                     content_length: str | None,
                     limits: Limits) -> tuple[dict[str, str], list[tuple[str, bytes]]]:
@@ -108,64 +178,8 @@ async def read_form(chunks: AsyncIterator[bytes], content_type: str | None,
             raise UploadRefused(413, f"The upload is {int(content_length):,} bytes, more than "
                                      f"the {limits.max_bytes:,} bytes a case may hold; split "
                                      "it or raise --max-bytes.")
-    fields: dict[str, str] = {}
-    files: list[tuple[str, bytes]] = []
-    state: dict = {"headers": {}, "field": b"", "value": b"", "data": bytearray(),
-                   "n_fields": 0, "total": 0}
-
-    def header_field(data: bytes, start: int, end: int) -> None:
-        state["field"] += data[start:end]
-
-    def header_value(data: bytes, start: int, end: int) -> None:
-        state["value"] += data[start:end]
-        if len(state["value"]) > MAX_FIELD_BYTES:
-            raise UploadRefused(413, "A part header is longer than "
-                                     f"{MAX_FIELD_BYTES:,} bytes.")
-
-    def header_end() -> None:
-        state["headers"][state["field"].lower()] = state["value"]
-        state["field"], state["value"] = b"", b""
-
-    def headers_finished() -> None:
-        _, disposition = parse_options_header(state["headers"].get(b"content-disposition"))
-        state["name"] = disposition.get(b"name", b"").decode("utf-8", "replace")
-        filename = disposition.get(b"filename")
-        state["filename"] = None if filename is None else \
-            filename.decode("utf-8", "replace") or "file"
-        if state["filename"] is not None and len(files) >= limits.max_files:
-            raise _too_many(limits)
-        if state["filename"] is None:
-            state["n_fields"] += 1
-            if state["n_fields"] > MAX_FIELDS:
-                raise UploadRefused(413, f"The upload has more than {MAX_FIELDS} form fields.")
-
-    def part_data(data: bytes, start: int, end: int) -> None:
-        buffer = state["data"]
-        buffer += data[start:end]
-        if state["filename"] is None:
-            if len(buffer) > MAX_FIELD_BYTES:
-                raise UploadRefused(413, f"Form field '{state['name'][:40]}' is longer than "
-                                         f"{MAX_FIELD_BYTES:,} bytes.")
-            return
-        state["total"] += end - start
-        if state["total"] > limits.max_bytes:
-            raise _too_big(limits)
-        is_zip = state["filename"].lower().endswith(".zip")
-        if not is_zip and len(buffer) > limits.max_file_bytes:
-            raise _file_too_big(shown_name(state["filename"]), None, limits)
-
-    def part_end() -> None:
-        data = bytes(state["data"])
-        if state["filename"] is None:
-            fields[state["name"]] = data.decode("utf-8", "replace")
-        elif state["name"] == "files":
-            files.append((state["filename"], data))
-        state["data"], state["headers"] = bytearray(), {}
-
-    parser = MultipartParser(boundary, {
-        "on_header_field": header_field, "on_header_value": header_value,
-        "on_header_end": header_end, "on_headers_finished": headers_finished,
-        "on_part_data": part_data, "on_part_end": part_end})
+    reader = _FormReader(limits)
+    parser = MultipartParser(boundary, reader.callbacks())
     received = 0
     try:
         async for chunk in chunks:
@@ -178,7 +192,7 @@ async def read_form(chunks: AsyncIterator[bytes], content_type: str | None,
         raise
     except Exception as err:  # python-multipart's parse errors
         raise UploadRefused(400, f"The multipart body cannot be parsed: {err}.") from err
-    return fields, files
+    return reader.fields, reader.files
 
 
 def expand(files: list[tuple[str, bytes]], limits: Limits) -> list[Upload]:
