@@ -65,7 +65,8 @@ def shoot(run: Path, files: list[str], out: Path) -> None:
             browser = pw.chromium.launch(executable_path=shutil.which("chromium"), args=[
                 "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update"])
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            # bypass_csp: the waits below are eval'd predicates, which the app's CSP forbids
+            page = browser.new_page(viewport={"width": 1280, "height": 1000}, bypass_csp=True)
             page.goto(f"http://127.0.0.1:{port}/cases/new")
             page.fill("#patient", "demo-patient-1")
             page.set_input_files("#files", files)

@@ -350,7 +350,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from leukotree.optional import require
 
-    for module in ("fastapi", "multipart", "jinja2"):
+    for module in ("fastapi", "python_multipart", "jinja2"):
         require(module, extra="serve", purpose="leukotree serve")
     from leukotree.serve.app import ServeSettings, create_app, default_store
     from leukotree.serve.store import Store
@@ -366,11 +366,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not loopback and token is None:
         raise LeukotreeError(f"--host {args.host} opens the app to the network: give --token "
                              "(or LEUKOTREE_TOKEN) so that every request must carry it.")
-    store = Store(args.store or default_store())
-    limits = Limits(args.max_files, args.max_bytes, args.max_pixels or 25_000_000)
+    store = Store(args.store or default_store())  # refuses an unusable store
+    store.hold()  # one server per store: refuses with the holder's pid and host
+    limits = Limits(args.max_files, args.max_bytes, args.max_pixels or Limits().max_pixels,
+                    args.max_file_bytes)
+    hosts = tuple(args.allowed_host or ())
+    if args.host not in ("0.0.0.0", "::", ""):
+        hosts += (args.host,)
     app = create_app(Models(args.runs, args.engine, crop_mode=args.crop_mode,
                             pixel_size=args.pixel_size), store,
-                     ServeSettings(token, limits, args.confidence, args.aggregate))
+                     ServeSettings(token, limits, args.confidence, args.aggregate, hosts))
     say(stderr_console(), f"serving {len(args.runs)} model(s) on http://{args.host}:{args.port} "
         f"(store {store.root}){'' if token is None else '; a token is required'}")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
@@ -722,7 +727,15 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     add_inference_arguments(sv, ["engine", "crop_mode", "pixel_size", "confidence",
                                  "aggregate"], defaults={"confidence": "0.6"})
     sv.add_argument("--max-files", type=POSITIVE, default=2000, help="files per case")
-    sv.add_argument("--max-bytes", type=POSITIVE, default=500 * 2**20, help="bytes per case")
+    sv.add_argument("--max-bytes", type=POSITIVE, default=500 * 2**20,
+                    help="bytes per case, counting what zip archives unpack to (default "
+                         "524,288,000)")
+    sv.add_argument("--max-file-bytes", type=POSITIVE, default=64 * 2**20,
+                    help="bytes per file or zip member, unpacked (default 67,108,864)")
+    sv.add_argument("--allowed-host", action="append", metavar="NAME",
+                    help="a host name users reach the server under (repeat for more); "
+                         "loopback names and --host are allowed, any other Host header is "
+                         "refused (DNS rebinding); '*' allows any")
     _add_max_pixels(sv)
     sv.set_defaults(func=cmd_serve)
 

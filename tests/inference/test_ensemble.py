@@ -65,7 +65,8 @@ def test_an_ensemble_predicts_the_mean_of_its_runs(runs, tmp_path, capsys):
     # served like a run folder; heat maps from its first member, named on the models page
     models = Models([ens], engine="torch")
     assert models.get(None)[0] == "ens" and models.torch_model(None) is not None
-    with TestClient(create_app(models, Store(tmp_path / "store"), ServeSettings())) as api:
+    with TestClient(create_app(models, Store(tmp_path / "store"), ServeSettings()),
+                    base_url="http://localhost") as api:
         page = api.get("/models").text
     assert "Averages 2 models" in page and str(runs / "s1") in page
     assert main(["evaluate", str(ens), str(runs / "data"), "--out", str(tmp_path / "ev"),

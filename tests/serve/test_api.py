@@ -20,7 +20,8 @@ from leukotree.serve.worker import Models
 
 def client(served_run, store_dir, **settings):
     models = Models([served_run / "run"], engine="torch")
-    return TestClient(create_app(models, Store(store_dir), ServeSettings(**settings)))
+    return TestClient(create_app(models, Store(store_dir), ServeSettings(**settings)),
+                      base_url="http://localhost")
 
 
 def cells(served_run, n=6):
@@ -147,7 +148,8 @@ def test_heat_maps_come_from_the_checkpoint_when_onnx_runtime_predicts(served_ru
 
     models = Models([served_run / "run"], engine="onnx")
     assert models.predictors["run"].engine == "onnxruntime"
-    with TestClient(create_app(models, Store(tmp_path / "store"), ServeSettings())) as api:
+    with TestClient(create_app(models, Store(tmp_path / "store"), ServeSettings()),
+                    base_url="http://localhost") as api:
         case = wait_done(api, api.post("/api/cases", files=cells(served_run, 2)).json()["id"])
         assert case["status"] == "done"
         got = {}
@@ -171,7 +173,8 @@ def test_the_served_models_can_decode_another_lab_with_another_crop_mode(served_
     models = Models([served_run / "run"], engine="torch", crop_mode="auto")
     assert models.views["run"].crop_mode == "auto"  # the worker and heat maps decode alike
     assert models.predictors["run"].model_config.crop_mode == "centre"  # its own: kept
-    with TestClient(create_app(models, Store(tmp_path / "store"), ServeSettings())) as api:
+    with TestClient(create_app(models, Store(tmp_path / "store"), ServeSettings()),
+                    base_url="http://localhost") as api:
         case = wait_done(api, api.post("/api/cases", files=cells(served_run, 3)).json()["id"])
         assert case["status"] == "done" and all(c["label"] for c in case["cells"])
         assert api.get(f"/cases/{case['id']}/cells/0/heatmap/Leukemia").status_code == 200
@@ -200,7 +203,8 @@ def test_serving_another_magnification_crops_the_models_physical_field(served_ru
     update_checkpoint(run / "best.pt", ood=None)
     models = Models([run], engine="torch", pixel_size=0.2)
     upload = cells(served_run, 1)
-    with TestClient(create_app(models, Store(tmp_path / "s"), ServeSettings())) as api:
+    with TestClient(create_app(models, Store(tmp_path / "s"), ServeSettings()),
+                    base_url="http://localhost") as api:
         case = wait_done(api, api.post("/api/cases", files=upload).json()["id"])
         page = api.get(f"/cases/{case['id']}/report").text
     shown = sorted((served_run / "data").rglob("*.png"))[0]
@@ -214,7 +218,8 @@ def test_the_case_report_is_the_workers_own_results_by_its_engine(served_run, tm
     onnx = export_onnx(served_run / "run", tmp_path / "m.onnx")
     store = Store(tmp_path / "store")
     models = Models([onnx], engine="auto")  # no PyTorch model at all
-    with TestClient(create_app(models, store, ServeSettings(confidence="0.99"))) as api:
+    with TestClient(create_app(models, store, ServeSettings(confidence="0.99")),
+                    base_url="http://localhost") as api:
         case = wait_done(api, api.post("/api/cases", files=cells(served_run, 4),
                                        data={"patient": "P-3"}).json()["id"])
         assert case["status"] == "done"

@@ -2,104 +2,89 @@
 
 Pages are server-rendered Jinja2 templates with autoescaping; the small script they load
 (``static/app.js``) only calls the JSON API below, which FastAPI documents at ``/docs``.
-With a token every request (pages and API) needs ``Authorization: Bearer <token>`` or
-the session cookie the login page sets, else 401.
+Every request first passes :class:`leukotree.serve.guard.Guard` (allowed hosts,
+same-origin writes, the token, body size, security headers); every error is JSON
+``{"error": "..."}`` with a 4xx status (503 when the store fails).
+
+The API: ``GET /api/health``, ``GET /api/models``, ``POST /api/cases`` (multipart:
+``files`` parts, optional ``patient`` and ``model``), ``GET /api/cases``,
+``GET /api/cases/{id}``, ``POST /api/cases/{id}/cells/{index}/review``,
+``POST /api/cases/{id}/signout`` (once), ``POST /api/cases/{id}/amendments`` (after
+it), ``GET /api/corrections.csv``.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
-import hmac
 import io
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import FastAPI, File, Form, UploadFile
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi import FastAPI, Request
+from fastapi import Path as PathParam
+from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 
 from leukotree.errors import LeukotreeError
+from leukotree.serve.auth import LoginThrottle, Sessions
+from leukotree.serve.guard import Guard, add_error_handlers, allowed_hosts
+from leukotree.serve.pages import add_pages
 from leukotree.serve.store import Store
-from leukotree.serve.uploads import Limits, UploadRefused, expand
+from leukotree.serve.texts import check_id, check_note, csv_cell
+from leukotree.serve.uploads import Limits, expand, read_form
+from leukotree.serve.views import case_json
 from leukotree.serve.worker import Models, Worker
-
-COOKIE = "leukotree_session"
 
 
 @dataclass
 class ServeSettings:
-    """What ``create_app`` needs besides the models and the store."""
+    """What ``create_app`` needs besides the models and the store. ``allowed_hosts``:
+    host names served besides the loopback ones (``*``: any)."""
 
     token: str | None = None
     limits: Limits = field(default_factory=Limits)
     confidence: str | None = "0.6"
     aggregate: str = "majority"
-
-
-def session_value(token: str) -> str:
-    """The cookie that stands for the token (a digest: the token itself never travels
-    in a cookie)."""
-    return hashlib.sha256(f"leukotree-session:{token}".encode()).hexdigest()
-
-
-def authorised(token: str | None, header: str | None, cookie: str | None) -> bool:
-    if token is None:
-        return True
-    bearer = (header or "").removeprefix("Bearer ").strip()
-    return (hmac.compare_digest(bearer.encode(), token.encode())
-            or hmac.compare_digest((cookie or "").encode(), session_value(token).encode()))
+    allowed_hosts: tuple[str, ...] = ()
 
 
 def create_app(models: Models, store: Store, settings: ServeSettings | None = None) -> Any:
-    """The FastAPI application (pages, API, static files), with its background worker."""
+    """The FastAPI application (pages, API, static files), with its background worker.
+    While it runs it holds the store (one server per store)."""
     settings = settings or ServeSettings()
     worker = Worker(store, models, confidence=settings.confidence,
                     aggregate=settings.aggregate)
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
-        worker.resume_pending()
-        yield
-        worker.shutdown()
+        store.hold()
+        try:
+            worker.resume_pending()
+            yield
+            worker.shutdown()
+        finally:
+            store.release()
 
     app = FastAPI(title="leukotree", lifespan=lifespan,
-                          description="Leukemia classification from blood-smear cells.")
+                  description="Leukemia classification from blood-smear cells.")
     app.state.models, app.state.store, app.state.worker = models, store, worker
     app.state.settings = settings
-    app.middleware("http")(_auth_middleware(settings.token))
+    app.state.sessions, app.state.throttle = Sessions(), LoginThrottle()
+    app.add_middleware(Guard, token=settings.token, sessions=app.state.sessions,
+                       hosts=allowed_hosts(settings.allowed_hosts))
+    add_error_handlers(app)
     static = resources.files("leukotree.serve") / "static"
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
     _add_api(app)
     _add_review_api(app)
-    from leukotree.serve.pages import add_pages
-
     add_pages(app)
     return app
-
-
-def _auth_middleware(token: str | None) -> Callable:
-    async def check(request: Any, call_next: Callable) -> Any:
-        open_paths = ("/login", "/static/")
-        if token is None or request.url.path.startswith(open_paths) or authorised(
-                token, request.headers.get("authorization"), request.cookies.get(COOKIE)):
-            return await call_next(request)
-        if request.url.path.startswith("/api/"):
-            return JSONResponse({"error": "authentication required: send 'Authorization: "
-                                          "Bearer <token>' or log in"}, status_code=401)
-        return HTMLResponse("<!DOCTYPE html><title>leukotree</title><p>Authentication "
-                            "required. <a href='/login'>Log in</a>.</p>", status_code=401)
-
-    return check
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
 
 
 class Review(BaseModel):
@@ -117,23 +102,20 @@ class SignOut(BaseModel):
     label: str
 
 
-def case_json(store: Store, case_id: str) -> dict[str, Any]:
-    """``GET /api/cases/{id}``: status, and when done the diagnosis and one entry per
-    uploaded file (an unreadable one with its error)."""
-    case = store.case(case_id)
-    out = {"id": case["id"], "patient": case["patient"], "model": case["model"],
-           "status": case["status"], "error": case["error"], "created": case["created"],
-           "n_cells": len(case["cells"]), "done_cells": case["done_cells"],
-           "final_label": case["final_label"], "signed_by": case["signed_by"]}
-    if case["status"] == "done":
-        out["diagnosis"] = case["result"]
-        out["cells"] = [{"index": c["idx"], "name": c["name"], "error": c["error"],
-                         "reviewed_label": c["reviewed_label"],
-                         "reviewed_cell_type": c["reviewed_cell_type"],
-                         **(c["result"] or {"label": None, "probabilities": {},
-                                            "referred": None})}
-                        for c in case["cells"]]
-    return out
+class Amendment(BaseModel):
+    """A correction of a signed-out diagnosis: the new label, who and why."""
+
+    reviewer: str
+    label: str
+    reason: str
+
+
+UPLOAD_DOC = {"requestBody": {"required": True, "content": {"multipart/form-data": {
+    "schema": {"type": "object", "required": ["files"], "properties": {
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+        "patient": {"type": "string", "maxLength": 200,
+                    "description": "patient id (default: the case id)"},
+        "model": {"type": "string", "description": "served model (default: the first)"}}}}}}}
 
 
 def _add_api(app: FastAPI) -> None:
@@ -153,25 +135,19 @@ def _add_api(app: FastAPI) -> None:
                  "patient_model": p.patient_model.model.name if p.patient_model else None}
                 for n, p in models.predictors.items()]
 
-    @app.post("/api/cases", status_code=201)
-    async def create_case(files: Annotated[list[UploadFile], File()],
-                          patient: Annotated[str, Form()] = "",
-                          model: Annotated[str, Form()] = "") -> Any:
-        patient = patient.strip() or "unnamed"
-        if len(patient) > 200 or any(ch in patient for ch in "\n\r\t"):
-            return _error(422, "The patient id must be one line of at most 200 "
-                                        "characters.")
-        try:
-            name, _ = models.get(model.strip() or None)
-            uploads = expand([(f.filename or "file", await f.read()) for f in files],
-                             app.state.settings.limits)
-        except UploadRefused as err:
-            return _error(err.status, str(err))
-        except LeukotreeError as err:
-            return _error(422, str(err))
-        case_id = store.create_case(patient, name, uploads)
+    @app.post("/api/cases", status_code=201, openapi_extra=UPLOAD_DOC)
+    async def create_case(request: Request) -> Any:
+        """A new case from the uploaded files; limits hold while the body streams in."""
+        limits: Limits = app.state.settings.limits
+        fields, files = await read_form(request.stream(), request.headers.get("content-type"),
+                                        request.headers.get("content-length"), limits)
+        patient = check_id(fields.get("patient"), "patient id", required=False)
+        name, _ = models.get(check_id(fields.get("model"), "model", required=False) or None)
+        uploads = await run_in_threadpool(expand, files, limits)
+        del files
+        case_id = await run_in_threadpool(store.create_case, patient or None, name, uploads)
         app.state.worker.submit(case_id)
-        return {"id": case_id, "n_cells": len(uploads)}
+        return JSONResponse({"id": case_id, "n_cells": len(uploads)}, status_code=201)
 
     @app.get("/api/cases")
     def list_cases() -> list[dict[str, Any]]:
@@ -183,11 +159,19 @@ def _add_api(app: FastAPI) -> None:
 
     @app.get("/api/cases/{case_id}")
     def get_case(case_id: str) -> Any:
-        try:
-            return case_json(store, case_id)
-        except LeukotreeError as err:
-            return _error(404, str(err))
+        return case_json(store, case_id)
 
+
+def leaf_label(predictor: Any, label: object, where: str) -> str:
+    """``label`` resolved in the model's taxonomy; it must be a leaf (the page offers
+    leaves only, and a diagnosis is a leaf)."""
+    name = check_id(label, where)
+    tax = predictor.taxonomy
+    resolved = tax.resolve(name, where=where)
+    if resolved not in tax.leaves:
+        raise LeukotreeError(f"'{resolved}' is an inner node of the tree; the {where} must be "
+                             f"a leaf: {', '.join(tax.leaves)}.")
+    return resolved
 
 
 def _add_review_api(app: FastAPI) -> None:
@@ -195,51 +179,51 @@ def _add_review_api(app: FastAPI) -> None:
     models: Models = app.state.models
 
     @app.post("/api/cases/{case_id}/cells/{index}/review")
-    def review(case_id: str, index: int, body: Review) -> Any:
-        return _review(store, models, case_id, index, body)
-
-    @app.post("/api/cases/{case_id}/signout")
-    def sign_out(case_id: str, body: SignOut) -> Any:
-        try:
-            case = store.case(case_id)
-            label = models.get(case["model"])[1].taxonomy.resolve(body.label, where="label")
-            if not body.reviewer.strip():
-                raise LeukotreeError("A sign-out needs the reviewer's name.")
-            store.sign_out(case_id, label, body.reviewer.strip())
-        except LeukotreeError as err:
-            return _error(404 if "No case" in str(err) else 422, str(err))
-        return {"id": case_id, "final_label": label}
-
-    @app.get("/api/corrections.csv", response_class=PlainTextResponse)
-    def corrections() -> str:
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=["path", "label", "patient", "cell_type"])
-        writer.writeheader()
-        writer.writerows(store.corrections())
-        return buffer.getvalue()
-
-
-def _review(store: Store, models: Models, case_id: str, index: int, body: Review) -> Any:
-    """Reclassify (or accept) one cell: its label and/or cell type, with who and when."""
-    try:
-        case = store.case(case_id)
-        predictor = models.get(case["model"])[1]
-        if not body.reviewer.strip():
-            raise LeukotreeError("A review needs the reviewer's name ('reviewer').")
+    def review(case_id: str, index: Annotated[int, PathParam(ge=0, lt=2**31)],
+               body: Review) -> Any:
+        """Reclassify (or accept) one cell: its label and/or cell type, with who and when."""
+        predictor = models.get(store.case(case_id)["model"])[1]
+        reviewer = check_id(body.reviewer, "reviewer's name ('reviewer')")
         if body.label is None and body.cell_type is None:
             raise LeukotreeError("A review gives a 'label', a 'cell_type' or both.")
-        label = (predictor.taxonomy.resolve(body.label, where="label")
-                 if body.label is not None else None)
+        label = leaf_label(predictor, body.label, "label") if body.label is not None else None
         cell_type = None
         if body.cell_type is not None:
             if predictor.cell_taxonomy is None:
                 raise LeukotreeError("This model has no cell-type head; review 'label'.")
-            cell_type = predictor.cell_taxonomy.resolve(body.cell_type, where="cell_type")
-        store.review_cell(case_id, index, label, cell_type, body.reviewer.strip())
-    except LeukotreeError as err:
-        missing = "No case" in str(err) or "has no cell" in str(err)
-        return _error(404 if missing else 422, str(err))
-    return {"id": case_id, "index": index, "label": label, "cell_type": cell_type}
+            cell_type = predictor.cell_taxonomy.resolve(check_id(body.cell_type, "cell_type"),
+                                                        where="cell_type")
+        store.review_cell(case_id, index, label, cell_type, reviewer)
+        return {"id": case_id, "index": index, "label": label, "cell_type": cell_type}
+
+    @app.post("/api/cases/{case_id}/signout")
+    def sign_out(case_id: str, body: SignOut) -> Any:
+        """The final diagnosis, once; refused (409) while the case runs and after."""
+        predictor = models.get(store.case(case_id)["model"])[1]
+        reviewer = check_id(body.reviewer, "reviewer's name ('reviewer')")
+        label = leaf_label(predictor, body.label, "label")
+        store.sign_out(case_id, label, reviewer)
+        return {"id": case_id, "final_label": label}
+
+    @app.post("/api/cases/{case_id}/amendments", status_code=201)
+    def amend(case_id: str, body: Amendment) -> Any:
+        """A correction after the sign-out: a new entry with who, when and why."""
+        predictor = models.get(store.case(case_id)["model"])[1]
+        reviewer = check_id(body.reviewer, "reviewer's name ('reviewer')")
+        label = leaf_label(predictor, body.label, "label")
+        store.amend(case_id, label, reviewer, check_note(body.reason, "reason"))
+        return {"id": case_id, "current_label": label}
+
+    @app.get("/api/corrections.csv")
+    def corrections() -> Response:
+        """Reviewed cells as a manifest (``path,label,patient,cell_type``); cells a
+        spreadsheet would evaluate are neutralised with a leading ``'``."""
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=["path", "label", "patient", "cell_type"])
+        writer.writeheader()
+        writer.writerows({k: csv_cell(v) for k, v in row.items()}
+                         for row in store.corrections())
+        return Response(buffer.getvalue(), media_type="text/csv; charset=utf-8")
 
 
 def default_store() -> Path:

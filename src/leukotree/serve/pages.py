@@ -4,6 +4,7 @@ offline report of a case."""
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from importlib import resources
 from typing import Annotated, Any
 
@@ -16,7 +17,9 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from leukotree.data.images import load_rgb_array
 from leukotree.errors import LeukotreeError
 from leukotree.report.html import CSS
+from leukotree.serve.auth import COOKIE, SESSION_MAX, token_matches
 from leukotree.serve.store import Store
+from leukotree.serve.views import case_json
 from leukotree.serve.worker import Models
 
 
@@ -29,28 +32,17 @@ def _templates() -> Jinja2Templates:
 
 def add_pages(app: FastAPI) -> None:
     """The HTML routes; they read the same store the JSON API writes."""
-    from leukotree.serve.app import COOKIE, authorised, case_json, session_value
-
     templates = _templates()
     store: Store = app.state.store
     models: Models = app.state.models
 
-    def render(request: Request, name: str, status: int = 200, **context: Any) -> Any:
-        return templates.TemplateResponse(request, name, {"css": CSS, **context},
-                                          status_code=status)
+    def render(request: Request, name: str, status: int = 200,
+               headers: dict[str, str] | None = None, **context: Any) -> Any:
+        auth = app.state.settings.token is not None
+        return templates.TemplateResponse(request, name, {"css": CSS, "auth": auth, **context},
+                                          status_code=status, headers=headers)
 
-    @app.get("/login", response_class=HTMLResponse)
-    def login_page(request: Request) -> Any:
-        return render(request, "login.html", error=None)
-
-    @app.post("/login", response_class=HTMLResponse)
-    def login(request: Request, token: Annotated[str, Form()] = "") -> Any:
-        expected = app.state.settings.token
-        if expected is None or not authorised(expected, f"Bearer {token}", None):
-            return render(request, "login.html", status=401, error="Wrong token.")
-        response = RedirectResponse("/", status_code=303)
-        response.set_cookie(COOKIE, session_value(expected), httponly=True, samesite="strict")
-        return response
+    _add_login(app, render)
 
     @app.get("/", response_class=HTMLResponse)
     def cases_page(request: Request) -> Any:
@@ -89,6 +81,43 @@ def add_pages(app: FastAPI) -> None:
         return render(request, "models.html", cards=cards)
 
     _add_files(app)
+
+
+def _add_login(app: FastAPI, render: Callable[..., Any]) -> None:
+    """``/login`` (a random session for the right token, wrong tokens throttled) and
+    ``/logout``."""
+
+    @app.get("/login", response_class=HTMLResponse)
+    def login_page(request: Request) -> Any:
+        return render(request, "login.html", error=None)
+
+    @app.post("/login", response_class=HTMLResponse)
+    def login(request: Request, token: Annotated[str, Form()] = "") -> Any:
+        """A new random session for the right token; wrong tokens are throttled per
+        client address."""
+        expected = app.state.settings.token
+        client = request.client.host if request.client else "unknown"
+        wait = app.state.throttle.retry_after(client)
+        if wait:
+            return render(request, "login.html", status=429, headers={"Retry-After": str(wait)},
+                          error=f"Too many wrong tokens; try again in {wait} s.")
+        if expected is None or not token_matches(expected, token):
+            app.state.throttle.failed(client)
+            return render(request, "login.html", status=401, error="Wrong token.")
+        app.state.throttle.succeeded(client)
+        response = RedirectResponse("/", status_code=303)
+        response.set_cookie(COOKIE, app.state.sessions.open(), max_age=SESSION_MAX, path="/",
+                            httponly=True, samesite="strict",
+                            secure=request.url.scheme == "https")
+        return response
+
+    @app.post("/logout")
+    def logout(request: Request) -> Any:
+        """End the session (its id is forgotten by the server) and clear the cookie."""
+        app.state.sessions.close(request.cookies.get(COOKIE))
+        response = RedirectResponse("/login", status_code=303)
+        response.delete_cookie(COOKIE, path="/")
+        return response
 
 
 def _add_files(app: FastAPI) -> None:

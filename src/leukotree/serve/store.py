@@ -6,11 +6,24 @@ name, result, error, reviewed label) and every review (what, who, when). Images 
 in ``STORE/images/<case>/<index><suffix>``: names the server makes, never a path the
 client sent. Nothing is kept only in memory, so a restart loses nothing; cases that
 were queued or running are queued again.
+
+A sign-out is final: a second one, or a cell review after it, is refused
+(:class:`CaseConflict`, 409); a correction is an amendment, a new entry with who, when
+and why, that never overwrites the sign-out. Reviews and sign-out wait for the case to
+be ``done``.
+
+The store is checked when opened: a folder that cannot be written, a database that is
+not SQLite or is damaged, and an empty database beside existing case images are
+refused with what to do (:class:`StoreError`). One server at a time uses a store:
+:meth:`Store.hold` takes an exclusive lock on ``STORE/serve.lock`` (released when the
+process ends, however it ends) and names the holder when it is taken.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sqlite3
 import threading
 import time
@@ -34,11 +47,29 @@ CREATE TABLE IF NOT EXISTS cells (
     PRIMARY KEY (case_id, idx));
 CREATE TABLE IF NOT EXISTS reviews (
     id INTEGER PRIMARY KEY AUTOINCREMENT, case_id TEXT NOT NULL, cell_idx INTEGER,
-    kind TEXT NOT NULL, label TEXT, cell_type TEXT, reviewer TEXT NOT NULL, at REAL NOT NULL);
+    kind TEXT NOT NULL, label TEXT, cell_type TEXT, reviewer TEXT NOT NULL, at REAL NOT NULL,
+    note TEXT);
 """
+#: Columns added since the first release, with their definition (added when missing).
+MIGRATIONS = {("reviews", "note"): "TEXT"}
+DATABASE = "leukotree.sqlite3"
+LOCK = "serve.lock"
 
 #: Case states, in order.
 STATUSES = ("queued", "running", "done", "failed")
+
+
+class StoreError(LeukotreeError):
+    """The store cannot be used (unreadable, unwritable, damaged, or held by another
+    server)."""
+
+
+class CaseNotFound(LeukotreeError):
+    """No such case or cell (HTTP 404)."""
+
+
+class CaseConflict(LeukotreeError):
+    """The case is not in a state that allows the request (HTTP 409)."""
 
 
 @dataclass(frozen=True)
@@ -59,12 +90,101 @@ class Store:
         self.root = Path(root)
         self.images = self.root / "images"
         self.reports = self.root / "reports"
-        for folder in (self.root, self.images, self.reports):
-            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.path = self.root / "leukotree.sqlite3"
+        self.path = self.root / DATABASE
         self._lock = threading.Lock()
-        with self._db() as db:
-            db.executescript(SCHEMA)
+        self._held: Any = None
+        try:
+            for folder in (self.root, self.images, self.reports):
+                folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as err:
+            raise StoreError(f"Cannot create the store folder '{self.root}': "
+                             f"{err.strerror or err}. Give a --store you can write.") from err
+        self._check_writable()
+        self._check_database()
+
+    def _check_writable(self) -> None:
+        for folder in (self.root, self.images, self.reports):
+            probe = folder / f".write-test-{os.getpid()}"
+            try:
+                probe.write_bytes(b"")
+                probe.unlink()
+            except OSError as err:
+                raise StoreError(
+                    f"The store folder '{folder}' cannot be written ({err.strerror or err}): "
+                    "the server could not keep cases. Make it writable by this user or give "
+                    "another --store.") from err
+
+    def _check_database(self) -> None:
+        """Refuse a damaged database, or an empty one beside existing case images."""
+        exists = self.path.exists()
+        if not exists or self.path.stat().st_size == 0:
+            cases = [p.name for p in self.images.iterdir() if p.is_dir()]
+            if cases:
+                state = "is empty (0 bytes)" if exists else "is missing"
+                raise StoreError(
+                    f"The database '{self.path}' {state}, but '{self.images}' holds the images "
+                    f"of {len(cases)} case(s): their records were lost. Restore the database "
+                    "from a backup, or move the images folder aside to start an empty store.")
+        try:
+            with self._db() as db:
+                check = db.execute("PRAGMA quick_check").fetchone()[0]
+                if check != "ok":
+                    raise sqlite3.DatabaseError(check)
+                db.executescript(SCHEMA)
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                db.execute(f"PRAGMA user_version = {int(version)}")  # a write: read-only?
+                for (table, column), kind in MIGRATIONS.items():
+                    have = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
+                    if column not in have:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        except sqlite3.Error as err:
+            if "readonly" in str(err) or "read-only" in str(err):
+                raise StoreError(
+                    f"The database '{self.path}' cannot be written ({err}): make it and its "
+                    "folder writable by this user, or give another --store.") from err
+            raise StoreError(
+                f"The database '{self.path}' cannot be used ({err}): it is damaged, truncated "
+                "or not a leukotree database. Move it aside and restore a backup (its case "
+                f"images stay in '{self.images}').") from err
+
+    # ----------------------------------------------------------------- one server
+    def hold(self) -> None:
+        """Take the store for this server (an exclusive lock on ``STORE/serve.lock``, held
+        until :meth:`release` or the end of the process); refused with the holder's pid
+        and host while another server holds it. Holding it twice is a no-op."""
+        if self._held is not None:
+            return
+        import fcntl
+
+        path = self.root / LOCK
+        try:
+            handle = open(path, "a+")  # noqa: SIM115 - held open while serving
+        except OSError as err:
+            raise StoreError(f"Cannot open the lock file '{path}': {err.strerror or err}.") \
+                from err
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise StoreError(
+                f"The store '{self.root}' is in use by another leukotree serve ({holder}). "
+                "Two servers on one store would classify each case twice: stop that one, or "
+                "give this one another --store.") from err
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on host {socket.gethostname()}, since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        self._held = handle
+
+    def release(self) -> None:
+        """Let another server take the store."""
+        if self._held is not None:
+            self._held.truncate(0)
+            self._held.close()  # closing the file releases the lock
+            self._held = None
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
@@ -78,24 +198,33 @@ class Store:
                 db.close()
 
     # ----------------------------------------------------------------- cases
-    def create_case(self, patient: str, model: str, uploads: Sequence[Upload]) -> str:
-        """Store the files under server-made names; the case starts ``queued``."""
+    def create_case(self, patient: str | None, model: str, uploads: Sequence[Upload]) -> str:
+        """Store the files under server-made names; the case starts ``queued``. Without a
+        patient id the case id stands for the patient (cases never share a patient by
+        accident)."""
+        import shutil
+
         case_id = uuid.uuid4().hex[:16]
         folder = self.images / case_id
-        folder.mkdir(mode=0o700)
         now = time.time()
         rows = []
-        for idx, up in enumerate(uploads):
-            stored = None
-            if up.error is None:
-                stored = f"{idx:05d}{up.suffix}"
-                (folder / stored).write_bytes(up.data)
-            rows.append((case_id, idx, up.name, stored, up.error))
-        with self._db() as db:
-            db.execute("INSERT INTO cases (id, patient, model, status, created, updated) "
-                       "VALUES (?, ?, ?, 'queued', ?, ?)", (case_id, patient, model, now, now))
-            db.executemany("INSERT INTO cells (case_id, idx, name, stored, error) "
-                           "VALUES (?, ?, ?, ?, ?)", rows)
+        try:
+            folder.mkdir(mode=0o700)
+            for idx, up in enumerate(uploads):
+                stored = None
+                if up.error is None:
+                    stored = f"{idx:05d}{up.suffix}"
+                    (folder / stored).write_bytes(up.data)
+                rows.append((case_id, idx, up.name, stored, up.error))
+            with self._db() as db:
+                db.execute("INSERT INTO cases (id, patient, model, status, created, updated) "
+                           "VALUES (?, ?, ?, 'queued', ?, ?)",
+                           (case_id, patient or case_id, model, now, now))
+                db.executemany("INSERT INTO cells (case_id, idx, name, stored, error) "
+                               "VALUES (?, ?, ?, ?, ?)", rows)
+        except (OSError, sqlite3.Error):
+            shutil.rmtree(folder, ignore_errors=True)  # no images without their case
+            raise
         return case_id
 
     def set_status(self, case_id: str, status: str, error: str | None = None) -> None:
@@ -133,7 +262,7 @@ class Store:
         with self._db() as db:
             row = db.execute("SELECT * FROM cases WHERE id = ?", (case_id,)).fetchone()
             if row is None:
-                raise LeukotreeError(f"No case '{case_id}'.")
+                raise CaseNotFound(f"No case '{case_id}'.")
             cells = db.execute("SELECT * FROM cells WHERE case_id = ? ORDER BY idx",
                                (case_id,)).fetchall()
         out = dict(row)
@@ -156,16 +285,39 @@ class Store:
         case = self.case(case_id)
         cells = [c for c in case["cells"] if c["idx"] == idx]
         if not cells:
-            raise LeukotreeError(f"Case '{case_id}' has no cell {idx}.")
+            raise CaseNotFound(f"Case '{case_id}' has no cell {idx}.")
         stored = cells[0]["stored"]
         return None if stored is None else self.images / case_id / stored
 
     # ----------------------------------------------------------------- reviews
+    @staticmethod
+    def _reviewable(db: sqlite3.Connection, case_id: str, what: str) -> sqlite3.Row:
+        """The case row, if it is done and not signed out (read in the caller's
+        transaction, so that the check and the write cannot interleave)."""
+        row = db.execute("SELECT * FROM cases WHERE id = ?", (case_id,)).fetchone()
+        if row is None:
+            raise CaseNotFound(f"No case '{case_id}'.")
+        if row["status"] == "failed":
+            raise CaseConflict(f"Case '{case_id}' failed ({row['error']}): it has no result "
+                               f"for {what}; upload the cells again.")
+        if row["status"] != "done":
+            raise CaseConflict(f"Case '{case_id}' is {row['status']}: {what} waits until it "
+                               "is done.")
+        if row["final_label"] is not None:
+            raise CaseConflict(f"Case '{case_id}' was signed out as {row['final_label']} by "
+                               f"{row['signed_by']}; the sign-out is final. Correct it with "
+                               "an amendment (POST /api/cases/{id}/amendments).")
+        return row
+
     def review_cell(self, case_id: str, idx: int, label: str | None, cell_type: str | None,
                     reviewer: str) -> None:
-        self.image_path(case_id, idx)  # the cell exists
+        """A reviewer's label and/or cell type for one cell of a done, open case."""
         now = time.time()
         with self._db() as db:
+            self._reviewable(db, case_id, "a review")
+            if db.execute("SELECT 1 FROM cells WHERE case_id = ? AND idx = ?",
+                          (case_id, idx)).fetchone() is None:
+                raise CaseNotFound(f"Case '{case_id}' has no cell {idx}.")
             db.execute("UPDATE cells SET reviewed_label = COALESCE(?, reviewed_label), "
                        "reviewed_cell_type = COALESCE(?, reviewed_cell_type) "
                        "WHERE case_id = ? AND idx = ?", (label, cell_type, case_id, idx))
@@ -174,13 +326,39 @@ class Store:
                        (case_id, idx, label, cell_type, reviewer, now))
 
     def sign_out(self, case_id: str, label: str, reviewer: str) -> None:
-        self.case(case_id)
+        """The case's final diagnosis, once: refused before the case is done and after a
+        first sign-out."""
         now = time.time()
         with self._db() as db:
+            self._reviewable(db, case_id, "the sign-out")
             db.execute("UPDATE cases SET final_label = ?, signed_by = ?, signed_at = ?, "
                        "updated = ? WHERE id = ?", (label, reviewer, now, now, case_id))
             db.execute("INSERT INTO reviews (case_id, kind, label, reviewer, at) "
                        "VALUES (?, 'signout', ?, ?, ?)", (case_id, label, reviewer, now))
+
+    def amend(self, case_id: str, label: str, reviewer: str, reason: str) -> None:
+        """A correction of a signed-out diagnosis: a new entry (who, when, why); the
+        sign-out itself stays as it was."""
+        with self._db() as db:
+            row = db.execute("SELECT final_label FROM cases WHERE id = ?",
+                             (case_id,)).fetchone()
+            if row is None:
+                raise CaseNotFound(f"No case '{case_id}'.")
+            if row["final_label"] is None:
+                raise CaseConflict(f"Case '{case_id}' is not signed out yet: sign it out "
+                                   "instead of amending it.")
+            db.execute("INSERT INTO reviews (case_id, kind, label, reviewer, at, note) "
+                       "VALUES (?, 'amendment', ?, ?, ?, ?)",
+                       (case_id, label, reviewer, time.time(), reason))
+
+    def current_label(self, case_id: str) -> str | None:
+        """The diagnosis in force: the latest amendment's, else the sign-out's."""
+        with self._db() as db:
+            row = db.execute(
+                "SELECT COALESCE((SELECT label FROM reviews WHERE case_id = k.id AND kind = "
+                "'amendment' ORDER BY id DESC LIMIT 1), k.final_label) AS label FROM cases k "
+                "WHERE k.id = ?", (case_id,)).fetchone()
+        return None if row is None else row["label"]
 
     def reviews(self, case_id: str) -> list[dict[str, Any]]:
         with self._db() as db:
@@ -190,11 +368,14 @@ class Store:
 
     def corrections(self) -> list[dict[str, str]]:
         """Every reviewed cell as a manifest row ``path,label,patient,cell_type``: the label
-        a reviewer gave the cell, else the case's signed-out diagnosis."""
+        a reviewer gave the cell, else the case's diagnosis in force (the latest amendment,
+        else the sign-out)."""
         with self._db() as db:
             rows = db.execute(
                 "SELECT c.case_id, c.stored, c.reviewed_label, c.reviewed_cell_type, "
-                "k.patient, k.final_label FROM cells c JOIN cases k ON k.id = c.case_id WHERE "
+                "k.patient, COALESCE((SELECT label FROM reviews WHERE case_id = k.id AND "
+                "kind = 'amendment' ORDER BY id DESC LIMIT 1), k.final_label) AS final_label "
+                "FROM cells c JOIN cases k ON k.id = c.case_id WHERE "
                 "(c.reviewed_label IS NOT NULL OR c.reviewed_cell_type IS NOT NULL) AND "
                 "c.stored IS NOT NULL ORDER BY k.created, c.idx").fetchall()
         return [{"path": str((self.images / r["case_id"] / r["stored"]).resolve()),

@@ -52,6 +52,8 @@ function setupUpload() {
       if (xhr.status !== 201) { $("status").textContent = reply.error || "Upload failed"; return; }
       watchCase(reply.id, true);
     };
+    // a refusal before the whole body is sent (a limit) may reach the page as a network error
+    xhr.onerror = () => { $("status").textContent = "Upload refused or interrupted: check the limits (files, bytes) and try again."; };
     xhr.send(data);
   });
 }
