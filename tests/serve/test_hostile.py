@@ -474,6 +474,16 @@ def test_framework_errors_are_the_apps_json(models, tmp_path):
                          json={"label": "AML", "reviewer": "a"}), 422, "index")
 
 
+def test_file_routes_answer_json_errors_too(models, served_run, tmp_path):
+    with client(models, tmp_path / "s") as api:
+        refused(api.get("/cases/0123456789abcdef/cells/0/image"), 404, "No case")
+        refused(api.get("/cases/0123456789abcdef/report"), 404, "No case")
+        case = wait_done(api, api.post("/api/cases", files=one_cell(served_run)).json()["id"])
+        refused(api.get(f"/cases/{case['id']}/cells/0/heatmap/NoSuchNode"), 422,
+                "NoSuchNode")
+        assert api.get(f"/cases/{case['id']}/cells/0/image").status_code == 200
+
+
 # ------------------------------------------------------------------ pixels
 def _png_header(width, height):
     def chunk(kind, body):

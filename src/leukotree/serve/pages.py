@@ -18,6 +18,7 @@ from leukotree.data.images import load_rgb_array
 from leukotree.errors import LeukotreeError
 from leukotree.report.html import CSS
 from leukotree.serve.auth import COOKIE, SESSION_MAX, token_matches
+from leukotree.serve.guard import error_response, status_of
 from leukotree.serve.store import Store
 from leukotree.serve.views import case_json
 from leukotree.serve.worker import Models
@@ -130,9 +131,9 @@ def _add_files(app: FastAPI) -> None:
         try:
             path = store.image_path(case_id, index)
         except LeukotreeError as err:
-            return Response(str(err), status_code=404)
+            return error_response(status_of(err), str(err))
         if path is None:
-            return Response("this file was not stored (see its error)", status_code=404)
+            return error_response(404, "This file was not stored (see its error).")
         return FileResponse(path)
 
     @app.get("/cases/{case_id}/cells/{index}/heatmap/{node}")
@@ -141,7 +142,7 @@ def _add_files(app: FastAPI) -> None:
             return Response(_heatmap_png(store, models, case_id, index, node),
                             media_type="image/png")
         except LeukotreeError as err:
-            return Response(str(err), status_code=404)
+            return error_response(status_of(err), str(err))
 
     @app.get("/cases/{case_id}/report")
     def report(case_id: str) -> Any:
@@ -150,7 +151,7 @@ def _add_files(app: FastAPI) -> None:
                                 media_type="text/html",
                                 filename=f"leukotree-case-{case_id}.html")
         except LeukotreeError as err:
-            return Response(str(err), status_code=400)
+            return error_response(status_of(err), str(err))
 
 
 def _heatmap_png(store: Store, models: Models, case_id: str, index: int, node: str) -> bytes:
