@@ -53,6 +53,7 @@ from leukotree.engine.config import resolve_config
 from leukotree.engine.trainer import train
 from leukotree.evaluation.evaluate import EvalSettings, evaluate
 from leukotree.inference.loader import load
+from leukotree.inference.options import InferenceOptions
 from leukotree.inference.predictor import predict_paths
 from leukotree.rundir import RunDir
 
@@ -118,7 +119,7 @@ def heldout_half(mapped: Path, pool: set[str], out: Path) -> Path:
 
 
 def self_trained(run: Path, pool: set[str], held: Path, jhh: Path, test_pbc: Path,
-                 args: argparse.Namespace, settings: EvalSettings) -> dict:
+                 args: argparse.Namespace, options: InferenceOptions) -> dict:
     """``adapt`` (self-training) on every cell of the first half's patients (all types,
     blasts and smudges too; labels unread), tested on the other half's cells and on the
     held-out PBC cells; how many of its labels the technologists' cell types confirm, and
@@ -154,9 +155,9 @@ def self_trained(run: Path, pool: set[str], held: Path, jhh: Path, test_pbc: Pat
                "heldout_unseen_flagged_before": flagged_rate(run, unseen),
                "heldout_unseen_flagged_after": flagged_rate(tuned, unseen)},
             "cross_lab_jhh_heldout_self_trained": scored(
-                tuned, held, args.out / "eval-jhh-heldout-self-trained", settings),
+                tuned, held, args.out / "eval-jhh-heldout-self-trained", options),
             "in_lab_pbc_test_self_trained": scored(
-                tuned, test_pbc, args.out / "eval-pbc-test-self-trained", settings)}
+                tuned, test_pbc, args.out / "eval-pbc-test-self-trained", options)}
 
 
 def flagged_rate(run: Path, files: list[Path]) -> float:
@@ -167,7 +168,7 @@ def flagged_rate(run: Path, files: list[Path]) -> float:
 
 
 def few_labels(run: Path, mapped: Path, pool: set[str], test: Path, test_pbc: Path,
-               args: argparse.Namespace, settings: EvalSettings) -> dict:
+               args: argparse.Namespace, options: InferenceOptions) -> dict:
     """Fine-tune the trained model on at most ``--labelled-per-class`` cells per class of
     half of the Johns Hopkins patients, replaying its PBC training images (``train --init
     RUN --replay RUN``), and on the labelled cells alone; test both on the other half's
@@ -205,9 +206,9 @@ def few_labels(run: Path, mapped: Path, pool: set[str], test: Path, test_pbc: Pa
             train(few, tuned, resolve_config(config_file=RunDir(run).config,
                                              overrides=overrides), progress=False)
         result[f"cross_lab_jhh_heldout_{start}_{tag}"] = scored(
-            tuned, test, args.out / f"eval-jhh-heldout-{name}", settings)
+            tuned, test, args.out / f"eval-jhh-heldout-{name}", options)
         result[f"in_lab_pbc_test_{tag_in_lab}"] = scored(tuned, test_pbc,
-                                                  args.out / f"eval-pbc-test-{name}", settings)
+                                                  args.out / f"eval-pbc-test-{name}", options)
     return result
 
 
@@ -289,10 +290,11 @@ def accuracy_ci(eval_dir: Path, data: Path, n_boot: int = 1000) -> list[float]:
     return [float(np.percentile(acc, 2.5)), float(np.percentile(acc, 97.5))]
 
 
-def scored(run: Path, data: Path, out: Path, settings: EvalSettings) -> dict:
+def scored(run: Path, data: Path, out: Path, options: InferenceOptions) -> dict:
     """:func:`summary` of ``evaluate`` (per image, no patient diagnosis), with the
     accuracy's patient-bootstrap interval."""
-    result = summary(evaluate(run, data, out, settings, patients="none"))
+    result = summary(evaluate(run, data, out, options, EvalSettings(progress=False),
+                             patients="none"))
     result["accuracy_ci"] = accuracy_ci(out, data)
     return result
 
@@ -338,15 +340,15 @@ def main() -> None:
         train(dev, run, resolve_config(preset=args.preset, overrides=overrides))
         result["train_minutes"] = (time.perf_counter() - start) / 60
     result["run"] = str(run)
-    settings = EvalSettings(progress=False)
-    result["in_lab_pbc_test"] = scored(run, test, args.out / "eval-pbc-test", settings)
-    result["cross_lab_jhh"] = scored(run, mapped, args.out / "eval-jhh", settings)
+    options = InferenceOptions()
+    result["in_lab_pbc_test"] = scored(run, test, args.out / "eval-pbc-test", options)
+    result["cross_lab_jhh"] = scored(run, mapped, args.out / "eval-jhh", options)
     tight = tight_crops(test, args.out)
-    auto = EvalSettings(progress=False, crop_mode="auto")
-    result["tight_crops"] = scored(run, tight, args.out / "eval-tight", settings)
+    auto = InferenceOptions(crop_mode="auto")
+    result["tight_crops"] = scored(run, tight, args.out / "eval-tight", options)
     result["tight_crops_auto"] = scored(run, tight, args.out / "eval-tight-auto", auto)
     result["yellow_cast"] = scored(run, recoloured(test, args.out), args.out / "eval-yellow",
-                                   settings)
+                                   options)
     # a lab that exports tight crops of yellow-stained smears
     result["tight_yellow_auto"] = scored(run, recoloured(tight, args.out),
                                          args.out / "eval-tight-yellow-auto", auto)
@@ -358,16 +360,16 @@ def main() -> None:
             shutil.rmtree(adapted, ignore_errors=True)
             adapt(run, [args.jhh / "manifest.csv"], adapted, progress=False)
         result["cross_lab_jhh_adapted"] = scored(adapted, mapped, args.out / "eval-jhh-adapted",
-                                                 settings)
+                                                 options)
     if args.labelled_per_class > 0 or not args.no_self_train:
         pool = first_half(mapped)
         held = heldout_half(mapped, pool, args.out)
         result["cross_lab_jhh_heldout_trained"] = scored(run, held,
-                                                         args.out / "eval-jhh-heldout", settings)
+                                                         args.out / "eval-jhh-heldout", options)
     if not args.no_self_train:
-        result |= self_trained(run, pool, held, args.jhh, test, args, settings)
+        result |= self_trained(run, pool, held, args.jhh, test, args, options)
     if args.labelled_per_class > 0:
-        result |= few_labels(run, mapped, pool, held, test, args, settings)
+        result |= few_labels(run, mapped, pool, held, test, args, options)
     predictor = load(run).predictor("torch")
     catch: dict[str, dict[str, float]] = {}
     unseen_scores = []

@@ -245,3 +245,19 @@ def test_no_import_cycle_between_modules():
             f"  {_where(m, line)} -> {t}" for m in component for line, t in graph[m]
             if t in inside))
     assert report == [], "\n".join(report)
+
+
+def test_the_source_points_at_documentation_pages_that_exist():
+    """Comments and messages send readers to docs/ pages (the README is short and names
+    no sections): every page named exists."""
+    import re
+
+    root = PACKAGE.parent.parent
+    named, readme = [], []
+    for path in SOURCES:
+        text = path.read_text(encoding="utf-8")
+        named += [(path.name, page) for page in re.findall(r"docs/[\w/.-]+?\.md", text)]
+        readme += [path.name for _ in re.findall(r"README(?:\.md|'s)", text)]
+    assert ("cli.py", "docs/guide/bad-input.md") in named
+    assert [(name, page) for name, page in named if not (root / page).is_file()] == []
+    assert readme == []

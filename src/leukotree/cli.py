@@ -13,12 +13,16 @@ from rich.console import Console
 
 from leukotree import __version__
 from leukotree.errors import LeukotreeError
-from leukotree.inference.options import add_inference_arguments
+from leukotree.inference.options import REPORT_CONFIDENCE, add_inference_arguments
 from leukotree.report.console import print_error, say, stderr_console, stdout_console
 
 Handler = Callable[[argparse.Namespace], int]
+#: The inference options ``cv`` takes (its other flags are training options).
+CV_INFERENCE = ("aggregate", "min_cells")
+#: The inference options ``serve`` takes (its --max-pixels is its upload limit's).
+SERVE_INFERENCE = ("engine", "crop_mode", "pixel_size", "confidence", "aggregate")
 
-#: Exit codes (see the README's "Bad input" section).
+#: Exit codes (see docs/guide/bad-input.md, "Exit codes").
 EXIT_OK = 0
 EXIT_NOTHING_DONE = 1  # data check: not usable; predict: no input could be read
 EXIT_USER_ERROR = 2  # bad option, file or data: nothing (or nothing more) was written
@@ -128,14 +132,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_cv(args: argparse.Namespace) -> int:
     from leukotree.evaluation.cv import cross_validate
     from leukotree.evaluation.evaluate import EvalSettings
+    from leukotree.inference.options import InferenceOptions
     from leukotree.rundir import CVDir, read_text
 
     if args.val_data:
         raise LeukotreeError("--val does not apply to cv: every fold is validated in turn.")
-    settings = EvalSettings(aggregate=args.aggregate, min_cells=args.min_cells,
-                            progress=not args.no_progress)
     cross_validate(args.data, args.out, _train_config(args), folds=args.folds_cv,
-                   repeats=args.repeats, settings=settings, progress=not args.no_progress)
+                   repeats=args.repeats,
+                   options=InferenceOptions.from_args(args, CV_INFERENCE),
+                   settings=EvalSettings(progress=not args.no_progress),
+                   progress=not args.no_progress)
     say(stdout_console(), read_text(CVDir(args.out).markdown, "CV summary"))
     return 0
 
@@ -203,11 +209,12 @@ def _name_not_used(console: Console, files: list[Path]) -> None:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from leukotree.inference.explain import explain_images
+    from leukotree.inference.options import InferenceOptions
 
     nodes = args.node.split(",") if args.node else None
     written = explain_images(args.run, args.images, args.out, nodes=nodes, method=args.method,
-                             target_layer=args.target_layer, crop_mode=args.crop_mode,
-                             pixel_size=args.pixel_size)
+                             target_layer=args.target_layer,
+                             options=InferenceOptions.from_args(args))
     for w in written:
         levels = ", ".join(f"{n} ({m['probability']:.2f})" for n, m in w["maps"].items())
         say(stdout_console(), f"{w['image']}: predicted {w['predicted_leaf']}; maps for {levels}; "
@@ -216,14 +223,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from leukotree.inference.options import InferenceOptions
     from leukotree.report.patient import patient_report
 
-    result = patient_report(args.run, args.inputs, args.out, patient=args.patient,
-                            method=args.aggregate, confidence=args.confidence,
-                            min_cells=args.min_cells, top_cells=args.top_cells,
-                            heatmaps=not args.no_heatmaps, progress=not args.no_progress,
-                            crop_mode=args.crop_mode, pixel_size=args.pixel_size,
-                            **_max_pixels(args))
+    result = patient_report(args.run, args.inputs, args.out,
+                            options=InferenceOptions.from_args(args), patient=args.patient,
+                            top_cells=args.top_cells, heatmaps=not args.no_heatmaps,
+                            progress=not args.no_progress)
     console = stderr_console()
     say(console, f"patient {result['patient']}: {result['diagnosis'] or 'insufficient'}"
         f"{' (referral advised)' if result['refer'] else ''}, {result['n_cells']} cells; "
@@ -306,21 +312,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from leukotree.evaluation.evaluate import EvalSettings, check_settings, evaluate
     from leukotree.inference.loader import load
+    from leukotree.inference.options import InferenceOptions
     from leukotree.rundir import EvalDir, read_text
 
-    settings = EvalSettings(
-        threshold=args.threshold, target_sensitivity=args.target_sensitivity,
-        positive=args.positive, aggregate=args.aggregate, min_cells=args.min_cells,
-        batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress,
-        tta=args.tta, crop_mode=args.crop_mode, pixel_size=args.pixel_size,
-        **_max_pixels(args))
+    settings = EvalSettings(threshold=args.threshold,
+                            target_sensitivity=args.target_sensitivity,
+                            positive=args.positive, progress=not args.no_progress)
     check_settings(settings)
+    options = InferenceOptions.from_args(args)
     where = EvalDir(args.out)
     data = args.data
     if data is None:  # the run's validation images; a CV fold's test images
         run = load(args.run).run_dir("; give the DATA to evaluate on.")
         data = run.write_val_manifest(where.validation, part=run.test_part())
-    metrics = evaluate(args.run, data, args.out, settings, patients=args.patients,
+    metrics = evaluate(args.run, data, args.out, options, settings, patients=args.patients,
                        labels=args.labels)
     console = stdout_console()
     say(console, read_text(where.markdown, "Metrics report"))
@@ -345,9 +350,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import dataclasses
     import ipaddress
     import os
 
+    from leukotree.inference.options import InferenceOptions
     from leukotree.optional import require
 
     for module in ("fastapi", "python_multipart", "jinja2"):
@@ -373,8 +380,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     hosts = tuple(args.allowed_host or ())
     if args.host not in ("0.0.0.0", "::", ""):
         hosts += (args.host,)
-    app = create_app(Models(args.runs, args.engine, crop_mode=args.crop_mode,
-                            pixel_size=args.pixel_size), store,
+    # the worker decodes with the upload limit's pixel bound, as the upload was checked
+    options = dataclasses.replace(InferenceOptions.from_args(args, SERVE_INFERENCE),
+                      max_pixels=limits.max_pixels)
+    app = create_app(Models(args.runs, options), store,
                      ServeSettings(token, limits, args.confidence, args.aggregate, hosts))
     say(stderr_console(), f"serving {len(args.runs)} model(s) on http://{args.host}:{args.port} "
         f"(store {store.root}){'' if token is None else '; a token is required'}")
@@ -557,7 +566,7 @@ def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
                     help="number of folds")
     cv.add_argument("--repeats", type=number(int, 1, 100), default=1,
                     help="repeat the CV with other patient folds (seed + repeat), e.g. 3")
-    add_inference_arguments(cv, ["aggregate", "min_cells"])
+    add_inference_arguments(cv, CV_INFERENCE)
     cv.set_defaults(func=cmd_cv, fold=None, folds=None)
 
     ens = sub.add_parser("ensemble", help="average several trained runs (e.g. one recipe "
@@ -620,7 +629,7 @@ def _add_explain_report_export_parsers(sub: argparse._SubParsersAction) -> None:
     rp.add_argument("--out", type=Path, required=True, help="HTML file to write")
     rp.add_argument("--patient", help="patient id shown in the report")
     add_inference_arguments(rp, ["aggregate", "confidence", "min_cells"],
-                            defaults={"confidence": "0.6"})
+                            defaults={"confidence": REPORT_CONFIDENCE})
     rp.add_argument("--top-cells", type=number(int, 0, 1000), default=8,
                     help="cells shown with heat maps")
     rp.add_argument("--no-heatmaps", action="store_true")
@@ -648,14 +657,12 @@ def _add_explain_report_export_parsers(sub: argparse._SubParsersAction) -> None:
     ad.add_argument("--lr", type=number(float, 0, 10, low_open=True),
                     help="self-train: learning rate (default: a quarter of the run's own; "
                          "cpu-fast 5e-4)")
-    ad.add_argument("--batch-size", type=POSITIVE, default=64,
-                    help="images per batch when reading the new cells (self-train: the "
-                         "fine-tune keeps the run's own batch size)")
-    ad.add_argument("--workers", type=POSITIVE, default=2)
-    ad.add_argument("--pixel-size", type=number(float, 0, 1000, low_open=True), metavar="UM",
-                    help="batch-norm: micrometres per pixel of the new lab's images (the "
-                         "adapted run then decodes images at this pixel size unless told "
-                         "otherwise)")
+    add_inference_arguments(ad, ["batch_size", "workers", "pixel_size"], helps={
+        "batch_size": "images per batch when reading the new cells (self-train: the "
+                      "fine-tune keeps the run's own batch size)",
+        "pixel_size": "batch-norm: micrometres per pixel of the new lab's images (the "
+                      "adapted run then decodes images at this pixel size unless told "
+                      "otherwise)"})
     ad.add_argument("--resume", action="store_true",
                     help="self-train: finish a self-training that stopped in --out (its "
                          "labels and options kept; the inputs are not read again)")
@@ -724,8 +731,7 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
                          "$XDG_DATA_HOME/leukotree/serve)")
     sv.add_argument("--token", help="require this token (Bearer header or login); required "
                                     "off 127.0.0.1; also read from LEUKOTREE_TOKEN")
-    add_inference_arguments(sv, ["engine", "crop_mode", "pixel_size", "confidence",
-                                 "aggregate"], defaults={"confidence": "0.6"})
+    add_inference_arguments(sv, SERVE_INFERENCE, defaults={"confidence": REPORT_CONFIDENCE})
     sv.add_argument("--max-files", type=POSITIVE, default=2000, help="files per case")
     sv.add_argument("--max-bytes", type=POSITIVE, default=500 * 2**20,
                     help="bytes per case, counting what zip archives unpack to (default "

@@ -152,17 +152,21 @@ def add_field_arguments(parser: argparse.ArgumentParser, cls: type, *,
                         names: Iterable[str] | None = None, skip: Iterable[str] = (),
                         short: dict[str, str] | None = None,
                         defaults: dict[str, Any] | None = None,
-                        unset: bool = False) -> None:
+                        unset: bool = False, helps: dict[str, str] | None = None) -> None:
     """One flag per field of the dataclass ``cls`` (those in ``names``, in that order,
     else every field with ``cli``, less ``skip``). A boolean is a switch that flips its
     default. Each flag's default is the field's (``defaults`` overrides it per command);
-    with ``unset`` every default is None, so that unset flags override nothing."""
+    with ``unset`` every default is None, so that unset flags override nothing. ``helps``
+    replaces a field's help for this command (what the option does there); the rule and
+    default are still appended from the field."""
     short, defaults, skip = short or {}, defaults or {}, set(skip)
+    helps = helps or {}
     by_name = {f.name: f for f in fields(cls)}
     chosen = ([by_name[n] for n in names] if names is not None
               else [f for f in by_name.values() if f.metadata["cli"] and f.name not in skip])
     for f in chosen:
         m = f.metadata
+        help_of = helps.get(f.name, m["help"])
         flags = [m["flag"] or "--" + f.name.replace("_", "-")]
         if f.name in short:
             flags.append(short[f.name])
@@ -170,7 +174,7 @@ def add_field_arguments(parser: argparse.ArgumentParser, cls: type, *,
         if kind(f) == "bool":
             parser.add_argument(*flags, dest=f.name, action="store_const",
                                 const=not default_of(f),
-                                default=None if unset else default, help=m["help"])
+                                default=None if unset else default, help=help_of)
             continue
         choices = choices_of(f)
         extra = [f"choices: {', '.join(choices)}"] if choices else []
@@ -178,7 +182,7 @@ def add_field_arguments(parser: argparse.ArgumentParser, cls: type, *,
         if default is not None:
             shown = ",".join(map(str, default)) if isinstance(default, list) else default
             extra.append(f"default {shown}")
-        help_text = m["help"] + (f" ({'; '.join(extra)})" if extra else "")
+        help_text = help_of + (f" ({'; '.join(extra)})" if extra else "")
         parser.add_argument(*flags, dest=f.name, type=arg_type(f),
                             default=None if unset else default,
                             metavar=m["metavar"] or flags[0].lstrip("-").upper().replace("-", "_"),

@@ -16,6 +16,7 @@ from leukotree.errors import LeukotreeError
 from leukotree.evaluation.evaluate import EvalSettings, evaluate
 from leukotree.inference.export import cached_onnx
 from leukotree.inference.loader import load
+from leukotree.inference.options import InferenceOptions
 from leukotree.inference.predictor import predict_paths
 from leukotree.models.calibration import tree_nll
 from leukotree.models.checkpoint import read_checkpoint
@@ -83,7 +84,8 @@ def test_calibrate_refits_on_other_cells_into_a_new_run_that_predicts(labs, tmp_
             report["nll"]["after"], abs=2e-3), engine
         assert preds.unclassifiable.mean() == pytest.approx(report["flagged"]["after"])
     assert (out / "best.onnx").is_file()
-    metrics = evaluate(out, lab2, tmp_path / "eval", EvalSettings(progress=False, workers=1))
+    metrics = evaluate(out, lab2, tmp_path / "eval", InferenceOptions(workers=1),
+                       EvalSettings(progress=False))
     assert metrics["calibration"]["temperatures"] == pytest.approx(
         report["calibration"]["temperatures"])
     assert metrics["calibration"]["uncalibrated"]["ece"] == pytest.approx(

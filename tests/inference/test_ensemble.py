@@ -11,6 +11,7 @@ from leukotree.cli import main
 from leukotree.data.synth import generate
 from leukotree.engine.config import resolve_config
 from leukotree.engine.trainer import train
+from leukotree.inference.options import InferenceOptions
 from leukotree.serve.app import ServeSettings, create_app
 from leukotree.serve.store import Store
 from leukotree.serve.worker import Models
@@ -63,7 +64,7 @@ def test_an_ensemble_predicts_the_mean_of_its_runs(runs, tmp_path, capsys):
     leaves = np.array([[float(r[f"p_{leaf}"]) for leaf in TAX.leaves] for r in rows["ens"]])
     np.testing.assert_allclose(leaves.sum(axis=1), 1, atol=1e-4)
     # served like a run folder; heat maps from its first member, named on the models page
-    models = Models([ens], engine="torch")
+    models = Models([ens], InferenceOptions(engine="torch"))
     assert models.get(None)[0] == "ens" and models.torch_model(None) is not None
     with TestClient(create_app(models, Store(tmp_path / "store"), ServeSettings()),
                     base_url="http://localhost") as api:

@@ -9,6 +9,7 @@ from PIL import Image
 from leukotree.cli import main
 from leukotree.errors import LeukotreeError
 from leukotree.inference.explain import explain_images
+from leukotree.inference.options import InferenceOptions
 from leukotree.models.checkpoint import save_model
 from leukotree.models.heads import ModelConfig, build_model
 from leukotree.taxonomy import load_taxonomy
@@ -71,7 +72,8 @@ def test_explain_decodes_another_camera_to_the_trained_field_of_view(image, tmp_
     save_model(tmp_path / "best.pt", model)
     out = tmp_path / "maps"
     [own] = explain_images(tmp_path / "best.pt", [image], out / "own")
-    [other] = explain_images(tmp_path / "best.pt", [image], out / "other", pixel_size=1.0)
+    [other] = explain_images(tmp_path / "best.pt", [image], out / "other",
+                              options=InferenceOptions(pixel_size=1.0))
     strip = np.asarray(Image.open(out / "other" / other["strip"]))
     # at 1 um per pixel the 24 um field is the central 24 px of the image
     np.testing.assert_array_equal(strip[:, :32], load_rgb_array(image, 32, window=24.0))

@@ -100,3 +100,45 @@ def test_the_options_module_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_evaluate_settings_hold_only_what_evaluate_decides():
+    from leukotree.evaluation.evaluate import EvalSettings
+
+    own = {f.name for f in fields(EvalSettings)}
+    assert own == {"threshold", "target_sensitivity", "positive", "progress"}
+    assert own.isdisjoint(f.name for f in fields(InferenceOptions))
+
+
+def test_cv_and_serve_read_only_their_inference_flags():
+    from leukotree.cli import CV_INFERENCE, SERVE_INFERENCE
+
+    parser = build_parser()
+    # cv's --pixel-size and --batch-size are training options: not the evaluation's
+    cv = parser.parse_args(["cv", "d", "--out", "o", "--pixel-size", "0.5", "--batch-size",
+                            "8", "--min-cells", "3", "--aggregate", "mean"])
+    assert (cv.pixel_size, cv.batch_size) == (0.5, 8)
+    assert InferenceOptions.from_args(cv, CV_INFERENCE) == InferenceOptions(
+        aggregate="mean", min_cells=3)
+    # serve's --max-pixels is its upload limit (default None), not the option's
+    serve = parser.parse_args(["serve", "r", "--crop-mode", "auto"])
+    assert serve.max_pixels is None
+    assert InferenceOptions.from_args(serve, SERVE_INFERENCE) == InferenceOptions(
+        crop_mode="auto", confidence="0.6")
+
+
+def test_a_command_gives_an_option_its_own_help_and_keeps_its_rule(capsys):
+    parser = _parser("batch_size", helps={"batch_size": "cells per batch here"})
+    text = " ".join(parser.format_help().split())
+    assert "cells per batch here (in [1, inf]; default 64)" in text
+    assert "images per batch" not in text
+    adapt = build_parser()._subparsers._group_actions[0].choices["adapt"]
+    text = " ".join(adapt.format_help().split())
+    assert "batch-norm: micrometres per pixel of the new lab's images" in text
+    assert "(in (0, 1000])" in text and "the fine-tune keeps the run's own batch size" in text
+    args = build_parser().parse_args(["adapt", "r", "x", "--out", "o", "--pixel-size", "2",
+                                      "--workers", "3"])
+    assert (args.pixel_size, args.workers, args.batch_size) == (2.0, 3, 64)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["adapt", "r", "x", "--out", "o", "--pixel-size", "0"])
+    assert "in (0, 1000]; got 0.0" in " ".join(capsys.readouterr().err.split())

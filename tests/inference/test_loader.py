@@ -11,7 +11,13 @@ import torch
 from leukotree.errors import LeukotreeError
 from leukotree.inference.ensemble import EnsemblePredictor
 from leukotree.inference.export import export_onnx
-from leukotree.inference.loader import KINDS, load, make_ensemble
+from leukotree.inference.loader import (
+    KINDS,
+    load,
+    make_ensemble,
+    trained_checkpoint,
+    trained_run,
+)
 from leukotree.inference.predictor import OnnxPredictor, TorchPredictor
 from leukotree.models.checkpoint import FORMAT, save_model
 from leukotree.models.heads import ModelConfig, TreeClassifier, build_model
@@ -128,6 +134,36 @@ def test_paths_that_hold_no_model_are_refused(paths, tmp_path):
     shutil.rmtree(copy)
     with pytest.raises(LeukotreeError, match=r"names 1 member run\(s\) that no longer exist"):
         load(tmp_path / "ens")
+
+
+def test_an_option_naming_one_trained_run_gets_its_checkpoint_or_a_refusal(paths, tmp_path):
+    best = paths["run"] / RunDir.BEST
+    assert trained_checkpoint(paths["run"], "--init") == best
+    assert trained_checkpoint(best, "--init") == best
+    for missing in (tmp_path, tmp_path / "gone.pt", tmp_path / "gone.onnx"):
+        with pytest.raises(LeukotreeError, match=r"^--init '.*' is not a trained model: give "
+                                                 r"a run folder \(with best.pt\)"):
+            trained_checkpoint(missing, "--init")
+    with pytest.raises(LeukotreeError, match=r"cv or ensemble folder of 2 models; .*fold_0"):
+        trained_checkpoint(paths["cv"], "--init")
+    with pytest.raises(LeukotreeError, match=r"exported ONNX file; .*give the run folder"):
+        trained_checkpoint(paths["onnx"], "--init")
+
+
+def test_a_run_with_its_split_is_told_from_data(paths, tmp_path):
+    run = RunDir(paths["run"])
+    assert trained_run(run.path) is None  # no split.csv: its images are not known
+    run.split.write_text("path,label,patient,split\n")
+    try:
+        assert trained_run(run.path).path == run.path
+        assert trained_run(run.best).path == run.path  # the folder of its .pt
+        (tmp_path / "manifest.csv").write_text("path,label\n")
+        (tmp_path / RunDir.SPLIT).write_text("path,label,patient,split\n")
+        assert trained_run(tmp_path / "manifest.csv") is None  # data beside a split
+        assert trained_run(paths["onnx"]) is None
+        assert trained_run(tmp_path / "data") is None  # a folder that is no run
+    finally:
+        run.split.unlink()
 
 
 def test_make_ensemble_refuses_what_is_not_one_new_run(paths, tmp_path):

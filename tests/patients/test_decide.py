@@ -15,8 +15,9 @@ import leukotree
 from leukotree.data.discover import InputImage, Sample
 from leukotree.engine.config import add_config_arguments, check_value, resolve_config
 from leukotree.errors import LeukotreeError
-from leukotree.evaluation.evaluate import EvalSettings, patient_level
+from leukotree.evaluation.evaluate import patient_level
 from leukotree.inference.decisions import decide_patients
+from leukotree.inference.options import InferenceOptions
 from leukotree.inference.predict import PredictResult, patient_rows
 from leukotree.inference.predictor import Predictions
 from leukotree.patients.fit import FittedPatientModel
@@ -108,7 +109,7 @@ def test_predict_report_and_evaluate_show_the_same_decisions():
     assert report.cell_weights == pytest.approx([0.3, 0.7])  # each cell's P(y)
 
     samples = [Sample(p, c[1], c[0]) for p, c in zip(PREDS.paths, CELLS, strict=True)]
-    level = patient_level(TAX, samples, PROBS, EvalSettings(min_cells=2), PREDS)
+    level = patient_level(TAX, samples, PROBS, InferenceOptions(min_cells=2), PREDS)
     assert level["insufficient"] == ["P3", "P4"] and level["n_patients"] == 4
     assert {p: v["decision"] for p, v in level["patients"].items()} == {"P1": "y", "P2": "x"}
     assert level["patients"]["P1"]["p_y"] == pytest.approx(decisions["P1"].scores[1])

@@ -6,6 +6,7 @@ from PIL import Image
 
 from leukotree.cli import main
 from leukotree.errors import LeukotreeError
+from leukotree.inference.options import InferenceOptions
 from leukotree.models.checkpoint import save_model
 from leukotree.models.heads import ModelConfig, build_model
 from leukotree.report.patient import patient_report
@@ -33,7 +34,7 @@ def setup(tmp_path):
 def test_report_is_one_self_contained_page(setup):
     out = setup / "report.html"
     result = patient_report(setup / "best.pt", [setup / "patient"], out, patient="P-17",
-                            confidence="0.0", top_cells=3)
+                            options=InferenceOptions(confidence="0.0"), top_cells=3)
     page = out.read_text()
     assert result["n_cells"] == 5 and len(result["unreadable"]) == 1
     assert result["diagnosis"] in TAX.leaves and result["refer"] is False
@@ -46,12 +47,29 @@ def test_report_is_one_self_contained_page(setup):
 
 def test_unconfident_levels_are_referred_and_too_few_cells_insufficient(setup):
     result = patient_report(setup / "best.pt", [setup / "patient"], setup / "r.html",
-                            confidence="0.99", heatmaps=False)
+                            options=InferenceOptions(confidence="0.99"), heatmaps=False)
     assert result["refer"] is True
     assert "referral advised" in (setup / "r.html").read_text()
     result = patient_report(setup / "best.pt", [setup / "patient"], setup / "r2.html",
-                            min_cells=50, heatmaps=False)
+                            options=InferenceOptions(confidence="0.6", min_cells=50),
+                            heatmaps=False)
     assert result["diagnosis"] is None and "Insufficient" in (setup / "r2.html").read_text()
+
+
+def test_the_options_choose_the_aggregation_and_are_left_as_given(setup):
+    options = InferenceOptions(aggregate="mean", confidence="0.0")
+    before = options.to_dict()
+    patient_report(setup / "best.pt", [setup / "patient"], setup / "m.html", options=options,
+                   heatmaps=False)
+    assert "aggregation: mean" in (setup / "m.html").read_text()
+    assert options.to_dict() == before
+    # without options: a majority vote, referred below the report's own confidence 0.6
+    default = patient_report(setup / "best.pt", [setup / "patient"], setup / "d.html",
+                             heatmaps=False)
+    given = patient_report(setup / "best.pt", [setup / "patient"], setup / "g.html",
+                           options=InferenceOptions(confidence="0.6"), heatmaps=False)
+    assert "aggregation: majority" in (setup / "d.html").read_text()
+    assert default | {"report": None} == given | {"report": None}
 
 
 def test_report_cli_and_errors(setup, capsys):

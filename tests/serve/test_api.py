@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 
 from conftest import html_tags
 from leukotree.errors import LeukotreeError
+from leukotree.inference.options import InferenceOptions
 from leukotree.serve.app import ServeSettings, create_app
 from leukotree.serve.store import Store
 from leukotree.serve.uploads import Limits
@@ -19,7 +20,7 @@ from leukotree.serve.worker import Models
 
 
 def client(served_run, store_dir, **settings):
-    models = Models([served_run / "run"], engine="torch")
+    models = Models([served_run / "run"], InferenceOptions(engine="torch"))
     return TestClient(create_app(models, Store(store_dir), ServeSettings(**settings)),
                       base_url="http://localhost")
 
@@ -146,7 +147,7 @@ def test_user_text_is_escaped_in_every_page(served_run, tmp_path):
 def test_heat_maps_come_from_the_checkpoint_when_onnx_runtime_predicts(served_run, tmp_path):
     import threading
 
-    models = Models([served_run / "run"], engine="onnx")
+    models = Models([served_run / "run"], InferenceOptions(engine="onnx"))
     assert models.predictors["run"].engine == "onnxruntime"
     with TestClient(create_app(models, Store(tmp_path / "store"), ServeSettings()),
                     base_url="http://localhost") as api:
@@ -170,7 +171,7 @@ def test_heat_maps_come_from_the_checkpoint_when_onnx_runtime_predicts(served_ru
 
 def test_the_served_models_can_decode_another_lab_with_another_crop_mode(served_run,
                                                                          tmp_path):
-    models = Models([served_run / "run"], engine="torch", crop_mode="auto")
+    models = Models([served_run / "run"], InferenceOptions(engine="torch", crop_mode="auto"))
     assert models.views["run"].crop_mode == "auto"  # the worker and heat maps decode alike
     assert models.predictors["run"].model_config.crop_mode == "centre"  # its own: kept
     with TestClient(create_app(models, Store(tmp_path / "store"), ServeSettings()),
@@ -185,15 +186,20 @@ def test_serving_another_magnification_crops_the_models_physical_field(served_ru
     from leukotree.engine.trainer import train
 
     with pytest.raises(LeukotreeError, match="trained without one"):
-        Models([served_run / "run"], engine="torch", pixel_size=0.2)
+        Models([served_run / "run"], InferenceOptions(engine="torch", pixel_size=0.2))
     run = tmp_path / "scaled"
     train(served_run / "data", run, resolve_config(preset="tiny-test", overrides={
         "epochs": 1, "threads": 1, "img_size": 32, "pixel_size": 0.4}), progress=False)
-    models = Models([run], engine="torch", pixel_size=0.2)  # twice the magnification
+    # twice the magnification
+    models = Models([run], InferenceOptions(engine="torch", pixel_size=0.2))
     window = 40 * 0.4 / 0.2  # synthetic 40 px images, crop 1: a 16 um field
     # the worker, heat maps and reports decode alike
     assert models.views["scaled"].decode_options()["window"] == window
-    assert models.input_options() == {"crop_mode": None, "pixel_size": 0.2}
+    assert (models.options.crop_mode, models.options.pixel_size) == (None, 0.2)
+    # the case report's options: the served ones with the app's, the served left as given
+    report = models.options_with(aggregate="mean", confidence="0.9")
+    assert (report.pixel_size, report.aggregate, report.confidence) == (0.2, "mean", "0.9")
+    assert (models.options.aggregate, models.options.confidence) == ("majority", None)
     # the case report shows the cells decoded at the served pixel size (no OOD flag, so
     # that the padded view is classified and shown)
     from leukotree.data.images import load_rgb_array
@@ -201,7 +207,7 @@ def test_serving_another_magnification_crops_the_models_physical_field(served_ru
     from leukotree.report.html import png_data_uri
 
     update_checkpoint(run / "best.pt", ood=None)
-    models = Models([run], engine="torch", pixel_size=0.2)
+    models = Models([run], InferenceOptions(engine="torch", pixel_size=0.2))
     upload = cells(served_run, 1)
     with TestClient(create_app(models, Store(tmp_path / "s"), ServeSettings()),
                     base_url="http://localhost") as api:
@@ -217,7 +223,7 @@ def test_the_case_report_is_the_workers_own_results_by_its_engine(served_run, tm
 
     onnx = export_onnx(served_run / "run", tmp_path / "m.onnx")
     store = Store(tmp_path / "store")
-    models = Models([onnx], engine="auto")  # no PyTorch model at all
+    models = Models([onnx], InferenceOptions(engine="auto"))  # no PyTorch model at all
     with TestClient(create_app(models, store, ServeSettings(confidence="0.99")),
                     base_url="http://localhost") as api:
         case = wait_done(api, api.post("/api/cases", files=cells(served_run, 4),

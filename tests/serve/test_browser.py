@@ -16,6 +16,7 @@ import uvicorn
 from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
+from leukotree.inference.options import InferenceOptions
 from leukotree.serve.app import ServeSettings, create_app
 from leukotree.serve.store import Store
 from leukotree.serve.worker import Models
@@ -28,7 +29,8 @@ def server(served_run, tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    app = create_app(Models([served_run / "run"], engine="torch"), Store(tmp_path / "store"),
+    app = create_app(Models([served_run / "run"], InferenceOptions(engine="torch")),
+                     Store(tmp_path / "store"),
                      ServeSettings())
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)

@@ -17,6 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from leukotree.cli import main
+from leukotree.inference.options import InferenceOptions
 from leukotree.serve.app import ServeSettings, create_app
 from leukotree.serve.auth import LoginThrottle, Sessions, bearer, token_matches
 from leukotree.serve.store import Store, StoreError
@@ -29,7 +30,7 @@ LOCAL = "http://localhost"
 
 @pytest.fixture(scope="module")
 def models(served_run):
-    return Models([served_run / "run"], engine="torch")
+    return Models([served_run / "run"], InferenceOptions(engine="torch"))
 
 
 def app_for(models, store_dir, **settings):
@@ -526,3 +527,13 @@ def test_a_read_only_database_is_refused_at_start(tmp_path, monkeypatch):
     monkeypatch.setattr(sqlite3, "connect", read_only)
     with pytest.raises(StoreError, match=r"cannot be written \(attempt to write a readonly"):
         Store(tmp_path / "s")
+
+
+def test_the_worker_decodes_with_the_served_pixel_limit(served_run, tmp_path):
+    """What serve's --max-pixels lets through is decoded under the same bound."""
+    strict = Models([served_run / "run"], InferenceOptions(engine="torch", max_pixels=100))
+    with TestClient(create_app(strict, Store(tmp_path / "s"), ServeSettings()),
+                    base_url=LOCAL) as api:
+        case = wait_done(api, api.post("/api/cases", files=one_cell(served_run)).json()["id"])
+    assert case["status"] == "done", case
+    assert "100" in str(case["cells"][0].get("error")), case["cells"][0]

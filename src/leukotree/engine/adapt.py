@@ -121,13 +121,13 @@ def adapt(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
     ``out``. With ``pixel_size``, the adapted model keeps it as its input pixel size:
     ``predict``, ``evaluate`` and ``serve`` of the adapted run decode at that size unless
     given another."""
-    source = RunDir.of(run)
     target = _new_folder(out, inputs)
     if batch_size < 2:
         raise LeukotreeError(f"The 'batch_size' parameter must be >= 2 for batch statistics; "
                              f"got {batch_size}.")
     loaded = load(run)
     model, payload = loaded.torch_model(), loaded.payload
+    source = loaded.run_dir("")  # one run (torch_model refused the rest)
     found = collect_inputs(inputs, "none")
     paths = [i.path for i in found.images]
     if len(paths) < 2:
@@ -338,7 +338,7 @@ def self_train(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *
     if resume:
         labelling = _stopped_self_training(target)
         started = labelling.get("source_model")
-        if started and started != os.path.realpath(RunDir.checkpoint_of(run)):
+        if started and started != os.path.realpath(load(run).checkpoint):
             raise LeukotreeError(f"The self-training in '{target.path}' adapts '{started}', "
                                  f"not '{run}'; resume it with that run.")
         config = load_config(target.config, check_device=False)
@@ -384,14 +384,15 @@ def _label_for_self_training(run: str | Path, inputs: Sequence[str | Path], targ
     from leukotree.engine.config import save_config
     from leukotree.engine.distributed import resolve_device
 
-    source = RunDir.of(run)
     if target.path.is_dir() and (target.path / RunDir.SELF_TRAINING).exists() and not (
             target.path / RunDir.ADAPT).exists():
         raise LeukotreeError(f"'{target.path}' holds a stopped self-training; add --resume to "
                              "finish it, or choose a new folder.")
     _new_folder(target.path, inputs)
-    checkpoint = load(run).checkpoint
-    model = load(checkpoint).torch_model()
+    loaded = load(run)
+    checkpoint = loaded.checkpoint
+    model = loaded.torch_model()
+    source = loaded.run_dir("")  # one run (its checkpoint refused the rest)
     if model.config.input_pixel_size is not None:
         raise LeukotreeError(f"'{source.path}' decodes its images at a pixel size "
                              f"({model.config.input_pixel_size:g} um; adapted with "

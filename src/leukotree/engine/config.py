@@ -242,11 +242,9 @@ class TrainConfig:
             check_input_size(name, self.img_size)
         taxonomy = load_taxonomy(self.taxonomy)
         if self.init is not None:
-            from leukotree.rundir import RunDir
+            from leukotree.inference.loader import trained_checkpoint
 
-            if not RunDir.checkpoint_of(self.init).is_file():
-                raise LeukotreeError(f"--init '{self.init}' is not a trained model: give a run "
-                                     "folder (with best.pt) or a .pt file from leukotree train.")
+            trained_checkpoint(self.init, "--init")
         if self.ood_reference == "replayed" and self.replay is None:
             raise LeukotreeError("--ood-reference replayed needs --replay: the distance is "
                                  "measured to the replayed training images.")
@@ -295,8 +293,8 @@ def check_value(name: str, value: Any) -> Any:
 PRESETS: dict[str, dict[str, Any]] = {
     # PBC (../shared/data/pbc-dev, pbc taxonomy) in about 15 minutes on 2 CPU cores, from
     # scratch; context_radius keeps another lab's smear from steering it, stain_norm white
-    # another lab's colour cast (README.md: the cpu-fast preset, and
-    # benchmarks/bench_cross_lab.py).
+    # another lab's colour cast (docs/guide/training.md, "cpu-fast"; docs/guide/other-labs.md
+    # and docs/benchmarks/cross-lab.md, from benchmarks/bench_cross_lab.py).
     "cpu-fast": {
         "model": "resnet18", "head": "multihead", "img_size": 112, "crop_fraction": 0.65,
         "train_pad": 0.15, "epochs": 24, "batch_size": 32, "lr": 2e-3, "weight_decay": 0.05,

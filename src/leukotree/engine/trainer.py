@@ -65,6 +65,7 @@ from leukotree.engine.loop import (
     weight_average,
 )
 from leukotree.errors import LeukotreeError, UnreadableImagesError, display_path
+from leukotree.inference.loader import load, trained_run
 from leukotree.models import TreeClassifier, build_model
 from leukotree.models.checkpoint import (
     environment,
@@ -357,10 +358,8 @@ class Trainer:
 
     def _replay_run(self) -> RunDir | None:
         """The run folder ``--replay`` names (itself or its ``.pt`` file), or None when it
-        names data."""
-        replay = Path(self.config.replay or "")
-        run = RunDir(replay.parent if replay.suffix == ".pt" and replay.is_file() else replay)
-        return run if self.config.replay and run.split.exists() else None
+        names data (:func:`~leukotree.inference.loader.trained_run`)."""
+        return trained_run(self.config.replay) if self.config.replay else None
 
     def _discover(self, data: Path, taxonomy: Taxonomy) -> SampleSet:
         """The usable images of ``data``; files not used are named (on screen and in
@@ -520,7 +519,7 @@ class Trainer:
     def _init_model(self, taxonomy: Taxonomy) -> TreeClassifier:
         """The model ``--init`` names, after checking that it fits this training."""
         cfg = self.config
-        source, _ = load_model(cfg.init)
+        source = load(cfg.init).torch_model()
         want = {"taxonomy": taxonomy.leaves, "head": cfg.head,
                 "backbone": cfg.model_config().arch_name, "img_size": cfg.img_size,
                 "norm": cfg.norm, "stain_norm": cfg.stain_norm,

@@ -30,6 +30,7 @@ from leukotree.engine.distributed import running_under_torchrun
 from leukotree.engine.trainer import train
 from leukotree.errors import LeukotreeError
 from leukotree.evaluation.evaluate import EvalSettings, check_settings, evaluate
+from leukotree.inference.options import InferenceOptions
 from leukotree.patients.fit import bootstrap_auroc
 from leukotree.report.console import stderr_console
 from leukotree.report.html import write_document
@@ -92,6 +93,7 @@ def cross_validate(
     *,
     folds: int = 5,
     repeats: int = 1,
+    options: InferenceOptions | None = None,
     settings: EvalSettings | None = None,
     progress: bool = True,
     console: Console | None = None,
@@ -106,7 +108,9 @@ def cross_validate(
     initialisations) with seed ``seed + r``. With patient
     ids, the out-of-fold patient diagnoses of each repeat are pooled into patient-level
     metrics (AUROC with a patient-bootstrap 95% CI; sensitivity and specificity at each
-    fold's own threshold, chosen on its training patients only).
+    fold's own threshold, chosen on its training patients only). Each fold is evaluated
+    with ``options`` (e.g. the patient aggregation) and ``settings``
+    (:func:`~leukotree.evaluation.evaluate.evaluate`).
     """
     if folds < 2 or repeats < 1:
         raise LeukotreeError(f"Cross-validation needs at least 2 folds and 1 repeat; got "
@@ -118,6 +122,7 @@ def cross_validate(
         raise LeukotreeError("leukotree cv runs in one process (each fold trains on all the "
                              "process's devices); use torchrun with 'leukotree train --fold k' "
                              "for distributed training of one fold.")
+    options = options or InferenceOptions()
     settings = settings or EvalSettings(progress=progress)
     check_settings(settings)
     console = console or stderr_console()
@@ -134,8 +139,8 @@ def cross_validate(
         patients: dict[str, Any] = {}
         insufficient: list[str] = []
         for k in range(folds):
-            metrics = _run_fold(data, cv, base, k, r, folds, repeats, settings, progress,
-                                console)
+            metrics = _run_fold(data, cv, base, k, r, folds, repeats, (options, settings),
+                                progress, console)
             per_fold.append({"fold": k, "repeat": r, "n_images": metrics["n_images"],
                              **fold_scalars(metrics)})
             level = metrics.get("patient_level") or {}
@@ -160,7 +165,8 @@ def cross_validate(
 
 
 def _run_fold(data: str | Path, cv: CVDir, base: TrainConfig, k: int, r: int, folds: int,
-              repeats: int, settings: EvalSettings, progress: bool, console: Console,
+              repeats: int, evaluation: tuple[InferenceOptions, EvalSettings],
+              progress: bool, console: Console,
               ) -> dict[str, Any]:
     """Train and evaluate fold ``k`` of repeat ``r`` (kept when already evaluated)."""
     fold = cv.fold(k, r)
@@ -173,7 +179,7 @@ def _run_fold(data: str | Path, cv: CVDir, base: TrainConfig, k: int, r: int, fo
               resume=fold.last.exists(), progress=progress)
         # The manifest carries the split's labels and patient ids as they were resolved.
         evaluate(fold.path, fold.write_val_manifest(part=fold.test_part()),
-                 fold.eval_dir.path, settings,
+                 fold.eval_dir.path, *evaluation,
                  patients="auto", labels="folder")
     return fold.eval_dir.read_metrics()
 

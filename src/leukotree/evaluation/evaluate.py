@@ -9,11 +9,10 @@ from typing import Any
 import numpy as np
 
 from leukotree.data.discover import Sample, discover
-from leukotree.data.images import DEFAULT_MAX_PIXELS
 from leukotree.errors import LeukotreeError
 from leukotree.inference.decisions import decide_patients, domain_shift
 from leukotree.inference.loader import LoadedModel, load
-from leukotree.inference.options import InferenceOptions, check_option
+from leukotree.inference.options import InferenceOptions
 from leukotree.inference.predictor import Predictions, Predictor, TorchPredictor, predict_paths
 from leukotree.metrics import (
     binary_metrics,
@@ -33,20 +32,15 @@ from leukotree.tree import decode_argmax
 
 @dataclass
 class EvalSettings:
-    """How ``evaluate`` decides and aggregates (the CLI's options)."""
+    """What only ``evaluate`` decides: the binary threshold (given, or reaching
+    ``target_sensitivity`` on the run's validation split) and positive leaf, and whether
+    to show progress. How the model reads the images and aggregates patients are its
+    :class:`~leukotree.inference.options.InferenceOptions`."""
 
     threshold: float | None = None
     target_sensitivity: float | None = None
     positive: str | None = None
-    aggregate: str = "majority"
-    min_cells: int = 1
-    batch_size: int = 64
-    workers: int = 2
     progress: bool = True
-    tta: bool = False
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    crop_mode: str | None = None  # None: the model's own
-    pixel_size: float | None = None  # micrometres per pixel of the data; None: the model's
 
 
 def binary_block(taxonomy: Taxonomy, truth: list[str], probs: np.ndarray, threshold: float,
@@ -63,15 +57,20 @@ def evaluate(
     run: str | Path,
     data: str | Path,
     out: str | Path,
+    options: InferenceOptions | None = None,
     settings: EvalSettings | None = None,
     *,
     patients: str = "auto",
     labels: str = "folder",
 ) -> dict[str, Any]:
     """Evaluate the model of ``run`` (a run folder or checkpoint; a cv or ensemble folder,
-    its members averaged) on ``data``; write metrics.json, metrics.md, metrics.html,
-    predictions.csv and the figures into ``out`` (an :class:`~leukotree.rundir.EvalDir`).
-    The ECE before calibration is given for a single model only."""
+    its members averaged) on ``data``, read and aggregated as ``options`` say (decoding
+    view, batches, test-time augmentation, patient aggregation; the engine is always
+    PyTorch, whose raw outputs give the ECE before calibration); write metrics.json,
+    metrics.md, metrics.html, predictions.csv and the figures into ``out`` (an
+    :class:`~leukotree.rundir.EvalDir`). The ECE before calibration is given for a single
+    model only."""
+    options = options or InferenceOptions()
     settings = settings or EvalSettings()
     check_settings(settings)
     run = Path(run)
@@ -81,17 +80,15 @@ def evaluate(
     predictor = loaded.predictor("torch")
     # one model: its raw outputs give the ECE before calibration
     model = predictor.model if isinstance(predictor, TorchPredictor) else None
-    view = InferenceOptions(crop_mode=settings.crop_mode,
-                            pixel_size=settings.pixel_size).input_config(
-                                predictor.model_config, source=run)
+    view = options.input_config(predictor.model_config, source=run)
     taxonomy: Taxonomy = predictor.taxonomy
     sample_set = discover(data, taxonomy, patients=patients, labels=labels)
     sample_set.raise_for_problems()
     samples = sample_set.samples
     preds = predict_paths(predictor, [s.path for s in samples],
-                          batch_size=settings.batch_size, workers=settings.workers,
-                          progress=settings.progress, on_error="raise", tta=settings.tta,
-                          max_pixels=settings.max_pixels,
+                          batch_size=options.batch_size, workers=options.workers,
+                          progress=settings.progress, on_error="raise", tta=options.tta,
+                          max_pixels=options.max_pixels,
                           pixel_sizes=[s.pixel_size for s in samples], config=view)
     probs = preds.leaf_probs.astype(np.float64)
     truth = [s.label for s in samples]
@@ -117,9 +114,11 @@ def evaluate(
         metrics["ood"] = ood_metrics(taxonomy, truth, probs, preds.unclassifiable,
                                      predictor.expected_ood)
     if len(taxonomy.leaves) == 2:
-        metrics["binary"] = _binary_section(loaded, predictor, truth, probs, settings)
-    metrics["patient_level"] = patient_level(taxonomy, samples, probs, settings, preds,
-                                             predictor.patient_model)
+        metrics["binary"] = _binary_section(loaded, predictor, truth, probs, options,
+                                            settings)
+    metrics["patient_level"] = patient_level(taxonomy, samples, probs, options, preds,
+                                             predictor.patient_model,
+                                             positive=settings.positive)
     where = EvalDir(out)
     where.path.mkdir(parents=True, exist_ok=True)
     metrics["figures"] = write_figures(taxonomy, truth, probs, metrics, where.path,
@@ -131,11 +130,8 @@ def evaluate(
 
 
 def check_settings(settings: EvalSettings) -> None:
-    """Refuse impossible settings before any image is read (the inference options by
-    their :class:`~leukotree.inference.options.InferenceOptions` rules)."""
-    for name in ("aggregate", "min_cells", "batch_size", "workers", "tta", "max_pixels",
-                 "crop_mode", "pixel_size"):
-        check_option(name, getattr(settings, name))
+    """Refuse impossible settings before any image is read (the inference options check
+    themselves when made: :class:`~leukotree.inference.options.InferenceOptions`)."""
     if settings.threshold is not None and not 0 <= settings.threshold <= 1:
         raise LeukotreeError(f"The 'threshold' parameter must be in [0, 1]; got "
                              f"{settings.threshold!r}.")
@@ -145,7 +141,7 @@ def check_settings(settings: EvalSettings) -> None:
 
 
 def _binary_section(loaded: LoadedModel, predictor: Predictor, truth: list[str], probs: np.ndarray,
-                    settings: EvalSettings) -> dict[str, Any]:
+                    options: InferenceOptions, settings: EvalSettings) -> dict[str, Any]:
     """The binary block at a given threshold, 0.5, or the threshold reaching a target
     sensitivity on the run's own validation split."""
     taxonomy = predictor.taxonomy
@@ -159,7 +155,7 @@ def _binary_section(loaded: LoadedModel, predictor: Predictor, truth: list[str],
     elif settings.target_sensitivity is not None:
         val = loaded.run_dir(". Give --threshold instead.").read_split("val")
         vp = predict_paths(predictor, [Path(r["path"]) for r in val], progress=False,
-                           on_error="raise", batch_size=settings.batch_size, tta=settings.tta)
+                           on_error="raise", batch_size=options.batch_size, tta=options.tta)
         k = taxonomy.leaf_index[positive]
         threshold = threshold_for_sensitivity(
             vp.leaf_probs[:, k], np.array([r["label"] == positive for r in val]),
@@ -171,13 +167,16 @@ def _binary_section(loaded: LoadedModel, predictor: Predictor, truth: list[str],
 
 
 def patient_level(taxonomy: Taxonomy, samples: list[Sample], probs: np.ndarray,
-                  settings: EvalSettings, preds: Predictions | None = None,
-                  fitted: FittedPatientModel | None = None) -> dict[str, Any] | None:
+                  options: InferenceOptions, preds: Predictions | None = None,
+                  fitted: FittedPatientModel | None = None, *, positive: str | None = None,
+                  ) -> dict[str, Any] | None:
     """Patient-level metrics when every patient has one label, of the decisions of
     :func:`~leukotree.inference.decisions.decide_patients` (as ``predict``: the run's
-    patient model when it has one, with its own threshold, else ``settings.aggregate``;
+    patient model when it has one, with its own threshold, else ``options.aggregate``,
+    patients with fewer than ``options.min_cells`` cells insufficient;
     unclassifiable cells left out): the metrics rank patients by the patient model's
-    probabilities; for two leaves also the AUROC with a patient-bootstrap 95% CI."""
+    probabilities; for two leaves also the AUROC with a patient-bootstrap 95% CI, of
+    ``positive`` (default: the first leaf) unless the patient model has its own."""
     patients = [s.patient for s in samples]
     if not any(patients):
         return None
@@ -191,10 +190,10 @@ def patient_level(taxonomy: Taxonomy, samples: list[Sample], probs: np.ndarray,
         features=None if preds is None else preds.features,
         cell_probs=None if preds is None else preds.cell_probs,
         extras=None if preds is None else preds.member_arrays(),
-        model=fitted if preds is not None else None, aggregate=settings.aggregate,
-        min_cells=settings.min_cells)
+        model=fitted if preds is not None else None, aggregate=options.aggregate,
+        min_cells=options.min_cells)
     decided = [d for d in decisions if not d.insufficient]
-    out: dict[str, Any] = {"method": settings.aggregate, "min_cells": settings.min_cells,
+    out: dict[str, Any] = {"method": options.aggregate, "min_cells": options.min_cells,
                            "n_patients": len(truth),  # with those left without a cell
                            "insufficient": sorted(set(truth) - {d.patient for d in decided})}
     if not decided:
@@ -206,8 +205,7 @@ def patient_level(taxonomy: Taxonomy, samples: list[Sample], probs: np.ndarray,
                 "threshold_rule": fitted.rule}
         positive = fitted.positive
     else:
-        positive = (settings.positive or taxonomy.leaves[0]) if len(taxonomy.leaves) == 2 \
-            else None
+        positive = (positive or taxonomy.leaves[0]) if len(taxonomy.leaves) == 2 else None
     p_truth = [truth[d.patient] for d in decided]
     out.update(classification_metrics(taxonomy, p_truth, p_probs))
     out.update({f"patient_{k}": v for k, v in patient_metrics(

@@ -168,18 +168,18 @@ def explain_images(
     nodes: Sequence[str] | None = None,
     method: str = "gradcam",
     target_layer: str | None = None,
-    crop_mode: str | None = None,
-    pixel_size: float | None = None,
+    options: InferenceOptions | None = None,
 ) -> list[dict[str, Any]]:
     """Write a heat-map overlay per image and node, plus one strip per image.
 
     Without ``nodes``, the nodes of each image's predicted path are explained. The images
-    are decoded as the model's own unless ``crop_mode`` or ``pixel_size`` say otherwise
-    (:meth:`~leukotree.inference.options.InferenceOptions.input_config`).
+    are decoded as the model's own unless ``options`` say otherwise (their crop mode and
+    pixel size: :meth:`~leukotree.inference.options.InferenceOptions.input_config`; the
+    rest of them does not apply to heat maps).
     """
+    options = options or InferenceOptions()
     model = load(run).torch_model()
-    view = InferenceOptions(crop_mode=crop_mode, pixel_size=pixel_size)
-    decode = view.input_config(model.config, source=run).decode_options()
+    decode = options.input_config(model.config, source=run).decode_options()
     tax = model.taxonomy
     nodes = [tax.resolve(node, where="--node") for node in nodes or ()]
     size = model.config.img_size

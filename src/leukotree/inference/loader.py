@@ -168,6 +168,31 @@ def load(run: str | Path) -> LoadedModel:
     return LoadedModel("run", path)
 
 
+def trained_checkpoint(run: str | Path, flag: str) -> Path:
+    """The model file of the one trained run that option ``flag`` names (a run folder's
+    ``best.pt`` or a ``.pt`` file; e.g. ``--init``). A path without a model is refused
+    naming ``flag`` and what to give; a cv or ensemble folder or an ONNX file is refused
+    as :attr:`LoadedModel.checkpoint` refuses it (naming what to give instead)."""
+    try:
+        loaded = load(run)
+    except LeukotreeError:
+        raise LeukotreeError(f"{flag} '{run}' is not a trained model: give a run folder (with "
+                             "best.pt) or a .pt file from leukotree train.") from None
+    return loaded.checkpoint
+
+
+def trained_run(path: str | Path) -> RunDir | None:
+    """The run folder that ``path`` names when it is a trained run's with its split
+    (``split.csv``): the folder itself, or the folder of its ``.pt`` file; None when
+    ``path`` names anything else (data: a folder of images or a manifest), e.g. for
+    ``--replay``, which takes either."""
+    path = Path(path)
+    if path.is_file() and path.suffix != ".pt":
+        return None
+    run = RunDir.of(path)
+    return run if run.split.exists() else None
+
+
 def load_predictor(run: str | Path, engine: str = "auto") -> tuple[Predictor, dict[str, Any]]:
     """``load(run).predictor(engine)`` with a description (``engine``, ``engine_note``,
     ``members``), for code written before :func:`load`; new code calls :func:`load`."""

@@ -21,6 +21,9 @@ from leukotree.options import add_field_arguments, check_field, check_fields, op
 
 #: Inference engines (``--engine``): see :meth:`~leukotree.inference.loader.LoadedModel.predictor`.
 ENGINES = ("auto", "torch", "onnx")
+#: The confidence ``report`` and ``serve`` refer below unless told otherwise (``predict``
+#: refers nothing by default).
+REPORT_CONFIDENCE = "0.6"
 #: The library's default decompression-bomb guard (``leukotree.data.images.DEFAULT_MAX_PIXELS``).
 MAX_PIXELS = 60_000_000
 
@@ -80,10 +83,14 @@ class InferenceOptions:
         return asdict(self)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> InferenceOptions:
-        """The options a command's flags gave (the fields it does not take: defaults)."""
+    def from_args(cls, args: argparse.Namespace,
+                  names: Sequence[str] | None = None) -> InferenceOptions:
+        """The options a command's flags gave (the fields it does not take: defaults);
+        ``names`` limits them to those fields, for a command whose other flags share a
+        field's name with another meaning (``cv``'s training ``--pixel-size``)."""
+        wanted = set(_FIELDS if names is None else names)
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls)
-                      if hasattr(args, f.name)})
+                      if f.name in wanted and hasattr(args, f.name)})
 
     def input_config(self, cfg: Any, source: object | None = None) -> Any:
         """The model configuration ``cfg`` (a :class:`~leukotree.models.ModelConfig`) as
@@ -104,10 +111,14 @@ def check_option(name: str, value: Any) -> Any:
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser, names: Sequence[str], *,
-                            defaults: dict[str, Any] | None = None) -> None:
+                            defaults: dict[str, Any] | None = None,
+                            helps: dict[str, str] | None = None) -> None:
     """A flag for each inference option in ``names`` (in that order), with its default
-    (``defaults`` overrides one for this command, e.g. ``report``'s ``confidence``)."""
-    add_field_arguments(parser, InferenceOptions, names=names, defaults=defaults)
+    (``defaults`` overrides one for this command, e.g. ``report``'s ``confidence``) and
+    help (``helps`` says what it does in this command, e.g. ``adapt``'s
+    ``pixel_size``); its rule is the option's own."""
+    add_field_arguments(parser, InferenceOptions, names=names, defaults=defaults,
+                        helps=helps)
 
 
 def input_config(cfg: Any, *, crop_mode: str | None = None,

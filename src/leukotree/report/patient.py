@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from leukotree.data.discover import collect_inputs
-from leukotree.data.images import DEFAULT_MAX_PIXELS, load_rgb_array
+from leukotree.data.images import load_rgb_array
 from leukotree.errors import LeukotreeError, display_path
 from leukotree.inference.decisions import (
     PatientDecision,
@@ -26,7 +26,7 @@ from leukotree.inference.decisions import (
     parse_thresholds,
 )
 from leukotree.inference.loader import LoadedModel, load
-from leukotree.inference.options import InferenceOptions
+from leukotree.inference.options import REPORT_CONFIDENCE, InferenceOptions
 from leukotree.inference.predictor import Predictions, Predictor, decode_groups, predict_paths
 from leukotree.models import ModelConfig, TreeClassifier
 from leukotree.patients.fit import FittedPatientModel
@@ -41,42 +41,42 @@ def patient_report(
     inputs: Sequence[str | Path],
     out: str | Path,
     *,
+    options: InferenceOptions | None = None,
     patient: str | None = None,
-    method: str = "majority",
-    confidence: str | None = "0.6",
-    min_cells: int = 1,
     top_cells: int = 8,
     heatmaps: bool = True,
     progress: bool = False,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    crop_mode: str | None = None,
-    pixel_size: float | None = None,
     predictor: Predictor | None = None,
 ) -> dict[str, Any]:
     """Write the HTML report for the cells in ``inputs``; returns the decision.
 
     With a patient-level model in the run, the diagnosis is that model's (with its
     threshold) and the cells shown are those that drove it most (attention, or the
-    evidence for the diagnosis); otherwise the cells are aggregated by ``method``.
-    ``crop_mode`` and ``pixel_size`` decode the images another way than the model's own
-    (:class:`~leukotree.inference.options.InferenceOptions`). ``predictor``: one already
+    evidence for the diagnosis); otherwise the cells are aggregated by
+    ``options.aggregate``. ``options``
+    (:class:`~leukotree.inference.options.InferenceOptions`; default: the defaults with
+    ``confidence`` :data:`~leukotree.inference.options.REPORT_CONFIDENCE`) also give the
+    referral confidence, the fewest cells for a diagnosis, the decoding view (crop mode,
+    pixel size), batches and the decompression-bomb guard. ``predictor``: one already
     loaded for ``run`` (e.g. the engine ``serve`` classified the case with; default: the
     run in PyTorch). The PyTorch model is loaded only to draw heat maps.
     """
+    options = options or InferenceOptions(confidence=REPORT_CONFIDENCE)
     loaded = load(run)
     predictor = predictor or loaded.predictor("torch")
-    view = InferenceOptions(crop_mode=crop_mode, pixel_size=pixel_size).input_config(
-        predictor.model_config, source=run)
+    view = options.input_config(predictor.model_config, source=run)
     tax = predictor.taxonomy
     found = collect_inputs(inputs, taxonomy=tax)
     sizes = [i.pixel_size for i in found.images]
     preds = predict_paths(predictor, [i.path for i in found.images], progress=progress,
-                          on_error="report", max_pixels=max_pixels, pixel_sizes=sizes,
-                          config=view)
+                          batch_size=options.batch_size, workers=options.workers,
+                          on_error="report", tta=options.tta, max_pixels=options.max_pixels,
+                          pixel_sizes=sizes, config=view)
     return write_patient_report(loaded, predictor, preds, out, view=view, pixel_sizes=sizes,
-                                not_used=found.not_used, patient=patient, method=method,
-                                confidence=confidence, min_cells=min_cells,
-                                top_cells=top_cells, heatmaps=heatmaps)
+                                not_used=found.not_used, patient=patient,
+                                method=options.aggregate, confidence=options.confidence,
+                                min_cells=options.min_cells, top_cells=top_cells,
+                                heatmaps=heatmaps)
 
 
 def write_patient_report(
@@ -90,7 +90,7 @@ def write_patient_report(
     not_used: Sequence[Path] = (),
     patient: str | None = None,
     method: str = "majority",
-    confidence: str | None = "0.6",
+    confidence: str | None = REPORT_CONFIDENCE,
     min_cells: int = 1,
     top_cells: int = 8,
     heatmaps: bool = True,

@@ -192,6 +192,7 @@ def _case_report(store: Store, models: Models, case_id: str, settings: Any) -> A
     if not paths:
         raise LeukotreeError("The case holds no stored cell.")
     patient_report(models.sources[name], paths, out, patient=case["patient"],
-                   heatmaps=False, predictor=predictor, method=settings.aggregate,
-                   confidence=settings.confidence, **models.input_options())
+                   heatmaps=False, predictor=predictor,
+                   options=models.options_with(aggregate=settings.aggregate,
+                                               confidence=settings.confidence))
     return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +36,18 @@ from leukotree.serve.store import Store
 class Models:
     """The served models by name (a run folder, its ``.pt``, an ``.onnx``, a cv or an
     ensemble folder: :func:`~leukotree.inference.loader.load`), each with its predictor
-    and the view its images are decoded with (``crop_mode`` and ``pixel_size``, None: each
-    model's own; :meth:`~leukotree.inference.options.InferenceOptions.input_config`)."""
+    (``options.engine``) and the view its images are decoded with (``options.crop_mode``
+    and ``options.pixel_size``, None: each model's own;
+    :meth:`~leukotree.inference.options.InferenceOptions.input_config`)."""
 
-    def __init__(self, runs: Sequence[str | Path], engine: str = "auto",
-                 crop_mode: str | None = None, pixel_size: float | None = None) -> None:
+    def __init__(self, runs: Sequence[str | Path],
+                 options: InferenceOptions | None = None) -> None:
         if not runs:
             raise LeukotreeError("leukotree serve needs at least one RUN (a run folder, "
                                  "model file, cv or ensemble folder).")
-        self.options = InferenceOptions(crop_mode=crop_mode, pixel_size=pixel_size,
-                                        engine=engine)
+        #: The options the models were served with (never changed: see :meth:`options_with`).
+        self.options = options or InferenceOptions()
+        engine = self.options.engine
         self.loaded: dict[str, LoadedModel] = {}
         self.predictors: dict[str, Predictor] = {}
         #: How each model decodes the served images (a new configuration; the loaded
@@ -79,10 +82,11 @@ class Models:
                 self._torch[name] = self.loaded[name].first_run().torch_model()
             return self._torch[name]
 
-    def input_options(self) -> dict[str, Any]:
-        """The decoding options every served model was given (None: the model's own), for
-        commands run on stored cells (the case report)."""
-        return {"crop_mode": self.options.crop_mode, "pixel_size": self.options.pixel_size}
+    def options_with(self, **changes: Any) -> InferenceOptions:
+        """The served options with ``changes`` (e.g. the app's aggregation and confidence),
+        for commands run on stored cells (the case report): a new object, checked; the
+        served options stay as they were."""
+        return replace(self.options, **changes)
 
     @property
     def default(self) -> str:
@@ -139,7 +143,8 @@ class Worker:
         preds = predict_paths(predictor, paths, batch_size=self.batch_size,
                               workers=self.workers, progress=False, on_error="report",
                               on_chunk=lambda n: self.store.set_progress(case_id, n),
-                              config=self.models.views[name])
+                              config=self.models.views[name],
+                              max_pixels=self.models.options.max_pixels)
         thresholds = parse_thresholds(self.confidence, predictor.taxonomy.max_depth)
         result = PredictResult(predictor.taxonomy, [InputImage(p, case["patient"])
                                                     for p in paths],
