@@ -4,7 +4,8 @@ and the promised risk checked on simulated exchangeable cells."""
 import numpy as np
 import pytest
 
-from leukotree.calibrate.conformal import (
+from leukotree.errors import LeukotreeError
+from leukotree.inference.conformal import (
     ConformalAnswers,
     achievable_alpha,
     answer_nodes,
@@ -13,7 +14,6 @@ from leukotree.calibrate.conformal import (
     fit_conformal,
     min_cells,
 )
-from leukotree.errors import LeukotreeError
 from leukotree.taxonomy import load_taxonomy
 
 TAX = load_taxonomy("leukemia7")  # Normal Reactive ALL AML APML CLL CML
