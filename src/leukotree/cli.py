@@ -181,6 +181,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         n_odd = int(result.predictions.unclassifiable.sum())
         say(console, f"{n_odd} cell(s) unclassifiable (unlike the training cells; "
             "left out of patient diagnoses)", "yellow" if n_odd else None)
+    if result.conformal is not None:
+        answers = [r["answer_node"] for r in rows if r["error"] == ""]
+        leaves = sum(a in result.taxonomy.leaf_index for a in answers)
+        say(console, f"conformal answers ({result.conformal.mode}, coverage "
+            f"{1 - result.conformal.alpha:g} on cells like the validation cells): "
+            f"{leaves} of {len(answers)} answered with a leaf")
     alarm = result.domain_shift()
     if alarm:
         say(console, alarm, "bold red")
@@ -590,8 +596,8 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
                          "accepted decisions err at most this often")
     pr.add_argument("--decode", choices=["argmax", "greedy"], default="argmax",
                     help="leaf choice: most probable leaf, or greedy top-down")
-    add_inference_arguments(pr, ["tta", "engine", "batch_size", "workers", "crop_mode",
-                                 "pixel_size", "max_pixels"])
+    add_inference_arguments(pr, ["coverage", "conformal", "tta", "engine", "batch_size",
+                                 "workers", "crop_mode", "pixel_size", "max_pixels"])
     pr.add_argument("--no-progress", action="store_true")
     pr.set_defaults(func=cmd_predict)
 
