@@ -340,6 +340,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     console = stderr_console()
     report = calibrate_run(args.run, args.data, args.out, patients=args.patients,
                            labels=args.labels, ood_quantile=args.ood_quantile,
+                           coverage=args.coverage, conformal=args.conformal,
                            batch_size=args.batch_size, workers=args.workers,
                            progress=not args.no_progress, **_max_pixels(args),
                            log=lambda text: say(console, text, "dim"))
@@ -707,6 +708,12 @@ def _add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
     ca.add_argument("--ood-quantile", type=number(float, 0, 1, low_open=True, high_open=True),
                     help="share of these cells kept below the out-of-distribution threshold "
                          "(default: the run's own, 0.95 unless trained otherwise)")
+    ca.add_argument("--coverage", type=number(float, 0, 1, low_open=True, high_open=True),
+                    help="fit conformal answers on these cells at this coverage (default: "
+                         "the run's own, when it was trained with --coverage)")
+    ca.add_argument("--conformal", choices=["marginal", "mondrian"],
+                    help="conformal answers' guarantee: over all cells or for every class "
+                         "(default: the run's own, else marginal)")
     ca.add_argument("--batch-size", type=POSITIVE, default=64)
     ca.add_argument("--workers", type=POSITIVE, default=2)
     _add_max_pixels(ca)
