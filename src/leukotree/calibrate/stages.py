@@ -204,7 +204,7 @@ def fit_conformal_section(taxonomy: Taxonomy, truth: Sequence[str], probs: np.nd
     ``alpha = 1 - coverage`` on the cells' *calibrated* leaf ``probs``, with the share of
     these cells covered (in-sample), their mean number of answer leaves and
     ``achievable_alpha`` ``1 / (n + 1)``."""
-    answers = fit_conformal(taxonomy, truth, probs, 1 - coverage, mode)
+    answers = fit_conformal(taxonomy, truth, probs, 1 - coverage, mode, cells)
     section = answers.to_dict() | conformal_figures(taxonomy, truth, probs, answers)
     section["achievable_alpha"] = achievable_alpha(len(truth))
     log(f"conformal answers ({mode}, coverage {coverage:g}): threshold "

@@ -135,11 +135,13 @@ def _threshold(critical: np.ndarray, alpha: float) -> float:
 
 
 def fit_conformal(taxonomy: Taxonomy, truth: Sequence[str], leaf_probs: np.ndarray,
-                  alpha: float, mode: str = "marginal") -> ConformalAnswers:
+                  alpha: float, mode: str = "marginal", cells: str = "calibration",
+                  ) -> ConformalAnswers:
     """Fit the answer thresholds on labelled cells (module docstring). ``truth`` may hold
     inner nodes (a cell labelled only "granulocyte"): its answer misses unless the answer
     node holds that whole node. ``mondrian`` fits one threshold per leaf on the cells
-    labelled with that leaf (inner-labelled cells then count for no class)."""
+    labelled with that leaf (inner-labelled cells then count for no class). Too few
+    cells (:func:`check_cells`, which calls them ``cells``) are refused."""
     if not 0 < alpha < 1:
         raise LeukotreeError(f"The 'alpha' parameter (1 - coverage) must be in (0, 1); got "
                              f"{alpha!r}.")
@@ -150,7 +152,7 @@ def fit_conformal(taxonomy: Taxonomy, truth: Sequence[str], leaf_probs: np.ndarr
     if len(truth) != len(leaf_probs):
         raise ValueError(f"{len(truth)} labels for {len(leaf_probs)} rows of probabilities")
     critical = _critical_for_labels(taxonomy, truth, leaf_probs)
-    check_cells(taxonomy, truth, alpha, mode)
+    check_cells(taxonomy, truth, alpha, mode, cells)
     if mode == "marginal":
         lam = _threshold(critical, alpha)
         return ConformalAnswers(alpha, mode, dict.fromkeys(taxonomy.leaves, lam), len(truth))

@@ -107,7 +107,7 @@ def run_predict(
     if options.coverage is not None:
         own = predictor.conformal.mode if predictor.conformal is not None else "marginal"
         answers = fit_conformal(predictor.taxonomy, val[0], val[1], 1 - options.coverage,
-                                options.conformal or own)
+                                options.conformal or own, "validation")
     return PredictResult(predictor.taxonomy, images, preds, thresholds, predictor.engine,
                          loaded.engine_note, found.not_used, predictor.patient_model,
                          predictor.cell_taxonomy, predictor.expected_ood, answers)
