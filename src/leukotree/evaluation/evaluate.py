@@ -11,6 +11,7 @@ import numpy as np
 from leukotree.data.discover import Sample, discover
 from leukotree.data.images import DEFAULT_MAX_PIXELS
 from leukotree.errors import LeukotreeError
+from leukotree.evaluation.conformal import conformal_section
 from leukotree.inference.decisions import decide_patients, domain_shift
 from leukotree.inference.loader import LoadedModel, load
 from leukotree.inference.options import InferenceOptions, check_option
@@ -71,7 +72,8 @@ def evaluate(
     """Evaluate the model of ``run`` (a run folder or checkpoint; a cv or ensemble folder,
     its members averaged) on ``data``; write metrics.json, metrics.md, metrics.html,
     predictions.csv and the figures into ``out`` (an :class:`~leukotree.rundir.EvalDir`).
-    The ECE before calibration is given for a single model only."""
+    The ECE before calibration is given for a single model only; a model with conformal
+    answers gets a ``conformal`` section (:mod:`leukotree.evaluation.conformal`)."""
     settings = settings or EvalSettings()
     check_settings(settings)
     run = Path(run)
@@ -124,6 +126,13 @@ def evaluate(
     where.path.mkdir(parents=True, exist_ok=True)
     metrics["figures"] = write_figures(taxonomy, truth, probs, metrics, where.path,
                                        uncalibrated)
+    if predictor.conformal is not None:  # the model's answers, with their coverage
+        metrics["conformal"], figure = conformal_section(
+            loaded, predictor, truth, probs, [s.patient for s in samples],
+            bool((metrics.get("ood") or {}).get("domain_shift")), where.path,
+            batch_size=settings.batch_size, tta=settings.tta)
+        if figure is not None:
+            metrics["figures"]["coverage"] = figure
     write_json(where.metrics, metrics)
     write_document(metrics_document(metrics), where.markdown)
     write_predictions(where.predictions, taxonomy, samples, probs)
