@@ -663,8 +663,9 @@ class Trainer:
             calibrate = ((cfg.calibrate or cfg.ood_quantile > 0 or cfg.coverage is not None)
                          and len(val) > 0)
             if calibrate and cfg.fold is not None and not self._test:
-                self._log("no calibration or out-of-distribution threshold for a "
-                          "cross-validation fold validated on its test fold "
+                self._log("no calibration, out-of-distribution threshold"
+                          + (" or conformal answers" if cfg.coverage is not None else "")
+                          + " for a cross-validation fold validated on its test fold "
                           "(--fold-val-fraction 0)", "dim")
                 calibrate = False
             patients = cfg.patient_model != "none"
