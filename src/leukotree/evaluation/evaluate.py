@@ -11,7 +11,7 @@ import numpy as np
 from leukotree.data.discover import Sample, discover
 from leukotree.data.images import DEFAULT_MAX_PIXELS
 from leukotree.errors import LeukotreeError
-from leukotree.evaluation.conformal import conformal_section
+from leukotree.evaluation.coverage import conformal_section
 from leukotree.inference.decisions import decide_patients, domain_shift
 from leukotree.inference.loader import LoadedModel, load
 from leukotree.inference.options import InferenceOptions, check_option
@@ -73,7 +73,7 @@ def evaluate(
     its members averaged) on ``data``; write metrics.json, metrics.md, metrics.html,
     predictions.csv and the figures into ``out`` (an :class:`~leukotree.rundir.EvalDir`).
     The ECE before calibration is given for a single model only; a model with conformal
-    answers gets a ``conformal`` section (:mod:`leukotree.evaluation.conformal`)."""
+    answers gets a ``conformal`` section (:mod:`leukotree.evaluation.coverage`)."""
     settings = settings or EvalSettings()
     check_settings(settings)
     run = Path(run)

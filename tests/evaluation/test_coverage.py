@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from leukotree.evaluation.conformal import (
+from leukotree.evaluation.coverage import (
     conformal_metrics,
     coverage_curve,
     shift_note,
