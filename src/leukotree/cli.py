@@ -187,6 +187,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         n_odd = int(result.predictions.unclassifiable.sum())
         say(console, f"{n_odd} cell(s) unclassifiable (unlike the training cells; "
             "left out of patient diagnoses)", "yellow" if n_odd else None)
+    if result.conformal is not None:
+        answers = [r["answer_node"] for r in rows if r["error"] == ""]
+        leaves = sum(a in result.taxonomy.leaf_index for a in answers)
+        say(console, f"conformal answers ({result.conformal.mode}, coverage "
+            f"{1 - result.conformal.alpha:g} on cells like the validation cells): "
+            f"{leaves} of {len(answers)} answered with a leaf")
     alarm = result.domain_shift()
     if alarm:
         say(console, alarm, "bold red")
@@ -339,6 +345,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     console = stderr_console()
     report = calibrate_run(args.run, args.data, args.out, patients=args.patients,
                            labels=args.labels, ood_quantile=args.ood_quantile,
+                           coverage=args.coverage, conformal=args.conformal,
                            batch_size=args.batch_size, workers=args.workers,
                            progress=not args.no_progress, **_max_pixels(args),
                            log=lambda text: say(console, text, "dim"))
@@ -604,8 +611,8 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
                          "accepted decisions err at most this often")
     pr.add_argument("--decode", choices=["argmax", "greedy"], default="argmax",
                     help="leaf choice: most probable leaf, or greedy top-down")
-    add_inference_arguments(pr, ["tta", "engine", "batch_size", "workers", "crop_mode",
-                                 "pixel_size", "max_pixels"])
+    add_inference_arguments(pr, ["coverage", "conformal", "tta", "engine", "batch_size",
+                                 "workers", "crop_mode", "pixel_size", "max_pixels"])
     pr.add_argument("--no-progress", action="store_true")
     pr.set_defaults(func=cmd_predict)
 
@@ -713,6 +720,12 @@ def _add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
     ca.add_argument("--ood-quantile", type=number(float, 0, 1, low_open=True, high_open=True),
                     help="share of these cells kept below the out-of-distribution threshold "
                          "(default: the run's own, 0.95 unless trained otherwise)")
+    ca.add_argument("--coverage", type=number(float, 0, 1, low_open=True, high_open=True),
+                    help="fit conformal answers on these cells at this coverage (default: "
+                         "the run's own, when it was trained with --coverage)")
+    ca.add_argument("--conformal", choices=["marginal", "mondrian"],
+                    help="conformal answers' guarantee: over all cells or for every class "
+                         "(default: the run's own, else marginal)")
     ca.add_argument("--batch-size", type=POSITIVE, default=64)
     ca.add_argument("--workers", type=POSITIVE, default=2)
     _add_max_pixels(ca)

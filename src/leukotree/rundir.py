@@ -368,6 +368,7 @@ class EvalDir(_Folder):
     CONFUSION_NORMALIZED = "confusion_normalized.png"
     ROC = "roc.png"
     RELIABILITY = "reliability.png"
+    COVERAGE = "coverage.png"
 
     metrics = property(lambda self: self.path / self.METRICS)
     markdown = property(lambda self: self.path / self.MARKDOWN)

@@ -149,3 +149,40 @@ def test_calibrate_refuses_what_it_cannot_calibrate(labs, tmp_path, make_image, 
               "--ood-quantile", "1"])
     assert stop.value.code == 2
     assert "--ood-quantile: must be in (0, 1); got 1" in capsys.readouterr().err
+
+
+def test_calibrate_fits_conformal_answers_and_refits_a_runs_own(labs, tmp_path, capsys):
+    from leukotree.inference.conformal import fit_conformal
+
+    run, lab2 = labs / "run", labs / "lab2"
+    assert "conformal" not in read_checkpoint(run)
+    assert main(["calibrate", str(run), str(lab2), "--out", str(tmp_path / "a"),
+                 "--no-progress", "--workers", "1", "--coverage", "0.9"]) == 0
+    assert "conformal answers (marginal, coverage 0.9): covered - with the run's" in (
+        capsys.readouterr().out)
+    section = read_checkpoint(tmp_path / "a")["conformal"]
+    report = json.loads((tmp_path / "a" / "summary.json").read_text())["conformal"]
+    assert section["n"] == 56 and section["alpha"] == pytest.approx(0.1)
+    assert report["before"] is None and report["after"]["coverage"] >= 0.9  # in-sample
+    # the threshold is the one fitted on the new model's probabilities of these cells
+    paths = sorted(lab2.rglob("*.png"))
+    probs = predict_paths(load(tmp_path / "a").predictor("torch"), paths, progress=False,
+                          workers=1).leaf_probs
+    again = fit_conformal(load_taxonomy("leukemia7"), [p.parts[-3] for p in paths], probs,
+                          1 - 0.9)
+    assert next(iter(again.thresholds.values())) == pytest.approx(
+        section["thresholds"]["ALL"], abs=1e-5)
+    # a run with answers is re-fitted at its own coverage, the run's answers reported too
+    calibrate_run(tmp_path / "a", lab2, tmp_path / "b", workers=1, progress=False)
+    refit = json.loads((tmp_path / "b" / "summary.json").read_text())["conformal"]
+    assert refit["coverage"] == pytest.approx(0.9) and refit["mode"] == "marginal"
+    assert refit["before"]["coverage"] == pytest.approx(report["after"]["coverage"])
+    assert read_checkpoint(tmp_path / "b")["conformal"]["n"] == 56
+
+
+def test_calibrate_refuses_too_few_cells_for_the_coverage(labs, tmp_path):
+    with pytest.raises(LeukotreeError, match=r"need at least 99 labelled calibration cells; "
+                                             r"got 56.*coverage 0\.982 or less"):
+        calibrate_run(labs / "run", labs / "lab2", tmp_path / "c", coverage=0.99,
+                      workers=1, progress=False)
+    assert not (tmp_path / "c").exists()

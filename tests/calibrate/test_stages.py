@@ -164,3 +164,37 @@ def test_a_calibrated_model_gives_its_raw_outputs_beside_the_calibrated_ones():
         {"leaf_probs": out["leaf_logp_raw"].exp().numpy()})
     np.testing.assert_allclose(applied["leaf_probs"], out["leaf_logp"].exp().numpy(),
                                atol=1e-6)
+
+
+def test_the_stage_fits_conformal_answers_on_the_calibrated_probabilities():
+    tax = load_taxonomy("leukemia7")  # Normal Reactive ALL AML APML CLL CML
+    # 19 cells (the fewest for coverage 0.95): K = floor(20 * 0.05 - 1) = 0, so the
+    # threshold sits just above the largest critical mass; each cell predicts ALL, whose
+    # path masses are P(ALL), P(Acute), P(Leukemia). A cell of AML misses at lam <=
+    # P(ALL) = 0.5, one of CLL at lam <= P(Acute) = 0.8.
+    probs = np.tile([0.05, 0.05, 0.5, 0.2, 0.1, 0.05, 0.05], (19, 1))
+    truth = ["ALL"] * 17 + ["AML", "CLL"]
+    fitted = fit_calibration(tax, truth, {"leaf_probs": probs}, temperatures=False,
+                             coverage=0.95)
+    section = fitted.sections()["conformal"]
+    assert section["thresholds"]["APML"] == pytest.approx(0.8)
+    assert section["n"] == 19
+    # every answer is Leukemia (mass 0.95 >= lam): all 19 covered, none a leaf, 5 leaves
+    assert (section["coverage"], section["leaf_share"], section["mean_leaves"]) == (1, 0, 5)
+    assert fitted.summary["conformal"] is section
+    assert "conformal" not in fit_calibration(tax, truth, {"leaf_probs": probs},
+                                              temperatures=False).sections()
+
+
+def test_too_few_cells_raise_or_store_no_answers_with_a_warning():
+    tax = load_taxonomy("leukemia7")
+    probs, truth = np.full((10, 7), 1 / 7), ["ALL"] * 10
+    with pytest.raises(LeukotreeError, match="at least 19 labelled validation cells; got 10"):
+        fit_calibration(tax, truth, {"leaf_probs": probs}, temperatures=False,
+                        coverage=0.95)
+    said = []
+    fitted = fit_calibration(tax, truth, {"leaf_probs": probs}, temperatures=False,
+                             coverage=0.95, strict=False, log=said.append)
+    assert fitted.conformal is None and "conformal" not in fitted.summary
+    assert said[-1].startswith("warning: no conformal answers stored")
+    assert "coverage 0.909 or less" in said[-1]  # 1 - 1 / (10 + 1)

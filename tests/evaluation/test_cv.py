@@ -8,7 +8,7 @@ import pytest
 from leukotree.cli import main
 from leukotree.data.synth import generate
 from leukotree.evaluation.compare import bootstrap_ci
-from leukotree.evaluation.cv import mean_std
+from leukotree.evaluation.cv import fold_scalars, mean_std
 from leukotree.taxonomy import load_taxonomy
 
 TINY = ["--preset", "tiny-test", "--epochs", "1", "--threads", "1", "--no-progress"]
@@ -167,3 +167,12 @@ def test_a_cv_folder_is_evaluated_as_its_folds_averaged(cv_runs, data, tmp_path)
     assert metrics["n_images"] == 7 * 3 * 4
     # calibrated folds: the averaged model flags cells; no single model's raw ECE
     assert "ood" in metrics and "uncalibrated" not in metrics["calibration"]
+
+
+def test_a_folds_conformal_coverage_enters_the_summary():
+    metrics = {"accuracy": 0.5, "conformal": {"coverage": 0.92, "leaf_share": 0.8,
+                                              "mean_depth": 2.5, "per_class": {}}}
+    scalars = fold_scalars(metrics)
+    assert (scalars["conformal_coverage"], scalars["conformal_leaf_share"],
+            scalars["conformal_mean_depth"]) == (0.92, 0.8, 2.5)
+    assert "conformal_coverage" not in fold_scalars({"accuracy": 0.5})

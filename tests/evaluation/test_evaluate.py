@@ -282,3 +282,36 @@ def test_without_data_the_runs_validation_images_are_evaluated(run7, tmp_path):
     with (run7 / "split.csv").open() as handle:
         n_val = sum(r["split"] == "val" for r in csv.DictReader(handle))
     assert m["n_images"] == n_val > 0
+
+
+def test_a_model_with_conformal_answers_gets_their_section_and_figure(run7, data7, tmp_path):
+    from leukotree.inference.conformal import ConformalAnswers
+    from leukotree.models.checkpoint import read_checkpoint, update_checkpoint
+
+    plain = _evaluate(run7, data7, tmp_path / "plain")
+    assert "conformal" not in plain and "coverage" not in plain["figures"]
+    run = tmp_path / "run"
+    shutil.copytree(run7, run)
+    answers = ConformalAnswers(0.1, "marginal", dict.fromkeys(LEAVES7, 0.5), 15)
+    update_checkpoint(run / "best.pt", conformal=answers.to_dict())
+    m = _evaluate(run, data7, tmp_path / "eval")
+    c = m["conformal"]
+    assert c["n"] == N7 and c["fitted_on"] == 15 and c["mode"] == "marginal"
+    assert c["ci_method"] == "patient bootstrap"
+    assert c["coverage_ci95"][0] <= c["coverage"] <= c["coverage_ci95"][1]
+    assert sum(r["n"] for r in c["per_class"].values()) == N7
+    n_val = len([r for r in csv.DictReader((run / "split.csv").open())
+                 if r["split"] == "val"])
+    # one point per alpha the validation cells support (n >= 1 / alpha - 1)
+    assert [p["alpha"] for p in c["curve"]] == [a for a in (0.01, 0.02, 0.05, 0.1, 0.15,
+                                                            0.2, 0.3) if n_val >= 1 / a - 1]
+    assert m["figures"]["coverage"] == "coverage.png"
+    assert (tmp_path / "eval" / "coverage.png").stat().st_size > 0
+    assert "Conformal answers (marginal" in (tmp_path / "eval" / "metrics.md").read_text()
+    # every cell far from the training cells: the alarm, and the guarantee does not transfer
+    ood = read_checkpoint(run)["ood"]
+    ood["threshold"] = 1e-12
+    update_checkpoint(run / "best.pt", ood=ood)
+    shifted = _evaluate(run, data7, tmp_path / "shifted")
+    assert shifted["ood"]["domain_shift"]
+    assert "does not transfer" in shifted["conformal"]["note"]

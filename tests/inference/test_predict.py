@@ -1,6 +1,7 @@
 """Prediction: referral logic by hand, inputs, bad images, per-patient diagnoses."""
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -188,3 +189,116 @@ def test_a_manifest_pixel_size_column_decodes_each_image_at_its_own_scale(tmp_pa
     with pytest.raises(LeukotreeError, match=r"pixel_size column.*trained without"):
         predict_paths(TorchPredictor(plain), paths[:2], pixel_sizes=[0.5, None],
                       progress=False)
+
+
+# ----------------------------------------------------------------- conformal answers
+@pytest.fixture(scope="module")
+def conformal_run(run):
+    """The same data trained with --coverage 0.9: best.pt keeps conformal answers."""
+    train(run / "data", run / "conformal", resolve_config(preset="tiny-test", overrides={
+        "epochs": 1, "threads": 1, "val_fraction": 0.3, "coverage": 0.9}), progress=False)
+    return run / "conformal"
+
+
+def _rows(path):
+    return list(csv.DictReader(path.open()))
+
+
+def test_a_run_without_coverage_predicts_without_answer_columns(run, tmp_path):
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(run / "run"), str(run / "data" / "CLL"), "--out", str(out),
+                 "--no-progress", "--engine", "torch"]) == 0
+    assert "answer_node" not in _rows(out)[0]
+
+
+def _check_answers(rows):
+    for r in rows:
+        node = r["answer_node"]
+        # the answer lies on the predicted leaf's path and lists the leaves below it
+        assert node in r["decoded_path"].split(" > ") or node == TAX.root
+        assert r["answer_leaves"].split("|") == list(TAX.descendant_leaves(node))
+        assert r["predicted_leaf"] in r["answer_leaves"].split("|")
+
+
+def test_predict_gives_the_stored_answers_alike_in_pytorch_and_onnx(conformal_run, tmp_path):
+    from leukotree.inference.conformal import ConformalAnswers, answer_nodes
+    from leukotree.models.checkpoint import read_checkpoint
+
+    section = read_checkpoint(conformal_run / "best.pt")["conformal"]
+    n_val = sum(r["split"] == "val" for r in csv.DictReader((conformal_run / "split.csv").open()))
+    assert section["alpha"] == pytest.approx(0.1) and section["n"] == n_val
+    assert section["mode"] == "marginal" and n_val >= 9  # min_cells(0.1)
+    summary = json.loads((conformal_run / "summary.json").read_text())
+    assert summary["conformal"]["coverage"] >= 0.9
+    data = str(conformal_run.parent / "data" / "AML")
+    assert main(["export", str(conformal_run), "--onnx", str(tmp_path / "m.onnx")]) == 0
+    got = {}
+    for name, model, engine in (("torch", conformal_run, "torch"),
+                                ("onnx", tmp_path / "m.onnx", "onnx")):
+        out = tmp_path / f"{name}.csv"
+        assert main(["predict", str(model), data, "--out", str(out), "--no-progress",
+                     "--engine", engine]) == 0
+        got[name] = _rows(out)
+        _check_answers(got[name])
+    assert [r["answer_node"] for r in got["torch"]] == [r["answer_node"] for r in got["onnx"]]
+    # the rule applied to the printed probabilities gives the printed answers
+    probs = np.array([[float(r[f"p_{leaf}"]) for leaf in TAX.leaves] for r in got["torch"]])
+    assert answer_nodes(TAX, probs, ConformalAnswers.from_dict(section)) == [
+        r["answer_node"] for r in got["torch"]]
+
+
+def test_predict_coverage_refits_on_the_validation_split(run, tmp_path, capsys):
+    from leukotree.inference.conformal import fit_conformal
+    from leukotree.inference.loader import load
+    from leukotree.inference.options import InferenceOptions
+    from leukotree.inference.predict import run_predict, validation_probs
+
+    inputs = [run / "data" / "CML"]
+    result = run_predict(run / "run", inputs, InferenceOptions(engine="torch", coverage=0.8),
+                         progress=False)
+    loaded = load(run / "run")
+    truth, probs = validation_probs(loaded, loaded.predictor("torch"))
+    assert result.conformal == fit_conformal(TAX, truth, probs, 1 - 0.8)
+    assert result.conformal.n == len(truth)
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(run / "run"), *map(str, inputs), "--out", str(out),
+                 "--no-progress", "--engine", "torch", "--coverage", "0.8"]) == 0
+    _check_answers(_rows(out))
+    assert "conformal answers (marginal, coverage 0.8" in capsys.readouterr().err
+
+
+def test_predict_coverage_is_refused_without_one_validation_split(run, conformal_run,
+                                                                   tmp_path, capsys):
+    assert main(["export", str(run / "run"), "--onnx", str(tmp_path / "m.onnx")]) == 0
+    assert main(["ensemble", str(run / "run"), str(conformal_run), "--out",
+                 str(tmp_path / "ens")]) == 0
+    capsys.readouterr()
+    for model in (tmp_path / "m.onnx", tmp_path / "ens"):
+        assert main(["predict", str(model), str(run / "data" / "CML"), "--no-progress",
+                     "--coverage", "0.9"]) == 2
+        err = capsys.readouterr().err
+        assert "no single validation split" in err or "no validation split" in err
+        assert "give one run folder for --coverage" in err
+    # an ensemble's members were fitted on their own outputs: it has no answers
+    out = tmp_path / "e.csv"
+    assert main(["predict", str(tmp_path / "ens"), str(run / "data" / "CML"), "--out",
+                 str(out), "--no-progress"]) == 0
+    assert "answer_node" not in _rows(out)[0]
+
+
+def test_training_refuses_too_few_validation_cells_for_the_coverage(run, capsys):
+    code = main(["train", str(run / "data"), "--preset", "tiny-test", "--epochs", "1",
+                 "--val-fraction", "0.3", "--coverage", "0.99", "--out",
+                 str(run / "too-few"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--coverage" in err and "need at least 99 labelled validation" in err
+    assert not (run / "too-few" / "best.pt").exists()
+
+
+def test_mondrian_training_names_the_classes_short_and_the_number_needed(run, capsys):
+    code = main(["train", str(run / "data"), "--preset", "tiny-test", "--epochs", "1",
+                 "--val-fraction", "0.3", "--coverage", "0.9", "--conformal", "mondrian",
+                 "--out", str(run / "mondrian"), "--no-progress"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "at least 9 labelled validation cells of every class" in err
+    assert "too few of: Normal (" in err and "or use marginal answers" in err

@@ -5,13 +5,17 @@ its weights, its out-of-distribution reference (the training cells' class means 
 precision) and its patient model, with the calibration fitted again on the labelled
 cells of DATA, e.g. a sample of another lab's cells
 (:func:`~leukotree.calibrate.stages.fit_calibration`): the per-node temperatures, the
-distance-aware softening and the out-of-distribution threshold (the stage scales and the
-``ood_quantile`` of the cells' distances). The source run is left as it was.
+distance-aware softening, the out-of-distribution threshold (the stage scales and the
+``ood_quantile`` of the cells' distances) and, when the run has conformal answers or a
+coverage is given, their threshold on the newly calibrated probabilities. The source run
+is left as it was.
 
 The report (``RUN2/summary.json``) gives, on the cells of DATA, the leaf expected
 calibration error and the tree negative log-likelihood of the raw outputs, of the run's
-calibration and of the new one (fitted on these cells: in-sample), and the share of
-cells flagged unclassifiable by the run's threshold and by the new one.
+calibration and of the new one (fitted on these cells: in-sample), the share of cells
+flagged unclassifiable by the run's threshold and by the new one, and the conformal
+answers' coverage, mean number of leaves and share of leaf answers with the run's
+answers and with the new ones.
 """
 
 from __future__ import annotations
@@ -23,10 +27,17 @@ from typing import Any
 
 import numpy as np
 
-from leukotree.calibrate.stages import Calibration, OodReference, fit_calibration, leaf_ece
+from leukotree.calibrate.stages import (
+    Calibration,
+    OodReference,
+    conformal_figures,
+    fit_calibration,
+    leaf_ece,
+)
 from leukotree.data.discover import discover
 from leukotree.data.images import DEFAULT_MAX_PIXELS
 from leukotree.errors import LeukotreeError, display_path
+from leukotree.inference.conformal import MODES, ConformalAnswers, check_cells
 from leukotree.inference.predictor import TorchPredictor, predict_paths
 from leukotree.models.calibration import MIN_IMAGES, tree_nll
 from leukotree.models.checkpoint import load_model, update_checkpoint
@@ -40,14 +51,17 @@ COPIED = (RunDir.CONFIG, RunDir.ENVIRONMENT, RunDir.TAXONOMY, RunDir.SPLIT, RunD
 
 def calibrate_run(run: str | Path, data: str | Path, out: str | Path, *,
                   patients: str = "auto", labels: str = "folder",
-                  ood_quantile: float | None = None, batch_size: int = 64, workers: int = 2,
+                  ood_quantile: float | None = None, coverage: float | None = None,
+                  conformal: str | None = None, batch_size: int = 64, workers: int = 2,
                   progress: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Copy the run ``run`` (a run folder or its ``.pt``) into the new folder ``out`` with
     its calibration fitted again on the labelled cells of ``data`` (a folder or manifest;
     ``patients``/``labels`` as for ``evaluate``), the out-of-distribution threshold at
     ``ood_quantile`` (None: the run's own); returns the report written to
-    ``out/summary.json`` (module docstring)."""
+    ``out/summary.json`` (module docstring). Conformal answers are fitted at
+    ``coverage`` (None: the run's own, if it has them) with ``conformal`` (marginal or
+    mondrian; None: the run's own)."""
     checkpoint = _checkpoint(run)
     target = RunDir(out)
     require_new_folder(target.path, "calibrated run")
@@ -61,6 +75,10 @@ def calibrate_run(run: str | Path, data: str | Path, out: str | Path, *,
         raise LeukotreeError(f"Calibration needs at least {MIN_IMAGES} labelled cells; "
                              f"'{display_path(data)}' has {len(samples)}. Give more of "
                              "the lab's labelled cells.")
+    truth = [s.label for s in samples]
+    coverage, mode = _conformal_settings(payload, settings, coverage, conformal)
+    if coverage is not None:  # refused before any image is read
+        check_cells(model.taxonomy, truth, 1 - coverage, mode)
     preds = predict_paths(TorchPredictor(model, stage_features=True),
                           [s.path for s in samples], batch_size=batch_size, workers=workers,
                           progress=progress, on_error="raise", max_pixels=max_pixels,
@@ -71,13 +89,21 @@ def calibrate_run(run: str | Path, data: str | Path, out: str | Path, *,
         if value is not None:
             raw[key] = value
     reference = OodReference.from_section(payload["ood"]) if payload.get("ood") else None
-    truth = [s.label for s in samples]
     fitted = fit_calibration(model.taxonomy, truth, raw, reference=reference,
                              quantile=quantile,
                              distance_temperature=settings.get("distance_temperature", True),
+                             coverage=coverage, conformal=mode,
                              log=log or (lambda _: None), cells="calibration")
     report = _report(fitted, truth, raw["leaf_probs"], preds.leaf_probs,
                      None if preds.ood_score is None else preds.unclassifiable)
+    if coverage is not None:
+        before = payload.get("conformal")
+        report["conformal"] = {
+            "coverage": coverage, "mode": mode,
+            "before": None if before is None else conformal_figures(
+                model.taxonomy, truth, preds.leaf_probs, ConformalAnswers.from_dict(before)),
+            "after": {k: fitted.conformal[k] for k in ("coverage", "mean_leaves",
+                                                       "leaf_share", "thresholds")}}
     report = {"calibrated_from": str(display_path(checkpoint)), "data": str(data),
               **report}
     _write(RunDir.of(checkpoint), target, fitted, payload, report)
@@ -106,6 +132,24 @@ def _quantile(payload: dict[str, Any], settings: dict[str, Any], given: float | 
         raise LeukotreeError(f"The 'ood_quantile' parameter (--ood-quantile) must be in "
                              f"(0, 1); got {given!r}.")
     return float(given)
+
+
+def _conformal_settings(payload: dict[str, Any], settings: dict[str, Any],
+                        coverage: float | None, mode: str | None,
+                        ) -> tuple[float | None, str]:
+    """The coverage and mode to fit conformal answers at: those given, else the run's
+    stored answers', else its configuration's (coverage None: fit none)."""
+    own = payload.get("conformal") or {}
+    if coverage is None:
+        coverage = (1 - float(own["alpha"]) if own else settings.get("coverage"))
+    elif not 0 < coverage < 1:
+        raise LeukotreeError(f"The 'coverage' parameter (--coverage) must be in (0, 1); got "
+                             f"{coverage!r}.")
+    mode = mode or own.get("mode") or settings.get("conformal") or "marginal"
+    if mode not in MODES:
+        raise LeukotreeError(f"The 'conformal' parameter (--conformal) must be one of "
+                             f"{', '.join(MODES)}; got {mode!r}.")
+    return coverage, mode
 
 
 def _report(fitted: Calibration, truth: list[str], raw: np.ndarray, before: np.ndarray,
@@ -167,6 +211,14 @@ def describe(report: dict[str, Any]) -> list[str]:
                      f"{flagged['after']:.1%} with the new one "
                      f"({report['ood']['threshold']:.2f}, quantile "
                      f"{report['ood']['quantile']:g})")
+    if "conformal" in report:
+        con = report["conformal"]
+        before = ("-" if con["before"] is None else
+                  f"{con['before']['coverage']:.1%} ({con['before']['leaf_share']:.1%} leaves)")
+        lines.append(f"conformal answers ({con['mode']}, coverage {con['coverage']:g}): "
+                     f"covered {before} with the run's, {con['after']['coverage']:.1%} "
+                     f"({con['after']['leaf_share']:.1%} leaves, mean "
+                     f"{con['after']['mean_leaves']:.2f} leaves) with the new")
     if "note" in report:
         lines.append(f"note: {report['note']}")
     return lines

@@ -8,7 +8,8 @@ instead of reopening its training:
 - :func:`fit_calibration`: on *labelled calibration cells* (the validation split at
   training time, a new lab's labelled sample later), the stage scales ``q_s`` and the
   threshold (the ``quantile`` of the distances), then the per-node temperatures and the
-  power of the distance-aware softening;
+  power of the distance-aware softening, then (given a coverage) the conformal answers'
+  threshold on the calibrated probabilities (:mod:`leukotree.inference.conformal`);
 - :func:`fit_patient_stage`: the patient-level model on the calibrated outputs of
   labelled cells with patient ids, scored on a second set.
 
@@ -16,7 +17,7 @@ The outputs they read are a model's *raw* ones: ``leaf_probs`` before any fitted
 temperature (a calibrated model gives them as ``leaf_logp_raw``), and ``features`` or,
 for a multi-stage reference, ``stage_features``. The math is in
 :mod:`leukotree.models.calibration`; a :class:`Calibration` holds the checkpoint sections
-(``calibration``, ``ood``) and a summary, and applies itself to other outputs as the
+(``calibration``, ``ood``, ``conformal``) and a summary, and applies itself to other outputs as the
 stored model will (:meth:`Calibration.apply`).
 """
 
@@ -30,6 +31,13 @@ import numpy as np
 import torch
 
 from leukotree.errors import LeukotreeError
+from leukotree.inference.conformal import (
+    ConformalAnswers,
+    achievable_alpha,
+    answer_nodes,
+    covered,
+    fit_conformal,
+)
 from leukotree.metrics import expected_calibration_error
 from leukotree.models.calibration import (
     FeatureDistance,
@@ -106,15 +114,17 @@ class Calibration:
     taxonomy: Taxonomy
     calibration: dict[str, Any] | None = None
     ood: dict[str, Any] | None = None
-    #: ``calibration`` and ``ood`` (threshold, quantile, val_flagged, stages) as a run's
-    #: summary gives them.
+    conformal: dict[str, Any] | None = None
+    #: ``calibration``, ``ood`` (threshold, quantile, val_flagged, stages) and
+    #: ``conformal`` (alpha, mode, thresholds, in-sample coverage) as a run's summary
+    #: gives them.
     summary: dict[str, Any] = field(default_factory=dict)
 
     def sections(self) -> dict[str, Any]:
         """Keyword arguments of :func:`~leukotree.models.checkpoint.update_checkpoint`:
         the sections fitted (one not fitted is left as the file has it)."""
-        return {k: v for k, v in (("calibration", self.calibration), ("ood", self.ood))
-                if v is not None}
+        return {k: v for k, v in (("calibration", self.calibration), ("ood", self.ood),
+                                  ("conformal", self.conformal)) if v is not None}
 
     def distance(self, outputs: Outputs) -> np.ndarray | None:
         """``ood_score`` ``(N,)`` of raw ``outputs`` (None without a fitted ``ood``)."""
@@ -147,13 +157,18 @@ class Calibration:
 def fit_calibration(taxonomy: Taxonomy, truth: Sequence[str], outputs: Outputs, *,
                     reference: OodReference | None = None, quantile: float = 0.0,
                     temperatures: bool = True, distance_temperature: bool = True,
-                    log: Log = _quiet, cells: str = "validation") -> Calibration:
+                    coverage: float | None = None, conformal: str = "marginal",
+                    strict: bool = True, log: Log = _quiet, cells: str = "validation",
+                    ) -> Calibration:
     """Fit on labelled calibration cells (``truth``, nodes of ``taxonomy``, and their raw
     ``outputs``): with a ``reference`` and ``quantile > 0``, the out-of-distribution
     threshold (:func:`fit_ood_threshold`); with ``temperatures``, the per-node
     temperatures and, when the cells have an ``ood_score`` and ``distance_temperature``
-    is on, the distance softening (:func:`fit_temperature_section`). ``log`` gets a line
-    per fit, calling the cells ``cells``."""
+    is on, the distance softening (:func:`fit_temperature_section`); with ``coverage``,
+    the conformal answers (``conformal``: marginal or mondrian) on the probabilities so
+    calibrated (:func:`fit_conformal_section`; too few cells raise, or with ``strict``
+    off log a warning and fit none). ``log`` gets a line per fit, calling the cells
+    ``cells``."""
     result = Calibration(taxonomy)
     if len(truth) != len(outputs["leaf_probs"]):
         raise ValueError(f"{len(truth)} labels for {len(outputs['leaf_probs'])} cells")
@@ -168,7 +183,47 @@ def fit_calibration(taxonomy: Taxonomy, truth: Sequence[str], outputs: Outputs, 
         result.calibration = result.summary["calibration"] = fit_temperature_section(
             taxonomy, truth, outputs["leaf_probs"],
             score if distance_temperature else None, log, cells)
+    if coverage is not None:
+        calibrated = result.apply(outputs)["leaf_probs"]
+        try:
+            result.conformal = fit_conformal_section(taxonomy, truth, calibrated, coverage,
+                                                     conformal, log, cells)
+        except LeukotreeError as err:
+            if strict:
+                raise
+            log(f"warning: no conformal answers stored: {err}")
+        if result.conformal is not None:
+            result.summary["conformal"] = result.conformal
     return result
+
+
+def fit_conformal_section(taxonomy: Taxonomy, truth: Sequence[str], probs: np.ndarray,
+                          coverage: float, mode: str = "marginal", log: Log = _quiet,
+                          cells: str = "validation") -> dict[str, Any]:
+    """The checkpoint's ``conformal`` section: :class:`ConformalAnswers` fitted at
+    ``alpha = 1 - coverage`` on the cells' *calibrated* leaf ``probs``, with the share of
+    these cells covered (in-sample), their mean number of answer leaves and
+    ``achievable_alpha`` ``1 / (n + 1)``."""
+    answers = fit_conformal(taxonomy, truth, probs, 1 - coverage, mode, cells)
+    section = answers.to_dict() | conformal_figures(taxonomy, truth, probs, answers)
+    section["achievable_alpha"] = achievable_alpha(len(truth))
+    log(f"conformal answers ({mode}, coverage {coverage:g}): threshold "
+        + (f"{next(iter(answers.thresholds.values())):.3f}" if mode == "marginal"
+           else "per class")
+        + f"; {section['coverage']:.1%} of the {cells} cells covered, "
+        f"{section['leaf_share']:.1%} answered with a leaf (fitted on these cells)")
+    return section
+
+
+def conformal_figures(taxonomy: Taxonomy, truth: Sequence[str], probs: np.ndarray,
+                      answers: ConformalAnswers) -> dict[str, float]:
+    """On labelled cells: ``coverage`` (share whose answer holds their class),
+    ``mean_leaves`` (answer leaves per cell) and ``leaf_share`` (answers that are a
+    leaf)."""
+    nodes = answer_nodes(taxonomy, probs, answers)
+    sizes = np.array([len(taxonomy.descendant_leaves(n)) for n in nodes])
+    return {"coverage": float(covered(taxonomy, truth, nodes).mean()),
+            "mean_leaves": float(sizes.mean()), "leaf_share": float((sizes == 1).mean())}
 
 
 def fit_ood_threshold(reference: OodReference, features: np.ndarray, quantile: float,

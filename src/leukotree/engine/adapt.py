@@ -151,7 +151,7 @@ def adapt(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
     for name in _COPIED:
         if (source.path / name).exists():
             shutil.copy2(source.path / name, target.path / name)
-    dropped = [k for k in ("calibration", "ood") if k in payload]
+    dropped = [k for k in ("calibration", "ood", "conformal") if k in payload]
     report = {"source": str(display_path(loaded.checkpoint)),
               "method": "batch-norm statistics re-estimated on the new cells (AdaBN)",
               "not_carried_over": dropped,

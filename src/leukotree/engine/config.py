@@ -184,6 +184,15 @@ class TrainConfig:
     ood_quantile: float = option(0.95, "flag cells farther from the training cells than this "
                                  "quantile of the validation cells as unclassifiable (0: no "
                                  "out-of-distribution score)", low=0, high=1, high_open=True)
+    coverage: float | None = option(
+        None, "answer each cell with the deepest tree node that holds its class with this "
+        "probability (conformal risk control on the calibrated validation cells; e.g. "
+        "0.95; default: no conformal answers)", low=0, high=1, low_open=True,
+        high_open=True)
+    conformal: str = option("marginal", "conformal answers' guarantee: over all cells "
+                            "(marginal) or for every class (mondrian: a threshold per class, "
+                            "needs more validation cells of each)",
+                            choices=("marginal", "mondrian"))
     ood_layers: int = option(3, "backbone stages, counted from the last, whose feature "
                              "distances add up to the out-of-distribution score (1: the "
                              "pooled features alone)", low=1, high=12)

@@ -65,6 +65,7 @@ from leukotree.engine.loop import (
     weight_average,
 )
 from leukotree.errors import LeukotreeError, UnreadableImagesError, display_path
+from leukotree.inference.conformal import check_cells
 from leukotree.inference.loader import load, trained_run
 from leukotree.models import TreeClassifier, build_model
 from leukotree.models.checkpoint import (
@@ -422,6 +423,13 @@ class Trainer:
         train_samples, val_samples = self._samples(taxonomy)
         if not train_samples or not val_samples:
             raise LeukotreeError("The split left no training or no validation images.")
+        if cfg.coverage is not None and (cfg.fold is None or self._test):
+            try:  # refused before any image is read
+                check_cells(taxonomy, [s.label for s in val_samples], 1 - cfg.coverage,
+                            cfg.conformal, cells="validation")
+            except LeukotreeError as err:
+                raise LeukotreeError(f"The 'coverage' parameter (--coverage): {err} (the "
+                                     "validation split: --val-fraction)") from None
         self._n_new = len(train_samples)
         # replayed images are kept off the validation and the test patients alike
         train_samples += self._replay_samples(taxonomy, train_samples,
@@ -651,10 +659,12 @@ class Trainer:
                    "history": state.history, "run": str(self.out)}
         if self.dist.is_main:
             plots.learning_curves(state.history, self.run.curves)
-            calibrate = (cfg.calibrate or cfg.ood_quantile > 0) and len(val) > 0
+            calibrate = ((cfg.calibrate or cfg.ood_quantile > 0 or cfg.coverage is not None)
+                         and len(val) > 0)
             if calibrate and cfg.fold is not None and not self._test:
-                self._log("no calibration or out-of-distribution threshold for a "
-                          "cross-validation fold validated on its test fold "
+                self._log("no calibration, out-of-distribution threshold"
+                          + (" or conformal answers" if cfg.coverage is not None else "")
+                          + " for a cross-validation fold validated on its test fold "
                           "(--fold-val-fraction 0)", "dim")
                 calibrate = False
             patients = cfg.patient_model != "none"
@@ -697,7 +707,8 @@ class Trainer:
                                      outputs["val"], reference=reference,
                                      quantile=cfg.ood_quantile, temperatures=cfg.calibrate,
                                      distance_temperature=cfg.distance_temperature,
-                                     log=self._log)
+                                     coverage=cfg.coverage, conformal=cfg.conformal,
+                                     strict=False, log=self._log)
             result |= fitted.summary
             sections |= fitted.sections()
             outputs = {name: fitted.apply(out) for name, out in outputs.items()}

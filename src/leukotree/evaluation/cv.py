@@ -53,6 +53,10 @@ SCALARS: dict[str, tuple[str, ...]] = {
     # calibrated folds: the share of test cells flagged, and the accuracy of the rest
     "unclassifiable": ("ood", "rate"),
     "accuracy_kept": ("ood", "accuracy_kept"),
+    # folds with conformal answers (--coverage): coverage of the test cells, leaf answers
+    "conformal_coverage": ("conformal", "coverage"),
+    "conformal_leaf_share": ("conformal", "leaf_share"),
+    "conformal_mean_depth": ("conformal", "mean_depth"),
     "patient_accuracy": ("patient_level", "accuracy"),
     "patient_auroc": ("patient_level", "patient_auroc"),
     "patient_sensitivity": ("patient_level", "patient_binary", "sensitivity"),

@@ -10,6 +10,7 @@ import numpy as np
 
 from leukotree.data.discover import Sample, discover
 from leukotree.errors import LeukotreeError
+from leukotree.evaluation.coverage import conformal_section
 from leukotree.inference.decisions import decide_patients, domain_shift
 from leukotree.inference.loader import LoadedModel, load
 from leukotree.inference.options import InferenceOptions
@@ -69,7 +70,8 @@ def evaluate(
     PyTorch, whose raw outputs give the ECE before calibration); write metrics.json,
     metrics.md, metrics.html, predictions.csv and the figures into ``out`` (an
     :class:`~leukotree.rundir.EvalDir`). The ECE before calibration is given for a single
-    model only."""
+    model only; a model with conformal answers gets a ``conformal`` section
+    (:mod:`leukotree.evaluation.coverage`)."""
     options = options or InferenceOptions()
     settings = settings or EvalSettings()
     check_settings(settings)
@@ -123,6 +125,13 @@ def evaluate(
     where.path.mkdir(parents=True, exist_ok=True)
     metrics["figures"] = write_figures(taxonomy, truth, probs, metrics, where.path,
                                        uncalibrated)
+    if predictor.conformal is not None:  # the model's answers, with their coverage
+        metrics["conformal"], figure = conformal_section(
+            loaded, predictor, truth, probs, [s.patient for s in samples],
+            bool((metrics.get("ood") or {}).get("domain_shift")), where.path,
+            batch_size=options.batch_size, tta=options.tta)
+        if figure is not None:
+            metrics["figures"]["coverage"] = figure
     write_json(where.metrics, metrics)
     write_document(metrics_document(metrics), where.markdown)
     write_predictions(where.predictions, taxonomy, samples, probs)

@@ -124,6 +124,9 @@ class EnsemblePredictor:
         self.cell_taxonomy = first.cell_taxonomy
         self.engine = f"ensemble of {len(members)} ({first.engine})"
         self.expected_ood = float(np.mean([m.expected_ood for m in members]))
+        # each member's conformal threshold was fitted on its own outputs, not on their
+        # average: the average has no guarantee until fitted again
+        self.conformal = None
         self.widths: list[dict[str, int]] = []
         fitted = [m.patient_model for m in members]
         self.patient_model = (EnsemblePatientModel(fitted, self.widths)  # type: ignore[arg-type]

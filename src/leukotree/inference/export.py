@@ -7,7 +7,8 @@ leaves``, so the tree is consistent), ``features`` ``(B, D)``, with a cell-type
 head ``cell_probs`` and, when fitted, ``ood_score`` ``(B, 1)``. Fitted temperatures
 and the out-of-distribution score are part of the graph
 (:mod:`leukotree.models.calibration`). The taxonomy, image size, centre crop, any
-fitted patient-level model and the calibration figures travel in the file's metadata,
+fitted patient-level model, the calibration figures and the conformal answers'
+thresholds travel in the file's metadata,
 so ``leukotree predict`` accepts the ``.onnx`` file as RUN.
 """
 
@@ -89,6 +90,8 @@ def export_onnx(run: str | Path, out: str | Path, *, opset: int = 17,
     if payload.get("ood") is not None:
         meta["ood"] = json.dumps({k: payload["ood"][k] for k in ("threshold", "quantile",
                                                                  "val_flagged", "classes")})
+    if payload.get("conformal") is not None:
+        meta["conformal"] = json.dumps(payload["conformal"])
     for key, value in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value

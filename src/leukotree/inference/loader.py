@@ -136,7 +136,8 @@ class LoadedModel:
         ood = self.payload.get("ood") or {}
         self.engine_note = note
         return TorchPredictor(model, patient_model=self.payload.get("patient_model"),
-                              expected_ood=float(ood.get("val_flagged", 0.05)))
+                              expected_ood=float(ood.get("val_flagged", 0.05)),
+                              conformal=self.payload.get("conformal"))
 
     def _need_run(self, need: str) -> None:
         if self.members:

@@ -75,6 +75,15 @@ class InferenceOptions:
                             choices=_aggregates)
     min_cells: int = option(1, "patients with fewer cells are reported as insufficient",
                             low=1)
+    coverage: float | None = option(
+        None, "answer each cell with the deepest tree node that holds its class with this "
+        "probability, the threshold fitted again on the run's validation split (default: "
+        "the model's own conformal answers, if it was trained with --coverage)", low=0,
+        high=1, low_open=True, high_open=True)
+    conformal: str | None = option(
+        None, "with --coverage: a guarantee over all cells (marginal) or for every class "
+        "(mondrian); default: the model's own, else marginal",
+        choices=("marginal", "mondrian"))
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -16,6 +16,12 @@ import numpy as np
 
 from leukotree.data.discover import InputImage, collect_inputs
 from leukotree.errors import LeukotreeError, display_path
+from leukotree.inference.conformal import (
+    ConformalAnswers,
+    answer_leaves,
+    answer_nodes,
+    fit_conformal,
+)
 from leukotree.inference.decisions import (
     PatientDecision,
     calibrate_thresholds,
@@ -49,6 +55,9 @@ class PredictResult:
     cell_taxonomy: Taxonomy | None = None
     #: Share of the model's validation cells it flags as unclassifiable.
     expected_ood: float = 0.05
+    #: The conformal answers applied (the model's own, or fitted again with
+    #: ``--coverage``); None: no ``answer_node`` column.
+    conformal: ConformalAnswers | None = None
 
     def domain_shift(self) -> str | None:
         """The domain-shift alarm for these inputs (:func:`~.decisions.domain_shift`)."""
@@ -71,11 +80,14 @@ def run_predict(
     (:func:`~leukotree.inference.loader.load`) as ``options`` say (engine, decoding view,
     batches, test-time augmentation: :class:`~leukotree.inference.options.
     InferenceOptions`); thresholds come from ``options.confidence`` or, with
-    ``target_error``, from the run's validation split."""
+    ``target_error``, from the run's validation split. Conformal answers are the model's
+    own, or with ``options.coverage`` fitted again on the run's validation split."""
     options = options or InferenceOptions()
     loaded = load(run)
     if target_error is not None:  # refused before predicting when there is no split
         loaded.run_dir(". Give --confidence instead.")
+    if options.coverage is not None:
+        loaded.run_dir(_NO_SPLIT_COVERAGE)
     predictor = loaded.predictor(options.engine)
     view = options.input_config(predictor.model_config, source=run)
     found = collect_inputs(inputs, patients, predictor.taxonomy)
@@ -84,32 +96,50 @@ def run_predict(
                           workers=options.workers, progress=progress, on_error="report",
                           tta=options.tta, max_pixels=options.max_pixels,
                           pixel_sizes=[i.pixel_size for i in images], config=view)
+    val = None
+    if target_error is not None or options.coverage is not None:
+        val = validation_probs(loaded, predictor, options.batch_size, options.tta)
     if target_error is not None:
-        thresholds = _thresholds_for_error(loaded, predictor, target_error,
-                                           options.batch_size, options.tta)
+        thresholds = calibrate_thresholds(predictor.taxonomy, val[0], val[1], target_error)
     else:
         thresholds = parse_thresholds(options.confidence, predictor.taxonomy.max_depth)
+    answers = predictor.conformal
+    if options.coverage is not None:
+        own = predictor.conformal.mode if predictor.conformal is not None else "marginal"
+        answers = fit_conformal(predictor.taxonomy, val[0], val[1], 1 - options.coverage,
+                                options.conformal or own, "validation")
     return PredictResult(predictor.taxonomy, images, preds, thresholds, predictor.engine,
                          loaded.engine_note, found.not_used, predictor.patient_model,
-                         predictor.cell_taxonomy, predictor.expected_ood)
+                         predictor.cell_taxonomy, predictor.expected_ood, answers)
 
 
-def _thresholds_for_error(loaded: LoadedModel, predictor: Predictor, target_error: float,
-                          batch_size: int, tta: bool) -> list[float]:
+_NO_SPLIT_COVERAGE = (". Conformal answers are fitted on one model's validation cells: give "
+                      "one run folder for --coverage (a cv or ensemble folder's runs each "
+                      "have their own; an ONNX file keeps the coverage it was exported with), "
+                      "or leave --coverage out.")
+
+
+def validation_probs(loaded: LoadedModel, predictor: Predictor, batch_size: int = 64,
+                     tta: bool = False) -> tuple[list[str], np.ndarray]:
+    """The labels and leaf probabilities (as ``predictor`` gives them: calibrated) of the
+    run's validation split, on which ``--target-error`` and ``--coverage`` are fitted."""
     val = loaded.run_dir(". Give --confidence instead.").read_split("val")
     vp = predict_paths(predictor, [Path(r["path"]) for r in val], progress=False,
                        on_error="raise", batch_size=batch_size, tta=tta)
-    return calibrate_thresholds(predictor.taxonomy, [r["label"] for r in val], vp.leaf_probs,
-                                target_error)
+    return [r["label"] for r in val], vp.leaf_probs
 
 
 def prediction_rows(result: PredictResult, decode: str = "argmax") -> list[dict[str, Any]]:
     """One row per input image: node probabilities, decoded leaf, referral, error and,
     when the model scores it, ``ood_score`` and ``unclassifiable`` (such a cell is
-    referred with ``reported_node`` ``unclassifiable``)."""
+    referred with ``reported_node`` ``unclassifiable``); with conformal answers,
+    ``answer_node`` and ``answer_leaves`` (its leaves joined by ``|``; empty for an
+    unreadable image)."""
     taxonomy, preds = result.taxonomy, result.predictions
     node_p = node_probabilities(taxonomy, np.nan_to_num(preds.leaf_probs))
     flagged = preds.unclassifiable
+    nodes = (None if result.conformal is None
+             else answer_nodes(taxonomy, preds.leaf_probs, result.conformal))
     rows = []
     for i, img in enumerate(result.images):
         row: dict[str, Any] = {"path": display_path(img.path), "patient": img.patient or ""}
@@ -119,6 +149,8 @@ def prediction_rows(result: PredictResult, decode: str = "argmax") -> list[dict[
             row.update({f"p_{n}": "" for n in taxonomy.nodes})
             if preds.ood_score is not None:
                 row.update({"ood_score": "", "unclassifiable": ""})
+            if nodes is not None:
+                row.update({"answer_node": "", "answer_leaves": ""})
             rows.append(row)
             continue
         leaf, confident, refer, _ = decide(taxonomy, node_p[i], result.thresholds, decode)
@@ -135,6 +167,9 @@ def prediction_rows(result: PredictResult, decode: str = "argmax") -> list[dict[
         if preds.ood_score is not None:
             row.update({"ood_score": round(float(preds.ood_score[i]), 4),
                         "unclassifiable": bool(flagged[i])})
+        if nodes is not None:
+            row.update({"answer_node": nodes[i],
+                        "answer_leaves": answer_leaves(taxonomy, [nodes[i]])[0]})
         rows.append(row)
     return rows
 

@@ -8,7 +8,7 @@ centre-cropped as its ``model_config`` says) to leaf probabilities ``(N, n_leave
 (:meth:`Predictor.outputs`: also ``features``, with a cell-type head
 ``cell_probs`` and, when fitted, ``ood_score`` ``(N, 1)``; a calibrated PyTorch model
 also ``leaf_probs_raw``, before its temperatures), and may carry a fitted
-patient-level model (``patient_model``).
+patient-level model (``patient_model``) and conformal answers (``conformal``).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from leukotree.data.images import (
     to_tensor,
 )
 from leukotree.errors import LeukotreeError
+from leukotree.inference.conformal import ConformalAnswers
 from leukotree.inference.options import check_option, input_config
 from leukotree.models import ModelConfig, TreeClassifier
 from leukotree.models.checkpoint import ONNX_FORMAT
@@ -52,6 +53,8 @@ class Predictor(Protocol):
     patient_model: FittedPatientModel | None
     #: Share of its own validation cells the model flags as unclassifiable.
     expected_ood: float
+    #: The conformal answers' thresholds fitted with the model (None: none fitted).
+    conformal: ConformalAnswers | None
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         """Leaf probabilities ``(N, n_leaves)`` of uint8 pixels ``(N, S, S, 3)``."""
@@ -78,7 +81,8 @@ class TorchPredictor:
 
     def __init__(self, model: TreeClassifier, device: torch.device | str = "cpu", *,
                  channels_last: bool = False, patient_model: dict[str, Any] | None = None,
-                 expected_ood: float = 0.05, stage_features: bool = False) -> None:
+                 expected_ood: float = 0.05, stage_features: bool = False,
+                 conformal: dict[str, Any] | None = None) -> None:
         self.device = torch.device(device)
         self.stage_features = stage_features
         self.channels_last = channels_last
@@ -91,6 +95,7 @@ class TorchPredictor:
         self.cell_taxonomy = model.cell_taxonomy
         self.patient_model = _patient_model(patient_model, self.taxonomy, self.cell_taxonomy)
         self.expected_ood = expected_ood
+        self.conformal = None if conformal is None else ConformalAnswers.from_dict(conformal)
 
     @torch.no_grad()
     def predict(self, pixels: np.ndarray) -> np.ndarray:
@@ -145,6 +150,8 @@ class OnnxPredictor:
         self._names = [o.name for o in self.session.get_outputs()]
         ood = json.loads(meta["ood"]) if meta.get("ood") else {}
         self.expected_ood = float(ood.get("val_flagged", 0.05))
+        self.conformal = (ConformalAnswers.from_dict(json.loads(meta["conformal"]))
+                          if meta.get("conformal") else None)
 
     def outputs(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         x = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2), dtype=np.float32)

@@ -1,4 +1,5 @@
-"""PNG figures: learning curves, confusion matrices, ROC curves, reliability diagrams.
+"""PNG figures: learning curves, confusion matrices, ROC curves, reliability diagrams,
+conformal coverage against the risk asked.
 
 Drawn on :class:`matplotlib.figure.Figure` objects directly (never ``pyplot``), so no
 backend is switched and no global state is left behind. A function returns ``None``
@@ -114,4 +115,29 @@ def reliability(bins: dict[str, list[float]], path: Path,
     ax.set_ylabel("accuracy")
     ax.legend()
     ax.set_title("reliability diagram")
+    return _save(fig, path)
+
+
+def coverage_curve(points: Sequence[dict[str, float]], path: Path, own: float | None = None,
+                   ) -> Path | None:
+    """Empirical coverage (and share of leaf answers) against the coverage asked,
+    ``1 - alpha``, of conformal answers fitted at each ``alpha``; ``own`` marks the
+    model's."""
+    if not points:
+        return None
+    target = np.array([1 - p["alpha"] for p in points])
+    fig = _figure(5, 5)
+    ax = fig.subplots()
+    ax.plot(target, [p["coverage"] for p in points], "o-", label="coverage of these cells")
+    ax.plot(target, [p["leaf_share"] for p in points], "s--", color="tab:gray",
+            label="answers that are a leaf")
+    low = min(float(target.min()), min(p["coverage"] for p in points)) - 0.02
+    ax.plot([low, 1], [low, 1], "k--", lw=0.8, label="coverage asked")
+    if own is not None:
+        ax.axvline(1 - own, color="tab:red", lw=0.8, label=f"the model's ({1 - own:g})")
+    ax.set_xlabel("coverage asked (1 - alpha), fitted on the validation split")
+    ax.set_ylabel("share of cells")
+    ax.set_ylim(0, 1.01)
+    ax.legend()
+    ax.set_title("conformal answers: coverage against the risk asked")
     return _save(fig, path)

@@ -168,6 +168,8 @@ def metrics_document(m: dict[str, Any]) -> Document:
                     fmt(ood["accuracy_kept"]), fmt(ood["accuracy_flagged"])]])
         if ood.get("domain_shift"):
             doc.note(ood["domain_shift"])
+    if m.get("conformal"):
+        _conformal(doc, m["conformal"])
     pl = m.get("patient_level")
     if pl:
         doc.heading("Patient level")
@@ -183,6 +185,22 @@ def metrics_document(m: dict[str, Any]) -> Document:
     for name, file in m.get("figures", {}).items():
         doc.figure(file, name)
     return doc
+
+
+def _conformal(doc: Document, c: dict[str, Any]) -> None:
+    """The conformal answers' coverage (95% CI), answer sizes and per-class coverage."""
+    doc.heading(f"Conformal answers ({c['mode']}, coverage asked {fmt(c['target_coverage'])}, "
+                f"fitted on {c['fitted_on']} cells)")
+    if c.get("note"):
+        doc.note(c["note"])
+    lo, hi = c["coverage_ci95"]
+    doc.table(["coverage", "95% CI", "mean depth", "mean leaves", "answers that are a leaf"],
+              [[fmt(c["coverage"]), f"{fmt(lo)}-{fmt(hi)} ({c['ci_method']})",
+                fmt(c["mean_depth"]), fmt(c["mean_leaves"]), fmt(c["leaf_share"])]])
+    doc.table(["class", "n", "coverage"],
+              [[name, fmt(r["n"]), fmt(r["coverage"])] for name, r in c["per_class"].items()])
+    if c.get("curve_skipped"):
+        doc.paragraph(f"No coverage-vs-alpha figure: {c['curve_skipped']}.")
 
 
 def _patient_binary(doc: Document, pl: dict[str, Any]) -> None:

@@ -1,0 +1,235 @@
+"""Conformal answers on the class tree: instead of a forced leaf, each cell is answered
+with the deepest node of the tree that is safe at a stated risk.
+
+The answer rule climbs from the predicted leaf ``l = argmax P(leaf)`` towards the root and
+stops at the first (deepest) node ``v`` on that path with ``P(v) >= lam``, where
+``P(v)`` is the sum of the probabilities of the leaves below ``v``. A cell's answer
+*misses* when its true class is not below the answer node.
+
+Along the path ``l = v_0, v_1, ..., v_D = root`` the masses never decrease, so the
+answer misses the true class ``y`` exactly when ``lam <= c(x, y)``, with the *critical
+mass* ``c(x, y) = P(v_{k-1})``, ``v_k`` the lowest common ancestor of ``l`` and ``y``
+(``c = -inf`` when ``y`` is ``l`` itself: ``k = 0``, never missed).
+Equivalently, the answer is the lowest common ancestor of the leaves ``y`` with
+``c(x, y) < lam`` (a prediction *set* whose leaves always form one subtree).
+
+``lam`` is fitted on labelled calibration cells by conformal risk control
+(Angelopoulos et al., ICLR 2024) for the miss loss, which is bounded by 1 and
+non-increasing in ``lam``: the smallest ``lam`` with
+``n / (n + 1) * R(lam) + 1 / (n + 1) <= alpha``, ``R`` the share of the ``n`` cells whose
+answer misses. Then, for a new cell exchangeable with them,
+``P(answer misses) <= alpha``. With ``K = floor((n + 1) * alpha - 1)`` this is the
+smallest ``lam`` for which at most ``K`` calibration cells have ``c >= lam``: just above
+the ``(K + 1)``-th largest critical mass. It needs ``n >= 1 / alpha - 1`` cells.
+
+The class-conditional (Mondrian) variant fits one threshold per true leaf on that
+leaf's cells, so that ``P(miss | class y) <= alpha`` for every class; the answer is the
+lowest common ancestor of the predicted leaf and every leaf ``y`` with
+``c(x, y) < lam_y``.
+
+The rule and its fit live with inference, as the referral thresholds do: ``predict
+--coverage`` re-fits on a run's validation split; the calibration stage
+(:func:`leukotree.calibrate.stages.fit_calibration`) fits the threshold a model stores.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from leukotree.errors import LeukotreeError
+from leukotree.taxonomy import Taxonomy
+
+#: How a conformal threshold is fitted: one for all cells, or one per true class.
+MODES = ("marginal", "mondrian")
+
+
+def min_cells(alpha: float) -> int:
+    """The fewest calibration cells for which risk ``alpha`` can be promised:
+    ``n >= 1 / alpha - 1`` (so that ``(n + 1) * alpha >= 1``)."""
+    return max(1, math.ceil(1 / alpha - 1 - 1e-9))
+
+
+def achievable_alpha(n: int) -> float:
+    """The smallest risk ``n`` calibration cells can promise: ``1 / (n + 1)``."""
+    return 1 / (n + 1)
+
+
+def _path_positions(taxonomy: Taxonomy) -> np.ndarray:
+    """``(n_leaves, n_leaves)``: for predicted leaf ``l`` (row) and true leaf ``y``
+    (column), the position on ``l``'s path to the root (0 = ``l`` itself) of their lowest
+    common ancestor."""
+    leaves = taxonomy.leaves
+    out = np.zeros((len(leaves), len(leaves)), dtype=np.int64)
+    for i, a in enumerate(leaves):
+        up = (*taxonomy.path(a)[::-1], taxonomy.root)  # a, parent, ..., root
+        for j, b in enumerate(leaves):
+            out[i, j] = up.index(taxonomy.lowest_common_ancestor(a, b))
+    return out
+
+
+def _path_masses(taxonomy: Taxonomy, leaf_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The predicted leaf of each cell and ``(N, D + 1)`` masses along its path to the
+    root (position 0: the leaf; padded with 1 above the root)."""
+    node_p = leaf_probs @ taxonomy.node_leaf_matrix().T.astype(np.float64)
+    pred = leaf_probs.argmax(1)
+    depth = taxonomy.max_depth + 1
+    cols = np.full((len(taxonomy.leaves), depth), -1, dtype=np.int64)
+    for i, leaf in enumerate(taxonomy.leaves):
+        up = [taxonomy.node_index[n] for n in taxonomy.path(leaf)[::-1]]
+        cols[i, :len(up)] = up
+    idx = cols[pred]
+    masses = np.where(idx >= 0, np.take_along_axis(node_p, np.maximum(idx, 0), 1), 1.0)
+    return pred, masses
+
+
+def critical_masses(taxonomy: Taxonomy, leaf_probs: np.ndarray) -> np.ndarray:
+    """``(N, n_leaves)``: ``c(x, y)``, the threshold at or below which the answer of cell
+    ``x`` misses leaf ``y`` (``-inf``: never, ``y`` is the predicted leaf)."""
+    probs = np.asarray(leaf_probs, dtype=np.float64)
+    pred, masses = _path_masses(taxonomy, probs)
+    k = _path_positions(taxonomy)[pred]  # (N, n_leaves)
+    below = np.take_along_axis(masses, np.maximum(k - 1, 0), 1)
+    return np.where(k > 0, below, -np.inf)
+
+
+@dataclass
+class ConformalAnswers:
+    """Fitted conformal thresholds: ``lam`` per leaf (all equal when ``mode`` is
+    ``marginal``), the risk ``alpha`` and the number of cells they were fitted on."""
+
+    alpha: float
+    mode: str
+    thresholds: dict[str, float]
+    n: int
+    per_class_n: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "mode": self.mode, "thresholds": dict(self.thresholds),
+                "n": self.n, "per_class_n": dict(self.per_class_n)}
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> ConformalAnswers:
+        return cls(float(doc["alpha"]), str(doc["mode"]),
+                   {str(k): float(v) for k, v in doc["thresholds"].items()}, int(doc["n"]),
+                   {str(k): int(v) for k, v in doc.get("per_class_n", {}).items()})
+
+    def vector(self, taxonomy: Taxonomy) -> np.ndarray:
+        return np.array([self.thresholds[leaf] for leaf in taxonomy.leaves])
+
+
+def _threshold(critical: np.ndarray, alpha: float) -> float:
+    """The smallest ``lam`` with at most ``K = floor((n + 1) alpha - 1)`` of the critical
+    masses ``>= lam``: just above the ``(K + 1)``-th largest (0 when fewer misses are
+    possible: every answer a leaf)."""
+    n = len(critical)
+    k = math.floor((n + 1) * alpha - 1 + 1e-12)
+    finite = np.sort(critical[np.isfinite(critical)])[::-1]
+    if k >= len(finite):
+        return 0.0
+    return float(np.nextafter(finite[k], np.inf))
+
+
+def fit_conformal(taxonomy: Taxonomy, truth: Sequence[str], leaf_probs: np.ndarray,
+                  alpha: float, mode: str = "marginal", cells: str = "calibration",
+                  ) -> ConformalAnswers:
+    """Fit the answer thresholds on labelled cells (module docstring). ``truth`` may hold
+    inner nodes (a cell labelled only "granulocyte"): its answer misses unless the answer
+    node holds that whole node. ``mondrian`` fits one threshold per leaf on the cells
+    labelled with that leaf (inner-labelled cells then count for no class). Too few
+    cells (:func:`check_cells`, which calls them ``cells``) are refused."""
+    if not 0 < alpha < 1:
+        raise LeukotreeError(f"The 'alpha' parameter (1 - coverage) must be in (0, 1); got "
+                             f"{alpha!r}.")
+    if mode not in MODES:
+        raise LeukotreeError(f"The conformal mode must be one of {', '.join(MODES)}; got "
+                             f"{mode!r}.")
+    truth = list(truth)
+    if len(truth) != len(leaf_probs):
+        raise ValueError(f"{len(truth)} labels for {len(leaf_probs)} rows of probabilities")
+    critical = _critical_for_labels(taxonomy, truth, leaf_probs)
+    check_cells(taxonomy, truth, alpha, mode, cells)
+    if mode == "marginal":
+        lam = _threshold(critical, alpha)
+        return ConformalAnswers(alpha, mode, dict.fromkeys(taxonomy.leaves, lam), len(truth))
+    counts = {leaf: sum(t == leaf for t in truth) for leaf in taxonomy.leaves}
+    thresholds = {leaf: _threshold(critical[[t == leaf for t in truth]], alpha)
+                  for leaf in taxonomy.leaves}
+    return ConformalAnswers(alpha, mode, thresholds, len(truth), counts)
+
+
+def check_cells(taxonomy: Taxonomy, truth: Sequence[str], alpha: float,
+                mode: str = "marginal", cells: str = "calibration") -> None:
+    """Refuse too few labelled ``cells`` for risk ``alpha``: ``min_cells(alpha)`` in all
+    (marginal) or of every leaf (mondrian), naming the classes short and what coverage
+    the cells can support."""
+    need, truth = min_cells(alpha), list(truth)
+    if mode == "marginal":
+        if len(truth) < need:
+            raise LeukotreeError(
+                f"Conformal answers at coverage {1 - alpha:g} need at least {need} labelled "
+                f"{cells} cells; got {len(truth)}. Label more cells, or ask for coverage "
+                f"{1 - achievable_alpha(len(truth)):.3f} or less.")
+        return
+    counts = {leaf: sum(t == leaf for t in truth) for leaf in taxonomy.leaves}
+    short = {leaf: c for leaf, c in counts.items() if c < need}
+    if short:
+        listed = ", ".join(f"{leaf} ({c})" for leaf, c in short.items())
+        fewest = min(short.values())
+        raise LeukotreeError(
+            f"Class-conditional (Mondrian) answers at coverage {1 - alpha:g} need at least "
+            f"{need} labelled {cells} cells of every class; too few of: {listed}. Label "
+            "more cells of those classes, ask for coverage "
+            f"{1 - achievable_alpha(fewest):.3f} or less, or use marginal answers.")
+
+
+def _critical_for_labels(taxonomy: Taxonomy, truth: Sequence[str],
+                         leaf_probs: np.ndarray) -> np.ndarray:
+    """``c(x_i, y_i)`` of each labelled cell; for an inner-node label, the largest over
+    its leaves (the answer must hold all of them)."""
+    critical = critical_masses(taxonomy, leaf_probs)
+    out = np.empty(len(truth))
+    for i, label in enumerate(truth):
+        cols = [taxonomy.leaf_index[leaf] for leaf in taxonomy.descendant_leaves(label)]
+        out[i] = critical[i, cols].max()
+    return out
+
+
+
+
+def answer_nodes(taxonomy: Taxonomy, leaf_probs: np.ndarray,
+                 answers: ConformalAnswers) -> list[str]:
+    """The answer node of each cell: the lowest common ancestor of its predicted leaf and
+    of every leaf ``y`` with ``c(x, y) < lam_y``. Rows of NaN (unreadable) give ``""``."""
+    probs = np.asarray(leaf_probs, dtype=np.float64)
+    bad = ~np.isfinite(probs).all(1)
+    critical = critical_masses(taxonomy, np.nan_to_num(probs))
+    inside = critical < answers.vector(taxonomy)[None, :]
+    out = []
+    for row, ok in zip(inside, ~bad, strict=True):
+        if not ok:
+            out.append("")
+            continue
+        node = None
+        for j in np.flatnonzero(row):
+            leaf = taxonomy.leaves[j]
+            node = leaf if node is None else taxonomy.lowest_common_ancestor(node, leaf)
+        out.append(node if node is not None else "")
+    return out
+
+
+def covered(taxonomy: Taxonomy, truth: Sequence[str], nodes: Sequence[str]) -> np.ndarray:
+    """Whether each answer node holds the cell's true class (all of it, for an inner
+    label)."""
+    return np.array([bool(n) and set(taxonomy.descendant_leaves(t))
+                     <= set(taxonomy.descendant_leaves(n))
+                     for t, n in zip(truth, nodes, strict=True)])
+
+
+def answer_leaves(taxonomy: Taxonomy, nodes: Sequence[str], sep: str = "|") -> list[str]:
+    """The leaves below each answer node joined by ``sep`` (``""`` for no answer)."""
+    return [sep.join(taxonomy.descendant_leaves(n)) if n else "" for n in nodes]

@@ -1,0 +1,98 @@
+"""Conformal answers on the tree: hand-computed critical masses, thresholds and answers,
+and the promised risk checked on simulated exchangeable cells."""
+
+import numpy as np
+import pytest
+
+from leukotree.errors import LeukotreeError
+from leukotree.inference.conformal import (
+    ConformalAnswers,
+    achievable_alpha,
+    answer_nodes,
+    covered,
+    critical_masses,
+    fit_conformal,
+    min_cells,
+)
+from leukotree.taxonomy import load_taxonomy
+
+TAX = load_taxonomy("leukemia7")  # Normal Reactive ALL AML APML CLL CML
+ALL_CELL = [0.0, 0.0, 0.5, 0.3, 0.1, 0.1, 0.0]  # ALL .5 < Acute .9 < Leukemia 1.0
+
+
+def test_critical_masses_are_the_masses_just_below_the_common_ancestor():
+    c = critical_masses(TAX, np.array([ALL_CELL]))[0]
+    # ALL itself: never missed; AML/APML: missed while lam <= P(ALL) = .5; CLL/CML: while
+    # lam <= P(Acute) = .9; Normal/Reactive: while lam <= P(Leukemia) = 1.
+    assert c.tolist() == [1.0, 1.0, -np.inf, 0.5, 0.5, 0.9, 0.9]
+
+
+@pytest.mark.parametrize(("lam", "node"), [(0.0, "ALL"), (0.5, "ALL"), (0.51, "Acute"),
+                                           (0.9, "Acute"), (0.95, "Leukemia"),
+                                           (1.0, "Leukemia"), (1.01, "root")])
+def test_the_answer_is_the_deepest_node_on_the_path_with_mass_at_least_lam(lam, node):
+    answers = ConformalAnswers(0.1, "marginal", dict.fromkeys(TAX.leaves, lam), 10)
+    assert answer_nodes(TAX, np.array([ALL_CELL]), answers) == [node]
+
+
+def test_the_threshold_follows_conformal_risk_control_by_hand():
+    # 19 cells, alpha 0.1: K = floor(20 * 0.1 - 1) = 1 miss allowed; the critical masses
+    # of the cells whose leaf is wrong are .9 (true CLL) and .5 (true AML): lam just
+    # above the second largest, .5.
+    probs = np.array([ALL_CELL] * 19)
+    truth = ["ALL"] * 17 + ["CLL", "AML"]
+    fitted = fit_conformal(TAX, truth, probs, alpha=0.1)
+    lam = fitted.thresholds["ALL"]
+    assert lam == np.nextafter(0.5, 1) and fitted.n == 19
+    nodes = answer_nodes(TAX, probs, fitted)
+    assert set(nodes) == {"Acute"}
+    assert covered(TAX, truth, nodes).tolist() == [True] * 17 + [False, True]  # CLL missed
+    # with alpha 0.2 (K = 3) no cell needs more than its leaf
+    assert fit_conformal(TAX, truth, probs, alpha=0.2).thresholds["ALL"] == 0.0
+
+
+def test_an_inner_label_is_covered_only_by_a_node_holding_all_of_it():
+    c = fit_conformal(TAX, ["Acute"] * 9, np.array([ALL_CELL] * 9), alpha=0.1)
+    # K = 0: lam above the largest critical mass of the label's leaves (.5, APML/AML)
+    assert c.thresholds["AML"] == np.nextafter(0.5, 1)
+    assert covered(TAX, ["Acute", "Acute"], ["ALL", "Leukemia"]).tolist() == [False, True]
+
+
+def test_too_few_cells_say_how_many_are_needed_and_what_they_allow():
+    assert min_cells(0.05) == 19 and achievable_alpha(9) == pytest.approx(0.1)
+    with pytest.raises(LeukotreeError, match=r"at least 19 .* got 10.*coverage 0\.909"):
+        fit_conformal(TAX, ["ALL"] * 10, np.array([ALL_CELL] * 10), alpha=0.05)
+
+
+def test_mondrian_names_the_classes_with_too_few_cells():
+    probs = np.array([ALL_CELL] * 12)
+    with pytest.raises(LeukotreeError, match=r"Normal \(0\).*ALL \(12\)|Normal \(0\)"):
+        fit_conformal(TAX, ["ALL"] * 12, probs, alpha=0.1, mode="mondrian")
+
+
+def test_the_promised_risk_holds_on_new_exchangeable_cells():
+    rng = np.random.default_rng(0)
+    n_leaves = len(TAX.leaves)
+
+    def cells(n):
+        truth = rng.integers(0, n_leaves, n)
+        logits = rng.normal(size=(n, n_leaves)) + 2.0 * np.eye(n_leaves)[truth]
+        p = np.exp(logits)
+        return [TAX.leaves[t] for t in truth], p / p.sum(1, keepdims=True)
+
+    misses = []
+    for _ in range(40):
+        truth, probs = cells(200)
+        fitted = fit_conformal(TAX, truth, probs, alpha=0.1)
+        new_truth, new_probs = cells(500)
+        misses.append(1 - covered(TAX, new_truth, answer_nodes(TAX, new_probs, fitted)).mean())
+    assert np.mean(misses) <= 0.1 + 0.01  # the guarantee is on average over draws
+    assert np.mean(misses) >= 0.05  # and not vacuous: answers are not all the root
+
+
+def test_answers_round_trip_and_unreadable_rows_get_none():
+    fitted = fit_conformal(TAX, ["ALL"] * 19, np.array([ALL_CELL] * 19), alpha=0.05)
+    again = ConformalAnswers.from_dict(fitted.to_dict())
+    assert again == fitted
+    probs = np.array([ALL_CELL, [np.nan] * 7])
+    assert answer_nodes(TAX, probs, again) == ["ALL", ""]
