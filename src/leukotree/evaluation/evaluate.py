@@ -101,17 +101,7 @@ def evaluate(
         metrics["note"] = (f"{len(metrics['leaves_absent'])} leaves have no image in these data "
                            f"({', '.join(metrics['leaves_absent'])}); metrics cover the "
                            "leaves present.")
-    uncalibrated = None
-    raw = preds.extras.get("leaf_probs_raw")
-    if model is not None and model.temperature is not None and raw is not None:
-        # the model's own outputs before its temperatures and distance softening
-        tempered = model.temperature
-        uncalibrated = raw.astype(np.float64)
-        before = classification_metrics(taxonomy, truth, uncalibrated).get("calibration", {})
-        metrics.setdefault("calibration", {})["temperatures"] = tempered.temperatures
-        if tempered.distance_power and preds.ood_score is not None:
-            metrics["calibration"]["distance_power"] = tempered.distance_power
-        metrics["calibration"]["uncalibrated"] = before.get("leaves")
+    uncalibrated = _uncalibrated(model, taxonomy, truth, preds, metrics)
     if preds.ood_score is not None:
         metrics["ood"] = ood_metrics(taxonomy, truth, probs, preds.unclassifiable,
                                      predictor.expected_ood)
@@ -136,6 +126,24 @@ def evaluate(
     write_document(metrics_document(metrics), where.markdown)
     write_predictions(where.predictions, taxonomy, samples, probs)
     return metrics
+
+
+def _uncalibrated(model: Any, taxonomy: Taxonomy, truth: list[str], preds: Predictions,
+                  metrics: dict[str, Any]) -> np.ndarray | None:
+    """A calibrated single model's own outputs before its temperatures and distance
+    softening (None otherwise); their calibration and the temperatures go into
+    ``metrics["calibration"]``."""
+    raw = preds.extras.get("leaf_probs_raw")
+    if model is None or model.temperature is None or raw is None:
+        return None
+    tempered = model.temperature
+    uncalibrated = raw.astype(np.float64)
+    before = classification_metrics(taxonomy, truth, uncalibrated).get("calibration", {})
+    metrics.setdefault("calibration", {})["temperatures"] = tempered.temperatures
+    if tempered.distance_power and preds.ood_score is not None:
+        metrics["calibration"]["distance_power"] = tempered.distance_power
+    metrics["calibration"]["uncalibrated"] = before.get("leaves")
+    return uncalibrated
 
 
 def check_settings(settings: EvalSettings) -> None:
