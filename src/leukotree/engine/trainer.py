@@ -728,7 +728,9 @@ class Trainer:
         return fit_patient_stage(cfg.patient_model, model.taxonomy, model.cell_taxonomy,
                                  fit_on, LabelledCells(val.samples, outputs["val"]),
                                  rule=cfg.patient_threshold, positive=cfg.positive,
-                                 seed=cfg.seed, params=patient_params(cfg), log=self._log)
+                                 seed=cfg.seed, params=patient_params(cfg),
+                                 miss_rate=cfg.patient_miss_rate,
+                                 miss_confidence=cfg.patient_miss_confidence, log=self._log)
 
 
 def train(data: str | Path, out: str | Path, config: TrainConfig, *, resume: bool = False,

@@ -27,11 +27,12 @@ can promise at best ``alpha = 1 - delta ** (1 / n)`` (22 APL patients at 90% con
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.stats import binom
+from scipy.stats import binom, binomtest
 
 from leukotree.errors import LeukotreeError
 
@@ -108,3 +109,33 @@ def _patients_needed(alpha: float, confidence: float) -> int:
     """The fewest positive patients for which no miss proves ``alpha``:
     ``(1 - alpha) ** n <= 1 - confidence``."""
     return math.ceil(math.log(1 - confidence) / math.log(1 - alpha) - 1e-12)
+
+
+def miss_rate_metrics(calls: Sequence[str], is_positive: np.ndarray, alpha: float,
+                      confidence: float) -> dict[str, Any]:
+    """What a promise held to on patients of known diagnosis, from their ``calls``
+    (positive, negative, referred): the observed miss rate ``missed / n_positive`` (positive
+    patients called negative, over all positive patients) with its exact binomial
+    (Clopper-Pearson) 95% interval, and the referred share ``referred / n_patients``, beside
+    the promised ``alpha`` and ``confidence``."""
+    calls = list(calls)
+    y = np.asarray(is_positive, bool)
+    if len(calls) != len(y):
+        raise ValueError(f"{len(calls)} calls for {len(y)} patients")
+    said = np.array(calls, dtype=object)
+    n_pos = int(y.sum())
+    missed = int(((said == "negative") & y).sum())
+    referred = int((said == "referred").sum())
+    out: dict[str, Any] = {"alpha": alpha, "confidence": confidence, "n_patients": len(y),
+                           "n_positive": n_pos, "missed": missed, "referred": referred,
+                           "referred_share": referred / len(y) if len(y) else float("nan")}
+    if n_pos:
+        ci = binomtest(missed, n_pos).proportion_ci(0.95)
+        out |= {"observed_miss_rate": missed / n_pos,
+                "observed_miss_rate_ci95": (float(ci.low), float(ci.high)),
+                "within_promise": missed / n_pos <= alpha}
+    else:
+        out |= {"observed_miss_rate": float("nan"),
+                "observed_miss_rate_ci95": (float("nan"), float("nan")),
+                "within_promise": None}
+    return out
