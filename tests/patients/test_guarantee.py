@@ -49,3 +49,23 @@ def test_the_promise_holds_on_new_patients():
         new = rng.beta(4, 2, 4000)  # the same population's positive patients
         fails += (new < fitted.threshold).mean() > alpha
     assert fails / 300 <= 1 - confidence + 0.03  # P(miss rate > alpha) <= delta
+
+
+def test_miss_rate_metrics_by_hand():
+    from leukotree.patients.guarantee import miss_rate_metrics
+
+    calls = ["negative", "positive", "referred", "positive", "negative", "referred"]
+    truth = np.array([True, True, True, True, False, False])
+    got = miss_rate_metrics(calls, truth, alpha=0.3, confidence=0.9)
+    # 1 of 4 positives called negative; 2 of 6 patients referred
+    assert (got["n_positive"], got["missed"], got["referred"]) == (4, 1, 2)
+    assert got["observed_miss_rate"] == 0.25 and got["referred_share"] == pytest.approx(1 / 3)
+    low, high = got["observed_miss_rate_ci95"]
+    # Clopper-Pearson for 1 of 4: the .025 quantile of Beta(1, 4), the .975 one of Beta(2, 3)
+    from scipy.stats import beta
+
+    assert low == pytest.approx(beta.ppf(0.025, 1, 4)) and high == pytest.approx(
+        beta.ppf(0.975, 2, 3))
+    assert got["within_promise"] is True and got["alpha"] == 0.3
+    none = miss_rate_metrics(["negative"], np.array([False]), 0.1, 0.9)
+    assert none["within_promise"] is None and none["missed"] == 0
