@@ -262,11 +262,14 @@ def test_a_promised_miss_rate_travels_from_train_to_predict_evaluate_and_onnx(
     page = (tmp_path / "r.html").read_text()
     assert "Stated miss rate: at most 50% of APL patients are called negative, with 50% " \
            "confidence" in page
-    # too few APL patients for 10% at 90%: the run says what they support
+    # too few APL patients for 10% at 90%: the run says what they support, before training
     capsys.readouterr()
     assert main(["train", str(manifest), "--out", str(tmp_path / "strict"), "--patient-model",
                  "mean", "--patient-miss-rate", "0.1", "--confidence", "0.9",
                  "--val-fraction", "0.34", *PLAIN]) == 2
     err = capsys.readouterr().err
-    assert "APL patient(s) cannot promise a miss rate of at most 10.0% with 90% confidence" \
-        in err and "These support a miss rate of" in err
+    # 4 training APL patients support 1 - .1 ** (1 / 4) = 43.8%
+    assert "4 APL patient(s) cannot promise a miss rate of at most 10.0% with 90% " \
+           "confidence: even with none missed, that needs 22 APL patients. These support a " \
+           "miss rate of 43.8% or more" in err
+    assert "epoch 1" not in err and not (tmp_path / "strict" / "best.pt").exists()

@@ -85,24 +85,33 @@ def miss_rate_threshold(p_positive: np.ndarray, is_positive: np.ndarray, alpha: 
                              f"{confidence!r}.")
     scores = np.sort(np.asarray(p_positive, dtype=np.float64)[np.asarray(is_positive, bool)])
     n = len(scores)
+    check_miss_rate_support(n, alpha, confidence, positive)  # so t = s_(1) is rejected
     delta = 1 - confidence
-    best: MissRateThreshold | None = None
-    for k in range(n):  # t = s_(k+1): the scores below it are missed
+    best = MissRateThreshold(float(scores[0]), alpha, confidence, n, 0,
+                             binomial_p_value(0, n, alpha))
+    for k in range(1, n):  # t = s_(k+1): the scores below it are missed
         t = float(scores[k])
         misses = int((scores < t).sum())
         p = binomial_p_value(misses, n, alpha)
         if p > delta:
             break
         best = MissRateThreshold(t, alpha, confidence, n, misses, p)
-    if best is None:
-        can = achievable_miss_rate(n, confidence)
-        raise LeukotreeError(
-            f"{n} {positive} patient(s) cannot promise a miss rate of at most {alpha:.1%} "
-            f"with {confidence:.0%} confidence: even with none missed, that needs "
-            f"{_patients_needed(alpha, confidence)} {positive} patients. These support a "
-            f"miss rate of {math.ceil(can * 1000) / 10:.1f}% or more; ask for that, or "
-            f"train on more {positive} patients.")
     return best
+
+
+def check_miss_rate_support(n_positive: int, alpha: float, confidence: float,
+                            positive: str = "positive") -> None:
+    """Refuse a miss rate ``n_positive`` positive patients cannot promise even with none
+    missed (``(1 - alpha) ** n > 1 - confidence``), naming the rate they support."""
+    if binomial_p_value(0, n_positive, alpha) <= 1 - confidence:
+        return
+    can = achievable_miss_rate(n_positive, confidence)
+    raise LeukotreeError(
+        f"{n_positive} {positive} patient(s) cannot promise a miss rate of at most "
+        f"{alpha:.1%} with {confidence:.0%} confidence: even with none missed, that needs "
+        f"{_patients_needed(alpha, confidence)} {positive} patients. These support a "
+        f"miss rate of {math.ceil(can * 1000) / 10:.1f}% or more; ask for that, or "
+        f"train on more {positive} patients.")
 
 
 def _patients_needed(alpha: float, confidence: float) -> int:
