@@ -143,3 +143,25 @@ def test_a_config_saved_before_fold_val_fraction_keeps_its_meaning(tmp_path):
     # an older run that is not a fold resumes with its preset given again
     saved = load_config(tmp_path / "config-None.yaml", check_device=False)
     assert resume_config(saved, resolve_config(preset="tiny-test"))[1] == []
+
+
+def test_a_patient_miss_rate_needs_two_leaves_and_a_patient_model(tmp_path, capsys):
+    with pytest.raises(LeukotreeError, match=r"taxonomy 'leukemia7' has 7 leaves\. Give a "
+                                             "two-leaf taxonomy"):
+        resolve_config(preset="tiny-test", overrides={"patient_miss_rate": 0.1,
+                                                      "patient_model": "mean"})
+    with pytest.raises(LeukotreeError, match="patient_model is none: give one with "
+                                             "--patient-model"):
+        resolve_config(preset="tiny-test", overrides={"taxonomy": "aml-apl",
+                                                      "patient_miss_rate": 0.1})
+    cfg = resolve_config(preset="tiny-test", overrides={
+        "taxonomy": "aml-apl", "patient_model": "mean", "patient_miss_rate": 0.2,
+        "patient_miss_confidence": 0.8})
+    assert (cfg.patient_miss_rate, cfg.patient_miss_confidence) == (0.2, 0.8)
+    for flag, value in (("--confidence", "1"), ("--patient-miss-rate", "0")):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["train", "d", "--out", "o", flag, value])
+        assert flag in capsys.readouterr().err
+    code = main(["train", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+                 "--patient-miss-rate", "0.1", "--patient-model", "mean"])
+    assert code == 2 and "has 7 leaves" in capsys.readouterr().err  # before any image

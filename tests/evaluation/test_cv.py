@@ -176,3 +176,27 @@ def test_a_folds_conformal_coverage_enters_the_summary():
     assert (scalars["conformal_coverage"], scalars["conformal_leaf_share"],
             scalars["conformal_mean_depth"]) == (0.92, 0.8, 2.5)
     assert "conformal_coverage" not in fold_scalars({"accuracy": 0.5})
+
+
+def test_pooled_out_of_fold_calls_give_the_observed_miss_rate():
+    from leukotree.evaluation.cv import pooled_patient_metrics
+    from leukotree.report.tables import cv_document
+
+    # 4 APL (one called negative at its fold's threshold, one referred), 2 AML (one referred)
+    calls = {"a1": ("APL", "AML", "negative", 0.1), "a2": ("APL", "APL", "positive", 0.9),
+             "a3": ("APL", "AML", "referred", 0.4), "a4": ("APL", "APL", "positive", 0.8),
+             "m1": ("AML", "AML", "negative", 0.05), "m2": ("AML", "AML", "referred", 0.3)}
+    patients = {p: {"truth": t, "decision": d, "call": c, "p_APL": s, "p_AML": 1 - s}
+                for p, (t, d, c, s) in calls.items()}
+    last = {"patient_level": {"patient_positive": "APL",
+                              "miss_rate": {"alpha": 0.3, "confidence": 0.8}}}
+    pooled = pooled_patient_metrics(patients, last)
+    block = pooled["miss_rate"]
+    assert (block["n_positive"], block["missed"], block["referred"]) == (4, 1, 2)
+    assert block["observed_miss_rate"] == 0.25 and block["referred_share"] == pytest.approx(1 / 3)
+    assert (block["alpha"], block["confidence"]) == (0.3, 0.8)
+    summary = {"model": "m", "patient_model": "mean", "folds": [{}], "mean": {},
+               "patient_level": [pooled]}
+    assert pooled["fn"] == 2  # the referred APL patient is not diagnosed APL either
+    text = cv_document([summary]).to_markdown()
+    assert "observed miss rate" in text and "| m repeat 1 | 4 | 1 | 0.2500 |" in text

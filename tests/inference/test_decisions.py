@@ -207,3 +207,46 @@ def test_the_domain_shift_alarm_needs_more_than_twice_the_expected_share_and_a_s
     alarm = domain_shift(flags(30), 0.05)
     assert "30 of 100 cells (30%)" in alarm and "flags 5% of its own" in alarm
     assert "over-confident" in alarm
+
+
+def _miss_rate_model(two):
+    from leukotree.patients.fit import FittedPatientModel
+    from leukotree.patients.guarantee import MissRateThreshold
+    from leukotree.patients.models import build_patient_model
+
+    promise = MissRateThreshold(threshold=0.2, alpha=0.1, confidence=0.9, n_positive=22,
+                                misses=0, p_value=0.9 ** 22)
+    return FittedPatientModel(build_patient_model("mean", two, None), "APL", 0.5, "0.5", {},
+                              promise)
+
+
+def test_a_promised_miss_rate_calls_negative_only_below_the_miss_rate_threshold():
+    # mean P(APL): N 0.1 < t_miss 0.2 -> negative; R 0.3 in [0.2, 0.5) -> referred;
+    # P 0.7 >= 0.5 -> positive. Without the promise R would be called negative.
+    two = Taxonomy.from_dict({"name": "two", "root": "AL", "tree": {"APL": None,
+                                                                   "AML": None}})
+    patients = ["N", "N", "R", "R", "P"]
+    probs = np.array([[0.0, 1.0], [0.2, 0.8], [0.3, 0.7], [0.3, 0.7], [0.7, 0.3]])
+    model = _miss_rate_model(two)
+    got = {d.patient: d for d in decide_patients(two, patients, probs, thresholds=[0.0],
+                                                 model=model)}
+    assert [got[p].call for p in "NRP"] == ["negative", "referred", "positive"]
+    assert [got[p].leaf for p in "NRP"] == ["AML", "AML", "APL"]
+    assert [got[p].refer for p in "NRP"] == [False, True, False]
+    assert got["R"].reported_node == "AL"  # neither leaf
+    assert got["R"].reason == (
+        "the evidence is too thin to rule out APL at the stated miss rate (at most 10% of "
+        "APL patients missed, with 90% confidence): P(APL) 0.300 is between 0.200 and the "
+        "threshold 0.500")
+    assert got["N"].miss_rate.alpha == 0.1 and got["N"].threshold == 0.5
+    plain = decide_patients(two, patients, probs, thresholds=[0.0],
+                            model=_miss_rate_model(two).__class__(
+                                model.model, "APL", 0.5, "0.5", {}))
+    assert [d.call for d in plain] == ["negative", "positive", "negative"]  # N, P, R
+    # a threshold below t_miss: nothing is referred, negative below the threshold
+    low = _miss_rate_model(two)
+    low.threshold = 0.15
+    assert [d.call for d in decide_patients(two, patients, probs, thresholds=[0.0],
+                                            model=low)] == ["negative", "positive", "positive"]
+    # no patient model: no call
+    assert {d.call for d in decide_patients(two, patients, probs, thresholds=[0.0])} == {""}

@@ -122,3 +122,20 @@ def test_an_ensemble_refuses_what_it_cannot_average(runs, tmp_path, capsys):
                  str(tmp_path / "p.csv"), "--no-progress"]) == 2
     said = " ".join(capsys.readouterr().err.split())
     assert "names 1 member run(s) that no longer exist" in said and str(copy) in said
+
+
+def test_an_ensemble_of_patient_models_promises_no_miss_rate():
+    from leukotree.inference.ensemble import EnsemblePatientModel
+    from leukotree.patients.fit import FittedPatientModel
+    from leukotree.patients.guarantee import MissRateThreshold
+    from leukotree.patients.models import build_patient_model
+    from leukotree.taxonomy import load_taxonomy
+
+    two = load_taxonomy("aml-apl")
+    promise = MissRateThreshold(0.2, 0.1, 0.9, 22, 0, 0.9 ** 22)
+    members = [FittedPatientModel(build_patient_model("mean", two, None), "APL", t, "youden",
+                                  {}, promise) for t in (0.4, 0.6)]
+    ensemble = EnsemblePatientModel(members, [{"leaf_probs": 2}] * 2)
+    # each member's threshold was tested on its own scores, not on the averaged ones
+    assert ensemble.miss_rate is None and ensemble.negative_below() is None
+    assert ensemble.calls(np.array([[0.3, 0.7], [0.5, 0.5]])) == ["negative", "positive"]

@@ -100,3 +100,30 @@ def test_patient_metrics_and_bootstrap_hand_computed():
     lo, hi = bootstrap_auroc(np.array([1, 1, 0, 0, 1, 0]),
                              np.array([0.9, 0.2, 0.3, 0.1, 0.8, 0.6]), 500)
     assert 0 <= lo <= 0.778 <= hi <= 1
+
+
+def test_a_miss_rate_threshold_is_chosen_on_the_out_of_fold_scores_and_travels():
+    # mean model (no fit: its out-of-fold scores are its scores): APL patients at mean
+    # P(APL) .30, .35, ..., .75 (10), AML at .1. alpha .5, confidence .5: k misses allowed
+    # while P(Binom(10, .5) <= k) <= .5: k <= 4 (cdf(4) = .377, cdf(5) = .623): t = .50
+    bags = [Bag(f"APL{i}", np.array([[0.30 + 0.05 * i, 0.70 - 0.05 * i]]), np.zeros((1, 1)),
+                label="APL") for i in range(10)]
+    bags += [Bag(f"AML{i}", np.array([[0.1, 0.9]]), np.zeros((1, 1)), label="AML")
+             for i in range(3)]
+    fitted = fit_patient_model("mean", DIAG, None, bags, rule="0.6", miss_rate=0.5,
+                               miss_confidence=0.5)
+    assert fitted.miss_rate.threshold == pytest.approx(0.5) and fitted.miss_rate.misses == 4
+    assert fitted.negative_below() == pytest.approx(0.5) and fitted.threshold == 0.6
+    calls = fitted.calls(np.array([[0.45, 0.55], [0.55, 0.45], [0.6, 0.4]]))
+    assert calls == ["negative", "referred", "positive"]
+    again = FittedPatientModel.from_dict(fitted.to_dict(), DIAG, None)
+    assert again.miss_rate == fitted.miss_rate
+    old = fitted.to_dict()
+    del old["miss_rate"]  # a model saved before miss rates existed
+    assert FittedPatientModel.from_dict(old, DIAG, None).miss_rate is None
+    with pytest.raises(LeukotreeError, match=r"10 APL patient\(s\) cannot promise a miss rate "
+                                             r"of at most 10\.0%.*support a miss rate of "
+                                             r"20\.6% or more"):
+        fit_patient_model("mean", DIAG, None, bags, miss_rate=0.1, miss_confidence=0.9)
+    with pytest.raises(LeukotreeError, match="two diagnoses"):
+        fit_patient_model("mean", load_taxonomy("leukemia7"), None, bags, miss_rate=0.1)

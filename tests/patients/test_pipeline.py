@@ -195,3 +195,81 @@ def test_replaying_a_run_of_another_cell_taxonomy_trains_the_diagnosis_only(mani
     with (tmp_path / "two" / "split.csv").open() as handle:
         replayed = [r for r in csv.DictReader(handle) if "lab2" not in r["path"]]
     assert replayed and all(r["cell_type"] == "" for r in replayed)
+
+
+PLAIN = ["-t", "aml-apl", "--preset", "tiny-test", "--epochs", "1", "--monitor", "last",
+         "--threads", "1", "--no-progress"]
+
+
+def test_a_promised_miss_rate_travels_from_train_to_predict_evaluate_and_onnx(
+        manifest, tmp_path, capsys):
+    from leukotree.inference.loader import load
+
+    run = tmp_path / "run"
+    # 6 APL patients, 4 of them training ones: small cohorts can only promise large rates
+    # (k misses among 4 at 50% while P(Binom(4, .5) <= k) <= .5: k <= 1, so t_miss is the
+    # second lowest training APL score); a decision threshold of .99 leaves the training
+    # APL patients above t_miss referred
+    assert main(["train", str(manifest), "--out", str(run), "--patient-model", "mean",
+                 "--patient-miss-rate", "0.5", "--confidence", "0.5", "--positive", "APL",
+                 "--patient-threshold", "0.99", "--val-fraction", "0.34", *PLAIN]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    promise = summary["patient_level"]["miss_rate"]
+    assert (promise["alpha"], promise["confidence"]) == (0.5, 0.5)
+    assert 0 <= promise["miss_threshold"] <= 1
+    rows = {}
+    for engine in ("torch", "onnx"):
+        out = tmp_path / f"{engine}.csv"
+        assert main(["predict", str(run), str(manifest), "--by-patient", "--out", str(out),
+                     "--engine", engine, "--no-progress"]) == 0
+        rows[engine] = list(csv.DictReader((tmp_path / f"{engine}_patients.csv").open()))
+    header = list(rows["torch"][0])
+    assert header[:5] == ["patient", "n_cells", "n_unclassifiable", "diagnosis", "path"]
+    assert {"referred", "call", "p_APL", "p_AML"} <= set(header)
+    fitted = load(run).predictor("torch").patient_model
+    low = fitted.negative_below()
+    assert (fitted.miss_rate.n_positive, fitted.miss_rate.misses, fitted.threshold) == (4, 1, .99)
+    calls = [row["call"] for row in rows["torch"]]
+    assert calls.count("referred") >= 3 and "negative" in calls
+    referred = next(row for row in rows["torch"] if row["call"] == "referred")
+    assert referred["reason"].startswith("the evidence is too thin to rule out APL at the "
+                                         "stated miss rate (at most 50% of APL patients")
+    for a, b in zip(rows["torch"], rows["onnx"], strict=True):
+        assert a["call"] == b["call"] and a["referred"] == b["referred"]
+        if a["diagnosis"] == "insufficient":
+            assert a["call"] == "referred"
+            continue
+        p = float(a["p_APL"])
+        want = "positive" if p >= fitted.threshold else "negative" if p < low else "referred"
+        if abs(p - fitted.threshold) > 1e-3 and abs(p - low) > 1e-3:  # rounded to 4 places
+            assert a["call"] == want
+        assert (a["call"] == "referred") == (a["referred"] == "True")
+    # the ONNX file carries the promise in its metadata
+    assert main(["export", str(run), "--onnx", str(tmp_path / "m.onnx")]) == 0
+    onnx_model = load(tmp_path / "m.onnx").predictor("onnx").patient_model
+    assert onnx_model.miss_rate == fitted.miss_rate and onnx_model.miss_rate.alpha == 0.5
+    assert main(["evaluate", str(run), "--out", str(tmp_path / "eval"), "--no-progress"]) == 0
+    pl = json.loads((tmp_path / "eval" / "metrics.json").read_text())["patient_level"]
+    block = pl["miss_rate"]
+    calls = [p["call"] for p in pl["patients"].values()]
+    positives = [p for p in pl["patients"].values() if p["truth"] == "APL"]
+    assert block["n_positive"] == len(positives) and block["referred"] == calls.count("referred")
+    assert block["missed"] == sum(p["call"] == "negative" for p in positives)
+    assert "observed miss rate" in (tmp_path / "eval" / "metrics.md").read_text()
+    patient = manifest.parent / "data" / "APL" / "APL-p000"
+    assert main(["report", str(run), str(patient), "--out", str(tmp_path / "r.html"),
+                 "--no-heatmaps", "--no-progress"]) == 0
+    page = (tmp_path / "r.html").read_text()
+    assert "Stated miss rate: at most 50% of APL patients are called negative, with 50% " \
+           "confidence" in page
+    # too few APL patients for 10% at 90%: the run says what they support, before training
+    capsys.readouterr()
+    assert main(["train", str(manifest), "--out", str(tmp_path / "strict"), "--patient-model",
+                 "mean", "--patient-miss-rate", "0.1", "--confidence", "0.9",
+                 "--val-fraction", "0.34", *PLAIN]) == 2
+    err = capsys.readouterr().err
+    # 4 training APL patients support 1 - .1 ** (1 / 4) = 43.8%
+    assert "4 APL patient(s) cannot promise a miss rate of at most 10.0% with 90% " \
+           "confidence: even with none missed, that needs 22 APL patients. These support a " \
+           "miss rate of 43.8% or more" in err
+    assert "epoch 1" not in err and not (tmp_path / "strict" / "best.pt").exists()

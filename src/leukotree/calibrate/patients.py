@@ -14,6 +14,7 @@ from leukotree.errors import LeukotreeError
 from leukotree.patients import fit_patient_model, make_bags, patient_labels, patient_metrics
 from leukotree.patients.bags import Bag
 from leukotree.patients.fit import FittedPatientModel
+from leukotree.patients.guarantee import miss_rate_metrics
 from leukotree.taxonomy import Taxonomy
 
 
@@ -54,22 +55,40 @@ def fit_patient_stage(name: str, taxonomy: Taxonomy, cell_taxonomy: Taxonomy | N
                       fit_on: LabelledCells, score_on: LabelledCells, *,
                       rule: str, positive: str | None = None, seed: int = 0,
                       params: Mapping[str, Any] | None = None,
+                      miss_rate: float | None = None, miss_confidence: float = 0.9,
                       log: Callable[[str], None] | None = None) -> PatientStage:
     """Fit the patient model ``name`` on the patients of ``fit_on`` (threshold by
-    ``rule``, chosen inside them) and score it on those of ``score_on``."""
+    ``rule``, and with ``miss_rate`` the miss-rate threshold promised with
+    ``miss_confidence``, both chosen inside them) and score it on those of ``score_on``."""
     fit_bags = fit_on.bags(taxonomy)
     scored = score_on.bags(taxonomy)
     fitted = fit_patient_model(name, taxonomy, cell_taxonomy, fit_bags, rule=rule,
-                               positive=positive, seed=seed, **dict(params or {}))
+                               positive=positive, seed=seed, miss_rate=miss_rate,
+                               miss_confidence=miss_confidence, **dict(params or {}))
     probs = fitted.predict_proba(scored)
     metrics = patient_metrics(taxonomy, [b.label for b in scored], probs,
                               fitted.diagnose(probs), positive=fitted.positive,
                               threshold=fitted.threshold)
     metrics |= {"model": name, "threshold": fitted.threshold, "threshold_rule": fitted.rule,
                 "train_patients": len(fit_bags)}
+    if fitted.miss_rate is not None and scored:
+        promise = fitted.miss_rate
+        metrics["miss_rate"] = miss_rate_metrics(
+            fitted.calls(probs), np.array([b.label == fitted.positive for b in scored]),
+            promise.alpha, promise.confidence) | {"miss_threshold": promise.threshold}
     if log is not None:
         auroc = f", AUROC {metrics['auroc']:.3f}" if "auroc" in metrics else ""
         log(f"patient model '{name}': {metrics['n_patients']} validation patients, accuracy "
             f"{metrics['accuracy']:.3f}{auroc}"
-            + (f", threshold {fitted.threshold:.3f}" if fitted.threshold is not None else ""))
+            + (f", threshold {fitted.threshold:.3f}" if fitted.threshold is not None else "")
+            + _promise_text(fitted))
     return PatientStage(fitted, metrics)
+
+
+def _promise_text(fitted: FittedPatientModel) -> str:
+    """``, called negative below 0.120 (miss rate <= 10% with 90% confidence)`` or ``""``."""
+    low, promise = fitted.negative_below(), fitted.miss_rate
+    if low is None or promise is None:
+        return ""
+    return (f", called negative below {low:.3f} (miss rate <= {100 * promise.alpha:g}% with "
+            f"{100 * promise.confidence:g}% confidence)")

@@ -169,6 +169,15 @@ class TrainConfig:
                                     "sensitivity:<x> or a number")
     positive: str | None = option(None, "positive leaf of a two-leaf taxonomy (default: the "
                                   "first leaf)")
+    patient_miss_rate: float | None = option(
+        None, "a patient miss rate to promise (e.g. 0.1): the patient model calls a patient "
+        "negative only below a threshold chosen by Learn-then-Test on out-of-fold training "
+        "patients, so that at most this share of positive patients is called negative with "
+        "--confidence; patients between it and the decision threshold are referred (needs a "
+        "two-leaf taxonomy and --patient-model)", low=0, high=1, low_open=True, high_open=True)
+    patient_miss_confidence: float = option(
+        0.9, "with --patient-miss-rate: the confidence of the promise, P(miss rate <= it) >= "
+        "this", low=0, high=1, low_open=True, high_open=True, flag="--confidence")
     max_pixels: int = option(60_000_000, "refuse images larger than this many pixels (a "
                              "decompression-bomb guard)", low=1, high=10**10)
     skip_unreadable: bool = option(False, "leave out images that cannot be read (listed on "
@@ -266,6 +275,8 @@ class TrainConfig:
         if self.cell_taxonomy is not None and not head.supports_cell_head:
             raise LeukotreeError(f"The {self.head} head cannot carry a cell-type head; use "
                                  "flat, multihead or hybrid with --cell-taxonomy.")
+        if self.patient_miss_rate is not None:
+            self._check_miss_rate(len(taxonomy.leaves))
         if self.patient_model != "none":
             from leukotree.patients.models import patient_model_class, patient_params
 
@@ -278,6 +289,20 @@ class TrainConfig:
             from leukotree.engine.distributed import resolve_device
 
             resolve_device(self.device)
+
+    def _check_miss_rate(self, n_leaves: int) -> None:
+        """A promised patient miss rate needs two diagnoses and a fitted patient model."""
+        if n_leaves != 2:
+            raise LeukotreeError(
+                f"The 'patient_miss_rate' parameter promises how many positive patients are "
+                f"missed, which needs a taxonomy of two diagnoses (e.g. aml-apl); taxonomy "
+                f"'{self.taxonomy}' has {n_leaves} leaves. Give a two-leaf taxonomy, or leave "
+                "out --patient-miss-rate.")
+        if self.patient_model == "none":
+            raise LeukotreeError(
+                "The 'patient_miss_rate' parameter chooses the threshold of a patient model, "
+                "but patient_model is none: give one with --patient-model (e.g. mean, "
+                "fraction or differential), or leave out --patient-miss-rate.")
 
     def model_config(self, **extra: Any) -> Any:
         """The :class:`~leukotree.models.ModelConfig` of this training configuration."""

@@ -78,6 +78,7 @@ from leukotree.models.checkpoint import (
 )
 from leukotree.models.losses import TreeLoss, balanced_leaf_weights
 from leukotree.models.stain import fit_stain_target
+from leukotree.patients.guarantee import check_miss_rate_support
 from leukotree.patients.models import patient_params
 from leukotree.report import plots
 from leukotree.report.console import say, stderr_console
@@ -434,6 +435,7 @@ class Trainer:
         # replayed images are kept off the validation and the test patients alike
         train_samples += self._replay_samples(taxonomy, train_samples,
                                               val_samples + self._test)
+        self._check_miss_rate_support(taxonomy, train_samples)
         self._check_pixel_sizes(train_samples + val_samples)
         listed = train_samples + val_samples + self._test  # the test images: never read
         parts = np.array(["train"] * len(train_samples) + ["val"] * len(val_samples)
@@ -469,6 +471,17 @@ class Trainer:
             train_px, val_px = np.asarray(train_px), np.asarray(val_px)
         return (taxonomy, make_split(train_samples, train_px, taxonomy, self.cell_taxonomy),
                 make_split(val_samples, val_px, taxonomy, self.cell_taxonomy))
+
+    def _check_miss_rate_support(self, taxonomy: Taxonomy, train: list[Sample]) -> None:
+        """Refuse, before any image is read, a ``--patient-miss-rate`` the training split's
+        positive patients cannot promise (:mod:`leukotree.patients.guarantee`)."""
+        cfg = self.config
+        if cfg.patient_miss_rate is None or cfg.patient_model == "none":
+            return
+        positive = cfg.positive or taxonomy.leaves[0]
+        n = len({s.patient for s in train if s.patient is not None and s.label == positive})
+        check_miss_rate_support(n, cfg.patient_miss_rate, cfg.patient_miss_confidence,
+                                positive)
 
     def _check_same_split(self, samples: list[Sample], parts: np.ndarray) -> None:
         """On resume, the data must give the split the run started with."""
@@ -738,7 +751,9 @@ class Trainer:
         return fit_patient_stage(cfg.patient_model, model.taxonomy, model.cell_taxonomy,
                                  fit_on, LabelledCells(val.samples, outputs["val"]),
                                  rule=cfg.patient_threshold, positive=cfg.positive,
-                                 seed=cfg.seed, params=patient_params(cfg), log=self._log)
+                                 seed=cfg.seed, params=patient_params(cfg),
+                                 miss_rate=cfg.patient_miss_rate,
+                                 miss_confidence=cfg.patient_miss_confidence, log=self._log)
 
 
 def train(data: str | Path, out: str | Path, config: TrainConfig, *, resume: bool = False,

@@ -32,6 +32,7 @@ from leukotree.errors import LeukotreeError
 from leukotree.evaluation.evaluate import EvalSettings, check_settings, evaluate
 from leukotree.inference.options import InferenceOptions
 from leukotree.patients.fit import bootstrap_auroc
+from leukotree.patients.guarantee import miss_rate_metrics
 from leukotree.report.console import stderr_console
 from leukotree.report.html import write_document
 from leukotree.report.tables import Document, cv_document
@@ -192,7 +193,9 @@ def pooled_patient_metrics(patients: dict[str, Any], last: dict[str, Any]) -> di
     """Patient-level metrics of one repeat's out-of-fold patients diagnosed, pooled over
     its folds: accuracy of the diagnoses, and for two leaves the AUROC of ``P(positive)``
     with a patient-bootstrap 95% CI and sensitivity/specificity of the diagnoses made
-    (patients left undiagnosed are listed apart, ``insufficient``)."""
+    (patients left undiagnosed are listed apart, ``insufficient``); for a patient model
+    that promises a miss rate, the observed miss rate of the pooled calls (each made at its
+    fold's own miss-rate threshold) with its binomial 95% interval and the referred share."""
     names = sorted(patients)
     if not names:
         return {"n_patients": 0}
@@ -215,6 +218,11 @@ def pooled_patient_metrics(patients: dict[str, Any], last: dict[str, Any]) -> di
         out |= {"tp": tp, "fn": fn, "tn": tn, "fp": fp,
                 "sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
                 "specificity": tn / (tn + fp) if tn + fp else float("nan")}
+        promise = (last.get("patient_level") or {}).get("miss_rate")
+        if promise is not None:  # each fold's own miss-rate threshold, pooled
+            out["miss_rate"] = miss_rate_metrics(
+                [patients[n].get("call", "") for n in names], y, promise["alpha"],
+                promise["confidence"])
     return out
 
 

@@ -23,6 +23,7 @@ from leukotree.metrics import (
 )
 from leukotree.patients.bags import patient_labels
 from leukotree.patients.fit import FittedPatientModel, patient_metrics
+from leukotree.patients.guarantee import miss_rate_metrics
 from leukotree.report import plots
 from leukotree.report.html import write_document
 from leukotree.report.tables import metrics_document
@@ -193,7 +194,9 @@ def patient_level(taxonomy: Taxonomy, samples: list[Sample], probs: np.ndarray,
     patients with fewer than ``options.min_cells`` cells insufficient;
     unclassifiable cells left out): the metrics rank patients by the patient model's
     probabilities; for two leaves also the AUROC with a patient-bootstrap 95% CI, of
-    ``positive`` (default: the first leaf) unless the patient model has its own."""
+    ``positive`` (default: the first leaf) unless the patient model has its own; for a
+    model that promises a miss rate, what the promise held to
+    (:func:`~leukotree.patients.guarantee.miss_rate_metrics`)."""
     patients = [s.patient for s in samples]
     if not any(patients):
         return None
@@ -229,7 +232,13 @@ def patient_level(taxonomy: Taxonomy, samples: list[Sample], probs: np.ndarray,
         taxonomy, p_truth, p_probs, diagnoses, positive=positive,
         threshold=decided[0].threshold).items()})
     out["accuracy"] = out["patient_accuracy"]  # of the diagnoses made (thresholded)
+    if fitted is not None and preds is not None and fitted.miss_rate is not None:
+        out["miss_rate"] = miss_rate_metrics(
+            [d.call for d in decided], np.array([t == positive for t in p_truth]),
+            fitted.miss_rate.alpha, fitted.miss_rate.confidence) | {
+                "miss_threshold": fitted.miss_rate.threshold}
     out["patients"] = {d.patient: {"truth": t, "decision": d.leaf, "n_cells": d.n_cells,
+                                   "call": d.call,
                                    **{f"p_{leaf}": float(v) for leaf, v in zip(
                                        taxonomy.leaves, d.scores, strict=True)}}
                        for d, t in zip(decided, p_truth, strict=True)}

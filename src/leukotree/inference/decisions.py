@@ -10,7 +10,12 @@ node is reported ("Leukemia > Acute, subtype uncertain") instead of a guess.
 A patient's diagnosis comes from one path, :func:`decide_patients`: the run's fitted
 patient model, or else the unfitted one ``--aggregate`` names (a majority vote or the
 mean), referred by the same walk down the diagnosed leaf's path, plus, for a majority
-vote, when the winning leaf's vote share is below the last level's threshold.
+vote, when the winning leaf's vote share is below the last level's threshold. A two-leaf
+patient model with a promised miss rate (:mod:`leukotree.patients.guarantee`) calls a
+patient negative only when ``P(positive) < min(t_miss, threshold)``: between that and the
+threshold the patient is referred, the evidence being too thin to rule the positive
+diagnosis out at the stated miss rate. Each decision's ``call`` is ``positive``,
+``negative`` or ``referred`` for a two-leaf patient model.
 ``predict --by-patient``, ``report``, ``evaluate``, ``cv`` and ``serve`` all call it.
 
 Cells whose out-of-distribution score exceeds the model's threshold are
@@ -36,6 +41,7 @@ from leukotree.tree import greedy_leaf, node_choices, node_level, node_probabili
 
 if TYPE_CHECKING:
     from leukotree.patients.fit import FittedPatientModel
+    from leukotree.patients.guarantee import MissRateThreshold
 
 DECODERS = ("argmax", "greedy")
 
@@ -151,6 +157,10 @@ class PatientDecision:
     model: str = ""  # the patient model's name, or the aggregation (majority, mean)
     threshold: float | None = None  # a two-leaf patient model's threshold on P(positive)
     cell_weights: np.ndarray | None = None  # each classified cell's weight in the decision
+    #: positive | negative | referred for a two-leaf patient model with a positive leaf,
+    #: else "" (the diagnosis is ``leaf``, the referral ``refer``)
+    call: str = ""
+    miss_rate: MissRateThreshold | None = None  # the miss rate promised, if any
 
     @property
     def insufficient(self) -> bool:
@@ -203,7 +213,8 @@ def decide_patients(
         scores = rule.predict_proba(bags) if bags else np.zeros((0, len(taxonomy.leaves)))
         diagnoses = [taxonomy.leaves[rule.diagnose(bag)] for bag in bags]
     common = {"model": model.model.name if model is not None else aggregate,
-              "threshold": None if model is None else model.threshold}
+              "threshold": None if model is None else model.threshold,
+              "miss_rate": None if model is None else model.miss_rate}
     out = [_decide_bag(taxonomy, bag, row, leaf, thresholds, min_cells, model, rule,
                        cell_weights, common)
            for bag, row, leaf in zip(bags, scores, diagnoses, strict=True)]
@@ -212,7 +223,7 @@ def decide_patients(
         out.append(PatientDecision(  # every cell unreadable or unclassifiable
             patient, 0, None, taxonomy.root, True, "insufficient: no readable, classifiable "
             "cell", empty, empty, node_probabilities(taxonomy, empty[None])[0], empty,
-            **common))
+            call=_call(model, None, True), **common))
     return out
 
 
@@ -236,18 +247,53 @@ def _decide_bag(taxonomy: Taxonomy, bag: Bag, scores: np.ndarray, leaf: str,
     if len(bag) < min_cells:
         return PatientDecision(
             leaf=None, reported_node=taxonomy.root, refer=True,
-            reason=f"insufficient: {len(bag)} cell(s), at least {min_cells} needed", **fields)
+            reason=f"insufficient: {len(bag)} cell(s), at least {min_cells} needed",
+            call=_call(model, None, True), **fields)
     confident, _ = confident_node(taxonomy, node_p, leaf, thresholds)
     weak = None if rule is None else rule.weak_support(bag, k, thresholds[-1])
-    refer = confident != leaf or weak is not None
+    thin = None if model is None else _thin_evidence(taxonomy, model, scores, confident)
+    refer = confident != leaf or weak is not None or thin is not None
     if not refer:
         reason = ""
+    elif thin is not None:
+        reason, confident = thin
     elif weak is not None and confident == leaf:
         reason = weak
     else:
         reason = _uncertain_reason(taxonomy, confident)
     return PatientDecision(leaf=leaf, reported_node=confident, refer=refer, reason=reason,
-                           **fields)
+                           call=_call(model, leaf, refer), **fields)
+
+
+def _call(model: FittedPatientModel | None, leaf: str | None, refer: bool) -> str:
+    """``positive``, ``negative`` or ``referred`` for a two-leaf patient model, else ``""``."""
+    if model is None or model.positive is None:
+        return ""
+    if refer or leaf is None:
+        return "referred"
+    return "positive" if leaf == model.positive else "negative"
+
+
+def _thin_evidence(taxonomy: Taxonomy, model: FittedPatientModel, scores: np.ndarray,
+                   confident: str) -> tuple[str, str] | None:
+    """With a promised miss rate, a patient below the threshold but not below
+    ``min(t_miss, threshold)``: the reason for referring it and the node reported (the
+    deepest common ancestor of the two leaves, or the shallower node the walk stopped at);
+    None otherwise."""
+    if model.miss_rate is None or model.calls(scores[None])[0] != "referred":
+        return None
+    positive, promise = str(model.positive), model.miss_rate
+    other = next(leaf for leaf in taxonomy.leaves if leaf != positive)
+    common = [a for a, b in zip(taxonomy.path(positive), taxonomy.path(other), strict=False)
+              if a == b]
+    node = common[-1] if common else taxonomy.root
+    if len(taxonomy.path(confident)) < len(common):
+        node = confident
+    p = float(scores[taxonomy.leaf_index[positive]])
+    return (f"the evidence is too thin to rule out {positive} at the stated miss rate "
+            f"(at most {100 * promise.alpha:g}% of {positive} patients missed, with "
+            f"{100 * promise.confidence:g}% confidence): P({positive}) {p:.3f} is between "
+            f"{model.negative_below():.3f} and the threshold {model.threshold:.3f}"), node
 
 
 def _uncertain_reason(taxonomy: Taxonomy, confident: str) -> str:

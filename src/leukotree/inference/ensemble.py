@@ -47,6 +47,9 @@ class EnsemblePatientModel:
         thresholds = [m.threshold for m in self.members if m.threshold is not None]
         self.threshold = float(np.mean(thresholds)) if thresholds else None
         self.model = self  # reports read fitted.model.name and fitted.model.cell_weights
+        # The members' miss-rate thresholds were tested on their own scores, not on the
+        # averaged ones: an ensemble promises no miss rate.
+        self.miss_rate = None
         self.name = f"ensemble of {len(self.members)} x {first.model.name}"
 
     @property
@@ -72,6 +75,12 @@ class EnsemblePatientModel:
 
     def diagnose(self, probs: np.ndarray) -> list[str]:
         return FittedPatientModel.diagnose(self, probs)  # type: ignore[arg-type]
+
+    def negative_below(self) -> float | None:
+        return None
+
+    def calls(self, probs: np.ndarray) -> list[str]:
+        return FittedPatientModel.calls(self, probs)  # type: ignore[arg-type]
 
     def cell_weights(self, bag: Bag) -> np.ndarray:
         return np.mean([m.model.cell_weights(self._member_bags([bag], i)[0])

@@ -191,7 +191,8 @@ def patient_decisions(result: PredictResult, method: str, min_cells: int,
 
 
 def patient_rows(result: PredictResult, method: str, min_cells: int) -> list[dict[str, Any]]:
-    """One row per patient: diagnosis, referral, ``p_<leaf>`` (the patient-level
+    """One row per patient: diagnosis, referral, the call (positive, negative or referred
+    for a two-leaf patient model, else empty), ``p_<leaf>`` (the patient-level
     probability the diagnosis is made from), the differential count when the model has
     a cell-type head, and the votes and mean cell probabilities."""
     taxonomy = result.taxonomy
@@ -208,7 +209,8 @@ def patient_rows(result: PredictResult, method: str, min_cells: int) -> list[dic
             "patient": d.patient, "n_cells": d.n_cells, **extra,
             "diagnosis": d.leaf or "insufficient",
             "path": taxonomy.path_string(d.leaf) if d.leaf else "",
-            "referred": d.refer, "reported_node": d.reported_node, "reason": d.reason,
+            "referred": d.refer, "call": d.call, "reported_node": d.reported_node,
+            "reason": d.reason,
             "model": d.model, "threshold": "" if d.threshold is None else round(d.threshold, 4),
             **{f"p_{leaf}": round(float(v), 4) for leaf, v in zip(
                 taxonomy.leaves, d.probs, strict=True)},

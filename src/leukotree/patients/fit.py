@@ -7,6 +7,11 @@ one and scores the left-out one, and the threshold is chosen on these out-of-fol
 scores by the rule (``youden``: the largest ``sensitivity + specificity - 1``;
 ``sensitivity:0.95``: the highest threshold reaching that sensitivity). The threshold
 then travels unchanged with the model to new patients.
+
+With a promised miss rate (``miss_rate``, :mod:`leukotree.patients.guarantee`), a second
+threshold ``t_miss`` is chosen on the same out-of-fold scores by Learn-then-Test: a
+patient is called negative only when ``P(positive) < min(t_miss, threshold)``, positive
+when ``P(positive) >= threshold``, and referred in between.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from sklearn.model_selection import StratifiedKFold
 from leukotree.errors import LeukotreeError
 from leukotree.metrics import binary_metrics, threshold_for_sensitivity
 from leukotree.patients.bags import Bag, label_index
+from leukotree.patients.guarantee import MissRateThreshold, miss_rate_threshold
 from leukotree.patients.models import PatientModel, build_patient_model
 from leukotree.taxonomy import Taxonomy
 
@@ -66,6 +72,8 @@ class FittedPatientModel:
     threshold: float | None
     rule: str
     params: dict[str, Any]
+    #: With a promised miss rate: the threshold below which a patient may be called negative.
+    miss_rate: MissRateThreshold | None = None
 
     @property
     def taxonomy(self) -> Taxonomy:
@@ -84,9 +92,29 @@ class FittedPatientModel:
         other = next(leaf for leaf in tax.leaves if leaf != self.positive)
         return [self.positive if row[k] >= self.threshold else other for row in probs]
 
+    def negative_below(self) -> float | None:
+        """``P(positive)`` below which a patient is called negative with the promised miss
+        rate, ``min(t_miss, threshold)``; None without a promise."""
+        if self.miss_rate is None or self.threshold is None:
+            return None
+        return min(self.miss_rate.threshold, self.threshold)
+
+    def calls(self, probs: np.ndarray) -> list[str]:
+        """Each row's call on ``P(positive)`` for two leaves: ``positive`` at or above the
+        threshold, ``negative`` below :meth:`negative_below` (the threshold without a
+        promised miss rate), ``referred`` in between; empty without a positive leaf."""
+        if self.positive is None or self.threshold is None:
+            return [""] * len(probs)
+        k = self.taxonomy.leaf_index[self.positive]
+        low = self.negative_below()
+        low = self.threshold if low is None else low
+        return ["positive" if row[k] >= self.threshold else "negative" if row[k] < low
+                else "referred" for row in probs]
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.model.name, "params": self.params, "positive": self.positive,
                 "threshold": self.threshold, "rule": self.rule,
+                "miss_rate": None if self.miss_rate is None else self.miss_rate.to_dict(),
                 "state": self.model.state_dict()}
 
     @classmethod
@@ -94,14 +122,23 @@ class FittedPatientModel:
                   cell_taxonomy: Taxonomy | None) -> FittedPatientModel:
         model = build_patient_model(doc["name"], taxonomy, cell_taxonomy, **doc["params"])
         model.load_state_dict(doc["state"])
-        return cls(model, doc["positive"], doc["threshold"], doc["rule"], doc["params"])
+        miss = doc.get("miss_rate")  # None in models saved before miss rates existed
+        return cls(model, doc["positive"], doc["threshold"], doc["rule"], doc["params"],
+                   None if miss is None else MissRateThreshold.from_dict(miss))
 
 
 def fit_patient_model(name: str, taxonomy: Taxonomy, cell_taxonomy: Taxonomy | None,
                       bags: Sequence[Bag], *, rule: str = "youden",
                       positive: str | None = None, seed: int = 0,
+                      miss_rate: float | None = None, miss_confidence: float = 0.9,
                       **params: Any) -> FittedPatientModel:
-    """Fit ``name`` on the labelled ``bags``; choose the threshold on out-of-fold scores."""
+    """Fit ``name`` on the labelled ``bags``; choose the threshold on out-of-fold scores,
+    and with ``miss_rate`` the miss-rate threshold on the same scores (promised with
+    ``miss_confidence``; two leaves only)."""
+    if miss_rate is not None and len(taxonomy.leaves) != 2:
+        raise LeukotreeError(
+            f"A patient miss rate needs a taxonomy of two diagnoses; '{taxonomy.name}' has "
+            f"{len(taxonomy.leaves)} leaves. Leave out the miss rate or use a two-leaf tree.")
     y = label_index(taxonomy, bags)
     model = build_patient_model(name, taxonomy, cell_taxonomy, **params).fit(bags, y, seed)
     if len(taxonomy.leaves) != 2:
@@ -109,8 +146,10 @@ def fit_patient_model(name: str, taxonomy: Taxonomy, cell_taxonomy: Taxonomy | N
     positive = taxonomy.resolve(positive) if positive else taxonomy.leaves[0]
     k = taxonomy.leaf_index[positive]
     oof = out_of_fold(name, taxonomy, cell_taxonomy, bags, y, seed, **params)[:, k]
+    miss = None if miss_rate is None else miss_rate_threshold(
+        oof, y == k, miss_rate, miss_confidence, positive)
     return FittedPatientModel(model, positive, choose_threshold(oof, y == k, rule), rule,
-                              params)
+                              params, miss)
 
 
 def out_of_fold(name: str, taxonomy: Taxonomy, cell_taxonomy: Taxonomy | None,

@@ -125,6 +125,7 @@ def write_patient_report(
         f"<p class='err' id='domain-shift'>{esc(alarm)}</p>" if alarm else "",
         f"<div class='diag{' refer' if decision.refer else ''}'>"
         f"{esc(_headline(tax, decision, len(ok), min_cells))}</div>",
+        _promise_html(decision, predictor.patient_model),
         _levels_html(tax, decision, predictor.patient_model),
         _differential_html(predictor.cell_taxonomy, preds.cell_probs, ok),
         _unreadable_html(bad, unused),
@@ -137,6 +138,7 @@ def write_patient_report(
     out = Path(out)
     write_text(out, page(f"leukotree report: {name}", body))
     return {"patient": name, "diagnosis": decision.leaf, "refer": decision.refer,
+            "call": decision.call,
             "reason": decision.reason, "n_cells": len(ok),
             "n_unclassifiable": int(odd.sum()), "domain_shift": alarm,
             "reported_node": decision.reported_node, "unreadable": bad,
@@ -175,6 +177,20 @@ def _headline(tax: Taxonomy, d: PatientDecision, n_ok: int, min_cells: int) -> s
         return " → ".join(tax.path(d.leaf))
     known = " → ".join(tax.path(d.reported_node)) if d.reported_node != tax.root else "no level"
     return f"{known}, finer class uncertain (referral advised: {d.reason}); best guess {d.leaf}"
+
+
+def _promise_html(d: PatientDecision, fitted: FittedPatientModel | None) -> str:
+    """The call with the miss rate it is made at, for a model that promises one."""
+    low = None if fitted is None else fitted.negative_below()
+    if fitted is None or d.miss_rate is None or low is None:
+        return ""
+    pos, promise = fitted.positive, d.miss_rate
+    return (f"<p class='sub' id='miss-rate'>Call: <b>{esc(d.call)}</b>. Stated miss rate: at "
+            f"most {100 * promise.alpha:g}% of {esc(pos)} patients are called negative, with "
+            f"{100 * promise.confidence:g}% confidence (chosen on {promise.n_positive} "
+            f"out-of-fold training {esc(pos)} patients). Negative when P({esc(pos)}) &lt; "
+            f"{low:.3f}, positive at P({esc(pos)}) &ge; {fitted.threshold:.3f}, referred "
+            "in between.</p>")
 
 
 def _levels_html(tax: Taxonomy, d: PatientDecision,

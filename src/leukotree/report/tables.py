@@ -219,6 +219,24 @@ def _patient_binary(doc: Document, pl: dict[str, Any]) -> None:
               [[fmt(pl.get("patient_auroc")), f"{fmt(ci[0])}-{fmt(ci[1])}",
                 fmt(b["sensitivity"]), fmt(b["specificity"]), fmt(b["ppv"]), fmt(b["npv"]),
                 fmt(b["tp"]), fmt(b["fn"]), fmt(b["tn"]), fmt(b["fp"])]])
+    if pl.get("miss_rate"):
+        _miss_rate_table(doc, [("", pl["miss_rate"])])
+
+
+def _miss_rate_table(doc: Document, blocks: list[tuple[str, dict[str, Any]]]) -> None:
+    """The promised miss rate beside the observed one (positive patients called negative
+    over positive patients, exact binomial 95% CI) and the share of patients referred."""
+    first = blocks[0][1]
+    doc.paragraph(f"Promised: at most {fmt(first['alpha'], percent=True)}% of positive "
+                  f"patients called negative, with {fmt(first['confidence'], percent=True)}% "
+                  "confidence; patients between the miss-rate threshold and the decision "
+                  "threshold are referred.")
+    doc.table(["", "positive patients", "missed", "observed miss rate", "95% CI", "referred",
+               "referred share"],
+              [[name, fmt(b["n_positive"]), fmt(b["missed"]), fmt(b["observed_miss_rate"]),
+                f"{fmt(b['observed_miss_rate_ci95'][0])}-"
+                f"{fmt(b['observed_miss_rate_ci95'][1])}", fmt(b["referred"]),
+                fmt(b["referred_share"])] for name, b in blocks])
 
 
 # ----------------------------------------------------------------- cross-validation
@@ -271,6 +289,10 @@ def _patient_cv_table(doc: Document, summaries: list[dict[str, Any]]) -> None:
     doc.paragraph("Not diagnosed: patients without a classifiable cell (all flagged "
                   "unclassifiable, or too few cells); the other columns are of the patients "
                   "diagnosed.")
+    promised = [(f"{s['model']} repeat {r + 1}", p["miss_rate"]) for s in summaries
+                for r, p in enumerate(s.get("patient_level") or []) if p.get("miss_rate")]
+    if promised:
+        _miss_rate_table(doc, promised)
 
 
 # ----------------------------------------------------------------- comparison

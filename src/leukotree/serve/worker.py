@@ -209,7 +209,9 @@ def _diagnosis(result: PredictResult, patient: str, aggregate: str) -> dict[str,
         "reported_node": decision.reported_node, "n_cells": decision.n_cells,
         "probabilities": {n: round(float(decision.node_probs[tax.node_index[n]]), 4)
                           for n in tax.nodes},
-        "model": decision.model, "threshold": decision.threshold,
+        "model": decision.model, "threshold": decision.threshold, "call": decision.call,
+        "miss_rate": None if decision.miss_rate is None else {
+            "alpha": decision.miss_rate.alpha, "confidence": decision.miss_rate.confidence},
         "differential": differentials(result).get(patient, {}),
         "n_unclassifiable": int(result.predictions.unclassifiable.sum()),
         "domain_shift": result.domain_shift(),
