@@ -191,6 +191,8 @@ def test_a_run_carries_its_marker_and_a_run_older_than_the_marker_resumes(run, t
     shutil.copytree(run, old)
     RunDir(old).marker.unlink()  # as written before the marker existed
     assert RunDir(old).is_run  # config.yaml and last.pt, as every older run has
+    RunDir(old).last.unlink()
+    assert RunDir(old).is_run  # or best.pt alone (an older batch-norm adaptation)
     RunDir(old).marker.write_text('{"format": "something-else"}')
     assert not RunDir(old).is_run
 

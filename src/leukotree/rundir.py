@@ -286,11 +286,11 @@ class RunDir(_Folder):
     def is_run(self) -> bool:
         """True when the folder was started by leukotree: it holds the run marker
         (:attr:`MARKER`, format :data:`RUN_FORMAT`), or, for a run written before the
-        marker, both ``config.yaml`` and ``last.pt``. A folder that merely holds a file
+        marker, ``config.yaml`` with ``last.pt`` or ``best.pt``. A folder that merely holds a file
         named like a run's is not a run."""
         if self.marker.is_file():
             return _has_format(self.marker, RUN_FORMAT)
-        return self.config.is_file() and self.last.is_file()
+        return self.config.is_file() and (self.last.is_file() or self.best.is_file())
 
     def mark(self) -> None:
         """Write the run marker (the folder becomes a run; see :attr:`is_run`)."""

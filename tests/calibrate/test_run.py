@@ -178,6 +178,10 @@ def test_calibrate_fits_conformal_answers_and_refits_a_runs_own(labs, tmp_path, 
     assert refit["coverage"] == pytest.approx(0.9) and refit["mode"] == "marginal"
     assert refit["before"]["coverage"] == pytest.approx(report["after"]["coverage"])
     assert read_checkpoint(tmp_path / "b")["conformal"]["n"] == 56
+    # its split.csv is the first lab's: predict does not re-fit the answers on it
+    assert main(["predict", str(tmp_path / "a"), str(lab2), "--coverage", "0.8",
+                 "--no-progress"]) == 2
+    assert "calibrated by 'leukotree calibrate'" in " ".join(capsys.readouterr().err.split())
 
 
 def test_calibrate_refuses_too_few_cells_for_the_coverage(labs, tmp_path):

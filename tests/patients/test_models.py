@@ -127,3 +127,16 @@ def test_a_miss_rate_threshold_is_chosen_on_the_out_of_fold_scores_and_travels()
         fit_patient_model("mean", DIAG, None, bags, miss_rate=0.1, miss_confidence=0.9)
     with pytest.raises(LeukotreeError, match="two diagnoses"):
         fit_patient_model("mean", load_taxonomy("leukemia7"), None, bags, miss_rate=0.1)
+
+
+def test_an_adapted_or_recalibrated_model_drops_the_miss_rate_promise():
+    from leukotree.patients.fit import without_promise
+
+    doc = {"name": "mean", "miss_rate": {"threshold": 0.2}, "threshold": 0.5}
+    report = {"not_carried_over": ["calibration"]}
+    assert without_promise(doc, report) == {"name": "mean", "miss_rate": None,
+                                            "threshold": 0.5}
+    assert report["not_carried_over"] == ["calibration", "patient miss-rate promise"]
+    unchanged = {"name": "mean", "miss_rate": None}
+    assert without_promise(unchanged, report) is unchanged
+    assert len(report["not_carried_over"]) == 2

@@ -226,6 +226,7 @@ def test_a_promised_miss_rate_travels_from_train_to_predict_evaluate_and_onnx(
     header = list(rows["torch"][0])
     assert header[:5] == ["patient", "n_cells", "n_unclassifiable", "diagnosis", "path"]
     assert {"referred", "call", "p_APL", "p_AML"} <= set(header)
+    assert header[-1] == "call"  # added last: the columns before keep their places
     fitted = load(run).predictor("torch").patient_model
     low = fitted.negative_below()
     assert (fitted.miss_rate.n_positive, fitted.miss_rate.misses, fitted.threshold) == (4, 1, .99)

@@ -41,6 +41,7 @@ from leukotree.inference.conformal import MODES, ConformalAnswers, check_cells
 from leukotree.inference.predictor import TorchPredictor, predict_paths
 from leukotree.models.calibration import MIN_IMAGES, tree_nll
 from leukotree.models.checkpoint import load_model, update_checkpoint
+from leukotree.patients.fit import without_promise
 from leukotree.rundir import RunDir, require_new_folder, write_json
 
 #: Files of the source run that describe the calibrated one as well (``best.pt`` is
@@ -192,7 +193,10 @@ def _write(source: RunDir, target: RunDir, fitted: Calibration, payload: dict[st
     shutil.copy2(source.best, target.best)
     extra = dict(payload.get("extra") or {})
     extra["calibrated"] = {k: report[k] for k in ("calibrated_from", "data", "n_cells")}
-    update_checkpoint(target.best, **fitted.sections(), extra=extra)
+    sections = fitted.sections()
+    if payload.get("patient_model"):  # its promise held for the old calibration
+        sections["patient_model"] = without_promise(payload["patient_model"], report)
+    update_checkpoint(target.best, **sections, extra=extra)
     write_json(target.summary, report)
 
 

@@ -65,6 +65,7 @@ from leukotree.inference.loader import load
 from leukotree.inference.options import InferenceOptions
 from leukotree.inference.predictor import Predictions, TorchPredictor, predict_paths
 from leukotree.models.checkpoint import read_checkpoint, save_model, update_checkpoint
+from leukotree.patients.fit import without_promise
 from leukotree.report.model_card import write_model_card
 from leukotree.rundir import RunDir, read_yaml, require_new_folder, write_json, write_text
 
@@ -163,7 +164,8 @@ def adapt(run: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
         model.config = replace(model.config, input_pixel_size=float(pixel_size))
     save_model(target.best, model, extra={**payload.get("extra", {}), "adapted": report})
     if "patient_model" in payload:
-        update_checkpoint(target.best, patient_model=payload["patient_model"])
+        update_checkpoint(target.best, patient_model=without_promise(payload["patient_model"],
+                                                                     report))
     write_json(target.path / RunDir.ADAPT, report)
     write_model_card(target.path)
     return report

@@ -146,8 +146,8 @@ def fit_conformal(taxonomy: Taxonomy, truth: Sequence[str], leaf_probs: np.ndarr
         raise LeukotreeError(f"The 'alpha' parameter (1 - coverage) must be in (0, 1); got "
                              f"{alpha!r}.")
     if mode not in MODES:
-        raise LeukotreeError(f"The conformal mode must be one of {', '.join(MODES)}; got "
-                             f"{mode!r}.")
+        raise LeukotreeError(f"The 'conformal' parameter (--conformal) must be one of "
+                             f"{', '.join(MODES)}; got {mode!r}.")
     truth = list(truth)
     if len(truth) != len(leaf_probs):
         raise ValueError(f"{len(truth)} labels for {len(leaf_probs)} rows of probabilities")

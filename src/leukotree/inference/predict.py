@@ -123,6 +123,12 @@ def validation_probs(loaded: LoadedModel, predictor: Predictor, batch_size: int 
                      tta: bool = False) -> tuple[list[str], np.ndarray]:
     """The labels and leaf probabilities (as ``predictor`` gives them: calibrated) of the
     run's validation split, on which ``--target-error`` and ``--coverage`` are fitted."""
+    if (loaded.payload.get("extra") or {}).get("calibrated"):
+        raise LeukotreeError(
+            f"'{loaded.source}' was calibrated by 'leukotree calibrate' on cells it does not "
+            "keep; its split.csv is the first lab's, so --target-error or --coverage would be "
+            "fitted on the wrong lab's cells. Calibrate again with 'leukotree calibrate RUN "
+            "DATA --out RUN2 --coverage C', or leave them out.")
     val = loaded.run_dir(". Give --confidence instead.").read_split("val")
     vp = predict_paths(predictor, [Path(r["path"]) for r in val], progress=False,
                        on_error="raise", batch_size=batch_size, tta=tta)
@@ -209,7 +215,7 @@ def patient_rows(result: PredictResult, method: str, min_cells: int) -> list[dic
             "patient": d.patient, "n_cells": d.n_cells, **extra,
             "diagnosis": d.leaf or "insufficient",
             "path": taxonomy.path_string(d.leaf) if d.leaf else "",
-            "referred": d.refer, "call": d.call, "reported_node": d.reported_node,
+            "referred": d.refer, "reported_node": d.reported_node,
             "reason": d.reason,
             "model": d.model, "threshold": "" if d.threshold is None else round(d.threshold, 4),
             **{f"p_{leaf}": round(float(v), 4) for leaf, v in zip(
@@ -219,6 +225,7 @@ def patient_rows(result: PredictResult, method: str, min_cells: int) -> list[dic
                 taxonomy.leaves, d.vote_shares, strict=True)},
             **{f"mean_p_{leaf}": round(float(v), 4) for leaf, v in zip(
                 taxonomy.leaves, d.mean_probs, strict=True)},
+            "call": d.call,  # last: the columns before it keep their places
         })
     return out
 

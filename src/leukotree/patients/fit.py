@@ -206,3 +206,13 @@ def patient_metrics(taxonomy: Taxonomy, truth: Sequence[str], probs: np.ndarray,
             out["auroc_ci95"] = bootstrap_auroc(y, probs[:, k], n_boot)
         out["binary"] = binary_metrics(probs[:, k], y, 0.5 if threshold is None else threshold)
     return out
+
+
+def without_promise(doc: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
+    """A stored patient model (``FittedPatientModel.to_dict``) without its miss-rate
+    promise, which held for the cell model it was measured with, not for one adapted or
+    re-calibrated since; ``report["not_carried_over"]`` says so."""
+    if doc.get("miss_rate") is None:
+        return doc
+    report.setdefault("not_carried_over", []).append("patient miss-rate promise")
+    return {**doc, "miss_rate": None}

@@ -81,7 +81,8 @@ def miss_rate_threshold(p_positive: np.ndarray, is_positive: np.ndarray, alpha: 
         raise LeukotreeError(f"The 'patient_miss_rate' parameter must be in (0, 1); got "
                              f"{alpha!r}.")
     if not 0 < confidence < 1:
-        raise LeukotreeError(f"The miss-rate confidence must be in (0, 1); got "
+        raise LeukotreeError(f"The 'patient_miss_confidence' parameter (--confidence, the "
+                             f"confidence of the miss-rate promise) must be in (0, 1); got "
                              f"{confidence!r}.")
     scores = np.sort(np.asarray(p_positive, dtype=np.float64)[np.asarray(is_positive, bool)])
     n = len(scores)
