@@ -537,3 +537,19 @@ def test_the_worker_decodes_with_the_served_pixel_limit(served_run, tmp_path):
         case = wait_done(api, api.post("/api/cases", files=one_cell(served_run)).json()["id"])
     assert case["status"] == "done", case
     assert "100" in str(case["cells"][0].get("error")), case["cells"][0]
+
+
+def test_the_database_itself_keeps_a_second_sign_out_out(tmp_path, monkeypatch):
+    """Even when the state check above it is passed (a race, another process), the
+    sign-out's own UPDATE refuses to overwrite a final diagnosis."""
+    from leukotree.serve.store import CaseConflict
+
+    store = Store(tmp_path / "s")
+    case = store.create_case("P-1", "run", [])
+    store.set_status(case, "done")
+    store.sign_out(case, "AML", "first")
+    monkeypatch.setattr(Store, "_reviewable", staticmethod(lambda db, case_id, what: None))
+    with pytest.raises(CaseConflict, match="already signed out"):
+        store.sign_out(case, "ALL", "second")
+    assert store.case(case)["final_label"] == "AML"
+    assert [r["reviewer"] for r in store.reviews(case)] == ["first"]

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from leukotree.data.images import DEFAULT_MAX_PIXELS
 from leukotree.errors import LeukotreeError, display_path
 from leukotree.options import add_field_arguments, check_field, check_fields, option
 
@@ -24,8 +25,6 @@ ENGINES = ("auto", "torch", "onnx")
 #: The confidence ``report`` and ``serve`` refer below unless told otherwise (``predict``
 #: refers nothing by default).
 REPORT_CONFIDENCE = "0.6"
-#: The library's default decompression-bomb guard (``leukotree.data.images.DEFAULT_MAX_PIXELS``).
-MAX_PIXELS = 60_000_000
 
 
 def _crop_modes() -> tuple[str, ...]:
@@ -63,7 +62,7 @@ class InferenceOptions:
     tta: bool = option(False, "average over the 8 flips/rotations of each image (8x slower)")
     batch_size: int = option(64, "images per batch", low=1)
     workers: int = option(2, "image-reading threads", low=1)
-    max_pixels: int = option(MAX_PIXELS, "refuse images larger than this many pixels (a "
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, "refuse images larger than this many pixels (a "
                              "decompression-bomb guard)", low=1)
     engine: str = option("auto", "auto: ONNX Runtime when the onnx extra is installed (faster "
                          "on CPUs; the export is kept beside best.pt), else PyTorch",

@@ -331,8 +331,14 @@ class Store:
         now = time.time()
         with self._db() as db:
             self._reviewable(db, case_id, "the sign-out")
-            db.execute("UPDATE cases SET final_label = ?, signed_by = ?, signed_at = ?, "
-                       "updated = ? WHERE id = ?", (label, reviewer, now, now, case_id))
+            # the condition, not only the check above, keeps a second sign-out out (another
+            # process on the same database, or a race the check did not see)
+            done = db.execute("UPDATE cases SET final_label = ?, signed_by = ?, signed_at = ?, "
+                              "updated = ? WHERE id = ? AND final_label IS NULL",
+                              (label, reviewer, now, now, case_id))
+            if done.rowcount != 1:
+                raise CaseConflict(f"Case '{case_id}' is already signed out; the sign-out is "
+                                   "final: correct it with an amendment.")
             db.execute("INSERT INTO reviews (case_id, kind, label, reviewer, at) "
                        "VALUES (?, 'signout', ?, ?, ?)", (case_id, label, reviewer, now))
 
@@ -351,14 +357,6 @@ class Store:
                        "VALUES (?, 'amendment', ?, ?, ?, ?)",
                        (case_id, label, reviewer, time.time(), reason))
 
-    def current_label(self, case_id: str) -> str | None:
-        """The diagnosis in force: the latest amendment's, else the sign-out's."""
-        with self._db() as db:
-            row = db.execute(
-                "SELECT COALESCE((SELECT label FROM reviews WHERE case_id = k.id AND kind = "
-                "'amendment' ORDER BY id DESC LIMIT 1), k.final_label) AS label FROM cases k "
-                "WHERE k.id = ?", (case_id,)).fetchone()
-        return None if row is None else row["label"]
 
     def reviews(self, case_id: str) -> list[dict[str, Any]]:
         with self._db() as db:
