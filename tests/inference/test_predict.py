@@ -302,3 +302,22 @@ def test_mondrian_training_names_the_classes_short_and_the_number_needed(run, ca
     err = " ".join(capsys.readouterr().err.split())
     assert code == 2 and "at least 9 labelled validation cells of every class" in err
     assert "too few of: Normal (" in err and "or use marginal answers" in err
+
+
+def test_bad_confidence_or_too_few_cells_for_coverage_are_refused_before_any_image(
+        run, tmp_path, capsys, monkeypatch):
+    import leukotree.inference.predict as predict_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("an image was read before the options were checked")
+
+    monkeypatch.setattr(predict_module, "predict_paths", never)
+    images = sorted((run / "data").rglob("*.png"))[:2] if (run / "data").exists() else []
+    cells = [str(p) for p in images] or [str(tmp_path / "cell.png")]
+    assert main(["predict", str(run / "run"), *cells, "--confidence", "2",
+                 "--no-progress"]) == 2
+    assert "--confidence values must be in [0, 1]" in capsys.readouterr().err
+    assert main(["predict", str(run / "run"), *cells, "--coverage", "0.999",
+                 "--no-progress"]) == 2
+    assert "need at least 999 labelled validation cells" in " ".join(
+        capsys.readouterr().err.split())

@@ -20,6 +20,7 @@ from leukotree.inference.conformal import (
     ConformalAnswers,
     answer_leaves,
     answer_nodes,
+    check_cells,
     fit_conformal,
 )
 from leukotree.inference.decisions import (
@@ -90,6 +91,13 @@ def run_predict(
         loaded.run_dir(_NO_SPLIT_COVERAGE)
     predictor = loaded.predictor(options.engine)
     view = options.input_config(predictor.model_config, source=run)
+    if target_error is None:  # a bad --confidence is refused before any image is read
+        parse_thresholds(options.confidence, predictor.taxonomy.max_depth)
+    if options.coverage is not None:  # and too few validation cells for --coverage
+        own = predictor.conformal.mode if predictor.conformal is not None else "marginal"
+        split = loaded.run_dir(_NO_SPLIT_COVERAGE).read_split("val")
+        check_cells(predictor.taxonomy, [r["label"] for r in split], 1 - options.coverage,
+                    options.conformal or own, "validation")
     found = collect_inputs(inputs, patients, predictor.taxonomy)
     images = found.images
     preds = predict_paths(predictor, [i.path for i in images], batch_size=options.batch_size,
