@@ -553,3 +553,13 @@ def test_the_database_itself_keeps_a_second_sign_out_out(tmp_path, monkeypatch):
         store.sign_out(case, "ALL", "second")
     assert store.case(case)["final_label"] == "AML"
     assert [r["reviewer"] for r in store.reviews(case)] == ["first"]
+
+
+def test_the_report_of_a_case_still_running_is_a_409(models, tmp_path):
+    with client(models, tmp_path / "s") as api:
+        store = api.app.state.store
+        waiting = store.create_case("P-1", "run", [])  # never submitted: stays queued
+        refused(api.get(f"/cases/{waiting}/report"), 409, "still queued")
+        store.set_status(waiting, "running")
+        refused(api.get(f"/cases/{waiting}/report"), 409, "still running")
+        assert not (store.reports / f"{waiting}.html").exists()

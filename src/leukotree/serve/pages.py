@@ -19,7 +19,7 @@ from leukotree.errors import LeukotreeError
 from leukotree.report.html import CSS
 from leukotree.serve.auth import COOKIE, SESSION_MAX, token_matches
 from leukotree.serve.guard import error_response, status_of
-from leukotree.serve.store import Store
+from leukotree.serve.store import CaseConflict, Store
 from leukotree.serve.views import case_json
 from leukotree.serve.worker import Models
 
@@ -178,12 +178,15 @@ def _heatmap_png(store: Store, models: Models, case_id: str, index: int, node: s
 def _case_report(store: Store, models: Models, case_id: str, settings: Any) -> Any:
     """The offline HTML report of a case: the one the worker wrote from its own results
     when it classified the case (:meth:`~leukotree.serve.worker.Worker.write_report`);
-    otherwise (a case still queued, or no report could be made) ``leukotree report`` on
-    its stored cells, by the engine and decoding of the worker, which says what is
-    missing."""
+    otherwise (no report could be made) ``leukotree report`` on its stored cells, by the
+    engine and decoding of the worker, which says what is missing. A case still queued or
+    running has none yet (409)."""
     from leukotree.report.patient import patient_report
 
     case = store.case(case_id)
+    if case["status"] in ("queued", "running"):  # the worker writes it when it is done
+        raise CaseConflict(f"Case '{case_id}' is still {case['status']}; its report is "
+                           "written when it is classified: ask again then.")
     name, predictor = models.get(case["model"])
     out = store.reports / f"{case_id}.html"
     if case["status"] == "done" and out.is_file():
