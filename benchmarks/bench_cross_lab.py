@@ -323,6 +323,9 @@ def main() -> None:
                              "patients (0: skip)")
     add_json_option(parser)
     args = parser.parse_args()
+    # absolute: the manifests written under OUT name their images by full path (a relative
+    # --out was joined twice when a manifest's paths were read from its own folder)
+    args.out = args.out.resolve()
     import yaml
 
     args.out.mkdir(parents=True, exist_ok=True)
