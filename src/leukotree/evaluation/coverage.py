@@ -37,7 +37,8 @@ from leukotree.inference.conformal import (
     min_cells,
 )
 from leukotree.inference.loader import LoadedModel
-from leukotree.inference.predictor import Predictor, predict_paths
+from leukotree.inference.predict import validation_probs
+from leukotree.inference.predictor import Predictor
 from leukotree.report import plots
 from leukotree.rundir import EvalDir
 from leukotree.taxonomy import Taxonomy
@@ -147,9 +148,7 @@ def _validation(loaded: LoadedModel, predictor: Predictor, batch_size: int, tta:
     if (loaded.payload.get("extra") or {}).get("calibrated"):
         return ("the answers were fitted by 'leukotree calibrate' on cells the run folder "
                 "does not keep; its validation split is of the first lab")
-    rows = loaded.run_dir("").read_split("val")
-    if not rows:
+    if not loaded.run_dir("").read_split("val"):
         return "the run has no validation split"
-    vp = predict_paths(predictor, [Path(r["path"]) for r in rows], progress=False,
-                       on_error="raise", batch_size=batch_size, tta=tta)
-    return [r["label"] for r in rows], vp.leaf_probs.astype(np.float64)
+    truth, probs = validation_probs(loaded, predictor, batch_size, tta)
+    return truth, probs.astype(np.float64)
