@@ -83,6 +83,7 @@ LAYERS: list[set[str]] = [
     {"report"},
     {"engine"},
     {"evaluation"},
+    {"lab"},
     {"serve"},
     {"demo", "cli", "__main__"},
 ]
