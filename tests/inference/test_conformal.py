@@ -9,6 +9,7 @@ from leukotree.inference.conformal import (
     ConformalAnswers,
     achievable_alpha,
     answer_nodes,
+    answer_text,
     covered,
     critical_masses,
     fit_conformal,
@@ -96,3 +97,19 @@ def test_answers_round_trip_and_unreadable_rows_get_none():
     assert again == fitted
     probs = np.array([ALL_CELL, [np.nan] * 7])
     assert answer_nodes(TAX, probs, again) == ["ALL", ""]
+
+
+def test_an_answer_reads_as_its_node_and_its_most_probable_leaves():
+    tax = load_taxonomy("pbc")
+    probs = np.zeros(len(tax.leaves))
+    for leaf, p in {"neutrophil": .55, "ig": .31, "eosinophil": .04, "basophil": .06,
+                    "lymphocyte": .04}.items():
+        probs[tax.leaf_index[leaf]] = p
+    # leaves of the node by probability, those under 0.05 left out, at most `top`
+    assert answer_text(tax, probs, "granulocyte") == \
+        "granulocyte (neutrophil 0.55 / ig 0.31 / basophil 0.06)"
+    assert answer_text(tax, probs, "granulocyte", top=2) == \
+        "granulocyte (neutrophil 0.55 / ig 0.31)"
+    assert answer_text(tax, probs, "mononuclear") == "mononuclear"  # none reaches 0.05
+    assert answer_text(tax, probs, "neutrophil") == "neutrophil"
+    assert answer_text(tax, probs, "") == ""

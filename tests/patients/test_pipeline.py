@@ -212,7 +212,8 @@ def test_a_promised_miss_rate_travels_from_train_to_predict_evaluate_and_onnx(
     # APL patients above t_miss referred
     assert main(["train", str(manifest), "--out", str(run), "--patient-model", "mean",
                  "--patient-miss-rate", "0.5", "--confidence", "0.5", "--positive", "APL",
-                 "--patient-threshold", "0.99", "--val-fraction", "0.34", *PLAIN]) == 0
+                 "--patient-threshold", "0.99", "--val-fraction", "0.34", "--coverage", "0.5",
+                 *PLAIN]) == 0
     summary = json.loads((run / "summary.json").read_text())
     promise = summary["patient_level"]["miss_rate"]
     assert (promise["alpha"], promise["confidence"]) == (0.5, 0.5)
@@ -263,6 +264,7 @@ def test_a_promised_miss_rate_travels_from_train_to_predict_evaluate_and_onnx(
     page = (tmp_path / "r.html").read_text()
     assert "Stated miss rate: at most 50% of APL patients are called negative, with 50% " \
            "confidence" in page
+    assert "answer: " in page  # each cell's conformal answer beside its probability
     # too few APL patients for 10% at 90%: the run says what they support, before training
     capsys.readouterr()
     assert main(["train", str(manifest), "--out", str(tmp_path / "strict"), "--patient-model",

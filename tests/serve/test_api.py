@@ -242,3 +242,47 @@ def test_the_case_report_is_the_workers_own_results_by_its_engine(served_run, tm
     assert f"{diagnosis['n_cells']} cells analysed" in page.text
     headline = diagnosis["label"] if not diagnosis["referred"] else "referral advised"
     assert headline in page.text  # the case page's diagnosis, at the served --confidence
+
+
+@pytest.fixture(scope="module")
+def promising_run(tmp_path_factory):
+    """A tiny aml-apl run with conformal answers and a promised patient miss rate."""
+    from leukotree.cli import main
+    from leukotree.data.synth import generate
+    from leukotree.taxonomy import load_taxonomy
+
+    root = tmp_path_factory.mktemp("promise")
+    generate(root / "data", load_taxonomy("aml-apl"), patients_per_class=6,
+             cells_per_patient=6, size=32, seed=0, progress=False)
+    assert main(["train", str(root / "data"), "--out", str(root / "run"), "-t", "aml-apl",
+                 "--preset", "tiny-test", "--epochs", "1", "--monitor", "last",
+                 "--threads", "1", "--no-progress", "--val-fraction", "0.34",
+                 "--coverage", "0.5", "--patient-model", "mean", "--positive", "APL",
+                 "--patient-miss-rate", "0.5", "--confidence", "0.5"]) == 0
+    return root
+
+
+def test_a_case_shows_each_cells_answer_and_the_stated_miss_rate(promising_run, tmp_path):
+    models = Models([promising_run / "run"], InferenceOptions(engine="torch"))
+    with TestClient(create_app(models, Store(tmp_path / "store"), ServeSettings()),
+                    base_url="http://localhost") as api:
+        files = [("files", (p.name, p.read_bytes(), "image/png"))
+                 for p in sorted((promising_run / "data" / "APL").rglob("*.png"))[:6]]
+        made = api.post("/api/cases", files=files, data={"patient": "P-1"})
+        case = wait_done(api, made.json()["id"])
+        assert case["status"] == "done"
+        for cell in case["cells"]:
+            # two leaves under the root: the answer is a leaf, or the root with both leaves
+            assert cell["answer_node"] in {"APL", "AML", "acute-myeloid"}
+            assert set(cell["answer_leaves"]) <= {"APL", "AML"}
+            assert cell["answer"].startswith(cell["answer_node"])
+            if len(cell["answer_leaves"]) == 2:
+                assert "APL " in cell["answer"] or "AML " in cell["answer"]
+        d = case["diagnosis"]
+        assert d["call"] in {"positive", "negative", "referred"}
+        assert d["miss_rate"]["statement"].startswith(
+            "Stated miss rate: at most 50% of APL patients are called negative, with 50% "
+            "confidence")
+        page = api.get(f"/cases/{case['id']}").text
+        assert 'id="miss-rate"' in page and "Stated miss rate" in page
+        assert 'value="answer"' in page  # the cells can be sorted by answer size

@@ -233,3 +233,18 @@ def covered(taxonomy: Taxonomy, truth: Sequence[str], nodes: Sequence[str]) -> n
 def answer_leaves(taxonomy: Taxonomy, nodes: Sequence[str], sep: str = "|") -> list[str]:
     """The leaves below each answer node joined by ``sep`` (``""`` for no answer)."""
     return [sep.join(taxonomy.descendant_leaves(n)) if n else "" for n in nodes]
+
+
+def answer_text(taxonomy: Taxonomy, leaf_probs: np.ndarray, node: str, *, top: int = 3,
+                min_p: float = 0.05) -> str:
+    """The answer as a technologist reads it: the node, and for an inner node the ``top``
+    most probable of its leaves with ``P >= min_p``, e.g. ``granulocyte (neutrophil 0.55 /
+    ig 0.31)``. A leaf answer is the leaf's name; no answer (``""``) gives ``""``."""
+    if not node or taxonomy.is_leaf(node):
+        return node
+    leaves = taxonomy.descendant_leaves(node)
+    probs = np.asarray(leaf_probs, dtype=np.float64)
+    shown = sorted(((float(probs[taxonomy.leaf_index[leaf]]), leaf) for leaf in leaves),
+                   key=lambda pair: -pair[0])
+    named = [f"{leaf} {p:.2f}" for p, leaf in shown[:top] if p >= min_p]
+    return f"{node} ({' / '.join(named)})" if named else node

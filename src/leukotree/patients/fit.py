@@ -99,6 +99,19 @@ class FittedPatientModel:
             return None
         return min(self.miss_rate.threshold, self.threshold)
 
+    def promise(self) -> str | None:
+        """The miss rate this model states, in words, with the thresholds it is made at;
+        None without a promise."""
+        low, promise = self.negative_below(), self.miss_rate
+        if low is None or promise is None:
+            return None
+        pos = self.positive
+        return (f"Stated miss rate: at most {100 * promise.alpha:g}% of {pos} patients are "
+                f"called negative, with {100 * promise.confidence:g}% confidence (chosen on "
+                f"{promise.n_positive} out-of-fold training {pos} patients). Negative when "
+                f"P({pos}) < {low:.3f}, positive at P({pos}) >= {self.threshold:.3f}, "
+                "referred in between.")
+
     def calls(self, probs: np.ndarray) -> list[str]:
         """Each row's call on ``P(positive)`` for two leaves: ``positive`` at or above the
         threshold, ``negative`` below :meth:`negative_below` (the threshold without a

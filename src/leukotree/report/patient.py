@@ -19,6 +19,7 @@ import numpy as np
 from leukotree.data.discover import collect_inputs
 from leukotree.data.images import load_rgb_array
 from leukotree.errors import LeukotreeError, display_path
+from leukotree.inference.conformal import ConformalAnswers, answer_nodes, answer_text
 from leukotree.inference.decisions import (
     PatientDecision,
     decide_patients,
@@ -131,7 +132,8 @@ def write_patient_report(
         _unreadable_html(bad, unused),
         "<h2>The cells that drove the decision</h2>",
         _cell_grid(loaded, tax, view.img_size, preds, ok, decision.cell_weights, decision.leaf,
-                   top_cells, heatmaps, decode_groups(view, len(sizes), sizes)),
+                   top_cells, heatmaps, decode_groups(view, len(sizes), sizes),
+                   predictor.conformal),
         "<h2>Model card</h2>",
         model_card_html(predictor.model_config, tax, loaded.payload),
     ])
@@ -181,16 +183,10 @@ def _headline(tax: Taxonomy, d: PatientDecision, n_ok: int, min_cells: int) -> s
 
 def _promise_html(d: PatientDecision, fitted: FittedPatientModel | None) -> str:
     """The call with the miss rate it is made at, for a model that promises one."""
-    low = None if fitted is None else fitted.negative_below()
-    if fitted is None or d.miss_rate is None or low is None:
+    text = None if fitted is None or d.miss_rate is None else fitted.promise()
+    if text is None:
         return ""
-    pos, promise = fitted.positive, d.miss_rate
-    return (f"<p class='sub' id='miss-rate'>Call: <b>{esc(d.call)}</b>. Stated miss rate: at "
-            f"most {100 * promise.alpha:g}% of {esc(pos)} patients are called negative, with "
-            f"{100 * promise.confidence:g}% confidence (chosen on {promise.n_positive} "
-            f"out-of-fold training {esc(pos)} patients). Negative when P({esc(pos)}) &lt; "
-            f"{low:.3f}, positive at P({esc(pos)}) &ge; {fitted.threshold:.3f}, referred "
-            "in between.</p>")
+    return f"<p class='sub' id='miss-rate'>Call: <b>{esc(d.call)}</b>. {esc(text)}</p>"
 
 
 def _levels_html(tax: Taxonomy, d: PatientDecision,
@@ -224,10 +220,12 @@ def _unreadable_html(errors: list[str], not_used: list[str]) -> str:
 
 def _cell_grid(loaded: LoadedModel, tax: Taxonomy, size: int, preds: Predictions,
                ok: np.ndarray, weights: np.ndarray, leaf: str | None, top: int,
-               heatmaps: bool, groups: list[tuple[np.ndarray, dict[str, Any]]]) -> str:
+               heatmaps: bool, groups: list[tuple[np.ndarray, dict[str, Any]]],
+               answers: ConformalAnswers | None = None) -> str:
     """The ``top`` readable cells by their weight in the decision, with heat maps of
     ``loaded``'s PyTorch model (each decoded as the predictions were: ``groups`` from
-    :func:`~leukotree.inference.predictor.decode_groups`)."""
+    :func:`~leukotree.inference.predictor.decode_groups`) and, with conformal ``answers``,
+    each cell's answer node."""
     decode = {int(i): options for rows, options in groups for i in rows}
     if leaf is None:
         return "<p>No diagnosis, no cells shown.</p>"
@@ -236,13 +234,18 @@ def _cell_grid(loaded: LoadedModel, tax: Taxonomy, size: int, preds: Predictions
     order = np.argsort(-weights, kind="stable")[:top]
     cells = [load_rgb_array(preds.paths[ok[i]], size, **decode[ok[i]]) for i in order]
     maps, note = _heatmaps(loaded, cells, leaf) if heatmaps and cells else ({}, "")
+    texts = None if answers is None else [
+        answer_text(tax, p, node) for p, node in zip(probs, answer_nodes(tax, probs, answers),
+                                                     strict=True)]
     items = []
     for rank, i in enumerate(order):
         pair = f"<img src='{png_data_uri(cells[rank])}' alt='cell'>"
         if rank in maps:
             pair += f"<img src='{png_data_uri(maps[rank])}' alt='heat map'>"
+        answer = f"<br>answer: {esc(texts[i])}" if texts is not None else ""
         items.append(f"<div class='cell'>{pair}<br>{esc(preds.paths[ok[i]].name)}"
-                     f"<br>P({esc(leaf)}) = {probs[i, k]:.2f}, weight {weights[i]:.3f}</div>")
+                     f"<br>P({esc(leaf)}) = {probs[i, k]:.2f}, weight {weights[i]:.3f}"
+                     f"{answer}</div>")
     note_html = f"<p class='sub'>Heat maps not drawn: {esc(note)}</p>" if note else ""
     return note_html + "<div class='cells'>" + "".join(items) + "</div>"
 

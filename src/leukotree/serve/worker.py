@@ -20,6 +20,7 @@ import numpy as np
 
 from leukotree.data.discover import InputImage
 from leukotree.errors import LeukotreeError
+from leukotree.inference.conformal import answer_text
 from leukotree.inference.decisions import parse_thresholds
 from leukotree.inference.loader import LoadedModel, load
 from leukotree.inference.options import InferenceOptions
@@ -151,7 +152,8 @@ class Worker:
                                preds, thresholds, predictor.engine,
                                patient_model=predictor.patient_model,
                                cell_taxonomy=predictor.cell_taxonomy,
-                               expected_ood=predictor.expected_ood)
+                               expected_ood=predictor.expected_ood,
+                               conformal=predictor.conformal)
         rows = prediction_rows(result)
         cell_results = [{"idx": c["idx"], "error": r["error"] or None,
                          "result": None if r["error"] else _cell_result(result, r, k)}
@@ -187,6 +189,11 @@ def _cell_result(result: PredictResult, row: dict[str, Any], k: int) -> dict[str
     if "unclassifiable" in row:
         out["unclassifiable"] = bool(row["unclassifiable"])
         out["ood_score"] = row["ood_score"]
+    if row.get("answer_node"):  # the model states conformal answers
+        out["answer_node"] = row["answer_node"]
+        out["answer_leaves"] = row["answer_leaves"].split("|")
+        out["answer"] = answer_text(result.taxonomy, result.predictions.leaf_probs[k],
+                                    row["answer_node"])
     cells = result.cell_taxonomy
     if cells is not None and result.predictions.cell_probs is not None:
         probs = result.predictions.cell_probs[k]
@@ -211,7 +218,8 @@ def _diagnosis(result: PredictResult, patient: str, aggregate: str) -> dict[str,
                           for n in tax.nodes},
         "model": decision.model, "threshold": decision.threshold, "call": decision.call,
         "miss_rate": None if decision.miss_rate is None else {
-            "alpha": decision.miss_rate.alpha, "confidence": decision.miss_rate.confidence},
+            "alpha": decision.miss_rate.alpha, "confidence": decision.miss_rate.confidence,
+            "statement": result.patient_model.promise() if result.patient_model else None},
         "differential": differentials(result).get(patient, {}),
         "n_unclassifiable": int(result.predictions.unclassifiable.sum()),
         "domain_shift": result.domain_shift(),

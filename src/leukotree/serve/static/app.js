@@ -92,7 +92,9 @@ function setupCase() {
   const evidence = (c) => (kase.diagnosis.label ? c.probabilities[kase.diagnosis.label] || 0 : 0);
   function draw() {
     const how = $("sort").value;
+    const size = (c) => (c.answer_leaves ? c.answer_leaves.length : 1);
     order = cells.slice().sort((a, b) => how === "uncertainty" ? confidence(a) - confidence(b)
+      : how === "answer" ? size(b) - size(a) || confidence(a) - confidence(b)
       : how === "evidence" ? evidence(b) - evidence(a) : a.index - b.index);
     const gallery = $("gallery");
     gallery.textContent = "";
@@ -104,7 +106,8 @@ function setupCase() {
       img.src = "/cases/" + kase.id + "/cells/" + c.index + "/image";
       img.alt = c.name;
       const text = document.createElement("div");
-      const shown = c.unclassifiable ? "unclassifiable (" + c.label + ")" : c.label;
+      const named = c.answer && c.answer_node !== c.label ? c.answer : c.label;
+      const shown = c.unclassifiable ? "unclassifiable (" + c.label + ")" : named;
       text.textContent = (c.reviewed_label ? "✔ " + c.reviewed_label : shown) + " " +
         confidence(c).toFixed(2) + (c.cell_type ? " · " + c.cell_type : "");
       if (c.referred) { text.className = "referred"; }
@@ -122,7 +125,9 @@ function setupCase() {
     cards.get(c.index).classList.add("selected");
     $("panel").hidden = false;
     $("panel-name").textContent = c.name;
-    $("panel-label").textContent = "model: " + c.label + (c.reviewed_label ? " · reviewed: " + c.reviewed_label : "");
+    $("panel-label").textContent = "model: " + c.label +
+      (c.answer && c.answer_node !== c.label ? " · answer: " + c.answer : "") +
+      (c.reviewed_label ? " · reviewed: " + c.reviewed_label : "");
     const maps = $("heatmaps");
     maps.textContent = "";
     (paths[c.label] || []).forEach((node) => {
