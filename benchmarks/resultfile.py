@@ -209,8 +209,51 @@ def demo_section(doc: dict[str, Any]) -> list[str]:
             + ", ".join(f"`{k}={v}`" for k, v in r["recipe"].items()) + "."]
 
 
+def _ci(low: float, high: float) -> str:
+    return f"[{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def guarantees_table(r: dict[str, Any]) -> str:
+    """``bench_guarantees.py``: the conformal answers' coverage on held-out PBC and on the
+    Johns Hopkins cells before and after ``calibrate``, and the APL miss rate."""
+    rows = []
+    for name, key in (("PBC held out (same lab)", "pbc_heldout"),
+                      ("Johns Hopkins, tested half, answers fitted on PBC", "jhh_before")):
+        s = r[key]
+        rows.append([name, s["n"], f"{_percent(s['coverage'])} {_ci(*s['coverage_ci95'])}",
+                     _percent(s["leaf_share"]), f"{s['mean_depth']:.2f}",
+                     _percent(s["flagged_rate"])])
+    for n, s in r.get("jhh_after", {}).items():
+        rows.append([f"Johns Hopkins, tested half, after `calibrate` on {n} random cells of "
+                     f"the other half's patients ({len(s['draws'])} draws)", s["draws"][0]["n"],
+                     f"mean {_percent(s['coverage_mean'])}, min {_percent(s['coverage_min'])}"
+                     f" ({_percent(s['share_of_draws_on_target'])} of draws on target)",
+                     _percent(s["leaf_share_mean"]), f"{s['mean_depth_mean']:.2f}",
+                     _percent(s["flagged_rate_mean"])])
+    out = table(["cells", "n", f"coverage [95% CI] (target {_percent(r['coverage'])})",
+                 "leaf answers", "mean depth", "flagged"], rows)
+    if "apl" in r:
+        a = r["apl"]
+        for m in a["repeats"]:
+            out += (f"\n\nAPL vs other AML, out-of-fold patients of a 5-fold CV: "
+                    f"{m['missed']} of {m['n_positive']} APL patients called negative, "
+                    f"observed miss rate {_percent(m['observed_miss_rate'])} "
+                    f"{_ci(*m['observed_miss_rate_ci95'])} against the stated "
+                    f"{_percent(m['alpha'])} at {_percent(m['confidence'])} confidence; "
+                    f"{m['referred']} of {m['n_patients']} patients referred.")
+        out += (f"\n\n{a['cohort_positive_patients']} APL patients support at best a miss "
+                f"rate of {_percent(a['achievable_miss_rate_cohort'])} at that confidence "
+                f"(a 5-fold training part: {_percent(a['achievable_miss_rate_per_fold'])}).")
+    return out
+
+
+def guarantees_section(doc: dict[str, Any]) -> list[str]:
+    return [guarantees_table(doc["results"])]
+
+
 #: Renderers of known benchmarks; any other results file gets :func:`render_value`.
-RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {"demo": demo_section}
+RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
+    "demo": demo_section, "guarantees": guarantees_section}
 
 
 def describe_meta(doc: dict[str, Any]) -> str:
@@ -245,12 +288,59 @@ def main() -> None:
         print(render_markdown(read_results(Path(arg))))
 
 
-def readme_table(path: Path = RESULTS / "demo.json") -> str:
-    """The README's one dated results table (the demo's), with its date and command."""
+def guarantee_rows(r: dict[str, Any]) -> list[list[str]]:
+    """The README's rows of ``bench_guarantees.py``."""
+    target = _percent(r["coverage"])
+    pbc, jhh = r["pbc_heldout"], r["jhh_before"]
+    rows = [[f"cells whose conformal answer holds their class, PBC held out (target {target})",
+             f"{_percent(pbc['coverage'])} {_ci(*pbc['coverage_ci95'])}, "
+             f"{_percent(pbc['leaf_share'])} answered with a leaf"],
+            ["same, Johns Hopkins cells, answers fitted on PBC (the alarm says: re-calibrate)",
+             f"{_percent(jhh['coverage'])} {_ci(*jhh['coverage_ci95'])}"]]
+    after = r.get("jhh_after", {})
+    if after:
+        rows.append([f"same, after `calibrate` on {' / '.join(after)} labelled Johns Hopkins "
+                     "cells of other patients (mean over draws)",
+                     " / ".join(f"{_percent(s['coverage_mean'])} (depth "
+                                f"{s['mean_depth_mean']:.2f})" for s in after.values())])
+    if "apl" in r:
+        a, m = r["apl"], r["apl"]["repeats"][0]
+        rows += [[f"APL patients missed, out-of-fold 5-fold CV (stated at most "
+                  f"{_percent(m['alpha'])}, {_percent(m['confidence'])} confidence)",
+                  f"{m['missed']} of {m['n_positive']} "
+                  f"({_percent(m['observed_miss_rate'])}), {m['referred']} of "
+                  f"{m['n_patients']} patients referred"],
+                 [f"smallest miss rate {a['cohort_positive_patients']} APL patients can state "
+                  f"({_percent(m['confidence'])} confidence)",
+                  _percent(a["achievable_miss_rate_cohort"])]]
+    return rows
+
+
+def readme_table(path: Path = RESULTS / "demo.json",
+                 guarantees: Path = RESULTS / "guarantees.json") -> str:
+    """The README's one dated results table: the demo's figures and, when committed, the
+    guarantees', each file's date and command below."""
     doc = read_results(path)
-    return (demo_table(doc["results"]) + "\n\n"
-            + f"Measured {doc['meta']['date'][:10]} with `{doc['meta']['command']}` "
-            f"({doc['meta']['machine']['cores']} CPU cores).")
+    mean = doc["results"]["mean"]
+
+    def pm(key: str) -> str:
+        return f"{100 * mean[key]['mean']:.1f}% ± {100 * mean[key]['std']:.1f}"
+
+    demo = "demo, 3-fold CV on the bundled PBC sample (mean ± std over folds):"
+    rows = [[f"{demo} accuracy", pm("accuracy")], ["demo: macro F1", pm("macro_f1")],
+            ["demo: hierarchical F1 (hF)", pm("hF")],
+            ["demo: leaf ECE, uncalibrated → calibrated",
+             f"{mean['ece_uncalibrated']['mean']:.3f} → {mean['ece']['mean']:.3f}"],
+            ["demo: cells flagged unclassifiable", _percent(mean["unclassifiable"]["mean"])],
+            ["demo: accuracy of the kept cells", pm("accuracy_kept")]]
+    docs = [doc]
+    if guarantees.exists():
+        extra = read_results(guarantees)
+        rows += guarantee_rows(extra["results"])
+        docs.append(extra)
+    said = [f"Measured {d['meta']['date'][:10]} with `{d['meta']['command']}` "
+            f"({d['meta']['machine']['cores']} CPU cores)." for d in docs]
+    return table(["result", "figure"], rows) + "\n\n" + "\n".join(said)
 
 
 if __name__ == "__main__":

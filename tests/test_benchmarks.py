@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -133,3 +135,53 @@ def test_demo_bench_writes_its_results_file(tmp_path):
     failed = subprocess.run([sys.executable, str(BENCH / "bench_demo.py"), "--out",
                              str(tmp_path / "demo")], capture_output=True, text=True)
     assert failed.returncode != 0 and "choose a new folder" in failed.stderr
+
+
+def test_guarantees_bench_measures_coverage_before_and_after_calibrate(tmp_path):
+    import csv
+
+    from leukotree.cli import main
+    from leukotree.data.synth import generate
+    from leukotree.taxonomy import load_taxonomy
+
+    generate(tmp_path / "pbc", load_taxonomy("pbc"), patients_per_class=1,
+             cells_per_patient=10, size=32, seed=1, progress=False)
+    generate(tmp_path / "jhh" / "cells", load_taxonomy("pbc"), patients_per_class=2,
+             cells_per_patient=6, size=40, seed=2, progress=False)
+    generate(tmp_path / "apl", load_taxonomy("aml-apl"), patients_per_class=6,
+             cells_per_patient=4, size=32, seed=3, progress=False)
+    rows = [{"path": str(p.relative_to(tmp_path / "jhh")),
+             "label": "APL" if k % 2 else "AML", "patient": f"P{k % 6}",
+             "cell_type": {"neutrophil": "segmented-neutrophils"}.get(p.parts[-3], p.parts[-3])}
+            for k, p in enumerate(sorted((tmp_path / "jhh" / "cells").rglob("*.png")))]
+    with (tmp_path / "jhh" / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    # a real (tiny) patient CV whose patient model promises a miss rate
+    assert main(["cv", str(tmp_path / "apl"), "-t", "aml-apl", "--folds", "2", "--preset",
+                 "tiny-test", "--epochs", "1", "--threads", "1", "--no-progress",
+                 "--patient-model", "mean", "--positive", "APL", "--patient-miss-rate", "0.5",
+                 "--confidence", "0.5", "--fold-val-fraction", "0",
+                 "--out", str(tmp_path / "cv")]) == 0
+    report = _run("bench_guarantees.py", "--out", str(tmp_path / "out"), "--pbc",
+                  str(tmp_path / "pbc"), "--jhh", str(tmp_path / "jhh"), "--preset",
+                  "tiny-test", "--set", "epochs=1", "--set", "val_fraction=0.3",
+                  "--coverage", "0.8", "--sizes", "20", "--draws", "2",
+                  "--cv", str(tmp_path / "cv"))
+    pbc = report["pbc_heldout"]
+    assert pbc["n"] == 8 * 2 and pbc["target_coverage"] == pytest.approx(0.8)
+    assert pbc["coverage_ci95"][0] <= pbc["coverage"] <= pbc["coverage_ci95"][1]
+    assert 0 <= pbc["leaf_share"] <= 1
+    tested = report["jhh_before"]["n"]
+    assert 0 < tested < len(rows)  # the other half of the patients only
+    after = report["jhh_after"]["20"]
+    assert len(after["draws"]) == 2 and all(d["n"] == tested for d in after["draws"])
+    assert all(d["fitted_on"] == 20 for d in after["draws"])  # the 20 cells re-fitted it
+    assert after["coverage_min"] <= after["coverage_mean"] <= after["coverage_max"]
+    apl = report["apl"]
+    (pooled,) = apl["repeats"]
+    assert pooled["alpha"] == 0.5 and pooled["n_positive"] == 6
+    assert apl["cohort_positive_patients"] == 3  # the stand-in manifest's APL patients
+    assert apl["achievable_miss_rate_cohort"] == pytest.approx(1 - 0.5 ** (1 / 3))
+    assert "| PBC held out (same lab) | 16 |" in (tmp_path / "out" / "guarantees.md").read_text()

@@ -121,6 +121,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             say(stderr_console(), f"resuming with a changed option: {line}")
     else:
         config = _train_config(args)
+    if config.final_model == "folds":  # the fold models as one ensemble, patients stacked
+        from leukotree.evaluation.stacking import train_fold_ensemble
+
+        train_fold_ensemble(args.data, args.out, config, progress=not args.no_progress)
+        say(stderr_console(), f"model in {args.out} (the {config.folds} fold models as one "
+            f"ensemble; cross-fitted patient estimate in {Path(args.out) / 'stacked.json'})")
+        return 0
     summary = train(args.data, args.out, config, resume=args.resume,
                     progress=not args.no_progress)
     if summary["best"] is not None:  # only the main process of a DDP run knows it

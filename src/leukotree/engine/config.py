@@ -178,6 +178,12 @@ class TrainConfig:
     patient_miss_confidence: float = option(
         0.9, "with --patient-miss-rate: the confidence of the promise, P(miss rate <= it) >= "
         "this", low=0, high=1, low_open=True, high_open=True, flag="--confidence")
+    final_model: str = option(
+        "single", "what 'train' builds: one model on all the data (single), or the fold "
+        "models of a patient-grouped --folds cross-validation kept as one ensemble, with the "
+        "patient model fitted on their out-of-fold outputs (folds: RUN is then a cv folder, "
+        "and its cross-fitted patient estimate is in RUN/stacked.json)",
+        choices=("single", "folds"))
     max_pixels: int = option(60_000_000, "refuse images larger than this many pixels (a "
                              "decompression-bomb guard)", low=1, high=10**10)
     skip_unreadable: bool = option(False, "leave out images that cannot be read (listed on "
