@@ -168,8 +168,10 @@ def test_calibrate_fits_conformal_answers_and_refits_a_runs_own(labs, tmp_path, 
     paths = sorted(lab2.rglob("*.png"))
     probs = predict_paths(load(tmp_path / "a").predictor("torch"), paths, progress=False,
                           workers=1).leaf_probs
+    # over the lab's patients (the folders), the units the risk is controlled over
     again = fit_conformal(load_taxonomy("leukemia7"), [p.parts[-3] for p in paths], probs,
-                          1 - 0.9)
+                          1 - 0.9, groups=[p.parts[-2] for p in paths])
+    assert section["patients"] == len({p.parts[-2] for p in paths}) == 14
     assert next(iter(again.thresholds.values())) == pytest.approx(
         section["thresholds"]["ALL"], abs=1e-5)
     # a run with answers is re-fitted at its own coverage, the run's answers reported too

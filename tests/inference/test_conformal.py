@@ -113,3 +113,44 @@ def test_an_answer_reads_as_its_node_and_its_most_probable_leaves():
     assert answer_text(tax, probs, "mononuclear") == "mononuclear"  # none reaches 0.05
     assert answer_text(tax, probs, "neutrophil") == "neutrophil"
     assert answer_text(tax, probs, "") == ""
+
+
+def test_patients_are_the_units_when_the_cells_carry_patient_ids():
+    from leukotree.inference.conformal import _threshold, _units
+
+    inf = -np.inf
+    critical = np.array([0.9, inf, 0.8, 0.7, inf, inf, 0.6, inf])
+    units = _units(["A", "A", "B", "B", "C", "C", "D", "D"], 8)
+    # m = 4 patients, each cell 1/8 of R; allowed R = ((4 + 1) * 0.25 - 1) / 4 = 0.0625:
+    # no miss at all -> just above the largest critical mass
+    assert _threshold(critical, 0.25, units) == np.nextafter(0.9, np.inf)
+    # the same cells as 8 units: K = floor(9 * 0.25 - 1) = 1 miss -> above the second
+    assert _threshold(critical, 0.25) == np.nextafter(0.8, np.inf)
+    # alpha 0.5: allowed (2.5 - 1) / 4 = 0.375 = 3 of the 4 possible misses
+    assert _threshold(critical, 0.5, units) == np.nextafter(0.6, np.inf)
+    # alpha 0.6: allowed (3 - 1) / 4 = 0.5 = every possible miss -> every answer a leaf
+    assert _threshold(critical, 0.6, units) == 0.0
+
+
+def test_one_cell_per_patient_is_the_rule_over_cells():
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.ones(7), size=60)
+    truth = [TAX.leaves[i] for i in rng.integers(0, 7, 60)]
+    plain = fit_conformal(TAX, truth, probs, 0.1)
+    each = fit_conformal(TAX, truth, probs, 0.1, groups=[f"p{i}" for i in range(60)])
+    assert plain.thresholds == each.thresholds and (plain.patients, each.patients) == (0, 60)
+    assert ConformalAnswers.from_dict(each.to_dict()) == each
+
+
+def test_too_few_patients_leave_the_cells_as_the_units():
+    rng = np.random.default_rng(5)
+    probs = rng.dirichlet(np.ones(7), size=40)
+    truth = [TAX.leaves[i] for i in rng.integers(0, 7, 40)]
+    # 4 patients cannot carry alpha 0.05 (19 needed): the 40 cells are the units
+    few = fit_conformal(TAX, truth, probs, 0.05, groups=[f"p{i % 4}" for i in range(40)])
+    assert few.patients == 0 and few.thresholds == fit_conformal(TAX, truth, probs,
+                                                                 0.05).thresholds
+    # 20 patients of 2 cells can: fitted over them (more cautious than over the cells)
+    over = fit_conformal(TAX, truth, probs, 0.05, groups=[f"p{i // 2}" for i in range(40)])
+    assert over.patients == 20
+    assert over.thresholds["ALL"] >= few.thresholds["ALL"]

@@ -258,8 +258,10 @@ def test_predict_coverage_refits_on_the_validation_split(run, tmp_path, capsys):
                          progress=False)
     loaded = load(run / "run")
     truth, probs = validation_probs(loaded, loaded.predictor("torch"))
-    assert result.conformal == fit_conformal(TAX, truth, probs, 1 - 0.8)
+    patients = [r["patient"] for r in loaded.run_dir("").read_split("val")]
+    assert result.conformal == fit_conformal(TAX, truth, probs, 1 - 0.8, groups=patients)
     assert result.conformal.n == len(truth)
+    assert result.conformal.patients == len(set(patients)) >= 4  # over the patients
     out = tmp_path / "p.csv"
     assert main(["predict", str(run / "run"), *map(str, inputs), "--out", str(out),
                  "--no-progress", "--engine", "torch", "--coverage", "0.8"]) == 0

@@ -94,7 +94,8 @@ def calibrate_run(run: str | Path, data: str | Path, out: str | Path, *,
                              quantile=quantile,
                              distance_temperature=settings.get("distance_temperature", True),
                              coverage=coverage, conformal=mode,
-                             log=log or (lambda _: None), cells="calibration")
+                             log=log or (lambda _: None), cells="calibration",
+                             groups=[s.patient for s in samples])
     report = _report(fitted, truth, raw["leaf_probs"], preds.leaf_probs,
                      None if preds.ood_score is None else preds.unclassifiable)
     if coverage is not None:

@@ -159,7 +159,7 @@ def fit_calibration(taxonomy: Taxonomy, truth: Sequence[str], outputs: Outputs, 
                     temperatures: bool = True, distance_temperature: bool = True,
                     coverage: float | None = None, conformal: str = "marginal",
                     strict: bool = True, log: Log = _quiet, cells: str = "validation",
-                    ) -> Calibration:
+                    groups: Sequence[str | None] | None = None) -> Calibration:
     """Fit on labelled calibration cells (``truth``, nodes of ``taxonomy``, and their raw
     ``outputs``): with a ``reference`` and ``quantile > 0``, the out-of-distribution
     threshold (:func:`fit_ood_threshold`); with ``temperatures``, the per-node
@@ -167,7 +167,8 @@ def fit_calibration(taxonomy: Taxonomy, truth: Sequence[str], outputs: Outputs, 
     is on, the distance softening (:func:`fit_temperature_section`); with ``coverage``,
     the conformal answers (``conformal``: marginal or mondrian) on the probabilities so
     calibrated (:func:`fit_conformal_section`; too few cells raise, or with ``strict``
-    off log a warning and fit none). ``log`` gets a line per fit, calling the cells
+    off log a warning and fit none; ``groups``: the cells' patient ids, the units the
+    answers' risk is controlled over). ``log`` gets a line per fit, calling the cells
     ``cells``."""
     result = Calibration(taxonomy)
     if len(truth) != len(outputs["leaf_probs"]):
@@ -187,7 +188,7 @@ def fit_calibration(taxonomy: Taxonomy, truth: Sequence[str], outputs: Outputs, 
         calibrated = result.apply(outputs)["leaf_probs"]
         try:
             result.conformal = fit_conformal_section(taxonomy, truth, calibrated, coverage,
-                                                     conformal, log, cells)
+                                                     conformal, log, cells, groups)
         except LeukotreeError as err:
             if strict:
                 raise
@@ -199,17 +200,19 @@ def fit_calibration(taxonomy: Taxonomy, truth: Sequence[str], outputs: Outputs, 
 
 def fit_conformal_section(taxonomy: Taxonomy, truth: Sequence[str], probs: np.ndarray,
                           coverage: float, mode: str = "marginal", log: Log = _quiet,
-                          cells: str = "validation") -> dict[str, Any]:
+                          cells: str = "validation",
+                          groups: Sequence[str | None] | None = None) -> dict[str, Any]:
     """The checkpoint's ``conformal`` section: :class:`ConformalAnswers` fitted at
     ``alpha = 1 - coverage`` on the cells' *calibrated* leaf ``probs``, with the share of
     these cells covered (in-sample), their mean number of answer leaves and
     ``achievable_alpha`` ``1 / (n + 1)``."""
-    answers = fit_conformal(taxonomy, truth, probs, 1 - coverage, mode, cells)
+    answers = fit_conformal(taxonomy, truth, probs, 1 - coverage, mode, cells, groups)
     section = answers.to_dict() | conformal_figures(taxonomy, truth, probs, answers)
     section["achievable_alpha"] = achievable_alpha(len(truth))
     log(f"conformal answers ({mode}, coverage {coverage:g}): threshold "
         + (f"{next(iter(answers.thresholds.values())):.3f}" if mode == "marginal"
            else "per class")
+        + (f" over {answers.patients} patients" if answers.patients else "")
         + f"; {section['coverage']:.1%} of the {cells} cells covered, "
         f"{section['leaf_share']:.1%} answered with a leaf (fitted on these cells)")
     return section

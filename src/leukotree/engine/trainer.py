@@ -721,7 +721,8 @@ class Trainer:
                                      quantile=cfg.ood_quantile, temperatures=cfg.calibrate,
                                      distance_temperature=cfg.distance_temperature,
                                      coverage=cfg.coverage, conformal=cfg.conformal,
-                                     strict=False, log=self._log)
+                                     strict=False, log=self._log,
+                                     groups=[s.patient for s in val.samples])
             result |= fitted.summary
             sections |= fitted.sections()
             outputs = {name: fitted.apply(out) for name, out in outputs.items()}

@@ -22,6 +22,17 @@ answer misses. Then, for a new cell exchangeable with them,
 smallest ``lam`` for which at most ``K`` calibration cells have ``c >= lam``: just above
 the ``(K + 1)``-th largest critical mass. It needs ``n >= 1 / alpha - 1`` cells.
 
+Cells of one patient are not exchangeable with another patient's cells: a threshold
+fitted on cells of some patients under-covers new patients that differ. When the cells
+carry patient ids (``groups``), the *patients* are taken as the exchangeable units
+(conformal risk control over clusters): with ``m`` patients, patient ``g``'s loss is the
+share of its cells whose answer misses, ``L_g(lam)`` (bounded by 1, non-increasing), and
+``lam`` is the smallest with ``m / (m + 1) * mean_g L_g(lam) + 1 / (m + 1) <= alpha``, so
+that for a new patient exchangeable with them the expected share of its cells missed is at
+most ``alpha``. It needs ``m >= 1 / alpha - 1`` patients: with fewer, the cells are the
+units (as without patient ids; ``ConformalAnswers.patients`` is then 0). One cell per
+patient is the rule above.
+
 The class-conditional (Mondrian) variant fits one threshold per true leaf on that
 leaf's cells, so that ``P(miss | class y) <= alpha`` for every class; the answer is the
 lowest common ancestor of the predicted leaf and every leaf ``y`` with
@@ -107,41 +118,66 @@ class ConformalAnswers:
     thresholds: dict[str, float]
     n: int
     per_class_n: dict[str, int] = field(default_factory=dict)
+    #: The patients the risk was controlled over (0: the cells were the units).
+    patients: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "mode": self.mode, "thresholds": dict(self.thresholds),
-                "n": self.n, "per_class_n": dict(self.per_class_n)}
+                "n": self.n, "per_class_n": dict(self.per_class_n), "patients": self.patients}
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> ConformalAnswers:
         return cls(float(doc["alpha"]), str(doc["mode"]),
                    {str(k): float(v) for k, v in doc["thresholds"].items()}, int(doc["n"]),
-                   {str(k): int(v) for k, v in doc.get("per_class_n", {}).items()})
+                   {str(k): int(v) for k, v in doc.get("per_class_n", {}).items()},
+                   int(doc.get("patients", 0)))
 
     def vector(self, taxonomy: Taxonomy) -> np.ndarray:
         return np.array([self.thresholds[leaf] for leaf in taxonomy.leaves])
 
 
-def _threshold(critical: np.ndarray, alpha: float) -> float:
-    """The smallest ``lam`` with at most ``K = floor((n + 1) alpha - 1)`` of the critical
-    masses ``>= lam``: just above the ``(K + 1)``-th largest (0 when fewer misses are
-    possible: every answer a leaf)."""
-    n = len(critical)
-    k = math.floor((n + 1) * alpha - 1 + 1e-12)
-    finite = np.sort(critical[np.isfinite(critical)])[::-1]
-    if k >= len(finite):
+def _units(groups: Sequence[str | None] | None, n: int) -> np.ndarray:
+    """The exchangeable unit of each cell: its patient, or itself without one."""
+    if groups is None:
+        return np.arange(n)
+    names: dict[object, int] = {}
+    return np.array([names.setdefault(("patient", g) if g else ("cell", i), len(names))
+                     for i, g in enumerate(groups)])
+
+
+def _threshold(critical: np.ndarray, alpha: float, units: np.ndarray | None = None) -> float:
+    """The smallest ``lam`` with ``m / (m + 1) * R(lam) + 1 / (m + 1) <= alpha``, ``R`` the
+    mean over the ``m`` units (cells, or patients: ``units``) of the share of their cells
+    with critical mass ``>= lam``; 0 when even every possible miss is allowed (every
+    answer a leaf). One cell per unit: at most ``K = floor((n + 1) alpha - 1)`` misses,
+    just above the ``(K + 1)``-th largest critical mass."""
+    units = np.arange(len(critical)) if units is None else np.asarray(units)
+    _, inverse, sizes = np.unique(units, return_inverse=True, return_counts=True)
+    m = len(sizes)
+    weight = 1.0 / (m * sizes[inverse])  # each cell's share of R when it misses
+    allowed = ((m + 1) * alpha - 1) / m + 1e-12
+    finite = np.isfinite(critical)
+    c, w = critical[finite], weight[finite]
+    if w.sum() <= allowed:
         return 0.0
-    return float(np.nextafter(finite[k], np.inf))
+    order = np.argsort(-c, kind="stable")  # largest first: the last to stop missing
+    c, w = c[order], w[order]
+    values, first = np.unique(-c, return_index=True)  # distinct masses, largest first
+    above = np.concatenate([[0.0], np.cumsum(w)])[first]  # R at lam just above each value
+    ok = np.flatnonzero(above <= allowed)
+    return float(np.nextafter(-values[ok[-1]], np.inf))
 
 
 def fit_conformal(taxonomy: Taxonomy, truth: Sequence[str], leaf_probs: np.ndarray,
                   alpha: float, mode: str = "marginal", cells: str = "calibration",
-                  ) -> ConformalAnswers:
+                  groups: Sequence[str | None] | None = None) -> ConformalAnswers:
     """Fit the answer thresholds on labelled cells (module docstring). ``truth`` may hold
     inner nodes (a cell labelled only "granulocyte"): its answer misses unless the answer
     node holds that whole node. ``mondrian`` fits one threshold per leaf on the cells
-    labelled with that leaf (inner-labelled cells then count for no class). Too few
-    cells (:func:`check_cells`, which calls them ``cells``) are refused."""
+    labelled with that leaf (inner-labelled cells then count for no class). ``groups``:
+    each cell's patient id (None: none), the units the risk is controlled over. Too few
+    cells or patients (:func:`check_cells`, which calls the cells ``cells``) are
+    refused."""
     if not 0 < alpha < 1:
         raise LeukotreeError(f"The 'alpha' parameter (1 - coverage) must be in (0, 1); got "
                              f"{alpha!r}.")
@@ -153,13 +189,26 @@ def fit_conformal(taxonomy: Taxonomy, truth: Sequence[str], leaf_probs: np.ndarr
         raise ValueError(f"{len(truth)} labels for {len(leaf_probs)} rows of probabilities")
     critical = _critical_for_labels(taxonomy, truth, leaf_probs)
     check_cells(taxonomy, truth, alpha, mode, cells)
+    grouped = groups is not None and any(groups)
+    units = _units(groups if grouped else None, len(truth))
     if mode == "marginal":
-        lam = _threshold(critical, alpha)
-        return ConformalAnswers(alpha, mode, dict.fromkeys(taxonomy.leaves, lam), len(truth))
+        patients = len(np.unique(units)) if grouped else 0
+        if patients < min_cells(alpha):  # too few patients (or none): the cells are the units
+            units, patients = np.arange(len(truth)), 0
+        lam = _threshold(critical, alpha, units)
+        return ConformalAnswers(alpha, mode, dict.fromkeys(taxonomy.leaves, lam), len(truth),
+                                patients=patients)
     counts = {leaf: sum(t == leaf for t in truth) for leaf in taxonomy.leaves}
-    thresholds = {leaf: _threshold(critical[[t == leaf for t in truth]], alpha)
-                  for leaf in taxonomy.leaves}
-    return ConformalAnswers(alpha, mode, thresholds, len(truth), counts)
+    thresholds, patients = {}, 0
+    for leaf in taxonomy.leaves:
+        rows = np.flatnonzero([t == leaf for t in truth])
+        mine = units[rows]
+        if not grouped or len(np.unique(mine)) < min_cells(alpha):
+            mine = np.arange(len(rows))
+        else:
+            patients += len(np.unique(mine))
+        thresholds[leaf] = _threshold(critical[rows], alpha, mine)
+    return ConformalAnswers(alpha, mode, thresholds, len(truth), counts, patients)
 
 
 def check_cells(taxonomy: Taxonomy, truth: Sequence[str], alpha: float,

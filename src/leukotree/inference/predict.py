@@ -93,9 +93,11 @@ def run_predict(
     view = options.input_config(predictor.model_config, source=run)
     if target_error is None:  # a bad --confidence is refused before any image is read
         parse_thresholds(options.confidence, predictor.taxonomy.max_depth)
+    groups = None
     if options.coverage is not None:  # and too few validation cells for --coverage
         own = predictor.conformal.mode if predictor.conformal is not None else "marginal"
         split = loaded.run_dir(_NO_SPLIT_COVERAGE).read_split("val")
+        groups = [r.get("patient") or None for r in split]  # validation_probs' order
         check_cells(predictor.taxonomy, [r["label"] for r in split], 1 - options.coverage,
                     options.conformal or own, "validation")
     found = collect_inputs(inputs, patients, predictor.taxonomy)
@@ -115,7 +117,7 @@ def run_predict(
     if options.coverage is not None:
         own = predictor.conformal.mode if predictor.conformal is not None else "marginal"
         answers = fit_conformal(predictor.taxonomy, val[0], val[1], 1 - options.coverage,
-                                options.conformal or own, "validation")
+                                options.conformal or own, "validation", groups)
     return PredictResult(predictor.taxonomy, images, preds, thresholds, predictor.engine,
                          loaded.engine_note, found.not_used, predictor.patient_model,
                          predictor.cell_taxonomy, predictor.expected_ood, answers)
