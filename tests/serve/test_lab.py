@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 from fastapi.testclient import TestClient
 
+from conftest import html_tags
 from leukotree.errors import LeukotreeError
 from leukotree.inference.options import InferenceOptions
 from leukotree.lab.gate import GateRule
@@ -69,9 +70,15 @@ def test_the_lab_loop_trains_gates_promotes_and_survives_a_restart(served_run, t
         job = made.json()["job"]
         busy = api.post("/api/models/train")
         assert busy.status_code == 409 and job in busy.json()["error"]
+        wait(api, f"/api/jobs/{job}", {"running"})
+    # the server stops while the job trains (its training process is ended): nothing is
+    # lost, the next start runs the job again
+    assert Store(store).jobs.get(job)["status"] == "running"
+    with client(served_run, store) as api:
         done = wait(api, f"/api/jobs/{job}", {"done", "failed"})
         assert done["status"] == "done", done["error"]
         assert done["model"] == 2 and done["progress"] == {"epochs_done": 1, "epochs": 1}
+        assert done["attempts"] == 2
         assert done["n_cells"] == n_train
 
         versions = {m["id"]: m for m in api.get("/api/models").json()["models"]}
@@ -83,6 +90,12 @@ def test_the_lab_loop_trains_gates_promotes_and_survives_a_restart(served_run, t
         low, high = candidate["audit"]["ci"]
         assert low <= candidate["audit"]["accuracy"] <= high
         assert candidate["source"]["n"] > 0 and "gate" in candidate
+        page = html_tags(api.get("/models").text)
+        rows = {a["data-version"]: a["class"] for t, a in page if t == "tr" and "class" in a}
+        assert rows == {"1": "state-active", "2": "state-candidate"}
+        buttons = [a for t, a in page if t == "button" and "promote" in (a.get("class") or "")]
+        assert {b["data-version"] for b in buttons} == {"2"} and len(buttons) == 2
+        assert ("p", {"id": "job", "data-job": job, "data-status": "done"}) in page
 
         # a gate that asks for more audit cells than the lab has refuses, with its numbers
         lab = api.app.state.lab
@@ -105,6 +118,9 @@ def test_the_lab_loop_trains_gates_promotes_and_survives_a_restart(served_run, t
 
         third, _ = upload(api, served_run, "P3")
         assert third["model_version"] == 2  # a new case uses the new version
+        page = html_tags(api.get(f"/cases/{third['id']}").text)
+        assert ("a", {"href": "/models", "id": "case-version"}) in page
+        assert ("button", {"type": "button", "id": "rerun"}) in page
         assert api.post(f"/api/cases/{first['id']}/rerun").status_code == 202
         rerun = wait(api, f"/api/cases/{first['id']}", {"done", "failed"})
         assert rerun["model_version"] == 2
