@@ -40,7 +40,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -291,7 +291,10 @@ class Lab:
             gate = self.evaluate(version.id)
             self.jobs.update(job, status="done")
             if self.settings.auto_promote and gate.passed:
-                self.promote(version.id)
+                try:
+                    self.promote(version.id, checked=True)
+                except LeukotreeError as err:  # the candidate stays; a reviewer decides
+                    self.jobs.update(job, error=f"The automatic promotion failed: {err}")
         except Exception as err:  # the job fails with its reason; the server goes on
             if self._stop.is_set():
                 return  # interrupted by the shutdown: resumed on the next start
@@ -315,13 +318,16 @@ class Lab:
             handle.flush()
             process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT,
                                        env=os.environ.copy())
+            done = 0
             try:
                 while process.poll() is None:
                     if self._stop.wait(0.5):
                         process.terminate()
                         process.wait(30)
                         return
-                    self.jobs.update(row["id"], epochs_done=epochs_done(run))
+                    if epochs_done(run) != done:
+                        done = epochs_done(run)
+                        self.jobs.update(row["id"], epochs_done=done)
             finally:
                 if process.poll() is None:
                     process.kill()
@@ -365,22 +371,24 @@ class Lab:
                                                                      "at": time.time()})
         return gate
 
-    def promote(self, version: int, forced_by: str | None = None) -> Version:
+    def promote(self, version: int, forced_by: str | None = None, *,
+                checked: bool = False) -> Version:
         """Promote a candidate: the gate on the audit cells reviewed by now (skipped when
-        ``forced_by`` names who forced it), a calibration on the audit cells, the swap;
-        refused with the gate's rule and numbers (:class:`LabConflict`)."""
+        ``forced_by`` names who forced it, or ``checked``: it has just passed), a
+        calibration on the audit cells, the swap; refused with the gate's rule and
+        numbers (:class:`LabConflict`)."""
         with self._promoting:
             candidate = self.versions.get(version)
             if candidate.state != "candidate":
                 raise LabConflict(f"Model version {version} is {candidate.state}; only a "
                                   "candidate can be promoted.")
-            if forced_by is None:
+            if forced_by is None and not checked:
                 gate = self.evaluate(version)
                 if not gate.passed:
                     raise LabConflict(gate.message)
             _, audit = self.split_cells()
             run, calibration = self._calibrated(candidate, audit)
-            self.swap(Version(**(candidate.__dict__ | {"run": run})))
+            self.swap(replace(candidate, run=run))
             return self.versions.promote(version, run, forced_by, calibration)
 
     def _calibrated(self, candidate: Version, audit: list[LabCell],

@@ -39,7 +39,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from leukotree.errors import LeukotreeError
-from leukotree.lab.jobs import Jobs, Lab, LabSettings
+from leukotree.lab.jobs import Jobs, Lab, LabCell, LabSettings
 from leukotree.lab.versions import Version, is_audit
 from leukotree.serve.auth import LoginThrottle, Sessions
 from leukotree.serve.guard import Guard, add_error_handlers, allowed_hosts
@@ -112,8 +112,10 @@ def _lab(store: Store, models: Models, settings: LabSettings) -> Lab:
     def view(predictor: Any, run: str) -> Any:
         return models.options.input_config(predictor.model_config, source=run)
 
-    return Lab(store.transaction, store.root / "lab", store.reviewed_cells, is_audit,
-               swap, settings, view)
+    def cells() -> list[LabCell]:
+        return store.reviewed_cells(models.default)
+
+    return Lab(store.transaction, store.root / "lab", cells, is_audit, swap, settings, view)
 
 
 class Review(BaseModel):
@@ -183,7 +185,8 @@ def _add_api(app: FastAPI) -> None:
                  "diagnosis": (c["result"] or {}).get("label"),
                  "referred": (c["result"] or {}).get("referred"), "n_cells": c["n_cells"],
                  "reviewed_cells": c["n_reviewed"], "final_label": c["final_label"],
-                 "signed_by": c["signed_by"]} for c in store.cases()]
+                 "signed_by": c["signed_by"], "model_version": c["model_version"]}
+                for c in store.cases()]
 
     @app.get("/api/cases/{case_id}")
     def get_case(case_id: str) -> Any:

@@ -396,16 +396,18 @@ class Store:
                               (case_id,)).fetchall()
         return [dict(r) for r in rows]
 
-    def reviewed_cells(self) -> list[LabCell]:
-        """Every stored cell a reviewer labelled, with its latest label review (the lab's
-        training and audit cells)."""
+    def reviewed_cells(self, model: str) -> list[LabCell]:
+        """Every stored cell of the cases of ``model`` (a served model's name) that a
+        reviewer labelled, with its latest label review: the lab's training and audit
+        cells."""
         with self._db() as db:
             rows = db.execute(
                 "SELECT c.case_id, c.idx, c.stored, c.reviewed_label, c.reviewed_cell_type, "
                 "k.patient, (SELECT MAX(id) FROM reviews r WHERE r.case_id = c.case_id AND "
                 "r.cell_idx = c.idx AND r.label IS NOT NULL) AS review FROM cells c JOIN "
                 "cases k ON k.id = c.case_id WHERE c.reviewed_label IS NOT NULL AND "
-                "c.stored IS NOT NULL ORDER BY k.created, c.idx").fetchall()
+                "c.stored IS NOT NULL AND k.model = ? ORDER BY k.created, c.idx",
+                (model,)).fetchall()
         return [LabCell(r["case_id"], r["idx"], (self.images / r["case_id"] / r["stored"])
                         .resolve(), r["reviewed_label"], r["patient"], r["review"],
                         r["reviewed_cell_type"] or "") for r in rows]
