@@ -160,3 +160,19 @@ def test_a_store_started_with_another_model_refuses_a_different_first_model(serv
     with pytest.raises(LeukotreeError, match="model versions start from"), \
             TestClient(app, base_url="http://localhost"):
         pass
+
+
+def test_serve_takes_the_lab_options(served_run, tmp_path, monkeypatch):
+    import uvicorn
+
+    from leukotree.cli import main
+
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    assert main(["serve", str(served_run / "run"), "--store", str(tmp_path / "s"),
+                 "--engine", "torch", "--auto-promote", "--train-epochs", "2",
+                 "--min-reviews", "30", "--gate-tolerance", "0.05"]) == 0
+    settings = apps[0].state.lab.settings
+    assert settings.auto_promote and (settings.epochs, settings.min_reviews) == (2, 30)
+    assert settings.gate.tolerance == 0.05 and settings.gate.alpha == 0.05
+    apps[0].state.store.release()

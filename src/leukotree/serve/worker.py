@@ -49,7 +49,9 @@ class Models:
     ensemble folder: :func:`~leukotree.inference.loader.load`), each with its predictor
     (``options.engine``) and the view its images are decoded with (``options.crop_mode``
     and ``options.pixel_size``, None: each model's own;
-    :meth:`~leukotree.inference.options.InferenceOptions.input_config`)."""
+    :meth:`~leukotree.inference.options.InferenceOptions.input_config`). The lab's
+    promotions exchange a model under its name (:meth:`swap`); the worker takes each
+    case's model all of a piece (:meth:`current`)."""
 
     def __init__(self, runs: Sequence[str | Path],
                  options: InferenceOptions | None = None) -> None:
