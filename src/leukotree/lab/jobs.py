@@ -144,9 +144,14 @@ class Jobs:
     def __init__(self, connect: Connect) -> None:
         self._connect = connect
 
+    @staticmethod
+    def new_id() -> str:
+        return uuid.uuid4().hex[:12]
+
     def create(self, parent: int, folder: Path, reviews: list[int], n_cells: int,
-               epochs: int) -> str:
-        job = uuid.uuid4().hex[:12]
+               epochs: int, job: str | None = None) -> str:
+        """A queued job whose files are ``folder/<id>`` (``job``: its id, else a new one)."""
+        job = job or self.new_id()
         now = time.time()
         with self._connect() as db:
             db.execute("INSERT INTO jobs (id, status, created, updated, parent, folder, reviews, "
@@ -270,9 +275,10 @@ class Lab:
                     f"cells; the store has {len(train)}. Review {need - len(train)} more "
                     "(audit cells are kept apart to test the new model and never count).")
             parent = self.versions.active()
-            job = self.jobs.create(parent.id, self.folder / "jobs", [c.review for c in train],
-                                   len(train), self.settings.epochs)
-            export_manifest(train, Path(self.jobs.get(job)["folder"]) / "cells.csv")
+            job = self.jobs.new_id()  # its cells are written before the job exists
+            export_manifest(train, self.folder / "jobs" / job / "cells.csv")
+            self.jobs.create(parent.id, self.folder / "jobs", [c.review for c in train],
+                             len(train), self.settings.epochs, job)
             self._submit(job)
             return job
 
