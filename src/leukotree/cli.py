@@ -373,6 +373,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     for module in ("fastapi", "python_multipart", "jinja2"):
         require(module, extra="serve", purpose="leukotree serve")
+    from leukotree.lab.gate import GateRule
+    from leukotree.lab.jobs import LabSettings
     from leukotree.serve.app import ServeSettings, create_app, default_store
     from leukotree.serve.store import Store
     from leukotree.serve.uploads import Limits
@@ -397,8 +399,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # the worker decodes with the upload limit's pixel bound, as the upload was checked
     options = dataclasses.replace(InferenceOptions.from_args(args, SERVE_INFERENCE),
                       max_pixels=limits.max_pixels)
+    lab = LabSettings(epochs=args.train_epochs, min_reviews=args.min_reviews,
+                      auto_promote=args.auto_promote,
+                      gate=GateRule(tolerance=args.gate_tolerance))
     app = create_app(Models(args.runs, options), store,
-                     ServeSettings(token, limits, args.confidence, args.aggregate, hosts))
+                     ServeSettings(token, limits, args.confidence, args.aggregate, hosts, lab))
     say(stderr_console(), f"serving {len(args.runs)} model(s) on http://{args.host}:{args.port} "
         f"(store {store.root}){'' if token is None else '; a token is required'}")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
@@ -763,6 +768,18 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
                          "loopback names and --host are allowed, any other Host header is "
                          "refused (DNS rebinding); '*' allows any")
     _add_max_pixels(sv)
+    lab = sv.add_argument_group("the lab loop (reviewed cells train the next model of the "
+                                "first RUN, a run folder)")
+    lab.add_argument("--auto-promote", action="store_true",
+                     help="promote a trained candidate as soon as the gate passes (default: "
+                          "a reviewer promotes it on the models page)")
+    lab.add_argument("--train-epochs", type=number(int, 1, 1000), default=5,
+                     help="epochs of each fine-tune (default 5)")
+    lab.add_argument("--min-reviews", type=number(int, 1), default=20,
+                     help="reviewed non-audit cells a training needs (default 20)")
+    lab.add_argument("--gate-tolerance", type=number(float, 0, 1), default=0.02,
+                     help="largest drop of accuracy on the source run's validation images "
+                          "a candidate may show (default 0.02: two points)")
     sv.set_defaults(func=cmd_serve)
 
 

@@ -50,7 +50,7 @@ def test_a_case_from_upload_to_corrections(served_run, tmp_path):
         assert case["status"] == "done" and len(case["cells"]) == 8
         errors = {c["name"]: c["error"] for c in case["cells"] if c["error"]}
         assert set(errors) == {"broken.png", "notes.txt"}  # named, never dropped
-        leaves = api.get("/api/models").json()[0]["leaves"]
+        leaves = api.get("/api/models").json()["served"][0]["leaves"]
         good = [c for c in case["cells"] if not c["error"]]
         assert all(c["label"] in leaves for c in good)
         assert abs(sum(good[0]["probabilities"][leaf] for leaf in leaves) - 1) < 1e-3

@@ -6,11 +6,18 @@ Every request first passes :class:`leukotree.serve.guard.Guard` (allowed hosts,
 same-origin writes, the token, body size, security headers); every error is JSON
 ``{"error": "..."}`` with a 4xx status (503 when the store fails).
 
-The API: ``GET /api/health``, ``GET /api/models``, ``POST /api/cases`` (multipart:
-``files`` parts, optional ``patient`` and ``model``), ``GET /api/cases``,
-``GET /api/cases/{id}``, ``POST /api/cases/{id}/cells/{index}/review``,
-``POST /api/cases/{id}/signout`` (once), ``POST /api/cases/{id}/amendments`` (after
-it), ``GET /api/corrections.csv``.
+The API: ``GET /api/health``, ``GET /api/models`` (the lab's model versions, and the
+served models), ``POST /api/cases`` (multipart: ``files`` parts, optional ``patient``
+and ``model``), ``GET /api/cases``, ``GET /api/cases/{id}``,
+``POST /api/cases/{id}/rerun`` (with the active model),
+``POST /api/cases/{id}/cells/{index}/review``, ``POST /api/cases/{id}/signout`` (once),
+``POST /api/cases/{id}/amendments`` (after it), ``GET /api/corrections.csv``; the lab
+loop (:mod:`leukotree.lab.jobs`): ``POST /api/models/train``, ``GET /api/jobs``,
+``GET /api/jobs/{id}``, ``POST /api/models/{version}/promote`` (``?force=true`` with a
+``reviewer``).
+
+The first served model is the lab's: version 1 on the store's first start, then the
+active version (``leukotree.lab.versions``); the others are served as given.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from leukotree.errors import LeukotreeError
+from leukotree.lab.jobs import Jobs, Lab, LabCell, LabSettings
+from leukotree.lab.versions import Version, is_audit
 from leukotree.serve.auth import LoginThrottle, Sessions
 from leukotree.serve.guard import Guard, add_error_handlers, allowed_hosts
 from leukotree.serve.pages import add_pages
@@ -52,6 +61,7 @@ class ServeSettings:
     confidence: str | None = "0.6"
     aggregate: str = "majority"
     allowed_hosts: tuple[str, ...] = ()
+    lab: LabSettings = field(default_factory=LabSettings)
 
 
 def create_app(models: Models, store: Store, settings: ServeSettings | None = None) -> Any:
@@ -60,13 +70,18 @@ def create_app(models: Models, store: Store, settings: ServeSettings | None = No
     settings = settings or ServeSettings()
     worker = Worker(store, models, confidence=settings.confidence,
                     aggregate=settings.aggregate)
+    lab = _lab(store, models, settings.lab)
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
         store.hold()
         try:
+            active = lab.start(models.sources[models.default])
+            if active.id == 1:
+                models.set_version(models.default, 1)
             worker.resume_pending()
             yield
+            lab.shutdown()
             worker.shutdown()
         finally:
             store.release()
@@ -74,6 +89,7 @@ def create_app(models: Models, store: Store, settings: ServeSettings | None = No
     app = FastAPI(title="leukotree", lifespan=lifespan,
                   description="Leukemia classification from blood-smear cells.")
     app.state.models, app.state.store, app.state.worker = models, store, worker
+    app.state.lab = lab
     app.state.settings = settings
     app.state.sessions, app.state.throttle = Sessions(), LoginThrottle()
     app.add_middleware(Guard, token=settings.token, sessions=app.state.sessions,
@@ -83,8 +99,23 @@ def create_app(models: Models, store: Store, settings: ServeSettings | None = No
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
     _add_api(app)
     _add_review_api(app)
+    _add_lab_api(app)
     add_pages(app)
     return app
+
+
+def _lab(store: Store, models: Models, settings: LabSettings) -> Lab:
+    """The lab loop of ``store`` on the first served model."""
+    def swap(version: Version) -> None:
+        models.swap(models.default, version.run, version.id)
+
+    def view(predictor: Any, run: str) -> Any:
+        return models.options.input_config(predictor.model_config, source=run)
+
+    def cells() -> list[LabCell]:
+        return store.reviewed_cells(models.default)
+
+    return Lab(store.transaction, store.root / "lab", cells, is_audit, swap, settings, view)
 
 
 class Review(BaseModel):
@@ -128,12 +159,11 @@ def _add_api(app: FastAPI) -> None:
                 "queued": len([f for f in app.state.worker.futures.values() if not f.done()])}
 
     @app.get("/api/models")
-    def list_models() -> list[dict[str, Any]]:
-        return [{"name": n, "source": models.sources[n], "engine": p.engine,
-                 "taxonomy": p.taxonomy.to_dict(), "leaves": list(p.taxonomy.leaves),
-                 "cell_types": list(p.cell_taxonomy.leaves) if p.cell_taxonomy else [],
-                 "patient_model": p.patient_model.model.name if p.patient_model else None}
-                for n, p in models.predictors.items()]
+    def list_models() -> dict[str, Any]:
+        """``models``: the lab's versions of the first served model (id, state, parent,
+        audit figures, ...); ``served``: every served model as it is now."""
+        return {"models": [v.to_json() for v in store.versions.all()],
+                "served": [_served_json(models, n) for n in models.predictors]}
 
     @app.post("/api/cases", status_code=201, openapi_extra=UPLOAD_DOC)
     async def create_case(request: Request) -> Any:
@@ -155,11 +185,68 @@ def _add_api(app: FastAPI) -> None:
                  "diagnosis": (c["result"] or {}).get("label"),
                  "referred": (c["result"] or {}).get("referred"), "n_cells": c["n_cells"],
                  "reviewed_cells": c["n_reviewed"], "final_label": c["final_label"],
-                 "signed_by": c["signed_by"]} for c in store.cases()]
+                 "signed_by": c["signed_by"], "model_version": c["model_version"]}
+                for c in store.cases()]
 
     @app.get("/api/cases/{case_id}")
     def get_case(case_id: str) -> Any:
         return case_json(store, case_id)
+
+    @app.post("/api/cases/{case_id}/rerun", status_code=202)
+    def rerun(case_id: str) -> Any:
+        """Classify the case again with its model as it is now (for the lab's model: the
+        active version); its reviews are kept."""
+        store.requeue(case_id)
+        app.state.worker.submit(case_id)
+        return JSONResponse({"id": case_id, "status": "queued"}, status_code=202)
+
+
+def _served_json(models: Models, name: str) -> dict[str, Any]:
+    served = models.current(name)
+    p = served.predictor
+    return {"name": name, "source": str(served.loaded.source), "engine": p.engine,
+            "version": served.version, "taxonomy": p.taxonomy.to_dict(),
+            "leaves": list(p.taxonomy.leaves),
+            "cell_types": list(p.cell_taxonomy.leaves) if p.cell_taxonomy else [],
+            "patient_model": p.patient_model.model.name if p.patient_model else None}
+
+
+class Promotion(BaseModel):
+    """Who promotes (required to force a promotion past the gate)."""
+
+    reviewer: str | None = None
+
+
+def _add_lab_api(app: FastAPI) -> None:
+    """Training jobs, their status and promotions (:mod:`leukotree.lab.jobs`)."""
+    lab: Lab = app.state.lab
+
+    @app.post("/api/models/train", status_code=202)
+    def train() -> Any:
+        """Fine-tune the active model on the reviewed non-audit cells, in a separate
+        process; 422 with the number needed when there are too few."""
+        return JSONResponse({"job": lab.start_training()}, status_code=202)
+
+    @app.get("/api/jobs")
+    def jobs() -> Any:
+        return {"jobs": [Jobs.to_json(j) for j in lab.jobs.all()]}
+
+    @app.get("/api/jobs/{job}")
+    def job(job: str) -> Any:
+        return Jobs.to_json(lab.jobs.get(job))
+
+    @app.post("/api/models/{version}/promote")
+    def promote(version: Annotated[int, PathParam(ge=1, lt=2**31)], force: bool = False,
+                body: Promotion | None = None) -> Any:
+        """Promote a candidate if the gate passes (409 with the rule and the numbers
+        otherwise); ``force=true`` skips the gate and records the reviewer."""
+        forced_by = None
+        if force:
+            forced_by = check_id(body.reviewer if body else None,
+                                 "reviewer's name ('reviewer', required to force)")
+        promoted = lab.promote(version, forced_by)
+        return {"id": promoted.id, "state": promoted.state, "forced_by": promoted.forced_by,
+                "calibration": promoted.calibration}
 
 
 def leaf_label(predictor: Any, label: object, where: str) -> str:

@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from leukotree.errors import LeukotreeError
+from leukotree.lab.versions import LabConflict, LabNotFound
 from leukotree.serve.auth import COOKIE, Sessions, bearer, token_matches
 from leukotree.serve.store import CaseConflict, CaseNotFound
 from leukotree.serve.uploads import UploadRefused
@@ -210,10 +211,11 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
 
 
 def status_of(err: LeukotreeError) -> int:
-    """404 for a missing case or cell, 409 for a case in the wrong state, else 422."""
-    if isinstance(err, CaseNotFound):
+    """404 for a missing case, cell, model version or job, 409 for one in the wrong
+    state (or a candidate the gate refuses), else 422."""
+    if isinstance(err, CaseNotFound | LabNotFound):
         return 404
-    return 409 if isinstance(err, CaseConflict) else 422
+    return 409 if isinstance(err, CaseConflict | LabConflict) else 422
 
 
 def add_error_handlers(app: Any) -> None:

@@ -16,6 +16,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from leukotree.data.images import load_rgb_array
 from leukotree.errors import LeukotreeError
+from leukotree.lab.jobs import Jobs
 from leukotree.report.html import CSS
 from leukotree.serve.auth import COOKIE, SESSION_MAX, token_matches
 from leukotree.serve.guard import error_response, status_of
@@ -71,17 +72,31 @@ def add_pages(app: FastAPI) -> None:
         from leukotree.report.model_card import model_card_html
 
         cards = []
-        for name, predictor in models.predictors.items():
-            loaded = models.loaded[name]
-            cards.append({"name": name, "source": models.sources[name],
-                          "engine": predictor.engine,
+        for name in models.predictors:
+            served = models.current(name)
+            predictor, loaded = served.predictor, served.loaded
+            cards.append({"name": name, "source": str(loaded.source),
+                          "engine": predictor.engine, "version": served.version,
                           "card": model_card_html(predictor.model_config, predictor.taxonomy,
                                                   loaded.payload),
                           "patient_model": predictor.patient_model,
                           "members": [str(m) for m in loaded.member_paths]})
-        return render(request, "models.html", cards=cards)
+        lab = app.state.lab
+        versions = [v.to_json() | {"promoted_at": _when(v.promoted)}
+                    for v in store.versions.all()]
+        jobs = store.jobs.all()
+        return render(request, "models.html", cards=cards, versions=versions,
+                      lab_model=models.default, rule=lab.settings.gate.describe(),
+                      job=Jobs.to_json(jobs[0]) if jobs else None)
 
     _add_files(app)
+
+
+def _when(seconds: float | None) -> str | None:
+    import time
+
+    return None if seconds is None else time.strftime("%Y-%m-%d %H:%M",
+                                                      time.localtime(seconds))
 
 
 def _add_login(app: FastAPI, render: Callable[..., Any]) -> None:

@@ -14,9 +14,12 @@ be ``done``.
 
 The store is checked when opened: a folder that cannot be written, a database that is
 not SQLite or is damaged, and an empty database beside existing case images are
-refused with what to do (:class:`StoreError`). One server at a time uses a store:
-:meth:`Store.hold` takes an exclusive lock on ``STORE/serve.lock`` (released when the
-process ends, however it ends) and names the holder when it is taken.
+refused with what to do (:class:`StoreError`). The same database keeps the lab's model
+versions (:mod:`leukotree.lab.versions`; each case records the version that classified
+it) and training jobs (:mod:`leukotree.lab.jobs`); their files live in ``STORE/lab``.
+One server at a time uses a store: :meth:`Store.hold` takes an exclusive lock on
+``STORE/serve.lock`` (released when the process ends, however it ends) and names the
+holder when it is taken.
 """
 
 from __future__ import annotations
@@ -29,12 +32,14 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from leukotree.errors import LeukotreeError
+from leukotree.lab import jobs, versions
+from leukotree.lab.jobs import LabCell
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cases (
@@ -51,7 +56,7 @@ CREATE TABLE IF NOT EXISTS reviews (
     note TEXT);
 """
 #: Columns added since the first release, with their definition (added when missing).
-MIGRATIONS = {("reviews", "note"): "TEXT"}
+MIGRATIONS = {("reviews", "note"): "TEXT", ("cases", "model_version"): "INTEGER"}
 DATABASE = "leukotree.sqlite3"
 LOCK = "serve.lock"
 
@@ -101,6 +106,9 @@ class Store:
                              f"{err.strerror or err}. Give a --store you can write.") from err
         self._check_writable()
         self._check_database()
+        #: The lab's model versions and training jobs (tables of this database).
+        self.versions = versions.Versions(self.transaction)
+        self.jobs = jobs.Jobs(self.transaction)
 
     def _check_writable(self) -> None:
         for folder in (self.root, self.images, self.reports):
@@ -130,7 +138,7 @@ class Store:
                 check = db.execute("PRAGMA quick_check").fetchone()[0]
                 if check != "ok":
                     raise sqlite3.DatabaseError(check)
-                db.executescript(SCHEMA)
+                db.executescript(SCHEMA + versions.SCHEMA + jobs.SCHEMA)
                 version = db.execute("PRAGMA user_version").fetchone()[0]
                 db.execute(f"PRAGMA user_version = {int(version)}")  # a write: read-only?
                 for (table, column), kind in MIGRATIONS.items():
@@ -197,6 +205,11 @@ class Store:
             finally:
                 db.close()
 
+    def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        """One transaction on the database (committed when the block ends), serialised
+        with every other use of this store."""
+        return self._db()
+
     # ----------------------------------------------------------------- cases
     def create_case(self, patient: str | None, model: str, uploads: Sequence[Upload]) -> str:
         """Store the files under server-made names; the case starts ``queued``. Without a
@@ -240,15 +253,34 @@ class Store:
                        (done, time.time(), case_id))
 
     def save_results(self, case_id: str, cells: Sequence[dict[str, Any]],
-                     diagnosis: dict[str, Any]) -> None:
-        """Each cell's result (by index) and the case's diagnosis; the case is ``done``."""
+                     diagnosis: dict[str, Any], version: int | None = None) -> None:
+        """Each cell's result (by index) and the case's diagnosis; the case is ``done``,
+        classified by model ``version`` (None: a model outside the lab's versions)."""
         with self._db() as db:
             db.executemany("UPDATE cells SET result = ?, error = COALESCE(error, ?) "
                            "WHERE case_id = ? AND idx = ?",
                            [(json.dumps(c["result"]), c.get("error"), case_id, c["idx"])
                             for c in cells])
-            db.execute("UPDATE cases SET status = 'done', result = ?, updated = ? WHERE id = ?",
-                       (json.dumps(diagnosis), time.time(), case_id))
+            db.execute("UPDATE cases SET status = 'done', result = ?, model_version = ?, "
+                       "updated = ? WHERE id = ?",
+                       (json.dumps(diagnosis), version, time.time(), case_id))
+
+    def requeue(self, case_id: str) -> None:
+        """Queue a done or failed case to be classified again (its reviews are kept);
+        refused while it is queued or running, and after its sign-out (the signed-out
+        result stays the one it was signed out on)."""
+        with self._db() as db:
+            row = db.execute("SELECT status, final_label FROM cases WHERE id = ?",
+                             (case_id,)).fetchone()
+            if row is None:
+                raise CaseNotFound(f"No case '{case_id}'.")
+            if row["final_label"] is not None:
+                raise CaseConflict(f"Case '{case_id}' is signed out as {row['final_label']}; "
+                                   "a signed-out case keeps the result it was signed out on.")
+            if row["status"] in ("queued", "running"):
+                raise CaseConflict(f"Case '{case_id}' is already {row['status']}.")
+            db.execute("UPDATE cases SET status = 'queued', error = NULL, done_cells = 0, "
+                       "updated = ? WHERE id = ?", (time.time(), case_id))
 
     def pending(self) -> list[str]:
         """Cases a restart must queue again (queued or interrupted while running)."""
@@ -363,6 +395,22 @@ class Store:
             rows = db.execute("SELECT * FROM reviews WHERE case_id = ? ORDER BY id",
                               (case_id,)).fetchall()
         return [dict(r) for r in rows]
+
+    def reviewed_cells(self, model: str) -> list[LabCell]:
+        """Every stored cell of the cases of ``model`` (a served model's name) that a
+        reviewer labelled, with its latest label review: the lab's training and audit
+        cells."""
+        with self._db() as db:
+            rows = db.execute(
+                "SELECT c.case_id, c.idx, c.stored, c.reviewed_label, c.reviewed_cell_type, "
+                "k.patient, (SELECT MAX(id) FROM reviews r WHERE r.case_id = c.case_id AND "
+                "r.cell_idx = c.idx AND r.label IS NOT NULL) AS review FROM cells c JOIN "
+                "cases k ON k.id = c.case_id WHERE c.reviewed_label IS NOT NULL AND "
+                "c.stored IS NOT NULL AND k.model = ? ORDER BY k.created, c.idx",
+                (model,)).fetchall()
+        return [LabCell(r["case_id"], r["idx"], (self.images / r["case_id"] / r["stored"])
+                        .resolve(), r["reviewed_label"], r["patient"], r["review"],
+                        r["reviewed_cell_type"] or "") for r in rows]
 
     def corrections(self) -> list[dict[str, str]]:
         """Every reviewed cell as a manifest row ``path,label,patient,cell_type``: the label

@@ -11,12 +11,14 @@ def case_json(store: Store, case_id: str) -> dict[str, Any]:
     """``GET /api/cases/{id}``: status, sign-out and amendments, and when done the
     diagnosis and one entry per uploaded file (an unreadable one with its error).
     ``current_label`` is the diagnosis in force: the latest amendment's, else the
-    sign-out's."""
+    sign-out's; ``model_version`` the lab's version that classified it (None: not yet,
+    or a model outside the lab's versions)."""
     case = store.case(case_id)
     amendments = [{"label": r["label"], "reviewer": r["reviewer"], "at": r["at"],
                    "reason": r["note"]}
                   for r in store.reviews(case_id) if r["kind"] == "amendment"]
     out = {"id": case["id"], "patient": case["patient"], "model": case["model"],
+           "model_version": case["model_version"],
            "status": case["status"], "error": case["error"], "created": case["created"],
            "n_cells": len(case["cells"]), "done_cells": case["done_cells"],
            "final_label": case["final_label"], "signed_by": case["signed_by"],

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +34,25 @@ from leukotree.inference.predictor import Predictions, Predictor, predict_paths
 from leukotree.serve.store import Store
 
 
+@dataclass(frozen=True)
+class Served:
+    """One served model as it is at one moment: what the worker classifies a case with."""
+
+    name: str
+    loaded: LoadedModel
+    predictor: Predictor
+    view: Any
+    version: int | None
+
+
 class Models:
     """The served models by name (a run folder, its ``.pt``, an ``.onnx``, a cv or an
     ensemble folder: :func:`~leukotree.inference.loader.load`), each with its predictor
     (``options.engine``) and the view its images are decoded with (``options.crop_mode``
     and ``options.pixel_size``, None: each model's own;
-    :meth:`~leukotree.inference.options.InferenceOptions.input_config`)."""
+    :meth:`~leukotree.inference.options.InferenceOptions.input_config`). The lab's
+    promotions exchange a model under its name (:meth:`swap`); the worker takes each
+    case's model all of a piece (:meth:`current`)."""
 
     def __init__(self, runs: Sequence[str | Path],
                  options: InferenceOptions | None = None) -> None:
@@ -63,6 +76,9 @@ class Models:
             self.views[name] = self.options.input_config(predictor.model_config, source=run)
             self.loaded[name], self.predictors[name] = loaded, predictor
 
+        #: The lab's version of each served model (the first model is under the lab's
+        #: versions once the app starts; the others are served as given: None).
+        self.versions: dict[str, int | None] = dict.fromkeys(self.predictors)
         self._torch: dict[str, Any] = {}
         self._lock = threading.Lock()
         #: Grad-CAM hooks a model's layers: one heat map at a time.
@@ -88,6 +104,29 @@ class Models:
         for commands run on stored cells (the case report): a new object, checked; the
         served options stay as they were."""
         return replace(self.options, **changes)
+
+    def swap(self, name: str, run: str | Path, version: int) -> None:
+        """Serve ``run`` as model ``name`` (the lab's ``version``) from now on: the new
+        model is loaded first, then exchanged at once; a case already being classified
+        finishes with the model it started with (:meth:`current`)."""
+        loaded = load(run)
+        predictor = loaded.predictor(self.options.engine)
+        view = self.options.input_config(predictor.model_config, source=run)
+        with self._lock:
+            self.loaded[name], self.predictors[name] = loaded, predictor
+            self.views[name], self.versions[name] = view, version
+            self._torch.pop(name, None)
+
+    def set_version(self, name: str, version: int | None) -> None:
+        with self._lock:
+            self.versions[name] = version
+
+    def current(self, name: str | None) -> Served:
+        """What model ``name`` is now, all of a piece (a swap cannot fall between)."""
+        name = self.get(name)[0]
+        with self._lock:
+            return Served(name, self.loaded[name], self.predictors[name], self.views[name],
+                          self.versions[name])
 
     @property
     def default(self) -> str:
@@ -138,14 +177,14 @@ class Worker:
     def classify(self, case_id: str) -> None:
         """Predict every readable cell of the case and store cells and diagnosis."""
         case = self.store.case(case_id)
-        name, predictor = self.models.get(case["model"])
+        served = self.models.current(case["model"])
+        predictor = served.predictor
         cells = [c for c in case["cells"] if c["stored"] is not None]
         paths = [self.store.images / case_id / c["stored"] for c in cells]
         preds = predict_paths(predictor, paths, batch_size=self.batch_size,
                               workers=self.workers, progress=False, on_error="report",
                               on_chunk=lambda n: self.store.set_progress(case_id, n),
-                              config=self.models.views[name],
-                              max_pixels=self.models.options.max_pixels)
+                              config=served.view, max_pixels=self.models.options.max_pixels)
         thresholds = parse_thresholds(self.confidence, predictor.taxonomy.max_depth)
         result = PredictResult(predictor.taxonomy, [InputImage(p, case["patient"])
                                                     for p in paths],
@@ -158,12 +197,13 @@ class Worker:
         cell_results = [{"idx": c["idx"], "error": r["error"] or None,
                          "result": None if r["error"] else _cell_result(result, r, k)}
                         for k, (c, r) in enumerate(zip(cells, rows, strict=True))]
-        self.write_report(case_id, name, preds)
-        self.store.save_results(case_id, cell_results, _diagnosis(result, case["patient"],
-                                                                  self.aggregate))
+        self.write_report(case_id, served, preds)
+        self.store.save_results(case_id, cell_results,
+                                _diagnosis(result, case["patient"], self.aggregate),
+                                served.version)
 
 
-    def write_report(self, case_id: str, name: str, preds: Predictions) -> None:
+    def write_report(self, case_id: str, served: Served, preds: Predictions) -> None:
         """The case's offline report (``Store.reports``) from these very predictions: the
         engine and decoding the case page shows, no second prediction. None is written
         when no report can be made (no readable or classifiable cell); the report's route
@@ -174,8 +214,8 @@ class Worker:
         out.unlink(missing_ok=True)
         case = self.store.case(case_id)
         try:
-            write_patient_report(self.models.loaded[name], self.models.predictors[name], preds,
-                                 out, view=self.models.views[name], patient=case["patient"],
+            write_patient_report(served.loaded, served.predictor, preds,
+                                 out, view=served.view, patient=case["patient"],
                                  method=self.aggregate, confidence=self.confidence,
                                  heatmaps=False)
         except LeukotreeError:

@@ -178,5 +178,63 @@ function setupCase() {
   draw();
 }
 
+// ----------------------------------------------------------------- models page (the lab loop)
+function setupModels() {
+  const train = $("train");
+  if (!train) { return; }
+  const reviewer = $("lab-reviewer");
+  reviewer.value = localStorage.getItem("leukotree-reviewer") || "";
+  reviewer.addEventListener("change", () => localStorage.setItem("leukotree-reviewer", reviewer.value));
+  const say = (text) => { $("lab-msg").textContent = text; };
+  train.addEventListener("click", async () => {
+    try {
+      const r = await api("POST", "/api/models/train");
+      say("Training job " + r.job + " started.");
+      watchJob(r.job);
+    } catch (err) { say(err.message); }
+  });
+  document.querySelectorAll("button.promote").forEach((b) => b.addEventListener("click", async () => {
+    const force = b.dataset.force === "1";
+    const url = "/api/models/" + b.dataset.version + "/promote" + (force ? "?force=true" : "");
+    say(force ? "Promoting (forced)…" : "Checking the gate and promoting…");
+    try {
+      await api("POST", url, force ? {reviewer: reviewer.value.trim()} : undefined);
+      window.location.reload();
+    } catch (err) { say(err.message); }
+  }));
+  const job = $("job");
+  if (job && (job.dataset.status === "queued" || job.dataset.status === "running")) {
+    watchJob(job.dataset.job);
+  }
+}
+
+function watchJob(id) {
+  const tick = async () => {
+    const j = await api("GET", "/api/jobs/" + id);
+    const status = $("job-status"), epochs = $("job-epochs"), bar = $("job-progress");
+    if (status) { status.textContent = j.status; }
+    if (epochs) { epochs.textContent = j.progress.epochs_done; }
+    if (bar) { bar.max = j.progress.epochs; bar.value = j.progress.epochs_done; }
+    if (!status) { $("lab-msg").textContent = "Training job " + id + ": " + j.status + ", epoch " + j.progress.epochs_done + " of " + j.progress.epochs; }
+    if (j.status === "done" || j.status === "failed") { window.location.reload(); return; }
+    setTimeout(tick, 1000);
+  };
+  tick();
+}
+
+function setupRerun() {
+  const button = $("rerun");
+  const kase = json("case-data");
+  if (!button || !kase) { return; }
+  button.addEventListener("click", async () => {
+    try {
+      await api("POST", "/api/cases/" + kase.id + "/rerun");
+      watchCase(kase.id, true);
+    } catch (err) { $("rerun-msg").textContent = err.message; }
+  });
+}
+
 setupUpload();
 setupCase();
+setupModels();
+setupRerun();
