@@ -58,7 +58,7 @@ def _bags(n_per_class: int = 8, seed: int = 0) -> list[Bag]:
     return bags
 
 
-@pytest.mark.parametrize("name", ["fraction", "differential", "mil"])
+@pytest.mark.parametrize("name", ["fraction", "differential", "cell-mix", "mil"])
 def test_fitted_models_separate_promyelocyte_rich_patients(name):
     train, test = _bags(seed=0), _bags(seed=1)
     fitted = fit_patient_model(name, DIAG, CELLS, train, seed=0)
@@ -77,6 +77,16 @@ def test_models_that_read_cell_types_say_what_they_need():
     bag = Bag("p", np.full((2, 2), 0.5), np.zeros((2, 1)), label="APL")
     with pytest.raises(LeukotreeError, match="needs a cell-type head"):
         build_patient_model("differential", DIAG, None).fit([bag, bag], np.array([0, 1]))
+    with pytest.raises(LeukotreeError, match="'cell-mix' patient model needs a cell-type"):
+        build_patient_model("cell-mix", DIAG, None).fit([bag, bag], np.array([0, 1]))
+
+
+def test_the_cell_mix_reads_the_differential_alone():
+    bag = _bags(1)[0]
+    model = build_patient_model("cell-mix", DIAG, CELLS)
+    assert np.allclose(model.bag_features([bag])[0], bag.cell_probs.mean(0))
+    other = Bag(bag.patient, 1 - bag.leaf_probs, bag.features, bag.cell_probs)
+    assert np.allclose(model.bag_features([other]), model.bag_features([bag]))
 
 
 def test_youden_and_sensitivity_thresholds_hand_computed():

@@ -13,7 +13,8 @@ Adding a patient model is one registered class (and its test):
   (``promyelocyte`` by default: ``mean_i P(cell type | cell i)``), turned into a
   probability by a one-feature logistic regression.
 - ``differential``: the differential count (the mean cell-type probability vector)
-  and the mean diagnosis probabilities, standardised, into an L2 logistic regression.
+  and the mean diagnosis probabilities, standardised, into an L2 logistic regression;
+  ``cell-mix``: the differential count alone (no diagnosis head).
 - ``mil``: attention-based multiple-instance learning (Ilse et al. 2018, gated
   attention) over each cell's features and probabilities; the attention weight of every
   cell says how much it drove the decision. An ensemble of a few seeds.
@@ -312,6 +313,18 @@ class DifferentialModel(_LogisticModel):
     def bag_features(self, bags: Sequence[Bag]) -> np.ndarray:
         return np.array([np.concatenate([_cell_probs(self, b).mean(0), b.leaf_probs.mean(0)])
                          for b in bags])
+
+
+@register
+class CellMixModel(_LogisticModel):
+    """The differential count alone (mean cell-type probabilities), without the diagnosis
+    head: what the cell types a technologist would count say of the patient."""
+
+    name = "cell-mix"
+    needs_cells = True
+
+    def bag_features(self, bags: Sequence[Bag]) -> np.ndarray:
+        return np.array([_cell_probs(self, b).mean(0) for b in bags])
 
 
 @register
