@@ -89,6 +89,32 @@ def signed_promyelocyte_baseline(manifest: Path, taxonomy: str, positive: str,
             "auroc_ci95": bootstrap_auroc(truth, score)}
 
 
+def stacked_estimates(cv: Path, models: list[str], rules: list[str], config: dict,
+                      workers: int) -> dict[str, dict[str, object]]:
+    """Each patient model stacked on the folds' out-of-fold outputs
+    (:mod:`leukotree.evaluation.stacking`, what ``train --final-model folds`` fits), by its
+    cross-fitted estimate: each fold's patients scored by a stacker fitted on the other
+    folds' patients."""
+    from leukotree.evaluation.stacking import out_of_fold_cells, stack
+
+    folds = out_of_fold_cells(cv, workers=workers)
+    cells = load_taxonomy(config["cell_taxonomy"]) if config.get("cell_taxonomy") else None
+    out = {}
+    for name in models:
+        cls = patient_model_class(name)
+        if cls.needs_cells and cells is None:
+            continue
+        params = {param: config[field] for param, field in cls.config_fields.items()}
+        for rule in rules:
+            m = stack(folds, name, rule=rule, positive=config.get("positive"),
+                      seed=config["seed"], params=params).metrics
+            out[f"{name}, threshold {rule}, stacked on out-of-fold outputs"] = {
+                "patients": m["n_patients"], "auroc": m["auroc"], "auroc_ci95": m["auroc_ci95"],
+                "accuracy": m["accuracy"], "sensitivity": m["sensitivity"],
+                "specificity": m["specificity"]}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("cv", type=Path)
@@ -97,6 +123,9 @@ def main() -> None:
                         help="threshold rules to compare (default: the CV's own)")
     parser.add_argument("--cell-types", type=Path, help="manifest with a cell_type column")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--stacked", action="store_true",
+                        help="also each model stacked on the folds' out-of-fold outputs "
+                             "(train --final-model folds), cross-fitted")
     parser.add_argument("--out", type=Path, help="also write a Markdown table here")
     add_json_option(parser)
     args = parser.parse_args()
@@ -127,6 +156,8 @@ def main() -> None:
                         (bag.label, float(p[k]), d))
     results = {f"{name}, threshold {rule} (repeat {r + 1})": pooled(rows, positive)
                for (name, rule, r), rows in sorted(held_out.items())}
+    if args.stacked:
+        results |= stacked_estimates(args.cv, args.models, rules, config, args.workers)
     if args.cell_types:
         results["signed promyelocyte fraction (no model, all patients)"] = \
             signed_promyelocyte_baseline(args.cell_types, config["taxonomy"], positive)

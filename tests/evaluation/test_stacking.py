@@ -101,3 +101,20 @@ def test_folds_need_a_patient_model(manifest, tmp_path, capsys):
         (tmp_path / "empty").mkdir()
         (tmp_path / "empty" / "summary.json").write_text("{}")
         out_of_fold_cells(tmp_path / "empty")
+
+
+def test_the_patient_models_bench_compares_stacked_and_in_sample_fits(ensemble):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_patient_models.py"
+    done = subprocess.run([sys.executable, str(bench), str(ensemble), "--models", "mean",
+                           "cell-mix", "--stacked", "--workers", "1"], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(done.stdout[done.stdout.index("{\n"):])["results"]
+    stacked = {k: v for k, v in results.items() if "stacked" in k}
+    assert set(stacked) == {"mean, threshold youden, stacked on out-of-fold outputs",
+                            "cell-mix, threshold youden, stacked on out-of-fold outputs"}
+    assert all(v["patients"] == 10 and 0 <= v["auroc"] <= 1 for v in stacked.values())

@@ -142,6 +142,11 @@ def stack(folds: list[FoldCells], name: str, *, rule: str = "youden",
     truth = [b.label for b in scored]
     metrics = patient_metrics(taxonomy, truth, p, diagnoses, positive=fitted.positive,
                               threshold=fitted.threshold)
+    if fitted.positive is not None:  # of the diagnoses made (each fold's own threshold)
+        y = np.array([t == fitted.positive for t in truth])
+        said = np.array([d == fitted.positive for d in diagnoses])
+        metrics["sensitivity"] = float((said & y).sum() / max(1, y.sum()))
+        metrics["specificity"] = float((~said & ~y).sum() / max(1, (~y).sum()))
     metrics |= {"model": name, "estimate": "cross-fitted over the folds' out-of-fold "
                 "patients", "threshold": fitted.threshold, "threshold_rule": rule,
                 "patients": {b.patient: {"truth": b.label, "diagnosis": d, "call": c} | {
