@@ -299,8 +299,10 @@ def scored(run: Path, data: Path, out: Path, options: InferenceOptions) -> dict:
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
+def lab_arguments(doc: str | None) -> argparse.ArgumentParser:
+    """The options of the benchmarks built on these two labs: where the output and the
+    data are, and the training recipe (``--preset`` and ``--set`` overrides)."""
+    parser = argparse.ArgumentParser(description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--pbc", type=Path, default=Path("../shared/data/pbc-dev"))
@@ -308,6 +310,11 @@ def main() -> None:
     parser.add_argument("--preset", default="cpu-fast")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a training option over the preset (YAML value)")
+    return parser
+
+
+def main() -> None:
+    parser = lab_arguments(__doc__)
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--run", type=Path, help="a run already trained on OUT/pbc-dev.csv "
                                                  "(or a 'leukotree ensemble' of such runs: "

@@ -28,7 +28,6 @@ and writes OUT/guarantees.md.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import shutil
@@ -36,7 +35,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_cross_lab import first_half, heldout_half, jhh_manifests, pbc_split, write_manifest
+from bench_cross_lab import (
+    first_half,
+    heldout_half,
+    jhh_manifests,
+    lab_arguments,
+    pbc_split,
+    write_manifest,
+)
 from resultfile import add_json_option, guarantees_table, write_results
 
 from leukotree.calibrate.run import calibrate_run
@@ -136,14 +142,7 @@ def patient_promise(cv: Path, manifest: Path, positive: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--pbc", type=Path, default=Path("../shared/data/pbc-dev"))
-    parser.add_argument("--jhh", type=Path, default=Path("../shared/data/apl-aml-discovery"))
-    parser.add_argument("--preset", default="cpu-fast")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a training option over the preset (YAML value)")
+    parser = lab_arguments(__doc__)
     parser.add_argument("--run", type=Path, help="a run already trained on OUT/pbc-dev.csv")
     parser.add_argument("--coverage", type=float, default=0.95)
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 200])
