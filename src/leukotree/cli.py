@@ -138,7 +138,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
     if args.val_data:
         raise LeukotreeError("--val does not apply to cv: every fold is validated in turn.")
     cross_validate(args.data, args.out, _train_config(args), folds=args.folds_cv,
-                   repeats=args.repeats,
+                   repeats=args.repeats, protocol=args.protocol,
                    options=InferenceOptions.from_args(args, CV_INFERENCE),
                    settings=EvalSettings(progress=not args.no_progress),
                    progress=not args.no_progress)
@@ -310,7 +310,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from leukotree.evaluation.compare import COMPARISON_MD, compare
     from leukotree.rundir import read_text
 
-    compare(args.folders, args.out, n_boot=args.bootstrap)
+    compare(args.folders, args.out, n_boot=args.bootstrap, select_by=args.select_by)
     say(stdout_console(), read_text(args.out / COMPARISON_MD, "Comparison"))
     return 0
 
@@ -568,13 +568,20 @@ def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
 
     cv = sub.add_parser("cv", help="patient-grouped cross-validation: train and evaluate "
                                    "every fold (resumes a half-finished CV)")
-    _add_train_args(cv, skip={"fold", "folds"})
+    _add_train_args(cv, skip={"fold", "folds", "fold_groups"})
     cv.add_argument("--folds", dest="folds_cv", type=number(int, 2), default=5,
                     help="number of folds")
     cv.add_argument("--repeats", type=number(int, 1, 100), default=1,
                     help="repeat the CV with other patient folds (seed + repeat), e.g. 3")
+    cv.add_argument("--protocol", default="kfold",
+                    help="kfold (patient-grouped stratified folds), repeated (the same "
+                         "--repeats times, with the spread), cluster (leave-cluster-out: "
+                         "patients clustered by colour and cell mix, one cluster held out per "
+                         "fold, a simulated new cohort), or a comma list such as kfold,cluster "
+                         "(each CV trained in turn: the cost adds up; the estimates side by "
+                         "side) (default kfold)")
     add_inference_arguments(cv, CV_INFERENCE)
-    cv.set_defaults(func=cmd_cv, fold=None, folds=None)
+    cv.set_defaults(func=cmd_cv, fold=None, folds=None, fold_groups=None)
 
     ens = sub.add_parser("ensemble", help="average several trained runs (e.g. one recipe "
                                           "trained with several seeds) as one model")
@@ -589,6 +596,10 @@ def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
     cmp.add_argument("--out", type=Path, required=True)
     cmp.add_argument("--bootstrap", type=number(int, 10, 1_000_000), default=1000,
                      help="patient-bootstrap resamples for confidence intervals")
+    cmp.add_argument("--select-by", default="accuracy",
+                     help="fold metric of the one-standard-error choice: the simplest model "
+                          "(folders given simplest first) whose mean is within one standard "
+                          "error of the best, e.g. accuracy, patient_auroc (default accuracy)")
     cmp.set_defaults(func=cmd_compare)
 
 
