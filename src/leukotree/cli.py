@@ -165,15 +165,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
     rows = prediction_rows(result, args.decode)
     text = write_rows(rows, args.out, args.json)
     if args.by_patient:
-        prow = patient_rows(result, args.aggregate, args.min_cells)
+        options = InferenceOptions.from_args(args)
+        prow = patient_rows(result, args.aggregate, args.min_cells, options.evidence())
         pout = args.out.with_name(args.out.stem + "_patients.csv") if args.out else None
         ptext = write_rows(prow, pout, args.json)
         if args.json:
             text = json.dumps({"images": json.loads(text or "[]"),
                                "patients": json.loads(ptext or "[]")}, indent=2)
         for r in prow:
-            say(console, f"patient {r['patient']}: {r['diagnosis']} ({r['n_cells']} cells)"
+            say(console, f"patient {r['patient']}: {r['diagnosis']} ({r['n_cells']} cells, "
+                f"{r['n_informative']} informative)"
                 + (f", referred: {r['reason']}" if r["referred"] else ""))
+            if r["domain_alarm"]:
+                flagged = r["n_unclassifiable"]
+                say(console, f"patient {r['patient']}: domain alarm: {flagged} of "
+                    f"{flagged + r['n_cells']} readable cells are unlike the training cells "
+                    f"(the model flags {result.expected_ood:.0%} of its own validation "
+                    "cells); check this patient's stain, magnification and crop", "bold red")
     if text is not None:
         print(text)
     errors = [e for e in result.predictions.errors if e is not None]
@@ -616,7 +624,8 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
                          "parent folder), cnmc, manifest, re:<regex>")
     pr.add_argument("--by-patient", action="store_true",
                     help="also one diagnosis per patient (<out>_patients.csv)")
-    add_inference_arguments(pr, ["aggregate", "min_cells", "confidence"])
+    add_inference_arguments(pr, ["aggregate", "min_cells", "confidence", "informative_cells",
+                                 "min_informative_cells", "patient_interval"])
     pr.add_argument("--target-error", type=number(float, 0, 1, low_open=True),
                     help="set the per-level thresholds on the run's validation split so that "
                          "accepted decisions err at most this often")
