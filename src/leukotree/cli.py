@@ -655,7 +655,8 @@ def _add_explain_report_export_parsers(sub: argparse._SubParsersAction) -> None:
     rp.add_argument("inputs", nargs="+", help="the patient's images, folder or manifest")
     rp.add_argument("--out", type=Path, required=True, help="HTML file to write")
     rp.add_argument("--patient", help="patient id shown in the report")
-    add_inference_arguments(rp, ["aggregate", "confidence", "min_cells"],
+    add_inference_arguments(rp, ["aggregate", "confidence", "min_cells", "informative_cells",
+                                 "min_informative_cells", "patient_interval"],
                             defaults={"confidence": REPORT_CONFIDENCE})
     rp.add_argument("--top-cells", type=number(int, 0, 1000), default=8,
                     help="cells shown with heat maps")

@@ -15,6 +15,7 @@ from leukotree.data.cohorts import (
     lab_statistics,
     patient_statistics,
     standardise,
+    weigh_blocks,
 )
 from leukotree.data.discover import Sample
 from leukotree.data.splits import read_fold_groups, write_fold_groups
@@ -76,8 +77,7 @@ def test_a_cluster_holding_a_whole_class_gives_up_its_nearest_patient():
     assert low != high
     # p1 (y = 1) is the A nearest the high centre, p2 (y = 10) the B nearest the low one
     assert clusters.tolist() == [low, high, low, high, low, high]
-    assert len(notes) == 2 and "patient #1" in " ".join(notes) and "patient #2" in " ".join(
-        notes)
+    assert len(notes) == 2 and "#1 moved" in " ".join(notes) and "#2 moved" in " ".join(notes)
     for c in (low, high):  # every fold's training part has every class
         assert {x for i, g in enumerate(labels) if clusters[i] != c for x in g} == {"A", "B",
                                                                                      "C"}
@@ -129,3 +129,22 @@ def test_read_fold_groups_refuses_what_does_not_fit(tmp_path):
                              {"repeat": 0, "group": "g2", "fold": 1},
                              {"repeat": 1, "group": "g2", "fold": 0}])
     assert read_fold_groups(path, ["g1", "g2"], 2, repeat=1).tolist() == [1, 0]
+
+
+def test_blocks_weigh_alike_by_hand():
+    z = np.ones((2, 5))
+    weighed = weigh_blocks(z, [0, 1, 1, 1, 1])  # one colour column, four cell-mix columns
+    assert weighed[0].tolist() == [1.0, 0.5, 0.5, 0.5, 0.5]
+    assert weigh_blocks(z, None) is z
+
+
+def test_an_outlier_alone_in_its_cluster_gets_the_nearest_patients():
+    # k-means puts the patient at 100 alone; a cluster needs max(2, 7 // 6) = 2 patients:
+    # the patient nearest its centre from a cluster above 2 (0.3, of {0 .. 0.3}) moves in
+    features = np.array([[0.0], [0.1], [0.2], [0.3], [5.0], [5.1], [100.0]])
+    labels = [{"A"}, {"B"}, {"A"}, {"B"}, {"A"}, {"B"}, {"A"}]
+    clusters, notes = cluster_patients(features, labels, 3, seed=0)
+    assert clusters[6] == clusters[3] and sorted(np.bincount(clusters).tolist()) == [2, 2, 3]
+    assert len(set(clusters[[0, 1, 2]].tolist())) == 1 and clusters[4] == clusters[5]
+    assert notes == [f"cluster {clusters[6]} had 1 patient(s), fewer than 2: #3 moved "
+                     f"into it from cluster {clusters[0]} (the nearest)"]

@@ -11,11 +11,15 @@ week. Leave-cluster-out CV holds out patients who resemble *each other*:
    over the patient's images), and when cell types are known, the cell-mix fractions
    ``n(type) / n(cells)``;
 2. the features standardised, ``z = (x - mean) / std`` per column (a constant column
-   becomes 0), and clustered by k-means (scikit-learn, seeded, ``k`` = the folds);
-3. each cluster is one fold (:func:`cluster_patients`); a fold whose training part (the
-   other clusters) would lack a class gets, moved from it, the patient of that class
-   nearest to another cluster's centre, until every training part has every class (each
-   move is said in the notes).
+   becomes 0), each block of columns (colour, cell mix) divided by the square root of its
+   number of columns so that the two blocks weigh alike in the distance, and clustered
+   by k-means (scikit-learn, seeded, ``k`` = the folds);
+3. each cluster is one fold (:func:`cluster_patients`). A cluster smaller than
+   ``max(2, n // (2k))`` patients (an outlier patient alone estimates nothing) receives,
+   one at a time, the patient nearest its centre from a cluster above that size; then a
+   fold whose training part (the other clusters) would lack a class gives up its patient
+   of that class nearest to another cluster's centre, until every training part has
+   every class. Each move is said in the notes.
 """
 
 from __future__ import annotations
@@ -43,6 +47,11 @@ class PatientStats:
     features: np.ndarray  # (n_groups, n_features)
     names: list[str]
     labels: list[set[str]]  # the labels of each group's images
+
+    @property
+    def blocks(self) -> list[int]:
+        """Per feature: 0 for a colour statistic, 1 for a cell-mix fraction."""
+        return [int(name.startswith("cells_")) for name in self.names]
 
 
 def lab_statistics(pixels: np.ndarray) -> np.ndarray:
@@ -83,13 +92,27 @@ def standardise(features: np.ndarray) -> np.ndarray:
     return np.where(std > 0, (x - x.mean(0)) / np.where(std > 0, std, 1.0), 0.0)
 
 
+def weigh_blocks(z: np.ndarray, blocks: Sequence[int] | None) -> np.ndarray:
+    """``z`` with each block's columns divided by ``sqrt(columns in the block)``."""
+    if blocks is None:
+        return z
+    ids = np.asarray(blocks)
+    sizes = {b: int((ids == b).sum()) for b in set(ids.tolist())}
+    return z / np.sqrt(np.array([sizes[b] for b in ids.tolist()], dtype=float))
+
+
 def cluster_patients(features: np.ndarray, labels: Sequence[set[str]], k: int, seed: int = 0,
+                     blocks: Sequence[int] | None = None, names: Sequence[str] | None = None,
                      ) -> tuple[np.ndarray, list[str]]:
     """A cluster (fold) ``0..k-1`` per patient, and notes of the patients moved.
 
-    k-means on the standardised features (``n_init`` 10, ``random_state`` ``seed``); then,
-    while a cluster holds every patient of some class (its training part would lack the
-    class), its patient of that class nearest to another cluster's centre moves there.
+    k-means on the standardised features (``n_init`` 10, ``random_state`` ``seed``; with
+    ``blocks``, a block id per column, each block weighed alike: :func:`weigh_blocks`);
+    then a cluster below ``max(2, n // (2k))`` patients takes the patients nearest its
+    centre from larger ones; then, while a cluster holds every patient of some class (its
+    training part would lack the class), its patient of that class nearest to another
+    cluster's centre moves there. ``names`` name the patients in the notes (else
+    ``#<row>``).
     """
     from sklearn.cluster import KMeans
 
@@ -104,19 +127,41 @@ def cluster_patients(features: np.ndarray, labels: Sequence[set[str]], k: int, s
             f"Leave-cluster-out CV needs at least two patients of every class, so that each "
             f"fold's training part has one; {', '.join(single)} has only one. Add patients "
             "or use --protocol kfold.")
-    z = standardise(features)
+    z = weigh_blocks(standardise(features), blocks)
     km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(z)
     clusters = km.labels_.astype(np.int64)
-    return clusters, _rebalance(z, km.cluster_centers_, clusters, labels)
+    dist = ((z[:, None, :] - km.cluster_centers_[None, :, :]) ** 2).sum(-1)
+    names = list(names) if names is not None else [f"#{i}" for i in range(n)]
+    notes = _fill_small(dist, clusters, min(max(2, n // (2 * k)), n // k), names)
+    return clusters, notes + _rebalance(dist, clusters, labels, names)
 
 
-def _rebalance(z: np.ndarray, centres: np.ndarray, clusters: np.ndarray,
-               labels: Sequence[set[str]]) -> list[str]:
-    """Move patients (in place) until no cluster holds all patients of a class."""
+def _fill_small(dist: np.ndarray, clusters: np.ndarray, least: int, names: list[str],
+                ) -> list[str]:
+    """Move patients (in place) into clusters below ``least`` patients: each time the
+    patient nearest the small cluster's centre among clusters above ``least``."""
+    notes: list[str] = []
+    k = dist.shape[1]
+    while True:
+        sizes = np.bincount(clusters, minlength=k)
+        small = [c for c in range(k) if sizes[c] < least]
+        if not small:
+            return notes
+        c = small[0]
+        donors = np.flatnonzero(sizes[clusters] > least)
+        i = int(donors[np.argmin(dist[donors, c])])
+        notes.append(f"cluster {c} had {sizes[c]} patient(s), fewer than {least}: "
+                     f"{names[i]} moved into it from cluster {clusters[i]} (the nearest)")
+        clusters[i] = c
+
+
+def _rebalance(dist: np.ndarray, clusters: np.ndarray, labels: Sequence[set[str]],
+               names: list[str]) -> list[str]:
+    """Move patients (in place) until no cluster holds all patients of a class
+    (``dist``: squared distance of each patient to each cluster centre)."""
     notes: list[str] = []
     classes = sorted({c for group in labels for c in group})
-    k = len(centres)
-    dist = ((z[:, None, :] - centres[None, :, :]) ** 2).sum(-1)  # (patients, clusters)
+    k = dist.shape[1]
     for _ in range(len(labels)):
         trapped = [(c, cls) for c in range(k) for cls in classes
                    if all(clusters[i] == c for i, g in enumerate(labels) if cls in g)]
@@ -128,7 +173,7 @@ def _rebalance(z: np.ndarray, centres: np.ndarray, clusters: np.ndarray,
         row, col = np.unravel_index(int(np.argmin(other)), other.shape)
         target = [j for j in range(k) if j != c][int(col)]
         clusters[members[int(row)]] = target
-        notes.append(f"cluster {c} held every patient of class '{cls}': patient #{members[row]} "
+        notes.append(f"cluster {c} held every patient of class '{cls}': {names[members[row]]} "
                      f"moved to cluster {target} (the nearest other centre)")
     raise RuntimeError("internal error: the clusters could not be rebalanced")
 
@@ -141,5 +186,6 @@ def cluster_folds(samples: Sequence[Sample], k: int, seed: int = 0, *, workers: 
         raise LeukotreeError("Leave-cluster-out CV (--protocol cluster) clusters patients: give "
                              "patient ids (--patients or a manifest 'patient' column).")
     stats = patient_statistics(samples, workers=workers)
-    clusters, notes = cluster_patients(stats.features, stats.labels, k, seed)
+    clusters, notes = cluster_patients(stats.features, stats.labels, k, seed, stats.blocks,
+                                       stats.groups)
     return dict(zip(stats.groups, clusters.tolist(), strict=True)), stats, notes
