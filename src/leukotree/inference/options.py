@@ -14,11 +14,14 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from leukotree.data.images import DEFAULT_MAX_PIXELS
 from leukotree.errors import LeukotreeError, display_path
 from leukotree.options import add_field_arguments, check_field, check_fields, option
+
+if TYPE_CHECKING:
+    from leukotree.inference.evidence import EvidenceSettings
 
 #: Inference engines (``--engine``): see :meth:`~leukotree.inference.loader.LoadedModel.predictor`.
 ENGINES = ("auto", "torch", "onnx")
@@ -119,7 +122,7 @@ class InferenceOptions:
         return input_config(cfg, crop_mode=self.crop_mode, pixel_size=self.pixel_size,
                             source=source)
 
-    def evidence(self) -> Any:
+    def evidence(self) -> EvidenceSettings:
         """The :class:`~leukotree.inference.evidence.EvidenceSettings` these options give."""
         from leukotree.inference.evidence import EvidenceSettings
 
