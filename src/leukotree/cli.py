@@ -145,7 +145,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
     if args.val_data:
         raise LeukotreeError("--val does not apply to cv: every fold is validated in turn.")
     cross_validate(args.data, args.out, _train_config(args), folds=args.folds_cv,
-                   repeats=args.repeats,
+                   repeats=args.repeats, protocol=args.protocol,
                    options=InferenceOptions.from_args(args, CV_INFERENCE),
                    settings=EvalSettings(progress=not args.no_progress),
                    progress=not args.no_progress)
@@ -172,15 +172,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
     rows = prediction_rows(result, args.decode)
     text = write_rows(rows, args.out, args.json)
     if args.by_patient:
-        prow = patient_rows(result, args.aggregate, args.min_cells)
+        options = InferenceOptions.from_args(args)
+        prow = patient_rows(result, args.aggregate, args.min_cells, options.evidence())
         pout = args.out.with_name(args.out.stem + "_patients.csv") if args.out else None
         ptext = write_rows(prow, pout, args.json)
         if args.json:
             text = json.dumps({"images": json.loads(text or "[]"),
                                "patients": json.loads(ptext or "[]")}, indent=2)
         for r in prow:
-            say(console, f"patient {r['patient']}: {r['diagnosis']} ({r['n_cells']} cells)"
+            say(console, f"patient {r['patient']}: {r['diagnosis']} ({r['n_cells']} cells, "
+                f"{r['n_informative']} informative)"
                 + (f", referred: {r['reason']}" if r["referred"] else ""))
+            if r["domain_alarm"]:
+                flagged = r["n_unclassifiable"]
+                say(console, f"patient {r['patient']}: domain alarm: {flagged} of "
+                    f"{flagged + r['n_cells']} readable cells are unlike the training cells "
+                    f"(the model flags {result.expected_ood:.0%} of its own validation "
+                    "cells); check this patient's stain, magnification and crop", "bold red")
     if text is not None:
         print(text)
     errors = [e for e in result.predictions.errors if e is not None]
@@ -317,7 +325,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from leukotree.evaluation.compare import COMPARISON_MD, compare
     from leukotree.rundir import read_text
 
-    compare(args.folders, args.out, n_boot=args.bootstrap)
+    compare(args.folders, args.out, n_boot=args.bootstrap, select_by=args.select_by)
     say(stdout_console(), read_text(args.out / COMPARISON_MD, "Comparison"))
     return 0
 
@@ -580,13 +588,20 @@ def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
 
     cv = sub.add_parser("cv", help="patient-grouped cross-validation: train and evaluate "
                                    "every fold (resumes a half-finished CV)")
-    _add_train_args(cv, skip={"fold", "folds"})
+    _add_train_args(cv, skip={"fold", "folds", "fold_groups"})
     cv.add_argument("--folds", dest="folds_cv", type=number(int, 2), default=5,
                     help="number of folds")
     cv.add_argument("--repeats", type=number(int, 1, 100), default=1,
                     help="repeat the CV with other patient folds (seed + repeat), e.g. 3")
+    cv.add_argument("--protocol", default="kfold",
+                    help="kfold (patient-grouped stratified folds), repeated (the same "
+                         "--repeats times, with the spread), cluster (leave-cluster-out: "
+                         "patients clustered by colour and cell mix, one cluster held out per "
+                         "fold, a simulated new cohort), or a comma list such as kfold,cluster "
+                         "(each CV trained in turn: the cost adds up; the estimates side by "
+                         "side) (default kfold)")
     add_inference_arguments(cv, CV_INFERENCE)
-    cv.set_defaults(func=cmd_cv, fold=None, folds=None)
+    cv.set_defaults(func=cmd_cv, fold=None, folds=None, fold_groups=None)
 
     ens = sub.add_parser("ensemble", help="average several trained runs (e.g. one recipe "
                                           "trained with several seeds) as one model")
@@ -601,6 +616,10 @@ def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
     cmp.add_argument("--out", type=Path, required=True)
     cmp.add_argument("--bootstrap", type=number(int, 10, 1_000_000), default=1000,
                      help="patient-bootstrap resamples for confidence intervals")
+    cmp.add_argument("--select-by", default="accuracy",
+                     help="fold metric of the one-standard-error choice: the simplest model "
+                          "(folders given simplest first) whose mean is within one standard "
+                          "error of the best, e.g. accuracy, patient_auroc (default accuracy)")
     cmp.set_defaults(func=cmd_compare)
 
 
@@ -617,7 +636,8 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
                          "parent folder), cnmc, manifest, re:<regex>")
     pr.add_argument("--by-patient", action="store_true",
                     help="also one diagnosis per patient (<out>_patients.csv)")
-    add_inference_arguments(pr, ["aggregate", "min_cells", "confidence"])
+    add_inference_arguments(pr, ["aggregate", "min_cells", "confidence", "informative_cells",
+                                 "min_informative_cells", "patient_interval"])
     pr.add_argument("--target-error", type=number(float, 0, 1, low_open=True),
                     help="set the per-level thresholds on the run's validation split so that "
                          "accepted decisions err at most this often")
@@ -647,7 +667,8 @@ def _add_explain_report_export_parsers(sub: argparse._SubParsersAction) -> None:
     rp.add_argument("inputs", nargs="+", help="the patient's images, folder or manifest")
     rp.add_argument("--out", type=Path, required=True, help="HTML file to write")
     rp.add_argument("--patient", help="patient id shown in the report")
-    add_inference_arguments(rp, ["aggregate", "confidence", "min_cells"],
+    add_inference_arguments(rp, ["aggregate", "confidence", "min_cells", "informative_cells",
+                                 "min_informative_cells", "patient_interval"],
                             defaults={"confidence": REPORT_CONFIDENCE})
     rp.add_argument("--top-cells", type=number(int, 0, 1000), default=8,
                     help="cells shown with heat maps")

@@ -387,17 +387,27 @@ class CVDir(_Folder):
     """A cross-validation folder (``leukotree cv --out DIR``).
 
     ``cv_config.yaml`` (the options every fold shares), ``fold_<k>/`` (a
-    :class:`RunDir` each, with ``eval/`` on its held-out fold), and the gathered
-    ``summary.json`` / ``summary.md`` / ``summary.html``.
+    :class:`RunDir` each, with ``eval/`` on its held-out fold), ``folds.csv`` (each fold's
+    test patients), the gathered ``summary.json`` / ``summary.md`` / ``summary.html``, and
+    with ``--protocol kfold,cluster`` the leave-cluster-out CV in ``cluster/``.
     """
 
     CONFIG = "cv_config.yaml"
     SUMMARY = "summary.json"
     MARKDOWN = "summary.md"
+    FOLDS = "folds.csv"
+    CLUSTER = "cluster"
 
     config = property(lambda self: self.path / self.CONFIG)
     summary = property(lambda self: self.path / self.SUMMARY)
     markdown = property(lambda self: self.path / self.MARKDOWN)
+    #: Every fold's test patient groups (``group,fold``, and ``repeat`` or ``cluster``).
+    folds = property(lambda self: self.path / self.FOLDS)
+
+    @property
+    def cluster(self) -> CVDir:
+        """The leave-cluster-out CV of ``--protocol kfold,cluster``, inside this one."""
+        return CVDir(self.path / self.CLUSTER)
 
     @staticmethod
     def fold_name(k: int, repeat: int = 0) -> str:

@@ -607,3 +607,24 @@ def test_classes_without_a_validation_image_are_named(synth_data, tmp_path, caps
     named = said.split("no validation image of ")[1].split(":")[0].split(", ")
     assert {"AML", "APML", "CML", "Normal", "Reactive"} <= set(named)
     assert "ALL" not in named and "CLL" not in named
+
+
+def test_a_fold_file_fixes_the_held_out_patients(tmp_path):
+    from leukotree.data.discover import Sample, SampleSet
+    from leukotree.data.splits import write_fold_groups
+    from leukotree.engine.config import TrainConfig
+    from leukotree.engine.trainer import choose_split
+    from leukotree.taxonomy import load_taxonomy
+
+    tax = load_taxonomy("aml-apl")
+    samples = [Sample(tmp_path / f"{p}_{c}.png", "APL" if p < 4 else "AML", f"p{p}")
+               for p in range(8) for c in range(2)]
+    found = SampleSet(samples, tax, tmp_path, "manifest")
+    fixed = tmp_path / "folds.csv"
+    write_fold_groups(fixed, [{"group": f"patient:p{p}", "fold": int(p in (0, 4))}
+                              for p in range(8)])
+    config = TrainConfig(taxonomy="aml-apl", fold=1, folds=2, fold_groups=str(fixed),
+                         fold_val_fraction=0.0)
+    parts = choose_split(found, config)
+    held = {s.patient for s, part in zip(samples, parts, strict=True) if part == "val"}
+    assert held == {"p0", "p4"}  # the file's fold 1, not a stratified draw

@@ -8,7 +8,13 @@ import pytest
 from leukotree.cli import main
 from leukotree.data.synth import generate
 from leukotree.evaluation.compare import bootstrap_ci
-from leukotree.evaluation.cv import fold_scalars, mean_std
+from leukotree.evaluation.cv import (
+    compare_estimates,
+    fold_scalars,
+    mean_std,
+    parse_protocols,
+    repeat_spread,
+)
 from leukotree.taxonomy import load_taxonomy
 
 TINY = ["--preset", "tiny-test", "--epochs", "1", "--threads", "1", "--no-progress"]
@@ -147,6 +153,17 @@ def test_compare_writes_tables_3_and_4_with_paired_tests(cv_runs, tmp_path):
         assert set(result["table4"][model]) <= set(load_taxonomy("leukemia7").leaves)
     assert [t["model"] for t in result["paired_tests"]] == result["models"][1:]
     assert result["notes"] == []  # same data and seed: the same folds
+    # the one-standard-error choice over the folds' accuracies, the folders simplest first
+    pick = result["one_se"]
+    assert pick["metric"] == "accuracy" and pick["chosen"] in result["models"]
+    means = {m: float(np.mean([f["accuracy"] for f in json.loads(
+        (cv_runs / m.split("/")[0] / "summary.json").read_text())["folds"]]))
+        for m in result["models"]}
+    assert pick["means"] == pytest.approx(means)
+    assert pick["chosen"] == next(m for m in result["models"] if means[m] >= pick["bound"])
+    assert "One-standard-error choice" in (out / "comparison.md").read_text()
+    assert main(["compare", str(cv_runs / "flat"), "--out", str(tmp_path / "c2"),
+                 "--select-by", "nope"]) != 0
     md = (out / "comparison.md").read_text()
     assert "Table 3" in md and "Table 4" in md and "Paired tests" in md
 
@@ -200,3 +217,73 @@ def test_pooled_out_of_fold_calls_give_the_observed_miss_rate():
     assert pooled["fn"] == 2  # the referred APL patient is not diagnosed APL either
     text = cv_document([summary]).to_markdown()
     assert "observed miss rate" in text and "| m repeat 1 | 4 | 1 | 0.2500 |" in text
+
+
+@pytest.fixture(scope="module")
+def two_protocols(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cv-protocols") / "cv"
+    assert main(["cv", str(data), "-t", "leukemia7", "--folds", "3", "--protocol",
+                 "kfold,cluster", "--out", str(out), *TINY]) == 0
+    return out
+
+
+def _test_groups(fold_dir) -> set[str]:
+    lines = (fold_dir / "split.csv").read_text().splitlines()
+    col = lines[0].split(",").index("group")
+    return {line.split(",")[col] for line in lines[1:] if line.endswith(",test")}
+
+
+def test_kfold_and_cluster_estimates_side_by_side(two_protocols):
+    import csv
+
+    summary = json.loads((two_protocols / "summary.json").read_text())
+    est = summary["estimates"]
+    assert set(est["protocols"]) == {"kfold", "cluster"}
+    kfold, cluster = est["protocols"]["kfold"], est["protocols"]["cluster"]
+    assert kfold["accuracy"] == summary["patient_level"][0]["accuracy"]
+    worst = "cluster" if cluster["accuracy"] <= kfold["accuracy"] else "kfold"
+    assert est["pessimistic"] == worst and est["by"] == "accuracy"  # 7 leaves: no AUROC
+    assert "protocol" not in summary  # the plain k-fold summary keeps its keys
+    inner = json.loads((two_protocols / "cluster" / "summary.json").read_text())
+    assert inner["protocol"] == "cluster" and inner["patient_level"][0]["accuracy"] == (
+        cluster["accuracy"])
+    assert "Estimates: plain k-fold beside" in (two_protocols / "summary.md").read_text()
+    # the clusters are the folds: each fold's test patients are one cluster of folds.csv
+    rows = list(csv.DictReader((two_protocols / "cluster" / "folds.csv").open()))
+    assert {"group", "fold", "cluster", "mean_L"} <= set(rows[0])
+    for k in range(3):
+        assert _test_groups(two_protocols / "cluster" / f"fold_{k}") == {
+            r["group"] for r in rows if r["fold"] == str(k)}
+    # and k-fold lists its folds' test patients, each patient once
+    rows = list(csv.DictReader((two_protocols / "folds.csv").open()))
+    assert len({r["group"] for r in rows}) == len(rows) == 21
+    for k in range(3):
+        assert _test_groups(two_protocols / f"fold_{k}") == {
+            r["group"] for r in rows if r["fold"] == str(k)}
+
+
+def test_protocols_are_refused_before_training(data, tmp_path, capsys):
+    for protocol, message in (("kfold,repeated", "'protocol' parameter"),
+                              ("loo", "'protocol' parameter"),
+                              ("repeated", "--repeats of at least 2")):
+        assert main(["cv", str(data), "-t", "leukemia7", "--protocol", protocol,
+                     "--out", str(tmp_path / "x"), *TINY]) != 0
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_repeat_spread_and_estimates_by_hand():
+    pooled = [{"auroc": 0.8, "accuracy": 0.7, "n_patients": 10, "auroc_ci95": (0.6, 0.9)},
+              {"auroc": 0.6, "accuracy": 0.5, "n_patients": 10},
+              {"auroc": 0.7, "accuracy": 0.9, "n_patients": 10}]
+    spread = repeat_spread(pooled)
+    assert spread["auroc"] == pytest.approx({"mean": 0.7, "std": 0.1, "min": 0.6, "max": 0.8,
+                                             "n": 3})
+    assert spread["accuracy"]["std"] == pytest.approx(0.2)
+    est = compare_estimates({"repeated": {"patient_level": pooled},
+                             "cluster": {"patient_level": [{"auroc": 0.65, "accuracy": 0.8,
+                                                            "n_patients": 10}]}})
+    assert est["protocols"]["repeated"]["auroc"] == pytest.approx(0.7)
+    assert est["protocols"]["repeated"]["auroc_ci95"] == (0.6, 0.9)  # the first repeat's
+    assert est["pessimistic"] == "cluster" and est["by"] == "auroc"
+    assert parse_protocols(" kfold , cluster") == ["kfold", "cluster"]

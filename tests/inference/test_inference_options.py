@@ -39,6 +39,8 @@ def _parser(*names, **kw):
     ("coverage", 1.0, r"in \(0, 1\); got 1.0"),
     ("coverage", 0.0, r"in \(0, 1\); got 0.0"),
     ("conformal", "mondrain", "one of marginal, mondrian; got 'mondrain'"),
+    ("min_informative_cells", -1, r"in \[0, inf\]; got -1"),
+    ("patient_interval", 1.0, r"in \[0, 1\); got 1.0"),
 ])
 def test_a_bound_is_refused_in_the_library_and_on_the_command_line(name, value, rule):
     with pytest.raises(LeukotreeError, match=f"The '{name}' parameter must be {rule}"):
@@ -56,7 +58,9 @@ def test_the_edges_of_a_rule_are_accepted_and_values_converted():
     assert InferenceOptions().to_dict() == {
         "crop_mode": None, "pixel_size": None, "tta": False, "batch_size": 64, "workers": 2,
         "max_pixels": 60_000_000, "engine": "auto", "confidence": None,
-        "aggregate": "majority", "min_cells": 1, "coverage": None, "conformal": None}
+        "aggregate": "majority", "min_cells": 1, "informative_cells": None,
+        "min_informative_cells": 5, "patient_interval": 0.95, "coverage": None,
+        "conformal": None}
     with pytest.raises(LeukotreeError, match=r"'batch_size' parameter must be int; got 2\.5"):
         InferenceOptions(batch_size=2.5)
     with pytest.raises(LeukotreeError, match="'tta' parameter must be bool"):

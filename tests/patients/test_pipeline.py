@@ -65,6 +65,7 @@ def test_train_fits_a_patient_model_that_predict_and_evaluate_use(manifest, tmp_
                  "--no-heatmaps", "--no-progress"]) == 0
     page = (tmp_path / "r.html").read_text()
     assert "Differential count" in page and "patient model &#x27;differential&#x27;" in page
+    assert "informative cells (blast, promyelocyte cells not flagged" in page  # the evidence
     assert main(["evaluate", str(run), "--out", str(tmp_path / "eval"), "--no-progress"]) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     pl = metrics["patient_level"]
@@ -78,6 +79,9 @@ def test_cv_pools_out_of_fold_patients(manifest, tmp_path):
                  "--patient-model", "fraction", "--fold-val-fraction", "0", *COMMON]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert [p["n_patients"] for p in summary["patient_level"]] == [12, 12]
+    spread = summary["repeat_spread"]["accuracy"]  # the spread across the two repeats
+    accs = [p["accuracy"] for p in summary["patient_level"]]
+    assert (spread["n"], spread["min"], spread["max"]) == (2, min(accs), max(accs))
     assert (out / "fold_1_r1" / "best.pt").exists()
     assert "Patient level (out-of-fold patients" in (out / "summary.md").read_text()
 

@@ -374,3 +374,55 @@ def plan_split(
                                         folds, seed)
         fold_arr[rest] = sub_folds
     return SplitPlan(kept, fold_arr, parts, result, list(samples), notes)
+
+
+def write_fold_groups(path: Path, rows: Sequence[dict[str, object]]) -> None:
+    """Write ``rows`` (each with at least ``group`` and ``fold``; the other keys, e.g.
+    ``repeat``, ``cluster``, ``label``, ``images``, follow) as a CSV."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = list(dict.fromkeys(key for row in rows for key in row))
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, header)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_fold_groups(path: str | Path, groups: Sequence[str], n_splits: int,
+                     repeat: int = 0) -> np.ndarray:
+    """The fold of each image from a CSV of ``group,fold`` rows (of ``repeat`` when the
+    file has a ``repeat`` column): every group of ``groups`` must be listed once, with a
+    fold in ``0..n_splits-1``, and every fold must hold a group."""
+    path = Path(path)
+    if not path.is_file():
+        raise LeukotreeError(f"--fold-groups '{path}' does not exist: give the folds.csv that "
+                             "'leukotree cv' wrote, or leave --fold-groups out.")
+    with path.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or not {"group", "fold"} <= set(rows[0]):
+        raise LeukotreeError(f"--fold-groups '{path}' must have 'group' and 'fold' columns; "
+                             f"found {sorted(rows[0]) if rows else 'no rows'}.")
+    fold_of: dict[str, int] = {}
+    for line, row in enumerate(rows, start=2):
+        if row.get("repeat", "0") not in ("", str(repeat)):
+            continue
+        try:
+            fold = int(row["fold"])
+        except ValueError:
+            fold = -1
+        if not 0 <= fold < n_splits or row["group"] in fold_of:
+            why = ("listed twice" if row["group"] in fold_of
+                   else f"fold {row['fold']!r} is not in 0..{n_splits - 1}")
+            raise LeukotreeError(f"--fold-groups '{path}' line {line}: group {row['group']!r} "
+                                 f"{why}; each group needs one fold of --folds {n_splits}.")
+        fold_of[row["group"]] = fold
+    missing = sorted(set(groups) - set(fold_of))
+    if missing:
+        raise LeukotreeError(f"--fold-groups '{path}' lists no fold for {len(missing)} patient "
+                             f"group(s) of the data (e.g. {missing[0]!r}); it was written for "
+                             "other data. Run 'leukotree cv' on this data again.")
+    folds = np.array([fold_of[g] for g in groups], dtype=np.int64)
+    empty = sorted(set(range(n_splits)) - set(folds.tolist()))
+    if empty:
+        raise LeukotreeError(f"--fold-groups '{path}': fold {empty[0]} holds no patient of the "
+                             f"data; give --folds {len(set(folds.tolist()))} or another file.")
+    return folds

@@ -130,6 +130,10 @@ class TrainConfig:
     fold: int | None = option(None, "hold out this fold of --folds patient-grouped folds as "
                               "the test images", low=0, high=1000)
     folds: int = option(5, "number of folds for --fold", low=2, high=1000)
+    fold_groups: str | None = option(
+        None, "with --fold: a CSV with 'group' and 'fold' columns that fixes every patient "
+        "group's fold (e.g. the folds.csv of 'leukotree cv --protocol cluster') instead of "
+        "stratified grouped folds", metavar="CSV")
     fold_val_fraction: float = option(
         0.15, "with --fold: grouped fraction of the fold's training patients held out to fit "
         "the temperatures and the out-of-distribution threshold (0: validate on the fold "

@@ -37,7 +37,12 @@ from leukotree.calibrate import (
 from leukotree.data.cache import cached_pixels
 from leukotree.data.discover import Sample, SampleSet, discover
 from leukotree.data.images import decode_many, median_side, raise_for_errors
-from leukotree.data.splits import assign_folds, train_val_test_split, write_split_csv
+from leukotree.data.splits import (
+    assign_folds,
+    read_fold_groups,
+    train_val_test_split,
+    write_split_csv,
+)
 from leukotree.engine.augment import channel_stats, rotation_balance, with_replay
 from leukotree.engine.config import TrainConfig, save_config
 from leukotree.engine.distributed import (
@@ -97,7 +102,9 @@ def choose_split(sample_set: SampleSet, config: TrainConfig) -> np.ndarray:
     ``'val'`` (grouped, like the folds), or, that fraction 0, the fold as ``'val'``."""
     labels, groups = sample_set.labels, sample_set.groups.tolist()
     if config.fold is not None:
-        folds, _ = assign_folds(labels, groups, config.folds, config.seed)
+        folds = (read_fold_groups(config.fold_groups, groups, config.folds)
+                 if config.fold_groups else assign_folds(labels, groups, config.folds,
+                                                         config.seed)[0])
         held = folds == config.fold
         if not config.fold_val_fraction:
             return np.where(held, "val", "train")

@@ -7,7 +7,10 @@ Writes the seed paper's tables from out-of-fold predictions:
   patient-bootstrap 95% confidence intervals;
 - Table 4: per-class precision, recall and F1 of each model;
 - a paired test of each model against the first one across folds (paired t-test and
-  Wilcoxon signed-rank test on fold accuracies).
+  Wilcoxon signed-rank test on fold accuracies);
+- the model the one-standard-error rule picks (:mod:`leukotree.evaluation.selection`),
+  the folders taken as given from the simplest model to the most complex, by a fold
+  metric (``select_by``, accuracy by default; e.g. ``patient_auroc``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from scipy import stats
 from sklearn.metrics import precision_recall_fscore_support
 
 from leukotree.errors import LeukotreeError
+from leukotree.evaluation.selection import LOWER_IS_BETTER, one_standard_error
 from leukotree.report.html import write_document
 from leukotree.report.tables import comparison_document, cv_document
 from leukotree.rundir import CVDir, write_json
@@ -66,7 +70,7 @@ def _groups(rows: list[dict[str, str]]) -> np.ndarray:
 
 
 def compare(folders: list[str | Path], out: str | Path, *, n_boot: int = 1000,
-            ) -> dict[str, Any]:
+            select_by: str = "accuracy") -> dict[str, Any]:
     """Compare CV folders; write ``comparison.json`` and ``comparison.md`` under ``out``."""
     if len(folders) < 1:
         raise LeukotreeError("Give at least one CV folder to compare.")
@@ -114,7 +118,8 @@ def compare(folders: list[str | Path], out: str | Path, *, n_boot: int = 1000,
             for c, p, q, f, s in zip(present, prec, rec, f1, sup, strict=True)}
     tests = paired_tests(runs)
     result = {"models": [r["name"] for r in runs], "folders": [str(f) for f in folders],
-              "table3": table3, "table4": table4, "paired_tests": tests, "notes": notes}
+              "table3": table3, "table4": table4, "paired_tests": tests, "notes": notes,
+              "one_se": select_one_se(runs, select_by)}
     out = Path(out)
     write_json(out / COMPARISON_JSON, result)
     doc = cv_document([r["summary"] for r in runs])
@@ -122,6 +127,20 @@ def compare(folders: list[str | Path], out: str | Path, *, n_boot: int = 1000,
     doc.extend(comparison_document(result, taxonomy))
     write_document(doc, out / COMPARISON_MD)
     return result
+
+
+def select_one_se(runs: list[dict[str, Any]], metric: str) -> dict[str, Any]:
+    """The one-standard-error choice among ``runs`` (simplest first) by their fold
+    ``metric``; a metric some run lacks is refused with the ones they all have."""
+    have = set.intersection(*({k for f in r["summary"]["folds"] for k in f} for r in runs))
+    if metric not in have - {"fold", "repeat", "n_images"}:
+        raise LeukotreeError(f"--select-by '{metric}' is not a fold metric of every compared "
+                             f"CV; choose one of: {', '.join(sorted(have - {'fold', 'repeat'}))}.")
+    pick = one_standard_error(
+        {r["name"]: [float(f.get(metric, float("nan"))) for f in r["summary"]["folds"]]
+         for r in runs}, [r["name"] for r in runs], higher_is_better=metric not in
+        LOWER_IS_BETTER)
+    return {"metric": metric, **pick.to_dict()}
 
 
 def paired_tests(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -35,7 +35,12 @@ from leukotree.patients.fit import bootstrap_auroc
 from leukotree.patients.guarantee import miss_rate_metrics
 from leukotree.report.console import stderr_console
 from leukotree.report.html import write_document
-from leukotree.report.tables import Document, cv_document
+from leukotree.report.tables import (
+    Document,
+    cv_document,
+    estimates_table,
+    repeat_spread_table,
+)
 from leukotree.rundir import CVDir, EvalDir, RunDir, read_yaml, write_json
 
 #: Scalar metrics gathered per fold: name -> path of keys in metrics.json.
@@ -91,6 +96,23 @@ def mean_std(values: list[float]) -> dict[str, float]:
     return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
 
 
+#: Split protocols of ``leukotree cv --protocol`` (a comma list runs several).
+PROTOCOLS = ("kfold", "cluster", "repeated")
+
+
+def parse_protocols(spec: str) -> list[str]:
+    """``kfold``, ``cluster``, ``repeated`` or a comma list of them (each once; ``kfold``
+    and ``repeated`` exclude each other: repeated k-fold is k-fold with ``--repeats``)."""
+    names = [p.strip() for p in str(spec).split(",") if p.strip()]
+    bad = [p for p in names if p not in PROTOCOLS]
+    if not names or bad or len(set(names)) != len(names) or {"kfold", "repeated"} <= set(names):
+        raise LeukotreeError(
+            f"The 'protocol' parameter must be kfold, cluster, repeated or a comma list of "
+            f"them, each once, kfold and repeated not together (e.g. kfold,cluster); got "
+            f"{spec!r}.")
+    return names
+
+
 def cross_validate(
     data: str | Path,
     out: str | Path,
@@ -98,35 +120,124 @@ def cross_validate(
     *,
     folds: int = 5,
     repeats: int = 1,
+    protocol: str = "kfold",
     options: InferenceOptions | None = None,
     settings: EvalSettings | None = None,
     progress: bool = True,
     console: Console | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) ``repeats`` x ``folds``-fold patient-grouped CV and write
+    """Run (or resume) the cross-validation(s) ``protocol`` names and write
     ``summary.json``, ``summary.md`` and ``summary.html`` (a :class:`~leukotree.rundir.CVDir`).
+
+    - ``kfold``: ``repeats`` x ``folds``-fold patient-grouped stratified CV
+      (:func:`run_cv`); ``repeated``: the same with ``repeats`` >= 2, the spread of the
+      per-repeat pooled patient metrics reported (``repeat_spread``);
+    - ``cluster``: leave-cluster-out CV, patients clustered by their images' colour and
+      cell-mix statistics (:mod:`leukotree.data.cohorts`), one cluster held out per fold:
+      an estimate of a later cohort's performance;
+    - a comma list (``kfold,cluster``) runs each, the first in ``out``, ``cluster`` in
+      ``out/cluster`` (training costs add up: two CVs), and the summary in ``out`` gains
+      ``estimates``, the patient-level figures of each side by side and the pessimistic
+      one to quote (:func:`compare_estimates`).
+    """
+    protocols = sorted(parse_protocols(protocol), key=lambda p: p == "cluster")
+    if "repeated" in protocols and repeats < 2:
+        raise LeukotreeError(f"--protocol repeated needs --repeats of at least 2 (e.g. "
+                             f"--repeats 5); got {repeats}.")
+    if config.fold_groups:
+        raise LeukotreeError("leukotree cv chooses the folds itself; remove 'fold_groups' "
+                             "(--fold-groups) from the options (--protocol cluster fixes them "
+                             "by clusters).")
+    console = console or stderr_console()
+    kwargs: dict[str, Any] = {"options": options, "settings": settings, "progress": progress,
+                              "console": console}
+    summaries: dict[str, dict[str, Any]] = {}
+    for name in protocols:
+        where = Path(out) if name == protocols[0] else CVDir(out).cluster.path
+        if name == "cluster":
+            if repeats > 1 and len(protocols) == 1:
+                raise LeukotreeError("--protocol cluster has one fold per cluster, drawn once; "
+                                     "leave --repeats out (or use --protocol repeated,cluster).")
+            fixed = cluster_fold_file(data, CVDir(where), config, folds, console)
+            summaries[name] = run_cv(data, where, replace(config, fold_groups=str(fixed)),
+                                     folds=folds, protocol=name, **kwargs)
+        else:
+            summaries[name] = run_cv(data, where, config, folds=folds, repeats=repeats,
+                                     protocol=name, **kwargs)
+    first = summaries[protocols[0]]
+    if len(summaries) > 1:
+        first["estimates"] = compare_estimates(summaries)
+        _write_summary(CVDir(out), first)
+    return first
+
+
+def cluster_fold_file(data: str | Path, cv: CVDir, config: TrainConfig, folds: int,
+                      console: Console) -> Path:
+    """``cv``'s ``folds.csv`` for leave-cluster-out CV: kept when a half-finished CV
+    wrote it, else patients clustered by :func:`~leukotree.data.cohorts.cluster_folds`."""
+    from leukotree.data.cohorts import cluster_folds
+    from leukotree.data.discover import discover
+    from leukotree.data.images import decode_many
+    from leukotree.data.splits import write_fold_groups
+    from leukotree.taxonomy import load_taxonomy
+
+    if cv.folds.exists() and cv.config.exists():
+        console.print(f"leave-cluster-out folds: {cv.folds} kept (a CV under way)")
+        return cv.folds.resolve()
+    cells = load_taxonomy(config.cell_taxonomy) if config.cell_taxonomy else None
+    found = discover(data, load_taxonomy(config.taxonomy), patients=config.patients,
+                     labels=config.labels, cell_labels=config.cell_labels, cell_taxonomy=cells)
+    found.raise_for_problems()
+    samples = found.samples
+    if config.skip_unreadable:  # the trainer leaves them out too
+        errors = decode_many([s.path for s in samples], 16, workers=config.workers,
+                             on_error="report", max_pixels=config.max_pixels).errors
+        samples = [s for s, e in zip(samples, errors, strict=True) if e is None]
+    fold_of, stats, notes = cluster_folds(samples, folds, config.seed, workers=config.workers)
+    for note in notes:
+        console.print(f"[yellow]leave-cluster-out folds: {note}[/yellow]")
+    rows = [{"group": g, "fold": fold_of[g], "cluster": fold_of[g],
+             "label": "|".join(sorted(labels)),
+             **{n: round(float(v), 4) for n, v in zip(stats.names, feats, strict=True)}}
+            for g, labels, feats in zip(stats.groups, stats.labels, stats.features,
+                                        strict=True)]
+    write_fold_groups(cv.folds, rows)
+    sizes = np.bincount([fold_of[g] for g in stats.groups], minlength=folds)
+    console.print(f"leave-cluster-out folds: {len(stats.groups)} patients in {folds} clusters "
+                  f"of {', '.join(map(str, sizes.tolist()))} (features: "
+                  f"{', '.join(stats.names)}); written to {cv.folds}")
+    return cv.folds.resolve()
+
+
+def run_cv(
+    data: str | Path,
+    out: str | Path,
+    config: TrainConfig,
+    *,
+    folds: int = 5,
+    repeats: int = 1,
+    protocol: str = "kfold",
+    options: InferenceOptions | None = None,
+    settings: EvalSettings | None = None,
+    progress: bool = True,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) ``repeats`` x ``folds``-fold patient-grouped CV in ``out``.
 
     Each fold keeps its last epoch (``monitor`` last, no early stopping): a few
     validation patients cannot pick an epoch, and with ``fold_val_fraction`` 0 they are
     the test patients (nor is such a fold calibrated, see
     :class:`~leukotree.engine.trainer.Trainer`). Repeat ``r`` draws its folds (and
-    initialisations) with seed ``seed + r``. With patient
+    initialisations) with seed ``seed + r``; with ``config.fold_groups`` the folds are
+    that file's. With patient
     ids, the out-of-fold patient diagnoses of each repeat are pooled into patient-level
     metrics (AUROC with a patient-bootstrap 95% CI; sensitivity and specificity at each
     fold's own threshold, chosen on its training patients only). Each fold is evaluated
     with ``options`` (e.g. the patient aggregation) and ``settings``
-    (:func:`~leukotree.evaluation.evaluate.evaluate`).
+    (:func:`~leukotree.evaluation.evaluate.evaluate`). Every fold's test groups are
+    listed in ``folds.csv`` (with ``config.fold_groups``, that file is it).
     """
-    if folds < 2 or repeats < 1:
-        raise LeukotreeError(f"Cross-validation needs at least 2 folds and 1 repeat; got "
-                             f"{folds} folds and {repeats} repeats.")
-    if config.val_data:
-        raise LeukotreeError("Cross-validation validates on each fold in turn; remove "
-                             "'val_data' (--val) from the options.")
-    if running_under_torchrun():
-        raise LeukotreeError("leukotree cv runs in one process (each fold trains on all the "
-                             "process's devices); use torchrun with 'leukotree train --fold k' "
-                             "for distributed training of one fold.")
+    _check_cv(config, folds, repeats)
     options = options or InferenceOptions()
     settings = settings or EvalSettings(progress=progress)
     check_settings(settings)
@@ -154,6 +265,8 @@ def cross_validate(
         if patients or insufficient:
             pooled.append(pooled_patient_metrics(patients, metrics) | {
                 "insufficient": sorted(insufficient)})
+    if not base.fold_groups:
+        _write_folds(cv, per_fold)
     keys = sorted({key for row in per_fold for key in row} - {"fold", "repeat", "n_images"})
     summary = {
         "model": config.model_config().description, "head": config.head,
@@ -162,11 +275,59 @@ def cross_validate(
                  for key in keys},
         "patient_level": pooled, "config": base.to_dict(),
     }
+    if protocol != "kfold":
+        summary["protocol"] = protocol
+    if repeats > 1 and pooled:
+        summary["repeat_spread"] = repeat_spread(pooled)
+    _write_summary(cv, summary)
+    return summary
+
+
+def _check_cv(config: TrainConfig, folds: int, repeats: int) -> None:
+    if folds < 2 or repeats < 1:
+        raise LeukotreeError(f"Cross-validation needs at least 2 folds and 1 repeat; got "
+                             f"{folds} folds and {repeats} repeats.")
+    if config.val_data:
+        raise LeukotreeError("Cross-validation validates on each fold in turn; remove "
+                             "'val_data' (--val) from the options.")
+    if running_under_torchrun():
+        raise LeukotreeError("leukotree cv runs in one process (each fold trains on all the "
+                             "process's devices); use torchrun with 'leukotree train --fold k' "
+                             "for distributed training of one fold.")
+
+
+def _write_summary(cv: CVDir, summary: dict[str, Any]) -> None:
+    """``summary.json``, and ``summary.md`` / ``.html``: the folds' table and figures, then
+    the estimates side by side when there are several."""
     write_json(cv.summary, summary)
     doc = cv_document([summary])
-    doc.extend(_fold_figures(per_fold))
+    if summary.get("repeat_spread"):
+        repeat_spread_table(doc, summary["repeat_spread"])
+    if summary.get("estimates"):
+        estimates_table(doc, summary["estimates"])
+    doc.extend(_fold_figures(summary["folds"]))
     write_document(doc, cv.markdown)
-    return summary
+
+
+def _write_folds(cv: CVDir, per_fold: list[dict[str, Any]]) -> None:
+    """``folds.csv``: every fold's test groups (``repeat,fold,group,label,images``), read
+    from the folds' ``split.csv``."""
+    from collections import Counter
+
+    from leukotree.data.splits import write_fold_groups
+
+    rows = []
+    for row in per_fold:
+        fold = cv.fold(row["fold"], row.get("repeat", 0))
+        test = fold.read_split(fold.test_part())
+        images = Counter(r["group"] for r in test)
+        labels: dict[str, set[str]] = {}
+        for r in test:
+            labels.setdefault(r["group"], set()).add(r["label"])
+        rows += [{"repeat": row.get("repeat", 0), "fold": row["fold"], "group": g,
+                  "label": "|".join(sorted(labels[g])), "images": images[g]}
+                 for g in sorted(images)]
+    write_fold_groups(cv.folds, rows)
 
 
 def _run_fold(data: str | Path, cv: CVDir, base: TrainConfig, k: int, r: int, folds: int,
@@ -224,6 +385,52 @@ def pooled_patient_metrics(patients: dict[str, Any], last: dict[str, Any]) -> di
                 [patients[n].get("call", "") for n in names], y, promise["alpha"],
                 promise["confidence"])
     return out
+
+
+#: The patient-level figures an estimate carries (``pooled_patient_metrics`` keys).
+ESTIMATE_KEYS = ("auroc", "accuracy")
+
+
+def repeat_spread(pooled: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Across repeats, of each repeat's pooled patient AUROC and accuracy: the mean, the
+    standard deviation (``ddof=1``), the minimum and the maximum (repeats without the
+    figure left out)."""
+    out = {}
+    for key in ESTIMATE_KEYS:
+        values = [float(p[key]) for p in pooled if p.get(key) is not None]
+        if values:
+            out[key] = mean_std(values) | {"min": min(values), "max": max(values),
+                                           "n": len(values)}
+    return out
+
+
+def compare_estimates(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The patient-level estimate of each protocol side by side, and which one to quote.
+
+    An estimate is the pooled out-of-fold patients' AUROC (its patient-bootstrap 95% CI)
+    and accuracy: of the one repeat, or over several the mean across repeats (the CI that
+    of the first repeat, the spread in ``repeat_spread``). The pessimistic one, to
+    quote, has the lower AUROC (the lower accuracy without AUROCs)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for name, summary in summaries.items():
+        pooled = summary.get("patient_level") or []
+        if not pooled:
+            continue
+        spread = repeat_spread(pooled)
+        row: dict[str, Any] = {"n_patients": pooled[0].get("n_patients", 0),
+                               "repeats": len(pooled)}
+        for key in ESTIMATE_KEYS:
+            row[key] = spread[key]["mean"] if key in spread else None
+        row["auroc_ci95"] = pooled[0].get("auroc_ci95")
+        rows[name] = row
+    if not rows:
+        return {"protocols": {}, "pessimistic": None,
+                "note": "no patient-level figures (no patient ids): nothing to compare"}
+    key = "auroc" if all(r["auroc"] is not None for r in rows.values()) else "accuracy"
+    worst = min(rows, key=lambda n: (math.inf if rows[n][key] is None else rows[n][key], n))
+    return {"protocols": rows, "pessimistic": worst, "by": key,
+            "note": (f"quote the {worst} estimate (the lower patient {key}): it is the one "
+                     "a new cohort of patients is likelier to meet")}
 
 
 def _open_cv_dir(cv: CVDir, base: TrainConfig) -> TrainConfig:

@@ -14,11 +14,14 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from leukotree.data.images import DEFAULT_MAX_PIXELS
 from leukotree.errors import LeukotreeError, display_path
 from leukotree.options import add_field_arguments, check_field, check_fields, option
+
+if TYPE_CHECKING:
+    from leukotree.inference.evidence import EvidenceSettings
 
 #: Inference engines (``--engine``): see :meth:`~leukotree.inference.loader.LoadedModel.predictor`.
 ENGINES = ("auto", "torch", "onnx")
@@ -74,6 +77,17 @@ class InferenceOptions:
                             choices=_aggregates)
     min_cells: int = option(1, "patients with fewer cells are reported as insufficient",
                             low=1)
+    informative_cells: str | None = option(
+        None, "the cell types whose cells count as informative for a patient (comma list of "
+        "the cell-type head's types, or all); default: the cell taxonomy's own (jhh-cells: "
+        "blast, promyelocyte), else every classified cell", metavar="TYPES")
+    min_informative_cells: int = option(
+        5, "refer a diagnosed patient with fewer informative cells (not flagged "
+        "unclassifiable, of the informative types) than this (0: never)", low=0)
+    patient_interval: float = option(
+        0.95, "level of each patient probability's interval (a bootstrap over the patient's "
+        "cells, seeded); a two-leaf patient model refers a patient whose interval straddles "
+        "its threshold (0: no interval)", low=0, high=1, high_open=True)
     coverage: float | None = option(
         None, "answer each cell with the deepest tree node that holds its class with this "
         "probability, the threshold fitted again on the run's validation split (default: "
@@ -107,6 +121,13 @@ class InferenceOptions:
         errors)."""
         return input_config(cfg, crop_mode=self.crop_mode, pixel_size=self.pixel_size,
                             source=source)
+
+    def evidence(self) -> EvidenceSettings:
+        """The :class:`~leukotree.inference.evidence.EvidenceSettings` these options give."""
+        from leukotree.inference.evidence import EvidenceSettings
+
+        return EvidenceSettings(self.informative_cells, self.min_informative_cells,
+                                self.patient_interval)
 
 
 _FIELDS = {f.name: f for f in fields(InferenceOptions)}

@@ -32,6 +32,12 @@ from leukotree.inference.decisions import (
     parse_thresholds,
     referral_message,
 )
+from leukotree.inference.evidence import (
+    Evidence,
+    EvidenceSettings,
+    patient_evidence,
+    refer_thin,
+)
 from leukotree.inference.loader import LoadedModel, load
 from leukotree.inference.options import InferenceOptions
 from leukotree.inference.predictor import Predictions, Predictor, predict_paths
@@ -206,17 +212,47 @@ def patient_decisions(result: PredictResult, method: str, min_cells: int,
         model=result.patient_model, aggregate=method, min_cells=min_cells)
 
 
-def patient_rows(result: PredictResult, method: str, min_cells: int) -> list[dict[str, Any]]:
+def evidence_of(result: PredictResult, method: str,
+                settings: EvidenceSettings | None = None) -> dict[str, Evidence]:
+    """Each patient's evidence (:func:`~.evidence.patient_evidence`): the interval of its
+    probabilities, its informative cells and its domain alarm."""
+    preds = result.predictions
+    return patient_evidence(
+        result.taxonomy, [img.patient for img in result.images], preds.leaf_probs,
+        readable=preds.ok, flagged=preds.unclassifiable, features=preds.features,
+        cell_probs=preds.cell_probs, extras=preds.member_arrays(), model=result.patient_model,
+        aggregate=method, cell_taxonomy=result.cell_taxonomy,
+        expected_ood=result.expected_ood, settings=settings)
+
+
+def _evidence_columns(taxonomy: Taxonomy, ev: Evidence) -> dict[str, Any]:
+    """``p_<leaf>_low``, ``p_<leaf>_high`` (empty without an interval), ``n_informative``
+    and ``domain_alarm``."""
+    bounds = {}
+    for k, leaf in enumerate(taxonomy.leaves):
+        for name, values in (("low", ev.low), ("high", ev.high)):
+            bounds[f"p_{leaf}_{name}"] = "" if values is None else round(float(values[k]), 4)
+    return {**bounds, "n_informative": ev.n_informative, "domain_alarm": ev.alarm is not None}
+
+
+def patient_rows(result: PredictResult, method: str, min_cells: int,
+                 evidence: EvidenceSettings | None = None) -> list[dict[str, Any]]:
     """One row per patient: diagnosis, referral, the call (positive, negative or referred
     for a two-leaf patient model, else empty), ``p_<leaf>`` (the patient-level
     probability the diagnosis is made from), the differential count when the model has
-    a cell-type head, and the votes and mean cell probabilities."""
+    a cell-type head, the votes and mean cell probabilities, then the evidence
+    (:mod:`~leukotree.inference.evidence`: each probability's interval, the informative
+    cells, the patient's domain alarm; a patient whose evidence is too thin is referred,
+    with the reason)."""
     taxonomy = result.taxonomy
     counts = differentials(result)
     preds = result.predictions
     flagged = preds.unclassifiable
+    found = evidence_of(result, method, evidence)
+    positive = None if result.patient_model is None else result.patient_model.positive
     out = []
     for d in patient_decisions(result, method, min_cells):
+        d = refer_thin(taxonomy, d, found[d.patient], evidence, positive)
         extra = {}
         if preds.ood_score is not None:
             extra["n_unclassifiable"] = int(sum(
@@ -235,6 +271,7 @@ def patient_rows(result: PredictResult, method: str, min_cells: int) -> list[dic
                 taxonomy.leaves, d.vote_shares, strict=True)},
             **{f"mean_p_{leaf}": round(float(v), 4) for leaf, v in zip(
                 taxonomy.leaves, d.mean_probs, strict=True)},
+            **_evidence_columns(taxonomy, found[d.patient]),
             "call": d.call,  # last: the columns before it keep their places
         })
     return out

@@ -26,6 +26,12 @@ from leukotree.inference.decisions import (
     domain_shift,
     parse_thresholds,
 )
+from leukotree.inference.evidence import (
+    Evidence,
+    EvidenceSettings,
+    patient_evidence,
+    refer_thin,
+)
 from leukotree.inference.loader import LoadedModel, load
 from leukotree.inference.options import REPORT_CONFIDENCE, InferenceOptions
 from leukotree.inference.predictor import Predictions, Predictor, decode_groups, predict_paths
@@ -77,7 +83,7 @@ def patient_report(
                                 not_used=found.not_used, patient=patient,
                                 method=options.aggregate, confidence=options.confidence,
                                 min_cells=options.min_cells, top_cells=top_cells,
-                                heatmaps=heatmaps)
+                                heatmaps=heatmaps, evidence=options.evidence())
 
 
 def write_patient_report(
@@ -95,6 +101,7 @@ def write_patient_report(
     min_cells: int = 1,
     top_cells: int = 8,
     heatmaps: bool = True,
+    evidence: EvidenceSettings | None = None,
 ) -> dict[str, Any]:
     """Write the HTML report of cells already predicted (``preds``, by ``predictor`` of
     ``loaded``, decoded as ``view`` and ``pixel_sizes`` say), e.g. the cells of a case
@@ -114,6 +121,10 @@ def write_patient_report(
     name = patient or "patient"
     decision = _decide(predictor, preds, name, method, min_cells,
                        parse_thresholds(confidence, tax.max_depth))
+    ev = _evidence(predictor, preds, name, method, evidence)
+    fitted = predictor.patient_model
+    decision = refer_thin(tax, decision, ev, evidence, None if fitted is None
+                          else fitted.positive)
     bad = [e for e in preds.errors if e is not None]
     unused = [display_path(p) for p in not_used]
     how = (f"patient model '{predictor.patient_model.model.name}'"
@@ -127,6 +138,7 @@ def write_patient_report(
         f"<div class='diag{' refer' if decision.refer else ''}'>"
         f"{esc(_headline(tax, decision, len(ok), min_cells))}</div>",
         _promise_html(decision, predictor.patient_model),
+        _evidence_html(tax, decision, ev),
         _levels_html(tax, decision, predictor.patient_model),
         _differential_html(predictor.cell_taxonomy, preds.cell_probs, ok),
         _unreadable_html(bad, unused),
@@ -143,6 +155,10 @@ def write_patient_report(
             "call": decision.call,
             "reason": decision.reason, "n_cells": len(ok),
             "n_unclassifiable": int(odd.sum()), "domain_shift": alarm,
+            "n_informative": ev.n_informative, "domain_alarm": ev.alarm is not None,
+            "interval": None if ev.low is None or ev.high is None else {
+                leaf: [round(float(ev.low[k]), 4), round(float(ev.high[k]), 4)]
+                for k, leaf in enumerate(tax.leaves)},
             "reported_node": decision.reported_node, "unreadable": bad,
             "not_used": unused, "report": str(out)}
 
@@ -157,6 +173,33 @@ def _decide(predictor: Predictor, preds: Predictions, name: str, method: str,
         cell_probs=preds.cell_probs, extras=preds.member_arrays(),
         model=predictor.patient_model, aggregate=method, min_cells=min_cells,
         cell_weights=True)[0]
+
+
+def _evidence(predictor: Predictor, preds: Predictions, name: str, method: str,
+              settings: EvidenceSettings | None) -> Evidence:
+    """The patient's evidence (:func:`~leukotree.inference.evidence.patient_evidence`,
+    as ``predict --by-patient``)."""
+    return patient_evidence(
+        predictor.taxonomy, [name] * len(preds.paths), preds.leaf_probs.astype(np.float64),
+        readable=preds.ok, flagged=preds.unclassifiable, features=preds.features,
+        cell_probs=preds.cell_probs, extras=preds.member_arrays(),
+        model=predictor.patient_model, aggregate=method,
+        cell_taxonomy=predictor.cell_taxonomy, expected_ood=predictor.expected_ood,
+        settings=settings)[name]
+
+
+def _evidence_html(tax: Taxonomy, d: PatientDecision, ev: Evidence) -> str:
+    """The diagnosis's probability with its interval and the informative cells."""
+    parts = [f"{ev.n_informative} informative cells ({esc(ev.informative)} not flagged "
+             "unclassifiable)"]
+    if d.leaf is not None and d.probs is not None and ev.low is not None \
+            and ev.high is not None:
+        k = tax.leaf_index[d.leaf]
+        parts.insert(0, f"P({esc(d.leaf)}) {float(d.probs[k]):.3f}, interval "
+                        f"[{float(ev.low[k]):.3f}, {float(ev.high[k]):.3f}] (bootstrap over "
+                        "the patient's cells: how much the cells agree, not how right the "
+                        "model is)")
+    return f"<p class='sub' id='evidence'>{'; '.join(parts)}.</p>"
 
 
 def _differential_html(cells: Taxonomy | None, cell_probs: np.ndarray | None,

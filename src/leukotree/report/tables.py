@@ -295,6 +295,31 @@ def _patient_cv_table(doc: Document, summaries: list[dict[str, Any]]) -> None:
         _miss_rate_table(doc, promised)
 
 
+def repeat_spread_table(doc: Document, spread: dict[str, dict[str, float]]) -> None:
+    """Repeated CV: the spread of each repeat's pooled patient AUROC and accuracy."""
+    doc.heading("Patient level across repeats")
+    doc.table(["metric", "repeats", "mean", "std", "min", "max"],
+              [[key, str(row["n"]), fmt(row["mean"]), fmt(row["std"]), fmt(row["min"]),
+                fmt(row["max"])] for key, row in spread.items()])
+
+
+def estimates_table(doc: Document, estimates: dict[str, Any]) -> None:
+    """Each protocol's patient-level estimate side by side, and the one to quote."""
+    doc.heading("Estimates: plain k-fold beside a simulated new cohort")
+    rows = []
+    for name, row in estimates["protocols"].items():
+        ci = row.get("auroc_ci95")
+        rows.append([name + (" (quote this)" if name == estimates["pessimistic"] else ""),
+                     str(row["n_patients"]), str(row["repeats"]), fmt(row.get("auroc")),
+                     f"{fmt(ci[0])}-{fmt(ci[1])}" if ci else "-", fmt(row.get("accuracy"))])
+    doc.table(["protocol", "patients", "repeats", "patient AUROC", "95% CI", "accuracy"],
+              rows)
+    doc.paragraph("kfold: patient-grouped stratified folds (test patients drawn at random); "
+                  "repeated: the same over several seeds (mean); cluster: leave-cluster-out "
+                  "(test patients resemble each other and differ from the training ones by "
+                  "colour and cell mix, as a later cohort does). " + estimates["note"] + ".")
+
+
 # ----------------------------------------------------------------- comparison
 def _with_ci(entry: dict[str, Any] | None) -> str:
     if entry is None or entry["accuracy"] is None:
@@ -333,6 +358,16 @@ def comparison_document(result: dict[str, Any], taxonomy: Taxonomy) -> Document:
                    for t in result["paired_tests"]])
         doc.paragraph("With 5 folds the Wilcoxon test cannot go below p = 0.0625; read it as a "
                       "sign, not a verdict.")
+    pick = result.get("one_se")
+    if pick:
+        doc.heading(f"One-standard-error choice (by fold {pick['metric']})")
+        doc.table(["model", "mean", "standard error"],
+                  [[m + (" (chosen)" if m == pick["chosen"] else "") + (
+                      " (best)" if m == pick["best"] else ""), fmt(pick["means"][m]),
+                    fmt(pick["standard_errors"][m])] for m in models])
+        doc.paragraph(f"The folders are taken as given from the simplest model to the most "
+                      f"complex; the chosen one is the simplest whose mean is within one "
+                      f"standard error of the best ({fmt(pick['bound'])}).")
     for note in result["notes"]:
         doc.note(f"note: {note}")
     return doc

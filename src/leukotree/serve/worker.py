@@ -22,11 +22,13 @@ from leukotree.data.discover import InputImage
 from leukotree.errors import LeukotreeError
 from leukotree.inference.conformal import answer_text
 from leukotree.inference.decisions import parse_thresholds
+from leukotree.inference.evidence import refer_thin
 from leukotree.inference.loader import LoadedModel, load
 from leukotree.inference.options import InferenceOptions
 from leukotree.inference.predict import (
     PredictResult,
     differentials,
+    evidence_of,
     patient_decisions,
     prediction_rows,
 )
@@ -251,6 +253,9 @@ def _diagnosis(result: PredictResult, patient: str, aggregate: str) -> dict[str,
                 "probabilities": {}, "n_cells": 0}
     decision = patient_decisions(result, aggregate, 1)[0]
     tax = result.taxonomy
+    ev = evidence_of(result, aggregate)[decision.patient]  # as predict --by-patient
+    positive = None if result.patient_model is None else result.patient_model.positive
+    decision = refer_thin(tax, decision, ev, None, positive)
     return {
         "label": decision.leaf, "referred": decision.refer, "reason": decision.reason,
         "reported_node": decision.reported_node, "n_cells": decision.n_cells,
@@ -263,4 +268,8 @@ def _diagnosis(result: PredictResult, patient: str, aggregate: str) -> dict[str,
         "differential": differentials(result).get(patient, {}),
         "n_unclassifiable": int(result.predictions.unclassifiable.sum()),
         "domain_shift": result.domain_shift(),
+        "n_informative": ev.n_informative, "domain_alarm": ev.alarm is not None,
+        "interval": None if ev.low is None or ev.high is None else {
+            leaf: [round(float(lo), 4), round(float(hi), 4)]
+            for leaf, lo, hi in zip(tax.leaves, ev.low, ev.high, strict=True)},
     }
