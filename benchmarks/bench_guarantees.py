@@ -74,9 +74,15 @@ def with_answers(run: Path, coverage: float, out: Path) -> Path:
 
 
 def answers(run: Path, data: Path, out: Path) -> dict:
-    """``evaluate``'s conformal section, flagged share and leaf ECE of ``run`` on ``data``."""
-    metrics = evaluate(run, data, out, InferenceOptions(), EvalSettings(progress=False),
-                       patients="auto")
+    """``evaluate``'s conformal section, flagged share and leaf ECE of ``run`` on ``data``
+    (an evaluation already in ``out``, newer than the run's model, is read again: the
+    script resumes)."""
+    done, model = out / "metrics.json", RunDir(run).best
+    if done.exists() and done.stat().st_mtime > model.stat().st_mtime:
+        metrics = json.loads(done.read_text())
+    else:
+        metrics = evaluate(run, data, out, InferenceOptions(), EvalSettings(progress=False),
+                           patients="auto")
     section = metrics["conformal"]
     ood = metrics.get("ood") or {}
     return {"n": section["n"], "coverage": section["coverage"],
