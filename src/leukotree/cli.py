@@ -440,8 +440,8 @@ def cmd_taxonomy(args: argparse.Namespace) -> int:
     if args.name is None:
         for name in builtin_taxonomies():
             tax = load_taxonomy(name)
-            print(f"{name:12s} {len(tax.leaves)} leaves, depth {tax.max_depth}: "
-                  f"{tax.description}")
+            print(f"{name:12s} {len(tax.leaves)} leaves, depth {tax.max_depth}, "
+                  f"{tax.kind}: {tax.description}")
         return 0
     tax = load_taxonomy(args.name)
     if args.yaml:
