@@ -174,6 +174,23 @@ def leaf_label(predictor: Any, label: object, where: str) -> str:
     return resolved
 
 
+#: What the case of a cell-type model is signed out as: its differential count.
+DIFFERENTIAL = "differential"
+
+
+def final_label(predictor: Any, label: object) -> str:
+    """A case's sign-out label: a leaf for a model of diagnoses; ``differential`` for a
+    model of cell types (taxonomy kind ``cells``), whose case adds up to a differential
+    count, not to one of its leaves."""
+    if predictor.taxonomy.kind != "cells":
+        return leaf_label(predictor, label, "label")
+    if check_id(label, "label") != DIFFERENTIAL:
+        raise LeukotreeError(f"This model classifies cell types: its case is signed out as "
+                             f"its differential count; send the label '{DIFFERENTIAL}', not "
+                             f"{label!r}.")
+    return DIFFERENTIAL
+
+
 def _add_review_api(app: FastAPI) -> None:
     store: Store = app.state.store
     models: Models = app.state.models
@@ -201,7 +218,7 @@ def _add_review_api(app: FastAPI) -> None:
         """The final diagnosis, once; refused (409) while the case runs and after."""
         predictor = models.get(store.case(case_id)["model"])[1]
         reviewer = check_id(body.reviewer, "reviewer's name ('reviewer')")
-        label = leaf_label(predictor, body.label, "label")
+        label = final_label(predictor, body.label)
         store.sign_out(case_id, label, reviewer)
         return {"id": case_id, "final_label": label}
 

@@ -90,13 +90,23 @@ function setupCase() {
 
   const confidence = (c) => Math.max(...leaves.map((l) => c.probabilities[l] || 0));
   const evidence = (c) => (kase.diagnosis.label ? c.probabilities[kase.diagnosis.label] || 0 : 0);
+  // a cell-type model's cells grouped by class: unclassifiable cells last
+  const group = (c) => (c.unclassifiable && !c.reviewed_label ? "unclassifiable" : c.label);
+  const rank = (c) => (group(c) === "unclassifiable" ? leaves.length : leaves.indexOf(group(c)));
   function draw() {
     const how = $("sort").value;
     order = cells.slice().sort((a, b) => how === "uncertainty" ? confidence(a) - confidence(b)
-      : how === "evidence" ? evidence(b) - evidence(a) : a.index - b.index);
+      : how === "evidence" ? evidence(b) - evidence(a)
+      : how === "class" ? (rank(a) - rank(b)) || (confidence(a) - confidence(b)) : a.index - b.index);
     const gallery = $("gallery");
     gallery.textContent = "";
     order.forEach((c, k) => {
+      if (how === "class" && (k === 0 || group(order[k - 1]) !== group(c))) {
+        const heading = document.createElement("h3");
+        heading.className = "group";
+        heading.textContent = group(c) + " (" + order.filter((o) => group(o) === group(c)).length + ")";
+        gallery.append(heading);
+      }
       const card = document.createElement("div");
       card.className = "cellcard" + (c.reviewed_label ? " reviewed" : "");
       card.dataset.index = c.index;
