@@ -259,9 +259,15 @@ def cmd_report(args: argparse.Namespace) -> int:
                             top_cells=args.top_cells, heatmaps=not args.no_heatmaps,
                             progress=not args.no_progress)
     console = stderr_console()
-    say(console, f"patient {result['patient']}: {result['diagnosis'] or 'insufficient'}"
-        f"{' (referral advised)' if result['refer'] else ''}, {result['n_cells']} cells; "
-        f"wrote {args.out}")
+    if result.get("kind") == "cells":
+        shares = ", ".join(f"{r['leaf']} {r['percent']:g}%"
+                           for r in result["differential_count"]["rows"] if r["count"])
+        say(console, f"patient {result['patient']}: differential count of "
+            f"{result['n_cells']} cells ({shares}); wrote {args.out}")
+    else:
+        say(console, f"patient {result['patient']}: {result['diagnosis'] or 'insufficient'}"
+            f"{' (referral advised)' if result['refer'] else ''}, {result['n_cells']} cells; "
+            f"wrote {args.out}")
     for error in result["unreadable"]:
         say(console, f"unreadable: {error}", "red")
     _name_not_used(console, [Path(p) for p in result["not_used"]])
