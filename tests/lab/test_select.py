@@ -223,3 +223,10 @@ def test_read_done_resolves_paths_from_the_csv_folder(tmp_path):
         read_done(tmp_path / "bad.csv")
     with pytest.raises(LeukotreeError, match="does not exist"):
         read_done(tmp_path / "none.csv")
+
+
+def test_an_empty_pool_has_nothing_to_choose():
+    empty = Pool([], LEAVES, np.zeros((0, 3)))
+    assert len(empty) == 0 and select_cells(empty, 3, fill=True) == []
+    with pytest.raises(LeukotreeError, match="No cell can be chosen"):
+        select_cells(empty, 3)

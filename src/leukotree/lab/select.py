@@ -88,7 +88,8 @@ class Pool:
 
     def __post_init__(self) -> None:
         n = len(self.ids)
-        self.leaf_probs = np.asarray(self.leaf_probs, dtype=np.float64).reshape(n, -1)
+        self.leaf_probs = np.asarray(self.leaf_probs, dtype=np.float64).reshape(
+            n, len(self.leaves) if n == 0 else -1)
         if self.leaf_probs.shape[1] != len(self.leaves):
             raise LeukotreeError(f"The pool's leaf probabilities have "
                                  f"{self.leaf_probs.shape[1]} columns for "

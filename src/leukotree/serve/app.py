@@ -10,7 +10,8 @@ The API: ``GET /api/health``, ``GET /api/models``, ``POST /api/cases`` (multipar
 ``files`` parts, optional ``patient`` and ``model``), ``GET /api/cases``,
 ``GET /api/cases/{id}``, ``POST /api/cases/{id}/cells/{index}/review``,
 ``POST /api/cases/{id}/signout`` (once), ``POST /api/cases/{id}/amendments`` (after
-it), ``GET /api/corrections.csv``.
+it), ``GET /api/corrections.csv``, ``GET /api/review-queue?n=N`` (the cells of open cases
+worth reviewing, :mod:`leukotree.serve.queue`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -32,9 +33,11 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from leukotree.errors import LeukotreeError
+from leukotree.lab.select import AUDIT_SHARE
 from leukotree.serve.auth import LoginThrottle, Sessions
 from leukotree.serve.guard import Guard, add_error_handlers, allowed_hosts
 from leukotree.serve.pages import add_pages
+from leukotree.serve.queue import MAX_QUEUE, review_queue
 from leukotree.serve.store import Store
 from leukotree.serve.texts import check_id, check_note, csv_cell
 from leukotree.serve.uploads import Limits, expand, read_form
@@ -52,6 +55,9 @@ class ServeSettings:
     confidence: str | None = "0.6"
     aggregate: str = "majority"
     allowed_hosts: tuple[str, ...] = ()
+    #: Share of the cells decided (once, when stored) to be audit cells: never trained
+    #: on, the lab's unbiased test set (:mod:`leukotree.lab.select`).
+    audit_share: float = AUDIT_SHARE
 
 
 def create_app(models: Models, store: Store, settings: ServeSettings | None = None) -> Any:
@@ -65,6 +71,7 @@ def create_app(models: Models, store: Store, settings: ServeSettings | None = No
     async def lifespan(app: Any) -> AsyncIterator[None]:
         store.hold()
         try:
+            store.fill_audit(settings.audit_share)  # cells stored by an older version
             worker.resume_pending()
             yield
             worker.shutdown()
@@ -145,7 +152,8 @@ def _add_api(app: FastAPI) -> None:
         name, _ = models.get(check_id(fields.get("model"), "model", required=False) or None)
         uploads = await run_in_threadpool(expand, files, limits)
         del files
-        case_id = await run_in_threadpool(store.create_case, patient or None, name, uploads)
+        case_id = await run_in_threadpool(store.create_case, patient or None, name, uploads,
+                                          app.state.settings.audit_share)
         app.state.worker.submit(case_id)
         return JSONResponse({"id": case_id, "n_cells": len(uploads)}, status_code=201)
 
@@ -160,6 +168,14 @@ def _add_api(app: FastAPI) -> None:
     @app.get("/api/cases/{case_id}")
     def get_case(case_id: str) -> Any:
         return case_json(store, case_id)
+
+    @app.get("/api/review-queue")
+    def get_review_queue(n: Annotated[int, Query(ge=1, le=MAX_QUEUE)] = 20,
+                         model: str | None = None, policy: str = "active") -> Any:
+        """Up to ``n`` cells of open cases, not reviewed yet, worth a review (``policy``:
+        active, uncertainty, ood or random), ``audit`` marking the random audit share."""
+        return review_queue(store, models, n, model=model, policy=policy,
+                            audit_share=app.state.settings.audit_share)
 
 
 def leaf_label(predictor: Any, label: object, where: str) -> str:

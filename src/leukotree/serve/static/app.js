@@ -183,5 +183,28 @@ function setupCase() {
   draw();
 }
 
+// ----------------------------------------------------------------- review queue
+function setupQueue() {
+  const table = $("queue");
+  if (!table) { return; }
+  const reviewer = $("reviewer");
+  reviewer.value = localStorage.getItem("leukotree-reviewer") || "";
+  reviewer.addEventListener("change", () => localStorage.setItem("leukotree-reviewer", reviewer.value));
+  table.querySelectorAll(".queue-item").forEach((row) => {
+    row.querySelector(".queue-save").addEventListener("click", async () => {
+      const body = {reviewer: reviewer.value.trim(), label: row.querySelector(".queue-label").value};
+      const type = row.querySelector(".queue-cell-type");
+      if (type && type.value) { body.cell_type = type.value; }
+      const msg = row.querySelector(".queue-msg");
+      try {
+        await api("POST", "/api/cases/" + row.dataset.case + "/cells/" + row.dataset.index + "/review", body);
+        msg.textContent = "saved";
+        row.classList.add("reviewed");
+      } catch (err) { msg.textContent = err.message; }
+    });
+  });
+}
+
 setupUpload();
 setupCase();
+setupQueue();
