@@ -49,11 +49,16 @@ def test_active_score_mixes_uncertainty_answer_size_and_ood():
 
 
 def test_reasons_a_technologist_can_read():
-    p = pool([[0.48, 0.41, 0.11], [0.9, 0.05, 0.05]], ood_score=np.array([0.2, 1.3]))
-    picks = select_cells(p, 2, policy="active", audit_share=0)
+    p = pool([[0.48, 0.41, 0.11], [0.9, 0.05, 0.05], [0.05, 0.05, 0.9],
+              [0.05, 0.9, 0.05]], ood_score=np.array([0.2, 1.3, 0.9, 0.1]))
+    picks = select_cells(p, 4, policy="active", audit_share=0)
     reasons = {q.id: q.reason for q in picks}
     assert reasons["c0"] == "uncertain: A 0.48 / B 0.41"
     assert reasons["c1"] == "unlike training cells (ood 1.30); predicted A 0.90"
+    assert reasons["c2"] == "unusual (ood 0.90); predicted C 0.90"  # O 0.45 > U 0.15
+    assert reasons["c3"] == "spread over classes: predicted B 0.90"
+    assert select_cells(p, 1, policy="uncertainty", audit_share=0)[0].reason == \
+        "uncertain: A 0.48 / B 0.41"
 
 
 def test_audit_count_is_exact_and_halves_round_up():

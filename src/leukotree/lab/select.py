@@ -233,17 +233,20 @@ def _ood_reason(pool: Pool, i: int) -> str:
 
 
 def _active_reason(pool: Pool, i: int) -> str:
-    """The out-of-distribution reason when ``O`` outweighs the uncertainty (or the cell
-    is flagged), else the uncertainty's."""
+    """Why ``active`` offers cell ``i``: unlike the training cells (flagged), unusual
+    (``O`` outweighs the uncertainty, score ``s >= 0.5``), uncertain (uncertainty
+    ``>= 0.5``), or else only its class's share of the queue (the spread)."""
+    u = float(margin_uncertainty(pool.leaf_probs[i:i + 1])[0])
+    if pool.answer_sizes is not None:
+        u = (u + float(answer_uncertainty(pool.answer_sizes[i:i + 1], len(pool.leaves))[0])) / 2
     if pool.ood_score is not None:
-        o = float(ood_term(pool.ood_score[i:i + 1])[0])
-        u = float(margin_uncertainty(pool.leaf_probs[i:i + 1])[0])
-        if pool.answer_sizes is not None:
-            u = (u + float(answer_uncertainty(pool.answer_sizes[i:i + 1],
-                                              len(pool.leaves))[0])) / 2
-        if o > 0.5 or o > u:
+        s = float(np.nan_to_num(pool.ood_score[i]))
+        if s > 1 or (s >= 0.5 and ood_term(np.array([s]))[0] > u):
             return _ood_reason(pool, i)
-    return _uncertain_reason(pool, i)
+    if u >= 0.5 or pool.ood_score is None:
+        return _uncertain_reason(pool, i)
+    leaf = int(pool.leaf_probs[i].argmax())
+    return f"spread over classes: predicted {pool.leaves[leaf]} {pool.leaf_probs[i, leaf]:.2f}"
 
 
 @dataclass(frozen=True)
