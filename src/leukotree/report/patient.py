@@ -177,7 +177,7 @@ def _write_cell_count(loaded: LoadedModel, predictor: Predictor, preds: Predicti
             per_class, heatmaps, groups))
     body = "\n".join([
         f"<h1>Patient {esc(name)}</h1>",
-        f"<p class='sub'>{count.n_classified} cells classified ({len(bad)} unreadable, "
+        f"<p class='sub'>{count.n_classified} cells analysed ({len(bad)} unreadable, "
         f"{count.n_unclassifiable} unclassifiable and counted apart); model: "
         f"{esc(loaded.source)}. For research use; not a diagnostic device.</p>",
         f"<p class='err' id='domain-shift'>{esc(alarm)}</p>" if alarm else "",
