@@ -2,6 +2,8 @@
 count, uniform, stable), no duplicates, spreading over classes and patients,
 determinism, exclusion and the errors."""
 
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -187,6 +189,13 @@ def test_audit_flag_is_stable_and_near_its_share():
     assert flags == [audit_flag(k, 0.2) for k in keys]
     assert 0.17 < np.mean(flags) < 0.23
     assert not any(audit_flag(k, 0.0) for k in keys[:100])
+    assert all(audit_flag(k, 1.0) for k in keys[:100])
+
+
+def test_audit_flag_is_the_whole_digest_over_2_to_the_256():
+    # by hand: the cell is audit when int(sha256("case:index")) / 2^256 < share
+    value = int(hashlib.sha256(b"abc:3").hexdigest(), 16) / 2 ** 256
+    assert audit_flag("abc:3", value + 1e-9) and not audit_flag("abc:3", value)
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [

@@ -42,7 +42,7 @@ from starlette.concurrency import run_in_threadpool
 from leukotree.errors import LeukotreeError
 from leukotree.lab.jobs import Jobs, Lab, LabCell, LabSettings
 from leukotree.lab.select import AUDIT_SHARE
-from leukotree.lab.versions import Version, is_audit
+from leukotree.lab.versions import Version
 from leukotree.serve.auth import LoginThrottle, Sessions
 from leukotree.serve.guard import Guard, add_error_handlers, allowed_hosts
 from leukotree.serve.pages import add_pages
@@ -120,9 +120,9 @@ def _lab(store: Store, models: Models, settings: LabSettings) -> Lab:
         return models.options.input_config(predictor.model_config, source=run)
 
     def cells() -> list[LabCell]:
-        return store.reviewed_cells(models.default)
+        return store.reviewed_cells(models.default)  # each with its stored audit flag
 
-    return Lab(store.transaction, store.root / "lab", cells, is_audit, swap, settings, view)
+    return Lab(store.transaction, store.root / "lab", cells, swap, settings, view)
 
 
 class Review(BaseModel):

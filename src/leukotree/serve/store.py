@@ -11,8 +11,11 @@ Every cell is decided once, when its case is stored, to be an *audit* cell or no
 (``cells.audit``: :func:`leukotree.lab.select.audit_flag` of ``case:index`` at the
 server's audit share, a uniform random draw independent of the cell): the reviewed audit
 cells are the lab's unbiased test set and are never trained on
-(:meth:`Store.audit_cells`). ``cells.digest`` is the SHA-256 of the stored bytes (the
-review queue never offers the same image twice).
+(:meth:`Store.audit_cells`). This stored flag is the only decision: the review queue,
+the lab's training jobs and its gate read it (:meth:`Store.reviewed_cells` gives each
+:class:`~leukotree.lab.jobs.LabCell` its flag) and ``/api/corrections.csv`` shows it.
+``cells.digest`` is the SHA-256 of the stored bytes (the review queue never offers the
+same image twice).
 
 A sign-out is final: a second one, or a cell review after it, is refused
 (:class:`CaseConflict`, 409); a correction is an amendment, a new entry with who, when
@@ -402,8 +405,17 @@ class Store:
                        "VALUES (?, 'amendment', ?, ?, ?, ?)",
                        (case_id, label, reviewer, time.time(), reason))
 
-
     # ----------------------------------------------------------------- audit cells
+    @staticmethod
+    def _audit(row: sqlite3.Row) -> bool:
+        """A cell row's stored audit flag (``case_id``, ``idx``, ``audit`` columns). A flag
+        not decided yet (a cell stored by an older version, before :meth:`fill_audit`)
+        counts by the rule at the default share, so that it is never trained on by
+        accident."""
+        if row["audit"] is not None:
+            return row["audit"] == 1
+        return audit_flag(f"{row['case_id']}:{row['idx']}")
+
     def fill_audit(self, audit_share: float = AUDIT_SHARE) -> int:
         """Decide the audit flag of cells stored before flags existed (``audit`` NULL), at
         ``audit_share``; a decided flag is never changed. Returns how many were decided."""
@@ -416,14 +428,11 @@ class Store:
 
     def audit_cells(self) -> set[tuple[str, int]]:
         """``(case id, cell index)`` of every audit cell (reviewed or not): never train on
-        these; their reviews are the lab's unbiased test set. A cell whose flag is not
-        decided yet (stored by an older version, before :meth:`fill_audit`) is counted
-        by the rule at the default share, so that it is never trained on by accident."""
+        these; their reviews are the lab's unbiased test set (:meth:`_audit`)."""
         with self._db() as db:
             rows = db.execute("SELECT case_id, idx, audit FROM cells WHERE audit IS NULL "
                               "OR audit = 1").fetchall()
-        return {(r["case_id"], r["idx"]) for r in rows
-                if r["audit"] == 1 or audit_flag(f"{r['case_id']}:{r['idx']}")}
+        return {(r["case_id"], r["idx"]) for r in rows if self._audit(r)}
 
     def review_candidates(self, model: str | None = None) -> list[dict[str, Any]]:
         """The cells a review queue may offer: classified (with a result), of done cases
@@ -440,8 +449,7 @@ class Store:
             args = (model,)
         with self._db() as db:
             rows = db.execute(query + " ORDER BY k.created, c.idx", args).fetchall()
-        return [dict(r) | {"result": json.loads(r["result"]), "audit": r["audit"] == 1
-                           or (r["audit"] is None and audit_flag(f"{r['case_id']}:{r['idx']}"))}
+        return [dict(r) | {"result": json.loads(r["result"]), "audit": self._audit(r)}
                 for r in rows]
 
     def reviews(self, case_id: str) -> list[dict[str, Any]]:
@@ -452,19 +460,20 @@ class Store:
 
     def reviewed_cells(self, model: str) -> list[LabCell]:
         """Every stored cell of the cases of ``model`` (a served model's name) that a
-        reviewer labelled, with its latest label review: the lab's training and audit
-        cells."""
+        reviewer labelled, with its latest label review and its stored audit flag: the
+        lab's training and audit cells."""
         with self._db() as db:
             rows = db.execute(
                 "SELECT c.case_id, c.idx, c.stored, c.reviewed_label, c.reviewed_cell_type, "
-                "k.patient, (SELECT MAX(id) FROM reviews r WHERE r.case_id = c.case_id AND "
-                "r.cell_idx = c.idx AND r.label IS NOT NULL) AS review FROM cells c JOIN "
+                "c.audit, k.patient, (SELECT MAX(id) FROM reviews r WHERE "
+                "r.case_id = c.case_id AND r.cell_idx = c.idx AND r.label IS NOT NULL) "
+                "AS review FROM cells c JOIN "
                 "cases k ON k.id = c.case_id WHERE c.reviewed_label IS NOT NULL AND "
                 "c.stored IS NOT NULL AND k.model = ? ORDER BY k.created, c.idx",
                 (model,)).fetchall()
         return [LabCell(r["case_id"], r["idx"], (self.images / r["case_id"] / r["stored"])
                         .resolve(), r["reviewed_label"], r["patient"], r["review"],
-                        r["reviewed_cell_type"] or "") for r in rows]
+                        r["reviewed_cell_type"] or "", self._audit(r)) for r in rows]
 
     def corrections(self) -> list[dict[str, str]]:
         """Every reviewed cell as a manifest row ``path,label,patient,cell_type``: the label
