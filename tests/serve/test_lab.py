@@ -3,6 +3,7 @@ process (on the reviewed cells not flagged audit in the store), its status, the 
 refusal and a promotion, a forced promotion, re-runs and restarts."""
 
 import csv
+import io
 import time
 from dataclasses import replace
 
@@ -82,12 +83,16 @@ def test_the_lab_loop_trains_gates_promotes_and_survives_a_restart(served_run, t
         assert done["model"] == 2 and done["progress"] == {"epochs_done": 1, "epochs": 1}
         assert done["attempts"] == 2
         assert done["n_cells"] == n_train
-        # the job trained on the reviewed cells whose stored flag is not audit
+        # the job trained on the reviewed cells whose stored flag is not audit, and
+        # the corrections manifest marks the audit cells
         audit_paths = {str(api.app.state.store.image_path(case, k).resolve())
                        for case, k in audit}
         with (store / "lab" / "jobs" / job / "cells.csv").open(newline="") as handle:
             trained = {row["path"] for row in csv.DictReader(handle)}
         assert len(trained) == n_train and not trained & audit_paths
+        corrections = list(csv.DictReader(io.StringIO(api.get("/api/corrections.csv").text)))
+        assert {r["path"] for r in corrections if r["audit"] == "True"} == audit_paths
+        assert {r["path"] for r in corrections if r["audit"] == "False"} == trained
 
         versions = {m["id"]: m for m in api.get("/api/models").json()["models"]}
         candidate = versions[2]

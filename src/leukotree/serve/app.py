@@ -336,10 +336,12 @@ def _add_review_api(app: FastAPI) -> None:
 
     @app.get("/api/corrections.csv")
     def corrections() -> Response:
-        """Reviewed cells as a manifest (``path,label,patient,cell_type``); cells a
-        spreadsheet would evaluate are neutralised with a leading ``'``."""
+        """Reviewed cells as a manifest (``path,label,patient,cell_type,audit``; ``audit``
+        true: the lab's test set, leave it out of any training); cells a spreadsheet
+        would evaluate are neutralised with a leading ``'``."""
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=["path", "label", "patient", "cell_type"])
+        writer = csv.DictWriter(buffer, fieldnames=["path", "label", "patient", "cell_type",
+                                                    "audit"])
         writer.writeheader()
         writer.writerows({k: csv_cell(v) for k, v in row.items()}
                          for row in store.corrections())

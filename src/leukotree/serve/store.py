@@ -476,18 +476,22 @@ class Store:
                         r["reviewed_cell_type"] or "", self._audit(r)) for r in rows]
 
     def corrections(self) -> list[dict[str, str]]:
-        """Every reviewed cell as a manifest row ``path,label,patient,cell_type``: the label
-        a reviewer gave the cell, else the case's diagnosis in force (the latest amendment,
-        else the sign-out)."""
+        """Every reviewed cell as a manifest row ``path,label,patient,cell_type,audit``:
+        the label a reviewer gave the cell, else the case's diagnosis in force (the latest
+        amendment, else the sign-out); ``audit`` (``True``/``False``, as in ``leukotree
+        select``'s queue) its stored flag: an audit cell is the lab's test set, never to
+        be trained on."""
         with self._db() as db:
             rows = db.execute(
-                "SELECT c.case_id, c.stored, c.reviewed_label, c.reviewed_cell_type, "
-                "k.patient, COALESCE((SELECT label FROM reviews WHERE case_id = k.id AND "
-                "kind = 'amendment' ORDER BY id DESC LIMIT 1), k.final_label) AS final_label "
+                "SELECT c.case_id, c.idx, c.audit, c.stored, c.reviewed_label, "
+                "c.reviewed_cell_type, k.patient, COALESCE((SELECT label FROM reviews "
+                "WHERE case_id = k.id AND kind = 'amendment' ORDER BY id DESC LIMIT 1), "
+                "k.final_label) AS final_label "
                 "FROM cells c JOIN cases k ON k.id = c.case_id WHERE "
                 "(c.reviewed_label IS NOT NULL OR c.reviewed_cell_type IS NOT NULL) AND "
                 "c.stored IS NOT NULL ORDER BY k.created, c.idx").fetchall()
         return [{"path": str((self.images / r["case_id"] / r["stored"]).resolve()),
                  "label": r["reviewed_label"] or r["final_label"] or "",
                  "patient": r["patient"],
-                 "cell_type": r["reviewed_cell_type"] or ""} for r in rows]
+                 "cell_type": r["reviewed_cell_type"] or "",
+                 "audit": str(self._audit(r))} for r in rows]
