@@ -8,7 +8,10 @@ the first served model). A cell's audit flag was decided when its case was store
 (:class:`~leukotree.serve.store.Store`); the queue's audit share is drawn at random from
 the audit cells, the rest chosen by the policy among the others. The ids are
 ``case:index``, so the queue is the same from one request to the next, less the cells
-reviewed meanwhile. Duplicates are cells with the same bytes (the stored digest).
+reviewed meanwhile. Duplicates are cells with the same bytes (the stored digest). When
+the model states conformal answers, the worker stored each cell's ``answer_node`` and
+``answer_leaves``; the pool then carries the answer sizes, and the policy weighs them
+as ``leukotree select`` does.
 """
 
 from __future__ import annotations
@@ -28,18 +31,23 @@ MAX_QUEUE = 1000
 def candidate_pool(store: Store, models: Models, model: str | None = None,
                    ) -> tuple[str, Pool, list[dict[str, Any]]]:
     """The served model's name, the :class:`~leukotree.lab.select.Pool` of its review
-    candidates (leaf probabilities and out-of-distribution scores as stored) and the
-    candidates' rows (:meth:`~leukotree.serve.store.Store.review_candidates`)."""
+    candidates (leaf probabilities, out-of-distribution scores and conformal answers as
+    stored; scores and answers only when every candidate has one) and the candidates'
+    rows (:meth:`~leukotree.serve.store.Store.review_candidates`)."""
     name, predictor = models.get(model)
     leaves = predictor.taxonomy.leaves
     rows = store.review_candidates(name)
     probs = np.array([[float(r["result"]["probabilities"].get(leaf, np.nan)) for leaf in leaves]
                       for r in rows], dtype=np.float64).reshape(len(rows), len(leaves))
     scored = rows and all(r["result"].get("ood_score") is not None for r in rows)
+    answered = rows and all(r["result"].get("answer_leaves") for r in rows)
     pool = Pool([f"{r['case_id']}:{r['idx']}" for r in rows], leaves, probs,
                 patients=[r["patient"] for r in rows],
                 ood_score=np.array([float(r["result"]["ood_score"]) for r in rows])
                 if scored else None,
+                answer_nodes=[r["result"]["answer_node"] for r in rows] if answered else None,
+                answer_sizes=np.array([len(r["result"]["answer_leaves"]) for r in rows])
+                if answered else None,
                 digests=[r["digest"] or file_digest(store.images / r["case_id"] / r["stored"])
                          for r in rows],
                 audit=np.array([bool(r["audit"]) for r in rows], dtype=bool))
