@@ -71,7 +71,7 @@ def shoot(run: Path, files: list[str], out: Path) -> None:
             page.fill("#patient", "demo-patient-1")
             page.set_input_files("#files", files)
             page.click("#submit")
-            page.wait_for_selector("#diagnosis", timeout=300_000)
+            page.wait_for_selector("#diagnosis, #differential-count", timeout=300_000)
             page.screenshot(path=str(out / "serve-case.png"))
             page.fill("#reviewer", "J. Smith")
             page.locator(".cellcard").nth(1).click()

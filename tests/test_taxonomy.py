@@ -555,3 +555,34 @@ def test_cell_types_of_the_deepapl_data_resolve():
     resolved = [cells.resolve(n) for n in names]
     assert all(cells.is_leaf(r) for r in resolved)
     assert cells.resolve("lymphocyte") == "lymphocyte"  # the mature cell, a leaf
+
+
+# --------------------------------------------------------------------- kind
+def test_builtin_kinds_cell_types_or_diagnoses():
+    kinds = {name: load_taxonomy(name).kind for name in builtin_taxonomies()}
+    assert kinds == {"aml-apl": "diagnosis", "cnmc": "diagnosis", "jhh-cells": "cells",
+                     "leukemia7": "diagnosis", "pbc": "cells", "pbc-fine": "cells"}
+
+
+def test_kind_defaults_to_diagnosis_and_round_trips():
+    tax = Taxonomy.from_tree(["x", "y"])
+    assert tax.kind == "diagnosis"
+    cells = Taxonomy.from_dict({"name": "mine", "kind": "cells", "tree": ["x", "y"]})
+    assert cells.kind == "cells" and Taxonomy.from_dict(cells.to_dict()).kind == "cells"
+    assert Taxonomy.from_dict(yaml.safe_load(cells.to_yaml())).kind == "cells"
+    # the kind says how models are read, not what they output: equal trees stay equal
+    assert cells == Taxonomy.from_dict({"name": "mine", "tree": ["x", "y"]})
+
+
+def test_a_taxonomy_saved_before_kind_takes_the_builtins_kind():
+    old = load_taxonomy("pbc").to_dict()
+    old.pop("kind")
+    assert Taxonomy.from_dict(old).kind == "cells"
+    changed = {**old, "tree": {"a": None, "b": None}}  # same name, another tree
+    assert Taxonomy.from_dict(changed).kind == "diagnosis"
+
+
+def test_an_unknown_kind_is_refused_with_the_choices():
+    with pytest.raises(TaxonomyError, match=r"kind 'cell' is not one of diagnosis, cells.*"
+                                            r"Did you mean 'cells'"):
+        Taxonomy.from_dict({"name": "t", "kind": "cell", "tree": ["x", "y"]})

@@ -217,6 +217,28 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_SOME_INPUTS_FAILED if errors else EXIT_OK
 
 
+def cmd_select(args: argparse.Namespace) -> int:
+    from leukotree.inference.options import InferenceOptions
+    from leukotree.lab.select import read_done, select_from_run
+    from leukotree.rundir import write_csv
+
+    done = read_done(args.exclude) if args.exclude else set()
+    chosen = select_from_run(args.run, args.inputs, args.n, policy=args.policy,
+                             audit_share=args.audit_share, seed=args.seed, exclude=done,
+                             patients=args.patients, options=InferenceOptions.from_args(args),
+                             progress=not args.no_progress)
+    rows = chosen.rows()
+    write_csv(args.out, rows, list(rows[0]))
+    console = stderr_console()
+    n_audit = sum(p.audit for p in chosen.picks)
+    say(console, f"chose {len(rows)} of {chosen.n_inputs} cell(s) ({n_audit} audit cells drawn "
+        f"at random, {len(rows) - n_audit} by policy '{args.policy}'; {chosen.n_excluded} "
+        f"left out as reviewed or given twice); wrote {args.out}")
+    for error in chosen.unreadable:
+        say(console, f"unreadable: {error}", "red")
+    return EXIT_SOME_INPUTS_FAILED if chosen.unreadable else EXIT_OK
+
+
 def _name_not_used(console: Console, files: list[Path]) -> None:
     """Name every file of a given folder that was not used (hidden, or not an image)."""
     from leukotree.errors import display_path
@@ -252,9 +274,15 @@ def cmd_report(args: argparse.Namespace) -> int:
                             top_cells=args.top_cells, heatmaps=not args.no_heatmaps,
                             progress=not args.no_progress)
     console = stderr_console()
-    say(console, f"patient {result['patient']}: {result['diagnosis'] or 'insufficient'}"
-        f"{' (referral advised)' if result['refer'] else ''}, {result['n_cells']} cells; "
-        f"wrote {args.out}")
+    if result.get("kind") == "cells":
+        shares = ", ".join(f"{r['leaf']} {r['percent']:g}%"
+                           for r in result["differential_count"]["rows"] if r["count"])
+        say(console, f"patient {result['patient']}: differential count of "
+            f"{result['n_cells']} cells ({shares}); wrote {args.out}")
+    else:
+        say(console, f"patient {result['patient']}: {result['diagnosis'] or 'insufficient'}"
+            f"{' (referral advised)' if result['refer'] else ''}, {result['n_cells']} cells; "
+            f"wrote {args.out}")
     for error in result["unreadable"]:
         say(console, f"unreadable: {error}", "red")
     _name_not_used(console, [Path(p) for p in result["not_used"]])
@@ -438,8 +466,8 @@ def cmd_taxonomy(args: argparse.Namespace) -> int:
     if args.name is None:
         for name in builtin_taxonomies():
             tax = load_taxonomy(name)
-            print(f"{name:12s} {len(tax.leaves)} leaves, depth {tax.max_depth}: "
-                  f"{tax.description}")
+            print(f"{name:12s} {len(tax.leaves)} leaves, depth {tax.max_depth}, "
+                  f"{tax.kind}: {tax.description}")
         return 0
     tax = load_taxonomy(args.name)
     if args.yaml:
@@ -499,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_parsers(sub)
     _add_training_parsers(sub)
     _add_predict_parser(sub)
+    _add_select_parser(sub)
     _add_explain_report_export_parsers(sub)
     _add_eval_parser(sub)
     _add_calibrate_parser(sub)
@@ -647,6 +676,36 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
                                  "workers", "crop_mode", "pixel_size", "max_pixels"])
     pr.add_argument("--no-progress", action="store_true")
     pr.set_defaults(func=cmd_predict)
+
+
+def _add_select_parser(sub: argparse._SubParsersAction) -> None:
+    from leukotree.lab.select import POLICIES
+
+    se = sub.add_parser("select", help="choose the cells worth a technologist's review (an "
+                                       "active-learning queue with a random audit share)")
+    se.add_argument("run", type=Path, help="run folder, its best.pt, or an exported .onnx")
+    se.add_argument("inputs", nargs="+", help="the candidate cells: images, folders or CSV "
+                                              "manifests (as predict reads them)")
+    se.add_argument("--n", type=POSITIVE, required=True, help="cells to choose")
+    se.add_argument("--out", type=Path, required=True,
+                    help="CSV to write: path,reason,audit,predicted_leaf,p,ood_score,patient,"
+                         "score")
+    se.add_argument("--policy", choices=list(POLICIES), default="active",
+                    help="active (default): uncertainty and out-of-distribution score, spread "
+                         "over predicted classes and patients; uncertainty; ood; random")
+    se.add_argument("--audit-share", type=number(float, 0, 1, high_open=True), default=0.2,
+                    help="share of the N cells drawn uniformly at random and marked audit "
+                         "(never train on them: they are the lab's unbiased test set)")
+    se.add_argument("--seed", type=COUNT, default=0)
+    se.add_argument("--exclude", type=Path, metavar="DONE.csv",
+                    help="CSV with a 'path' column of cells already reviewed (e.g. earlier "
+                         "queues): never chosen again")
+    se.add_argument("--patients", default="auto",
+                    help="patient ids (to spread the queue over patients), as for predict")
+    add_inference_arguments(se, ["engine", "batch_size", "workers", "crop_mode", "pixel_size",
+                                 "tta", "max_pixels"])
+    se.add_argument("--no-progress", action="store_true")
+    se.set_defaults(func=cmd_select)
 
 
 def _add_explain_report_export_parsers(sub: argparse._SubParsersAction) -> None:

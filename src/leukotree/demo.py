@@ -76,8 +76,12 @@ def run_demo(out: Path, *, folds: int = 3, seed: int = 0, progress: bool = True,
         sample = _sample_cells(demo.cv.fold(0), 12)
         sample_report = patient_report(demo.cv.fold(0).path, sample, demo.report,
                                        patient="demo-sample", progress=False)
-        say(console, f"report: {demo.report} (diagnosis {sample_report['diagnosis']}, "
-            f"referral {'advised' if sample_report['refer'] else 'not needed'})")
+        if sample_report.get("kind") == "cells":  # PBC: cell types, a differential count
+            say(console, f"report: {demo.report} (differential count of "
+                f"{sample_report['n_cells']} cells)")
+        else:
+            say(console, f"report: {demo.report} (diagnosis {sample_report['diagnosis']}, "
+                f"referral {'advised' if sample_report['refer'] else 'not needed'})")
     summary = {"check": str(demo.check), "folds": str(demo.folds), "cv": str(demo.cv.path),
                "report": str(demo.cv.markdown), "images": report.n_images,
                "usable": report.usable, "accuracy": cv["mean"]["accuracy"],

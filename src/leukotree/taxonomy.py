@@ -30,6 +30,12 @@ labelled ``Acute`` is known to be acute leukemia of unknown subtype.
 
 ``aliases:`` maps other spellings to nodes (``APL: APML``): a label, a label folder or a
 manifest cell may use either; models, tables and files always use the node's name.
+
+``kind:`` says what a model of the taxonomy classifies (:data:`KINDS`): ``diagnosis``
+(the default: a patient's cells add up to one diagnosis, e.g. ``leukemia7``) or
+``cells`` (cell types, e.g. ``pbc``: a patient's cells add up to a differential count,
+not a diagnosis). A taxonomy saved without ``kind`` (by an older version) that is a
+built-in one, same name and tree, takes the built-in's kind.
 """
 
 from __future__ import annotations
@@ -47,7 +53,9 @@ import yaml
 from leukotree.errors import LeukotreeError, TaxonomyError, UnknownLabelError, did_you_mean
 from leukotree.rundir import parse_yaml, read_yaml
 
-_DOC_KEYS = {"name", "root", "tree", "parents", "description", "aliases"}
+_DOC_KEYS = {"name", "root", "tree", "parents", "description", "aliases", "kind"}
+#: What a taxonomy's models classify: patients' diagnoses, or cell types.
+KINDS = ("diagnosis", "cells")
 #: Deepest tree accepted (levels below the root).
 MAX_DEPTH = 32
 
@@ -74,10 +82,17 @@ class Taxonomy:
         name: str = "custom",
         description: str = "",
         aliases: Mapping[str, str] | None = None,
+        kind: str = "diagnosis",
     ) -> None:
         self.name = name
         self.root = root
         self.description = description
+        if kind not in KINDS:
+            raise TaxonomyError(f"Taxonomy '{name}': kind {kind!r} is not one of "
+                                f"{', '.join(KINDS)} (diagnosis: a patient's cells add up "
+                                "to a diagnosis; cells: the leaves are cell types)."
+                                + did_you_mean(str(kind), KINDS))
+        self.kind = kind
         if not children.get(root):
             raise TaxonomyError(
                 f"Taxonomy '{name}' is empty: its root '{root}' has no children. "
@@ -141,7 +156,7 @@ class Taxonomy:
     @classmethod
     def from_tree(
         cls, tree: Any, root: str = "root", name: str = "custom", description: str = "",
-        aliases: Mapping[str, str] | None = None,
+        aliases: Mapping[str, str] | None = None, kind: str = "diagnosis",
     ) -> Taxonomy:
         """Build from a nested mapping (``None`` marks a leaf, a list is a set of leaves)."""
         _check_name(root, "root", name)
@@ -192,7 +207,8 @@ class Taxonomy:
                 f"Taxonomy '{name}' is empty: 'tree:' lists no classes. List at least two."
             )
         walk(root, tree, root, ())
-        return cls(children, root=root, name=name, description=description, aliases=aliases)
+        return cls(children, root=root, name=name, description=description, aliases=aliases,
+                   kind=kind)
 
     @classmethod
     def from_parents(
@@ -202,6 +218,7 @@ class Taxonomy:
         name: str = "custom",
         description: str = "",
         aliases: Mapping[str, str] | None = None,
+        kind: str = "diagnosis",
     ) -> Taxonomy:
         """Build from a ``{child: parent}`` mapping; the root's children map to ``root``."""
         if not parents:
@@ -230,7 +247,8 @@ class Taxonomy:
                     cycle = " -> ".join([*trail[trail.index(nxt):], nxt])
                     raise TaxonomyError(f"Taxonomy '{name}' has a cycle: {cycle}.")
                 trail.append(nxt)
-        return cls(children, root=root, name=name, description=description, aliases=aliases)
+        return cls(children, root=root, name=name, description=description, aliases=aliases,
+                   kind=kind)
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any], source: str = "<dict>") -> Taxonomy:
@@ -259,16 +277,21 @@ class Taxonomy:
                 f"Taxonomy file {source}: give exactly one of 'tree:' (nested mapping) or "
                 "'parents:' (child: parent mapping)."
             )
+        kind = doc.get("kind", "diagnosis")
         if "tree" in doc:
-            return cls.from_tree(doc["tree"], root=root, name=name, description=description,
-                                 aliases=aliases)
-        parents = doc["parents"]
-        if not isinstance(parents, Mapping):
-            raise TaxonomyError(
-                f"Taxonomy file {source}: 'parents:' must map each node to its parent."
-            )
-        return cls.from_parents(parents, root=root, name=name, description=description,
-                                aliases=aliases)
+            tax = cls.from_tree(doc["tree"], root=root, name=name, description=description,
+                                aliases=aliases, kind=kind)
+        else:
+            parents = doc["parents"]
+            if not isinstance(parents, Mapping):
+                raise TaxonomyError(
+                    f"Taxonomy file {source}: 'parents:' must map each node to its parent."
+                )
+            tax = cls.from_parents(parents, root=root, name=name, description=description,
+                                   aliases=aliases, kind=kind)
+        if "kind" not in doc:
+            tax.kind = _builtin_kind(tax)
+        return tax
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Taxonomy:
@@ -290,6 +313,7 @@ class Taxonomy:
         doc: dict[str, Any] = {"name": self.name, "root": self.root}
         if self.description:
             doc["description"] = self.description
+        doc["kind"] = self.kind
         doc["tree"] = sub(self.root)
         if self.aliases:
             doc["aliases"] = dict(self.aliases)
@@ -337,6 +361,7 @@ class Taxonomy:
     def _structure(self) -> str:
         doc = self.to_dict()
         doc.pop("aliases", None)
+        doc.pop("kind", None)  # how its models are read, not what they output
         return yaml.safe_dump(doc, sort_keys=False)
 
     def __eq__(self, other: object) -> bool:
@@ -507,6 +532,15 @@ def _check_name(name: object, where: str, taxonomy: str) -> None:
             f"Taxonomy '{taxonomy}': invalid node name {name!r} at '{where}': names must be "
             "non-empty, without surrounding spaces and without '/'."
         )
+
+
+def _builtin_kind(tax: Taxonomy) -> str:
+    """The kind of the built-in taxonomy that ``tax`` is (same name and tree), for a
+    taxonomy saved before ``kind`` existed; ``diagnosis`` otherwise."""
+    if tax.name not in builtin_taxonomies():
+        return "diagnosis"
+    builtin = load_taxonomy(tax.name)
+    return builtin.kind if builtin == tax else "diagnosis"
 
 
 def builtin_taxonomies() -> list[str]:

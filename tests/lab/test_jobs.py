@@ -17,6 +17,7 @@ from leukotree.lab.jobs import (
     export_manifest,
     train_command,
 )
+from leukotree.lab.select import audit_flag
 from leukotree.lab.versions import SCHEMA as VERSIONS
 from leukotree.rundir import RunDir
 
@@ -30,6 +31,20 @@ def test_the_manifest_holds_the_reviewed_cells(tmp_path):
                      "cell_type": ""},
                     {"path": str(tmp_path / "b.png"), "label": "CLL", "patient": "P1",
                      "cell_type": "lymphocyte"}]
+
+
+def test_the_lab_splits_cells_by_their_stored_audit_flag_only(tmp_path):
+    # the flag comes with the cell (the store decided it once); the lab never re-decides
+    # it: stored flags opposite to what the hash rule says now are still obeyed
+    rule = [audit_flag(f"c1:{k}") for k in range(20)]
+    assert any(rule) and not all(rule)
+    cells = [LabCell("c1", k, tmp_path / f"{k}.png", "AML", "P1", k, audit=not rule[k])
+             for k in range(20)]
+    lab = Lab(database(tmp_path / "db.sqlite3"), tmp_path / "lab", lambda: cells,
+              lambda version: None)
+    train, audit = lab.split_cells()
+    assert [c.index for c in train] == [k for k in range(20) if rule[k]]
+    assert [c.index for c in audit] == [k for k in range(20) if not rule[k]]
 
 
 def test_the_command_fine_tunes_the_parent_replaying_the_source(tmp_path):
@@ -59,13 +74,12 @@ def test_a_job_stopped_after_training_is_scored_and_promoted_on_restart(served_r
     with connect() as db:
         db.executescript(VERSIONS + JOBS)
     paths = sorted((served_run / "data").rglob("*.png"))
-    cells = [LabCell("case", k, p, p.parent.parent.name, "P1", k + 1)
+    cells = [LabCell("case", k, p, p.parent.parent.name, "P1", k + 1, audit=k % 4 == 0)
              for k, p in enumerate(paths)]
     swapped = []
     settings = LabSettings(epochs=1, min_reviews=4, auto_promote=True,
                            gate=GateRule(alpha=1e-12, tolerance=1.0, min_audit=1))
-    lab = Lab(connect, tmp_path / "lab", lambda: cells, lambda case, k: k % 4 == 0,
-              swapped.append, settings)
+    lab = Lab(connect, tmp_path / "lab", lambda: cells, swapped.append, settings)
     lab.versions.ensure_initial(served_run / "run")
     train = [c for c in cells if c.index % 4]
     job = lab.jobs.create(1, tmp_path / "lab" / "jobs", [c.review for c in train], len(train), 1)

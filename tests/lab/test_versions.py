@@ -1,14 +1,14 @@
-"""Model versions in an SQLite database: the audit rule, version 1, candidates, promotion
-(one active), persistence across a reopen."""
+"""Model versions in an SQLite database: version 1, candidates, promotion (one active),
+persistence across a reopen. (The audit rule is :func:`leukotree.lab.select.audit_flag`,
+tested in test_select.py; the store keeps each cell's flag.)"""
 
-import hashlib
 import sqlite3
 from contextlib import contextmanager
 
 import pytest
 
 from leukotree.errors import LeukotreeError
-from leukotree.lab.versions import SCHEMA, LabConflict, LabNotFound, Versions, is_audit
+from leukotree.lab.versions import SCHEMA, LabConflict, LabNotFound, Versions
 
 
 def database(path):
@@ -26,17 +26,6 @@ def database(path):
     with connect() as db:
         db.executescript(SCHEMA)
     return connect
-
-
-def test_audit_cells_are_the_seeded_hash_share():
-    # by hand: the cell is audit when sha256("case:index") / 2^256 < share
-    value = int(hashlib.sha256(b"abc:3").hexdigest(), 16) / 2 ** 256
-    assert is_audit("abc", 3, share=value + 1e-9) and not is_audit("abc", 3, share=value)
-    flags = [is_audit("case-7", k) for k in range(5000)]
-    assert flags == [is_audit("case-7", k) for k in range(5000)]  # decided once
-    assert 0.18 < sum(flags) / 5000 < 0.22
-    assert not any(is_audit("x", k, share=0.0) for k in range(100))
-    assert all(is_audit("x", k, share=1.0) for k in range(100))
 
 
 def test_version_one_is_the_first_model_and_stays_it(tmp_path):

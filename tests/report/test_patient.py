@@ -123,3 +123,27 @@ def test_report_shows_cells_decoded_at_the_given_pixel_size(tmp_path, capsys):
     page = out.read_text()
     assert png_data_uri(load_rgb_array(cells / "c0.png", 32, window=20.0)) in page
     assert png_data_uri(load_rgb_array(cells / "c0.png", 32)) not in page
+
+
+def test_a_cell_type_model_reports_a_differential_count(tmp_path, capsys):
+    pbc = load_taxonomy("pbc")
+    model = build_model(pbc, ModelConfig(head="multihead", backbone="test_resnet", img_size=32))
+    save_model(tmp_path / "best.pt", model, extra={"data": "synthetic"})
+    rng = np.random.default_rng(2)
+    (tmp_path / "cells").mkdir()
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
+            tmp_path / "cells" / f"c{i}.png")
+    out = tmp_path / "report.html"
+    result = patient_report(tmp_path / "best.pt", [tmp_path / "cells"], out, patient="P-3",
+                            heatmaps=False)
+    assert result["kind"] == "cells" and result["diagnosis"] is None
+    count = result["differential_count"]
+    assert count["n_classified"] == 6 and [r["leaf"] for r in count["rows"]] == list(
+        pbc.leaves)
+    page = out.read_text()
+    assert "id='differential-count'" in page and "grouped by predicted class" in page
+    assert "Votes and mean probabilities" not in page  # no majority "diagnosis"
+    assert main(["report", str(tmp_path / "best.pt"), str(tmp_path / "cells"), "--out",
+                 str(out), "--no-heatmaps", "--no-progress"]) == 0
+    assert "differential count of 6 cells" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from conftest import html_tags
 from leukotree.errors import LeukotreeError
 from leukotree.inference.options import InferenceOptions
 from leukotree.serve.app import ServeSettings, create_app
+from leukotree.serve.queue import candidate_pool
 from leukotree.serve.store import Store
 from leukotree.serve.uploads import Limits
 from leukotree.serve.worker import Models
@@ -286,3 +287,15 @@ def test_a_case_shows_each_cells_answer_and_the_stated_miss_rate(promising_run, 
         page = api.get(f"/cases/{case['id']}").text
         assert 'id="miss-rate"' in page and "Stated miss rate" in page
         assert 'value="answer"' in page  # the cells can be sorted by answer size
+        # the review queue weighs the stored answers as `leukotree select` does
+        _, pool, rows = candidate_pool(api.app.state.store, api.app.state.models)
+        by_index = {c["index"]: c for c in case["cells"]}
+        assert pool.answer_nodes == [by_index[r["idx"]]["answer_node"] for r in rows]
+        assert pool.answer_sizes.tolist() == [len(by_index[r["idx"]]["answer_leaves"])
+                                              for r in rows]
+        queue = api.get("/api/review-queue", params={"n": 6, "policy": "uncertainty"}).json()
+        assert len(queue["cells"]) == 6
+        for cell in queue["cells"]:
+            leaves = by_index[cell["index"]]["answer_leaves"]
+            said = f"answer {by_index[cell['index']]['answer_node']} (2 classes)"
+            assert (said in cell["reason"]) == (len(leaves) == 2 and not cell["audit"])

@@ -1,7 +1,9 @@
 """The lab loop in ``leukotree serve`` (TestClient): versions, a training job in a separate
-process, its status, the gate's refusal and a promotion, a forced promotion, re-runs and
-restarts."""
+process (on the reviewed cells not flagged audit in the store), its status, the gate's
+refusal and a promotion, a forced promotion, re-runs and restarts."""
 
+import csv
+import io
 import time
 from dataclasses import replace
 
@@ -13,7 +15,6 @@ from leukotree.errors import LeukotreeError
 from leukotree.inference.options import InferenceOptions
 from leukotree.lab.gate import GateRule
 from leukotree.lab.jobs import LabSettings
-from leukotree.lab.versions import is_audit
 from leukotree.serve.app import ServeSettings, create_app
 from leukotree.serve.store import Store
 from leukotree.serve.worker import Models
@@ -61,7 +62,9 @@ def test_the_lab_loop_trains_gates_promotes_and_survives_a_restart(served_run, t
             for cell, label in zip(case["cells"], labels, strict=True):
                 url = f"/api/cases/{case['id']}/cells/{cell['index']}/review"
                 assert api.post(url, json={"label": label, "reviewer": "tech"}).status_code == 200
-        n_audit = sum(is_audit(c["id"], k) for c in (first, second) for k in range(len(labels)))
+        audit = api.app.state.store.audit_cells()  # the flags decided when stored
+        assert {k for k, _ in audit} <= {first["id"], second["id"]}
+        n_audit = len(audit)
         n_train = 2 * len(labels) - n_audit
         assert 20 <= n_audit < n_train  # about a fifth; enough to calibrate on
 
@@ -80,6 +83,16 @@ def test_the_lab_loop_trains_gates_promotes_and_survives_a_restart(served_run, t
         assert done["model"] == 2 and done["progress"] == {"epochs_done": 1, "epochs": 1}
         assert done["attempts"] == 2
         assert done["n_cells"] == n_train
+        # the job trained on the reviewed cells whose stored flag is not audit, and
+        # the corrections manifest marks the audit cells
+        audit_paths = {str(api.app.state.store.image_path(case, k).resolve())
+                       for case, k in audit}
+        with (store / "lab" / "jobs" / job / "cells.csv").open(newline="") as handle:
+            trained = {row["path"] for row in csv.DictReader(handle)}
+        assert len(trained) == n_train and not trained & audit_paths
+        corrections = list(csv.DictReader(io.StringIO(api.get("/api/corrections.csv").text)))
+        assert {r["path"] for r in corrections if r["audit"] == "True"} == audit_paths
+        assert {r["path"] for r in corrections if r["audit"] == "False"} == trained
 
         versions = {m["id"]: m for m in api.get("/api/models").json()["models"]}
         candidate = versions[2]

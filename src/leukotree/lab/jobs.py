@@ -3,8 +3,9 @@ gated and, when asked (or with ``--auto-promote``), promoted.
 
 A training job (:meth:`Lab.start_training`):
 
-1. writes the reviewed **non-audit** cells (images from the store, labels from the
-   reviews) as a manifest ``JOB/cells.csv``; the review ids are recorded with the job;
+1. writes the reviewed **non-audit** cells (by the flag the store decided once per
+   cell, :attr:`LabCell.audit`; images from the store, labels from the reviews) as a
+   manifest ``JOB/cells.csv``; the review ids are recorded with the job;
 2. fine-tunes the active model on them in a separate process,
    ``python -m leukotree train JOB/cells.csv --out JOB/run --config ACTIVE/config.yaml
    --init ACTIVE --replay SOURCE ...`` (:func:`train_command`), replaying the source
@@ -66,7 +67,9 @@ class TooFewReviews(LeukotreeError):
 
 @dataclass(frozen=True)
 class LabCell:
-    """A reviewed cell of the store: where its image is, its label, and the review."""
+    """A reviewed cell of the store: where its image is, its label, the review, and
+    whether it is an audit cell (the flag the store decided once when the cell was
+    stored: never trained on, the lab's test set)."""
 
     case: str
     index: int
@@ -75,6 +78,7 @@ class LabCell:
     patient: str
     review: int
     cell_type: str = ""
+    audit: bool = False
 
 
 @dataclass(frozen=True)
@@ -204,19 +208,19 @@ class Lab:
     """The lab loop of one store: versions, training jobs in a background thread (the
     training itself in a child process), the gate and promotions.
 
-    ``cells()`` lists the store's reviewed cells with their audit flag applied by the
-    caller through ``audit(case, index)``; ``swap(version)`` makes the server classify
-    new cases with ``version.run`` (it must load the model before returning, so that a
-    model that cannot be loaded is never marked active); ``view(predictor, run)`` is how
-    served images are decoded for that model (None: its own)."""
+    ``cells()`` lists the store's reviewed cells, each with its stored audit flag
+    (:attr:`LabCell.audit`; the lab never decides it again); ``swap(version)`` makes
+    the server classify new cases with ``version.run`` (it must load the model before
+    returning, so that a model that cannot be loaded is never marked active);
+    ``view(predictor, run)`` is how served images are decoded for that model (None: its
+    own)."""
 
     def __init__(self, connect: Connect, folder: Path, cells: Callable[[], list[LabCell]],
-                 audit: Callable[[str, int], bool], swap: Callable[[Version], None],
-                 settings: LabSettings | None = None,
+                 swap: Callable[[Version], None], settings: LabSettings | None = None,
                  view: Callable[[Any, str], Any] | None = None) -> None:
         self.versions, self.jobs = Versions(connect), Jobs(connect)
         self.folder = Path(folder)
-        self.cells, self.audit, self.swap, self.view = cells, audit, swap, view
+        self.cells, self.swap, self.view = cells, swap, view
         self.settings = settings or LabSettings()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="leukotree-lab")
         self._stop = threading.Event()
@@ -247,10 +251,11 @@ class Lab:
 
     # ----------------------------------------------------------------- cells
     def split_cells(self) -> tuple[list[LabCell], list[LabCell]]:
-        """The reviewed cells: ``(training, audit)``."""
+        """The reviewed cells: ``(training, audit)`` by their stored flag
+        (:attr:`LabCell.audit`)."""
         train, audit = [], []
         for cell in self.cells():
-            (audit if self.audit(cell.case, cell.index) else train).append(cell)
+            (audit if cell.audit else train).append(cell)
         return train, audit
 
     # ----------------------------------------------------------------- training

@@ -12,13 +12,15 @@ yet promoted), ``retired`` (once active, replaced). A promotion makes the candid
 active and the previous active retired in one transaction, with who forced it when the
 gate was skipped.
 
-Audit cells (:func:`is_audit`) are decided once per cell by a hash of its case and
-index, so the server, the review queue and the training job agree without storing it.
+Which reviewed cells are audit cells is not decided here: the server decides it once
+per cell when the cell is stored (``cells.audit``, by
+:func:`leukotree.lab.select.audit_flag`) and the lab reads that flag
+(:attr:`leukotree.lab.jobs.LabCell.audit`), so the review queue, the training job and
+the gate agree on one stored decision.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import time
@@ -29,9 +31,6 @@ from pathlib import Path
 from typing import Any
 
 from leukotree.errors import LeukotreeError
-
-#: Share of each case's cells kept apart as audit cells.
-AUDIT_SHARE = 0.2
 
 STATES = ("active", "candidate", "retired")
 
@@ -53,14 +52,6 @@ class LabNotFound(LeukotreeError):
 
 class LabConflict(LeukotreeError):
     """The version or job is not in a state that allows the request (HTTP 409)."""
-
-
-def is_audit(case_id: str, index: int, share: float = AUDIT_SHARE) -> bool:
-    """Audit cells are a seeded-hash share (default 0.2) of each case's cells, decided
-    once: the cell is an audit cell when ``int(sha256(f"{case}:{index}"), 16) / 2^256 <
-    share``."""
-    digest = hashlib.sha256(f"{case_id}:{index}".encode()).digest()
-    return int.from_bytes(digest, "big") / 2 ** 256 < share
 
 
 @dataclass(frozen=True)

@@ -129,6 +129,10 @@ def write_patient_report(
     unused = [display_path(p) for p in not_used]
     how = (f"patient model '{predictor.patient_model.model.name}'"
            if predictor.patient_model else f"aggregation: {method}")
+    if tax.kind == "cells":
+        return _write_cell_count(loaded, predictor, preds, out, view=view, sizes=sizes,
+                                 name=name, alarm=alarm, bad=bad, unused=unused,
+                                 top_cells=top_cells, heatmaps=heatmaps)
     body = "\n".join([
         f"<h1>Patient {esc(name)}</h1>",
         f"<p class='sub'>{len(ok)} cells analysed ({len(bad)} unreadable, {int(odd.sum())} "
@@ -161,6 +165,57 @@ def write_patient_report(
                 for k, leaf in enumerate(tax.leaves)},
             "reported_node": decision.reported_node, "unreadable": bad,
             "not_used": unused, "report": str(out)}
+
+
+def _write_cell_count(loaded: LoadedModel, predictor: Predictor, preds: Predictions,
+                      out: str | Path, *, view: ModelConfig, sizes: list[float | None],
+                      name: str, alarm: str | None, bad: list[str], unused: list[str],
+                      top_cells: int, heatmaps: bool) -> dict[str, Any]:
+    """The report of a cell-type model (taxonomy kind ``cells``): the differential count
+    (:func:`~leukotree.patients.differential.differential_count`) and the most probable
+    cells of each predicted class, no diagnosis."""
+    from leukotree.patients.differential import differential_count
+
+    tax = predictor.taxonomy
+    probs = np.nan_to_num(preds.leaf_probs)
+    labels = [tax.leaves[int(p.argmax())] if ok else None
+              for p, ok in zip(probs, preds.ok, strict=True)]
+    count = differential_count(tax.leaves, labels, preds.unclassifiable)
+    rows = [[leaf, str(n), f"{pct:.1f}"] for leaf, n, pct in
+            zip(tax.leaves, count.counts, count.percent(), strict=True)]
+    groups = decode_groups(view, len(sizes), sizes)
+    ok = np.flatnonzero(preds.classified)
+    present = [k for k, n in enumerate(count.counts) if n]
+    per_class = max(1, top_cells // max(len(present), 1))
+    grids = []
+    for k in present:
+        mine = ok[probs[ok].argmax(1) == k]
+        grids.append(f"<h3>{esc(tax.leaves[k])} ({len(mine)})</h3>" + _cell_grid(
+            loaded, tax, view.img_size, preds, mine, probs[mine, k], tax.leaves[k],
+            per_class, heatmaps, groups))
+    body = "\n".join([
+        f"<h1>Patient {esc(name)}</h1>",
+        f"<p class='sub'>{count.n_classified} cells analysed ({len(bad)} unreadable, "
+        f"{count.n_unclassifiable} unclassifiable and counted apart); model: "
+        f"{esc(loaded.source)}. For research use; not a diagnostic device.</p>",
+        f"<p class='err' id='domain-shift'>{esc(alarm)}</p>" if alarm else "",
+        "<h2 id='differential-count'>Differential count</h2>",
+        table_html(["cell type", "cells", "%"], rows),
+        f"<p class='sub'>% of the {count.n_classified} classified cells.</p>",
+        _unreadable_html(bad, unused),
+        "<h2>The cells, grouped by predicted class (the most probable first)</h2>",
+        *grids,
+        "<h2>Model card</h2>",
+        model_card_html(predictor.model_config, tax, loaded.payload),
+    ])
+    out = Path(out)
+    write_text(out, page(f"leukotree report: {name}", body))
+    return {"patient": name, "kind": "cells", "diagnosis": None, "refer": False,
+            "call": "", "reason": "", "n_cells": count.n_classified,
+            "differential_count": count.to_dict(),
+            "n_unclassifiable": count.n_unclassifiable, "domain_shift": alarm,
+            "reported_node": tax.root, "unreadable": bad, "not_used": unused,
+            "report": str(out)}
 
 
 def _decide(predictor: Predictor, preds: Predictions, name: str, method: str,

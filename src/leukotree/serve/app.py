@@ -11,10 +11,11 @@ served models), ``POST /api/cases`` (multipart: ``files`` parts, optional ``pati
 and ``model``), ``GET /api/cases``, ``GET /api/cases/{id}``,
 ``POST /api/cases/{id}/rerun`` (with the active model),
 ``POST /api/cases/{id}/cells/{index}/review``, ``POST /api/cases/{id}/signout`` (once),
-``POST /api/cases/{id}/amendments`` (after it), ``GET /api/corrections.csv``; the lab
-loop (:mod:`leukotree.lab.jobs`): ``POST /api/models/train``, ``GET /api/jobs``,
-``GET /api/jobs/{id}``, ``POST /api/models/{version}/promote`` (``?force=true`` with a
-``reviewer``).
+``POST /api/cases/{id}/amendments`` (after it), ``GET /api/corrections.csv``,
+``GET /api/review-queue?n=N`` (the cells of open cases worth reviewing,
+:mod:`leukotree.serve.queue`); the lab loop (:mod:`leukotree.lab.jobs`):
+``POST /api/models/train``, ``GET /api/jobs``, ``GET /api/jobs/{id}``,
+``POST /api/models/{version}/promote`` (``?force=true`` with a ``reviewer``).
 
 The first served model is the lab's: version 1 on the store's first start, then the
 active version (``leukotree.lab.versions``); the others are served as given.
@@ -31,7 +32,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -40,10 +41,12 @@ from starlette.concurrency import run_in_threadpool
 
 from leukotree.errors import LeukotreeError
 from leukotree.lab.jobs import Jobs, Lab, LabCell, LabSettings
-from leukotree.lab.versions import Version, is_audit
+from leukotree.lab.select import AUDIT_SHARE
+from leukotree.lab.versions import Version
 from leukotree.serve.auth import LoginThrottle, Sessions
 from leukotree.serve.guard import Guard, add_error_handlers, allowed_hosts
 from leukotree.serve.pages import add_pages
+from leukotree.serve.queue import MAX_QUEUE, review_queue
 from leukotree.serve.store import Store
 from leukotree.serve.texts import check_id, check_note, csv_cell
 from leukotree.serve.uploads import Limits, expand, read_form
@@ -62,6 +65,9 @@ class ServeSettings:
     aggregate: str = "majority"
     allowed_hosts: tuple[str, ...] = ()
     lab: LabSettings = field(default_factory=LabSettings)
+    #: Share of the cells decided (once, when stored) to be audit cells: never trained
+    #: on, the lab's unbiased test set (:mod:`leukotree.lab.select`).
+    audit_share: float = AUDIT_SHARE
 
 
 def create_app(models: Models, store: Store, settings: ServeSettings | None = None) -> Any:
@@ -76,6 +82,7 @@ def create_app(models: Models, store: Store, settings: ServeSettings | None = No
     async def lifespan(app: Any) -> AsyncIterator[None]:
         store.hold()
         try:
+            store.fill_audit(settings.audit_share)  # cells stored by an older version
             active = lab.start(models.sources[models.default])
             if active.id == 1:
                 models.set_version(models.default, 1)
@@ -113,9 +120,9 @@ def _lab(store: Store, models: Models, settings: LabSettings) -> Lab:
         return models.options.input_config(predictor.model_config, source=run)
 
     def cells() -> list[LabCell]:
-        return store.reviewed_cells(models.default)
+        return store.reviewed_cells(models.default)  # each with its stored audit flag
 
-    return Lab(store.transaction, store.root / "lab", cells, is_audit, swap, settings, view)
+    return Lab(store.transaction, store.root / "lab", cells, swap, settings, view)
 
 
 class Review(BaseModel):
@@ -175,7 +182,8 @@ def _add_api(app: FastAPI) -> None:
         name, _ = models.get(check_id(fields.get("model"), "model", required=False) or None)
         uploads = await run_in_threadpool(expand, files, limits)
         del files
-        case_id = await run_in_threadpool(store.create_case, patient or None, name, uploads)
+        case_id = await run_in_threadpool(store.create_case, patient or None, name, uploads,
+                                          app.state.settings.audit_share)
         app.state.worker.submit(case_id)
         return JSONResponse({"id": case_id, "n_cells": len(uploads)}, status_code=201)
 
@@ -199,6 +207,14 @@ def _add_api(app: FastAPI) -> None:
         store.requeue(case_id)
         app.state.worker.submit(case_id)
         return JSONResponse({"id": case_id, "status": "queued"}, status_code=202)
+
+    @app.get("/api/review-queue")
+    def get_review_queue(n: Annotated[int, Query(ge=1, le=MAX_QUEUE)] = 20,
+                         model: str | None = None, policy: str = "active") -> Any:
+        """Up to ``n`` cells of open cases, not reviewed yet, worth a review (``policy``:
+        active, uncertainty, ood or random), ``audit`` marking the random audit share."""
+        return review_queue(store, models, n, model=model, policy=policy,
+                            audit_share=app.state.settings.audit_share)
 
 
 def _served_json(models: Models, name: str) -> dict[str, Any]:
@@ -261,6 +277,23 @@ def leaf_label(predictor: Any, label: object, where: str) -> str:
     return resolved
 
 
+#: What the case of a cell-type model is signed out as: its differential count.
+DIFFERENTIAL = "differential"
+
+
+def final_label(predictor: Any, label: object) -> str:
+    """A case's sign-out label: a leaf for a model of diagnoses; ``differential`` for a
+    model of cell types (taxonomy kind ``cells``), whose case adds up to a differential
+    count, not to one of its leaves."""
+    if predictor.taxonomy.kind != "cells":
+        return leaf_label(predictor, label, "label")
+    if check_id(label, "label") != DIFFERENTIAL:
+        raise LeukotreeError(f"This model classifies cell types: its case is signed out as "
+                             f"its differential count; send the label '{DIFFERENTIAL}', not "
+                             f"{label!r}.")
+    return DIFFERENTIAL
+
+
 def _add_review_api(app: FastAPI) -> None:
     store: Store = app.state.store
     models: Models = app.state.models
@@ -288,7 +321,7 @@ def _add_review_api(app: FastAPI) -> None:
         """The final diagnosis, once; refused (409) while the case runs and after."""
         predictor = models.get(store.case(case_id)["model"])[1]
         reviewer = check_id(body.reviewer, "reviewer's name ('reviewer')")
-        label = leaf_label(predictor, body.label, "label")
+        label = final_label(predictor, body.label)
         store.sign_out(case_id, label, reviewer)
         return {"id": case_id, "final_label": label}
 
@@ -303,10 +336,12 @@ def _add_review_api(app: FastAPI) -> None:
 
     @app.get("/api/corrections.csv")
     def corrections() -> Response:
-        """Reviewed cells as a manifest (``path,label,patient,cell_type``); cells a
-        spreadsheet would evaluate are neutralised with a leading ``'``."""
+        """Reviewed cells as a manifest (``path,label,patient,cell_type,audit``; ``audit``
+        true: the lab's test set, leave it out of any training); cells a spreadsheet
+        would evaluate are neutralised with a leading ``'``."""
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=["path", "label", "patient", "cell_type"])
+        writer = csv.DictWriter(buffer, fieldnames=["path", "label", "patient", "cell_type",
+                                                    "audit"])
         writer.writeheader()
         writer.writerows({k: csv_cell(v) for k, v in row.items()}
                          for row in store.corrections())

@@ -67,6 +67,23 @@ def add_pages(app: FastAPI) -> None:
                       cell_types=list(predictor.cell_taxonomy.leaves)
                       if predictor.cell_taxonomy else [], reviews=store.reviews(case_id))
 
+    @app.get("/review-queue", response_class=HTMLResponse)
+    def review_queue_page(request: Request, n: int = 20, model: str | None = None) -> Any:
+        """The review queue (:mod:`leukotree.serve.queue`): thumbnails, why each cell is
+        offered, the model's label and a review form per cell."""
+        from leukotree.serve.queue import MAX_QUEUE, review_queue
+
+        try:
+            queue = review_queue(store, models, max(1, min(n, MAX_QUEUE)), model=model,
+                                 audit_share=app.state.settings.audit_share)
+        except LeukotreeError as err:
+            return render(request, "message.html", status=status_of(err), message=str(err))
+        predictor = models.get(queue["model"])[1]
+        return render(request, "review_queue.html", queue=queue,
+                      leaves=list(predictor.taxonomy.leaves), n=n,
+                      cell_types=list(predictor.cell_taxonomy.leaves)
+                      if predictor.cell_taxonomy else [])
+
     @app.get("/models", response_class=HTMLResponse)
     def models_page(request: Request) -> Any:
         from leukotree.report.model_card import model_card_html

@@ -7,6 +7,16 @@ in ``STORE/images/<case>/<index><suffix>``: names the server makes, never a path
 client sent. Nothing is kept only in memory, so a restart loses nothing; cases that
 were queued or running are queued again.
 
+Every cell is decided once, when its case is stored, to be an *audit* cell or not
+(``cells.audit``: :func:`leukotree.lab.select.audit_flag` of ``case:index`` at the
+server's audit share, a uniform random draw independent of the cell): the reviewed audit
+cells are the lab's unbiased test set and are never trained on
+(:meth:`Store.audit_cells`). This stored flag is the only decision: the review queue,
+the lab's training jobs and its gate read it (:meth:`Store.reviewed_cells` gives each
+:class:`~leukotree.lab.jobs.LabCell` its flag) and ``/api/corrections.csv`` shows it.
+``cells.digest`` is the SHA-256 of the stored bytes (the review queue never offers the
+same image twice).
+
 A sign-out is final: a second one, or a cell review after it, is refused
 (:class:`CaseConflict`, 409); a correction is an amendment, a new entry with who, when
 and why, that never overwrites the sign-out. Reviews and sign-out wait for the case to
@@ -40,6 +50,7 @@ from typing import Any
 from leukotree.errors import LeukotreeError
 from leukotree.lab import jobs, versions
 from leukotree.lab.jobs import LabCell
+from leukotree.lab.select import AUDIT_SHARE, audit_flag
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cases (
@@ -56,7 +67,8 @@ CREATE TABLE IF NOT EXISTS reviews (
     note TEXT);
 """
 #: Columns added since the first release, with their definition (added when missing).
-MIGRATIONS = {("reviews", "note"): "TEXT", ("cases", "model_version"): "INTEGER"}
+MIGRATIONS = {("reviews", "note"): "TEXT", ("cases", "model_version"): "INTEGER",
+              ("cells", "audit"): "INTEGER", ("cells", "digest"): "TEXT"}
 DATABASE = "leukotree.sqlite3"
 LOCK = "serve.lock"
 
@@ -211,10 +223,12 @@ class Store:
         return self._db()
 
     # ----------------------------------------------------------------- cases
-    def create_case(self, patient: str | None, model: str, uploads: Sequence[Upload]) -> str:
+    def create_case(self, patient: str | None, model: str, uploads: Sequence[Upload],
+                    audit_share: float = AUDIT_SHARE) -> str:
         """Store the files under server-made names; the case starts ``queued``. Without a
         patient id the case id stands for the patient (cases never share a patient by
-        accident)."""
+        accident). Each cell's audit flag is decided here, at ``audit_share``."""
+        import hashlib
         import shutil
 
         case_id = uuid.uuid4().hex[:16]
@@ -224,17 +238,19 @@ class Store:
         try:
             folder.mkdir(mode=0o700)
             for idx, up in enumerate(uploads):
-                stored = None
+                stored = digest = None
                 if up.error is None:
                     stored = f"{idx:05d}{up.suffix}"
                     (folder / stored).write_bytes(up.data)
-                rows.append((case_id, idx, up.name, stored, up.error))
+                    digest = hashlib.sha256(up.data).hexdigest()
+                audit = int(audit_flag(f"{case_id}:{idx}", audit_share))
+                rows.append((case_id, idx, up.name, stored, up.error, audit, digest))
             with self._db() as db:
                 db.execute("INSERT INTO cases (id, patient, model, status, created, updated) "
                            "VALUES (?, ?, ?, 'queued', ?, ?)",
                            (case_id, patient or case_id, model, now, now))
-                db.executemany("INSERT INTO cells (case_id, idx, name, stored, error) "
-                               "VALUES (?, ?, ?, ?, ?)", rows)
+                db.executemany("INSERT INTO cells (case_id, idx, name, stored, error, audit, "
+                               "digest) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
         except (OSError, sqlite3.Error):
             shutil.rmtree(folder, ignore_errors=True)  # no images without their case
             raise
@@ -389,6 +405,52 @@ class Store:
                        "VALUES (?, 'amendment', ?, ?, ?, ?)",
                        (case_id, label, reviewer, time.time(), reason))
 
+    # ----------------------------------------------------------------- audit cells
+    @staticmethod
+    def _audit(row: sqlite3.Row) -> bool:
+        """A cell row's stored audit flag (``case_id``, ``idx``, ``audit`` columns). A flag
+        not decided yet (a cell stored by an older version, before :meth:`fill_audit`)
+        counts by the rule at the default share, so that it is never trained on by
+        accident."""
+        if row["audit"] is not None:
+            return row["audit"] == 1
+        return audit_flag(f"{row['case_id']}:{row['idx']}")
+
+    def fill_audit(self, audit_share: float = AUDIT_SHARE) -> int:
+        """Decide the audit flag of cells stored before flags existed (``audit`` NULL), at
+        ``audit_share``; a decided flag is never changed. Returns how many were decided."""
+        with self._db() as db:
+            rows = db.execute("SELECT case_id, idx FROM cells WHERE audit IS NULL").fetchall()
+            db.executemany("UPDATE cells SET audit = ? WHERE case_id = ? AND idx = ?",
+                           [(int(audit_flag(f"{r['case_id']}:{r['idx']}", audit_share)),
+                             r["case_id"], r["idx"]) for r in rows])
+        return len(rows)
+
+    def audit_cells(self) -> set[tuple[str, int]]:
+        """``(case id, cell index)`` of every audit cell (reviewed or not): never train on
+        these; their reviews are the lab's unbiased test set (:meth:`_audit`)."""
+        with self._db() as db:
+            rows = db.execute("SELECT case_id, idx, audit FROM cells WHERE audit IS NULL "
+                              "OR audit = 1").fetchall()
+        return {(r["case_id"], r["idx"]) for r in rows if self._audit(r)}
+
+    def review_candidates(self, model: str | None = None) -> list[dict[str, Any]]:
+        """The cells a review queue may offer: classified (with a result), of done cases
+        not signed out (of ``model``'s cases only, when given), not reviewed yet; each
+        with its case's patient and model, its audit flag and digest."""
+        query = ("SELECT c.case_id, c.idx, c.name, c.stored, c.result, c.audit, c.digest, "
+                 "k.patient, k.model FROM cells c JOIN cases k ON k.id = c.case_id "
+                 "WHERE k.status = 'done' AND k.final_label IS NULL AND c.result IS NOT NULL "
+                 "AND c.stored IS NOT NULL AND c.reviewed_label IS NULL AND "
+                 "c.reviewed_cell_type IS NULL")
+        args: tuple[Any, ...] = ()
+        if model is not None:
+            query += " AND k.model = ?"
+            args = (model,)
+        with self._db() as db:
+            rows = db.execute(query + " ORDER BY k.created, c.idx", args).fetchall()
+        return [dict(r) | {"result": json.loads(r["result"]), "audit": self._audit(r)}
+                for r in rows]
 
     def reviews(self, case_id: str) -> list[dict[str, Any]]:
         with self._db() as db:
@@ -398,33 +460,38 @@ class Store:
 
     def reviewed_cells(self, model: str) -> list[LabCell]:
         """Every stored cell of the cases of ``model`` (a served model's name) that a
-        reviewer labelled, with its latest label review: the lab's training and audit
-        cells."""
+        reviewer labelled, with its latest label review and its stored audit flag: the
+        lab's training and audit cells."""
         with self._db() as db:
             rows = db.execute(
                 "SELECT c.case_id, c.idx, c.stored, c.reviewed_label, c.reviewed_cell_type, "
-                "k.patient, (SELECT MAX(id) FROM reviews r WHERE r.case_id = c.case_id AND "
-                "r.cell_idx = c.idx AND r.label IS NOT NULL) AS review FROM cells c JOIN "
+                "c.audit, k.patient, (SELECT MAX(id) FROM reviews r WHERE "
+                "r.case_id = c.case_id AND r.cell_idx = c.idx AND r.label IS NOT NULL) "
+                "AS review FROM cells c JOIN "
                 "cases k ON k.id = c.case_id WHERE c.reviewed_label IS NOT NULL AND "
                 "c.stored IS NOT NULL AND k.model = ? ORDER BY k.created, c.idx",
                 (model,)).fetchall()
         return [LabCell(r["case_id"], r["idx"], (self.images / r["case_id"] / r["stored"])
                         .resolve(), r["reviewed_label"], r["patient"], r["review"],
-                        r["reviewed_cell_type"] or "") for r in rows]
+                        r["reviewed_cell_type"] or "", self._audit(r)) for r in rows]
 
     def corrections(self) -> list[dict[str, str]]:
-        """Every reviewed cell as a manifest row ``path,label,patient,cell_type``: the label
-        a reviewer gave the cell, else the case's diagnosis in force (the latest amendment,
-        else the sign-out)."""
+        """Every reviewed cell as a manifest row ``path,label,patient,cell_type,audit``:
+        the label a reviewer gave the cell, else the case's diagnosis in force (the latest
+        amendment, else the sign-out); ``audit`` (``True``/``False``, as in ``leukotree
+        select``'s queue) its stored flag: an audit cell is the lab's test set, never to
+        be trained on."""
         with self._db() as db:
             rows = db.execute(
-                "SELECT c.case_id, c.stored, c.reviewed_label, c.reviewed_cell_type, "
-                "k.patient, COALESCE((SELECT label FROM reviews WHERE case_id = k.id AND "
-                "kind = 'amendment' ORDER BY id DESC LIMIT 1), k.final_label) AS final_label "
+                "SELECT c.case_id, c.idx, c.audit, c.stored, c.reviewed_label, "
+                "c.reviewed_cell_type, k.patient, COALESCE((SELECT label FROM reviews "
+                "WHERE case_id = k.id AND kind = 'amendment' ORDER BY id DESC LIMIT 1), "
+                "k.final_label) AS final_label "
                 "FROM cells c JOIN cases k ON k.id = c.case_id WHERE "
                 "(c.reviewed_label IS NOT NULL OR c.reviewed_cell_type IS NOT NULL) AND "
                 "c.stored IS NOT NULL ORDER BY k.created, c.idx").fetchall()
         return [{"path": str((self.images / r["case_id"] / r["stored"]).resolve()),
                  "label": r["reviewed_label"] or r["final_label"] or "",
                  "patient": r["patient"],
-                 "cell_type": r["reviewed_cell_type"] or ""} for r in rows]
+                 "cell_type": r["reviewed_cell_type"] or "",
+                 "audit": str(self._audit(r))} for r in rows]

@@ -24,6 +24,7 @@ def case_json(store: Store, case_id: str) -> dict[str, Any]:
            "final_label": case["final_label"], "signed_by": case["signed_by"],
            "signed_at": case["signed_at"], "amendments": amendments,
            "current_label": amendments[-1]["label"] if amendments else case["final_label"]}
+    out["kind"] = (case["result"] or {}).get("kind", "diagnosis")
     if case["status"] == "done":
         out["diagnosis"] = case["result"]
         out["cells"] = [{"index": c["idx"], "name": c["name"], "error": c["error"],
@@ -32,4 +33,18 @@ def case_json(store: Store, case_id: str) -> dict[str, Any]:
                          **(c["result"] or {"label": None, "probabilities": {},
                                             "referred": None})}
                         for c in case["cells"]]
+        if out["kind"] == "cells":
+            out["differential_count"] = reviewed_count(case["result"]["leaves"], out["cells"])
     return out
+
+
+def reviewed_count(leaves: list[str], cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """A cell-type case's differential count as reviewed: each cell under the reviewer's
+    label, else the model's; a flagged cell a reviewer labelled counts as classified
+    (:func:`~leukotree.patients.differential.differential_count`)."""
+    from leukotree.patients.differential import differential_count
+
+    labels = [None if c["error"] or c.get("label") is None
+              else c["reviewed_label"] or c["label"] for c in cells]
+    flagged = [bool(c.get("unclassifiable")) and not c["reviewed_label"] for c in cells]
+    return differential_count(leaves, labels, flagged).to_dict()

@@ -246,7 +246,11 @@ def _cell_result(result: PredictResult, row: dict[str, Any], k: int) -> dict[str
 
 
 def _diagnosis(result: PredictResult, patient: str, aggregate: str) -> dict[str, Any]:
-    """The case's diagnosis, its referral, the differential and each cell's weight."""
+    """The case's diagnosis, its referral, the differential and each cell's weight; for a
+    model of cell types (taxonomy kind ``cells``) no diagnosis but the differential count
+    (:func:`_cell_count`)."""
+    if result.taxonomy.kind == "cells":
+        return _cell_count(result)
     ok = result.predictions.ok
     if not ok.any():
         return {"label": None, "referred": True, "reason": "no readable cell",
@@ -273,3 +277,20 @@ def _diagnosis(result: PredictResult, patient: str, aggregate: str) -> dict[str,
             leaf: [round(float(lo), 4), round(float(hi), 4)]
             for leaf, lo, hi in zip(tax.leaves, ev.low, ev.high, strict=True)},
     }
+
+
+def _cell_count(result: PredictResult) -> dict[str, Any]:
+    """A cell-type model's case: the differential count of its cells
+    (:func:`~leukotree.patients.differential.differential_count`; the case page counts
+    again with the reviewers' labels), never a majority "diagnosis"."""
+    from leukotree.patients.differential import differential_count
+
+    preds, tax = result.predictions, result.taxonomy
+    labels = [tax.leaves[int(np.argmax(p))] if ok else None
+              for p, ok in zip(np.nan_to_num(preds.leaf_probs), preds.ok, strict=True)]
+    count = differential_count(tax.leaves, labels, preds.unclassifiable)
+    return {"kind": "cells", "label": None, "referred": False, "reason": "",
+            "probabilities": {}, "n_cells": count.n_classified, "leaves": list(tax.leaves),
+            "differential_count": count.to_dict(),
+            "n_unclassifiable": count.n_unclassifiable,
+            "domain_shift": result.domain_shift() if preds.ok.any() else None}

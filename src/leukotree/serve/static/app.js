@@ -90,15 +90,25 @@ function setupCase() {
 
   const confidence = (c) => Math.max(...leaves.map((l) => c.probabilities[l] || 0));
   const evidence = (c) => (kase.diagnosis.label ? c.probabilities[kase.diagnosis.label] || 0 : 0);
+  // a cell-type model's cells grouped by class: unclassifiable cells last
+  const group = (c) => (c.unclassifiable && !c.reviewed_label ? "unclassifiable" : c.label);
+  const rank = (c) => (group(c) === "unclassifiable" ? leaves.length : leaves.indexOf(group(c)));
   function draw() {
     const how = $("sort").value;
     const size = (c) => (c.answer_leaves ? c.answer_leaves.length : 1);
     order = cells.slice().sort((a, b) => how === "uncertainty" ? confidence(a) - confidence(b)
       : how === "answer" ? size(b) - size(a) || confidence(a) - confidence(b)
-      : how === "evidence" ? evidence(b) - evidence(a) : a.index - b.index);
+      : how === "evidence" ? evidence(b) - evidence(a)
+      : how === "class" ? (rank(a) - rank(b)) || (confidence(a) - confidence(b)) : a.index - b.index);
     const gallery = $("gallery");
     gallery.textContent = "";
     order.forEach((c, k) => {
+      if (how === "class" && (k === 0 || group(order[k - 1]) !== group(c))) {
+        const heading = document.createElement("h3");
+        heading.className = "group";
+        heading.textContent = group(c) + " (" + order.filter((o) => group(o) === group(c)).length + ")";
+        gallery.append(heading);
+      }
       const card = document.createElement("div");
       card.className = "cellcard" + (c.reviewed_label ? " reviewed" : "");
       card.dataset.index = c.index;
@@ -234,7 +244,30 @@ function setupRerun() {
   });
 }
 
+// ----------------------------------------------------------------- review queue
+function setupQueue() {
+  const table = $("queue");
+  if (!table) { return; }
+  const reviewer = $("reviewer");
+  reviewer.value = localStorage.getItem("leukotree-reviewer") || "";
+  reviewer.addEventListener("change", () => localStorage.setItem("leukotree-reviewer", reviewer.value));
+  table.querySelectorAll(".queue-item").forEach((row) => {
+    row.querySelector(".queue-save").addEventListener("click", async () => {
+      const body = {reviewer: reviewer.value.trim(), label: row.querySelector(".queue-label").value};
+      const type = row.querySelector(".queue-cell-type");
+      if (type && type.value) { body.cell_type = type.value; }
+      const msg = row.querySelector(".queue-msg");
+      try {
+        await api("POST", "/api/cases/" + row.dataset.case + "/cells/" + row.dataset.index + "/review", body);
+        msg.textContent = "saved";
+        row.classList.add("reviewed");
+      } catch (err) { msg.textContent = err.message; }
+    });
+  });
+}
+
 setupUpload();
 setupCase();
 setupModels();
 setupRerun();
+setupQueue();
