@@ -679,7 +679,7 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_select_parser(sub: argparse._SubParsersAction) -> None:
-    from leukotree.lab.select import POLICIES
+    from leukotree.lab.select import AUDIT_SHARE, POLICIES
 
     se = sub.add_parser("select", help="choose the cells worth a technologist's review (an "
                                        "active-learning queue with a random audit share)")
@@ -693,9 +693,11 @@ def _add_select_parser(sub: argparse._SubParsersAction) -> None:
     se.add_argument("--policy", choices=list(POLICIES), default="active",
                     help="active (default): uncertainty and out-of-distribution score, spread "
                          "over predicted classes and patients; uncertainty; ood; random")
-    se.add_argument("--audit-share", type=number(float, 0, 1, high_open=True), default=0.2,
-                    help="share of the N cells drawn uniformly at random and marked audit "
-                         "(never train on them: they are the lab's unbiased test set)")
+    se.add_argument("--audit-share", type=number(float, 0, 1, high_open=True),
+                    default=AUDIT_SHARE,
+                    help=f"share of the N cells drawn uniformly at random and marked audit "
+                         f"(never train on them: they are the lab's unbiased test set; "
+                         f"default {AUDIT_SHARE})")
     se.add_argument("--seed", type=COUNT, default=0)
     se.add_argument("--exclude", type=Path, metavar="DONE.csv",
                     help="CSV with a 'path' column of cells already reviewed (e.g. earlier "
