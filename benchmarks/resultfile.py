@@ -251,9 +251,55 @@ def guarantees_section(doc: dict[str, Any]) -> list[str]:
     return [guarantees_table(doc["results"])]
 
 
+def _gate_cells(g: dict[str, Any]) -> list[str]:
+    f = g["figures"]
+    return [f"{_percent(f['audit_active'])} → {_percent(f['audit_candidate'])} "
+            f"(b={f['b']}, c={f['c']}, p={f['p']:.2g})",
+            f"{_percent(f['source_active'])} → {_percent(f['source_candidate'])}"]
+
+
+def lab_loop_table(r: dict[str, Any]) -> str:
+    """``bench_lab_loop.py``: per policy and round, the reviewed cells, the gate's figures
+    and decision, and the active model's scores after the round; the poisoned round."""
+    base = r["baseline"]
+    rows: list[list[Any]] = [["source model", 0, "0 (0)", "", "", "",
+                              f"{_percent(base['jhh_test']['accuracy'])} "
+                              f"{_ci(*base['jhh_test']['accuracy_ci'])}",
+                              fmt(base["jhh_test"]["ece"]),
+                              _percent(base["jhh_test"]["flagged_rate"]),
+                              _percent(base["pbc_test"]["accuracy"])]]
+    poisoned = []
+    for policy, rounds in r["policies"].items():
+        for s in rounds:
+            decision = (("promoted, re-calibrated" if s["calibrated"] else "promoted")
+                        if s["promoted"] else "refused")
+            t = s["jhh_test"]
+            rows.append([policy, s["round"], f"{s['n_reviewed']} ({s['n_audit']})",
+                         *_gate_cells(s["gate"]), decision,
+                         f"{_percent(t['accuracy'])} {_ci(*t['accuracy_ci'])}", fmt(t["ece"]),
+                         _percent(t["flagged_rate"]), _percent(s["pbc_test"]["accuracy"])])
+            if "poisoned" in s:
+                p = s["poisoned"]
+                poisoned.append([policy, s["round"], _percent(p["labels_changed"]),
+                                 *_gate_cells(p["gate"]),
+                                 "refused" if p["refused"] else "**passed**"])
+    out = table(["policy", "round", "reviewed (audit)", "audit accuracy, active → candidate",
+                 "source validation, active → candidate", "gate", "test half accuracy [95% CI]",
+                 "leaf ECE", "flagged", "PBC held out"], rows)
+    if poisoned:
+        out += "\n\nPoisoned candidate (the round's new labels shuffled):\n\n" + table(
+            ["policy", "round", "labels changed", "audit accuracy, active → candidate",
+             "source validation, active → candidate", "gate"], poisoned)
+    return out
+
+
+def lab_loop_section(doc: dict[str, Any]) -> list[str]:
+    return [lab_loop_table(doc["results"])]
+
+
 #: Renderers of known benchmarks; any other results file gets :func:`render_value`.
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
-    "demo": demo_section, "guarantees": guarantees_section}
+    "demo": demo_section, "guarantees": guarantees_section, "lab_loop": lab_loop_section}
 
 
 def describe_meta(doc: dict[str, Any]) -> str:

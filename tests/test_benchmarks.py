@@ -185,3 +185,90 @@ def test_guarantees_bench_measures_coverage_before_and_after_calibrate(tmp_path)
     assert apl["cohort_positive_patients"] == 3  # the stand-in manifest's APL patients
     assert apl["achievable_miss_rate_cohort"] == pytest.approx(1 - 0.5 ** (1 / 3))
     assert "| PBC held out (same lab) | 16 |" in (tmp_path / "out" / "guarantees.md").read_text()
+
+
+def test_lab_loop_bench_gates_each_round_and_never_trains_on_audit_cells(tmp_path):
+    import csv
+
+    from leukotree.data.synth import generate
+    from leukotree.taxonomy import load_taxonomy
+
+    generate(tmp_path / "pbc", load_taxonomy("pbc"), patients_per_class=1,
+             cells_per_patient=10, size=32, seed=1, progress=False)
+    generate(tmp_path / "jhh" / "cells", load_taxonomy("pbc"), patients_per_class=2,
+             cells_per_patient=6, size=40, seed=2, progress=False)
+    # three cells in four are neutrophils, as in a blood smear: the fine-tune's stratified
+    # validation split needs a class with 5 cells among the 8 trained on in round 1
+    rows = [{"path": str(p.relative_to(tmp_path / "jhh")), "label": "AML",
+             "patient": f"P{k % 4}",
+             "cell_type": "segmented-neutrophils" if k % 4 != 3 else {
+                 "neutrophil": "band-neutrophils", "ig": "myelocyte",
+                 "platelet": "giant-thrombocyte",
+                 "eosinophil": "eosinophils"}.get(p.parts[-3], p.parts[-3])}
+            for k, p in enumerate(sorted((tmp_path / "jhh" / "cells").rglob("*.png")))]
+    with (tmp_path / "jhh" / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "out"
+    args = ["--out", str(out), "--pbc", str(tmp_path / "pbc"), "--jhh", str(tmp_path / "jhh"),
+            "--preset", "tiny-test", "--set", "epochs=1", "--set", "val_fraction=0.3",
+            "--rounds", "2", "--per-round", "10", "--epochs", "1", "--poison-round", "2",
+            "--min-audit", "2", "--tolerance", "1", "--json", str(tmp_path / "lab_loop.json")]
+    report = _run("bench_lab_loop.py", *args)
+    assert set(report["policies"]) == {"active", "random"}
+    with (out / "jhh-pool-unlabelled.csv").open(newline="") as handle:
+        pool = list(csv.DictReader(handle))
+    assert "label" not in pool[0] and report["pool_cells"] == len(pool) == 48
+    for policy, rounds in report["policies"].items():
+        assert [r["round"] for r in rounds] == [1, 2]
+        seen: set[str] = set()
+        for r in rounds:
+            assert r["n_new"] == 10 and r["n_new_audit"] == 2  # round(0.2 * 10)
+            assert r["n_reviewed"] == 10 * r["round"] == r["n_audit"] + r["n_train"]
+            assert r["n_audit"] == 2 * r["round"]
+            gate = r["gate"]
+            assert gate["figures"]["n_audit"] == r["n_audit"]  # all audit cells so far
+            assert r["promoted"] == gate["passed"]
+            assert r["active"] == (r["candidate"] if r["promoted"] else r["parent"])
+            assert not r["calibrated"]  # fewer than 20 audit cells
+            assert r["jhh_test"]["n"] == len(rows) - len(pool)
+            low, high = r["jhh_test"]["accuracy_ci"]
+            assert 0 <= low <= r["jhh_test"]["accuracy"] <= high <= 1
+            assert r["pbc_test"]["n"] == 8 * 2
+            folder = out / policy / f"round-{r['round']}"
+            with (folder / "audit.csv").open(newline="") as handle:
+                audit = {Path(a["path"]).resolve() for a in csv.DictReader(handle)}
+            assert len(audit) == r["n_audit"]
+            runs = ["candidate"] + (["poisoned-candidate"] if "poisoned" in r else [])
+            for run in runs:  # the candidate's training cells, replayed images included
+                with (folder / run / "split.csv").open(newline="") as handle:
+                    trained = {Path(t["path"]).resolve() for t in csv.DictReader(handle)}
+                assert not trained & audit and trained & {Path(p["path"]).resolve()
+                                                           for p in pool}
+            with (folder / "train.csv").open(newline="") as handle:
+                train_cells = {Path(t["path"]).resolve() for t in csv.DictReader(handle)}
+            assert len(train_cells) == r["n_train"] and not train_cells & audit
+            assert seen <= train_cells | audit  # the earlier rounds' cells are kept...
+            seen = train_cells | audit
+            assert len(seen) == r["n_reviewed"]  # ...and no cell is reviewed twice
+    # with 2 audit cells a round and any forgetting allowed, candidates pass: promoted
+    assert any(r["promoted"] for rs in report["policies"].values() for r in rs)
+    (poisoned,) = [r for r in report["policies"]["active"] if "poisoned" in r]
+    assert poisoned["round"] == 2
+    assert "random" not in {p for p, rs in report["policies"].items()
+                            for r in rs if "poisoned" in r}
+    assert poisoned["poisoned"]["refused"] == (not poisoned["poisoned"]["gate"]["passed"])
+    assert poisoned["poisoned"]["gate"]["figures"]["n_audit"] == 4
+    assert poisoned["active"] != poisoned["poisoned"]["candidate"]  # never made active
+    assert report["goals"]["poisoned_refused"] == poisoned["poisoned"]["refused"]
+    table = (out / "lab_loop.md").read_text()
+    assert "| source model | 0 |" in table and "Poisoned candidate" in table
+    assert (out / "lab_loop.png").stat().st_size > 1000
+    doc = json.loads((tmp_path / "lab_loop.json").read_text())
+    assert doc["benchmark"] == "lab_loop" and doc["results"] == report
+    # resumable: the rounds are read back, not redone
+    stamp = (out / "active" / "round-1" / "round.json").stat().st_mtime
+    again = _run("bench_lab_loop.py", *args, "--rounds", "1")
+    assert again["policies"]["active"] == report["policies"]["active"][:1]
+    assert (out / "active" / "round-1" / "round.json").stat().st_mtime == stamp
