@@ -6,6 +6,7 @@ lives in ``tests/fixtures`` (see its README for the attribution).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 # pytest -n 2 runs two workers on a 2-core machine: one thread each (and in the
@@ -163,3 +164,30 @@ def served_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     train(root / "data", root / "run", resolve_config(preset="tiny-test", overrides={
         "epochs": 1, "threads": 1, "val_fraction": 0.34, "img_size": 32}), progress=False)
     return root
+
+
+@contextlib.contextmanager
+def served_in_a_thread(app, join_timeout: float = 30):
+    """Serve the ASGI ``app`` with uvicorn on a free local port in a daemon thread; yields
+    its base URL and stops it afterwards (the browser tests' server)."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=join_timeout)

@@ -6,16 +6,14 @@ import csv
 import io
 import re
 import shutil
-import socket
-import threading
 import time
 
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
+from conftest import served_in_a_thread
 from leukotree.inference.options import InferenceOptions
 from leukotree.serve.app import ServeSettings, create_app
 from leukotree.serve.store import Store
@@ -26,22 +24,11 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 @pytest.fixture
 def server(served_run, tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     app = create_app(Models([served_run / "run"], InferenceOptions(engine="torch")),
                      Store(tmp_path / "store"),
                      ServeSettings())
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with served_in_a_thread(app, 10) as url:
+        yield url
 
 
 def test_upload_review_and_sign_out_in_a_browser(server, served_run, tmp_path):

@@ -3,14 +3,11 @@ review a case's cells with the keyboard, train a candidate from the models page,
 audit figures, promote it, and a new case is classified by the new version."""
 
 import shutil
-import socket
-import threading
-import time
 
 import pytest
-import uvicorn
 from playwright.sync_api import expect, sync_playwright
 
+from conftest import served_in_a_thread
 from leukotree.inference.options import InferenceOptions
 from leukotree.lab.gate import GateRule
 from leukotree.lab.jobs import LabSettings
@@ -24,24 +21,13 @@ N_CELLS = 16
 
 @pytest.fixture
 def lab_server(served_run, tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     # a gate any candidate passes: this test is about the pages, the gate has its own
     lab = LabSettings(epochs=1, min_reviews=6, threads=1,
                       gate=GateRule(alpha=1e-12, tolerance=1.0, min_audit=1))
     app = create_app(Models([served_run / "run"], InferenceOptions(engine="torch")),
                      Store(tmp_path / "store"), ServeSettings(lab=lab))
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=30)
+    with served_in_a_thread(app, 30) as url:
+        yield url
 
 
 def upload(page, server, files, patient):
