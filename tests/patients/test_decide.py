@@ -169,7 +169,8 @@ def test_the_registry_drives_the_patient_model_option(registered):
     add_config_arguments(parser)
     assert "first-cell" in parser.format_help()
     with pytest.raises(LeukotreeError, match="must be one of none, vote, mean, fraction, "
-                                             "differential, cell-mix, mil, first-cell; got "
+                                             "differential, cell-mix, focused, focused-mix, mil, "
+                                             "first-cell; got "
                                              "'frist-cell'"):
         check_value("patient_model", "frist-cell")
 

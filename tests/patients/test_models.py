@@ -58,7 +58,7 @@ def _bags(n_per_class: int = 8, seed: int = 0) -> list[Bag]:
     return bags
 
 
-@pytest.mark.parametrize("name", ["fraction", "differential", "cell-mix", "mil"])
+@pytest.mark.parametrize("name", ["fraction", "differential", "cell-mix", "focused-mix", "mil"])
 def test_fitted_models_separate_promyelocyte_rich_patients(name):
     train, test = _bags(seed=0), _bags(seed=1)
     fitted = fit_patient_model(name, DIAG, CELLS, train, seed=0)
@@ -87,6 +87,39 @@ def test_the_cell_mix_reads_the_differential_alone():
     assert np.allclose(model.bag_features([bag])[0], bag.cell_probs.mean(0))
     other = Bag(bag.patient, 1 - bag.leaf_probs, bag.features, bag.cell_probs)
     assert np.allclose(model.bag_features([other]), model.bag_features([bag]))
+
+
+def test_the_focused_mean_weighs_cells_by_their_informative_probability():
+    cells = np.zeros((3, len(CELLS.leaves)))
+    cells[0, PRO] = 1.0  # a promyelocyte
+    cells[1, CELLS.leaf_index["lymphocyte"]] = 1.0  # says nothing of the leukemia
+    cells[2, [CELLS.leaf_index["blast"], CELLS.leaf_index["lymphocyte"]]] = 0.5
+    bag = Bag("p", np.array([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]]), np.zeros((3, 1)), cells)
+    model = build_patient_model("focused", DIAG, CELLS)
+    # w = P(blast or promyelocyte) + 0.001 = (1.001, 0.001, 0.501)
+    p_apl = (0.9 * 1.001 + 0.2 * 0.001 + 0.5 * 0.501) / 1.503
+    assert model.predict_proba([bag])[0] == pytest.approx([p_apl, 1 - p_apl])
+    weights = model.cell_weights(bag)  # w_i * P(APL | cell i), normalised
+    assert weights == pytest.approx(np.array([0.9 * 1.001, 0.2 * 0.001, 0.5 * 0.501])
+                                    / (p_apl * 1.503))
+    # a patient without any informative cell: the plain mean
+    plain = Bag("q", bag.leaf_probs[1:2].repeat(2, 0) * [[1], [1]], np.zeros((2, 1)),
+                cells[[1, 1]])
+    assert model.predict_proba([plain])[0] == pytest.approx([0.2, 0.8])
+    only_blasts = build_patient_model("focused", DIAG, CELLS, cell_types="blast")
+    assert only_blasts.predict_proba([bag])[0][0] == pytest.approx(
+        (0.9 * 0.001 + 0.2 * 0.001 + 0.5 * 0.501) / 0.503)
+
+
+def test_focused_models_name_what_they_need():
+    pbc = load_taxonomy("pbc")
+    with pytest.raises(LeukotreeError, match="'patient_focus_cells' parameter is needed: the "
+                                             "cell taxonomy 'pbc' has no default"):
+        build_patient_model("focused", DIAG, pbc).check_params({}, pbc)
+    with pytest.raises(LeukotreeError, match="patient_focus_cells"):
+        build_patient_model("focused", DIAG, CELLS).check_params({"cell_types": "blst"}, CELLS)
+    with pytest.raises(LeukotreeError, match="reads cell types: give --cell-taxonomy"):
+        build_patient_model("focused-mix", DIAG, None).check_params({}, None)
 
 
 def test_youden_and_sensitivity_thresholds_hand_computed():

@@ -168,6 +168,10 @@ class TrainConfig:
                                 choices=_patient_model_choices)
     patient_fraction_of: str = option("promyelocyte", "the cell type whose fraction the "
                                       "'fraction' patient model reads")
+    patient_focus_cells: str | None = option(
+        None, "the cell types that carry the diagnosis, which the 'focused' patient models "
+        "weigh (comma list of the cell taxonomy's nodes; default: the cell taxonomy's "
+        "informative cells, for jhh-cells blast, promyelocyte)")
     patient_threshold: str = option("youden", "decision threshold of a two-leaf patient model, "
                                     "chosen on out-of-fold training patients: youden, "
                                     "sensitivity:<x> or a number")

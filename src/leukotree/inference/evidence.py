@@ -43,14 +43,12 @@ import numpy as np
 from leukotree.errors import LeukotreeError
 from leukotree.inference.decisions import PatientDecision, domain_shift
 from leukotree.patients.bags import Bag, make_bags
-from leukotree.patients.models import PatientModel, aggregation_model
+from leukotree.patients.models import INFORMATIVE_CELLS, PatientModel, aggregation_model
 from leukotree.taxonomy import Taxonomy
 
 if TYPE_CHECKING:
     from leukotree.patients.fit import FittedPatientModel
 
-#: The cell types that carry the diagnosis, per cell taxonomy: the default informative set.
-INFORMATIVE_CELLS: dict[str, tuple[str, ...]] = {"jhh-cells": ("blast", "promyelocyte")}
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,12 @@ Adding a patient model is one registered class (and its test):
 - ``differential``: the differential count (the mean cell-type probability vector)
   and the mean diagnosis probabilities, standardised, into an L2 logistic regression;
   ``cell-mix``: the differential count alone (no diagnosis head).
+- ``focused``: the mean diagnosis probability of the cells that carry the disease, each
+  cell weighted by the cell-type head's probability that it is one of the informative
+  cell types (:data:`INFORMATIVE_CELLS`, e.g. blasts and promyelocytes): lymphocytes and
+  neutrophils, which say nothing of the leukemia but much of the patient's slide, hardly
+  count. ``focused-mix``: that focused mean beside the differential count, into an L2
+  logistic regression.
 - ``mil``: attention-based multiple-instance learning (Ilse et al. 2018, gated
   attention) over each cell's features and probabilities; the attention weight of every
   cell says how much it drove the decision. An ensemble of a few seeds.
@@ -40,6 +46,15 @@ if TYPE_CHECKING:
     import torch
 
     from leukotree.patients.attention import GatedAttention
+
+
+#: The cell types that carry the diagnosis, per cell taxonomy: what the ``focused``
+#: patient models and the evidence count of :mod:`leukotree.inference.evidence` read.
+INFORMATIVE_CELLS: dict[str, tuple[str, ...]] = {"jhh-cells": ("blast", "promyelocyte")}
+
+#: A weight every cell has in a focused mean besides its informative probability, so
+#: that a patient without any informative cell gets the plain mean.
+FOCUS_FLOOR = 1e-3
 
 
 class PatientModel:
@@ -325,6 +340,100 @@ class CellMixModel(_LogisticModel):
 
     def bag_features(self, bags: Sequence[Bag]) -> np.ndarray:
         return np.array([_cell_probs(self, b).mean(0) for b in bags])
+
+
+def focus_types(cell_taxonomy: Taxonomy | None, spec: str | None,
+                where: str = "patient_focus_cells") -> tuple[str, ...]:
+    """The informative cell types (nodes of ``cell_taxonomy``): the comma list ``spec``,
+    or :data:`INFORMATIVE_CELLS` of the cell taxonomy when ``spec`` is None."""
+    if cell_taxonomy is None:
+        raise LeukotreeError("A focused patient model reads cell types: give --cell-taxonomy "
+                             "and --cell-labels.")
+    if spec is None:
+        if cell_taxonomy.name not in INFORMATIVE_CELLS:
+            raise LeukotreeError(
+                f"The '{where}' parameter is needed: the cell taxonomy '{cell_taxonomy.name}' "
+                f"has no default informative cell types (known for "
+                f"{', '.join(INFORMATIVE_CELLS)}). Name the cell types that carry the "
+                f"diagnosis, e.g. {where}: {', '.join(cell_taxonomy.leaves[:2])}.")
+        return INFORMATIVE_CELLS[cell_taxonomy.name]
+    names = [n.strip() for n in str(spec).split(",") if n.strip()]
+    if not names:
+        raise LeukotreeError(f"The '{where}' parameter must name cell types (comma list); "
+                             f"got {spec!r}.")
+    return tuple(cell_taxonomy.resolve(n, where=where) for n in names)
+
+
+def informative_probability(cell_taxonomy: Taxonomy, types: Sequence[str],
+                            cell_probs: np.ndarray) -> np.ndarray:
+    """Per cell, ``P(informative) = sum of P(leaf)`` over the cell-type leaves under
+    ``types``."""
+    leaves = sorted({cell_taxonomy.leaf_index[leaf] for t in types
+                     for leaf in cell_taxonomy.descendant_leaves(t)})
+    return np.asarray(cell_probs)[:, leaves].sum(1)
+
+
+class _Focused:
+    """The focused mean: ``p_k = sum_i w_i p_ik / sum_i w_i`` with ``w_i = P(informative |
+    cell i) + FOCUS_FLOOR``."""
+
+    taxonomy: Taxonomy
+    cell_taxonomy: Taxonomy | None
+    params: dict[str, Any]
+    name: ClassVar[str]
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any], cell_taxonomy: Taxonomy | None) -> None:
+        super().check_params(params, cell_taxonomy)  # type: ignore[misc]
+        focus_types(cell_taxonomy, params.get("cell_types"))
+
+    def focus_weights(self, bag: Bag) -> np.ndarray:
+        types = focus_types(self.cell_taxonomy, self.params["cell_types"])
+        return informative_probability(self.cell_taxonomy, types,
+                                       _cell_probs(self, bag)) + FOCUS_FLOOR
+
+    def focused_mean(self, bag: Bag) -> np.ndarray:
+        w = self.focus_weights(bag)
+        return (w[:, None] * bag.leaf_probs).sum(0) / w.sum()
+
+    def _focused_cell_weights(self, bag: Bag, winner: int) -> np.ndarray:
+        evidence = self.focus_weights(bag) * bag.leaf_probs[:, winner]
+        return evidence / max(1e-12, evidence.sum())
+
+
+@register
+class FocusedModel(_Focused, PatientModel):
+    """The focused mean of the diagnosis probabilities (see :class:`_Focused`); not fitted."""
+
+    name = "focused"
+    needs_fit = False
+    needs_cells = True
+    defaults: ClassVar[dict[str, Any]] = {"cell_types": None}
+    config_fields: ClassVar[dict[str, str]] = {"cell_types": "patient_focus_cells"}
+
+    def predict_proba(self, bags: Sequence[Bag]) -> np.ndarray:
+        return np.array([self.focused_mean(b) for b in bags])
+
+    def cell_weights(self, bag: Bag) -> np.ndarray:
+        return self._focused_cell_weights(bag, int(self.focused_mean(bag).argmax()))
+
+
+@register
+class FocusedMixModel(_Focused, _LogisticModel):
+    """The differential count (mean cell-type probabilities) beside the focused mean of
+    the diagnosis probabilities, into the logistic regression."""
+
+    name = "focused-mix"
+    needs_cells = True
+    defaults: ClassVar[dict[str, Any]] = {"C": 1.0, "cell_types": None}
+    config_fields: ClassVar[dict[str, str]] = {"cell_types": "patient_focus_cells"}
+
+    def bag_features(self, bags: Sequence[Bag]) -> np.ndarray:
+        return np.array([np.concatenate([_cell_probs(self, b).mean(0), self.focused_mean(b)])
+                         for b in bags])
+
+    def cell_weights(self, bag: Bag) -> np.ndarray:
+        return self._focused_cell_weights(bag, int(self.predict_proba([bag])[0].argmax()))
 
 
 @register
