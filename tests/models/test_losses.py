@@ -67,6 +67,28 @@ def test_masked_head_loss_hand_computed():
     assert loss.item() == pytest.approx(math.log(2) - math.log(0.75), rel=1e-6)
 
 
+def test_sample_weights_make_each_mean_a_weighted_mean():
+    leaf_logp = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.5, 0.3, 0.2]]))
+    mask, heads = _targets(["b1", "A"])
+    crit = TreeLoss(TAX, hierarchical=False, kind="ce")
+    loss, _ = crit({"leaf_logp": leaf_logp}, mask, heads, sample_weight=torch.tensor([0.5, 1.0]))
+    # (0.5 * -log 0.3 + 1 * -log 0.5) / 1.5
+    assert loss.item() == pytest.approx((-0.5 * math.log(0.3) - math.log(0.5)) / 1.5, rel=1e-6)
+    outputs = {"head:root": torch.zeros(2, 2),
+               "head:B": torch.tensor([[math.log(3), 0.0], [math.log(3), 0.0]])}
+    loss, parts = TreeLoss(TAX, hierarchical=True, kind="ce")(
+        outputs, mask, heads, sample_weight=torch.tensor([1.0, 0.0]))
+    # only the b1 image counts: root -log 0.5, B -log 0.75
+    assert parts["root"] == pytest.approx(math.log(2), rel=1e-6)
+    assert parts["B"] == pytest.approx(-math.log(0.75), rel=1e-6)
+    logits = torch.zeros(2, 2, requires_grad=True)
+    zero, _ = TreeLoss(TAX, hierarchical=True, kind="ce")(
+        {"head:root": logits, "head:B": torch.zeros(2, 2)}, mask, heads,
+        sample_weight=torch.zeros(2))
+    zero.backward()  # all weights 0: no loss, and still a graph
+    assert zero.item() == 0 and logits.grad is not None
+
+
 def test_level_weights_weigh_heads_by_depth():
     outputs = {"head:root": torch.zeros(1, 2), "head:B": torch.zeros(1, 2)}
     mask, heads = _targets(["b2"])

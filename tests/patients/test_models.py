@@ -113,10 +113,10 @@ def test_the_focused_mean_weighs_cells_by_their_informative_probability():
 
 def test_focused_models_name_what_they_need():
     pbc = load_taxonomy("pbc")
-    with pytest.raises(LeukotreeError, match="'patient_focus_cells' parameter is needed: the "
+    with pytest.raises(LeukotreeError, match="'focus_cells' parameter is needed: the "
                                              "cell taxonomy 'pbc' has no default"):
         build_patient_model("focused", DIAG, pbc).check_params({}, pbc)
-    with pytest.raises(LeukotreeError, match="patient_focus_cells"):
+    with pytest.raises(LeukotreeError, match="focus_cells"):
         build_patient_model("focused", DIAG, CELLS).check_params({"cell_types": "blst"}, CELLS)
     with pytest.raises(LeukotreeError, match="reads cell types: give --cell-taxonomy"):
         build_patient_model("focused-mix", DIAG, None).check_params({}, None)

@@ -72,6 +72,28 @@ def test_train_fits_a_patient_model_that_predict_and_evaluate_use(manifest, tmp_
     assert pl["method"] == "patient model 'differential'" and "patient_auroc" in pl
 
 
+def test_the_diagnosis_can_be_trained_on_the_cells_that_carry_the_disease(manifest, tmp_path,
+                                                                          capsys):
+    from leukotree.engine.loop import make_split
+    from leukotree.patients.models import focus_types
+    from leukotree.taxonomy import load_taxonomy
+
+    cells = load_taxonomy("jhh-cells")
+    samples = [type("S", (), {"label": "APL", "cell_label": c})()
+               for c in ("blast", "lymphocyte", None, "promyelocyte")]
+    split = make_split(samples, None, load_taxonomy("aml-apl"), cells,
+                       (focus_types(cells, None), 0.25))
+    assert split.diagnosis_weight.tolist() == [1.0, 0.25, 1.0, 1.0]
+    run = tmp_path / "run"
+    assert main(["train", str(manifest), "--out", str(run), "--patient-model", "focused",
+                 "--diagnosis-focus", "0", "--val-fraction", "0.34", *COMMON]) == 0
+    assert "diagnosis loss is focused on the blast, promyelocyte cells" in capsys.readouterr().err
+    assert json.loads((run / "summary.json").read_text())["patient_level"]["model"] == "focused"
+    assert main(["train", str(manifest), "--out", str(tmp_path / "r2"), "-t", "aml-apl",
+                 "--diagnosis-focus", "0.5", "--preset", "tiny-test"]) == 2
+    assert "'diagnosis_focus' parameter (0.5) weighs cells" in capsys.readouterr().err
+
+
 def test_cv_pools_out_of_fold_patients(manifest, tmp_path):
     out = tmp_path / "cv"
     # each fold validated on its test fold (6 training patients spare no validation part)

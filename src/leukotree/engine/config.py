@@ -168,10 +168,14 @@ class TrainConfig:
                                 choices=_patient_model_choices)
     patient_fraction_of: str = option("promyelocyte", "the cell type whose fraction the "
                                       "'fraction' patient model reads")
-    patient_focus_cells: str | None = option(
-        None, "the cell types that carry the diagnosis, which the 'focused' patient models "
-        "weigh (comma list of the cell taxonomy's nodes; default: the cell taxonomy's "
-        "informative cells, for jhh-cells blast, promyelocyte)")
+    focus_cells: str | None = option(
+        None, "the cell types that carry the diagnosis (comma list of the cell taxonomy's "
+        "nodes; default: the cell taxonomy's informative cells, for jhh-cells blast, "
+        "promyelocyte): the 'focused' patient models weigh them, diagnosis_focus trains on them")
+    diagnosis_focus: float = option(
+        1.0, "weight of the diagnosis loss on the cells whose cell type (as signed) is not one "
+        "of focus_cells: 1 every cell alike, 0 the diagnosis head learns from the cells that "
+        "carry the disease alone (cells without a cell type weigh 1)", low=0, high=1)
     patient_threshold: str = option("youden", "decision threshold of a two-leaf patient model, "
                                     "chosen on out-of-fold training patients: youden, "
                                     "sensitivity:<x> or a number")
@@ -291,6 +295,15 @@ class TrainConfig:
                                  "flat, multihead or hybrid with --cell-taxonomy.")
         if self.patient_miss_rate is not None:
             self._check_miss_rate(len(taxonomy.leaves))
+        if self.diagnosis_focus < 1:
+            from leukotree.patients.models import focus_types
+
+            if self.cell_taxonomy is None:
+                raise LeukotreeError(
+                    f"The 'diagnosis_focus' parameter ({self.diagnosis_focus}) weighs cells by "
+                    "their signed cell type, which needs a cell-type head: give "
+                    "--cell-taxonomy and --cell-labels, or leave diagnosis_focus at 1.")
+            focus_types(load_taxonomy(self.cell_taxonomy), self.focus_cells, "focus_cells")
         if self.patient_model != "none":
             from leukotree.patients.models import patient_model_class, patient_params
 

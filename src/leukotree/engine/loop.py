@@ -26,6 +26,7 @@ from leukotree.engine.config import TrainConfig
 from leukotree.engine.distributed import DistInfo
 from leukotree.errors import LeukotreeError
 from leukotree.models.losses import TreeLoss
+from leukotree.patients.models import in_focus
 from leukotree.progress import make_progress
 from leukotree.taxonomy import Taxonomy
 
@@ -218,22 +219,32 @@ class Split:
     leaf_mask: np.ndarray  # (N, n_leaves) bool
     head_targets: np.ndarray  # (N, n_inner) int64, -1 = ignore
     cell_mask: np.ndarray | None = None  # (N, n_cell_types) bool; all False: no cell type
+    diagnosis_weight: np.ndarray | None = None  # (N,) weight of the diagnosis loss; None: 1
 
     def __len__(self) -> int:
         return len(self.samples)
 
 
 def make_split(samples: list[Sample], pixels: np.ndarray, taxonomy: Taxonomy,
-               cell_taxonomy: Taxonomy | None = None) -> Split:
+               cell_taxonomy: Taxonomy | None = None,
+               focus: tuple[tuple[str, ...], float] | None = None) -> Split:
+    """``focus``: ``(cell types, weight)``: the diagnosis loss of a cell whose cell type is
+    known and lies under none of those types is multiplied by ``weight``."""
     labels = [s.label for s in samples]
     cell_mask = None
+    weight = None
     if cell_taxonomy is not None:
         cell_mask = np.zeros((len(samples), len(cell_taxonomy.leaves)), dtype=bool)
         known = [i for i, s in enumerate(samples) if s.cell_label is not None]
         if known:
             cell_mask[known] = cell_taxonomy.leaf_mask([samples[i].cell_label for i in known])
+        if focus is not None and focus[1] != 1:
+            types, other = focus
+            weight = np.array([1.0 if s.cell_label is None
+                               or in_focus(cell_taxonomy, types, s.cell_label) else other
+                               for s in samples], dtype=np.float32)
     return Split(samples, pixels, taxonomy.leaf_mask(labels), taxonomy.encode_heads(labels),
-                 cell_mask)
+                 cell_mask, weight)
 
 
 # ----------------------------------------------------------------- the step
@@ -271,14 +282,17 @@ def make_batch(pixels: np.ndarray, idx: np.ndarray, gen: torch.Generator, recipe
 
 def train_step(net: torch.nn.Module, state: TrainState, criterion: TreeLoss, x: torch.Tensor,
                leaf_mask: torch.Tensor, head_targets: torch.Tensor, precision: Precision,
-               cell_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Forward, tree loss (plus the cell-type loss with ``cell_mask``), backward, optimiser
-    and schedule step, weight average.
+               cell_mask: torch.Tensor | None = None,
+               diagnosis_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Forward, tree loss (plus the cell-type loss with ``cell_mask``; each image's
+    diagnosis loss weighted by ``diagnosis_weight``), backward, optimiser and schedule
+    step, weight average.
 
     ``net`` is the model or its DDP wrapper; returns the detached loss.
     """
     with precision.autocast():
-        loss, _ = criterion(net(x, head_targets), leaf_mask, head_targets, cell_mask)
+        loss, _ = criterion(net(x, head_targets), leaf_mask, head_targets, cell_mask,
+                            diagnosis_weight)
     if not torch.isfinite(loss):
         raise LeukotreeError(
             f"The training loss became {float(loss.detach())} at epoch {state.epoch + 1}; the "
@@ -355,8 +369,10 @@ def train_one_epoch(net: torch.nn.Module, state: TrainState, criterion: TreeLoss
             heads = torch.from_numpy(train.head_targets[idx]).to(device)
             cells = (None if train.cell_mask is None
                      else torch.from_numpy(train.cell_mask[idx]).to(device))
+            weight = (None if train.diagnosis_weight is None
+                      else torch.from_numpy(train.diagnosis_weight[idx]).to(device))
             losses.append(float(train_step(net, state, criterion, x, mask, heads, precision,
-                                           cells)))
+                                           cells, weight)))
             seen += len(idx)
             rate = seen * plan.dist.world_size / (time.perf_counter() - t0)
             bar.update(task, advance=1, rate=f"loss {np.mean(losses):.4f} {rate:.0f} img/s")

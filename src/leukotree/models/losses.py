@@ -19,6 +19,9 @@ Per-sample focal loss (Lin et al. 2017) on the probability ``p_t`` of the true c
 - A cell-type head (a second, per-cell taxonomy) adds ``cell_weight * L_cell``, the
   cross-entropy ``-log P(cell label)`` (a label at an inner node: the sum of its
   leaves) averaged over the cells that have a cell type; cells without one add nothing.
+- ``sample_weight`` ``v_i`` (e.g. ``diagnosis_focus`` on the cells that do not carry the
+  disease) turns each mean of the diagnosis loss into ``sum_i v_i l_i / sum_i v_i`` (over
+  the rows of that head); the cell-type loss is not weighted.
 """
 
 from __future__ import annotations
@@ -114,11 +117,12 @@ class TreeLoss(nn.Module):
         leaf_mask: torch.Tensor,
         head_targets: torch.Tensor,
         cell_mask: torch.Tensor | None = None,
+        sample_weight: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         if self.hierarchical:
-            total, parts = self._masked_heads(outputs, head_targets)
+            total, parts = self._masked_heads(outputs, head_targets, sample_weight)
         else:
-            total, parts = self._flat(outputs["leaf_logp"], leaf_mask)
+            total, parts = self._flat(outputs["leaf_logp"], leaf_mask, sample_weight)
         if cell_mask is not None and "cell_logp" in outputs:
             cell = self._cell_types(outputs["cell_logp"], cell_mask)
             parts["cell_types"] = float(cell.detach())
@@ -135,7 +139,16 @@ class TreeLoss(nn.Module):
                                  dim=1)
         return -logp_t.mean()
 
+    @staticmethod
+    def _mean(loss: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        """``mean(loss)``, or ``sum(w * loss) / sum(w)`` (0 with a graph when all ``w`` are 0)."""
+        if weight is None:
+            return loss.mean()
+        weight = weight.to(loss.dtype)
+        return (weight * loss).sum() / weight.sum().clamp_min(1e-12)
+
     def _flat(self, leaf_logp: torch.Tensor, mask: torch.Tensor,
+              sample_weight: torch.Tensor | None = None,
               ) -> tuple[torch.Tensor, dict[str, float]]:
         maskf = mask.float()
         logp_t = torch.logsumexp(leaf_logp.masked_fill(~mask, float("-inf")), dim=1)
@@ -143,10 +156,11 @@ class TreeLoss(nn.Module):
         loss = weight * focal_term(logp_t, self.gamma)
         if self.smoothing:
             loss = (1 - self.smoothing) * loss - self.smoothing * leaf_logp.mean(1)
-        total = loss.mean()
+        total = self._mean(loss, sample_weight)
         return total, {"leaves": float(total.detach())}
 
     def _masked_heads(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor,
+                      sample_weight: torch.Tensor | None = None,
                       ) -> tuple[torch.Tensor, dict[str, float]]:
         total = torch.zeros((), device=targets.device)
         parts: dict[str, float] = {}
@@ -167,7 +181,8 @@ class TreeLoss(nn.Module):
             loss = w * focal_term(logp_t, self.gamma)
             if self.smoothing:
                 loss = (1 - self.smoothing) * loss - self.smoothing * logp.mean(1)
-            head_loss = loss.mean()
+            head_loss = self._mean(loss, None if sample_weight is None
+                                   else sample_weight[rows])
             parts[node] = float(head_loss.detach())
             total = total + self.head_weights[k] * head_loss
         return total, parts

@@ -343,7 +343,7 @@ class CellMixModel(_LogisticModel):
 
 
 def focus_types(cell_taxonomy: Taxonomy | None, spec: str | None,
-                where: str = "patient_focus_cells") -> tuple[str, ...]:
+                where: str = "focus_cells") -> tuple[str, ...]:
     """The informative cell types (nodes of ``cell_taxonomy``): the comma list ``spec``,
     or :data:`INFORMATIVE_CELLS` of the cell taxonomy when ``spec`` is None."""
     if cell_taxonomy is None:
@@ -362,6 +362,11 @@ def focus_types(cell_taxonomy: Taxonomy | None, spec: str | None,
         raise LeukotreeError(f"The '{where}' parameter must name cell types (comma list); "
                              f"got {spec!r}.")
     return tuple(cell_taxonomy.resolve(n, where=where) for n in names)
+
+
+def in_focus(cell_taxonomy: Taxonomy, types: Sequence[str], label: str) -> bool:
+    """Whether the cell type ``label`` lies under one of the nodes ``types``."""
+    return any(t in cell_taxonomy.path(cell_taxonomy.resolve(label)) for t in types)
 
 
 def informative_probability(cell_taxonomy: Taxonomy, types: Sequence[str],
@@ -409,7 +414,7 @@ class FocusedModel(_Focused, PatientModel):
     needs_fit = False
     needs_cells = True
     defaults: ClassVar[dict[str, Any]] = {"cell_types": None}
-    config_fields: ClassVar[dict[str, str]] = {"cell_types": "patient_focus_cells"}
+    config_fields: ClassVar[dict[str, str]] = {"cell_types": "focus_cells"}
 
     def predict_proba(self, bags: Sequence[Bag]) -> np.ndarray:
         return np.array([self.focused_mean(b) for b in bags])
@@ -426,7 +431,7 @@ class FocusedMixModel(_Focused, _LogisticModel):
     name = "focused-mix"
     needs_cells = True
     defaults: ClassVar[dict[str, Any]] = {"C": 1.0, "cell_types": None}
-    config_fields: ClassVar[dict[str, str]] = {"cell_types": "patient_focus_cells"}
+    config_fields: ClassVar[dict[str, str]] = {"cell_types": "focus_cells"}
 
     def bag_features(self, bags: Sequence[Bag]) -> np.ndarray:
         return np.array([np.concatenate([_cell_probs(self, b).mean(0), self.focused_mean(b)])
