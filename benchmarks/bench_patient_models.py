@@ -104,7 +104,8 @@ def stacked_estimates(cv: Path, models: list[str], rules: list[str], config: dic
         cls = patient_model_class(name)
         if cls.needs_cells and cells is None:
             continue
-        params = {param: config[field] for param, field in cls.config_fields.items()}
+        params = {param: config[field] for param, field in cls.config_fields.items()
+                  if field in config}  # a CV of an older version: the model's default
         for rule in rules:
             m = stack(folds, name, rule=rule, positive=config.get("positive"),
                       seed=config["seed"], params=params).metrics
@@ -142,7 +143,8 @@ def main() -> None:
             cls = patient_model_class(name)
             if cls.needs_cells and model.cell_taxonomy is None:
                 continue
-            params = {param: config[field] for param, field in cls.config_fields.items()}
+            params = {param: config[field] for param, field in cls.config_fields.items()
+                  if field in config}  # a CV of an older version: the model's default
             for rule in rules:
                 fitted = fit_patient_model(name, model.taxonomy, model.cell_taxonomy,
                                            bags["train"], rule=rule,
