@@ -491,6 +491,21 @@ def test_labels_and_cell_labels_from_manifest_columns_and_aliases(tmp_path, make
         discover(tmp_path, load_taxonomy("aml-apl"), labels="column:cell_type")
 
 
+def test_a_manifest_audit_column_is_read_and_checked(tmp_path, leukemia7):
+    from PIL import Image
+
+    for name in ("a.png", "b.png", "c.png", "d.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label,audit\na.png,AML,True\nb.png,AML,false\nc.png,AML,\n"
+                        "d.png,AML,maybe\n")
+    found = discover(manifest, leukemia7)
+    assert [s.audit for s in found.samples] == [True, False, False]
+    [problem] = [p for p in found.problems if p.kind == "bad_audit"]
+    assert problem.where == "m.csv line 5" and "must be true or false" in problem.message
+    assert "found 'maybe'" in problem.message
+
+
 def test_a_manifest_pixel_size_column_is_read_and_checked(tmp_path, leukemia7):
     from PIL import Image
 

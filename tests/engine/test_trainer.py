@@ -540,6 +540,20 @@ def test_a_training_manifest_pixel_size_column_must_agree_with_the_pixel_size(sy
     assert load_model(tmp_path / "c")[0].config.pixel_size == 0.5
 
 
+def test_audit_cells_of_a_manifest_are_never_trained_on_and_are_named(synth_data, tmp_path):
+    files = sorted(synth_data.rglob("*.png"))
+    audit = {str(p) for p in files[::5]}  # as serve's /api/corrections.csv writes them
+    rows = [f"{p},{p.parent.parent.name},{p.parent.name},{str(p) in audit}" for p in files]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label,patient,audit\n" + "\n".join(rows) + "\n")
+    train(manifest, tmp_path / "run", resolve_config(preset="tiny-test", overrides={
+        "epochs": 1, "patients": "manifest"}), progress=False)
+    split = {r["path"] for r in csv.DictReader((tmp_path / "run" / "split.csv").open())}
+    assert split == {str(p) for p in files} - audit
+    named = list(csv.DictReader((tmp_path / "run" / "not_used.csv").open()))
+    assert len(named) == len(audit) and all("never trained on" in r["reason"] for r in named)
+
+
 def test_balanced_class_weights_count_each_image_as_often_as_an_epoch_shows_it(tmp_path):
     trainer = Trainer(tmp_path, tmp_path / "run", resolve_config(
         preset="tiny-test", overrides={"class_weights": "balanced"}))

@@ -84,6 +84,7 @@ class Sample:
     source: str = ""
     cell_label: str | None = None  # a node of a second, per-cell taxonomy (cell type)
     pixel_size: float | None = None  # micrometres per pixel (a manifest's pixel_size column)
+    audit: bool = False  # a lab's audit cell (a manifest's audit column): never trained on
 
     @property
     def group(self) -> str:
@@ -603,6 +604,21 @@ def manifest_pixel_size(row: dict[str, str]) -> float | None:
     return value
 
 
+AUDIT_VALUES = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False,
+                "": False}
+
+
+def manifest_audit(row: dict[str, str]) -> bool:
+    """The optional ``audit`` cell of a manifest row (``True``/``False`` as ``leukotree
+    select`` and ``serve``'s corrections write them; 1/0, yes/no; empty: False). A bad
+    value raises ValueError with the rule, for the caller to place."""
+    raw = (row.get("audit") or "").strip()
+    if raw.lower() not in AUDIT_VALUES:
+        raise ValueError(f"the 'audit' cell must be true or false (an audit cell is the "
+                         f"lab's test set, never trained on); found {raw!r}.")
+    return AUDIT_VALUES[raw.lower()]
+
+
 def _manifest_sample(row: dict[str, str], path: Path, raw_label: str, where: str,
                      taxonomy: Taxonomy, patients: str, rule: PatientRule | None,
                      problems: list[Problem]) -> Sample | None:
@@ -623,6 +639,11 @@ def _manifest_sample(row: dict[str, str], path: Path, raw_label: str, where: str
     except ValueError as err:
         problems.append(Problem("bad_pixel_size", where, str(err)))
         return None
+    try:
+        audit = manifest_audit(row)
+    except ValueError as err:
+        problems.append(Problem("bad_audit", where, str(err)))
+        return None
     patient: str | None = None
     if patients == "manifest":
         patient = (row.get("patient") or "").strip() or None
@@ -635,7 +656,8 @@ def _manifest_sample(row: dict[str, str], path: Path, raw_label: str, where: str
             "no_patient", where,
             f"no patient id (rule '{patients}'); it is grouped by {unit}", fatal=False,
         ))
-    return Sample(path, label, patient, slide, source=where, pixel_size=pixel_size)
+    return Sample(path, label, patient, slide, source=where, pixel_size=pixel_size,
+                  audit=audit)
 
 
 @dataclass(frozen=True)
@@ -646,6 +668,7 @@ class InputImage:
     patient: str | None = None
     label: str | None = None
     pixel_size: float | None = None  # micrometres per pixel (a manifest's pixel_size column)
+    audit: bool = False  # a lab's audit cell (a manifest's audit column): never trained on
 
 
 _INPUT_PATIENTS = ("auto", "none", "folder", "cnmc", "manifest")

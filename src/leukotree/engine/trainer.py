@@ -378,8 +378,13 @@ class Trainer:
         sample_set = discover(data, taxonomy, patients=cfg.patients, labels=cfg.labels,
                               cell_labels=cfg.cell_labels, cell_taxonomy=self.cell_taxonomy)
         sample_set.raise_for_problems()
-        self._name_files(sample_set.not_used(), self.run.not_used,
-                         f"{data}: file(s) not used for training")
+        audit = [i for i, s in enumerate(sample_set.samples) if s.audit]
+        self._name_files(sample_set.not_used() + [
+            (sample_set.samples[i].source, "an audit cell (its 'audit' column is true): the "
+             "lab's unbiased test set, never trained on") for i in audit],
+                         self.run.not_used, f"{data}: file(s) not used for training")
+        if audit:
+            sample_set = sample_set.subset(sorted(set(range(len(sample_set))) - set(audit)))
         if cfg.skip_unreadable:
             errors = decode_many([s.path for s in sample_set.samples], 16, workers=cfg.workers,
                                  on_error="report", progress=False,

@@ -337,7 +337,7 @@ def _add_review_api(app: FastAPI) -> None:
     @app.get("/api/corrections.csv")
     def corrections() -> Response:
         """Reviewed cells as a manifest (``path,label,patient,cell_type,audit``; ``audit``
-        true: the lab's test set, leave it out of any training); cells a spreadsheet
+        true: the lab's test set, which ``train`` leaves out); cells a spreadsheet
         would evaluate are neutralised with a leading ``'``."""
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=["path", "label", "patient", "cell_type",
