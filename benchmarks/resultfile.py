@@ -298,8 +298,47 @@ def lab_loop_section(doc: dict[str, Any]) -> list[str]:
 
 
 #: Renderers of known benchmarks; any other results file gets :func:`render_value`.
+def _auroc(m: dict[str, Any] | None) -> str:
+    if m is None:
+        return "–"
+    lo, hi = m["auroc_ci95"]
+    return f"{m['auroc']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def patient_models_table(r: dict[str, Any]) -> str:
+    """``bench_patient_models.py``: each candidate's pooled patient AUROC and accuracy under
+    every protocol, and the one-standard-error choice."""
+    protocols = list(r["protocols"])
+    sel = r["selection"]
+    rows = []
+    for name in sel["order"]:
+        cells: list[Any] = [f"**{name}**" if name == sel["chosen"] else name]
+        for p in protocols:
+            m = r["protocols"][p]["models"].get(name)
+            cells += [_auroc(m), "–" if m is None else _percent(m["accuracy"])]
+        rows.append(cells)
+    header = ["patient model"] + [f"{p} {what}" for p in protocols
+                                  for what in ("AUROC [95% CI]", "accuracy")]
+    n = {p: next(iter(r["protocols"][p]["models"].values()))["patients"] for p in protocols}
+    out = table(header, rows) + (
+        f"\n\nPatients pooled out of fold: {', '.join(f'{p} {n[p]}' for p in protocols)}; "
+        f"positive class {r['positive']}, threshold {r['protocols'][protocols[0]]['threshold']}. "
+        f"Chosen by the one-standard-error rule on the **{sel['by']}** estimate: "
+        f"**{sel['chosen']}** (the best, {sel['best']}, has AUROC "
+        f"{sel['means'][sel['best']]:.3f} ± {sel['standard_errors'][sel['best']]:.3f}; the "
+        f"simplest within one standard error, AUROC ≥ {sel['bound']:.3f}).")
+    for name, m in (r.get("baseline") or {}).items():
+        out += f"\n\nReference: {name}, AUROC {_auroc(m)} over {m['patients']} patients."
+    return out
+
+
+def patient_models_section(doc: dict[str, Any]) -> list[str]:
+    return [patient_models_table(doc["results"])]
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
-    "demo": demo_section, "guarantees": guarantees_section, "lab_loop": lab_loop_section}
+    "demo": demo_section, "guarantees": guarantees_section, "lab_loop": lab_loop_section,
+    "patient_models": patient_models_section}
 
 
 def describe_meta(doc: dict[str, Any]) -> str:

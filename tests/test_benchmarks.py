@@ -272,3 +272,49 @@ def test_lab_loop_bench_gates_each_round_and_never_trains_on_audit_cells(tmp_pat
     again = _run("bench_lab_loop.py", *args, "--rounds", "1")
     assert again["policies"]["active"] == report["policies"]["active"][:1]
     assert (out / "active" / "round-1" / "round.json").stat().st_mtime == stamp
+
+
+def test_patient_models_bench_compares_protocols_and_chooses_by_one_standard_error(tmp_path):
+    import csv
+    import random
+
+    from leukotree.cli import main
+    from leukotree.data.synth import generate
+    from leukotree.taxonomy import load_taxonomy
+
+    sys.path.insert(0, str(BENCH))
+    from resultfile import patient_models_table
+
+    generate(tmp_path / "data", load_taxonomy("aml-apl"), patients_per_class=6,
+             cells_per_patient=5, size=32, seed=0, progress=False)
+    rng = random.Random(0)
+    rows = [{"path": str(p), "label": p.parent.parent.name, "patient": p.parent.name,
+             "cell_type": rng.choice(["blast", "promyelocyte", "lymphocyte"])}
+            for p in sorted((tmp_path / "data").rglob("*.png"))]
+    with (tmp_path / "m.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    cv = tmp_path / "cv"
+    assert main(["cv", str(tmp_path / "m.csv"), "--out", str(cv), "--folds", "2",
+                 "--protocol", "kfold,cluster", "-t", "aml-apl", "--cell-taxonomy",
+                 "jhh-cells", "--cell-labels", "column:cell_type", "--patient-model", "mean",
+                 "--patient-threshold", "0.5", "--fold-val-fraction", "0", "--preset",
+                 "tiny-test", "--epochs", "1", "--monitor", "last", "--threads", "1",
+                 "--no-progress"]) == 0
+    report = _run("bench_patient_models.py", str(cv), str(cv / "cluster"), "--stacked",
+                  "--models", "mean", "cell-mix", "--workers", "0",
+                  "--json", str(tmp_path / "pm.json"))
+    assert set(report["protocols"]) == {"kfold", "cluster"}
+    sel = report["selection"]
+    assert sel["by"] == "cluster"
+    assert sel["order"] == ["mean", "mean, stacked", "cell-mix", "cell-mix, stacked"]
+    models = report["protocols"]["cluster"]["models"]
+    assert models["mean"]["patients"] == 12 and models["cell-mix, stacked"]["patients"] == 12
+    best = max(sel["order"], key=lambda c: models[c]["auroc"])
+    bound = models[best]["auroc"] - models[best]["auroc_se"]
+    # the simplest candidate within one standard error of the best
+    assert sel["chosen"] == next(c for c in sel["order"] if models[c]["auroc"] >= bound - 1e-12)
+    table = patient_models_table(report)
+    assert f"**{sel['chosen']}**" in table and "kfold AUROC [95% CI]" in table
+    assert json.loads((tmp_path / "pm.json").read_text())["results"] == report

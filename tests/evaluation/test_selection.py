@@ -5,7 +5,7 @@ import math
 import pytest
 
 from leukotree.errors import LeukotreeError
-from leukotree.evaluation.selection import one_standard_error
+from leukotree.evaluation.selection import one_standard_error, select_within_one_se
 
 
 def test_the_simplest_within_one_standard_error_is_chosen():
@@ -33,3 +33,13 @@ def test_refuses_an_order_that_does_not_match():
         one_standard_error({"A": [1.0]}, ["A", "B"])
     with pytest.raises(LeukotreeError, match="no fold score"):
         one_standard_error({"A": [float("nan")]}, ["A"])
+
+
+def test_estimates_with_standard_errors_known_otherwise():
+    # pooled AUROCs with bootstrap SEs: best c 0.90 +- 0.04 -> bound 0.86; a (0.85) is out,
+    # b (0.87) is the simplest within
+    pick = select_within_one_se({"a": 0.85, "b": 0.87, "c": 0.90},
+                                {"a": 0.05, "b": 0.05, "c": 0.04}, ["a", "b", "c"])
+    assert (pick.chosen, pick.best, pick.bound) == ("b", "c", pytest.approx(0.86))
+    with pytest.raises(LeukotreeError, match="a standard error of every candidate"):
+        select_within_one_se({"a": 0.8}, {}, ["a"])

@@ -433,8 +433,14 @@ def compare_estimates(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
                      "a new cohort of patients is likelier to meet")}
 
 
+#: Options that change how fast a CV runs, not what it computes: a half-finished CV
+#: resumes with other values of them.
+RUNTIME_FIELDS = ("threads", "workers", "cache")
+
+
 def _open_cv_dir(cv: CVDir, base: TrainConfig) -> TrainConfig:
-    """Create the folder, or check that a half-finished CV in it used the same options."""
+    """Create the folder, or check that a half-finished CV in it used the same options
+    (but :data:`RUNTIME_FIELDS`, which may differ)."""
     cv.path.mkdir(parents=True, exist_ok=True)
     if cv.config.exists():
         saved = load_config(cv.config, check_device=False)
@@ -453,7 +459,8 @@ def _open_cv_dir(cv: CVDir, base: TrainConfig) -> TrainConfig:
                 "uncalibrated (--fold-val-fraction 0, what older versions did); resume it with "
                 "--fold-val-fraction 0, or start it again in another --out to calibrate its "
                 "folds on their own validation patients.")
-        if saved.to_dict() != base.to_dict():
+        runtime = {name: getattr(base, name) for name in RUNTIME_FIELDS}
+        if replace(saved, **runtime).to_dict() != base.to_dict():
             raise LeukotreeError(
                 f"'{cv.path}' holds a CV with other options (see {cv.config}); resume it with "
                 "the same options or choose another --out.")

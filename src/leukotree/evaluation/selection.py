@@ -55,6 +55,19 @@ def one_standard_error(scores: Mapping[str, Sequence[float]], order: Sequence[st
         means[name] = float(values.mean())
         ses[name] = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 \
             else 0.0
+    return select_within_one_se(means, ses, order, higher_is_better=higher_is_better)
+
+
+def select_within_one_se(means: Mapping[str, float], ses: Mapping[str, float],
+                         order: Sequence[str], *, higher_is_better: bool = True) -> Selection:
+    """The rule on estimates and standard errors known otherwise (e.g. a pooled AUROC and
+    its patient-bootstrap standard error): the simplest candidate of ``order`` with
+    ``mean >= m* - se*`` (``<= m* + se*`` when lower is better)."""
+    if not order or sorted(order) != sorted(means) or sorted(means) != sorted(ses):
+        raise LeukotreeError(f"The one-standard-error rule needs an estimate and a standard "
+                             f"error of every candidate of the order {list(order)}; got "
+                             f"{sorted(means)} and {sorted(ses)}.")
+    means, ses = dict(means), dict(ses)
     sign = 1.0 if higher_is_better else -1.0
     best = max(order, key=lambda n: (sign * means[n], -order.index(n)))
     bound = means[best] - sign * ses[best]

@@ -184,16 +184,24 @@ def out_of_fold(name: str, taxonomy: Taxonomy, cell_taxonomy: Taxonomy | None,
     return out
 
 
-def bootstrap_auroc(y: np.ndarray, scores: np.ndarray, n_boot: int = 1000, seed: int = 0,
-                    ) -> tuple[float, float]:
-    """95% interval of the AUROC when patients are resampled with replacement."""
+def bootstrap_aurocs(y: np.ndarray, scores: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                     ) -> np.ndarray:
+    """The AUROC of each of ``n_boot`` resamples of the patients with replacement (the
+    resamples holding one class only left out)."""
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(n_boot):
         pick = rng.integers(0, len(y), len(y))
         if 0 < y[pick].sum() < len(pick):
             values.append(roc_auc_score(y[pick], scores[pick]))
-    if not values:
+    return np.array(values, dtype=float)
+
+
+def bootstrap_auroc(y: np.ndarray, scores: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                    ) -> tuple[float, float]:
+    """95% interval of the AUROC when patients are resampled with replacement."""
+    values = bootstrap_aurocs(y, scores, n_boot, seed)
+    if not len(values):
         return float("nan"), float("nan")
     lo, hi = np.percentile(values, [2.5, 97.5])
     return float(lo), float(hi)
