@@ -401,10 +401,28 @@ def guarantee_rows(r: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def patient_model_rows(r: dict[str, Any]) -> list[list[str]]:
+    """The README's rows of ``bench_patient_models.py``: the chosen patient model's AUROC
+    and accuracy under each protocol, the pessimistic one named."""
+    chosen = r["selection"]["chosen"]
+    names = {"kfold": "patient-grouped 5-fold CV (new patients, same cohort)",
+             "cluster": "leave-cluster-out CV (a later cohort simulated: the figure to "
+                        "expect)",
+             "repeated": "repeated patient-grouped CV"}
+    rows = []
+    for protocol, part in r["protocols"].items():
+        m = part["models"][chosen]
+        rows.append([f"APL vs other AML per patient (`{chosen}`), "
+                     f"{names.get(protocol, protocol)}",
+                     f"AUROC {_auroc(m)}, accuracy {_percent(m['accuracy'])}"])
+    return rows
+
+
 def readme_table(path: Path = RESULTS / "demo.json",
-                 guarantees: Path = RESULTS / "guarantees.json") -> str:
+                 guarantees: Path = RESULTS / "guarantees.json",
+                 patients: Path = RESULTS / "patient_models.json") -> str:
     """The README's one dated results table: the demo's figures and, when committed, the
-    guarantees', each file's date and command below."""
+    guarantees' and the APL patient models', each file's date and command below."""
     doc = read_results(path)
     mean = doc["results"]["mean"]
 
@@ -422,6 +440,10 @@ def readme_table(path: Path = RESULTS / "demo.json",
     if guarantees.exists():
         extra = read_results(guarantees)
         rows += guarantee_rows(extra["results"])
+        docs.append(extra)
+    if patients.exists():
+        extra = read_results(patients)
+        rows += patient_model_rows(extra["results"])
         docs.append(extra)
     said = [f"Measured {d['meta']['date'][:10]} with `{d['meta']['command']}` "
             f"({d['meta']['machine']['cores']} CPU cores)." for d in docs]

@@ -283,7 +283,7 @@ def test_patient_models_bench_compares_protocols_and_chooses_by_one_standard_err
     from leukotree.taxonomy import load_taxonomy
 
     sys.path.insert(0, str(BENCH))
-    from resultfile import patient_models_table
+    from resultfile import patient_model_rows, patient_models_table
 
     generate(tmp_path / "data", load_taxonomy("aml-apl"), patients_per_class=6,
              cells_per_patient=5, size=32, seed=0, progress=False)
@@ -317,4 +317,7 @@ def test_patient_models_bench_compares_protocols_and_chooses_by_one_standard_err
     assert sel["chosen"] == next(c for c in sel["order"] if models[c]["auroc"] >= bound - 1e-12)
     table = patient_models_table(report)
     assert f"**{sel['chosen']}**" in table and "kfold AUROC [95% CI]" in table
+    kfold, cluster = patient_model_rows(report)  # the README's rows: the chosen model
+    assert f"(`{sel['chosen']}`)" in kfold[0] and "later cohort simulated" in cluster[0]
+    assert cluster[1].startswith(f"AUROC {models[sel['chosen']]['auroc']:.3f} [")
     assert json.loads((tmp_path / "pm.json").read_text())["results"] == report
