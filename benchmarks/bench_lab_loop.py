@@ -25,6 +25,9 @@ prints JSON and writes OUT/lab_loop.md and OUT/lab_loop.png.
       far, replaying the source run's training images, with the settings of the web
       app's training jobs (:func:`leukotree.lab.jobs.train_command`: ``--epochs``, lr
       5e-4, half an epoch of warm-up, split by image, 20% validation, last epoch kept);
+      while fewer than ``--min-audit`` audit cells are reviewed no candidate could pass
+      the gate, so none is trained (the web app would train one and refuse it; with the
+      defaults, round 1's 8 audit cells);
    c. the gate (:func:`leukotree.lab.gate.decide`) compares it with the active model on
       ALL audit cells reviewed so far (paired sign test) and on the source run's
       validation images (forgetting); a candidate that passes is promoted and, with at
@@ -146,6 +149,18 @@ class Scorer:
                         self.source_accuracy(candidate), rule)
         return result.to_dict()
 
+    def too_few(self, active: str, audit: list[dict], rule: GateRule) -> dict:
+        """The gate's record of a round with fewer than ``rule.min_audit`` audit cells: no
+        candidate is trained, as none could be promoted (the web app would train one and
+        refuse it)."""
+        paths, labels = [Path(c["path"]) for c in audit], [c["label"] for c in audit]
+        correct = score(load(active).predictor("torch"), paths, labels).correct if audit else []
+        source = self.source_accuracy(active)
+        result = decide(correct, correct, source, source, rule).to_dict()  # only n refuses
+        result["figures"] |= {"audit_candidate": None, "source_candidate": None}
+        result["skipped"] = True
+        return result
+
     def tests(self, run: str, out: Path) -> dict:
         """The test half (accuracy, CI, leaf ECE, flagged) and held-out PBC (accuracy)."""
         if run not in self.on_tests:
@@ -204,11 +219,18 @@ def run_round(k: int, policy: str, state: dict, ctx: dict) -> dict:
         gate = scorer.gate(active, str(cand), audit_cells, rule)
         record["poisoned"] = {"labels_changed": changed, "gate": gate,
                               "refused": not gate["passed"], "candidate": str(cand)}
-    cand = fine_tune(active, ctx["source"], train_cells, folder / "candidate", args.epochs,
-                     folder / "train.csv")
-    gate = scorer.gate(active, str(cand), audit_cells, rule)
-    record |= {"gate": gate, "promoted": gate["passed"], "candidate": str(cand),
-               "calibrated": False}
+    if len(audit_cells) < rule.min_audit:  # no candidate could pass: none is trained
+        write_manifest(folder / "train.csv", [{x: c[x] for x in ("path", "label", "patient")}
+                                              for c in train_cells])
+        record |= {"gate": scorer.too_few(active, audit_cells, rule), "promoted": False,
+                   "candidate": None, "calibrated": False}
+        gate = record["gate"]
+    else:
+        cand = fine_tune(active, ctx["source"], train_cells, folder / "candidate",
+                         args.epochs, folder / "train.csv")
+        gate = scorer.gate(active, str(cand), audit_cells, rule)
+        record |= {"gate": gate, "promoted": gate["passed"], "candidate": str(cand),
+                   "calibrated": False}
     if gate["passed"]:
         active = str(cand)
         if len(audit_cells) >= MIN_IMAGES:

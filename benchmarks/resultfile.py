@@ -272,7 +272,8 @@ def lab_loop_table(r: dict[str, Any]) -> str:
     for policy, rounds in r["policies"].items():
         for s in rounds:
             decision = (("promoted, re-calibrated" if s["calibrated"] else "promoted")
-                        if s["promoted"] else "refused")
+                        if s["promoted"] else "no candidate: too few audit cells"
+                        if s["gate"].get("skipped") else "refused")
             t = s["jhh_test"]
             rows.append([policy, s["round"], f"{s['n_reviewed']} ({s['n_audit']})",
                          *_gate_cells(s["gate"]), decision,

@@ -214,7 +214,7 @@ def test_lab_loop_bench_gates_each_round_and_never_trains_on_audit_cells(tmp_pat
     args = ["--out", str(out), "--pbc", str(tmp_path / "pbc"), "--jhh", str(tmp_path / "jhh"),
             "--preset", "tiny-test", "--set", "epochs=1", "--set", "val_fraction=0.3",
             "--rounds", "2", "--per-round", "10", "--epochs", "1", "--poison-round", "2",
-            "--min-audit", "2", "--tolerance", "1", "--json", str(tmp_path / "lab_loop.json")]
+            "--min-audit", "3", "--tolerance", "1", "--json", str(tmp_path / "lab_loop.json")]
     report = _run("bench_lab_loop.py", *args)
     assert set(report["policies"]) == {"active", "random"}
     with (out / "jhh-pool-unlabelled.csv").open(newline="") as handle:
@@ -230,6 +230,8 @@ def test_lab_loop_bench_gates_each_round_and_never_trains_on_audit_cells(tmp_pat
             gate = r["gate"]
             assert gate["figures"]["n_audit"] == r["n_audit"]  # all audit cells so far
             assert r["promoted"] == gate["passed"]
+            # round 1: 2 audit cells, fewer than --min-audit 3: no candidate is trained
+            assert (r["candidate"] is None) == (r["round"] == 1) == bool(gate.get("skipped"))
             assert r["active"] == (r["candidate"] if r["promoted"] else r["parent"])
             assert not r["calibrated"]  # fewer than 20 audit cells
             assert r["jhh_test"]["n"] == len(rows) - len(pool)
@@ -240,7 +242,8 @@ def test_lab_loop_bench_gates_each_round_and_never_trains_on_audit_cells(tmp_pat
             with (folder / "audit.csv").open(newline="") as handle:
                 audit = {Path(a["path"]).resolve() for a in csv.DictReader(handle)}
             assert len(audit) == r["n_audit"]
-            runs = ["candidate"] + (["poisoned-candidate"] if "poisoned" in r else [])
+            runs = (["candidate"] if r["candidate"] else []) + (
+                ["poisoned-candidate"] if "poisoned" in r else [])
             for run in runs:  # the candidate's training cells, replayed images included
                 with (folder / run / "split.csv").open(newline="") as handle:
                     trained = {Path(t["path"]).resolve() for t in csv.DictReader(handle)}
@@ -252,8 +255,9 @@ def test_lab_loop_bench_gates_each_round_and_never_trains_on_audit_cells(tmp_pat
             assert seen <= train_cells | audit  # the earlier rounds' cells are kept...
             seen = train_cells | audit
             assert len(seen) == r["n_reviewed"]  # ...and no cell is reviewed twice
-    # with 2 audit cells a round and any forgetting allowed, candidates pass: promoted
+    # with 4 audit cells in round 2 and any forgetting allowed, candidates pass: promoted
     assert any(r["promoted"] for rs in report["policies"].values() for r in rs)
+    assert "only 2 reviewed audit cells" in report["policies"]["random"][0]["gate"]["message"]
     (poisoned,) = [r for r in report["policies"]["active"] if "poisoned" in r]
     assert poisoned["round"] == 2
     assert "random" not in {p for p, rs in report["policies"].items()
@@ -264,6 +268,7 @@ def test_lab_loop_bench_gates_each_round_and_never_trains_on_audit_cells(tmp_pat
     assert report["goals"]["poisoned_refused"] == poisoned["poisoned"]["refused"]
     table = (out / "lab_loop.md").read_text()
     assert "| source model | 0 |" in table and "Poisoned candidate" in table
+    assert "no candidate: too few audit cells" in table
     assert (out / "lab_loop.png").stat().st_size > 1000
     doc = json.loads((tmp_path / "lab_loop.json").read_text())
     assert doc["benchmark"] == "lab_loop" and doc["results"] == report
