@@ -282,6 +282,7 @@ def test_lab_loop_bench_gates_each_round_and_never_trains_on_audit_cells(tmp_pat
 def test_patient_models_bench_compares_protocols_and_chooses_by_one_standard_error(tmp_path):
     import csv
     import random
+    import shutil
 
     from leukotree.cli import main
     from leukotree.data.synth import generate
@@ -301,13 +302,18 @@ def test_patient_models_bench_compares_protocols_and_chooses_by_one_standard_err
         writer.writeheader()
         writer.writerows(rows)
     cv = tmp_path / "cv"
-    assert main(["cv", str(tmp_path / "m.csv"), "--out", str(cv), "--folds", "2",
-                 "--protocol", "kfold,cluster", "-t", "aml-apl", "--cell-taxonomy",
+    assert main(["cv", str(tmp_path / "m.csv"), "--out", str(cv), "--folds", "3",
+                 "-t", "aml-apl", "--cell-taxonomy",
                  "jhh-cells", "--cell-labels", "column:cell_type", "--patient-model", "mean",
                  "--patient-threshold", "0.5", "--fold-val-fraction", "0", "--preset",
                  "tiny-test", "--epochs", "1", "--monitor", "last", "--threads", "1",
                  "--no-progress"]) == 0
-    report = _run("bench_patient_models.py", str(cv), str(cv / "cluster"), "--stacked",
+    # the same folds stand for a second protocol (the script reads the protocol's name only)
+    shutil.copytree(cv, tmp_path / "cluster")
+    summary = json.loads((tmp_path / "cluster" / "summary.json").read_text())
+    (tmp_path / "cluster" / "summary.json").write_text(json.dumps(summary | {
+        "protocol": "cluster"}))
+    report = _run("bench_patient_models.py", str(cv), str(tmp_path / "cluster"), "--stacked",
                   "--models", "mean", "cell-mix", "--workers", "0",
                   "--json", str(tmp_path / "pm.json"))
     assert set(report["protocols"]) == {"kfold", "cluster"}
