@@ -221,6 +221,41 @@ def test_pooled_out_of_fold_calls_give_the_observed_miss_rate():
     assert "observed miss rate" in text and "| m repeat 1 | 4 | 1 | 0.2500 |" in text
 
 
+def test_the_miss_rate_is_pooled_over_the_folds_that_state_one():
+    from leukotree.evaluation.cv import pooled_patient_metrics
+
+    # a1, m1: a fold that states the promise; a2, a3: a fold whose training patients could
+    # not (no call), as a held-out cluster of APL patients leaves
+    calls = {"a1": ("APL", "negative", 0.1), "m1": ("AML", "negative", 0.2),
+             "a2": ("APL", None, 0.3), "a3": ("APL", None, 0.2)}
+    patients = {p: {"truth": t, "decision": "AML", "p_APL": s, "p_AML": 1 - s}
+                | ({"call": c} if c else {}) for p, (t, c, s) in calls.items()}
+    last = {"patient_level": {"patient_positive": "APL"}}  # the last fold states none
+    promise = {"alpha": 0.3, "confidence": 0.8}
+    block = pooled_patient_metrics(patients, last, promise)["miss_rate"]
+    assert (block["n_patients"], block["n_positive"], block["missed"]) == (2, 1, 1)
+    assert block["patients_without_promise"] == 2
+    assert "miss_rate" not in pooled_patient_metrics(patients, last)
+
+
+def test_a_fold_that_cannot_state_the_miss_rate_trains_without_it(tmp_path):
+    from leukotree.data.discover import Sample
+    from leukotree.engine.config import resolve_config
+    from leukotree.engine.trainer import Trainer
+    from leukotree.errors import LeukotreeError
+
+    apl = [Sample(tmp_path / f"{k}.png", "APL", patient=f"p{k}") for k in range(4)]
+    overrides = {"patient_model": "mean", "patient_miss_rate": 0.1, "taxonomy": "aml-apl"}
+    trainer = Trainer(tmp_path, tmp_path / "run", resolve_config(
+        preset="tiny-test", overrides=overrides | {"fold": 1}))
+    trainer._check_miss_rate_support(load_taxonomy("aml-apl"), apl)
+    assert trainer._miss_rate is None  # 4 APL patients support 43.8%, not 10%
+    single = Trainer(tmp_path, tmp_path / "run2", resolve_config(
+        preset="tiny-test", overrides=overrides))
+    with pytest.raises(LeukotreeError, match="4 APL patient"):
+        single._check_miss_rate_support(load_taxonomy("aml-apl"), apl)
+
+
 @pytest.fixture(scope="module")
 def two_protocols(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("cv-protocols") / "cv"

@@ -152,6 +152,7 @@ class Trainer:
         self._listed: dict[Path, list[dict[str, str]]] = {}
         self._n_new = 0  # training images of the data itself; --replay images follow them
         self._test: list[Sample] = []  # a CV fold's test images, with its own validation
+        self._miss_rate = config.patient_miss_rate  # None in a fold that cannot state it
 
     @property
     def out(self) -> Path:
@@ -497,14 +498,26 @@ class Trainer:
 
     def _check_miss_rate_support(self, taxonomy: Taxonomy, train: list[Sample]) -> None:
         """Refuse, before any image is read, a ``--patient-miss-rate`` the training split's
-        positive patients cannot promise (:mod:`leukotree.patients.guarantee`)."""
+        positive patients cannot promise (:mod:`leukotree.patients.guarantee`). A fold of
+        a cross-validation (a held-out cluster may hold many of the positive patients)
+        trains without the promise instead, and says so: the CV pools the miss rate over
+        the folds that state it."""
         cfg = self.config
+        self._miss_rate = cfg.patient_miss_rate
         if cfg.patient_miss_rate is None or cfg.patient_model == "none":
             return
         positive = cfg.positive or taxonomy.leaves[0]
         n = len({s.patient for s in train if s.patient is not None and s.label == positive})
-        check_miss_rate_support(n, cfg.patient_miss_rate, cfg.patient_miss_confidence,
-                                positive)
+        try:
+            check_miss_rate_support(n, cfg.patient_miss_rate, cfg.patient_miss_confidence,
+                                    positive)
+        except LeukotreeError as err:
+            if cfg.fold is None:
+                raise
+            self._miss_rate = None
+            self._log(f"fold {cfg.fold + 1}: {err} This fold states no miss rate; the "
+                      "cross-validation's miss-rate figure leaves its patients out.",
+                      "bold yellow")
 
     def _check_same_split(self, samples: list[Sample], parts: np.ndarray) -> None:
         """On resume, the data must give the split the run started with."""
@@ -776,7 +789,7 @@ class Trainer:
                                  fit_on, LabelledCells(val.samples, outputs["val"]),
                                  rule=cfg.patient_threshold, positive=cfg.positive,
                                  seed=cfg.seed, params=patient_params(cfg),
-                                 miss_rate=cfg.patient_miss_rate,
+                                 miss_rate=self._miss_rate,
                                  miss_confidence=cfg.patient_miss_confidence, log=self._log)
 
 

@@ -254,16 +254,24 @@ def run_cv(
     for r in range(repeats):
         patients: dict[str, Any] = {}
         insufficient: list[str] = []
+        promise = None  # the miss rate the folds state (a fold may state none)
         for k in range(folds):
             metrics = _run_fold(data, cv, base, k, r, folds, repeats, (options, settings),
                                 progress, console)
             per_fold.append({"fold": k, "repeat": r, "n_images": metrics["n_images"],
                              **fold_scalars(metrics)})
             level = metrics.get("patient_level") or {}
-            patients |= level.get("patients", {})
+            fold_patients = level.get("patients", {})
+            if base.patient_miss_rate is not None and not level.get("miss_rate"):
+                # a fold that could not state the miss rate: its calls are at the plain
+                # threshold, left out of the pooled miss rate
+                fold_patients = {p: {k: v for k, v in row.items() if k != "call"}
+                                 for p, row in fold_patients.items()}
+            patients |= fold_patients
             insufficient += level.get("insufficient", [])
+            promise = promise or level.get("miss_rate")
         if patients or insufficient:
-            pooled.append(pooled_patient_metrics(patients, metrics) | {
+            pooled.append(pooled_patient_metrics(patients, metrics, promise) | {
                 "insufficient": sorted(insufficient)})
     if not base.fold_groups:
         _write_folds(cv, per_fold)
@@ -350,7 +358,8 @@ def _run_fold(data: str | Path, cv: CVDir, base: TrainConfig, k: int, r: int, fo
     return fold.eval_dir.read_metrics()
 
 
-def pooled_patient_metrics(patients: dict[str, Any], last: dict[str, Any]) -> dict[str, Any]:
+def pooled_patient_metrics(patients: dict[str, Any], last: dict[str, Any],
+                           promise: dict[str, Any] | None = None) -> dict[str, Any]:
     """Patient-level metrics of one repeat's out-of-fold patients diagnosed, pooled over
     its folds: accuracy of the diagnoses, and for two leaves the AUROC of ``P(positive)``
     with a patient-bootstrap 95% CI and sensitivity/specificity of the diagnoses made
@@ -379,11 +388,14 @@ def pooled_patient_metrics(patients: dict[str, Any], last: dict[str, Any]) -> di
         out |= {"tp": tp, "fn": fn, "tn": tn, "fp": fp,
                 "sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
                 "specificity": tn / (tn + fp) if tn + fp else float("nan")}
-        promise = (last.get("patient_level") or {}).get("miss_rate")
-        if promise is not None:  # each fold's own miss-rate threshold, pooled
+        promise = promise or (last.get("patient_level") or {}).get("miss_rate")
+        if promise is not None:  # each fold's own miss-rate threshold, pooled over the
+            # patients of the folds that state one (a fold whose training patients
+            # cannot support it trains without)
+            stated = [i for i, n in enumerate(names) if patients[n].get("call")]
             out["miss_rate"] = miss_rate_metrics(
-                [patients[n].get("call", "") for n in names], y, promise["alpha"],
-                promise["confidence"])
+                [patients[names[i]]["call"] for i in stated], y[stated], promise["alpha"],
+                promise["confidence"]) | {"patients_without_promise": len(names) - len(stated)}
     return out
 
 
