@@ -404,11 +404,11 @@ def guarantee_rows(r: dict[str, Any]) -> list[list[str]]:
 
 def patient_model_rows(r: dict[str, Any]) -> list[list[str]]:
     """The README's rows of ``bench_patient_models.py``: the chosen patient model's AUROC
-    and accuracy under each protocol, the pessimistic one named."""
+    and accuracy under each protocol."""
     chosen = r["selection"]["chosen"]
     names = {"kfold": "patient-grouped 5-fold CV (new patients, same cohort)",
-             "cluster": "leave-cluster-out CV (a later cohort simulated: the figure to "
-                        "expect)",
+             "cluster": "leave-cluster-out CV (patients clustered by colour and cell mix, "
+                        "the pessimistic protocol)",
              "repeated": "repeated patient-grouped CV"}
     rows = []
     for protocol, part in r["protocols"].items():

@@ -329,6 +329,6 @@ def test_patient_models_bench_compares_protocols_and_chooses_by_one_standard_err
     table = patient_models_table(report)
     assert f"**{sel['chosen']}**" in table and "kfold AUROC [95% CI]" in table
     kfold, cluster = patient_model_rows(report)  # the README's rows: the chosen model
-    assert f"(`{sel['chosen']}`)" in kfold[0] and "later cohort simulated" in cluster[0]
+    assert f"(`{sel['chosen']}`)" in kfold[0] and "pessimistic protocol" in cluster[0]
     assert cluster[1].startswith(f"AUROC {models[sel['chosen']]['auroc']:.3f} [")
     assert json.loads((tmp_path / "pm.json").read_text())["results"] == report
