@@ -84,7 +84,7 @@ from leukotree.models.checkpoint import (
 from leukotree.models.losses import TreeLoss, balanced_leaf_weights
 from leukotree.models.stain import fit_stain_target
 from leukotree.patients.guarantee import check_miss_rate_support
-from leukotree.patients.models import focus_types, in_focus, patient_params
+from leukotree.patients.models import focus_types, patient_params
 from leukotree.report import plots
 from leukotree.report.console import say, stderr_console
 from leukotree.report.model_card import write_model_card
@@ -486,15 +486,14 @@ class Trainer:
         if cfg.diagnosis_focus < 1 and self.cell_taxonomy is not None:
             focus = (focus_types(self.cell_taxonomy, cfg.focus_cells, "focus_cells"),
                      cfg.diagnosis_focus)
-            n_focus = sum(s.cell_label is not None
-                          and in_focus(self.cell_taxonomy, focus[0], s.cell_label)
-                          for s in train_samples)
+        train = make_split(train_samples, train_px, taxonomy, self.cell_taxonomy, focus)
+        if focus is not None and train.diagnosis_weight is not None:
+            n_focus = sum(w == 1 and s.cell_label is not None  # the weights say which
+                          for s, w in zip(train_samples, train.diagnosis_weight, strict=True))
             self._log(f"the diagnosis loss is focused on the {', '.join(focus[0])} cells "
                       f"({n_focus} of {len(train_samples)} training images); the other cells "
                       f"with a cell type weigh {cfg.diagnosis_focus:g}")
-        return (taxonomy,
-                make_split(train_samples, train_px, taxonomy, self.cell_taxonomy, focus),
-                make_split(val_samples, val_px, taxonomy, self.cell_taxonomy))
+        return taxonomy, train, make_split(val_samples, val_px, taxonomy, self.cell_taxonomy)
 
     def _check_miss_rate_support(self, taxonomy: Taxonomy, train: list[Sample]) -> None:
         """Refuse, before any image is read, a ``--patient-miss-rate`` the training split's
