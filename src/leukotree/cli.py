@@ -626,9 +626,12 @@ def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
                     help="kfold (patient-grouped stratified folds), repeated (the same "
                          "--repeats times, with the spread), cluster (leave-cluster-out: "
                          "patients clustered by colour and cell mix, one cluster held out per "
-                         "fold, a simulated new cohort), or a comma list such as kfold,cluster "
-                         "(each CV trained in turn: the cost adds up; the estimates side by "
-                         "side) (default kfold)")
+                         "fold, a simulated new cohort), colour / colour-swap (the kfold "
+                         "models scored again on their test patients recoloured to their "
+                         "training patients' average colour / to the other diagnoses' colour: "
+                         "what the model owed to colour; no training), or a comma list such "
+                         "as kfold,colour,cluster (each CV trained in turn: the cost adds up; "
+                         "the estimates side by side) (default kfold)")
     add_inference_arguments(cv, CV_INFERENCE)
     cv.set_defaults(func=cmd_cv, fold=None, folds=None, fold_groups=None)
 

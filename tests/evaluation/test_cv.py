@@ -1,6 +1,8 @@
 """Cross-validation and comparison tables on tiny synthetic data."""
 
+import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -324,3 +326,31 @@ def test_repeat_spread_and_estimates_by_hand():
     assert est["protocols"]["repeated"]["auroc_ci95"] == (0.6, 0.9)  # the first repeat's
     assert est["pessimistic"] == "cluster" and est["by"] == "auroc"
     assert parse_protocols(" kfold , cluster") == ["kfold", "cluster"]
+
+
+def test_cv_colour_swap_rescores_the_folds_without_training(cv_runs, data, tmp_path, capsys):
+    out = tmp_path / "cv"
+    shutil.copytree(cv_runs / "multihead", out)
+    before = (out / "fold_0" / "last.pt").stat().st_mtime
+    assert main(["cv", str(data), "-t", "leukemia7", "--folds", "3", "--head", "multihead",
+                 "--protocol", "kfold,colour-swap", "--out", str(out), *TINY]) == 0
+    assert (out / "fold_0" / "last.pt").stat().st_mtime == before  # nothing retrained
+    summary = json.loads((out / "summary.json").read_text())
+    inner = json.loads((out / "colour-swap" / "summary.json").read_text())
+    assert inner["protocol"] == "colour-swap" and [f["fold"] for f in inner["folds"]] == [
+        0, 1, 2]
+    assert inner["patient_level"][0]["n_patients"] == summary["patient_level"][0][
+        "n_patients"] == 21
+    assert inner["p_change"]["n"] == 21
+    assert set(summary["estimates"]["protocols"]) == {"kfold", "colour-swap"}
+    # each fold's recoloured test images are its test images, one copy each
+    split = list(csv.DictReader((out / "fold_1" / "split.csv").open()))
+    part = "test" if any(r["split"] == "test" for r in split) else "val"
+    test = [r for r in split if r["split"] == part]
+    rows = list(csv.DictReader((out / "colour-swap" / "fold_1" / "manifest.csv").open()))
+    assert [(r["label"], r["patient"]) for r in rows] == [(r["label"], r["patient"])
+                                                          for r in test]
+    capsys.readouterr()
+    assert main(["cv", str(data), "-t", "leukemia7", "--folds", "3", "--head", "multihead",
+                 "--protocol", "kfold,colour-swap", "--out", str(out), *TINY]) == 0
+    assert "colour-swap, fold 1 (repeat 1): already evaluated, kept" in capsys.readouterr().err

@@ -97,20 +97,27 @@ def mean_std(values: list[float]) -> dict[str, float]:
 
 
 #: Split protocols of ``leukotree cv --protocol`` (a comma list runs several).
-PROTOCOLS = ("kfold", "cluster", "repeated")
+PROTOCOLS = ("kfold", "cluster", "repeated", "colour", "colour-swap")
+#: The protocols that re-score the k-fold models on recoloured test patients.
+COLOUR = frozenset({"colour", "colour-swap"})
 
 
 def parse_protocols(spec: str) -> list[str]:
-    """``kfold``, ``cluster``, ``repeated`` or a comma list of them (each once; ``kfold``
-    and ``repeated`` exclude each other: repeated k-fold is k-fold with ``--repeats``)."""
+    """``kfold``, ``cluster``, ``repeated``, ``colour``, ``colour-swap`` or a comma list of
+    them (each once; ``kfold`` and ``repeated`` exclude each other: repeated k-fold is
+    k-fold with ``--repeats``), in the order they run: ``kfold`` or ``repeated`` first
+    (added as ``kfold`` when a colour protocol, which re-scores its folds, comes without
+    either), then the colour protocols, then ``cluster``."""
     names = [p.strip() for p in str(spec).split(",") if p.strip()]
     bad = [p for p in names if p not in PROTOCOLS]
     if not names or bad or len(set(names)) != len(names) or {"kfold", "repeated"} <= set(names):
         raise LeukotreeError(
-            f"The 'protocol' parameter must be kfold, cluster, repeated or a comma list of "
-            f"them, each once, kfold and repeated not together (e.g. kfold,cluster); got "
-            f"{spec!r}.")
-    return names
+            f"The 'protocol' parameter must be one of {', '.join(PROTOCOLS)} or a comma list "
+            f"of them, each once, kfold and repeated not together (e.g. kfold,colour,cluster); "
+            f"got {spec!r}.")
+    if set(names) & COLOUR and not {"kfold", "repeated"} & set(names):
+        names.insert(0, "kfold")
+    return sorted(names, key=lambda p: (p == "cluster", p in COLOUR))
 
 
 def cross_validate(
@@ -135,12 +142,16 @@ def cross_validate(
     - ``cluster``: leave-cluster-out CV, patients clustered by their images' colour and
       cell-mix statistics (:mod:`leukotree.data.cohorts`), one cluster held out per fold:
       an estimate of a later cohort's performance;
+    - ``colour`` / ``colour-swap``: the k-fold CV's fold models scored again on their
+      test patients recoloured to their training patients' average colour (or to the
+      other labels' colour), in ``out/colour`` (:func:`run_colour_cv`; no training): an
+      estimate of a cohort whose colours do not follow its diagnoses;
     - a comma list (``kfold,cluster``) runs each, the first in ``out``, ``cluster`` in
       ``out/cluster`` (training costs add up: two CVs), and the summary in ``out`` gains
       ``estimates``, the patient-level figures of each side by side and the pessimistic
       one to quote (:func:`compare_estimates`).
     """
-    protocols = sorted(parse_protocols(protocol), key=lambda p: p == "cluster")
+    protocols = parse_protocols(protocol)
     if "repeated" in protocols and repeats < 2:
         raise LeukotreeError(f"--protocol repeated needs --repeats of at least 2 (e.g. "
                              f"--repeats 5); got {repeats}.")
@@ -161,6 +172,8 @@ def cross_validate(
             fixed = cluster_fold_file(data, CVDir(where), config, folds, console)
             summaries[name] = run_cv(data, where, replace(config, fold_groups=str(fixed)),
                                      folds=folds, protocol=name, **kwargs)
+        elif name in COLOUR:
+            summaries[name] = run_colour_cv(out, name, summaries[protocols[0]], **kwargs)
         else:
             summaries[name] = run_cv(data, where, config, folds=folds, repeats=repeats,
                                      protocol=name, **kwargs)
@@ -252,43 +265,140 @@ def run_cv(
     per_fold: list[dict[str, Any]] = []
     pooled: list[dict[str, Any]] = []
     for r in range(repeats):
-        patients: dict[str, Any] = {}
-        insufficient: list[str] = []
-        promise = None  # the miss rate the folds state (a fold may state none)
-        for k in range(folds):
-            metrics = _run_fold(data, cv, base, k, r, folds, repeats, (options, settings),
-                                progress, console)
-            per_fold.append({"fold": k, "repeat": r, "n_images": metrics["n_images"],
-                             **fold_scalars(metrics)})
-            level = metrics.get("patient_level") or {}
-            fold_patients = level.get("patients", {})
-            if base.patient_miss_rate is not None and not level.get("miss_rate"):
-                # a fold that could not state the miss rate: its calls are at the plain
-                # threshold, left out of the pooled miss rate
-                fold_patients = {p: {k: v for k, v in row.items() if k != "call"}
-                                 for p, row in fold_patients.items()}
-            patients |= fold_patients
-            insufficient += level.get("insufficient", [])
-            promise = promise or level.get("miss_rate")
-        if patients or insufficient:
-            pooled.append(pooled_patient_metrics(patients, metrics, promise) | {
-                "insufficient": sorted(insufficient)})
+        repeat = [_run_fold(data, cv, base, k, r, folds, repeats, (options, settings),
+                            progress, console) for k in range(folds)]
+        per_fold += [{"fold": k, "repeat": r, "n_images": metrics["n_images"],
+                      **fold_scalars(metrics)} for k, metrics in enumerate(repeat)]
+        pooled += pool_folds(repeat, base.patient_miss_rate is not None)
     if not base.fold_groups:
         _write_folds(cv, per_fold)
-    keys = sorted({key for row in per_fold for key in row} - {"fold", "repeat", "n_images"})
-    summary = {
-        "model": config.model_config().description, "head": config.head,
-        "patient_model": config.patient_model, "repeats": repeats, "folds": per_fold,
-        "mean": {key: mean_std([row.get(key, float("nan")) for row in per_fold])
-                 for key in keys},
-        "patient_level": pooled, "config": base.to_dict(),
-    }
+    summary = fold_summary(config, base, per_fold, pooled, repeats)
     if protocol != "kfold":
         summary["protocol"] = protocol
     if repeats > 1 and pooled:
         summary["repeat_spread"] = repeat_spread(pooled)
     _write_summary(cv, summary)
     return summary
+
+
+def run_colour_cv(out: str | Path, protocol: str, base_summary: dict[str, Any], *,
+                  options: InferenceOptions | None = None,
+                  settings: EvalSettings | None = None, progress: bool = True,
+                  console: Console | None = None) -> dict[str, Any]:
+    """Score every fold of the CV in ``out`` (already run: ``base_summary`` is its summary)
+    again, on its test patients recoloured (:mod:`leukotree.evaluation.colour`;
+    ``protocol`` ``colour`` or ``colour-swap``), into ``out/<protocol>/`` (a fold's
+    recoloured images, ``manifest.csv`` and ``eval/``; ``summary.json``). Evaluated folds
+    are kept when resumed. The summary adds ``p_change``: over the out-of-fold patients,
+    the mean of ``|P(positive) recoloured - P(positive)|`` and the number of diagnoses
+    that changed."""
+    from leukotree.evaluation.colour import (
+        COLOUR_PROTOCOLS,
+        colour_statistics,
+        write_recoloured,
+    )
+
+    options = options or InferenceOptions()
+    settings = settings or EvalSettings(progress=progress)
+    console = console or stderr_console()
+    cv = CVDir(out)
+    folder = CVDir(cv.path / protocol)
+    config = load_config(cv.config, check_device=False)
+    per_fold: list[dict[str, Any]] = []
+    pooled: list[dict[str, Any]] = []
+    before: dict[str, Any] = {}
+    after: dict[str, Any] = {}
+    repeats = int(base_summary.get("repeats", 1))
+    for r in range(repeats):
+        repeat = []
+        for k in sorted(row["fold"] for row in base_summary["folds"]
+                        if row.get("repeat", 0) == r):
+            fold, name = cv.fold(k, r), CVDir.fold_name(k, r)
+            evaluated = EvalDir(folder.path / name / RunDir.EVAL)
+            if evaluated.metrics.exists():
+                console.print(f"{protocol}, fold {k + 1} (repeat {r + 1}): already "
+                              "evaluated, kept")
+            else:
+                console.rule(f"{protocol}: fold {k + 1}'s test patients recoloured")
+                test_part = fold.test_part()
+                rows = fold.read_split()
+                test = [row for row in rows if row["split"] == test_part]
+                rest = [row for row in rows if row["split"] != test_part]
+                stats = colour_statistics([row["path"] for row in rows],
+                                          folder.path / "colour_stats.csv",
+                                          max_pixels=config.max_pixels)
+                manifest = write_recoloured(test, rest, stats, COLOUR_PROTOCOLS[protocol],
+                                            folder.path / name, max_pixels=config.max_pixels)
+                evaluate(fold.path, manifest, evaluated.path, options, settings,
+                         patients="auto", labels="folder")
+            metrics = evaluated.read_metrics()
+            repeat.append(metrics)
+            per_fold.append({"fold": k, "repeat": r, "n_images": metrics["n_images"],
+                             **fold_scalars(metrics)})
+            if r == 0:
+                before |= (fold.eval_dir.read_metrics().get("patient_level") or {}).get(
+                    "patients", {})
+                after |= (metrics.get("patient_level") or {}).get("patients", {})
+        pooled += pool_folds(repeat, config.patient_miss_rate is not None)
+    summary = fold_summary(config, config, per_fold, pooled, repeats) | {
+        "protocol": protocol, "p_change": patient_change(before, after, pooled)}
+    write_json(folder.summary, summary)
+    write_document(cv_document([summary]), folder.markdown)
+    return summary
+
+
+def patient_change(before: dict[str, Any], after: dict[str, Any],
+                   pooled: list[dict[str, Any]]) -> dict[str, Any]:
+    """How the patients' results moved between two evaluations of the same patients
+    (``patients`` of ``metrics.json``'s ``patient_level``): ``n`` patients in both, the
+    mean ``|P(positive) after - P(positive) before|`` (two-leaf models with a positive
+    leaf) and the number whose ``decision`` changed."""
+    names = sorted(set(before) & set(after))
+    out: dict[str, Any] = {"n": len(names), "decisions_changed": sum(
+        before[n].get("decision") != after[n].get("decision") for n in names)}
+    positive = pooled[0].get("positive") if pooled else None
+    key = f"p_{positive}"
+    if positive and names and all(key in before[n] and key in after[n] for n in names):
+        out["mean_abs_p"] = float(np.mean([abs(after[n][key] - before[n][key])
+                                           for n in names]))
+    return out
+
+
+def pool_folds(repeat: list[dict[str, Any]], promised: bool) -> list[dict[str, Any]]:
+    """The out-of-fold patients of one repeat's folds (their ``metrics.json``) pooled by
+    :func:`pooled_patient_metrics`, as a list of one (empty without patients). With a
+    promised miss rate (``promised``), a fold that could not state it has its calls left
+    out of the pooled miss rate (they are at the plain threshold)."""
+    patients: dict[str, Any] = {}
+    insufficient: list[str] = []
+    promise = None  # the miss rate the folds state (a fold may state none)
+    for metrics in repeat:
+        level = metrics.get("patient_level") or {}
+        fold_patients = level.get("patients", {})
+        if promised and not level.get("miss_rate"):
+            fold_patients = {p: {k: v for k, v in row.items() if k != "call"}
+                             for p, row in fold_patients.items()}
+        patients |= fold_patients
+        insufficient += level.get("insufficient", [])
+        promise = promise or level.get("miss_rate")
+    if not (patients or insufficient):
+        return []
+    return [pooled_patient_metrics(patients, repeat[-1], promise) | {
+        "insufficient": sorted(insufficient)}]
+
+
+def fold_summary(config: TrainConfig, base: TrainConfig, per_fold: list[dict[str, Any]],
+                 pooled: list[dict[str, Any]], repeats: int) -> dict[str, Any]:
+    """``summary.json``'s content: the folds' scalars, their means and the pooled
+    patient-level figures of each repeat."""
+    keys = sorted({key for row in per_fold for key in row} - {"fold", "repeat", "n_images"})
+    return {
+        "model": config.model_config().description, "head": config.head,
+        "patient_model": config.patient_model, "repeats": repeats, "folds": per_fold,
+        "mean": {key: mean_std([row.get(key, float("nan")) for row in per_fold])
+                 for key in keys},
+        "patient_level": pooled, "config": base.to_dict(),
+    }
 
 
 def _check_cv(config: TrainConfig, folds: int, repeats: int) -> None:

@@ -1,0 +1,167 @@
+"""A cohort whose colours say nothing of the diagnosis: each CV fold's test patients
+recoloured, then scored again by the same fold model (``cv --protocol kfold,colour``).
+
+Patient-grouped CV draws its test patients from the weeks its training patients came
+from. When the slides of one class were stained or imaged alike (a batch of stain, a
+period of the study), a model can learn that colour instead of the cells, and CV rewards
+it: the test patients share the colour of their class. A later cohort does not. This
+protocol takes the colour away at test time only, with the fold's model unchanged:
+
+1. per image, the mean ``m`` and standard deviation ``s`` of each CIE L*a*b* channel
+   over its pixels (:func:`~leukotree.models.stain.rgb_to_lab`, the conversion the
+   models use); per patient ``p``, ``m_p`` and ``s_p``, their means over its images;
+2. a target per test patient, from the fold's **training** patients only:
+   ``colour`` (neutral), the mean of ``m`` and ``s`` over all of them;
+   ``colour-swap``, the mean over those whose label differs from the patient's (an
+   APL patient takes the other AMLs' colour), the worst case of a colour cue;
+3. every pixel of each of the patient's images moved as one slide (Reinhard et al.
+   2001, per patient rather than per image, so its cells keep their differences):
+
+       lab' = (lab - m_p) / max(s_p, 1) * s_target + m_target
+
+   then back to sRGB (out-of-gamut colours clipped), written losslessly (PNG);
+4. the fold model evaluated on the recoloured images
+   (:func:`~leukotree.evaluation.evaluate.evaluate`, same options), and the out-of-fold
+   patients pooled as plain CV pools them.
+
+A model that reads the cells scores alike on both; the drop is what it owed to colour.
+A patient's mean colour also moves with its cell mix (granular promyelocytes are
+redder), so the neutral recolouring takes away a little real signal too: the estimate
+leans pessimistic.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from leukotree.data.images import DEFAULT_MAX_PIXELS, load_rgb_array
+from leukotree.errors import LeukotreeError
+from leukotree.rundir import read_csv, write_csv
+
+#: The recolouring protocols: name -> target (see the module docstring).
+COLOUR_PROTOCOLS = {"colour": "neutral", "colour-swap": "swap"}
+#: Floor of a patient's L*a*b* standard deviation (a flat image is not blown up).
+MIN_STD = 1.0
+#: Columns of the per-image colour statistics file.
+STAT_COLUMNS = ("mean_L", "mean_a", "mean_b", "std_L", "std_a", "std_b")
+
+
+def image_lab_stats(pixels: np.ndarray) -> np.ndarray:
+    """``(H, W, 3)`` uint8 sRGB -> ``(6,)``: the L*a*b* means, then the (population)
+    standard deviations, over the pixels."""
+    from leukotree.models.stain import rgb_to_lab
+
+    lab = rgb_to_lab(torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1)[None])
+    flat = lab[0].flatten(1).double()
+    return torch.cat([flat.mean(1), flat.std(1, unbiased=False)]).numpy()
+
+
+def recolour(pixels: np.ndarray, source: Sequence[float], target: Sequence[float],
+             ) -> np.ndarray:
+    """``lab' = (lab - m_source) / max(s_source, MIN_STD) * s_target + m_target`` per
+    channel of an ``(H, W, 3)`` uint8 sRGB image; ``source`` and ``target`` are
+    ``(m_L, m_a, m_b, s_L, s_a, s_b)``. Returns uint8 sRGB (rounded, clipped)."""
+    from leukotree.models.stain import lab_to_rgb, rgb_to_lab
+
+    src, tgt = np.asarray(source, dtype=np.float64), np.asarray(target, dtype=np.float64)
+    if src.shape != (6,) or tgt.shape != (6,):
+        raise ValueError(f"colour statistics need 6 values; got {src.shape} and {tgt.shape}")
+    x = torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1)[None]
+    lab = rgb_to_lab(x).double()
+    m_s, s_s = (torch.from_numpy(v).view(1, 3, 1, 1) for v in (src[:3], src[3:]))
+    m_t, s_t = (torch.from_numpy(v).view(1, 3, 1, 1) for v in (tgt[:3], tgt[3:]))
+    moved = (lab - m_s) / s_s.clamp(min=MIN_STD) * s_t + m_t
+    rgb = lab_to_rgb(moved.float())[0].permute(1, 2, 0)
+    return (rgb + 0.5).clamp(0, 255).to(torch.uint8).numpy()
+
+
+def colour_statistics(paths: Sequence[str], cache: Path, *,
+                      max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
+    """:func:`image_lab_stats` of each path (full size), read from ``cache`` (a CSV,
+    ``path`` and :data:`STAT_COLUMNS`) when there, the new ones appended to it."""
+    known: dict[str, np.ndarray] = {}
+    if cache.exists():
+        for row in read_csv(cache, "Colour statistics", ("path", *STAT_COLUMNS)):
+            known[row["path"]] = np.array([float(row[c]) for c in STAT_COLUMNS])
+    missing = [p for p in dict.fromkeys(paths) if p not in known]
+    for path in missing:
+        known[path] = image_lab_stats(load_rgb_array(path, None, max_pixels=max_pixels))
+    if missing:
+        write_csv(cache, [{"path": p, **dict(zip(STAT_COLUMNS, map(float, v), strict=True))}
+                          for p, v in known.items()], ("path", *STAT_COLUMNS))
+    return {p: known[p] for p in paths}
+
+
+def patient_means(rows: Sequence[dict[str, str]], stats: dict[str, np.ndarray],
+                  ) -> dict[str, np.ndarray]:
+    """Per patient (``group``, else ``patient``, column of split rows), the mean of its
+    images' statistics."""
+    by: dict[str, list[np.ndarray]] = defaultdict(list)
+    for row in rows:
+        by[_group(row)].append(stats[row["path"]])
+    return {g: np.mean(v, axis=0) for g, v in by.items()}
+
+
+def colour_targets(test: Sequence[dict[str, str]], train: Sequence[dict[str, str]],
+                   stats: dict[str, np.ndarray], mode: str) -> dict[str, np.ndarray]:
+    """The target statistics of each test patient (see the module docstring): ``neutral``,
+    the mean over the training patients; ``swap``, over the training patients whose label
+    differs from the test patient's (each patient weighs alike)."""
+    if mode not in COLOUR_PROTOCOLS.values():
+        raise LeukotreeError(f"The colour target must be one of "
+                             f"{', '.join(COLOUR_PROTOCOLS.values())}; got {mode!r}.")
+    train_means = patient_means(train, stats)
+    train_labels = {_group(r): r["label"] for r in train}
+    test_labels = {_group(r): r["label"] for r in test}
+    targets = {}
+    for group, label in test_labels.items():
+        donors = [g for g in train_means if mode == "neutral" or train_labels[g] != label]
+        if not donors:
+            raise LeukotreeError(f"No training patient of another label than '{label}' to "
+                                 f"take the colour of (test patient {group}); colour-swap "
+                                 "needs at least two labels among the training patients.")
+        targets[group] = np.mean([train_means[g] for g in donors], axis=0)
+    return targets
+
+
+def write_recoloured(test: Sequence[dict[str, str]], train: Sequence[dict[str, str]],
+                     stats: dict[str, np.ndarray], mode: str, folder: Path, *,
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> Path:
+    """Recolour the ``test`` images (split rows) towards :func:`colour_targets` into
+    ``folder/images/`` and write ``folder/manifest.csv`` (the rows' ``path,label,patient,
+    slide`` and ``cell_type`` when present, the path the recoloured copy's). Images
+    already written (a resumed CV) are kept."""
+    sources = patient_means(test, stats)
+    targets = colour_targets(test, train, stats, mode)
+    columns = ["path", "label", "patient", "slide"] + (
+        ["cell_type"] if any("cell_type" in row for row in test) else [])
+    out_rows = []
+    for i, row in enumerate(test):
+        group = _group(row)
+        dest = folder / "images" / _safe(group) / f"{i:06d}_{_safe(Path(row['path']).stem)}.png"
+        if not dest.exists():
+            from PIL import Image
+
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            moved = recolour(load_rgb_array(row["path"], None, max_pixels=max_pixels),
+                             sources[group], targets[group])
+            tmp = dest.with_name(f".{dest.name}.tmp")
+            Image.fromarray(moved).save(tmp, format="PNG")
+            tmp.replace(dest)
+        out_rows.append({c: row.get(c, "") for c in columns} | {"path": str(dest.resolve())})
+    return write_csv(folder / "manifest.csv", out_rows, columns)
+
+
+def _group(row: dict[str, str]) -> str:
+    return row.get("group") or row.get("patient") or row["path"]
+
+
+def _safe(name: str) -> str:
+    """A file-name-safe version of ``name``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:80] or "_"

@@ -1,0 +1,109 @@
+"""The colour protocols: recolouring by hand, targets from the training patients only, and
+``cv --protocol kfold,colour-swap`` (tests/evaluation/test_cv.py)."""
+
+import csv
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from leukotree.errors import LeukotreeError
+from leukotree.evaluation.colour import (
+    colour_statistics,
+    colour_targets,
+    image_lab_stats,
+    patient_means,
+    recolour,
+    write_recoloured,
+)
+from leukotree.evaluation.cv import parse_protocols, patient_change
+
+
+def _image(seed: int = 0) -> np.ndarray:
+    """A 16x16 image of mid-range colours (no channel near 0 or 255: nothing clips)."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(90, 170, size=(16, 16, 3), dtype=np.uint8)
+
+
+def test_recolouring_to_its_own_statistics_changes_nothing():
+    pixels = _image()
+    stats = image_lab_stats(pixels)
+    assert np.abs(recolour(pixels, stats, stats).astype(int) - pixels).max() <= 1
+
+
+def test_recolouring_moves_the_lab_statistics_to_the_target():
+    pixels = _image(1)
+    m_l, m_a, m_b, s_l, s_a, s_b = image_lab_stats(pixels)
+    # L* up by 5 with its spread kept; a* spread halved; b* mean down by 3
+    target = [m_l + 5, m_a, m_b - 3, s_l, s_a / 2, s_b]
+    moved = image_lab_stats(recolour(pixels, image_lab_stats(pixels), target))
+    assert moved == pytest.approx(target, abs=0.3)  # 8-bit rounding only
+
+
+def test_a_grey_image_has_lab_statistics_by_hand():
+    # sRGB (119, 119, 119) is L* = 50.0 (Y = 0.1845), a* = b* = 0, no spread
+    stats = image_lab_stats(np.full((4, 4, 3), 119, np.uint8))
+    assert stats == pytest.approx([50.0, 0, 0, 0, 0, 0], abs=0.05)
+
+
+def _rows(spec):
+    return [{"path": path, "label": label, "group": group, "patient": group}
+            for path, label, group in spec]
+
+
+def test_targets_weigh_each_training_patient_alike_and_swap_takes_the_other_labels():
+    stats = {"a1": np.full(6, 1.0), "a2": np.full(6, 3.0), "b1": np.full(6, 10.0),
+             "c1": np.full(6, 4.0), "t1": np.zeros(6), "t2": np.zeros(6)}
+    train = _rows([("a1", "APL", "A"), ("a2", "APL", "A"), ("b1", "AML", "B"),
+                   ("c1", "AML", "C")])
+    test = _rows([("t1", "APL", "T"), ("t2", "AML", "U")])
+    assert patient_means(train, stats)["A"] == pytest.approx(np.full(6, 2.0))
+    neutral = colour_targets(test, train, stats, "neutral")
+    assert neutral["T"] == pytest.approx(np.full(6, (2 + 10 + 4) / 3))  # not (1+3+10+4)/4
+    swap = colour_targets(test, train, stats, "swap")
+    assert swap["T"] == pytest.approx(np.full(6, 7.0))  # the AML patients B and C
+    assert swap["U"] == pytest.approx(np.full(6, 2.0))  # the APL patient A
+    with pytest.raises(LeukotreeError, match="another label than 'APL'"):
+        colour_targets(test[:1], train[:2], stats, "swap")
+    with pytest.raises(LeukotreeError, match="colour target"):
+        colour_targets(test, train, stats, "grey")
+
+
+def test_recoloured_copies_and_their_manifest(tmp_path):
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"cell {i}.jpg"
+        Image.fromarray(_image(i)).save(path)
+        paths.append(str(path))
+    blast = {"path": paths[1], "label": "APL", "group": "T", "patient": "T",
+             "cell_type": "blast"}
+    test = [*_rows([(paths[0], "APL", "T")]), blast]
+    train = _rows([(paths[2], "AML", "B")])
+    stats = colour_statistics(paths, tmp_path / "stats.csv")
+    assert (tmp_path / "stats.csv").exists()
+    assert colour_statistics(paths[:1], tmp_path / "stats.csv")[paths[0]] == pytest.approx(
+        stats[paths[0]], abs=1e-4)  # read back from the cache
+    manifest = write_recoloured(test, train, stats, "swap", tmp_path / "out")
+    rows = list(csv.DictReader(manifest.open()))
+    assert [(r["label"], r["patient"]) for r in rows] == [("APL", "T"), ("APL", "T")]
+    assert rows[1]["cell_type"] == "blast" and rows[0]["cell_type"] == ""
+    copies = [np.asarray(Image.open(r["path"])) for r in rows]
+    # the patient's mean colour is now the AML patient's
+    mean = np.mean([image_lab_stats(c) for c in copies], axis=0)
+    assert mean[:3] == pytest.approx(stats[paths[2]][:3], abs=0.5)
+    assert all(r["path"].endswith(".png") for r in rows)
+
+
+def test_colour_protocols_run_after_the_kfold_they_rescore():
+    assert parse_protocols("colour") == ["kfold", "colour"]
+    assert parse_protocols("cluster,colour-swap,repeated") == ["repeated", "colour-swap",
+                                                               "cluster"]
+    with pytest.raises(LeukotreeError, match="colour-swap"):
+        parse_protocols("colours")
+
+
+def test_patient_change_by_hand():
+    before = {"P1": {"p_APL": 0.8, "decision": "APL"}, "P2": {"p_APL": 0.2, "decision": "AML"}}
+    after = {"P1": {"p_APL": 0.4, "decision": "AML"}, "P2": {"p_APL": 0.3, "decision": "AML"}}
+    change = patient_change(before, after, [{"positive": "APL"}])
+    assert change == {"n": 2, "decisions_changed": 1, "mean_abs_p": pytest.approx(0.25)}
