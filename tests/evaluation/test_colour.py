@@ -9,6 +9,7 @@ from PIL import Image
 
 from leukotree.errors import LeukotreeError
 from leukotree.evaluation.colour import (
+    colour_separability,
     colour_statistics,
     colour_targets,
     image_lab_stats,
@@ -107,3 +108,18 @@ def test_patient_change_by_hand():
     after = {"P1": {"p_APL": 0.4, "decision": "AML"}, "P2": {"p_APL": 0.3, "decision": "AML"}}
     change = patient_change(before, after, [{"positive": "APL"}])
     assert change == {"n": 2, "decisions_changed": 1, "mean_abs_p": pytest.approx(0.25)}
+
+
+def test_colour_alone_separates_labels_only_when_the_colours_follow_them():
+    rows = [{"path": f"{label}{i}", "label": label, "group": f"{label}{i}"}
+            for label in ("APL", "AML") for i in range(6)]
+    apart = {r["path"]: np.full(6, (10.0 if r["label"] == "APL" else 0.0) + int(r["path"][-1]))
+             for r in rows}
+    assert colour_separability(rows, apart, repeats=3)["auroc"] == pytest.approx(1.0)
+    # one colour for all: each fold predicts its training patients' class shares, which
+    # lean away from its test patients' classes: no better than chance
+    alike = {r["path"]: np.full(6, 5.0) for r in rows}
+    out = colour_separability(rows, alike, repeats=3)
+    assert out["auroc"] <= 0.5 and out["n_patients"] == 12 and out["folds"] == 5
+    lonely = colour_separability(rows[:7], apart)  # one AML patient
+    assert "auroc" not in lonely and "two labels" in lonely["note"]

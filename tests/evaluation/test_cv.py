@@ -341,7 +341,7 @@ def test_cv_colour_swap_rescores_the_folds_without_training(cv_runs, data, tmp_p
         0, 1, 2]
     assert inner["patient_level"][0]["n_patients"] == summary["patient_level"][0][
         "n_patients"] == 21
-    assert inner["p_change"]["n"] == 21
+    assert inner["p_change"]["n"] == 21 and inner["colour_only"]["n_patients"] == 21
     assert set(summary["estimates"]["protocols"]) == {"kfold", "colour-swap"}
     # each fold's recoloured test images are its test images, one copy each
     split = list(csv.DictReader((out / "fold_1" / "split.csv").open()))

@@ -165,3 +165,41 @@ def _group(row: dict[str, str]) -> str:
 def _safe(name: str) -> str:
     """A file-name-safe version of ``name``."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:80] or "_"
+
+
+def colour_separability(rows: Sequence[dict[str, str]], stats: dict[str, np.ndarray], *,
+                        folds: int = 5, repeats: int = 10, seed: int = 0,
+                        ) -> dict[str, float | int | str]:
+    """How well the patients' mean colours alone (:func:`patient_means`, six numbers,
+    standardised) tell their labels apart, before any model: an L2 logistic regression
+    (scikit-learn, ``C`` = 1) scored out of fold by ``repeats`` x stratified ``folds``-fold
+    CV over the patients (``folds`` lowered to the smallest class's count); per repeat the
+    AUROC (macro one-vs-rest for more than two labels). Returns its mean, minimum and
+    maximum over the repeats and the number of patients. Near 0.5: the colours say
+    nothing of the labels; far above: a model can learn the colour instead of the cells."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    means = patient_means(rows, stats)
+    labels = {_group(r): r["label"] for r in rows}
+    groups = sorted(means)
+    x = np.array([means[g] for g in groups])
+    y = np.array([labels[g] for g in groups])
+    classes, counts = np.unique(y, return_counts=True)
+    k = min(folds, int(counts.min()))
+    if len(classes) < 2 or k < 2:
+        return {"n_patients": len(groups),
+                "note": "needs two labels with at least two patients each"}
+    aurocs = []
+    for r in range(repeats):
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000))
+        proba = cross_val_predict(model, x, y, method="predict_proba", cv=StratifiedKFold(
+            k, shuffle=True, random_state=seed + r))
+        aurocs.append(roc_auc_score(y == classes[1], proba[:, 1]) if len(classes) == 2
+                      else roc_auc_score(y, proba, multi_class="ovr", average="macro"))
+    return {"n_patients": len(groups), "folds": k, "repeats": repeats,
+            "auroc": float(np.mean(aurocs)), "auroc_min": float(np.min(aurocs)),
+            "auroc_max": float(np.max(aurocs))}

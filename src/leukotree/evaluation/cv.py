@@ -291,9 +291,11 @@ def run_colour_cv(out: str | Path, protocol: str, base_summary: dict[str, Any], 
     recoloured images, ``manifest.csv`` and ``eval/``; ``summary.json``). Evaluated folds
     are kept when resumed. The summary adds ``p_change``: over the out-of-fold patients,
     the mean of ``|P(positive) recoloured - P(positive)|`` and the number of diagnoses
-    that changed."""
+    that changed; and ``colour_only``, how well the patients' mean colours alone tell
+    their labels apart (:func:`~leukotree.evaluation.colour.colour_separability`)."""
     from leukotree.evaluation.colour import (
         COLOUR_PROTOCOLS,
+        colour_separability,
         colour_statistics,
         write_recoloured,
     )
@@ -340,8 +342,12 @@ def run_colour_cv(out: str | Path, protocol: str, base_summary: dict[str, Any], 
                     "patients", {})
                 after |= (metrics.get("patient_level") or {}).get("patients", {})
         pooled += pool_folds(repeat, config.patient_miss_rate is not None)
+    everyone = cv.fold(0).read_split()  # every fold's split lists every image
     summary = fold_summary(config, config, per_fold, pooled, repeats) | {
-        "protocol": protocol, "p_change": patient_change(before, after, pooled)}
+        "protocol": protocol, "p_change": patient_change(before, after, pooled),
+        "colour_only": colour_separability(everyone, colour_statistics(
+            [row["path"] for row in everyone], folder.path / "colour_stats.csv",
+            max_pixels=config.max_pixels), seed=config.seed)}
     write_json(folder.summary, summary)
     write_document(cv_document([summary]), folder.markdown)
     return summary
