@@ -337,9 +337,44 @@ def patient_models_section(doc: dict[str, Any]) -> list[str]:
     return [patient_models_table(doc["results"])]
 
 
+def colour_shift_table(r: dict[str, Any]) -> str:
+    """``bench_colour_shift.py``: per recipe, the pooled patient AUROC and accuracy of plain
+    k-fold and of its fold models on recoloured test patients."""
+    protocols = ("kfold", "colour", "colour-swap")
+    rows = []
+    for name, row in r["recipes"].items():
+        cells: list[Any] = [name, ", ".join(f"{k}={v}" for k, v in row["options"].items())
+                            or "as the config"]
+        cells += [_auroc(row[p]) if row[p].get("auroc") is not None else "–"
+                  for p in protocols]
+        cells += [_percent(row[p].get("accuracy")) for p in protocols]
+        cells += [f"{row[p]['p_change'].get('mean_abs_p', float('nan')):.3f}"
+                  for p in protocols[1:]]
+        rows.append(cells)
+    header = ["recipe", "options", *(f"{p} AUROC [95% CI]" for p in protocols),
+              *(f"{p} accuracy" for p in protocols), "mean ΔP colour", "mean ΔP swap"]
+    n = next(iter(r["recipes"].values()))["kfold"]["n_patients"]
+    out = table(header, rows) + (
+        f"\n\n{n} patients pooled out of fold ({r['folds']}-fold, the same folds and fold "
+        "models for the three estimates); `colour`: each test patient recoloured to its "
+        "training patients' average colour, `colour-swap`: to the other diagnoses' colour; "
+        "ΔP: the mean absolute change of a patient's probability.")
+    only = r.get("colour_only") or {}
+    if only.get("auroc") is not None:
+        out += (f"\n\nThe patients' mean colours alone, before any model, tell the diagnoses "
+                f"apart with AUROC {only['auroc']:.3f} (min {only['auroc_min']:.3f}, max "
+                f"{only['auroc_max']:.3f} over {only['repeats']} repeats of "
+                f"{only['folds']}-fold logistic regression, {only['n_patients']} patients).")
+    return out
+
+
+def colour_shift_section(doc: dict[str, Any]) -> list[str]:
+    return [colour_shift_table(doc["results"])]
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "demo": demo_section, "guarantees": guarantees_section, "lab_loop": lab_loop_section,
-    "patient_models": patient_models_section}
+    "patient_models": patient_models_section, "colour_shift": colour_shift_section}
 
 
 def describe_meta(doc: dict[str, Any]) -> str:

@@ -332,3 +332,36 @@ def test_patient_models_bench_compares_protocols_and_chooses_by_one_standard_err
     assert f"(`{sel['chosen']}`)" in kfold[0] and "pessimistic protocol" in cluster[0]
     assert cluster[1].startswith(f"AUROC {models[sel['chosen']]['auroc']:.3f} [")
     assert json.loads((tmp_path / "pm.json").read_text())["results"] == report
+
+
+def test_colour_shift_bench_rescores_each_recipe_on_recoloured_patients(tmp_path):
+    from leukotree.data.synth import generate
+    from leukotree.errors import LeukotreeError
+    from leukotree.taxonomy import load_taxonomy
+
+    sys.path.insert(0, str(BENCH))
+    from bench_colour_shift import parse_recipe
+    from resultfile import colour_shift_table
+
+    assert parse_recipe("as-is") == ("as-is", {})
+    assert parse_recipe("w:stain_norm=white, lr=0.001") == ("w", {"stain_norm": "white",
+                                                                  "lr": 0.001})
+    with pytest.raises(LeukotreeError, match="KEY=VALUE"):
+        parse_recipe("w:stain_norm")
+    generate(tmp_path / "data", load_taxonomy("aml-apl"), patients_per_class=3,
+             cells_per_patient=4, size=32, seed=0, progress=False)
+    config = tmp_path / "recipe.yaml"
+    config.write_text("taxonomy: aml-apl\nmodel: test_resnet\nimg_size: 32\nepochs: 1\n"
+                      "batch_size: 16\nthreads: 1\nworkers: 1\npatient_threshold: 0.5\n")
+    report = _run("bench_colour_shift.py", str(tmp_path / "data"), "--config", str(config),
+                  "--recipe", "white:stain_norm=white", "--folds", "2",
+                  "--out", str(tmp_path / "out"), "--json", str(tmp_path / "cs.json"))
+    row = report["recipes"]["white"]
+    assert row["options"] == {"stain_norm": "white"}
+    for protocol in ("kfold", "colour", "colour-swap"):
+        assert row[protocol]["n_patients"] == 6
+    assert row["colour"]["p_change"]["n"] == 6 and report["colour_only"]["n_patients"] == 6
+    assert (tmp_path / "out" / "white" / "colour-swap" / "summary.json").exists()
+    table = colour_shift_table(report)
+    assert "| white | stain_norm=white |" in table and "colour-swap AUROC [95% CI]" in table
+    assert json.loads((tmp_path / "cs.json").read_text())["results"] == report
