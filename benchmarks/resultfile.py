@@ -454,9 +454,27 @@ def patient_model_rows(r: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def colour_shift_rows(r: dict[str, Any]) -> list[list[str]]:
+    """The README's rows of ``bench_colour_shift.py``: per recipe, the patient AUROC of its
+    fold models on the test patients as they are, recoloured neutral and swapped."""
+    rows = []
+    for row in r["recipes"].values():
+        options = ", ".join(f"`{k}: {v}`" for k, v in row["options"].items())
+        rows.append([f"APL vs other AML per patient, {r['folds']}-fold CV of the recipe"
+                     + (f" with {options}" if options else " as it is")
+                     + ": AUROC of the same fold models on the test patients as they are → "
+                     "recoloured to the training patients' average colour → to the other "
+                     "diagnosis's colour",
+                     " → ".join(f"{row[p]['auroc']:.3f}" for p in ("kfold", "colour",
+                                                                 "colour-swap"))
+                     + f" (accuracy {_percent(row['colour-swap']['accuracy'])} swapped)"])
+    return rows
+
+
 def readme_table(path: Path = RESULTS / "demo.json",
                  guarantees: Path = RESULTS / "guarantees.json",
-                 patients: Path = RESULTS / "patient_models.json") -> str:
+                 patients: Path = RESULTS / "patient_models.json",
+                 colour: Path = RESULTS / "colour_shift.json") -> str:
     """The README's one dated results table: the demo's figures and, when committed, the
     guarantees' and the APL patient models', each file's date and command below."""
     doc = read_results(path)
@@ -480,6 +498,10 @@ def readme_table(path: Path = RESULTS / "demo.json",
     if patients.exists():
         extra = read_results(patients)
         rows += patient_model_rows(extra["results"])
+        docs.append(extra)
+    if colour.exists():
+        extra = read_results(colour)
+        rows += colour_shift_rows(extra["results"])
         docs.append(extra)
     said = [f"Measured {d['meta']['date'][:10]} with `{d['meta']['command']}` "
             f"({d['meta']['machine']['cores']} CPU cores)." for d in docs]

@@ -341,7 +341,7 @@ def test_colour_shift_bench_rescores_each_recipe_on_recoloured_patients(tmp_path
 
     sys.path.insert(0, str(BENCH))
     from bench_colour_shift import parse_recipe
-    from resultfile import colour_shift_table
+    from resultfile import colour_shift_rows, colour_shift_table
 
     assert parse_recipe("as-is") == ("as-is", {})
     assert parse_recipe("w:stain_norm=white, lr=0.001") == ("w", {"stain_norm": "white",
@@ -364,4 +364,7 @@ def test_colour_shift_bench_rescores_each_recipe_on_recoloured_patients(tmp_path
     assert (tmp_path / "out" / "white" / "colour-swap" / "summary.json").exists()
     table = colour_shift_table(report)
     assert "| white | stain_norm=white |" in table and "colour-swap AUROC [95% CI]" in table
+    (readme_row,) = colour_shift_rows(report)  # the README's row
+    assert "with `stain_norm: white`" in readme_row[0]
+    assert readme_row[1].startswith(f"{row['kfold']['auroc']:.3f} → {row['colour']['auroc']:.3f}")
     assert json.loads((tmp_path / "cs.json").read_text())["results"] == report
