@@ -54,12 +54,12 @@ STAT_COLUMNS = ("mean_L", "mean_a", "mean_b", "std_L", "std_a", "std_b")
 
 def image_lab_stats(pixels: np.ndarray) -> np.ndarray:
     """``(H, W, 3)`` uint8 sRGB -> ``(6,)``: the L*a*b* means, then the (population)
-    standard deviations, over the pixels."""
-    from leukotree.models.stain import rgb_to_lab
+    standard deviations, over the pixels (the clusters' statistics,
+    :func:`leukotree.data.cohorts.lab_statistics`: the same D65 formulas as the models'
+    :func:`~leukotree.models.stain.rgb_to_lab` that :func:`recolour` uses)."""
+    from leukotree.data.cohorts import lab_statistics
 
-    lab = rgb_to_lab(torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1)[None])
-    flat = lab[0].flatten(1).double()
-    return torch.cat([flat.mean(1), flat.std(1, unbiased=False)]).numpy()
+    return lab_statistics(np.asarray(pixels, dtype=np.uint8))
 
 
 def recolour(pixels: np.ndarray, source: Sequence[float], target: Sequence[float],

@@ -306,6 +306,9 @@ def run_colour_cv(out: str | Path, protocol: str, base_summary: dict[str, Any], 
     cv = CVDir(out)
     folder = CVDir(cv.path / protocol)
     config = load_config(cv.config, check_device=False)
+    everyone = cv.fold(0).read_split()  # every fold's split lists every image
+    stats = colour_statistics([row["path"] for row in everyone],
+                              folder.path / "colour_stats.csv", max_pixels=config.max_pixels)
     per_fold: list[dict[str, Any]] = []
     pooled: list[dict[str, Any]] = []
     before: dict[str, Any] = {}
@@ -326,9 +329,6 @@ def run_colour_cv(out: str | Path, protocol: str, base_summary: dict[str, Any], 
                 rows = fold.read_split()
                 test = [row for row in rows if row["split"] == test_part]
                 rest = [row for row in rows if row["split"] != test_part]
-                stats = colour_statistics([row["path"] for row in rows],
-                                          folder.path / "colour_stats.csv",
-                                          max_pixels=config.max_pixels)
                 manifest = write_recoloured(test, rest, stats, COLOUR_PROTOCOLS[protocol],
                                             folder.path / name, max_pixels=config.max_pixels)
                 evaluate(fold.path, manifest, evaluated.path, options, settings,
@@ -342,12 +342,9 @@ def run_colour_cv(out: str | Path, protocol: str, base_summary: dict[str, Any], 
                     "patients", {})
                 after |= (metrics.get("patient_level") or {}).get("patients", {})
         pooled += pool_folds(repeat, config.patient_miss_rate is not None)
-    everyone = cv.fold(0).read_split()  # every fold's split lists every image
     summary = fold_summary(config, config, per_fold, pooled, repeats) | {
         "protocol": protocol, "p_change": patient_change(before, after, pooled),
-        "colour_only": colour_separability(everyone, colour_statistics(
-            [row["path"] for row in everyone], folder.path / "colour_stats.csv",
-            max_pixels=config.max_pixels), seed=config.seed)}
+        "colour_only": colour_separability(everyone, stats, seed=config.seed)}
     write_json(folder.summary, summary)
     write_document(cv_document([summary]), folder.markdown)
     return summary
