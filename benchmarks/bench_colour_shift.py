@@ -57,6 +57,31 @@ def estimate(summary: dict[str, Any]) -> dict[str, Any]:
                                               "sensitivity", "specificity")}
 
 
+def kept_recipes(path: Path | None, results: dict[str, Any],
+                 running: set[str]) -> dict[str, Any]:
+    """The recipes of an earlier results file ``path`` to keep beside those ``running`` now:
+    those of the same data, config and folds that are not run again, each with the
+    ``measured`` block (date, commit, command) of the run that measured it. Nothing when
+    the file is missing; a LeukotreeError when it holds other data, config or folds."""
+    if path is None or not path.exists():
+        return {}
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        old = doc["results"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise LeukotreeError(f"--json {path}: not a results file of this benchmark ({err}); "
+                             "give another file or remove it.") from None
+    for key in ("data", "config", "folds"):
+        if key in old and old[key] != results[key]:
+            raise LeukotreeError(
+                f"--json {path}: its recipes were measured with {key} {old[key]!r}, this "
+                f"command has {results[key]!r}; they cannot share one table. Give another "
+                "file, or run every recipe again.")
+    measured = {k: doc.get("meta", {}).get(k) for k in ("date", "commit", "command")}
+    return {name: {"measured": measured} | row for name, row in old["recipes"].items()
+            if name not in running}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,8 +95,9 @@ def main() -> None:
     add_json_option(parser)
     args = parser.parse_args()
     recipes = dict(parse_recipe(spec) for spec in args.recipe)
-    results: dict[str, Any] = {"folds": args.folds, "config": str(args.config),
-                               "recipes": {}}
+    results: dict[str, Any] = {"data": str(args.data), "folds": args.folds,
+                               "config": str(args.config), "recipes": {}}
+    results["recipes"] = kept_recipes(args.json, results, set(recipes))
     for name, overrides in recipes.items():
         config = resolve_config(config_file=args.config, overrides={
             **overrides, "fold_val_fraction": args.fold_val_fraction})
@@ -89,4 +115,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except LeukotreeError as err:
+        raise SystemExit(f"error: {err}") from None

@@ -359,6 +359,11 @@ def colour_shift_table(r: dict[str, Any]) -> str:
         "models for the three estimates); `colour`: each test patient recoloured to its "
         "training patients' average colour, `colour-swap`: to the other diagnoses' colour; "
         "ΔP: the mean absolute change of a patient's probability.")
+    for name, row in r["recipes"].items():
+        if row.get("measured"):
+            m = row["measured"]
+            out += (f"\n\nRecipe `{name}` was measured earlier, {m.get('date')} at commit "
+                    f"`{(m.get('commit') or 'unknown')[:10]}`, by `{m.get('command')}`.")
     only = r.get("colour_only") or {}
     if only.get("auroc") is not None:
         out += (f"\n\nThe patients' mean colours alone, before any model, tell the diagnoses "

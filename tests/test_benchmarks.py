@@ -368,3 +368,18 @@ def test_colour_shift_bench_rescores_each_recipe_on_recoloured_patients(tmp_path
     assert "with `stain_norm: white`" in readme_row[0]
     assert readme_row[1].startswith(f"{row['kfold']['auroc']:.3f} → {row['colour']['auroc']:.3f}")
     assert json.loads((tmp_path / "cs.json").read_text())["results"] == report
+    # a second recipe joins the same file; the first is kept with who measured it
+    both = _run("bench_colour_shift.py", str(tmp_path / "data"), "--config", str(config),
+                "--recipe", "as-is", "--folds", "2", "--out", str(tmp_path / "out"),
+                "--json", str(tmp_path / "cs.json"))
+    assert list(both["recipes"]) == ["white", "as-is"]
+    assert both["recipes"]["white"]["kfold"] == row["kfold"]
+    assert both["recipes"]["white"]["measured"]["command"].endswith("cs.json")
+    assert "measured" not in both["recipes"]["as-is"]
+    assert "Recipe `white` was measured earlier" in colour_shift_table(both)
+    done = subprocess.run([sys.executable, str(BENCH / "bench_colour_shift.py"),
+                           str(tmp_path / "data"), "--config", str(config), "--recipe", "as-is",
+                           "--folds", "3", "--out", str(tmp_path / "out3"),
+                           "--json", str(tmp_path / "cs.json")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode != 0 and "measured with folds 2" in done.stderr
