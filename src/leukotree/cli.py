@@ -101,6 +101,37 @@ def cmd_data_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_colour(args: argparse.Namespace) -> int:
+    from leukotree.data.confound import colour_confound
+    from leukotree.data.discover import discover
+    from leukotree.report.console import print_colour_confound
+    from leukotree.taxonomy import load_taxonomy
+
+    taxonomy = load_taxonomy(args.taxonomy)
+    cells = load_taxonomy(args.cell_taxonomy) if args.cell_taxonomy else None
+    if (args.cell_labels is None) != (cells is None):
+        raise LeukotreeError("--cell-labels and --cell-taxonomy go together: the first says "
+                             "where each image's cell type is, the second which tree it "
+                             "belongs to (e.g. --cell-labels column:cell_type "
+                             "--cell-taxonomy jhh-cells).")
+    samples = discover(args.data, taxonomy, patients=args.patients, labels=args.labels,
+                       cell_labels=args.cell_labels, cell_taxonomy=cells)
+    samples.raise_for_problems()
+    found = colour_confound(samples.samples, features=args.features, stain_norm=args.stain_norm,
+                            cell_taxonomy=cells, cell_types=args.cell_types, size=args.size,
+                            workers=args.workers, repeats=args.repeats, seed=args.seed,
+                            progress=not args.no_progress, **_max_pixels(args))
+    payload = json.dumps(found.to_dict(), indent=2)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(payload + "\n", encoding="utf-8")
+    if args.json:
+        print(payload)
+    else:
+        print_colour_confound(found, stdout_console())
+    return 0
+
+
 def _train_config(args: argparse.Namespace):
     from leukotree.engine.config import config_overrides, resolve_config
 
@@ -559,7 +590,7 @@ def _add_max_pixels(p: argparse.ArgumentParser) -> None:
 
 
 def _add_data_parsers(sub: argparse._SubParsersAction) -> None:
-    data = sub.add_parser("data", help="check and split data sets")
+    data = sub.add_parser("data", help="check and split data sets, and check their colours")
     data_sub = data.add_subparsers(dest="data_command", required=True)
 
     check = data_sub.add_parser("check", help="report counts, unreadable files, duplicates...")
@@ -593,6 +624,33 @@ def _add_data_parsers(sub: argparse._SubParsersAction) -> None:
                        help="drop images whose shorter side is below this many pixels")
     split.add_argument("--json", action="store_true", help="print a JSON summary")
     split.set_defaults(func=cmd_data_split)
+
+    colour = data_sub.add_parser(
+        "colour", help="do the slides' colours alone tell the labels apart? (per patient, "
+                       "before any model)")
+    _add_data_args(colour)
+    colour.add_argument("--features", choices=["stats", "parts"], default="stats",
+                        help="stats: each image's L*a*b* means and deviations (default); "
+                             "parts: the colour of its brightest and darkest tenth (plasma "
+                             "and nucleus), which a per-image normalisation keeps")
+    colour.add_argument("--stain-norm", choices=["none", "white", "reinhard"], default="none",
+                        help="normalise each image first as a model with this option does")
+    colour.add_argument("--cell-labels", default=None,
+                        help="where each image's cell type is: column:<name> of the "
+                             "manifest or re:<regex>")
+    colour.add_argument("--cell-taxonomy", default=None,
+                        help="the cell types' taxonomy (e.g. jhh-cells)")
+    colour.add_argument("--cell-types", default=None,
+                        help="only images of these cell types (comma list of nodes, e.g. "
+                             "lymphoid,neutrophil: cells that do not show the disease)")
+    colour.add_argument("--size", type=POSITIVE, default=96,
+                        help="image side the colours are read at (default 96)")
+    colour.add_argument("--repeats", type=POSITIVE, default=10,
+                        help="repeats of the 5-fold logistic regression (default 10)")
+    colour.add_argument("--seed", type=COUNT, default=0)
+    colour.add_argument("--json", action="store_true", help="print the result as JSON")
+    colour.add_argument("--out", type=Path, help="also write the JSON result to this file")
+    colour.set_defaults(func=cmd_data_colour)
 
 
 def _add_train_args(tr: argparse.ArgumentParser, skip: frozenset[str] | set[str] = frozenset(),

@@ -12,6 +12,7 @@ from rich.text import Text
 
 if TYPE_CHECKING:  # annotations only: the CLI imports this module before any data module
     from leukotree.data.check import CheckReport
+    from leukotree.data.confound import ColourConfound
     from leukotree.data.splits import SplitPlan
     from leukotree.taxonomy import Taxonomy
 
@@ -127,3 +128,31 @@ def print_split_plan(plan: SplitPlan, console: Console) -> None:
     if dropped:
         console.print("[yellow]dropped by filters:[/] " + escape(", ".join(
             f"{k}: {v}" for k, v in sorted(dropped.items()))))
+
+
+def print_colour_confound(found: ColourConfound, console: Console) -> None:
+    """The per-label mean colour features, what they tell apart, and the verdict."""
+    what = f"features '{found.features}'" + (
+        f", stain_norm '{found.stain_norm}'" if found.stain_norm != "none" else "") + (
+        f", cell types {', '.join(found.cell_types)}" if found.cell_types else "")
+    table = Table(title=escape(f"Colours per label ({what}): mean over the patients"))
+    names = list(next(iter(found.by_label.values()), {}))
+    table.add_column("label")
+    for name in names:
+        table.add_column(escape(name), justify="right")
+    for label, values in found.by_label.items():
+        table.add_row(escape(label), *(f"{values[n]:.2f}" for n in names))
+    console.print(table)
+    sep = found.separability
+    if sep.get("auroc") is not None:
+        say(console, f"{found.n_images} images of {found.n_patients} patients; out-of-fold "
+                     f"AUROC of the colours alone {sep['auroc']:.3f} (min "
+                     f"{sep['auroc_min']:.3f}, max {sep['auroc_max']:.3f} over "
+                     f"{sep['repeats']} repeats of {sep['folds']}-fold logistic regression)")
+    if found.other_cell_types:
+        say(console, f"{found.other_cell_types} images of other cell types left out "
+                     "(--cell-types)")
+    if found.unreadable:
+        _listing(console, "unreadable image(s) left out",
+                 found.unreadable, str, "yellow")
+    say(console, found.verdict, "bold yellow" if (sep.get("auroc") or 0) >= 0.6 else "green")

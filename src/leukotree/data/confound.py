@@ -1,0 +1,197 @@
+"""Do the slides' colours alone tell the labels apart? (``leukotree data colour``)
+
+When the slides of one class were stained or imaged alike (a batch of stain, a period of
+a study), a model can learn that colour instead of the cells, and patient-grouped
+cross-validation rewards it: its test patients share the colour of their class, a later
+cohort does not. This check asks it of the data before any model, per patient:
+
+1. each image (read at ``size`` pixels a side, optionally normalised first by the
+   models' own per-image stain normalisation, :mod:`leukotree.models.stain`, fitted on
+   these images) gives six colour numbers in CIE L*a*b*
+   (:func:`~leukotree.models.stain.rgb_to_lab`), by ``features``:
+
+   * ``stats``: the means and standard deviations of L*, a*, b* over its pixels (what a
+     per-image Reinhard normalisation sets to the same values for every image);
+   * ``parts``: the mean L*a*b* of its brightest :data:`PART_FRACTION` of pixels by L*
+     (the plasma between the cells) and of its darkest :data:`PART_FRACTION` (the
+     nucleus): the balance between the two stains, which a per-image affine
+     normalisation of each channel does not take away;
+
+2. a patient's features are the means over its images, optionally only the images of
+   chosen cell types (``cell_types``: cells that carry no sign of the disease, such as
+   lymphocytes and neutrophils, show a batch rather than the disease);
+3. an L2 logistic regression on them, scored out of fold over the patients
+   (:func:`leukotree.evaluation.colour.colour_separability`: repeated stratified k-fold,
+   the mean AUROC and its range over the repeats).
+
+An AUROC near 0.5: the colours say nothing of the labels. Far above: a model can read the
+label from the stain; train with a stain normalisation and measure what the model owes
+to colour with ``leukotree cv --protocol kfold,colour,colour-swap``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from leukotree.data.discover import Sample
+from leukotree.data.images import DEFAULT_MAX_PIXELS, STAIN_NORMS, decode_many
+from leukotree.errors import LeukotreeError
+from leukotree.taxonomy import Taxonomy
+
+#: The feature sets (module docstring) and the names of their six numbers.
+FEATURES: dict[str, tuple[str, ...]] = {
+    "stats": ("mean_L", "mean_a", "mean_b", "std_L", "std_a", "std_b"),
+    "parts": ("bright_L", "bright_a", "bright_b", "dark_L", "dark_a", "dark_b"),
+}
+#: Share of an image's pixels (by L*) that make its bright and its dark part.
+PART_FRACTION = 0.1
+#: AUROC from which the colours are said to tell the labels apart, and below which they
+#: are said to say little of them.
+CONFOUNDED_AUROC = 0.7
+UNINFORMATIVE_AUROC = 0.6
+
+
+def colour_features(pixels: np.ndarray, features: str = "stats", chunk: int = 256,
+                    ) -> np.ndarray:
+    """``(N, H, W, 3)`` uint8 sRGB -> ``(N, 6)``: the ``features`` of each image (module
+    docstring; :data:`FEATURES` names the columns)."""
+    from leukotree.models.stain import rgb_to_lab
+
+    if features not in FEATURES:
+        raise LeukotreeError(f"--features must be one of {', '.join(FEATURES)}; got "
+                             f"{features!r}.")
+    out = []
+    for i in range(0, len(pixels), chunk):
+        x = torch.from_numpy(np.array(pixels[i:i + chunk])).permute(0, 3, 1, 2)
+        lab = rgb_to_lab(x).double().flatten(2)  # (B, 3, P)
+        if features == "stats":
+            out.append(torch.cat([lab.mean(2), lab.std(2, correction=0)], dim=1))
+            continue
+        k = max(1, round(PART_FRACTION * lab.shape[2]))
+        order = lab[:, 0].argsort(dim=1)  # by L*, darkest first
+        dark = lab.gather(2, order[:, None, :k].expand(-1, 3, -1)).mean(2)
+        bright = lab.gather(2, order[:, None, -k:].expand(-1, 3, -1)).mean(2)
+        out.append(torch.cat([bright, dark], dim=1))
+    return torch.cat(out).numpy() if out else np.zeros((0, 6))
+
+
+def normalise_stain(pixels: np.ndarray, stain_norm: str, chunk: int = 256) -> np.ndarray:
+    """The images normalised as a model with ``stain_norm`` would see them (the target
+    fitted on these images, :func:`~leukotree.models.stain.fit_stain_target`); ``none``
+    returns them as they are."""
+    from leukotree.models.stain import fit_stain_target, stain_module
+
+    if stain_norm not in STAIN_NORMS:
+        raise LeukotreeError(f"--stain-norm must be one of {', '.join(STAIN_NORMS)}; got "
+                             f"{stain_norm!r}.")
+    if stain_norm == "none" or len(pixels) == 0:
+        return pixels
+    module = stain_module(stain_norm, fit_stain_target(stain_norm, pixels))
+    out = np.empty_like(pixels)
+    with torch.no_grad():
+        for i in range(0, len(pixels), chunk):
+            x = torch.from_numpy(np.array(pixels[i:i + chunk])).permute(0, 3, 1, 2)
+            y = module(x.float()).round().clamp(0, 255).to(torch.uint8)
+            out[i:i + chunk] = y.permute(0, 2, 3, 1).numpy()
+    return out
+
+
+@dataclass
+class ColourConfound:
+    """What :func:`colour_confound` found (see the module docstring)."""
+
+    features: str
+    stain_norm: str
+    cell_types: list[str] | None
+    n_images: int
+    n_patients: int
+    separability: dict[str, Any]  # colour_separability's figures
+    by_label: dict[str, dict[str, float]]  # label -> feature -> mean over its patients
+    unreadable: list[str] = field(default_factory=list)
+    other_cell_types: int = 0  # images left out as not of cell_types
+
+    @property
+    def verdict(self) -> str:
+        """One sentence: what the AUROC says, and what to do about it."""
+        auroc = self.separability.get("auroc")
+        if auroc is None:
+            return f"Not measured: {self.separability.get('note')}."
+        said = f"AUROC {auroc:.3f} from the patients' colours alone"
+        if auroc >= CONFOUNDED_AUROC:
+            return (f"The colours alone tell the labels apart ({said}): a model can learn the "
+                    "stain instead of the cells. Train with a stain normalisation "
+                    "(stain_norm: reinhard) and measure what a model owes to colour with "
+                    "`leukotree cv --protocol kfold,colour,colour-swap`.")
+        if auroc < UNINFORMATIVE_AUROC:
+            return f"The colours say little of the labels ({said})."
+        return (f"The colours say something of the labels ({said}); check what a model "
+                "owes to them with `leukotree cv --protocol kfold,colour,colour-swap`.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"verdict": self.verdict}
+
+
+def select_cell_types(samples: Sequence[Sample], cell_taxonomy: Taxonomy,
+                      cell_types: str) -> tuple[list[Sample], tuple[str, ...]]:
+    """The samples whose cell label lies under one of the comma-listed nodes
+    ``cell_types`` of ``cell_taxonomy`` (aliases resolved), and those nodes."""
+    from leukotree.patients.models import focus_types, in_focus
+
+    nodes = focus_types(cell_taxonomy, cell_types, "--cell-types")
+    if not any(s.cell_label is not None for s in samples):
+        raise LeukotreeError("--cell-types needs each image's cell type: give --cell-labels "
+                             "(e.g. column:cell_type) and --cell-taxonomy.")
+    return [s for s in samples if s.cell_label is not None
+            and in_focus(cell_taxonomy, nodes, s.cell_label)], nodes
+
+
+def colour_confound(samples: Sequence[Sample], *, features: str = "stats",
+                    stain_norm: str = "none", cell_taxonomy: Taxonomy | None = None,
+                    cell_types: str | None = None, size: int = 96, workers: int = 2,
+                    folds: int = 5, repeats: int = 10, seed: int = 0, progress: bool = False,
+                    max_pixels: int = DEFAULT_MAX_PIXELS) -> ColourConfound:
+    """How well the patients' colours alone tell their labels apart (module docstring).
+    Unreadable images are left out and named in ``unreadable``."""
+    from leukotree.evaluation.colour import colour_separability
+
+    if features not in FEATURES:
+        raise LeukotreeError(f"--features must be one of {', '.join(FEATURES)}; got "
+                             f"{features!r}.")
+    chosen, nodes = list(samples), None
+    if cell_types is not None:
+        if cell_taxonomy is None:
+            raise LeukotreeError("--cell-types needs --cell-taxonomy (and --cell-labels).")
+        chosen, nodes = select_cell_types(samples, cell_taxonomy, cell_types)
+    if not chosen:
+        raise LeukotreeError("No image to measure" + (
+            f": none is of the cell types {', '.join(nodes)}." if nodes else "."))
+    decoded = decode_many([s.path for s in chosen], size, workers=workers, on_error="report",
+                          progress=progress, max_pixels=max_pixels)
+    ok = decoded.ok
+    kept = [s for s, good in zip(chosen, ok, strict=True) if good]
+    values = colour_features(normalise_stain(decoded.pixels[ok], stain_norm), features)
+    stats = {str(s.path): v for s, v in zip(kept, values, strict=True)}
+    rows = [{"path": str(s.path), "label": s.label, "group": s.group} for s in kept]
+    by_patient: dict[str, list[np.ndarray]] = defaultdict(list)
+    label_of: dict[str, str] = {}
+    for s, v in zip(kept, values, strict=True):
+        by_patient[s.group].append(v)
+        label_of[s.group] = s.label
+    by_label: dict[str, list[np.ndarray]] = defaultdict(list)
+    for group, vs in by_patient.items():
+        by_label[label_of[group]].append(np.mean(vs, axis=0))
+    return ColourConfound(
+        features=features, stain_norm=stain_norm,
+        cell_types=list(nodes) if nodes else None, n_images=len(kept),
+        n_patients=len(by_patient),
+        separability=colour_separability(rows, stats, folds=folds, repeats=repeats, seed=seed),
+        by_label={label: dict(zip(FEATURES[features], map(float, np.mean(v, axis=0)),
+                                  strict=True)) for label, v in sorted(by_label.items())},
+        unreadable=[e for e in decoded.errors if e is not None],
+        other_cell_types=len(samples) - len(chosen))
