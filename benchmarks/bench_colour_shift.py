@@ -1,6 +1,6 @@
 """What a patient recipe owes to colour: for each recipe, the patient-grouped k-fold CV and
 its fold models scored again on their test patients recoloured
-(``leukotree cv --protocol kfold,colour,colour-swap``); prints JSON.
+(``leukotree cv --protocol kfold,colour,colour-swap,stain,stain-swap``); prints JSON.
 
     python benchmarks/bench_colour_shift.py DATA --config examples/apl-aml.yaml \
         --recipe as-is --recipe reinhard:stain_norm=reinhard \
@@ -12,10 +12,12 @@ finished folds are kept, so a CV run earlier by ``leukotree cv`` with the same o
 can be moved there). For each: the pooled out-of-fold patients' AUROC (patient-bootstrap
 95% CI) and accuracy of plain k-fold, ``colour`` (each test patient recoloured to its
 training patients' average colour) and ``colour-swap`` (to the other diagnoses' colour),
-and the mean change of a patient's P(positive) under each; once, how well the patients'
-mean colours alone tell the diagnoses apart (``colour_only``). The same folds and fold
-models serve the three estimates: their differences are what the model owed to colour,
-not noise of other splits.
+``stain`` and ``stain-swap`` (the same for the colours of its nuclei and of its plasma,
+which a per-image stain normalisation keeps), and the mean change of a patient's
+P(positive) under each; once, how well the patients' mean colours alone tell the
+diagnoses apart (``colour_only``), and their nuclei's and plasma's colours
+(``stain_only``). The same folds and fold models serve every estimate: their
+differences are what the model owed to colour, not noise of other splits.
 """
 
 from __future__ import annotations
@@ -33,7 +35,11 @@ from leukotree.errors import LeukotreeError
 from leukotree.evaluation.cv import cross_validate
 from leukotree.rundir import CVDir
 
-PROTOCOL = "kfold,colour,colour-swap"
+#: The fold models' test patients recoloured: mean colour, then stain balance.
+RECOLOURED = ("colour", "colour-swap", "stain", "stain-swap")
+PROTOCOL = ",".join(("kfold", *RECOLOURED))
+#: Where the separability of the colour features each protocol moves goes.
+ALONE = {"stats": "colour_only", "parts": "stain_only"}
 
 
 def parse_recipe(spec: str) -> tuple[str, dict[str, Any]]:
@@ -105,10 +111,10 @@ def main() -> None:
         plain = cross_validate(args.data, out, config, folds=args.folds, protocol=PROTOCOL,
                                progress=False)
         row: dict[str, Any] = {"options": overrides, "kfold": estimate(plain)}
-        for protocol in ("colour", "colour-swap"):
+        for protocol in RECOLOURED:
             summary = CVDir(out / protocol).read_summary()
             row[protocol] = estimate(summary) | {"p_change": summary["p_change"]}
-            results["colour_only"] = summary["colour_only"]
+            results[ALONE[summary.get("colour_features", "stats")]] = summary["colour_only"]
         results["recipes"][name] = row
     print(json.dumps(results, indent=2))
     write_results(args, "colour_shift", results)

@@ -337,39 +337,54 @@ def patient_models_section(doc: dict[str, Any]) -> list[str]:
     return [patient_models_table(doc["results"])]
 
 
+#: The protocols of ``bench_colour_shift.py``, and what each did to the test patients.
+COLOUR_SHIFT = {"kfold": "as they are", "colour": "mean colour → training patients'",
+                "colour-swap": "mean colour → other diagnosis's",
+                "stain": "nuclei and plasma colours → training patients'",
+                "stain-swap": "nuclei and plasma colours → other diagnosis's"}
+
+
 def colour_shift_table(r: dict[str, Any]) -> str:
-    """``bench_colour_shift.py``: per recipe, the pooled patient AUROC and accuracy of plain
-    k-fold and of its fold models on recoloured test patients."""
-    protocols = ("kfold", "colour", "colour-swap")
+    """``bench_colour_shift.py``: per recipe and protocol, the pooled patient AUROC and
+    accuracy of its fold models on the test patients as they are and recoloured, and how
+    much the patients' probabilities moved."""
     rows = []
     for name, row in r["recipes"].items():
-        cells: list[Any] = [name, ", ".join(f"{k}={v}" for k, v in row["options"].items())
-                            or "as the config"]
-        cells += [_auroc(row[p]) if row[p].get("auroc") is not None else "–"
-                  for p in protocols]
-        cells += [_percent(row[p].get("accuracy")) for p in protocols]
-        cells += [f"{row[p]['p_change'].get('mean_abs_p', float('nan')):.3f}"
-                  for p in protocols[1:]]
-        rows.append(cells)
-    header = ["recipe", "options", *(f"{p} AUROC [95% CI]" for p in protocols),
-              *(f"{p} accuracy" for p in protocols), "mean ΔP colour", "mean ΔP swap"]
+        options = ", ".join(f"{k}={v}" for k, v in row["options"].items()) or "as the config"
+        for protocol, what in COLOUR_SHIFT.items():
+            if not row.get(protocol):
+                continue
+            got, change = row[protocol], row[protocol].get("p_change") or {}
+            rows.append([name, options, f"`{protocol}`: {what}",
+                         _auroc(got) if got.get("auroc") is not None else "–",
+                         _percent(got.get("accuracy")),
+                         fmt(change["mean_abs_p"]) if "mean_abs_p" in change else "–",
+                         change.get("decisions_changed", "–")])
+    header = ["recipe", "options", "test patients", "AUROC [95% CI]", "accuracy",
+              "mean ΔP", "diagnoses changed"]
     n = next(iter(r["recipes"].values()))["kfold"]["n_patients"]
     out = table(header, rows) + (
-        f"\n\n{n} patients pooled out of fold ({r['folds']}-fold, the same folds and fold "
-        "models for the three estimates); `colour`: each test patient recoloured to its "
-        "training patients' average colour, `colour-swap`: to the other diagnoses' colour; "
-        "ΔP: the mean absolute change of a patient's probability.")
+        f"\n\n{n} patients pooled out of fold ({r['folds']}-fold; the same folds and fold "
+        "models for every estimate of a recipe); `colour`: each test patient recoloured as "
+        "one slide to its training patients' average colour, `-swap`: to the other "
+        "diagnoses'; `stain`: the colours of its nuclei and of its plasma moved apart (what "
+        "a per-image stain normalisation keeps); ΔP: the mean absolute change of a "
+        "patient's probability.")
     for name, row in r["recipes"].items():
         if row.get("measured"):
             m = row["measured"]
             out += (f"\n\nRecipe `{name}` was measured earlier, {m.get('date')} at commit "
-                    f"`{(m.get('commit') or 'unknown')[:10]}`, by `{m.get('command')}`.")
-    only = r.get("colour_only") or {}
-    if only.get("auroc") is not None:
-        out += (f"\n\nThe patients' mean colours alone, before any model, tell the diagnoses "
-                f"apart with AUROC {only['auroc']:.3f} (min {only['auroc_min']:.3f}, max "
-                f"{only['auroc_max']:.3f} over {only['repeats']} repeats of "
-                f"{only['folds']}-fold logistic regression, {only['n_patients']} patients).")
+                    f"`{(m.get('commit') or 'unknown')[:10]}`, by `{m.get('command')}`"
+                    + (" (before the stain protocols)." if not row.get("stain") else "."))
+    for key, what in (("colour_only", "mean colours"),
+                      ("stain_only", "colours of nuclei and plasma")):
+        only = r.get(key) or {}
+        if only.get("auroc") is not None:
+            out += (f"\n\nThe patients' {what} alone, before any model, tell the diagnoses "
+                    f"apart with AUROC {only['auroc']:.3f} (min {only['auroc_min']:.3f}, "
+                    f"max {only['auroc_max']:.3f} over {only['repeats']} repeats of "
+                    f"{only['folds']}-fold logistic regression, {only['n_patients']} "
+                    "patients).")
     return out
 
 
@@ -461,18 +476,21 @@ def patient_model_rows(r: dict[str, Any]) -> list[list[str]]:
 
 def colour_shift_rows(r: dict[str, Any]) -> list[list[str]]:
     """The README's rows of ``bench_colour_shift.py``: per recipe, the patient AUROC of its
-    fold models on the test patients as they are, recoloured neutral and swapped."""
+    fold models on the test patients as they are, recoloured neutral and swapped, and
+    with the other diagnosis's nuclei and plasma colours where measured."""
     rows = []
     for row in r["recipes"].values():
         options = ", ".join(f"`{k}: {v}`" for k, v in row["options"].items())
+        chain = [p for p in ("kfold", "colour", "colour-swap", "stain-swap") if row.get(p)]
+        said = {"kfold": "as they are", "colour": "recoloured to the training patients' "
+                "average colour", "colour-swap": "to the other diagnosis's colour",
+                "stain-swap": "with the other diagnosis's nuclei and plasma colours"}
         rows.append([f"APL vs other AML per patient, {r['folds']}-fold CV of the recipe"
                      + (f" with {options}" if options else " as it is")
-                     + ": AUROC of the same fold models on the test patients as they are → "
-                     "recoloured to the training patients' average colour → to the other "
-                     "diagnosis's colour",
-                     " → ".join(f"{row[p]['auroc']:.3f}" for p in ("kfold", "colour",
-                                                                 "colour-swap"))
-                     + f" (accuracy {_percent(row['colour-swap']['accuracy'])} swapped)"])
+                     + ": AUROC of the same fold models on the test patients "
+                     + " → ".join(said[p] for p in chain),
+                     " → ".join(f"{row[p]['auroc']:.3f}" for p in chain)
+                     + f" (accuracy {_percent(row[chain[-1]]['accuracy'])} at the last)"])
     return rows
 
 

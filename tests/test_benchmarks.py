@@ -358,14 +358,18 @@ def test_colour_shift_bench_rescores_each_recipe_on_recoloured_patients(tmp_path
                   "--out", str(tmp_path / "out"), "--json", str(tmp_path / "cs.json"))
     row = report["recipes"]["white"]
     assert row["options"] == {"stain_norm": "white"}
-    for protocol in ("kfold", "colour", "colour-swap"):
+    for protocol in ("kfold", "colour", "colour-swap", "stain", "stain-swap"):
         assert row[protocol]["n_patients"] == 6
     assert row["colour"]["p_change"]["n"] == 6 and report["colour_only"]["n_patients"] == 6
-    assert (tmp_path / "out" / "white" / "colour-swap" / "summary.json").exists()
+    assert report["stain_only"]["n_patients"] == 6
+    assert (tmp_path / "out" / "white" / "stain-swap" / "summary.json").exists()
     table = colour_shift_table(report)
-    assert "| white | stain_norm=white |" in table and "colour-swap AUROC [95% CI]" in table
+    assert "| white | stain_norm=white | `stain-swap`: nuclei and plasma" in table
+    assert "colours of nuclei and plasma alone" in table
     (readme_row,) = colour_shift_rows(report)  # the README's row
     assert "with `stain_norm: white`" in readme_row[0]
+    assert readme_row[0].endswith("with the other diagnosis's nuclei and plasma colours")
+    assert readme_row[1].count("→") == 3
     assert readme_row[1].startswith(f"{row['kfold']['auroc']:.3f} → {row['colour']['auroc']:.3f}")
     assert json.loads((tmp_path / "cs.json").read_text())["results"] == report
     # a second recipe joins the same file; the first is kept with who measured it

@@ -687,7 +687,9 @@ def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
                          "fold, a simulated new cohort), colour / colour-swap (the kfold "
                          "models scored again on their test patients recoloured to their "
                          "training patients' average colour / to the other diagnoses' colour: "
-                         "what the model owed to colour; no training), or a comma list such "
+                         "what the model owed to colour; no training), stain / stain-swap "
+                         "(the same, moving the colour of the nuclei and of the plasma apart, "
+                         "which a per-image stain normalisation keeps), or a comma list such "
                          "as kfold,colour,cluster (each CV trained in turn: the cost adds up; "
                          "the estimates side by side) (default kfold)")
     add_inference_arguments(cv, CV_INFERENCE)

@@ -5,6 +5,7 @@ import csv
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from leukotree.errors import LeukotreeError
@@ -15,6 +16,7 @@ from leukotree.evaluation.colour import (
     image_lab_stats,
     patient_means,
     recolour,
+    restain,
     write_recoloured,
 )
 from leukotree.evaluation.cv import parse_protocols, patient_change
@@ -95,8 +97,46 @@ def test_recoloured_copies_and_their_manifest(tmp_path):
     assert all(r["path"].endswith(".png") for r in rows)
 
 
+def _tones(*colours: tuple[int, int, int]) -> np.ndarray:
+    """A 10x10 image: 6 rows of plasma, 2 of cytoplasm, 2 of nucleus (the darkest
+    tenth and more); two colours: plasma and nucleus only."""
+    img = np.empty((10, 10, 3), np.uint8)
+    img[:6], img[6:8], img[8:] = colours if len(colours) == 3 else (colours[0], *colours)
+    return img
+
+
+def _lab(rgb: tuple[int, int, int] | np.ndarray) -> np.ndarray:
+    from leukotree.models.stain import rgb_to_lab
+
+    x = torch.tensor(np.asarray(rgb, np.float32)).view(1, 3, 1, 1)
+    return rgb_to_lab(x).flatten().double().numpy()
+
+
+def test_restaining_gives_nuclei_and_plasma_the_target_colours():
+    from leukotree.data.confound import colour_features
+
+    source = _tones((228, 214, 226), (92, 60, 140))
+    target = _tones((222, 220, 214), (70, 48, 150))
+    parts = [colour_features(img[None], "parts")[0] for img in (source, target)]
+    moved = restain(source, parts[0], parts[1])
+    assert np.abs(moved.astype(int) - target).max() <= 1  # 8-bit rounding only
+    assert np.abs(restain(source, parts[0], parts[0]).astype(int) - source).max() <= 1
+    # a cytoplasm pixel slides between the two shifts by its lightness
+    mid = (170, 120, 180)
+    three = _tones((228, 214, 226), mid, (92, 60, 140))
+    (b_l, *_), (d_l, *_) = parts[0][:3], parts[0][3:]
+    w = (_lab(mid)[0] - d_l) / (b_l - d_l)
+    expected = _lab(mid) + (1 - w) * (parts[1][3:] - parts[0][3:]) + w * (parts[1][:3]
+                                                                         - parts[0][:3])
+    got = _lab(restain(three, parts[0], parts[1])[7, 0])
+    assert 0.2 < w < 0.8 and got == pytest.approx(expected, abs=0.6)
+    with pytest.raises(ValueError, match="6 values"):
+        restain(source, parts[0][:3], parts[1])
+
+
 def test_colour_protocols_run_after_the_kfold_they_rescore():
     assert parse_protocols("colour") == ["kfold", "colour"]
+    assert parse_protocols("stain-swap,kfold") == ["kfold", "stain-swap"]
     assert parse_protocols("cluster,colour-swap,repeated") == ["repeated", "colour-swap",
                                                                "cluster"]
     with pytest.raises(LeukotreeError, match="colour-swap"):

@@ -333,7 +333,8 @@ def test_cv_colour_swap_rescores_the_folds_without_training(cv_runs, data, tmp_p
     shutil.copytree(cv_runs / "multihead", out)
     before = (out / "fold_0" / "last.pt").stat().st_mtime
     assert main(["cv", str(data), "-t", "leukemia7", "--folds", "3", "--head", "multihead",
-                 "--protocol", "kfold,colour-swap", "--out", str(out), *TINY]) == 0
+                 "--protocol", "kfold,colour-swap,stain-swap", "--out", str(out),
+                 *TINY]) == 0
     assert (out / "fold_0" / "last.pt").stat().st_mtime == before  # nothing retrained
     summary = json.loads((out / "summary.json").read_text())
     inner = json.loads((out / "colour-swap" / "summary.json").read_text())
@@ -342,7 +343,11 @@ def test_cv_colour_swap_rescores_the_folds_without_training(cv_runs, data, tmp_p
     assert inner["patient_level"][0]["n_patients"] == summary["patient_level"][0][
         "n_patients"] == 21
     assert inner["p_change"]["n"] == 21 and inner["colour_only"]["n_patients"] == 21
-    assert set(summary["estimates"]["protocols"]) == {"kfold", "colour-swap"}
+    assert set(summary["estimates"]["protocols"]) == {"kfold", "colour-swap", "stain-swap"}
+    stain = json.loads((out / "stain-swap" / "summary.json").read_text())
+    assert (inner["colour_features"], stain["colour_features"]) == ("stats", "parts")
+    assert stain["p_change"]["n"] == 21
+    assert "dark_b" in (out / "stain-swap" / "colour_stats.csv").read_text().splitlines()[0]
     # each fold's recoloured test images are its test images, one copy each
     split = list(csv.DictReader((out / "fold_1" / "split.csv").open()))
     part = "test" if any(r["split"] == "test" for r in split) else "val"

@@ -28,6 +28,23 @@ A model that reads the cells scores alike on both; the drop is what it owed to c
 A patient's mean colour also moves with its cell mix (granular promyelocytes are
 redder), so the neutral recolouring takes away a little real signal too: the estimate
 leans pessimistic.
+
+A model that normalises each image's colour (``stain_norm: reinhard``) undoes that
+recolouring by construction, yet the balance between the two stains, the colour of the
+nucleus against that of the plasma, survives a per-image affine normalisation of each
+channel (``leukotree data colour --features parts``). ``stain`` / ``stain-swap`` move
+that balance instead: per image the colours of its brightest and darkest
+:data:`~leukotree.data.confound.PART_FRACTION` of pixels by L*
+(:func:`~leukotree.data.confound.colour_features` ``parts``: ``b`` and ``d``, three
+numbers each), per patient their means ``b_p`` and ``d_p``, targets ``b_t``, ``d_t`` as
+above, and every pixel shifted by an amount that slides with its lightness from the dark
+part's shift to the bright part's (:func:`restain`):
+
+    w = clip((L - L(d_p)) / max(L(b_p) - L(d_p), 1), 0, 1)
+    lab' = lab + (1 - w) (d_t - d_p) + w (b_t - b_p)
+
+so the patient's nuclei take the target's nuclear colour and its plasma the target's
+plasma colour, a change no per-image shift-and-scale of the channels undoes.
 """
 
 from __future__ import annotations
@@ -44,8 +61,12 @@ from leukotree.data.images import DEFAULT_MAX_PIXELS, load_rgb_array
 from leukotree.errors import LeukotreeError
 from leukotree.rundir import read_csv, write_csv
 
-#: The recolouring protocols: name -> target (see the module docstring).
-COLOUR_PROTOCOLS = {"colour": "neutral", "colour-swap": "swap"}
+#: The recolouring protocols: name -> (the colour features moved, the target; see the
+#: module docstring).
+COLOUR_PROTOCOLS = {"colour": ("stats", "neutral"), "colour-swap": ("stats", "swap"),
+                    "stain": ("parts", "neutral"), "stain-swap": ("parts", "swap")}
+#: The targets of the recolouring protocols.
+COLOUR_TARGETS = ("neutral", "swap")
 #: Floor of a patient's L*a*b* standard deviation (a flat image is not blown up).
 MIN_STD = 1.0
 #: Columns of the per-image colour statistics file.
@@ -81,20 +102,49 @@ def recolour(pixels: np.ndarray, source: Sequence[float], target: Sequence[float
     return (rgb + 0.5).clamp(0, 255).to(torch.uint8).numpy()
 
 
+def restain(pixels: np.ndarray, source: Sequence[float], target: Sequence[float],
+            ) -> np.ndarray:
+    """Move an ``(H, W, 3)`` uint8 sRGB image's bright and dark parts from ``source`` to
+    ``target`` (each ``(b_L, b_a, b_b, d_L, d_a, d_b)``): every pixel shifted in L*a*b* by
+    ``(1 - w) (d_t - d_s) + w (b_t - b_s)``, ``w = clip((L - d_L) / max(b_L - d_L, 1), 0,
+    1)`` of the source (module docstring). Returns uint8 sRGB (rounded, clipped)."""
+    from leukotree.models.stain import lab_to_rgb, rgb_to_lab
+
+    src, tgt = np.asarray(source, dtype=np.float64), np.asarray(target, dtype=np.float64)
+    if src.shape != (6,) or tgt.shape != (6,):
+        raise ValueError(f"stain parts need 6 values; got {src.shape} and {tgt.shape}")
+    x = torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1)[None]
+    lab = rgb_to_lab(x).double()
+    span = max(src[0] - src[3], 1.0)
+    w = ((lab[:, :1] - src[3]) / span).clamp(0.0, 1.0)
+    dark, bright = (torch.from_numpy(v).view(1, 3, 1, 1) for v in (tgt[3:] - src[3:],
+                                                                   tgt[:3] - src[:3]))
+    rgb = lab_to_rgb((lab + (1 - w) * dark + w * bright).float())[0].permute(1, 2, 0)
+    return (rgb + 0.5).clamp(0, 255).to(torch.uint8).numpy()
+
+
 def colour_statistics(paths: Sequence[str], cache: Path, *,
-                      max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
-    """:func:`image_lab_stats` of each path (full size), read from ``cache`` (a CSV,
-    ``path`` and :data:`STAT_COLUMNS`) when there, the new ones appended to it."""
+                      max_pixels: int = DEFAULT_MAX_PIXELS,
+                      features: str = "stats") -> dict[str, np.ndarray]:
+    """Each path's six colour numbers (full size): ``stats``, :func:`image_lab_stats`;
+    ``parts``, its bright and dark parts
+    (:func:`~leukotree.data.confound.colour_features`). Read from ``cache`` (a CSV,
+    ``path`` and the features' columns) when there, the new ones appended to it."""
+    from leukotree.data.confound import FEATURES, colour_features
+
+    columns = STAT_COLUMNS if features == "stats" else FEATURES[features]
     known: dict[str, np.ndarray] = {}
     if cache.exists():
-        for row in read_csv(cache, "Colour statistics", ("path", *STAT_COLUMNS)):
-            known[row["path"]] = np.array([float(row[c]) for c in STAT_COLUMNS])
+        for row in read_csv(cache, "Colour statistics", ("path", *columns)):
+            known[row["path"]] = np.array([float(row[c]) for c in columns])
     missing = [p for p in dict.fromkeys(paths) if p not in known]
     for path in missing:
-        known[path] = image_lab_stats(load_rgb_array(path, None, max_pixels=max_pixels))
+        pixels = load_rgb_array(path, None, max_pixels=max_pixels)
+        known[path] = (image_lab_stats(pixels) if features == "stats"
+                       else colour_features(pixels[None], features)[0])
     if missing:
-        write_csv(cache, [{"path": p, **dict(zip(STAT_COLUMNS, map(float, v), strict=True))}
-                          for p, v in known.items()], ("path", *STAT_COLUMNS))
+        write_csv(cache, [{"path": p, **dict(zip(columns, map(float, v), strict=True))}
+                          for p, v in known.items()], ("path", *columns))
     return {p: known[p] for p in paths}
 
 
@@ -113,9 +163,9 @@ def colour_targets(test: Sequence[dict[str, str]], train: Sequence[dict[str, str
     """The target statistics of each test patient (see the module docstring): ``neutral``,
     the mean over the training patients; ``swap``, over the training patients whose label
     differs from the test patient's (each patient weighs alike)."""
-    if mode not in COLOUR_PROTOCOLS.values():
+    if mode not in COLOUR_TARGETS:
         raise LeukotreeError(f"The colour target must be one of "
-                             f"{', '.join(COLOUR_PROTOCOLS.values())}; got {mode!r}.")
+                             f"{', '.join(COLOUR_TARGETS)}; got {mode!r}.")
     train_means = patient_means(train, stats)
     train_labels = {_group(r): r["label"] for r in train}
     test_labels = {_group(r): r["label"] for r in test}
@@ -132,11 +182,13 @@ def colour_targets(test: Sequence[dict[str, str]], train: Sequence[dict[str, str
 
 def write_recoloured(test: Sequence[dict[str, str]], train: Sequence[dict[str, str]],
                      stats: dict[str, np.ndarray], mode: str, folder: Path, *,
-                     max_pixels: int = DEFAULT_MAX_PIXELS) -> Path:
+                     max_pixels: int = DEFAULT_MAX_PIXELS, features: str = "stats") -> Path:
     """Recolour the ``test`` images (split rows) towards :func:`colour_targets` into
-    ``folder/images/`` and write ``folder/manifest.csv`` (the rows' ``path,label,patient,
-    slide`` and ``cell_type`` when present, the path the recoloured copy's). Images
-    already written (a resumed CV) are kept."""
+    ``folder/images/`` (:func:`recolour` for ``stats``, :func:`restain` for ``parts``:
+    the ``features`` that ``stats`` hold) and write ``folder/manifest.csv`` (the rows'
+    ``path,label,patient,slide`` and ``cell_type`` when present, the path the recoloured
+    copy's). Images already written (a resumed CV) are kept."""
+    move = {"stats": recolour, "parts": restain}[features]
     sources = patient_means(test, stats)
     targets = colour_targets(test, train, stats, mode)
     columns = ["path", "label", "patient", "slide"] + (
@@ -149,8 +201,8 @@ def write_recoloured(test: Sequence[dict[str, str]], train: Sequence[dict[str, s
             from PIL import Image
 
             dest.parent.mkdir(parents=True, exist_ok=True)
-            moved = recolour(load_rgb_array(row["path"], None, max_pixels=max_pixels),
-                             sources[group], targets[group])
+            moved = move(load_rgb_array(row["path"], None, max_pixels=max_pixels),
+                         sources[group], targets[group])
             tmp = dest.with_name(f".{dest.name}.tmp")
             Image.fromarray(moved).save(tmp, format="PNG")
             tmp.replace(dest)

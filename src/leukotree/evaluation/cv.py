@@ -97,13 +97,13 @@ def mean_std(values: list[float]) -> dict[str, float]:
 
 
 #: Split protocols of ``leukotree cv --protocol`` (a comma list runs several).
-PROTOCOLS = ("kfold", "cluster", "repeated", "colour", "colour-swap")
+PROTOCOLS = ("kfold", "cluster", "repeated", "colour", "colour-swap", "stain", "stain-swap")
 #: The protocols that re-score the k-fold models on recoloured test patients.
-COLOUR = frozenset({"colour", "colour-swap"})
+COLOUR = frozenset({"colour", "colour-swap", "stain", "stain-swap"})
 
 
 def parse_protocols(spec: str) -> list[str]:
-    """``kfold``, ``cluster``, ``repeated``, ``colour``, ``colour-swap`` or a comma list of
+    """``kfold``, ``cluster``, ``repeated``, a colour protocol (:data:`COLOUR`) or a comma list of
     them (each once; ``kfold`` and ``repeated`` exclude each other: repeated k-fold is
     k-fold with ``--repeats``), in the order they run: ``kfold`` or ``repeated`` first
     (added as ``kfold`` when a colour protocol, which re-scores its folds, comes without
@@ -145,7 +145,9 @@ def cross_validate(
     - ``colour`` / ``colour-swap``: the k-fold CV's fold models scored again on their
       test patients recoloured to their training patients' average colour (or to the
       other labels' colour), in ``out/colour`` (:func:`run_colour_cv`; no training): an
-      estimate of a cohort whose colours do not follow its diagnoses;
+      estimate of a cohort whose colours do not follow its diagnoses; ``stain`` /
+      ``stain-swap`` the same with the colour of the nuclei and of the plasma moved
+      apart (what a per-image stain normalisation keeps), in ``out/stain``...;
     - a comma list (``kfold,cluster``) runs each, the first in ``out``, ``cluster`` in
       ``out/cluster`` (training costs add up: two CVs), and the summary in ``out`` gains
       ``estimates``, the patient-level figures of each side by side and the pessimistic
@@ -287,12 +289,13 @@ def run_colour_cv(out: str | Path, protocol: str, base_summary: dict[str, Any], 
                   console: Console | None = None) -> dict[str, Any]:
     """Score every fold of the CV in ``out`` (already run: ``base_summary`` is its summary)
     again, on its test patients recoloured (:mod:`leukotree.evaluation.colour`;
-    ``protocol`` ``colour`` or ``colour-swap``), into ``out/<protocol>/`` (a fold's
+    ``protocol`` one of :data:`COLOUR`), into ``out/<protocol>/`` (a fold's
     recoloured images, ``manifest.csv`` and ``eval/``; ``summary.json``). Evaluated folds
     are kept when resumed. The summary adds ``p_change``: over the out-of-fold patients,
     the mean of ``|P(positive) recoloured - P(positive)|`` and the number of diagnoses
-    that changed; and ``colour_only``, how well the patients' mean colours alone tell
-    their labels apart (:func:`~leukotree.evaluation.colour.colour_separability`)."""
+    that changed; and ``colour_only``, how well the patients' mean colour features (those
+    the protocol moves) alone tell their labels apart
+    (:func:`~leukotree.evaluation.colour.colour_separability`)."""
     from leukotree.evaluation.colour import (
         COLOUR_PROTOCOLS,
         colour_separability,
@@ -307,8 +310,10 @@ def run_colour_cv(out: str | Path, protocol: str, base_summary: dict[str, Any], 
     folder = CVDir(cv.path / protocol)
     config = load_config(cv.config, check_device=False)
     everyone = cv.fold(0).read_split()  # every fold's split lists every image
+    features, target = COLOUR_PROTOCOLS[protocol]
     stats = colour_statistics([row["path"] for row in everyone],
-                              folder.path / "colour_stats.csv", max_pixels=config.max_pixels)
+                              folder.path / "colour_stats.csv", max_pixels=config.max_pixels,
+                              features=features)
     per_fold: list[dict[str, Any]] = []
     pooled: list[dict[str, Any]] = []
     before: dict[str, Any] = {}
@@ -329,8 +334,8 @@ def run_colour_cv(out: str | Path, protocol: str, base_summary: dict[str, Any], 
                 rows = fold.read_split()
                 test = [row for row in rows if row["split"] == test_part]
                 rest = [row for row in rows if row["split"] != test_part]
-                manifest = write_recoloured(test, rest, stats, COLOUR_PROTOCOLS[protocol],
-                                            folder.path / name, max_pixels=config.max_pixels)
+                manifest = write_recoloured(test, rest, stats, target, folder.path / name,
+                                            max_pixels=config.max_pixels, features=features)
                 evaluate(fold.path, manifest, evaluated.path, options, settings,
                          patients="auto", labels="folder")
             metrics = evaluated.read_metrics()
@@ -344,6 +349,7 @@ def run_colour_cv(out: str | Path, protocol: str, base_summary: dict[str, Any], 
         pooled += pool_folds(repeat, config.patient_miss_rate is not None)
     summary = fold_summary(config, config, per_fold, pooled, repeats) | {
         "protocol": protocol, "p_change": patient_change(before, after, pooled),
+        "colour_features": features,
         "colour_only": colour_separability(everyone, stats, seed=config.seed)}
     write_json(folder.summary, summary)
     write_document(cv_document([summary]), folder.markdown)
