@@ -4,7 +4,8 @@ its fold models scored again on their test patients recoloured
 
     python benchmarks/bench_colour_shift.py DATA --config examples/apl-aml.yaml \
         --recipe as-is --recipe reinhard:stain_norm=reinhard \
-        [--folds 3] [--fold-val-fraction 0] --out bench-out/colour [--json FILE]
+        [--folds 3] [--fold-val-fraction 0] [--batch-cells lymphoid,neutrophil,smudge-cell] \
+        --out bench-out/colour [--json FILE]
 
 Each ``--recipe NAME[:KEY=VALUE[,KEY=VALUE...]]`` is the ``--config`` file with those
 options over it (YAML values), cross-validated in ``OUT/NAME`` (resumed when half done:
@@ -16,8 +17,12 @@ training patients' average colour) and ``colour-swap`` (to the other diagnoses' 
 which a per-image stain normalisation keeps), and the mean change of a patient's
 P(positive) under each; once, how well the patients' mean colours alone tell the
 diagnoses apart (``colour_only``), and their nuclei's and plasma's colours
-(``stain_only``). The same folds and fold models serve every estimate: their
-differences are what the model owed to colour, not noise of other splits.
+(``stain_only``); and, with ``--batch-cells``, how well the colours of the plasma
+and nuclei of cell types that do not show the disease tell the diagnoses apart, as the
+images are and after a per-image Reinhard normalisation (``leukotree data colour``; a
+batch of stain, not the disease, would show there). The same folds and fold models
+serve every estimate: their differences are what the model owed to colour, not noise of
+other splits.
 """
 
 from __future__ import annotations
@@ -88,6 +93,31 @@ def kept_recipes(path: Path | None, results: dict[str, Any],
             if name not in running}
 
 
+def batch_colours(data: Path, config: Any, cell_types: str) -> dict[str, Any]:
+    """``leukotree data colour --features parts --cell-types CELL_TYPES`` on the data as the
+    recipe reads them (its taxonomy, patients, labels and cell labels), with stain
+    normalisation ``none`` and ``reinhard``."""
+    from leukotree.data.confound import colour_confound
+    from leukotree.data.discover import discover
+    from leukotree.taxonomy import load_taxonomy
+
+    if not config.cell_taxonomy or not config.cell_labels:
+        raise LeukotreeError("--batch-cells needs a recipe with cell_taxonomy and "
+                             "cell_labels (the cell type of each image).")
+    cells = load_taxonomy(config.cell_taxonomy)
+    found = discover(data, load_taxonomy(config.taxonomy), patients=config.patients,
+                     labels=config.labels, cell_labels=config.cell_labels, cell_taxonomy=cells)
+    found.raise_for_problems()
+    out: dict[str, Any] = {"cell_types": cell_types, "features": "parts"}
+    for norm in ("none", "reinhard"):
+        got = colour_confound(found.samples, features="parts", stain_norm=norm,
+                              cell_taxonomy=cells, cell_types=cell_types,
+                              workers=config.workers, seed=config.seed).to_dict()
+        out[norm] = {k: got[k] for k in ("n_images", "n_patients", "separability",
+                                         "by_label", "unreadable")}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,6 +128,9 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--fold-val-fraction", type=float, default=0.0)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--batch-cells", default=None,
+                        help="cell types that do not show the disease (comma list of the "
+                             "recipe's cell taxonomy), e.g. lymphoid,neutrophil,smudge-cell")
     add_json_option(parser)
     args = parser.parse_args()
     recipes = dict(parse_recipe(spec) for spec in args.recipe)
@@ -116,6 +149,9 @@ def main() -> None:
             row[protocol] = estimate(summary) | {"p_change": summary["p_change"]}
             results[ALONE[summary.get("colour_features", "stats")]] = summary["colour_only"]
         results["recipes"][name] = row
+    if args.batch_cells:
+        results["batch"] = batch_colours(args.data, resolve_config(config_file=args.config),
+                                         args.batch_cells)
     print(json.dumps(results, indent=2))
     write_results(args, "colour_shift", results)
 

@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from leukotree.errors import LeukotreeError
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -387,3 +390,47 @@ def test_colour_shift_bench_rescores_each_recipe_on_recoloured_patients(tmp_path
                            "--json", str(tmp_path / "cs.json")],
                           capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode != 0 and "measured with folds 2" in done.stderr
+
+
+def test_colour_shift_bench_measures_the_colours_of_cells_without_the_disease(tmp_path):
+    from PIL import Image
+
+    from leukotree.engine.config import resolve_config
+
+    sys.path.insert(0, str(BENCH))
+    from bench_colour_shift import batch_colours
+    from resultfile import colour_shift_rows, colour_shift_table
+
+    rng = np.random.default_rng(0)
+    rows = ["path,label,patient,cell_type"]
+    for p in range(8):
+        label = "APL" if p % 2 else "AML"
+        for c, cell in enumerate(("lymphocyte", "lymphocyte", "blast", "smudge-cells")):
+            img = np.full((24, 24, 3), 220, np.int16)
+            img[8:16, 8:16] = (90, 60, 140)  # a nucleus
+            img[8:16, 8:16, 2] += 25 if label == "AML" else 0  # AML slides: bluer nuclei
+            img += rng.integers(-3, 4, img.shape, dtype=np.int16)
+            path = tmp_path / f"P{p}_{c}.png"
+            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(path)
+            rows.append(f"{path},{label},P{p},{cell}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    config = tmp_path / "recipe.yaml"
+    config.write_text("taxonomy: aml-apl\ncell_taxonomy: jhh-cells\ncell_labels: "
+                      "column:cell_type\npatients: manifest\nmodel: test_resnet\nworkers: 1\n")
+    batch = batch_colours(tmp_path / "m.csv", resolve_config(config_file=config),
+                          "lymphoid,smudge-cell")
+    assert batch["none"]["n_images"] == 24 and batch["none"]["n_patients"] == 8
+    assert batch["none"]["separability"]["auroc"] == pytest.approx(1.0)
+    assert batch["reinhard"]["by_label"]["AML"]["dark_b"] < batch["reinhard"]["by_label"][
+        "APL"]["dark_b"]  # bluer nuclei, also after a per-image normalisation
+    estimate = {"n_patients": 8, "auroc": 0.9, "auroc_ci95": [0.8, 1.0], "accuracy": 0.75}
+    r = {"folds": 2, "recipes": {"as-is": {"options": {}, "kfold": estimate}},
+         "batch": batch}
+    assert "(lymphoid, smudge-cell; 24 images)" in colour_shift_table(r)
+    assert colour_shift_rows(r)[-1][1] == (
+        f"AUROC {batch['none']['separability']['auroc']:.3f} → "
+        f"{batch['reinhard']['separability']['auroc']:.3f}")
+    no_cells = tmp_path / "plain.yaml"
+    no_cells.write_text("taxonomy: aml-apl\npatients: manifest\nmodel: test_resnet\n")
+    with pytest.raises(LeukotreeError, match="--batch-cells needs a recipe with"):
+        batch_colours(tmp_path / "m.csv", resolve_config(config_file=no_cells), "lymphoid")
