@@ -97,8 +97,8 @@ def batch_colours(data: Path, config: Any, cell_types: str) -> dict[str, Any]:
     """``leukotree data colour --features parts --cell-types CELL_TYPES`` on the data as the
     recipe reads them (its taxonomy, patients, labels and cell labels), with stain
     normalisation ``none`` and ``reinhard``."""
-    from leukotree.data.confound import colour_confound
     from leukotree.data.discover import discover
+    from leukotree.evaluation.confound import colour_confound
     from leukotree.taxonomy import load_taxonomy
 
     if not config.cell_taxonomy or not config.cell_labels:

@@ -102,8 +102,8 @@ def cmd_data_split(args: argparse.Namespace) -> int:
 
 
 def cmd_data_colour(args: argparse.Namespace) -> int:
-    from leukotree.data.confound import colour_confound
     from leukotree.data.discover import discover
+    from leukotree.evaluation.confound import colour_confound
     from leukotree.report.console import print_colour_confound
     from leukotree.taxonomy import load_taxonomy
 

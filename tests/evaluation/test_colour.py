@@ -10,15 +10,14 @@ from PIL import Image
 
 from leukotree.errors import LeukotreeError
 from leukotree.evaluation.colour import (
-    colour_separability,
     colour_statistics,
     colour_targets,
     image_lab_stats,
-    patient_means,
     recolour,
     restain,
     write_recoloured,
 )
+from leukotree.evaluation.confound import colour_separability, patient_means
 from leukotree.evaluation.cv import parse_protocols, patient_change
 
 
@@ -113,7 +112,7 @@ def _lab(rgb: tuple[int, int, int] | np.ndarray) -> np.ndarray:
 
 
 def test_restaining_gives_nuclei_and_plasma_the_target_colours():
-    from leukotree.data.confound import colour_features
+    from leukotree.evaluation.confound import colour_features
 
     source = _tones((228, 214, 226), (92, 60, 140))
     target = _tones((222, 220, 214), (70, 48, 150))

@@ -34,8 +34,8 @@ recolouring by construction, yet the balance between the two stains, the colour 
 nucleus against that of the plasma, survives a per-image affine normalisation of each
 channel (``leukotree data colour --features parts``). ``stain`` / ``stain-swap`` move
 that balance instead: per image the colours of its brightest and darkest
-:data:`~leukotree.data.confound.PART_FRACTION` of pixels by L*
-(:func:`~leukotree.data.confound.colour_features` ``parts``: ``b`` and ``d``, three
+:data:`~leukotree.evaluation.confound.PART_FRACTION` of pixels by L*
+(:func:`~leukotree.evaluation.confound.colour_features` ``parts``: ``b`` and ``d``, three
 numbers each), per patient their means ``b_p`` and ``d_p``, targets ``b_t``, ``d_t`` as
 above, and every pixel shifted by an amount that slides with its lightness from the dark
 part's shift to the bright part's (:func:`restain`):
@@ -50,7 +50,6 @@ plasma colour, a change no per-image shift-and-scale of the channels undoes.
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -59,6 +58,7 @@ import torch
 
 from leukotree.data.images import DEFAULT_MAX_PIXELS, load_rgb_array
 from leukotree.errors import LeukotreeError
+from leukotree.evaluation.confound import FEATURES, colour_features, patient_means, row_group
 from leukotree.rundir import read_csv, write_csv
 
 #: The recolouring protocols: name -> (the colour features moved, the target; see the
@@ -128,10 +128,8 @@ def colour_statistics(paths: Sequence[str], cache: Path, *,
                       features: str = "stats") -> dict[str, np.ndarray]:
     """Each path's six colour numbers (full size): ``stats``, :func:`image_lab_stats`;
     ``parts``, its bright and dark parts
-    (:func:`~leukotree.data.confound.colour_features`). Read from ``cache`` (a CSV,
+    (:func:`~leukotree.evaluation.confound.colour_features`). Read from ``cache`` (a CSV,
     ``path`` and the features' columns) when there, the new ones appended to it."""
-    from leukotree.data.confound import FEATURES, colour_features
-
     columns = STAT_COLUMNS if features == "stats" else FEATURES[features]
     known: dict[str, np.ndarray] = {}
     if cache.exists():
@@ -148,16 +146,6 @@ def colour_statistics(paths: Sequence[str], cache: Path, *,
     return {p: known[p] for p in paths}
 
 
-def patient_means(rows: Sequence[dict[str, str]], stats: dict[str, np.ndarray],
-                  ) -> dict[str, np.ndarray]:
-    """Per patient (``group``, else ``patient``, column of split rows), the mean of its
-    images' statistics."""
-    by: dict[str, list[np.ndarray]] = defaultdict(list)
-    for row in rows:
-        by[_group(row)].append(stats[row["path"]])
-    return {g: np.mean(v, axis=0) for g, v in by.items()}
-
-
 def colour_targets(test: Sequence[dict[str, str]], train: Sequence[dict[str, str]],
                    stats: dict[str, np.ndarray], mode: str) -> dict[str, np.ndarray]:
     """The target statistics of each test patient (see the module docstring): ``neutral``,
@@ -167,8 +155,8 @@ def colour_targets(test: Sequence[dict[str, str]], train: Sequence[dict[str, str
         raise LeukotreeError(f"The colour target must be one of "
                              f"{', '.join(COLOUR_TARGETS)}; got {mode!r}.")
     train_means = patient_means(train, stats)
-    train_labels = {_group(r): r["label"] for r in train}
-    test_labels = {_group(r): r["label"] for r in test}
+    train_labels = {row_group(r): r["label"] for r in train}
+    test_labels = {row_group(r): r["label"] for r in test}
     targets = {}
     for group, label in test_labels.items():
         donors = [g for g in train_means if mode == "neutral" or train_labels[g] != label]
@@ -195,7 +183,7 @@ def write_recoloured(test: Sequence[dict[str, str]], train: Sequence[dict[str, s
         ["cell_type"] if any("cell_type" in row for row in test) else [])
     out_rows = []
     for i, row in enumerate(test):
-        group = _group(row)
+        group = row_group(row)
         dest = folder / "images" / _safe(group) / f"{i:06d}_{_safe(Path(row['path']).stem)}.png"
         if not dest.exists():
             from PIL import Image
@@ -210,48 +198,6 @@ def write_recoloured(test: Sequence[dict[str, str]], train: Sequence[dict[str, s
     return write_csv(folder / "manifest.csv", out_rows, columns)
 
 
-def _group(row: dict[str, str]) -> str:
-    return row.get("group") or row.get("patient") or row["path"]
-
-
 def _safe(name: str) -> str:
     """A file-name-safe version of ``name``."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:80] or "_"
-
-
-def colour_separability(rows: Sequence[dict[str, str]], stats: dict[str, np.ndarray], *,
-                        folds: int = 5, repeats: int = 10, seed: int = 0,
-                        ) -> dict[str, float | int | str]:
-    """How well the patients' mean colours alone (:func:`patient_means`, six numbers,
-    standardised) tell their labels apart, before any model: an L2 logistic regression
-    (scikit-learn, ``C`` = 1) scored out of fold by ``repeats`` x stratified ``folds``-fold
-    CV over the patients (``folds`` lowered to the smallest class's count); per repeat the
-    AUROC (macro one-vs-rest for more than two labels). Returns its mean, minimum and
-    maximum over the repeats and the number of patients. Near 0.5: the colours say
-    nothing of the labels; far above: a model can learn the colour instead of the cells."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    means = patient_means(rows, stats)
-    labels = {_group(r): r["label"] for r in rows}
-    groups = sorted(means)
-    x = np.array([means[g] for g in groups])
-    y = np.array([labels[g] for g in groups])
-    classes, counts = np.unique(y, return_counts=True)
-    k = min(folds, int(counts.min()))
-    if len(classes) < 2 or k < 2:
-        return {"n_patients": len(groups),
-                "note": "needs two labels with at least two patients each"}
-    aurocs = []
-    for r in range(repeats):
-        model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000))
-        proba = cross_val_predict(model, x, y, method="predict_proba", cv=StratifiedKFold(
-            k, shuffle=True, random_state=seed + r))
-        aurocs.append(roc_auc_score(y == classes[1], proba[:, 1]) if len(classes) == 2
-                      else roc_auc_score(y, proba, multi_class="ovr", average="macro"))
-    return {"n_patients": len(groups), "folds": k, "repeats": repeats,
-            "auroc": float(np.mean(aurocs)), "auroc_min": float(np.min(aurocs)),
-            "auroc_max": float(np.max(aurocs))}

@@ -295,13 +295,9 @@ def run_colour_cv(out: str | Path, protocol: str, base_summary: dict[str, Any], 
     the mean of ``|P(positive) recoloured - P(positive)|`` and the number of diagnoses
     that changed; and ``colour_only``, how well the patients' mean colour features (those
     the protocol moves) alone tell their labels apart
-    (:func:`~leukotree.evaluation.colour.colour_separability`)."""
-    from leukotree.evaluation.colour import (
-        COLOUR_PROTOCOLS,
-        colour_separability,
-        colour_statistics,
-        write_recoloured,
-    )
+    (:func:`~leukotree.evaluation.confound.colour_separability`)."""
+    from leukotree.evaluation.colour import COLOUR_PROTOCOLS, colour_statistics, write_recoloured
+    from leukotree.evaluation.confound import colour_separability
 
     options = options or InferenceOptions()
     settings = settings or EvalSettings(progress=progress)

@@ -12,8 +12,8 @@ from rich.text import Text
 
 if TYPE_CHECKING:  # annotations only: the CLI imports this module before any data module
     from leukotree.data.check import CheckReport
-    from leukotree.data.confound import ColourConfound
     from leukotree.data.splits import SplitPlan
+    from leukotree.evaluation.confound import ColourConfound
     from leukotree.taxonomy import Taxonomy
 
 

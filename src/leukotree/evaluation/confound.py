@@ -21,7 +21,7 @@ cohort does not. This check asks it of the data before any model, per patient:
    chosen cell types (``cell_types``: cells that carry no sign of the disease, such as
    lymphocytes and neutrophils, show a batch rather than the disease);
 3. an L2 logistic regression on them, scored out of fold over the patients
-   (:func:`leukotree.evaluation.colour.colour_separability`: repeated stratified k-fold,
+   (:func:`colour_separability`: repeated stratified k-fold,
    the mean AUROC and its range over the repeats).
 
 An AUROC near 0.5: the colours say nothing of the labels. Far above: a model can read the
@@ -158,8 +158,6 @@ def colour_confound(samples: Sequence[Sample], *, features: str = "stats",
                     max_pixels: int = DEFAULT_MAX_PIXELS) -> ColourConfound:
     """How well the patients' colours alone tell their labels apart (module docstring).
     Unreadable images are left out and named in ``unreadable``."""
-    from leukotree.evaluation.colour import colour_separability
-
     if features not in FEATURES:
         raise LeukotreeError(f"--features must be one of {', '.join(FEATURES)}; got "
                              f"{features!r}.")
@@ -195,3 +193,56 @@ def colour_confound(samples: Sequence[Sample], *, features: str = "stats",
                                   strict=True)) for label, v in sorted(by_label.items())},
         unreadable=[e for e in decoded.errors if e is not None],
         other_cell_types=len(samples) - len(chosen))
+
+
+def row_group(row: dict[str, str]) -> str:
+    """The patient a split row belongs to: its ``group``, else ``patient``, else itself."""
+    return row.get("group") or row.get("patient") or row["path"]
+
+
+def patient_means(rows: Sequence[dict[str, str]], stats: dict[str, np.ndarray],
+                  ) -> dict[str, np.ndarray]:
+    """Per patient (``group``, else ``patient``, column of split rows), the mean of its
+    images' statistics."""
+    by: dict[str, list[np.ndarray]] = defaultdict(list)
+    for row in rows:
+        by[row_group(row)].append(stats[row["path"]])
+    return {g: np.mean(v, axis=0) for g, v in by.items()}
+
+
+def colour_separability(rows: Sequence[dict[str, str]], stats: dict[str, np.ndarray], *,
+                        folds: int = 5, repeats: int = 10, seed: int = 0,
+                        ) -> dict[str, float | int | str]:
+    """How well the patients' mean colours alone (:func:`patient_means`, six numbers,
+    standardised) tell their labels apart, before any model: an L2 logistic regression
+    (scikit-learn, ``C`` = 1) scored out of fold by ``repeats`` x stratified ``folds``-fold
+    CV over the patients (``folds`` lowered to the smallest class's count); per repeat the
+    AUROC (macro one-vs-rest for more than two labels). Returns its mean, minimum and
+    maximum over the repeats and the number of patients. Near 0.5: the colours say
+    nothing of the labels; far above: a model can learn the colour instead of the cells."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    means = patient_means(rows, stats)
+    labels = {row_group(r): r["label"] for r in rows}
+    groups = sorted(means)
+    x = np.array([means[g] for g in groups])
+    y = np.array([labels[g] for g in groups])
+    classes, counts = np.unique(y, return_counts=True)
+    k = min(folds, int(counts.min()))
+    if len(classes) < 2 or k < 2:
+        return {"n_patients": len(groups),
+                "note": "needs two labels with at least two patients each"}
+    aurocs = []
+    for r in range(repeats):
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000))
+        proba = cross_val_predict(model, x, y, method="predict_proba", cv=StratifiedKFold(
+            k, shuffle=True, random_state=seed + r))
+        aurocs.append(roc_auc_score(y == classes[1], proba[:, 1]) if len(classes) == 2
+                      else roc_auc_score(y, proba, multi_class="ovr", average="macro"))
+    return {"n_patients": len(groups), "folds": k, "repeats": repeats,
+            "auroc": float(np.mean(aurocs)), "auroc_min": float(np.min(aurocs)),
+            "auroc_max": float(np.max(aurocs))}

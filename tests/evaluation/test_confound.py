@@ -6,14 +6,14 @@ import pytest
 from PIL import Image
 
 from leukotree.cli import main
-from leukotree.data.confound import (
+from leukotree.data.discover import discover
+from leukotree.errors import LeukotreeError
+from leukotree.evaluation.confound import (
     ColourConfound,
     colour_confound,
     colour_features,
     normalise_stain,
 )
-from leukotree.data.discover import discover
-from leukotree.errors import LeukotreeError
 from leukotree.taxonomy import load_taxonomy
 
 
