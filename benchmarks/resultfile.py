@@ -444,8 +444,9 @@ def main() -> None:
         print(render_markdown(read_results(Path(arg))))
 
 
-def guarantee_rows(r: dict[str, Any]) -> list[list[str]]:
-    """The README's rows of ``bench_guarantees.py``."""
+def guarantee_rows(r: dict[str, Any], date: str | None = None) -> list[list[str]]:
+    """The README's rows of ``bench_guarantees.py``; ``date``, when the APL recipe it
+    measured was the one of that day."""
     target = _percent(r["coverage"])
     pbc, jhh = r["pbc_heldout"], r["jhh_before"]
     rows = [[f"cells whose conformal answer holds their class, PBC held out (target {target})",
@@ -461,7 +462,8 @@ def guarantee_rows(r: dict[str, Any]) -> list[list[str]]:
                                 f"{s['mean_depth_mean']:.2f})" for s in after.values())])
     if "apl" in r:
         a, m = r["apl"], r["apl"]["repeats"][0]
-        rows += [[f"APL patients missed, out-of-fold 5-fold CV (stated at most "
+        rows += [["APL patients missed, out-of-fold 5-fold CV"
+                  + (f" of the recipe of {date}" if date else "") + " (stated at most "
                   f"{_percent(m['alpha'])}, {_percent(m['confidence'])} confidence)",
                   f"{m['missed']} of {m['n_positive']} "
                   f"({_percent(m['observed_miss_rate'])}), {m['referred']} of "
@@ -472,9 +474,9 @@ def guarantee_rows(r: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def patient_model_rows(r: dict[str, Any]) -> list[list[str]]:
+def patient_model_rows(r: dict[str, Any], date: str | None = None) -> list[list[str]]:
     """The README's rows of ``bench_patient_models.py``: the chosen patient model's AUROC
-    and accuracy under each protocol."""
+    and accuracy under each protocol; ``date``, when the recipe measured was that day's."""
     chosen = r["selection"]["chosen"]
     names = {"kfold": "patient-grouped 5-fold CV (new patients, same cohort)",
              "cluster": "leave-cluster-out CV (patients clustered by colour and cell mix, "
@@ -483,8 +485,9 @@ def patient_model_rows(r: dict[str, Any]) -> list[list[str]]:
     rows = []
     for protocol, part in r["protocols"].items():
         m = part["models"][chosen]
-        rows.append([f"APL vs other AML per patient (`{chosen}`), "
-                     f"{names.get(protocol, protocol)}",
+        rows.append([f"APL vs other AML per patient (`{chosen}`"
+                     + (f", recipe of {date}" if date else "")
+                     + f"), {names.get(protocol, protocol)}",
                      f"AUROC {_auroc(m)}, accuracy {_percent(m['accuracy'])}"])
     return rows
 
@@ -501,7 +504,9 @@ def colour_shift_rows(r: dict[str, Any]) -> list[list[str]]:
                 "average colour", "colour-swap": "to the other diagnosis's colour",
                 "stain-swap": "with the other diagnosis's nuclei and plasma colours"}
         rows.append([f"APL vs other AML per patient, {r['folds']}-fold CV of the recipe"
-                     + (f" with {options}" if options else " as it is")
+                     + (f" with {options}" if options else
+                        f" as it was on {row['measured']['date'][:10]}" if row.get("measured")
+                        else " as it is")
                      + ": AUROC of the same fold models on the test patients "
                      + " → ".join(said[p] for p in chain),
                      " → ".join(f"{row[p]['auroc']:.3f}" for p in chain)
@@ -517,12 +522,22 @@ def colour_shift_rows(r: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def recipe_date(doc: dict[str, Any], recipe: Path) -> str | None:
+    """The day ``doc`` was measured, when the APL recipe file ``recipe`` changed after it
+    (its last commit is later): its figures are then those of the recipe of that day."""
+    changed = _git("log", "-1", "--format=%cs", "--", str(recipe))
+    measured = doc["meta"]["date"][:10]
+    return measured if changed and changed > measured else None
+
+
 def readme_table(path: Path = RESULTS / "demo.json",
                  guarantees: Path = RESULTS / "guarantees.json",
                  patients: Path = RESULTS / "patient_models.json",
-                 colour: Path = RESULTS / "colour_shift.json") -> str:
+                 colour: Path = RESULTS / "colour_shift.json",
+                 recipe: Path = ROOT / "examples" / "apl-aml.yaml") -> str:
     """The README's one dated results table: the demo's figures and, when committed, the
-    guarantees' and the APL patient models', each file's date and command below."""
+    guarantees' and the APL patient models', each file's date and command below. Rows of
+    the APL recipe measured before the recipe's last change say the recipe's date."""
     doc = read_results(path)
     mean = doc["results"]["mean"]
 
@@ -539,11 +554,11 @@ def readme_table(path: Path = RESULTS / "demo.json",
     docs = [doc]
     if guarantees.exists():
         extra = read_results(guarantees)
-        rows += guarantee_rows(extra["results"])
+        rows += guarantee_rows(extra["results"], recipe_date(extra, recipe))
         docs.append(extra)
     if patients.exists():
         extra = read_results(patients)
-        rows += patient_model_rows(extra["results"])
+        rows += patient_model_rows(extra["results"], recipe_date(extra, recipe))
         docs.append(extra)
     if colour.exists():
         extra = read_results(colour)
