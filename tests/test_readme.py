@@ -64,3 +64,16 @@ def test_readme_results_table_is_the_committed_demo_results():
                       text, re.S)
     assert table, "the README lost its results-table markers"
     assert table.group(1) == _resultfile().readme_table()
+
+
+def test_rows_of_an_older_apl_recipe_say_its_date():
+    resultfile = _resultfile()
+    recipe = resultfile.ROOT / "examples" / "apl-aml.yaml"
+    old, new = ({"meta": {"date": f"{d} 12:00 UTC"}} for d in ("2000-01-01", "2999-01-01"))
+    assert resultfile.recipe_date(old, recipe) == "2000-01-01"  # the recipe changed since
+    assert resultfile.recipe_date(new, recipe) is None
+    assert resultfile.recipe_date(old, recipe.with_name("no-such-recipe.yaml")) is None
+    rows = resultfile.patient_model_rows({"selection": {"chosen": "mean"}, "protocols": {
+        "kfold": {"models": {"mean": {"auroc": 0.9, "auroc_ci95": [0.8, 1.0],
+                                      "accuracy": 0.85}}}}}, "2000-01-01")
+    assert rows[0][0].startswith("APL vs other AML per patient (`mean`, recipe of 2000-01-01)")
