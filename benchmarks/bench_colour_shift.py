@@ -82,8 +82,13 @@ def kept_recipes(path: Path | None, results: dict[str, Any],
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise LeukotreeError(f"--json {path}: not a results file of this benchmark ({err}); "
                              "give another file or remove it.") from None
-    for key in ("data", "config", "folds"):
-        if key in old and old[key] != results[key]:
+    def same(key: str) -> bool:
+        if key in ("data", "config"):  # paths: the same file however written
+            return Path(old[key]).resolve() == Path(results[key]).resolve()
+        return old[key] == results[key]
+
+    for key in ("data", "config", "folds", "fold_val_fraction"):
+        if key in old and not same(key):
             raise LeukotreeError(
                 f"--json {path}: its recipes were measured with {key} {old[key]!r}, this "
                 f"command has {results[key]!r}; they cannot share one table. Give another "
@@ -91,6 +96,13 @@ def kept_recipes(path: Path | None, results: dict[str, Any],
     measured = {k: doc.get("meta", {}).get(k) for k in ("date", "commit", "command")}
     return {name: {"measured": measured} | row for name, row in old["recipes"].items()
             if name not in running}
+
+
+def kept_batch(path: Path | None) -> dict[str, Any] | None:
+    """The ``batch`` block of an earlier results file (see :func:`kept_recipes`)."""
+    if path is None or not path.exists():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))["results"].get("batch")
 
 
 def batch_colours(data: Path, config: Any, cell_types: str) -> dict[str, Any]:
@@ -135,8 +147,13 @@ def main() -> None:
     args = parser.parse_args()
     recipes = dict(parse_recipe(spec) for spec in args.recipe)
     results: dict[str, Any] = {"data": str(args.data), "folds": args.folds,
+                               "fold_val_fraction": args.fold_val_fraction,
                                "config": str(args.config), "recipes": {}}
     results["recipes"] = kept_recipes(args.json, results, set(recipes))
+    base = resolve_config(config_file=args.config)
+    if args.batch_cells and not (base.cell_taxonomy and base.cell_labels):
+        raise LeukotreeError("--batch-cells needs a recipe with cell_taxonomy and "
+                             "cell_labels (the cell type of each image).")
     for name, overrides in recipes.items():
         config = resolve_config(config_file=args.config, overrides={
             **overrides, "fold_val_fraction": args.fold_val_fraction})
@@ -150,8 +167,9 @@ def main() -> None:
             results[ALONE[summary.get("colour_features", "stats")]] = summary["colour_only"]
         results["recipes"][name] = row
     if args.batch_cells:
-        results["batch"] = batch_colours(args.data, resolve_config(config_file=args.config),
-                                         args.batch_cells)
+        results["batch"] = batch_colours(args.data, base, args.batch_cells)
+    elif kept_batch(args.json) is not None:
+        results["batch"] = kept_batch(args.json)  # measured earlier, on the same data
     print(json.dumps(results, indent=2))
     write_results(args, "colour_shift", results)
 

@@ -68,11 +68,14 @@ def test_readme_results_table_is_the_committed_demo_results():
 
 def test_rows_of_an_older_apl_recipe_say_its_date():
     resultfile = _resultfile()
-    recipe = resultfile.ROOT / "examples" / "apl-aml.yaml"
-    old, new = ({"meta": {"date": f"{d} 12:00 UTC"}} for d in ("2000-01-01", "2999-01-01"))
-    assert resultfile.recipe_date(old, recipe) == "2000-01-01"  # the recipe changed since
-    assert resultfile.recipe_date(new, recipe) is None
-    assert resultfile.recipe_date(old, recipe.with_name("no-such-recipe.yaml")) is None
+    day, digest = resultfile.APL_RECIPE_CHANGED
+    assert resultfile.recipe_hash(resultfile.ROOT / "examples" / "apl-aml.yaml") == digest, (
+        "examples/apl-aml.yaml trains otherwise than on " + day + ": set APL_RECIPE_CHANGED "
+        "in benchmarks/resultfile.py to today and the new hash, then regenerate the README")
+    assert resultfile.recipe_date({"meta": {"date": "2026-12-02 10:00 UTC"}},
+                                  "2026-12-07") == "2026-12-02"
+    assert resultfile.recipe_date({"meta": {"date": "2026-12-07 10:00 UTC"}},
+                                  "2026-12-07") is None
     rows = resultfile.patient_model_rows({"selection": {"chosen": "mean"}, "protocols": {
         "kfold": {"models": {"mean": {"auroc": 0.9, "auroc_ci95": [0.8, 1.0],
                                       "accuracy": 0.85}}}}}, "2000-01-01")

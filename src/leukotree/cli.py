@@ -117,6 +117,13 @@ def cmd_data_colour(args: argparse.Namespace) -> int:
     samples = discover(args.data, taxonomy, patients=args.patients, labels=args.labels,
                        cell_labels=args.cell_labels, cell_taxonomy=cells)
     samples.raise_for_problems()
+    note = samples.grouping_note()
+    if note:
+        say(stderr_console(), note, "bold yellow")
+    if args.cell_labels and not args.cell_types:
+        raise LeukotreeError("--cell-labels and --cell-taxonomy only choose images with "
+                             "--cell-types (e.g. --cell-types lymphocyte); add it, or leave "
+                             "the three out to measure every image.")
     found = colour_confound(samples.samples, features=args.features, stain_norm=args.stain_norm,
                             cell_taxonomy=cells, cell_types=args.cell_types, size=args.size,
                             workers=args.workers, repeats=args.repeats, seed=args.seed,
@@ -590,6 +597,8 @@ def _add_max_pixels(p: argparse.ArgumentParser) -> None:
 
 
 def _add_data_parsers(sub: argparse._SubParsersAction) -> None:
+    from leukotree.data.images import STAIN_NORMS
+
     data = sub.add_parser("data", help="check and split data sets, and check their colours")
     data_sub = data.add_subparsers(dest="data_command", required=True)
 
@@ -633,7 +642,7 @@ def _add_data_parsers(sub: argparse._SubParsersAction) -> None:
                         help="stats: each image's L*a*b* means and deviations (default); "
                              "parts: the colour of its brightest and darkest tenth (plasma "
                              "and nucleus), which a per-image normalisation keeps")
-    colour.add_argument("--stain-norm", choices=["none", "white", "reinhard"], default="none",
+    colour.add_argument("--stain-norm", choices=STAIN_NORMS, default="none",
                         help="normalise each image first as a model with this option does")
     colour.add_argument("--cell-labels", default=None,
                         help="where each image's cell type is: column:<name> of the "
@@ -646,7 +655,8 @@ def _add_data_parsers(sub: argparse._SubParsersAction) -> None:
     colour.add_argument("--size", type=POSITIVE, default=96,
                         help="image side the colours are read at (default 96)")
     colour.add_argument("--repeats", type=POSITIVE, default=10,
-                        help="repeats of the 5-fold logistic regression (default 10)")
+                        help="repeats of the out-of-fold logistic regression (5 folds, "
+                             "fewer when a label has fewer patients; default 10)")
     colour.add_argument("--seed", type=COUNT, default=0)
     colour.add_argument("--json", action="store_true", help="print the result as JSON")
     colour.add_argument("--out", type=Path, help="also write the JSON result to this file")

@@ -138,3 +138,35 @@ def test_cli_data_colour(tmp_path, capsys):
     assert main(["data", "colour", str(manifest), "-t", "aml-apl", "--cell-labels",
                  "column:cell_type"]) == 2
     assert "--cell-labels and --cell-taxonomy go together" in capsys.readouterr().err
+    assert main(["data", "colour", str(manifest), "-t", "aml-apl", "--patients", "manifest",
+                 "--cell-labels", "column:cell_type", "--cell-taxonomy", "jhh-cells"]) == 2
+    assert "only choose images with --cell-types" in capsys.readouterr().err
+
+
+def test_the_verdict_of_stain_colours_points_to_the_stain_protocols():
+    found = ColourConfound("parts", "none", None, 10, 4, {"auroc": 0.85}, {})
+    assert "kfold,stain,stain-swap" in found.verdict and "reinhard" not in found.verdict
+    after = ColourConfound("stats", "reinhard", None, 10, 4, {"auroc": 0.65}, {})
+    assert "kfold,stain,stain-swap" in after.verdict
+
+
+def test_patients_of_two_labels_untyped_cells_and_nothing_readable(tmp_path):
+    manifest = _cohort(tmp_path)
+    text = manifest.read_text().splitlines()
+    text[1] = text[1].replace(",lymphocyte", ",")  # a cell without a cell type
+    manifest.write_text("\n".join(text) + "\n")
+    cells = load_taxonomy("jhh-cells")
+    samples = discover(manifest, load_taxonomy("aml-apl"), patients="manifest",
+                       cell_labels="column:cell_type", cell_taxonomy=cells).samples
+    found = colour_confound(samples, cell_taxonomy=cells, cell_types="lymphoid", size=24,
+                            repeats=1)
+    assert (found.n_images, found.other_cell_types, found.no_cell_type) == (15, 16, 1)
+    mixed = [s if s.group != samples[0].group or i != 1 else
+             type(s)(**{**vars(s), "label": "APL"}) for i, s in enumerate(samples)]
+    with pytest.raises(LeukotreeError, match="has images of two labels"):
+        colour_confound(mixed, size=24, repeats=1)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"no image")
+    nothing = colour_confound([type(samples[0])(path=broken, label="AML", patient="P9")],
+                              size=24, repeats=1)
+    assert nothing.n_patients == 0 and nothing.verdict.startswith("Not measured")

@@ -92,7 +92,10 @@ def normalise_stain(pixels: np.ndarray, stain_norm: str, chunk: int = 256) -> np
                              f"{stain_norm!r}.")
     if stain_norm == "none" or len(pixels) == 0:
         return pixels
-    module = stain_module(stain_norm, fit_stain_target(stain_norm, pixels))
+    try:
+        module = stain_module(stain_norm, fit_stain_target(stain_norm, pixels))
+    except ValueError as err:
+        raise LeukotreeError(f"--stain-norm {stain_norm}: {err}.") from None
     out = np.empty_like(pixels)
     with torch.no_grad():
         for i in range(0, len(pixels), chunk):
@@ -114,7 +117,8 @@ class ColourConfound:
     separability: dict[str, Any]  # colour_separability's figures
     by_label: dict[str, dict[str, float]]  # label -> feature -> mean over its patients
     unreadable: list[str] = field(default_factory=list)
-    other_cell_types: int = 0  # images left out as not of cell_types
+    other_cell_types: int = 0  # images left out as of other cell types than cell_types
+    no_cell_type: int = 0  # images left out as without a cell type (with cell_types)
 
     @property
     def verdict(self) -> str:
@@ -123,15 +127,22 @@ class ColourConfound:
         if auroc is None:
             return f"Not measured: {self.separability.get('note')}."
         said = f"AUROC {auroc:.3f} from the patients' colours alone"
+        # the mean colour is what a per-image normalisation takes away; the colours of
+        # nucleus and plasma, or colours left after one, are not
+        stain = self.features == "parts" or self.stain_norm != "none"
+        check = ("`leukotree cv --protocol kfold,stain,stain-swap`" if stain else
+                 "`leukotree cv --protocol kfold,colour,colour-swap`")
         if auroc >= CONFOUNDED_AUROC:
+            advice = ("A per-image normalisation does not take these colours away: measure "
+                      f"what a model owes to them with {check}." if stain else
+                      "Train with a stain normalisation (stain_norm: reinhard) and measure "
+                      f"what a model owes to colour with {check}.")
             return (f"The colours alone tell the labels apart ({said}): a model can learn the "
-                    "stain instead of the cells. Train with a stain normalisation "
-                    "(stain_norm: reinhard) and measure what a model owes to colour with "
-                    "`leukotree cv --protocol kfold,colour,colour-swap`.")
+                    f"stain instead of the cells. {advice}")
         if auroc < UNINFORMATIVE_AUROC:
             return f"The colours say little of the labels ({said})."
         return (f"The colours say something of the labels ({said}); check what a model "
-                "owes to them with `leukotree cv --protocol kfold,colour,colour-swap`.")
+                f"owes to them with {check}.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"verdict": self.verdict}
@@ -161,11 +172,12 @@ def colour_confound(samples: Sequence[Sample], *, features: str = "stats",
     if features not in FEATURES:
         raise LeukotreeError(f"--features must be one of {', '.join(FEATURES)}; got "
                              f"{features!r}.")
-    chosen, nodes = list(samples), None
+    chosen, nodes, untyped = list(samples), None, 0
     if cell_types is not None:
         if cell_taxonomy is None:
             raise LeukotreeError("--cell-types needs --cell-taxonomy (and --cell-labels).")
         chosen, nodes = select_cell_types(samples, cell_taxonomy, cell_types)
+        untyped = sum(s.cell_label is None for s in samples)
     if not chosen:
         raise LeukotreeError("No image to measure" + (
             f": none is of the cell types {', '.join(nodes)}." if nodes else "."))
@@ -180,7 +192,11 @@ def colour_confound(samples: Sequence[Sample], *, features: str = "stats",
     label_of: dict[str, str] = {}
     for s, v in zip(kept, values, strict=True):
         by_patient[s.group].append(v)
-        label_of[s.group] = s.label
+        if label_of.setdefault(s.group, s.label) != s.label:
+            raise LeukotreeError(
+                f"Patient '{s.group}' has images of two labels ({label_of[s.group]!r} and "
+                f"{s.label!r}, e.g. {s.path}); the colour check compares patients, each of "
+                "one label. Give each patient one label, or check the --patients option.")
     by_label: dict[str, list[np.ndarray]] = defaultdict(list)
     for group, vs in by_patient.items():
         by_label[label_of[group]].append(np.mean(vs, axis=0))
@@ -192,7 +208,7 @@ def colour_confound(samples: Sequence[Sample], *, features: str = "stats",
         by_label={label: dict(zip(FEATURES[features], map(float, np.mean(v, axis=0)),
                                   strict=True)) for label, v in sorted(by_label.items())},
         unreadable=[e for e in decoded.errors if e is not None],
-        other_cell_types=len(samples) - len(chosen))
+        other_cell_types=len(samples) - len(chosen) - untyped, no_cell_type=untyped)
 
 
 def row_group(row: dict[str, str]) -> str:
@@ -232,7 +248,7 @@ def colour_separability(rows: Sequence[dict[str, str]], stats: dict[str, np.ndar
     x = np.array([means[g] for g in groups])
     y = np.array([labels[g] for g in groups])
     classes, counts = np.unique(y, return_counts=True)
-    k = min(folds, int(counts.min()))
+    k = min(folds, int(counts.min())) if len(classes) else 0
     if len(classes) < 2 or k < 2:
         return {"n_patients": len(groups),
                 "note": "needs two labels with at least two patients each"}
