@@ -398,8 +398,8 @@ def colour_shift_table(r: dict[str, Any]) -> str:
                 f"({batch['cell_types'].replace(',', ', ')}; {raw['n_images']} images), the "
                 "colours of their plasma and nuclei alone tell the diagnoses apart with AUROC "
                 f"{_separates(raw)}, and {_separates(flat)} after a per-image Reinhard "
-                "normalisation (`leukotree data colour --features parts`): a batch of "
-                "stain, not the disease.\n\n")
+                "normalisation (`leukotree data colour --features parts`): most likely a "
+                "batch of stain, not the disease.\n\n")
         names = list(next(iter(raw["by_label"].values())))
         out += table(["images", "label", *names],
                      [[norm, label, *(f"{values[n]:.2f}" for n in names)]
@@ -521,7 +521,7 @@ def colour_shift_rows(r: dict[str, Any]) -> list[list[str]]:
         rows.append([f"APL vs other AML per patient from the colours of plasma and nuclei "
                      f"alone, on cells that do not show the disease "
                      f"({batch['cell_types'].replace(',', ', ')}): as they are → after a "
-                     "per-image Reinhard normalisation (a batch of stain)",
+                     "per-image Reinhard normalisation (most likely a batch of stain)",
                      f"AUROC {_separates(batch['none'])} → {_separates(batch['reinhard'])}"])
     return rows
 
