@@ -44,7 +44,9 @@ part's shift to the bright part's (:func:`restain`):
     lab' = lab + (1 - w) (d_t - d_p) + w (b_t - b_p)
 
 so the patient's nuclei take the target's nuclear colour and its plasma the target's
-plasma colour, a change no per-image shift-and-scale of the channels undoes.
+plasma colour (on average: a pixel of the dark tenth lighter than its mean takes a little
+of the plasma's shift, and colours pushed out of gamut are clipped), a change no
+per-image shift-and-scale of the channels undoes.
 """
 
 from __future__ import annotations

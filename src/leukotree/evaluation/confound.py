@@ -82,9 +82,9 @@ def colour_features(pixels: np.ndarray, features: str = "stats", chunk: int = 25
 
 
 def normalise_stain(pixels: np.ndarray, stain_norm: str, chunk: int = 256) -> np.ndarray:
-    """The images normalised as a model with ``stain_norm`` would see them (the target
-    fitted on these images, :func:`~leukotree.models.stain.fit_stain_target`); ``none``
-    returns them as they are."""
+    """The images normalised per image as a model with ``stain_norm`` does (the target
+    fitted on these images, :func:`~leukotree.models.stain.fit_stain_target`), on the
+    whole image rather than the model's crop; ``none`` returns them as they are."""
     from leukotree.models.stain import fit_stain_target, stain_module
 
     if stain_norm not in STAIN_NORMS:
