@@ -112,6 +112,7 @@ def test_colours_of_a_confounded_cohort_tell_the_labels_apart(tmp_path):
 def test_verdict_follows_the_auroc(auroc, said):
     found = ColourConfound("stats", "none", None, 10, 4, {"auroc": auroc}, {})
     assert said in found.verdict and f"AUROC {auroc:.3f}" in found.verdict
+    assert found.informative == (auroc >= 0.6)
     empty = ColourConfound("stats", "none", None, 2, 1, {"note": "needs two labels"}, {})
     assert empty.verdict == "Not measured: needs two labels."
 

@@ -121,6 +121,12 @@ class ColourConfound:
     no_cell_type: int = 0  # images left out as without a cell type (with cell_types)
 
     @property
+    def informative(self) -> bool:
+        """Whether the colours say something of the labels (AUROC from
+        :data:`UNINFORMATIVE_AUROC`)."""
+        return (self.separability.get("auroc") or 0.0) >= UNINFORMATIVE_AUROC
+
+    @property
     def verdict(self) -> str:
         """One sentence: what the AUROC says, and what to do about it."""
         auroc = self.separability.get("auroc")

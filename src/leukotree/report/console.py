@@ -132,8 +132,6 @@ def print_split_plan(plan: SplitPlan, console: Console) -> None:
 
 def print_colour_confound(found: ColourConfound, console: Console) -> None:
     """The per-label mean colour features, what they tell apart, and the verdict."""
-    from leukotree.evaluation.confound import UNINFORMATIVE_AUROC
-
     what = f"features '{found.features}'" + (
         f", stain_norm '{found.stain_norm}'" if found.stain_norm != "none" else "") + (
         f", cell types {', '.join(found.cell_types)}" if found.cell_types else "")
@@ -160,5 +158,4 @@ def print_colour_confound(found: ColourConfound, console: Console) -> None:
     if found.unreadable:
         _listing(console, "unreadable image(s) left out",
                  found.unreadable, str, "yellow")
-    say(console, found.verdict,
-        "bold yellow" if (sep.get("auroc") or 0) >= UNINFORMATIVE_AUROC else "green")
+    say(console, found.verdict, "bold yellow" if found.informative else "green")
