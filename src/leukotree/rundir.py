@@ -389,7 +389,9 @@ class CVDir(_Folder):
     ``cv_config.yaml`` (the options every fold shares), ``fold_<k>/`` (a
     :class:`RunDir` each, with ``eval/`` on its held-out fold), ``folds.csv`` (each fold's
     test patients), the gathered ``summary.json`` / ``summary.md`` / ``summary.html``, and
-    with ``--protocol kfold,cluster`` the leave-cluster-out CV in ``cluster/``.
+    with ``--protocol kfold,cluster`` the leave-cluster-out CV in ``cluster/``; the colour
+    protocols' per-image colour features in ``colour_<features>.csv`` (one per feature
+    set, shared by the protocols that move it) and their scores in ``<protocol>/``.
     """
 
     CONFIG = "cv_config.yaml"
@@ -416,6 +418,11 @@ class CVDir(_Folder):
 
     def fold(self, k: int, repeat: int = 0) -> RunDir:
         return RunDir(self.path / self.fold_name(k, repeat))
+
+    def colour_features(self, features: str) -> Path:
+        """The per-image colour features ``features`` (``stats``, ``parts``) of the CV's
+        images, read once for every colour protocol that moves them."""
+        return self.path / f"colour_{features}.csv"
 
     def read_summary(self) -> dict[str, Any]:
         if not self.summary.exists():

@@ -10,15 +10,21 @@ from PIL import Image
 
 from leukotree.errors import LeukotreeError
 from leukotree.evaluation.colour import (
+    clipped_summary,
     colour_statistics,
     colour_targets,
-    image_lab_stats,
+    move_colours,
     recolour,
     restain,
     write_recoloured,
 )
-from leukotree.evaluation.confound import colour_separability, patient_means
+from leukotree.evaluation.confound import colour_features, colour_separability, patient_means
 from leukotree.evaluation.cv import parse_protocols, patient_change
+
+
+def _stats(pixels: np.ndarray) -> np.ndarray:
+    """The six L*a*b* statistics the colour protocols move."""
+    return colour_features(pixels[None], "stats")[0]
 
 
 def _image(seed: int = 0) -> np.ndarray:
@@ -29,22 +35,22 @@ def _image(seed: int = 0) -> np.ndarray:
 
 def test_recolouring_to_its_own_statistics_changes_nothing():
     pixels = _image()
-    stats = image_lab_stats(pixels)
+    stats = _stats(pixels)
     assert np.abs(recolour(pixels, stats, stats).astype(int) - pixels).max() <= 1
 
 
 def test_recolouring_moves_the_lab_statistics_to_the_target():
     pixels = _image(1)
-    m_l, m_a, m_b, s_l, s_a, s_b = image_lab_stats(pixels)
+    m_l, m_a, m_b, s_l, s_a, s_b = _stats(pixels)
     # L* up by 5 with its spread kept; a* spread halved; b* mean down by 3
     target = [m_l + 5, m_a, m_b - 3, s_l, s_a / 2, s_b]
-    moved = image_lab_stats(recolour(pixels, image_lab_stats(pixels), target))
+    moved = _stats(recolour(pixels, _stats(pixels), target))
     assert moved == pytest.approx(target, abs=0.3)  # 8-bit rounding only
 
 
 def test_a_grey_image_has_lab_statistics_by_hand():
     # sRGB (119, 119, 119) is L* = 50.0 (Y = 0.1845), a* = b* = 0, no spread
-    stats = image_lab_stats(np.full((4, 4, 3), 119, np.uint8))
+    stats = _stats(np.full((4, 4, 3), 119, np.uint8))
     assert stats == pytest.approx([50.0, 0, 0, 0, 0, 0], abs=0.05)
 
 
@@ -91,9 +97,34 @@ def test_recoloured_copies_and_their_manifest(tmp_path):
     assert rows[1]["cell_type"] == "blast" and rows[0]["cell_type"] == ""
     copies = [np.asarray(Image.open(r["path"])) for r in rows]
     # the patient's mean colour is now the AML patient's
-    mean = np.mean([image_lab_stats(c) for c in copies], axis=0)
+    mean = np.mean([_stats(c) for c in copies], axis=0)
     assert mean[:3] == pytest.approx(stats[paths[2]][:3], abs=0.5)
     assert all(r["path"].endswith(".png") for r in rows)
+    assert all(0.0 <= float(r["clipped"]) <= 1.0 for r in rows)
+    # a resumed CV keeps the copies and the clipped shares they were written with
+    again = list(csv.DictReader(write_recoloured(test, train, stats, "swap",
+                                                 tmp_path / "out").open()))
+    assert [r["clipped"] for r in again] == [r["clipped"] for r in rows]
+
+
+def test_colours_pushed_out_of_gamut_are_counted_as_clipped(tmp_path):
+    grey = np.full((4, 4, 3), 119, np.uint8)  # L* 50, a* = b* = 0, no spread
+    same, clipped = move_colours(grey, [50, 0, 0, 0, 0, 0], [50, 0, 0, 0, 0, 0])
+    assert clipped == 0.0 and np.abs(same.astype(int) - 119).max() <= 1
+    # L* 50 -> 120 lies beyond white: every pixel clipped (to white)
+    white, clipped = move_colours(grey, [50, 0, 0, 0, 0, 0], [120, 0, 0, 0, 0, 0])
+    assert clipped == 1.0 and (white == 255).all()
+    # b* 50 -> 150 at L* 50 is beyond any sRGB blue-yellow: clipped too
+    assert move_colours(grey, [50, 0, 0, 0, 0, 0], [50, 0, 150, 0, 0, 0])[1] == 1.0
+    with pytest.raises(ValueError, match="features must be one of"):
+        move_colours(grey, [0] * 6, [0] * 6, "hue")
+    manifests = []
+    for i, shares in enumerate((["0.5", "0.0"], ["", "0.004"])):
+        manifests.append(tmp_path / f"m{i}.csv")
+        manifests[-1].write_text("path,clipped\n" + "".join(f"x{i}{j}.png,{c}\n"
+                                                         for j, c in enumerate(shares)))
+    assert clipped_summary(manifests) == {"n_images": 3, "mean_share": pytest.approx(0.168),
+                                          "images_over_1pct": 1}
 
 
 def _tones(*colours: tuple[int, int, int]) -> np.ndarray:
@@ -112,8 +143,6 @@ def _lab(rgb: tuple[int, int, int] | np.ndarray) -> np.ndarray:
 
 
 def test_restaining_gives_nuclei_and_plasma_the_target_colours():
-    from leukotree.evaluation.confound import colour_features
-
     source = _tones((228, 214, 226), (92, 60, 140))
     target = _tones((222, 220, 214), (70, 48, 150))
     parts = [colour_features(img[None], "parts")[0] for img in (source, target)]

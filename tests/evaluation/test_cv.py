@@ -347,7 +347,10 @@ def test_cv_colour_swap_rescores_the_folds_without_training(cv_runs, data, tmp_p
     stain = json.loads((out / "stain-swap" / "summary.json").read_text())
     assert (inner["colour_features"], stain["colour_features"]) == ("stats", "parts")
     assert stain["p_change"]["n"] == 21
-    assert "dark_b" in (out / "stain-swap" / "colour_stats.csv").read_text().splitlines()[0]
+    # each feature set read once, beside the folds, for every protocol that moves it
+    assert "dark_b" in (out / "colour_parts.csv").read_text().splitlines()[0]
+    assert "std_b" in (out / "colour_stats.csv").read_text().splitlines()[0]
+    assert not list(out.glob("*/colour_*.csv"))
     # each fold's recoloured test images are its test images, one copy each
     split = list(csv.DictReader((out / "fold_1" / "split.csv").open()))
     part = "test" if any(r["split"] == "test" for r in split) else "val"

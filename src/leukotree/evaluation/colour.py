@@ -8,8 +8,10 @@ it: the test patients share the colour of their class. A later cohort does not. 
 protocol takes the colour away at test time only, with the fold's model unchanged:
 
 1. per image, the mean ``m`` and standard deviation ``s`` of each CIE L*a*b* channel
-   over its pixels (:func:`~leukotree.models.stain.rgb_to_lab`, the conversion the
-   models use); per patient ``p``, ``m_p`` and ``s_p``, their means over its images;
+   over its pixels (:func:`~leukotree.evaluation.confound.colour_features` ``stats``;
+   the D65 formulas of the models' :func:`~leukotree.models.stain.rgb_to_lab`), kept in
+   the CV folder for every colour protocol; per patient ``p``, ``m_p`` and ``s_p``,
+   their means over its images;
 2. a target per test patient, from the fold's **training** patients only:
    ``colour`` (neutral), the mean of ``m`` and ``s`` over all of them;
    ``colour-swap``, the mean over those whose label differs from the patient's (an
@@ -54,6 +56,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,20 +72,45 @@ COLOUR_PROTOCOLS = {"colour": ("stats", "neutral"), "colour-swap": ("stats", "sw
                     "stain": ("parts", "neutral"), "stain-swap": ("parts", "swap")}
 #: The targets of the recolouring protocols.
 COLOUR_TARGETS = ("neutral", "swap")
+#: The colour features each move takes (:func:`move_colours`), by the name of their numbers.
+COLOUR_MOVES = {"stats": "colour statistics", "parts": "stain parts"}
+#: CIE76 delta E from its moved colour beyond which a pixel counts as clipped to the sRGB
+#: gamut (8-bit rounding moves a colour by less than 1).
+CLIP_DELTA_E = 2.0
 #: Floor of a patient's L*a*b* standard deviation (a flat image is not blown up).
 MIN_STD = 1.0
-#: Columns of the per-image colour statistics file.
-STAT_COLUMNS = ("mean_L", "mean_a", "mean_b", "std_L", "std_a", "std_b")
 
 
-def image_lab_stats(pixels: np.ndarray) -> np.ndarray:
-    """``(H, W, 3)`` uint8 sRGB -> ``(6,)``: the L*a*b* means, then the (population)
-    standard deviations, over the pixels (the clusters' statistics,
-    :func:`leukotree.data.cohorts.lab_statistics`: the same D65 formulas as the models'
-    :func:`~leukotree.models.stain.rgb_to_lab` that :func:`recolour` uses)."""
-    from leukotree.data.cohorts import lab_statistics
+def move_colours(pixels: np.ndarray, source: Sequence[float], target: Sequence[float],
+                 features: str = "stats") -> tuple[np.ndarray, float]:
+    """An ``(H, W, 3)`` uint8 sRGB image's colour ``features`` moved from ``source`` to
+    ``target`` (:func:`recolour` for ``stats``, :func:`restain` for ``parts``): the moved
+    image (uint8 sRGB, rounded, clipped) and the share of its pixels clipped, those whose
+    colour lies more than :data:`CLIP_DELTA_E` (CIE76) from the L*a*b* they were moved to:
+    outside the sRGB gamut."""
+    from leukotree.models.stain import lab_to_rgb, rgb_to_lab
 
-    return lab_statistics(np.asarray(pixels, dtype=np.uint8))
+    src, tgt = np.asarray(source, dtype=np.float64), np.asarray(target, dtype=np.float64)
+    if features not in COLOUR_MOVES:
+        raise ValueError(f"features must be one of {', '.join(COLOUR_MOVES)}; got {features!r}")
+    if src.shape != (6,) or tgt.shape != (6,):
+        raise ValueError(f"{COLOUR_MOVES[features]} need 6 values; got {src.shape} and "
+                         f"{tgt.shape}")
+    x = torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1)[None]
+    lab = rgb_to_lab(x).double()
+    if features == "stats":
+        m_s, s_s = (torch.from_numpy(v).view(1, 3, 1, 1) for v in (src[:3], src[3:]))
+        m_t, s_t = (torch.from_numpy(v).view(1, 3, 1, 1) for v in (tgt[:3], tgt[3:]))
+        moved = (lab - m_s) / s_s.clamp(min=MIN_STD) * s_t + m_t
+    else:
+        span = max(src[0] - src[3], 1.0)
+        w = ((lab[:, :1] - src[3]) / span).clamp(0.0, 1.0)
+        dark, bright = (torch.from_numpy(v).view(1, 3, 1, 1)
+                        for v in (tgt[3:] - src[3:], tgt[:3] - src[:3]))
+        moved = lab + (1 - w) * dark + w * bright
+    rgb = (lab_to_rgb(moved.float()) + 0.5).clamp(0, 255).to(torch.uint8)
+    missed = (rgb_to_lab(rgb).double() - moved).norm(dim=1)  # CIE76 delta E per pixel
+    return rgb[0].permute(1, 2, 0).numpy(), float((missed > CLIP_DELTA_E).double().mean())
 
 
 def recolour(pixels: np.ndarray, source: Sequence[float], target: Sequence[float],
@@ -90,18 +118,7 @@ def recolour(pixels: np.ndarray, source: Sequence[float], target: Sequence[float
     """``lab' = (lab - m_source) / max(s_source, MIN_STD) * s_target + m_target`` per
     channel of an ``(H, W, 3)`` uint8 sRGB image; ``source`` and ``target`` are
     ``(m_L, m_a, m_b, s_L, s_a, s_b)``. Returns uint8 sRGB (rounded, clipped)."""
-    from leukotree.models.stain import lab_to_rgb, rgb_to_lab
-
-    src, tgt = np.asarray(source, dtype=np.float64), np.asarray(target, dtype=np.float64)
-    if src.shape != (6,) or tgt.shape != (6,):
-        raise ValueError(f"colour statistics need 6 values; got {src.shape} and {tgt.shape}")
-    x = torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1)[None]
-    lab = rgb_to_lab(x).double()
-    m_s, s_s = (torch.from_numpy(v).view(1, 3, 1, 1) for v in (src[:3], src[3:]))
-    m_t, s_t = (torch.from_numpy(v).view(1, 3, 1, 1) for v in (tgt[:3], tgt[3:]))
-    moved = (lab - m_s) / s_s.clamp(min=MIN_STD) * s_t + m_t
-    rgb = lab_to_rgb(moved.float())[0].permute(1, 2, 0)
-    return (rgb + 0.5).clamp(0, 255).to(torch.uint8).numpy()
+    return move_colours(pixels, source, target, "stats")[0]
 
 
 def restain(pixels: np.ndarray, source: Sequence[float], target: Sequence[float],
@@ -110,29 +127,16 @@ def restain(pixels: np.ndarray, source: Sequence[float], target: Sequence[float]
     ``target`` (each ``(b_L, b_a, b_b, d_L, d_a, d_b)``): every pixel shifted in L*a*b* by
     ``(1 - w) (d_t - d_s) + w (b_t - b_s)``, ``w = clip((L - d_L) / max(b_L - d_L, 1), 0,
     1)`` of the source (module docstring). Returns uint8 sRGB (rounded, clipped)."""
-    from leukotree.models.stain import lab_to_rgb, rgb_to_lab
-
-    src, tgt = np.asarray(source, dtype=np.float64), np.asarray(target, dtype=np.float64)
-    if src.shape != (6,) or tgt.shape != (6,):
-        raise ValueError(f"stain parts need 6 values; got {src.shape} and {tgt.shape}")
-    x = torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1)[None]
-    lab = rgb_to_lab(x).double()
-    span = max(src[0] - src[3], 1.0)
-    w = ((lab[:, :1] - src[3]) / span).clamp(0.0, 1.0)
-    dark, bright = (torch.from_numpy(v).view(1, 3, 1, 1) for v in (tgt[3:] - src[3:],
-                                                                   tgt[:3] - src[:3]))
-    rgb = lab_to_rgb((lab + (1 - w) * dark + w * bright).float())[0].permute(1, 2, 0)
-    return (rgb + 0.5).clamp(0, 255).to(torch.uint8).numpy()
+    return move_colours(pixels, source, target, "parts")[0]
 
 
 def colour_statistics(paths: Sequence[str], cache: Path, *,
                       max_pixels: int = DEFAULT_MAX_PIXELS,
                       features: str = "stats") -> dict[str, np.ndarray]:
-    """Each path's six colour numbers (full size): ``stats``, :func:`image_lab_stats`;
-    ``parts``, its bright and dark parts
-    (:func:`~leukotree.evaluation.confound.colour_features`). Read from ``cache`` (a CSV,
+    """Each path's six colour numbers of ``features`` (full size,
+    :func:`~leukotree.evaluation.confound.colour_features`). Read from ``cache`` (a CSV,
     ``path`` and the features' columns) when there, the new ones appended to it."""
-    columns = STAT_COLUMNS if features == "stats" else FEATURES[features]
+    columns = FEATURES[features]
     known: dict[str, np.ndarray] = {}
     if cache.exists():
         for row in read_csv(cache, "Colour statistics", ("path", *columns)):
@@ -140,8 +144,7 @@ def colour_statistics(paths: Sequence[str], cache: Path, *,
     missing = [p for p in dict.fromkeys(paths) if p not in known]
     for path in missing:
         pixels = load_rgb_array(path, None, max_pixels=max_pixels)
-        known[path] = (image_lab_stats(pixels) if features == "stats"
-                       else colour_features(pixels[None], features)[0])
+        known[path] = colour_features(pixels[None], features)[0]
     if missing:
         write_csv(cache, [{"path": p, **dict(zip(columns, map(float, v), strict=True))}
                           for p, v in known.items()], ("path", *columns))
@@ -174,30 +177,60 @@ def write_recoloured(test: Sequence[dict[str, str]], train: Sequence[dict[str, s
                      stats: dict[str, np.ndarray], mode: str, folder: Path, *,
                      max_pixels: int = DEFAULT_MAX_PIXELS, features: str = "stats") -> Path:
     """Recolour the ``test`` images (split rows) towards :func:`colour_targets` into
-    ``folder/images/`` (:func:`recolour` for ``stats``, :func:`restain` for ``parts``:
-    the ``features`` that ``stats`` hold) and write ``folder/manifest.csv`` (the rows'
-    ``path,label,patient,slide`` and ``cell_type`` when present, the path the recoloured
-    copy's). Images already written (a resumed CV) are kept."""
-    move = {"stats": recolour, "parts": restain}[features]
+    ``folder/images/`` (:func:`move_colours` of the ``features`` that ``stats`` hold) and
+    write ``folder/manifest.csv`` (the rows' ``path,label,patient,slide`` and ``cell_type``
+    when present, the path the recoloured copy's, and ``clipped``: the share of the copy's
+    pixels clipped to the sRGB gamut). Images already written (a resumed CV) are kept, with
+    the ``clipped`` of the manifest that listed them (empty when it had none)."""
     sources = patient_means(test, stats)
     targets = colour_targets(test, train, stats, mode)
     columns = ["path", "label", "patient", "slide"] + (
-        ["cell_type"] if any("cell_type" in row for row in test) else [])
+        ["cell_type"] if any("cell_type" in row for row in test) else []) + ["clipped"]
+    manifest = recoloured_manifest(folder)
+    earlier = ({row["path"]: row.get("clipped", "") for row in read_csv(manifest, "Manifest")}
+               if manifest.exists() else {})
     out_rows = []
     for i, row in enumerate(test):
         group = row_group(row)
         dest = folder / "images" / _safe(group) / f"{i:06d}_{_safe(Path(row['path']).stem)}.png"
+        clipped = earlier.get(str(dest.resolve()), "")
         if not dest.exists():
             from PIL import Image
 
             dest.parent.mkdir(parents=True, exist_ok=True)
-            moved = move(load_rgb_array(row["path"], None, max_pixels=max_pixels),
-                         sources[group], targets[group])
+            moved, share = move_colours(load_rgb_array(row["path"], None,
+                                                       max_pixels=max_pixels),
+                                        sources[group], targets[group], features)
+            clipped = f"{share:.6f}"
             tmp = dest.with_name(f".{dest.name}.tmp")
             Image.fromarray(moved).save(tmp, format="PNG")
             tmp.replace(dest)
-        out_rows.append({c: row.get(c, "") for c in columns} | {"path": str(dest.resolve())})
-    return write_csv(folder / "manifest.csv", out_rows, columns)
+        out_rows.append({c: row.get(c, "") for c in columns}
+                        | {"path": str(dest.resolve()), "clipped": clipped})
+    return write_csv(manifest, out_rows, columns)
+
+
+def clipped_note(clipped: dict[str, Any]) -> str:
+    """One line on :func:`clipped_summary`'s images with more than 1% of pixels clipped."""
+    return (f"{clipped['images_over_1pct']} of {clipped['n_images']} recoloured images have "
+            "more than 1% of their pixels clipped to the sRGB gamut: those did not take the "
+            "target's colours fully (summary.json 'clipped').")
+
+
+def recoloured_manifest(folder: Path) -> Path:
+    """The manifest :func:`write_recoloured` writes in ``folder``."""
+    return folder / "manifest.csv"
+
+
+def clipped_summary(manifests: Sequence[Path]) -> dict[str, Any]:
+    """Over the recoloured images of ``manifests`` (:func:`write_recoloured`) whose
+    ``clipped`` is known: ``n_images``, ``mean_share`` (the mean share of their pixels
+    clipped to the sRGB gamut) and ``images_over_1pct`` (images with more than 1% clipped).
+    A large share means the recolouring could not give those images the target's colours."""
+    shares = [float(row["clipped"]) for m in manifests
+              for row in read_csv(m, "Manifest") if row.get("clipped")]
+    return {"n_images": len(shares), "mean_share": float(np.mean(shares)) if shares else None,
+            "images_over_1pct": sum(s > 0.01 for s in shares)}
 
 
 def _safe(name: str) -> str:

@@ -60,19 +60,20 @@ UNINFORMATIVE_AUROC = 0.6
 def colour_features(pixels: np.ndarray, features: str = "stats", chunk: int = 256,
                     ) -> np.ndarray:
     """``(N, H, W, 3)`` uint8 sRGB -> ``(N, 6)``: the ``features`` of each image (module
-    docstring; :data:`FEATURES` names the columns)."""
+    docstring; :data:`FEATURES` names the columns). ``stats`` are
+    :func:`leukotree.data.cohorts.lab_statistics` (the patients' clusters use the same)."""
+    from leukotree.data.cohorts import lab_statistics
     from leukotree.models.stain import rgb_to_lab
 
     if features not in FEATURES:
         raise LeukotreeError(f"--features must be one of {', '.join(FEATURES)}; got "
                              f"{features!r}.")
+    if features == "stats":
+        return np.array([lab_statistics(p) for p in pixels]).reshape(len(pixels), 6)
     out = []
     for i in range(0, len(pixels), chunk):
         x = torch.from_numpy(np.array(pixels[i:i + chunk])).permute(0, 3, 1, 2)
         lab = rgb_to_lab(x).double().flatten(2)  # (B, 3, P)
-        if features == "stats":
-            out.append(torch.cat([lab.mean(2), lab.std(2, correction=0)], dim=1))
-            continue
         k = max(1, round(PART_FRACTION * lab.shape[2]))
         order = lab[:, 0].argsort(dim=1)  # by L*, darkest first
         dark = lab.gather(2, order[:, None, :k].expand(-1, 3, -1)).mean(2)
@@ -178,6 +179,12 @@ def colour_confound(samples: Sequence[Sample], *, features: str = "stats",
     if features not in FEATURES:
         raise LeukotreeError(f"--features must be one of {', '.join(FEATURES)}; got "
                              f"{features!r}.")
+    if features == "stats" and stain_norm == "reinhard":
+        raise LeukotreeError(
+            "--features stats with --stain-norm reinhard: a Reinhard normalisation sets "
+            "every image's L*a*b* means and deviations to one target, so these features are "
+            "the same for every image and can tell nothing apart. Use --features parts (the "
+            "colours of nuclei and plasma, which it keeps), or --stain-norm none or white.")
     chosen, nodes, untyped = list(samples), None, 0
     if cell_types is not None:
         if cell_taxonomy is None:

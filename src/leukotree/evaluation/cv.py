@@ -296,7 +296,14 @@ def run_colour_cv(out: str | Path, protocol: str, base_summary: dict[str, Any], 
     that changed; and ``colour_only``, how well the patients' mean colour features (those
     the protocol moves) alone tell their labels apart
     (:func:`~leukotree.evaluation.confound.colour_separability`)."""
-    from leukotree.evaluation.colour import COLOUR_PROTOCOLS, colour_statistics, write_recoloured
+    from leukotree.evaluation.colour import (
+        COLOUR_PROTOCOLS,
+        clipped_note,
+        clipped_summary,
+        colour_statistics,
+        recoloured_manifest,
+        write_recoloured,
+    )
     from leukotree.evaluation.confound import colour_separability
 
     options = options or InferenceOptions()
@@ -308,7 +315,7 @@ def run_colour_cv(out: str | Path, protocol: str, base_summary: dict[str, Any], 
     everyone = cv.fold(0).read_split()  # every fold's split lists every image
     features, target = COLOUR_PROTOCOLS[protocol]
     stats = colour_statistics([row["path"] for row in everyone],
-                              folder.path / "colour_stats.csv", max_pixels=config.max_pixels,
+                              cv.colour_features(features), max_pixels=config.max_pixels,
                               features=features)
     per_fold: list[dict[str, Any]] = []
     pooled: list[dict[str, Any]] = []
@@ -346,7 +353,12 @@ def run_colour_cv(out: str | Path, protocol: str, base_summary: dict[str, Any], 
     summary = fold_summary(config, config, per_fold, pooled, repeats) | {
         "protocol": protocol, "p_change": patient_change(before, after, pooled),
         "colour_features": features,
+        "clipped": clipped_summary([
+            recoloured_manifest(folder.path / CVDir.fold_name(row["fold"], row["repeat"]))
+            for row in per_fold]),
         "colour_only": colour_separability(everyone, stats, seed=config.seed)}
+    if summary["clipped"]["images_over_1pct"]:
+        console.print(f"[yellow]{protocol}: {clipped_note(summary['clipped'])}[/yellow]")
     write_json(folder.summary, summary)
     write_document(cv_document([summary]), folder.markdown)
     return summary
