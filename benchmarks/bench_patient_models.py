@@ -180,6 +180,7 @@ def evaluate_cv(cv: Path, models: list[str], rules: list[str] | None, *, stacked
                         (bag.label, float(p[k]), d))
     pooled_by = {(name, r): pooled(rows, positive) for (name, r), rows in held_out.items()}
     out = {"protocol": summary.get("protocol", "kfold"), "cv": str(cv),
+           "folds": len({row["fold"] for row in summary["folds"]}),
            "threshold": config["patient_threshold"], "positive": positive,
            "models": {name: m for (name, r), m in pooled_by.items() if r == 0}}
     if any(r for _, r in pooled_by):
