@@ -509,10 +509,10 @@ def colour_shift_rows(r: dict[str, Any]) -> list[list[str]]:
         said = {"kfold": "as they are", "colour": "recoloured to the training patients' "
                 "average colour", "colour-swap": "to the other diagnosis's colour",
                 "stain-swap": "with the other diagnosis's nuclei and plasma colours"}
+        kept = str((row.get("measured") or {}).get("date") or "")[:10]
         rows.append([f"APL vs other AML per patient, {r['folds']}-fold CV of the recipe"
-                     + (f" with {options}" if options else
-                        f" as it was on {str(row['measured'].get('date'))[:10]}"
-                        if row.get("measured") else " as it is")
+                     + (f" with {options}" + (f" (measured {kept})" if kept else "")
+                        if options else f" as it was on {kept}" if kept else " as it is")
                      + ": AUROC of the same fold models on the test patients "
                      + " → ".join(said[p] for p in chain),
                      " → ".join(f"{row[p]['auroc']:.3f}" for p in chain)

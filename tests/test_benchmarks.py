@@ -386,6 +386,10 @@ def test_colour_shift_bench_rescores_each_recipe_on_recoloured_patients(tmp_path
     assert both["recipes"]["white"]["measured"]["command"].endswith("cs.json")
     assert "measured" not in both["recipes"]["as-is"]
     assert "Recipe `white` was measured earlier" in colour_shift_table(both)
+    white_row, as_is_row = colour_shift_rows(both)[:2]
+    day = both["recipes"]["white"]["measured"]["date"][:10]
+    assert f"`stain_norm: white` (measured {day})" in white_row[0]  # a kept row is dated
+    assert "recipe as it is" in as_is_row[0]
     done = subprocess.run([sys.executable, str(BENCH / "bench_colour_shift.py"),
                            str(tmp_path / "data"), "--config", str(config), "--recipe", "as-is",
                            "--folds", "3", "--out", str(tmp_path / "out3"),
