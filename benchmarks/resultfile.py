@@ -483,14 +483,14 @@ def patient_model_rows(r: dict[str, Any], date: str | None = None) -> list[list[
     """The README's rows of ``bench_patient_models.py``: the chosen patient model's AUROC
     and accuracy under each protocol; ``date``, when the recipe measured was that day's."""
     chosen = r["selection"]["chosen"]
-    names = {"kfold": "patient-grouped {k}CV (new patients, same cohort)",
-             "cluster": "leave-cluster-out {k}CV (patients clustered by colour and cell mix, "
-                        "the pessimistic protocol)",
-             "repeated": "repeated patient-grouped {k}CV"}
+    names = {"kfold": "patient-grouped {k}-fold CV (new patients, same cohort)",
+             "cluster": "leave-cluster-out CV ({k} clusters of patients by colour and cell "
+                        "mix, the pessimistic protocol)",
+             "repeated": "repeated patient-grouped {k}-fold CV"}
     rows = []
     for protocol, part in r["protocols"].items():
         m = part["models"][chosen]
-        folds = f"{part['folds']}-fold " if "folds" in part else ""
+        folds = part.get("folds", "k")
         rows.append([f"APL vs other AML per patient (`{chosen}`"
                      + (f", recipe of {date}" if date else "")
                      + f"), {names.get(protocol, protocol).format(k=folds)}",

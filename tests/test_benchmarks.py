@@ -334,7 +334,7 @@ def test_patient_models_bench_compares_protocols_and_chooses_by_one_standard_err
     kfold, cluster = patient_model_rows(report)  # the README's rows: the chosen model
     assert f"(`{sel['chosen']}`)" in kfold[0] and "pessimistic protocol" in cluster[0]
     assert "patient-grouped 3-fold CV" in kfold[0]  # the folds the CV had
-    assert "leave-cluster-out 3-fold CV" in cluster[0]
+    assert "leave-cluster-out CV (3 clusters of patients" in cluster[0]
     assert cluster[1].startswith(f"AUROC {models[sel['chosen']]['auroc']:.3f} [")
     assert json.loads((tmp_path / "pm.json").read_text())["results"] == report
 

@@ -2,6 +2,7 @@
 ``cv --protocol kfold,colour-swap`` (tests/evaluation/test_cv.py)."""
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,10 +102,17 @@ def test_recoloured_copies_and_their_manifest(tmp_path):
     assert mean[:3] == pytest.approx(stats[paths[2]][:3], abs=0.5)
     assert all(r["path"].endswith(".png") for r in rows)
     assert all(0.0 <= float(r["clipped"]) <= 1.0 for r in rows)
-    # a resumed CV keeps the copies and the clipped shares they were written with
+    # a resumed CV keeps the copies and the clipped shares they were written with, and
+    # measures the share again where its manifest had none (an interrupted run)
     again = list(csv.DictReader(write_recoloured(test, train, stats, "swap",
                                                  tmp_path / "out").open()))
     assert [r["clipped"] for r in again] == [r["clipped"] for r in rows]
+    (tmp_path / "out" / "manifest.csv").unlink()
+    stamp = Path(rows[0]["path"]).stat().st_mtime_ns
+    again = list(csv.DictReader(write_recoloured(test, train, stats, "swap",
+                                                 tmp_path / "out").open()))
+    assert [r["clipped"] for r in again] == [r["clipped"] for r in rows]
+    assert Path(rows[0]["path"]).stat().st_mtime_ns == stamp  # the copy itself kept
 
 
 def test_colours_pushed_out_of_gamut_are_counted_as_clipped(tmp_path):
@@ -119,12 +127,14 @@ def test_colours_pushed_out_of_gamut_are_counted_as_clipped(tmp_path):
     with pytest.raises(ValueError, match="features must be one of"):
         move_colours(grey, [0] * 6, [0] * 6, "hue")
     manifests = []
-    for i, shares in enumerate((["0.5", "0.0"], ["", "0.004"])):
+    for i, shares in enumerate((["0.5", "0.0"], ["0.002", "0.004"])):
         manifests.append(tmp_path / f"m{i}.csv")
         manifests[-1].write_text("path,clipped\n" + "".join(f"x{i}{j}.png,{c}\n"
                                                          for j, c in enumerate(shares)))
-    assert clipped_summary(manifests) == {"n_images": 3, "mean_share": pytest.approx(0.168),
-                                          "images_over_1pct": 1}
+    manifests[1].write_text("path,clipped\nx10.png,\nx11.png,0.004\n")  # one unknown
+    assert clipped_summary([*manifests, tmp_path / "gone.csv"]) == {
+        "n_images": 3, "mean_share": pytest.approx(0.168), "images_over": 1, "n_unknown": 1,
+        "manifests_missing": 1}
 
 
 def _tones(*colours: tuple[int, int, int]) -> np.ndarray:

@@ -98,6 +98,15 @@ def test_colours_of_a_confounded_cohort_tell_the_labels_apart(tmp_path):
     # after a per-image Reinhard every image has the same means and deviations: refused
     with pytest.raises(LeukotreeError, match=r"same for every image.*--features parts"):
         colour_confound(samples, stain_norm="reinhard", size=24)
+    # a tint of the whole slide moves nuclei and plasma alike: a per-image Reinhard takes it
+    gaps = {}
+    for norm in ("none", "reinhard"):
+        parts = colour_confound(samples, features="parts", stain_norm=norm, size=24, folds=4,
+                                repeats=3)
+        assert (parts.n_images, parts.stain_norm) == (32, norm)
+        gaps[norm] = max(abs(parts.by_label["APL"][k] - parts.by_label["AML"][k])
+                         for k in parts.by_label["APL"])
+    assert gaps["none"] > 10 and gaps["reinhard"] < 1.0
     with pytest.raises(LeukotreeError, match="--cell-types needs --cell-taxonomy"):
         colour_confound(samples, cell_types="lymphoid")
     with pytest.raises(LeukotreeError, match="lymphoyd"):

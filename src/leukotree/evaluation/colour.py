@@ -75,8 +75,11 @@ COLOUR_TARGETS = ("neutral", "swap")
 #: The colour features each move takes (:func:`move_colours`), by the name of their numbers.
 COLOUR_MOVES = {"stats": "colour statistics", "parts": "stain parts"}
 #: CIE76 delta E from its moved colour beyond which a pixel counts as clipped to the sRGB
-#: gamut (8-bit rounding moves a colour by less than 1).
+#: gamut (8-bit rounding moves an sRGB colour by less than 1: at worst about 0.97).
 CLIP_DELTA_E = 2.0
+#: Share of an image's pixels clipped beyond which the image is said not to have taken
+#: its target colours fully (:func:`clipped_note`).
+CLIP_SHARE = 0.01
 #: Floor of a patient's L*a*b* standard deviation (a flat image is not blown up).
 MIN_STD = 1.0
 
@@ -92,10 +95,13 @@ def move_colours(pixels: np.ndarray, source: Sequence[float], target: Sequence[f
 
     src, tgt = np.asarray(source, dtype=np.float64), np.asarray(target, dtype=np.float64)
     if features not in COLOUR_MOVES:
-        raise ValueError(f"features must be one of {', '.join(COLOUR_MOVES)}; got {features!r}")
+        raise ValueError(f"features must be one of {', '.join(COLOUR_MOVES)}; got "
+                         f"{features!r}: give the name of the colour features source and "
+                         "target hold")
     if src.shape != (6,) or tgt.shape != (6,):
-        raise ValueError(f"{COLOUR_MOVES[features]} need 6 values; got {src.shape} and "
-                         f"{tgt.shape}")
+        raise ValueError(f"{COLOUR_MOVES[features]} need 6 values each "
+                         f"({', '.join(FEATURES[features])}); got shapes {src.shape} and "
+                         f"{tgt.shape}: give one row of colour_features(..., {features!r})")
     x = torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1)[None]
     lab = rgb_to_lab(x).double()
     if features == "stats":
@@ -181,40 +187,50 @@ def write_recoloured(test: Sequence[dict[str, str]], train: Sequence[dict[str, s
     write ``folder/manifest.csv`` (the rows' ``path,label,patient,slide`` and ``cell_type``
     when present, the path the recoloured copy's, and ``clipped``: the share of the copy's
     pixels clipped to the sRGB gamut). Images already written (a resumed CV) are kept, with
-    the ``clipped`` of the manifest that listed them (empty when it had none)."""
+    the ``clipped`` of the manifest that listed them, or measured again when it has none
+    (an interrupted run, a CV of an earlier version)."""
     sources = patient_means(test, stats)
     targets = colour_targets(test, train, stats, mode)
     columns = ["path", "label", "patient", "slide"] + (
         ["cell_type"] if any("cell_type" in row for row in test) else []) + ["clipped"]
     manifest = recoloured_manifest(folder)
-    earlier = ({row["path"]: row.get("clipped", "") for row in read_csv(manifest, "Manifest")}
+    earlier = ({_copy_key(Path(row["path"])): row.get("clipped", "")
+                for row in read_csv(manifest, "Recoloured manifest", ("path",))}
                if manifest.exists() else {})
     out_rows = []
     for i, row in enumerate(test):
         group = row_group(row)
         dest = folder / "images" / _safe(group) / f"{i:06d}_{_safe(Path(row['path']).stem)}.png"
-        clipped = earlier.get(str(dest.resolve()), "")
-        if not dest.exists():
-            from PIL import Image
-
-            dest.parent.mkdir(parents=True, exist_ok=True)
+        clipped = earlier.get(_copy_key(dest), "") if dest.exists() else ""
+        if not clipped:
             moved, share = move_colours(load_rgb_array(row["path"], None,
                                                        max_pixels=max_pixels),
                                         sources[group], targets[group], features)
             clipped = f"{share:.6f}"
-            tmp = dest.with_name(f".{dest.name}.tmp")
-            Image.fromarray(moved).save(tmp, format="PNG")
-            tmp.replace(dest)
+            if not dest.exists():
+                from PIL import Image
+
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                tmp = dest.with_name(f".{dest.name}.tmp")
+                Image.fromarray(moved).save(tmp, format="PNG")
+                tmp.replace(dest)
         out_rows.append({c: row.get(c, "") for c in columns}
                         | {"path": str(dest.resolve()), "clipped": clipped})
     return write_csv(manifest, out_rows, columns)
 
 
+def _copy_key(path: Path) -> str:
+    """A recoloured copy's name inside its folder (``<patient>/<file>``), wherever the
+    folder lies."""
+    return f"{path.parent.name}/{path.name}"
+
+
 def clipped_note(clipped: dict[str, Any]) -> str:
-    """One line on :func:`clipped_summary`'s images with more than 1% of pixels clipped."""
-    return (f"{clipped['images_over_1pct']} of {clipped['n_images']} recoloured images have "
-            "more than 1% of their pixels clipped to the sRGB gamut: those did not take the "
-            "target's colours fully (summary.json 'clipped').")
+    """One line on :func:`clipped_summary`'s images with more than :data:`CLIP_SHARE` of
+    their pixels clipped."""
+    return (f"{clipped['images_over']} of {clipped['n_images']} recoloured images have "
+            f"more than {CLIP_SHARE:.0%} of their pixels clipped to the sRGB gamut: those did "
+            "not take the target's colours fully (summary.json 'clipped').")
 
 
 def recoloured_manifest(folder: Path) -> Path:
@@ -223,14 +239,26 @@ def recoloured_manifest(folder: Path) -> Path:
 
 
 def clipped_summary(manifests: Sequence[Path]) -> dict[str, Any]:
-    """Over the recoloured images of ``manifests`` (:func:`write_recoloured`) whose
-    ``clipped`` is known: ``n_images``, ``mean_share`` (the mean share of their pixels
-    clipped to the sRGB gamut) and ``images_over_1pct`` (images with more than 1% clipped).
-    A large share means the recolouring could not give those images the target's colours."""
-    shares = [float(row["clipped"]) for m in manifests
-              for row in read_csv(m, "Manifest") if row.get("clipped")]
+    """Over the recoloured images of ``manifests`` (:func:`write_recoloured`; a missing
+    one is counted as ``manifests_missing``): ``n_images`` whose ``clipped`` share is
+    known, ``mean_share`` (the mean share of their pixels clipped to the sRGB gamut),
+    ``images_over`` (images with more than :data:`CLIP_SHARE` clipped) and ``n_unknown``
+    (images listed without a share). A large share means the recolouring could not give
+    those images the target's colours."""
+    shares: list[float] = []
+    unknown = missing = 0
+    for m in manifests:
+        if not m.exists():
+            missing += 1
+            continue
+        for row in read_csv(m, "Recoloured manifest", ("path",)):
+            if row.get("clipped"):
+                shares.append(float(row["clipped"]))
+            else:
+                unknown += 1
     return {"n_images": len(shares), "mean_share": float(np.mean(shares)) if shares else None,
-            "images_over_1pct": sum(s > 0.01 for s in shares)}
+            "images_over": sum(s > CLIP_SHARE for s in shares), "n_unknown": unknown,
+            "manifests_missing": missing}
 
 
 def _safe(name: str) -> str:

@@ -61,7 +61,8 @@ def colour_features(pixels: np.ndarray, features: str = "stats", chunk: int = 25
                     ) -> np.ndarray:
     """``(N, H, W, 3)`` uint8 sRGB -> ``(N, 6)``: the ``features`` of each image (module
     docstring; :data:`FEATURES` names the columns). ``stats`` are
-    :func:`leukotree.data.cohorts.lab_statistics` (the patients' clusters use the same)."""
+    :func:`leukotree.data.cohorts.lab_statistics` (the patients' clusters use the same),
+    one image at a time; ``parts`` are computed ``chunk`` images at a time."""
     from leukotree.data.cohorts import lab_statistics
     from leukotree.models.stain import rgb_to_lab
 
@@ -183,8 +184,9 @@ def colour_confound(samples: Sequence[Sample], *, features: str = "stats",
         raise LeukotreeError(
             "--features stats with --stain-norm reinhard: a Reinhard normalisation sets "
             "every image's L*a*b* means and deviations to one target, so these features are "
-            "the same for every image and can tell nothing apart. Use --features parts (the "
-            "colours of nuclei and plasma, which it keeps), or --stain-norm none or white.")
+            "nearly the same for every image (gamut clipping aside) and tell nothing apart. "
+            "Use --features parts (the colours of nuclei and plasma, which it keeps), or "
+            "--stain-norm none or white.")
     chosen, nodes, untyped = list(samples), None, 0
     if cell_types is not None:
         if cell_taxonomy is None:

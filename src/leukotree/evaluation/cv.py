@@ -293,7 +293,9 @@ def run_colour_cv(out: str | Path, protocol: str, base_summary: dict[str, Any], 
     recoloured images, ``manifest.csv`` and ``eval/``; ``summary.json``). Evaluated folds
     are kept when resumed. The summary adds ``p_change``: over the out-of-fold patients,
     the mean of ``|P(positive) recoloured - P(positive)|`` and the number of diagnoses
-    that changed; and ``colour_only``, how well the patients' mean colour features (those
+    that changed; ``clipped``, how many recoloured images (of the first repeat) had
+    pixels pushed out of the sRGB gamut (:func:`~leukotree.evaluation.colour.clipped_summary`);
+    and ``colour_only``, how well the patients' mean colour features (those
     the protocol moves) alone tell their labels apart
     (:func:`~leukotree.evaluation.confound.colour_separability`)."""
     from leukotree.evaluation.colour import (
@@ -306,11 +308,9 @@ def run_colour_cv(out: str | Path, protocol: str, base_summary: dict[str, Any], 
     )
     from leukotree.evaluation.confound import colour_separability
 
-    options = options or InferenceOptions()
+    options, console = options or InferenceOptions(), console or stderr_console()
     settings = settings or EvalSettings(progress=progress)
-    console = console or stderr_console()
-    cv = CVDir(out)
-    folder = CVDir(cv.path / protocol)
+    cv, folder = CVDir(out), CVDir(Path(out) / protocol)
     config = load_config(cv.config, check_device=False)
     everyone = cv.fold(0).read_split()  # every fold's split lists every image
     features, target = COLOUR_PROTOCOLS[protocol]
@@ -353,11 +353,10 @@ def run_colour_cv(out: str | Path, protocol: str, base_summary: dict[str, Any], 
     summary = fold_summary(config, config, per_fold, pooled, repeats) | {
         "protocol": protocol, "p_change": patient_change(before, after, pooled),
         "colour_features": features,
-        "clipped": clipped_summary([
-            recoloured_manifest(folder.path / CVDir.fold_name(row["fold"], row["repeat"]))
-            for row in per_fold]),
+        "clipped": clipped_summary([recoloured_manifest(folder.path / CVDir.fold_name(
+            row["fold"])) for row in per_fold if row["repeat"] == 0]),  # each image once
         "colour_only": colour_separability(everyone, stats, seed=config.seed)}
-    if summary["clipped"]["images_over_1pct"]:
+    if summary["clipped"]["images_over"]:
         console.print(f"[yellow]{protocol}: {clipped_note(summary['clipped'])}[/yellow]")
     write_json(folder.summary, summary)
     write_document(cv_document([summary]), folder.markdown)
