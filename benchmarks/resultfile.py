@@ -322,7 +322,10 @@ def patient_models_table(r: dict[str, Any]) -> str:
                                   for what in ("AUROC [95% CI]", "accuracy")]
     n = {p: next(iter(r["protocols"][p]["models"].values()))["patients"] for p in protocols}
     out = table(header, rows) + (
-        f"\n\nPatients pooled out of fold: {', '.join(f'{p} {n[p]}' for p in protocols)}; "
+        "\n\nPatients pooled out of fold: "
+        + ", ".join(f"{p} {n[p]}" + (f" ({r['protocols'][p]['folds']} folds)"
+                                     if "folds" in r["protocols"][p] else "")
+                    for p in protocols) + "; "
         f"positive class {r['positive']}, threshold {r['protocols'][protocols[0]]['threshold']}. "
         f"Chosen by the one-standard-error rule on the **{sel['by']}** estimate: "
         f"**{sel['chosen']}** (the best, {sel['best']}, has AUROC "
