@@ -168,8 +168,8 @@ def main() -> None:
         results["recipes"][name] = row
     if args.batch_cells:
         results["batch"] = batch_colours(args.data, base, args.batch_cells)
-    elif kept_batch(args.json) is not None:
-        results["batch"] = kept_batch(args.json)  # measured earlier, on the same data
+    elif (batch := kept_batch(args.json)) is not None:
+        results["batch"] = batch  # measured earlier, on the same data
     print(json.dumps(results, indent=2))
     write_results(args, "colour_shift", results)
 

@@ -114,16 +114,16 @@ def cmd_data_colour(args: argparse.Namespace) -> int:
                              "where each image's cell type is, the second which tree it "
                              "belongs to (e.g. --cell-labels column:cell_type "
                              "--cell-taxonomy jhh-cells).")
+    if args.cell_labels and not args.cell_types:
+        raise LeukotreeError("--cell-labels and --cell-taxonomy only choose images with "
+                             "--cell-types (e.g. --cell-types lymphocyte); add it, or leave "
+                             "the three out to measure every image.")
     samples = discover(args.data, taxonomy, patients=args.patients, labels=args.labels,
                        cell_labels=args.cell_labels, cell_taxonomy=cells)
     samples.raise_for_problems()
     note = samples.grouping_note()
     if note:
         say(stderr_console(), note, "bold yellow")
-    if args.cell_labels and not args.cell_types:
-        raise LeukotreeError("--cell-labels and --cell-taxonomy only choose images with "
-                             "--cell-types (e.g. --cell-types lymphocyte); add it, or leave "
-                             "the three out to measure every image.")
     found = colour_confound(samples.samples, features=args.features, stain_norm=args.stain_norm,
                             cell_taxonomy=cells, cell_types=args.cell_types, size=args.size,
                             workers=args.workers, repeats=args.repeats, seed=args.seed,

@@ -203,22 +203,21 @@ def colour_confound(samples: Sequence[Sample], *, features: str = "stats",
     values = colour_features(normalise_stain(decoded.pixels[ok], stain_norm), features)
     stats = {str(s.path): v for s, v in zip(kept, values, strict=True)}
     rows = [{"path": str(s.path), "label": s.label, "group": s.group} for s in kept]
-    by_patient: dict[str, list[np.ndarray]] = defaultdict(list)
     label_of: dict[str, str] = {}
-    for s, v in zip(kept, values, strict=True):
-        by_patient[s.group].append(v)
+    for s in kept:
         if label_of.setdefault(s.group, s.label) != s.label:
             raise LeukotreeError(
                 f"Patient '{s.group}' has images of two labels ({label_of[s.group]!r} and "
                 f"{s.label!r}, e.g. {s.path}); the colour check compares patients, each of "
                 "one label. Give each patient one label, or check the --patients option.")
+    means = patient_means(rows, stats)
     by_label: dict[str, list[np.ndarray]] = defaultdict(list)
-    for group, vs in by_patient.items():
-        by_label[label_of[group]].append(np.mean(vs, axis=0))
+    for group, mean in means.items():
+        by_label[label_of[group]].append(mean)
     return ColourConfound(
         features=features, stain_norm=stain_norm,
         cell_types=list(nodes) if nodes else None, n_images=len(kept),
-        n_patients=len(by_patient),
+        n_patients=len(means),
         separability=colour_separability(rows, stats, folds=folds, repeats=repeats, seed=seed),
         by_label={label: dict(zip(FEATURES[features], map(float, np.mean(v, axis=0)),
                                   strict=True)) for label, v in sorted(by_label.items())},
